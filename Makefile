@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test` (both set everything up first).
+PY ?= python3
+
+.PHONY: setup setup-all demo test lint check bench
+
+setup:
+	scripts/setup.sh
+
+setup-all:
+	scripts/setup.sh --all
+
+demo: setup
+	memd demo
+
+lint:
+	$(PY) -m ruff check memd tmem sharing hypervisor tests benchmarks
+	$(PY) -m mypy
+
+test: setup-all
+	$(PY) -m pytest -q tests
+	$(MAKE) lint
+
+bench: setup
+	$(PY) benchmarks/tmem_bench.py --json
+	$(PY) benchmarks/sharing_scaling.py --json
