@@ -1,0 +1,164 @@
+"""What a sharing manager needs from a hypervisor: the :class:`Machine` protocol.
+
+The sharing logic in this package never touches host I/O; it drives a *machine*
+through this protocol.  ``hypervisor.simmachine.SimMachine`` is the in-process
+implementation (the embedded default); a QEMU/KVM backend implements the same
+methods over ``/proc/<pid>/pagemap`` and ``/proc/<pid>/mem``.
+
+Vocabulary (Xen's): a *domain* (``domid``, a small int) is a guest; a *gfn* is a
+guest frame number (index of a page in the guest's memory); an *mfn* is a machine
+frame number (a host page).  The p2m maps gfn → (mfn, :class:`PageType`).
+
+Frame ownership mirrors Xen's ``page_info`` owner: a private frame is owned by
+its domain, a frame that carries a sharing record is owned by :data:`DOMID_COW`,
+and a free frame by :data:`DOMID_FREE`.  ``mapcount`` is the number of p2m entries
+(over all domains) that point at a frame: the audit compares it with the length
+of the frame's reverse map.
+
+Write notification: the manager registers a handler with
+:meth:`Machine.set_write_fault_handler`; a guest write to a SHARED entry must
+call it *before* the write lands (the copy-on-write fault) and then retry, so a
+write can never modify a shared frame.
+
+Backends that cannot move frames themselves (KSM merges and breaks sharing inside
+the kernel) may raise :class:`NotImplementedError` from :meth:`Machine.alloc_frame`,
+:meth:`Machine.copy_frame` and :meth:`Machine.set_entry`; such a backend is driven
+by a KSM-specific policy rather than by :class:`sharing.manager.SharingManager`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+PAGE_SIZE = 4096
+
+#: Owner of a frame that carries a sharing record (Xen's ``dom_cow``).
+DOMID_COW = 0x7FF1
+#: Owner of a free frame.
+DOMID_FREE = 0x7FF4
+#: Largest domid a guest may have (domids are 15-bit, as in Xen).
+DOMID_MAX = 0x7FEF
+
+#: The mfn stored in a p2m entry of type INVALID.
+INVALID_MFN = -1
+
+
+class PageType(IntEnum):
+    """Type of a p2m entry."""
+
+    INVALID = 0  #: not mapped (ballooned out, or the domain is being torn down)
+    RAM = 1  #: private, writable
+    SHARED = 2  #: read-only; the frame has a sharing record; a write faults (CoW)
+
+
+#: Called by the machine as ``handler(domid, gfn)`` when a guest writes a SHARED page.
+WriteFaultHandler = Callable[[int, int], None]
+
+Int64Array = npt.NDArray[np.int64]
+Int32Array = npt.NDArray[np.int32]
+Uint8Array = npt.NDArray[np.uint8]
+
+
+@runtime_checkable
+class Machine(Protocol):
+    """A host whose guests' frames the sharing manager can inspect and remap.
+
+    All methods raise :class:`memd.errors.NoSuchDomain` for an unknown domid or a gfn
+    outside the domain.  Reads may run without the caller holding any lock; a
+    backend makes each single call atomic with respect to guest writes.
+    """
+
+    @property
+    def page_size(self) -> int:
+        """Bytes per frame (4096)."""
+        ...
+
+    @property
+    def nr_frames(self) -> int:
+        """One more than the largest mfn the machine may hand out."""
+        ...
+
+    def domains(self) -> list[int]:
+        """The live domids."""
+        ...
+
+    def nr_gfns(self, domid: int) -> int:
+        """Number of gfns of the domain (valid gfns are ``0 .. nr_gfns-1``)."""
+        ...
+
+    # --- p2m ---------------------------------------------------------------------------
+
+    def lookup(self, domid: int, gfn: int) -> tuple[int, int]:
+        """``(mfn, PageType)`` of one gfn."""
+        ...
+
+    def lookup_range(self, domid: int, start: int, count: int) -> tuple[Int64Array, Uint8Array]:
+        """Copies of the mfns and types of ``count`` gfns from ``start`` (batch lookup)."""
+        ...
+
+    def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
+        """Point gfn at mfn with the given type (repoint/retype); keeps mapcounts."""
+        ...
+
+    # --- frames ------------------------------------------------------------------------
+
+    def frame_info(self, mfn: int) -> tuple[int, int]:
+        """``(owner, mapcount)`` of one frame."""
+        ...
+
+    def frame_info_many(self, mfns: Int64Array) -> tuple[Int32Array, Int32Array]:
+        """Owners and mapcounts of many frames (batch, for the audit)."""
+        ...
+
+    def frames_owned_by(self, owner: int) -> Int64Array:
+        """All mfns currently owned by ``owner`` (e.g. :data:`DOMID_COW`)."""
+        ...
+
+    def set_frame_owner(self, mfn: int, owner: int) -> None:
+        """Hand a frame to a domain or to :data:`DOMID_COW`."""
+        ...
+
+    def read_frame(self, mfn: int) -> bytes:
+        """Copy of a frame's bytes."""
+        ...
+
+    def read_frames(self, mfns: Int64Array) -> Uint8Array:
+        """Copies of many frames as a ``(len(mfns), page_size)`` uint8 array."""
+        ...
+
+    def frames_equal(self, mfn_a: int, mfn_b: int) -> bool:
+        """True if the two frames hold the same bytes."""
+        ...
+
+    def alloc_frame(self, owner: int) -> int:
+        """A free frame (unspecified contents); raises :class:`memd.errors.OutOfFrames`."""
+        ...
+
+    def free_frame(self, mfn: int) -> None:
+        """Return a frame that no p2m entry maps any more."""
+        ...
+
+    def copy_frame(self, src: int, dst: int) -> None:
+        """Copy the bytes of frame ``src`` into frame ``dst``."""
+        ...
+
+    # --- guest activity ----------------------------------------------------------------
+
+    def set_write_fault_handler(self, handler: WriteFaultHandler | None) -> None:
+        """Register the CoW fault handler (one per machine; None removes it)."""
+        ...
+
+    def collect_dirty(self, domid: int) -> Int64Array:
+        """Sorted gfns written since the previous call (all gfns on the first call),
+        and reset the tracking.  A repoint by the sharing manager is not a write."""
+        ...
+
+    def destroy_domain(self, domid: int) -> None:
+        """Free the domain's private frames and forget it.  Shared references must
+        have been released first (``SharingManager.destroy_domain``)."""
+        ...
