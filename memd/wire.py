@@ -165,6 +165,20 @@ Oid = tuple[int, int, int]
 Handle = tuple[Oid, int]
 
 
+_U64_MASK = (1 << 64) - 1
+
+
+def oid_from_int(value: int) -> Oid:
+    """A 192-bit object id as the three u64 words on the wire (least significant first)."""
+    if not 0 <= value < 1 << 192:
+        raise ValueError(f"object id {value} does not fit in 192 bits")
+    return (value & _U64_MASK, (value >> 64) & _U64_MASK, value >> 128)
+
+
+def oid_to_int(oid: Oid) -> int:
+    return oid[0] | oid[1] << 64 | oid[2] << 128
+
+
 class Frame(NamedTuple):
     """One decoded frame: header fields plus the raw (checksum-verified) payload."""
 

@@ -1,0 +1,474 @@
+"""The guest's synchronous client of the host agent: tmem, sharing and stats calls over
+one transport, with pipelining, automatic reconnect and resync.
+
+Connection life cycle (docs/protocol.md, "Resync" and "Hello")::
+
+    DISCONNECTED --open transport--> SYNCING --SYNC reply with our nonce--> HELLO
+        ^                                                                     |
+        +---- EOF / I/O error / reply timeout / corrupt stream ---- READY <---+
+
+In SYNCING the client sends RESYNC_MARKER + SYNC(nonce) every SYNC_RETRY_INTERVAL and
+throws away every frame until the SYNC reply carrying its nonce: whatever the stream
+held from before the cut is gone.  A call that loses the connection reconnects and is
+resent once if its op is idempotent (every op but NEW_POOL and DESTROY_POOL); otherwise
+the caller gets :class:`~memd.errors.Unavailable` and decides.
+
+A non-OK reply raises the class in :data:`memd.wire.STATUS_EXCEPTION` (NoSpace,
+NoSuchPool, ...) or RemoteError; ``get`` returns None instead of raising NOT_FOUND.
+One lock serialises calls, so a client may be shared between threads.
+Standard library only: this runs inside a python3-minimal guest.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from memd.errors import MemdError, Unavailable
+from memd.guest.transport import CharDeviceTransport, SocketTransport, Transport, find_port
+from memd.wire import (
+    ALL_CAPABILITIES,
+    MAX_REQUEST_ID,
+    MAX_VERSION,
+    MIN_VERSION,
+    OPS,
+    PAGE_SIZE,
+    PORT_NAME,
+    RESYNC_MARKER,
+    SYNC_RETRY_INTERVAL,
+    AboutToWriteRequest,
+    Buffer,
+    DestroyPoolRequest,
+    EmptyReply,
+    ErrorReply,
+    FlushObjectRequest,
+    FlushPageRequest,
+    Frame,
+    FrameDecoder,
+    GetBatchReply,
+    GetBatchRequest,
+    GetReply,
+    GetRequest,
+    Handle,
+    HelloReply,
+    HelloRequest,
+    ListPoolsReply,
+    ListPoolsRequest,
+    NewPoolReply,
+    NewPoolRequest,
+    NominateReply,
+    NominateRequest,
+    NominateResult,
+    Oid,
+    Op,
+    PoolFlag,
+    PoolInfo,
+    PutBatchReply,
+    PutBatchRequest,
+    PutRequest,
+    Reply,
+    Request,
+    ShareInfo,
+    ShareQueryReply,
+    ShareQueryRequest,
+    StatsReply,
+    StatsRequest,
+    Status,
+    SyncReply,
+    SyncRequest,
+    decode_reply,
+    encode_request,
+    error_for_status,
+    oid_from_int,
+)
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+_RECV_SIZE = 256 * 1024
+_BATCH_ITEM_BYTES = 32 + PAGE_SIZE
+
+R = TypeVar("R")
+
+
+class _ConnectionLost(Exception):
+    """Internal: the stream is gone or cannot be trusted; reconnect and resync."""
+
+
+def read_boot_id(path: str = BOOT_ID_PATH) -> bytes:
+    """The guest kernel's boot id as 16 bytes (zeros if unreadable: the host then cannot
+    tell a reboot from an agent restart, and keeps the pools)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            raw = bytes.fromhex(f.read().strip().replace("-", ""))
+    except (OSError, ValueError):
+        return bytes(16)
+    return raw if len(raw) == 16 else bytes(16)
+
+
+def as_oid(oid: int | Oid) -> Oid:
+    """Accept a 192-bit int or the three u64 words."""
+    if isinstance(oid, int):
+        return oid_from_int(oid)
+    if len(oid) != 3:
+        raise ValueError("an object id is three 64-bit words")
+    return (int(oid[0]), int(oid[1]), int(oid[2]))
+
+
+class GuestClient:
+    """Talks to the host agent.  ``connect`` is a factory returning a fresh
+    :class:`Transport`; it is called again after every lost connection."""
+
+    def __init__(self, connect: Callable[[], Transport], *, timeout: float = 10.0,
+                 reconnect_timeout: float = 30.0, boot_id: bytes | None = None,
+                 capabilities: int = ALL_CAPABILITIES, max_in_flight: int = 32,
+                 sync_interval: float = SYNC_RETRY_INTERVAL, retries: int = 1) -> None:
+        self._factory = connect
+        self.timeout = timeout  #: seconds to wait for any reply before reconnecting
+        self.reconnect_timeout = reconnect_timeout
+        self.boot_id = read_boot_id() if boot_id is None else boot_id
+        self.capabilities = capabilities
+        self.max_in_flight = max(1, max_in_flight)
+        self.sync_interval = sync_interval
+        self.retries = retries
+        self._lock = threading.Lock()
+        # Valid only while connected (READY); reset by _drop().
+        self._transport: Transport | None = None
+        self._decoder = FrameDecoder()
+        self._ready: list[Frame] = []  # decoded, not yet consumed, in arrival order
+        self._version = MIN_VERSION
+        self.server: HelloReply | None = None  #: the host's HELLO reply (limits)
+        self._next_id = 0
+        # Counters, for stats and tests.
+        self.connects = 0
+        self.stray_replies = 0  #: replies whose request id we were not waiting for
+
+    # --- construction helpers ---------------------------------------------------------
+
+    @classmethod
+    def for_port(cls, name: str = PORT_NAME, **kwargs: Any) -> GuestClient:
+        """Find the virtio-serial port ``name`` under /sys/class/virtio-ports and use it."""
+        return cls(lambda: CharDeviceTransport(find_port(name)), **kwargs)
+
+    @classmethod
+    def for_device(cls, path: str, **kwargs: Any) -> GuestClient:
+        return cls(lambda: CharDeviceTransport(path), **kwargs)
+
+    @classmethod
+    def for_unix_socket(cls, path: str, **kwargs: Any) -> GuestClient:
+        return cls(lambda: SocketTransport.connect_unix(path), **kwargs)
+
+    def __enter__(self) -> GuestClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- connection ---------------------------------------------------------------------
+
+    def connect(self) -> HelloReply:
+        """Connect (resync + hello) now rather than on the first call."""
+        with self._lock:
+            if self._transport is None:
+                self._connect()
+            assert self.server is not None
+            return self.server
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = None
+        self.server = None
+        self._ready.clear()
+        self._decoder = FrameDecoder()
+
+    def _new_id(self) -> int:
+        self._next_id = self._next_id % MAX_REQUEST_ID + 1  # 1..2**32-1, wraps
+        return self._next_id
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            try:
+                self._transport = self._factory()
+                self._resync(deadline)
+                self._hello()
+                self.connects += 1
+                return
+            except (_ConnectionLost, OSError, Unavailable) as err:
+                self._drop()
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"cannot reach the memd host agent ({err})",
+                                      target=str(err)) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _resync(self, deadline: float) -> None:
+        transport = self._transport
+        assert transport is not None
+        nonce = int.from_bytes(os.urandom(8), "little")
+        sync = RESYNC_MARKER + encode_request(Op.SYNC, self._new_id(), SyncRequest(nonce),
+                                              version=MIN_VERSION)
+        next_send = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise _ConnectionLost("the host never answered SYNC")
+            if now >= next_send:
+                transport.send(sync)
+                next_send = now + self.sync_interval
+            try:
+                data = transport.recv(_RECV_SIZE, max(0.0, min(next_send, deadline) - now))
+            except TimeoutError:
+                # An incomplete frame that did not grow for a whole interval is a
+                # leftover of the old stream: drop it so the SYNC reply can be found.
+                items = self._decoder.abandon_partial()
+            else:
+                if not data:
+                    raise _ConnectionLost("end of stream while resynchronising")
+                items = self._decoder.feed(data)
+            frames = [f for f in items if isinstance(f, Frame)]
+            for i, frame in enumerate(frames):
+                if frame.is_reply and frame.op == Op.SYNC and frame.status == Status.OK:
+                    try:
+                        reply = decode_reply(frame)
+                    except MemdError:
+                        continue
+                    if isinstance(reply, SyncReply) and reply.nonce == nonce:
+                        self._ready = frames[i + 1:]
+                        return
+
+    def _hello(self) -> None:
+        self._version = MIN_VERSION
+        hello = HelloRequest(MIN_VERSION, MAX_VERSION, self.capabilities, self.boot_id)
+        results: list[Reply | ErrorReply | None] = [None]
+        self._run([(Op.HELLO, hello)], results)
+        reply = results[0]
+        if isinstance(reply, ErrorReply):
+            # Not retried: VersionError, or the host refusing this guest outright.
+            raise error_for_status(reply.status, reply.message, op=Op.HELLO)
+        if not isinstance(reply, HelloReply) or not MIN_VERSION <= reply.version <= MAX_VERSION:
+            raise _ConnectionLost("the host answered HELLO with a version we did not offer")
+        self.server = reply
+        self._version = reply.version
+
+    # --- request/reply engine --------------------------------------------------------
+
+    def pipeline(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
+        """Send all requests (at most ``max_in_flight`` outstanding), return the replies in
+        request order.  ErrorReply items are returned, not raised."""
+        with self._lock:
+            return self._exchange(requests)
+
+    def _exchange(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
+        results: list[Reply | ErrorReply | None] = [None] * len(requests)
+        attempt = 0
+        while True:
+            try:
+                if self._transport is None:
+                    self._connect()
+                self._run(requests, results)
+                return [r for r in results if r is not None]
+            except (_ConnectionLost, OSError) as err:
+                self._drop()
+                left = [op for (op, _), r in zip(requests, results, strict=True) if r is None]
+                if attempt >= self.retries or not all(OPS[op].idempotent for op in left):
+                    names = ", ".join(sorted({op.name for op in left}))
+                    raise Unavailable(f"lost the connection to the host agent during {names}"
+                                      f" ({err}); not retried", target="host agent") from None
+                attempt += 1
+
+    def _run(self, requests: Sequence[tuple[Op, Request]],
+             results: list[Reply | ErrorReply | None]) -> None:
+        transport = self._transport
+        assert transport is not None
+        todo = [i for i, r in enumerate(results) if r is None]
+        in_flight: dict[int, int] = {}  # request id -> index into requests
+        sent = 0
+        while sent < len(todo) or in_flight:
+            chunk = []
+            while sent < len(todo) and len(in_flight) < self.max_in_flight:
+                index = todo[sent]
+                op, msg = requests[index]
+                request_id = self._new_id()
+                chunk.append(encode_request(op, request_id, msg, version=self._version))
+                in_flight[request_id] = index
+                sent += 1
+            if chunk:
+                transport.send(b"".join(chunk))
+            frame = self._next_frame(transport)
+            index_or_none = in_flight.pop(frame.request_id, None)
+            if not frame.is_reply or index_or_none is None:
+                self.stray_replies += 1
+                continue
+            if frame.op != requests[index_or_none][0]:
+                raise _ConnectionLost(f"reply {frame.request_id} has the wrong opcode")
+            try:
+                results[index_or_none] = decode_reply(frame)
+            except MemdError as err:
+                raise _ConnectionLost(f"malformed reply: {err}") from None
+
+    def _next_frame(self, transport: Transport) -> Frame:
+        deadline = time.monotonic() + self.timeout
+        while not self._ready:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _ConnectionLost(f"no reply within {self.timeout} s")
+            try:
+                data = transport.recv(_RECV_SIZE, remaining)
+            except TimeoutError:
+                raise _ConnectionLost(f"no reply within {self.timeout} s") from None
+            if not data:
+                raise _ConnectionLost("the host closed the stream")
+            for item in self._decoder.feed(data):
+                if not isinstance(item, Frame):
+                    raise _ConnectionLost(str(item))
+                self._ready.append(item)
+        return self._ready.pop(0)
+
+    def _call(self, op: Op, msg: Request, want: type[R]) -> R | ErrorReply:
+        reply = self.pipeline([(op, msg)])[0]
+        if isinstance(reply, ErrorReply | want):
+            return reply
+        raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
+                          target="host agent")
+
+    def _ok(self, op: Op, msg: Request, want: type[R]) -> R:
+        reply = self._call(op, msg, want)
+        if isinstance(reply, ErrorReply):
+            raise error_for_status(reply.status, reply.message, op=op)
+        return reply
+
+    # --- tmem ---------------------------------------------------------------------------
+
+    def new_pool(self, *, persistent: bool = False, shared_uuid: bytes | None = None) -> int:
+        """Create a pool; returns its id.  Shared pools need the 16-byte uuid the host
+        authorised; shared + persistent is refused by the host."""
+        flags = (PoolFlag.PERSISTENT if persistent else 0) | (
+            PoolFlag.SHARED if shared_uuid is not None else 0)
+        uuid = bytes(16) if shared_uuid is None else bytes(shared_uuid)
+        return self._ok(Op.NEW_POOL, NewPoolRequest(int(flags), uuid), NewPoolReply).pool
+
+    def destroy_pool(self, pool: int) -> None:
+        self._ok(Op.DESTROY_POOL, DestroyPoolRequest(pool), EmptyReply)
+
+    def put(self, pool: int, oid: int | Oid, index: int, page: Buffer) -> None:
+        """Store one 4096-byte page.  Any put may fail (NoSpace, ClientFrozen): cope."""
+        self._ok(Op.PUT, PutRequest(pool, as_oid(oid), index, page), EmptyReply)
+
+    def get(self, pool: int, oid: int | Oid, index: int) -> bytes | None:
+        """The page, or None if the host has none under that handle."""
+        reply = self._call(Op.GET, GetRequest(pool, as_oid(oid), index), GetReply)
+        if isinstance(reply, ErrorReply):
+            if reply.status == Status.NOT_FOUND:
+                return None
+            raise error_for_status(reply.status, reply.message, op=Op.GET)
+        return bytes(reply.page)
+
+    def flush_page(self, pool: int, oid: int | Oid, index: int) -> None:
+        self._ok(Op.FLUSH_PAGE, FlushPageRequest(pool, as_oid(oid), index), EmptyReply)
+
+    def flush_object(self, pool: int, oid: int | Oid) -> None:
+        self._ok(Op.FLUSH_OBJECT, FlushObjectRequest(pool, as_oid(oid)), EmptyReply)
+
+    def _batch_size(self) -> int:
+        server = self.server
+        if server is None:
+            self.connect()
+            server = self.server
+        assert server is not None
+        return max(1, min(server.max_batch, (server.max_payload - 8) // _BATCH_ITEM_BYTES))
+
+    def put_batch(self, pool: int, items: Sequence[tuple[int | Oid, int, Buffer]]
+                  ) -> list[Status]:
+        """Put many pages (split into pipelined frames); one Status per item, in order."""
+        size = self._batch_size()
+        requests: list[tuple[Op, Request]] = []
+        for at in range(0, len(items), size):
+            part = items[at:at + size]
+            handles = [(as_oid(oid), index) for oid, index, _ in part]
+            requests.append((Op.PUT_BATCH, PutBatchRequest(pool, handles,
+                                                           [p for _, _, p in part])))
+        statuses: list[Status] = []
+        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+            replied = self._batch_reply(Op.PUT_BATCH, reply, PutBatchReply, msg)
+            statuses.extend(Status(s) for s in replied.statuses)
+        return statuses
+
+    def get_batch(self, pool: int, handles: Sequence[tuple[int | Oid, int]]
+                  ) -> list[bytes | None]:
+        """Get many pages; a page or None (not found / failed) per handle, in order."""
+        size = self._batch_size()
+        norm: list[Handle] = [(as_oid(oid), index) for oid, index in handles]
+        requests: list[tuple[Op, Request]] = [
+            (Op.GET_BATCH, GetBatchRequest(pool, norm[at:at + size]))
+            for at in range(0, len(norm), size)]
+        pages: list[bytes | None] = []
+        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+            replied = self._batch_reply(Op.GET_BATCH, reply, GetBatchReply, msg)
+            pages.extend(None if p is None else bytes(p) for p in replied.pages)
+        return pages
+
+    def _batch_reply(self, op: Op, reply: Reply | ErrorReply, want: type[R], msg: Request
+                     ) -> R:
+        if isinstance(reply, ErrorReply):
+            raise error_for_status(reply.status, reply.message, op=op)
+        if isinstance(msg, PutBatchRequest | GetBatchRequest):
+            expected = len(msg.handles)
+        elif isinstance(msg, NominateRequest | ShareQueryRequest):
+            expected = len(msg.gfns)
+        else:
+            expected = -1
+        if isinstance(reply, PutBatchReply | GetBatchReply):
+            got = len(reply.statuses)
+        elif isinstance(reply, NominateReply | ShareQueryReply):
+            got = len(reply.results)
+        else:
+            got = -2
+        if not isinstance(reply, want) or got != expected:
+            raise Unavailable(f"{op.name}: the host answered {got} items for {expected}",
+                              target="host agent")
+        return reply
+
+    def list_pools(self) -> list[PoolInfo]:
+        return list(self._ok(Op.LIST_POOLS, ListPoolsRequest(), ListPoolsReply).pools)
+
+    # --- sharing -------------------------------------------------------------------------
+
+    def _gfn_chunks(self, gfns: Sequence[int]) -> list[Sequence[int]]:
+        if self.server is None:
+            self.connect()
+        assert self.server is not None
+        size = self.server.max_gfns
+        return [gfns[at:at + size] for at in range(0, len(gfns), size)]
+
+    def nominate(self, gfns: Sequence[int]) -> list[NominateResult]:
+        """Offer these gfns for sharing; per gfn a status and (if OK) a handle."""
+        requests: list[tuple[Op, Request]] = [
+            (Op.NOMINATE, NominateRequest(c)) for c in self._gfn_chunks(gfns)]
+        out: list[NominateResult] = []
+        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+            out.extend(self._batch_reply(Op.NOMINATE, reply, NominateReply, msg).results)
+        return out
+
+    def share_query(self, gfns: Sequence[int]) -> list[ShareInfo]:
+        """Sharing state and share count of each gfn."""
+        requests: list[tuple[Op, Request]] = [
+            (Op.SHARE_QUERY, ShareQueryRequest(c)) for c in self._gfn_chunks(gfns)]
+        out: list[ShareInfo] = []
+        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+            out.extend(self._batch_reply(Op.SHARE_QUERY, reply, ShareQueryReply, msg).results)
+        return out
+
+    def about_to_write(self, gfn: int) -> None:
+        """Tell the host this gfn is about to be written: it unshares it first."""
+        self._ok(Op.ABOUT_TO_WRITE, AboutToWriteRequest(gfn), EmptyReply)
+
+    def stats(self) -> dict[str, int | str]:
+        return dict(self._ok(Op.STATS, StatsRequest(), StatsReply).stats)
