@@ -1,0 +1,747 @@
+"""TmemHost: clients, pools and the tmem operations over one memory budget.
+
+Overview
+--------
+Each guest is a *client* with up to 16 pools.  A pool is ephemeral or persistent,
+private or shared.  Pages are found by handle through :class:`PageTable` and their
+contents live in the de-duplicating :class:`PageStore`.  Everything the host holds
+(blob data rounded to its size class, plus per-page, per-blob and per-object
+metadata) is charged against one byte budget which the operator may lower at any
+time.  When a put would exceed it, ephemeral pages are evicted bottom-up: the victim
+client is the one whose ephemeral page count per unit of weight is highest, and
+within a client the least recently used page goes first.  Persistent pages are never
+evicted: a successful persistent put is a promise that lasts until the guest flushes.
+
+Coherency rules (from the tmem ABI):
+
+* a put to a handle that holds a page replaces it; if the new put fails the old page
+  is flushed first, so stale data is never readable;
+* a get that missed keeps missing until the next put of that handle;
+* a get from a private ephemeral pool is exclusive (the page leaves the pool);
+* shared pools are ephemeral only and are joined by UUID, only by clients the host has
+  authorised for that UUID; everyone else is refused, never silently given a private
+  pool.
+
+Locking
+-------
+One ``threading.Lock`` (``_lock``) protects every structure below: the client and
+pool tables, the PageTable, the PageStore and all counters.  The expensive,
+pure parts of a put (zero check, xxh3, lz4) run *before* taking it, and a get copies
+the payload out under the lock and decompresses after releasing it, so the lock is
+held for table updates and memcpy only; lz4 releases the GIL, so threads really
+compress in parallel.  Batched operations take the lock once per batch.
+
+Shared pools are charged to their *owner* (the first client to create them); when the
+owner leaves, ownership passes to another member together with the pages' charge.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from memd.errors import (
+    AccessDenied,
+    ClientFrozen,
+    InvalidArgument,
+    NoSpace,
+    NoSuchClient,
+    NoSuchPool,
+    TmemError,
+)
+from tmem.pages import (
+    CHUNK_META_BYTES,
+    OBJ_META_BYTES,
+    SLOT_META_BYTES,
+    LruList,
+    PageTable,
+)
+from tmem.store import (
+    BLOB_META_BYTES,
+    EncodedPage,
+    PageStore,
+    decode_payload,
+    encode_page,
+    encode_pages,
+)
+from tmem.types import (
+    DEFAULT_WEIGHT,
+    MAX_BATCH,
+    MAX_POOLS_PER_CLIENT,
+    PAGE_SIZE,
+    ClientStats,
+    Oid,
+    OpCounters,
+    PoolFlags,
+    PoolStats,
+    StoreStats,
+    check_index,
+    check_oid,
+    check_page,
+)
+
+_OID_TUPLE_BYTES = 64 + 3 * 36  # a 3-tuple plus three (mostly large) ints
+#: Most budget one put can add: a raw page, its blob, slot, object and radix chunk.
+_MAX_PUT_COST = (
+    PAGE_SIZE + BLOB_META_BYTES + SLOT_META_BYTES + OBJ_META_BYTES + CHUNK_META_BYTES
+)
+
+
+@dataclass(slots=True, eq=False)
+class _Pool:
+    gid: int
+    persistent: bool
+    shared: bool
+    uuid: bytes | None
+    owner: str
+    members: dict[str, int] = field(default_factory=dict)  # client → its local pool id
+    objects: dict[Oid, int] = field(default_factory=dict)  # oid → objno
+    pages: int = 0
+    bytes_stored: int = 0
+    ops: OpCounters = field(default_factory=OpCounters)
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    name: str
+    scope: int  # dedup scope used when this client has not opted in
+    weight: int = DEFAULT_WEIGHT
+    cap_pages: int | None = None
+    dedup: bool = False
+    frozen: bool = False
+    pools: list[int | None] = field(default_factory=lambda: [None] * MAX_POOLS_PER_CLIENT)
+    lru: LruList = field(default_factory=LruList)  # ephemeral pages charged here
+    persistent_pages: int = 0
+    retired_ops: OpCounters = field(default_factory=OpCounters)  # from destroyed pools
+    authorised: set[bytes] = field(default_factory=set)
+
+    @property
+    def pages(self) -> int:
+        return self.lru.count + self.persistent_pages
+
+
+class TmemHost:
+    """The tmem core of the host agent; safe for concurrent callers."""
+
+    def __init__(self, budget_bytes: int = 256 << 20) -> None:
+        if budget_bytes < 0:
+            raise InvalidArgument("budget must be non-negative", op="set_budget")
+        self._lock = threading.Lock()
+        self._budget = budget_bytes
+        self._store = PageStore()
+        self._pages = PageTable()
+        self._clients: dict[str, _Client] = {}
+        self._pools: dict[int, _Pool] = {}
+        self._shared_by_uuid: dict[bytes, int] = {}
+        self._next_gid = 0
+        self._next_scope = 1
+        self._evictions = 0
+
+    # =====================================================================================
+    # host control
+    # =====================================================================================
+
+    def add_client(
+        self, name: str, *, weight: int = DEFAULT_WEIGHT, cap_pages: int | None = None,
+        dedup: bool = False,
+    ) -> None:
+        """Register a guest.  Idempotent for an existing client (settings unchanged)."""
+        _check_weight(weight)
+        _check_cap(cap_pages)
+        with self._lock:
+            if name not in self._clients:
+                self._clients[name] = _Client(
+                    name, self._next_scope, weight=weight, cap_pages=cap_pages, dedup=dedup
+                )
+                self._next_scope += 1
+
+    def remove_client(self, name: str) -> None:
+        """Forget a guest and everything it stored (guest destroyed)."""
+        with self._lock:
+            client = self._client(name, "remove_client")
+            self._drop_all_pools(client)
+            del self._clients[name]
+
+    def reset_client(self, name: str) -> int:
+        """Destroy every pool of a guest that rebooted; keep its settings.  → pools."""
+        with self._lock:
+            client = self._client(name, "reset_client")
+            return self._drop_all_pools(client)
+
+    def has_client(self, name: str) -> bool:
+        with self._lock:
+            return name in self._clients
+
+    def freeze(self, name: str) -> None:
+        with self._lock:
+            self._client(name, "freeze").frozen = True
+
+    def thaw(self, name: str) -> None:
+        with self._lock:
+            self._client(name, "thaw").frozen = False
+
+    def set_weight(self, name: str, weight: int) -> None:
+        _check_weight(weight)
+        with self._lock:
+            self._client(name, "set_weight").weight = weight
+
+    def set_cap(self, name: str, cap_pages: int | None) -> int:
+        """Cap a client's stored pages; evicts its ephemeral pages above it.  → evicted."""
+        _check_cap(cap_pages)
+        with self._lock:
+            client = self._client(name, "set_cap")
+            client.cap_pages = cap_pages
+            evicted = 0
+            while cap_pages is not None and client.pages > cap_pages and client.lru.count:
+                self._evict_one(client)
+                evicted += 1
+            return evicted
+
+    def set_dedup(self, name: str, enabled: bool) -> None:
+        """Opt a client in or out of cross-guest de-duplication (for future puts)."""
+        with self._lock:
+            self._client(name, "set_dedup").dedup = enabled
+
+    def authorize_shared(self, name: str, pool_uuid: bytes | uuidlib.UUID) -> None:
+        """Allow a client to create or join the shared pool with this UUID."""
+        key = _uuid_bytes(pool_uuid, "authorize_shared")
+        with self._lock:
+            self._client(name, "authorize_shared").authorised.add(key)
+
+    def revoke_shared(self, name: str, pool_uuid: bytes | uuidlib.UUID) -> None:
+        """Withdraw an authorisation (pools already joined stay joined)."""
+        key = _uuid_bytes(pool_uuid, "revoke_shared")
+        with self._lock:
+            self._client(name, "revoke_shared").authorised.discard(key)
+
+    @property
+    def budget_bytes(self) -> int:
+        return self._budget
+
+    def set_budget(self, budget_bytes: int) -> int:
+        """Change the memory budget; evict ephemeral pages to fit.  → pages evicted.
+
+        Persistent pages are never dropped: if they alone exceed the new budget the
+        store stays above it and every put fails until guests flush.
+        """
+        if type(budget_bytes) is not int or budget_bytes < 0:
+            raise InvalidArgument("budget must be a non-negative integer", op="set_budget")
+        with self._lock:
+            self._budget = budget_bytes
+            return self._shrink_to(budget_bytes)
+
+    def flush_kib(self, kib: int, client: str | None = None) -> int:
+        """Evict ephemeral pages until *kib* KiB of budget is freed.  → bytes freed."""
+        if type(kib) is not int or kib < 0:
+            raise InvalidArgument("flush size must be a non-negative KiB count", op="flush_kib")
+        with self._lock:
+            start = self._used_bytes()
+            target = max(0, start - kib * 1024)
+            if client is None:
+                self._shrink_to(target)
+            else:
+                victim = self._client(client, "flush_kib")
+                while self._used_bytes() > target and victim.lru.count:
+                    self._evict_one(victim)
+            return start - self._used_bytes()
+
+    # =====================================================================================
+    # guest operations
+    # =====================================================================================
+
+    def new_pool(
+        self, name: str, flags: int, pool_uuid: bytes | uuidlib.UUID | None = None
+    ) -> int:
+        """Create (or, for a shared pool, join) a pool; return the client's pool id."""
+        op = "new_pool"
+        if not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(
+            PoolFlags.PERSISTENT | PoolFlags.SHARED
+        ):
+            raise InvalidArgument("unknown pool flags", op=op, client=name)
+        persistent = bool(flags & PoolFlags.PERSISTENT)
+        shared = bool(flags & PoolFlags.SHARED)
+        if shared and persistent:
+            raise InvalidArgument("shared persistent pools are not supported", op=op, client=name)
+        key = _uuid_bytes(pool_uuid, op) if shared else None
+        with self._lock:
+            client = self._client(name, op)
+            try:
+                local = client.pools.index(None)
+            except ValueError:
+                raise NoSpace(
+                    f"client already has {MAX_POOLS_PER_CLIENT} pools", op=op, client=name
+                ) from None
+            if key is not None:
+                if key not in client.authorised:
+                    raise AccessDenied(
+                        "the host has not authorised this client for that shared pool",
+                        op=op, client=name,
+                    )
+                gid = self._shared_by_uuid.get(key)
+                if gid is not None:
+                    pool = self._pools[gid]
+                    if name in pool.members:
+                        return pool.members[name]
+                    pool.members[name] = local
+                    client.pools[local] = gid
+                    return local
+            pool = _Pool(self._next_gid, persistent, shared, key, owner=name)
+            self._next_gid += 1
+            pool.members[name] = local
+            self._pools[pool.gid] = pool
+            if key is not None:
+                self._shared_by_uuid[key] = pool.gid
+            client.pools[local] = pool.gid
+            return local
+
+    def destroy_pool(self, name: str, pool_id: int) -> None:
+        """Destroy a private pool, or leave a shared one (destroyed with its last member)."""
+        with self._lock:
+            client = self._client(name, "destroy_pool")
+            pool = self._pool(client, pool_id, "destroy_pool")
+            self._leave_pool(client, pool)
+
+    def put(self, name: str, pool_id: int, oid: Oid, index: int, page: bytes) -> None:
+        """Store a page; raises NoSpace/ClientFrozen/... when the store declines."""
+        op = "put"
+        check_oid(oid, op)
+        check_index(index, op)
+        encoded = encode_page(check_page(page, op))
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            error = self._put_many(client, pool, [(oid, index, encoded)])[0]
+        if error is not None:
+            raise error
+
+    def get(self, name: str, pool_id: int, oid: Oid, index: int) -> bytes | None:
+        """The page at the handle, or None.  Exclusive for private ephemeral pools."""
+        op = "get"
+        check_oid(oid, op)
+        check_index(index, op)
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            payload = self._get_locked(pool, oid, index)
+        return None if payload is None else decode_payload(payload)
+
+    def flush_page(self, name: str, pool_id: int, oid: Oid, index: int) -> bool:
+        """Remove one page.  → whether a page was there."""
+        op = "flush_page"
+        check_oid(oid, op)
+        check_index(index, op)
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            objno = pool.objects.get(oid)
+            slot = -1 if objno is None else self._pages.lookup(objno, index)
+            if slot < 0:
+                return False
+            self._drop_slot(pool, slot)
+            pool.ops.flushes += 1
+            return True
+
+    def flush_object(self, name: str, pool_id: int, oid: Oid) -> int:
+        """Remove every page of one object.  → pages removed."""
+        op = "flush_object"
+        check_oid(oid, op)
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            pool.ops.flush_objects += 1
+            objno = pool.objects.get(oid)
+            if objno is None:
+                return 0
+            slots = self._pages.object_slots(objno)
+            for slot in slots:
+                self._drop_slot(pool, slot)
+            pool.ops.flushes += len(slots)
+            return len(slots)
+
+    def flush_pool(self, name: str, pool_id: int) -> int:
+        """Remove every page of a pool but keep the pool.  → pages removed."""
+        with self._lock:
+            client = self._client(name, "flush_pool")
+            pool = self._pool(client, pool_id, "flush_pool")
+            removed = self._empty_pool(pool)
+            pool.ops.flushes += removed
+            return removed
+
+    def put_batch(
+        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
+        pages: Sequence[bytes],
+    ) -> list[TmemError | None]:
+        """Put many pages of one pool; one result per page (None = stored).
+
+        Arguments are validated for the whole batch first (a bad one fails it all);
+        after that each page succeeds or fails on its own, in order.
+        """
+        op = "put_batch"
+        if len(handles) != len(pages) or len(handles) > MAX_BATCH:
+            raise InvalidArgument(
+                f"a batch holds 0..{MAX_BATCH} handles, one page each", op=op, client=name
+            )
+        for oid, index in handles:
+            check_oid(oid, op)
+            check_index(index, op)
+        encoded = encode_pages([check_page(p, op) for p in pages])
+        items = [(oid, index, enc) for (oid, index), enc in zip(handles, encoded, strict=True)]
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            return self._put_many(client, pool, items)
+
+    def get_batch(
+        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]]
+    ) -> list[bytes | None]:
+        """Get many pages of one pool (None for each miss)."""
+        op = "get_batch"
+        if len(handles) > MAX_BATCH:
+            raise InvalidArgument(f"a batch holds at most {MAX_BATCH} handles", op=op)
+        for oid, index in handles:
+            check_oid(oid, op)
+            check_index(index, op)
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            payloads = [self._get_locked(pool, oid, index) for oid, index in handles]
+        return [None if p is None else decode_payload(p) for p in payloads]
+
+    # =====================================================================================
+    # introspection
+    # =====================================================================================
+
+    def client_names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._clients)
+
+    def pool_ids(self, name: str) -> list[tuple[int, int]]:
+        """(local pool id, PoolFlags) of each pool the client has."""
+        with self._lock:
+            client = self._client(name, "list_pools")
+            out = []
+            for local, gid in enumerate(client.pools):
+                if gid is not None:
+                    pool = self._pools[gid]
+                    flags = (PoolFlags.PERSISTENT if pool.persistent else 0) | (
+                        PoolFlags.SHARED if pool.shared else 0
+                    )
+                    out.append((local, int(flags)))
+            return out
+
+    def pool_stats(self, name: str | None = None) -> list[PoolStats]:
+        with self._lock:
+            names = [name] if name is not None else sorted(self._clients)
+            out = []
+            for cname in names:
+                client = self._client(cname, "pool_stats")
+                for local, gid in enumerate(client.pools):
+                    if gid is not None:
+                        out.append(self._pool_stats(cname, local, self._pools[gid]))
+            return out
+
+    def client_stats(self, name: str | None = None) -> list[ClientStats]:
+        with self._lock:
+            names = [name] if name is not None else sorted(self._clients)
+            return [self._client_stats(self._client(n, "client_stats")) for n in names]
+
+    def store_stats(self) -> StoreStats:
+        with self._lock:
+            pers = sum(c.persistent_pages for c in self._clients.values())
+            return StoreStats(
+                budget_bytes=self._budget,
+                used_bytes=self._used_bytes(),
+                data_bytes=self._store.data_bytes,
+                metadata_bytes=self._metadata_bytes(),
+                reserved_bytes=self._store.arena.reserved_bytes,
+                pages=self._pages.live_slots,
+                ephemeral_pages=self._pages.live_slots - pers,
+                persistent_pages=pers,
+                unique_blobs=self._store.live_blobs,
+                zero_pages=self._store.zero_refs(),
+                dedup_hits=self._store.dedup_hits,
+                evictions=self._evictions,
+            )
+
+    def audit(self) -> list[str]:
+        """Recompute every count and link from the structures; list each discrepancy."""
+        from tmem.audit import audit_host  # local: audit reads our private state
+
+        with self._lock:
+            return audit_host(self)
+
+    # =====================================================================================
+    # internals (caller holds _lock)
+    # =====================================================================================
+
+    def _client(self, name: str, op: str) -> _Client:
+        try:
+            return self._clients[name]
+        except KeyError:
+            raise NoSuchClient(f"no tmem client named {name!r}", op=op, client=name) from None
+
+    def _pool(self, client: _Client, pool_id: int, op: str) -> _Pool:
+        gid = (
+            client.pools[pool_id]
+            if type(pool_id) is int and 0 <= pool_id < MAX_POOLS_PER_CLIENT
+            else None
+        )
+        if gid is None:
+            raise NoSuchPool(
+                f"pool {pool_id!r} does not exist", op=op, client=client.name,
+                pool=pool_id if type(pool_id) is int else None,
+            )
+        return self._pools[gid]
+
+    def _owner_lru(self, pool: _Pool) -> LruList | None:
+        return None if pool.persistent else self._clients[pool.owner].lru
+
+    def _used_bytes(self) -> int:
+        return (
+            self._store.charged_bytes()
+            + self._pages.live_slots * SLOT_META_BYTES
+            + self._pages.live_objects * OBJ_META_BYTES
+            + self._pages.live_chunks * CHUNK_META_BYTES
+        )
+
+    def _metadata_bytes(self) -> int:
+        # Object ids live in per-pool dicts: the dict tables plus one 3-tuple of ints each.
+        dicts = sum(
+            sys.getsizeof(p.objects) + len(p.objects) * _OID_TUPLE_BYTES
+            for p in self._pools.values()
+        )
+        return self._store.metadata_bytes() + self._pages.metadata_bytes() + dicts
+
+    def _put_many(
+        self, client: _Client, pool: _Pool, items: list[tuple[Oid, int, EncodedPage]]
+    ) -> list[TmemError | None]:
+        """Store pages in order; one result each.  The hot path of every put."""
+        pages, store, objects = self._pages, self._store, pool.objects
+        owner = self._clients[pool.owner]
+        lru = None if pool.persistent else owner.lru
+        scope = 0 if client.dedup else owner.scope
+        # With room for the whole batch at worst-case cost, skip per-page budget checks.
+        headroom = self._budget - self._used_bytes() >= len(items) * _MAX_PUT_COST
+        results: list[TmemError | None] = []
+        stored = dups = 0
+        for oid, index, (h, payload) in items:
+            objno = objects.get(oid)
+            if objno is not None:
+                old = pages.lookup(objno, index)
+                if old >= 0:
+                    # Duplicate put: the old data goes first, so whatever happens next
+                    # it can never be read again.
+                    dups += 1
+                    self._drop_slot(pool, old)
+                    objno = objects.get(oid)
+            if client.frozen:
+                results.append(self._put_error(ClientFrozen, "client is frozen", client, oid,
+                                               index))
+                continue
+            cap = owner.cap_pages
+            if cap is not None and owner.pages >= cap:
+                if lru is None or not lru.count:
+                    results.append(self._put_error(NoSpace, "client page cap reached", client,
+                                                   oid, index))
+                    continue
+                self._evict_one(owner)  # an ephemeral put displaces the owner's LRU page
+                objno = objects.get(oid)
+            blob = store.intern(h, payload, scope)
+            if objno is None:
+                objno = objects[oid] = pages.new_object(pool.gid, oid)
+            slot = pages.add(objno, index, blob, lru)
+            pool.pages += 1
+            pool.bytes_stored += len(payload)
+            if lru is None:
+                owner.persistent_pages += 1
+            if not headroom and not self._trim_for(slot, owner if lru is not None else None):
+                self._drop_slot(pool, slot)
+                results.append(self._put_error(NoSpace, "tmem store is full", client, oid,
+                                               index))
+                continue
+            stored += 1
+            results.append(None)
+        ops = pool.ops
+        ops.puts += len(items)
+        ops.good_puts += stored
+        ops.dup_puts += dups
+        return results
+
+    def _trim_for(self, slot: int, protect: _Client | None) -> bool:
+        """Evict until within budget, sparing *slot*; False if that is impossible."""
+        while self._used_bytes() > self._budget:
+            victim = self._pick_victim(protect)
+            if victim is None:
+                return False
+            self._evict_one(victim)
+        return True
+
+    def _put_error(
+        self, kind: type[TmemError], message: str, client: _Client, oid: Oid, index: int
+    ) -> TmemError:
+        return kind(message, op="put", client=client.name, oid=oid, index=index)
+
+    def _get_locked(self, pool: _Pool, oid: Oid, index: int) -> bytes | None:
+        """Payload at the handle (copied out), honouring get exclusivity."""
+        pool.ops.gets += 1
+        objno = pool.objects.get(oid)
+        if objno is None:
+            return None
+        slot = self._pages.lookup(objno, index)
+        if slot < 0:
+            return None
+        pool.ops.found_gets += 1
+        blob = self._pages.blob[slot]
+        payload = self._store.payload(blob)
+        if pool.persistent:
+            pass
+        elif not pool.shared:
+            self._drop_slot(pool, slot)  # private ephemeral: exclusive get
+        else:
+            lru = self._owner_lru(pool)
+            assert lru is not None
+            self._pages.touch(slot, lru)
+        return payload
+
+    def _drop_slot(self, pool: _Pool, slot: int) -> None:
+        """Remove one page of *pool* from every structure and release its blob."""
+        pages = self._pages
+        objno = pages.obj[slot]
+        lru = self._owner_lru(pool)
+        blob = pages.remove(slot, lru)
+        pool.pages -= 1
+        pool.bytes_stored -= self._store.payload_length(blob)
+        if pool.persistent:
+            self._clients[pool.owner].persistent_pages -= 1
+        self._store.release(blob)
+        if pages.obj_count[objno] == 0:
+            del pool.objects[pages.oid_of(objno)]
+            pages.free_object(objno)
+
+    def _pick_victim(self, protect: _Client | None = None) -> _Client | None:
+        """The client with the most evictable ephemeral pages per unit of weight.
+
+        *protect* has just had a page pushed at its LRU head; that page is not
+        evictable, so it does not count (and never reaches the tail being evicted).
+        """
+        best: _Client | None = None
+        best_score = 0.0
+        for client in self._clients.values():
+            count = client.lru.count - (client is protect)
+            if count > 0:
+                score = count / client.weight
+                if score > best_score:
+                    best, best_score = client, score
+        return best
+
+    def _evict_one(self, client: _Client) -> None:
+        self._evict_slot(client, client.lru.tail)
+
+    def _evict_slot(self, client: _Client, slot: int) -> None:
+        pool = self._pools[self._pages.obj_pool[self._pages.obj[slot]]]
+        self._drop_slot(pool, slot)
+        pool.ops.evictions += 1
+        self._evictions += 1
+
+    def _shrink_to(self, target: int) -> int:
+        evicted = 0
+        while self._used_bytes() > target:
+            victim = self._pick_victim()
+            if victim is None:
+                break
+            self._evict_one(victim)
+            evicted += 1
+        return evicted
+
+    def _empty_pool(self, pool: _Pool) -> int:
+        removed = 0
+        for objno in list(pool.objects.values()):
+            for slot in self._pages.object_slots(objno):
+                self._drop_slot(pool, slot)
+                removed += 1
+        return removed
+
+    def _leave_pool(self, client: _Client, pool: _Pool) -> None:
+        local = pool.members.pop(client.name)
+        client.pools[local] = None
+        if not pool.members:
+            self._empty_pool(pool)
+            client.retired_ops.add(pool.ops)
+            del self._pools[pool.gid]
+            if pool.uuid is not None:
+                del self._shared_by_uuid[pool.uuid]
+        elif pool.owner == client.name:
+            self._transfer_ownership(pool, client, self._clients[next(iter(pool.members))])
+
+    def _transfer_ownership(self, pool: _Pool, old: _Client, new: _Client) -> None:
+        for objno in pool.objects.values():
+            for slot in self._pages.object_slots(objno):
+                self._pages.move_lru(slot, old.lru, new.lru)
+        pool.owner = new.name
+
+    def _drop_all_pools(self, client: _Client) -> int:
+        gids = [g for g in client.pools if g is not None]
+        for gid in gids:
+            self._leave_pool(client, self._pools[gid])
+        return len(gids)
+
+    def _pool_stats(self, cname: str, local: int, pool: _Pool) -> PoolStats:
+        return PoolStats(
+            client=cname,
+            pool_id=local,
+            kind="persistent" if pool.persistent else "ephemeral",
+            shared=pool.shared,
+            uuid=str(uuidlib.UUID(bytes=pool.uuid)) if pool.uuid else None,
+            pages=pool.pages,
+            objects=len(pool.objects),
+            bytes_raw=pool.pages * PAGE_SIZE,
+            bytes_stored=pool.bytes_stored,
+            ops=OpCounters(**pool.ops.to_dict()),
+        )
+
+    def _client_stats(self, client: _Client) -> ClientStats:
+        ops = OpCounters(**client.retired_ops.to_dict())
+        raw = stored = npools = 0
+        for gid in client.pools:
+            if gid is None:
+                continue
+            npools += 1
+            pool = self._pools[gid]
+            ops.add(pool.ops)
+            if pool.owner == client.name:
+                raw += pool.pages * PAGE_SIZE
+                stored += pool.bytes_stored
+        return ClientStats(
+            client=client.name,
+            frozen=client.frozen,
+            weight=client.weight,
+            cap_pages=client.cap_pages,
+            dedup=client.dedup,
+            pools=npools,
+            ephemeral_pages=client.lru.count,
+            persistent_pages=client.persistent_pages,
+            bytes_raw=raw,
+            bytes_stored=stored,
+            ops=ops,
+        )
+
+
+def _uuid_bytes(value: object, op: str) -> bytes:
+    if isinstance(value, uuidlib.UUID):
+        return value.bytes
+    if isinstance(value, bytes) and len(value) == 16:
+        return value
+    raise InvalidArgument("a shared pool needs a 16-byte UUID", op=op)
+
+
+def _check_weight(weight: object) -> None:
+    if type(weight) is not int or not 1 <= weight <= 1_000_000:
+        raise InvalidArgument("weight must be an integer in 1..1000000", op="set_weight")
+
+
+def _check_cap(cap: object) -> None:
+    if cap is not None and (type(cap) is not int or cap < 0):
+        raise InvalidArgument("cap must be a non-negative page count or None", op="set_cap")

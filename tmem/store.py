@@ -1,0 +1,228 @@
+"""The PAM blob store: lz4-compressed, de-duplicated page contents with refcounts.
+
+Pages enter in two steps so that the expensive part runs outside any lock:
+
+1. :func:`encode_page` (pure, lock-free, GIL released inside lz4/xxhash): zero check,
+   xxh3-64 of the page, lz4 block compression.  The payload is ``b""`` for a zero page,
+   the raw page when compression would save less than 1/8 (it is then served without
+   decompression), otherwise the compressed block.
+2. :meth:`PageStore.intern` (under the owner's lock): find a live blob with the same
+   (hash, dedup scope) and the same payload bytes, or store a new one.
+
+Why comparing compressed payloads is a byte compare of the pages: lz4 block
+decompression is a function, so equal payloads mean equal pages; compression is
+deterministic for one library build and mode, so equal pages give equal payloads.
+
+Blob table (parallel arrays indexed by blob id; protected by the owner's lock):
+
+=========== ======= ==========================================================
+array       type    meaning (valid while ``refs[b] > 0``)
+=========== ======= ==========================================================
+``loc``     int64   slab location (invalid for the zero blob)
+``length``  uint16  payload length; 0 = zero page, PAGE_SIZE = stored raw
+``refs``    uint32  page slots pointing here; 0 = free blob id
+``hash``    uint64  xxh3-64 of the page
+``scope``   uint32  dedup scope: 0 = clients that opted in, else one client's own
+=========== ======= ==========================================================
+
+Blob id 0 is the shared zero page: it owns no slab memory and is never freed.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import lz4.block
+import xxhash
+
+from tmem.idtable import IdTable
+from tmem.slab import GRAIN, PAGE_SIZE, SlabArena
+
+ZERO_BLOB = 0
+ZERO_PAGE = bytes(PAGE_SIZE)
+RAW_LIMIT = PAGE_SIZE - PAGE_SIZE // 8
+#: Bytes of metadata per live blob: the five arrays above plus two dedup-table slots.
+BLOB_META_BYTES = 8 + 2 + 4 + 8 + 4 + 8
+
+_compress = lz4.block.compress
+_decompress = lz4.block.decompress
+_xxh3 = xxhash.xxh3_64_intdigest
+
+EncodedPage = tuple[int, bytes]  # (xxh3-64 hash, payload)
+
+
+def encode_page(page: bytes) -> EncodedPage:
+    """Hash and compress one 4 KiB page (no shared state touched)."""
+    if page == ZERO_PAGE:
+        return 0, b""
+    payload = _compress(page, store_size=False)
+    if len(payload) > RAW_LIMIT:
+        payload = page
+    return _xxh3(page), payload
+
+
+def encode_pages(pages: list[bytes]) -> list[EncodedPage]:
+    """Batch form of :func:`encode_page`: one Python frame for the whole batch."""
+    out: list[EncodedPage] = []
+    append = out.append
+    zero = ZERO_PAGE
+    for page in pages:
+        if page == zero:
+            append((0, b""))
+            continue
+        payload = _compress(page, store_size=False)
+        append((_xxh3(page), page if len(payload) > RAW_LIMIT else payload))
+    return out
+
+
+def decode_payload(payload: bytes) -> bytes:
+    """Inverse of :func:`encode_page`'s payload choice."""
+    n = len(payload)
+    if n == 0:
+        return ZERO_PAGE
+    if n == PAGE_SIZE:
+        return payload
+    return _decompress(payload, uncompressed_size=PAGE_SIZE)  # type: ignore[no-any-return]
+
+
+def _grown(arr: array[int], need: int) -> None:
+    if need > len(arr):
+        arr.extend(array(arr.typecode, [0]) * max(need - len(arr), len(arr) // 4, 64))
+
+
+class PageStore:
+    """Refcounted, de-duplicated page contents.  Not locked: the owner serialises."""
+
+    def __init__(self) -> None:
+        self.arena = SlabArena()
+        self._loc = array("q", [0])
+        self._length = array("H", [0])
+        self._refs = array("I", [0])
+        self._hash = array("Q", [0])
+        self._scope = array("I", [0])
+        self._free_ids = array("i")
+        self._dedup = IdTable(self._key_hash_of)
+        self.live_blobs = 0  # excluding the zero blob
+        self.data_bytes = 0  # exact payload bytes of live blobs
+        self.dedup_hits = 0
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def _key_hash_of(self, blob: int) -> int:
+        return self._hash[blob] ^ self._scope[blob]
+
+    def refs(self, blob: int) -> int:
+        return self._refs[blob]
+
+    def payload_length(self, blob: int) -> int:
+        return self._length[blob]
+
+    def charge_of(self, payload_length: int) -> int:
+        """Budget bytes a new blob of this payload length costs (0 for a zero page)."""
+        if payload_length == 0:
+            return 0
+        return ((payload_length + GRAIN - 1) // GRAIN) * GRAIN + BLOB_META_BYTES
+
+    def find(self, h: int, payload: bytes, scope: int) -> int:
+        """Live blob with this content in this scope, or -1."""
+        if not payload:
+            return ZERO_BLOB
+        n = len(payload)
+        table = self._dedup
+        slots, mask = table.slots, table.mask
+        hashes, scopes, length = self._hash, self._scope, self._length
+        i = (h ^ scope) & mask
+        blob = slots[i]
+        while blob >= 0:
+            if (
+                hashes[blob] == h
+                and scopes[blob] == scope
+                and length[blob] == n
+                and bytes(self.arena.view(self._loc[blob], n)) == payload
+            ):
+                return blob
+            i = (i + 1) & mask
+            blob = slots[i]
+        return -1
+
+    # -- updates ---------------------------------------------------------------------------
+
+    def intern(self, h: int, payload: bytes, scope: int, dedup: bool = True) -> int:
+        """Take a reference to a blob holding *payload*, storing it if it is new."""
+        if not payload:
+            self._refs[ZERO_BLOB] += 1
+            return ZERO_BLOB
+        if dedup:
+            blob = self.find(h, payload, scope)
+            if blob >= 0:
+                self._refs[blob] += 1
+                self.dedup_hits += 1
+                return blob
+        if self._free_ids:
+            blob = self._free_ids.pop()
+        else:
+            blob = len(self._refs)
+            for arr in (self._loc, self._length, self._refs, self._hash, self._scope):
+                _grown(arr, blob + 1)
+            # _grown over-allocates: hand out the spare ids through the free stack.
+            self._free_ids.extend(range(len(self._refs) - 1, blob, -1))
+        self._loc[blob] = self.arena.store(payload)
+        self._length[blob] = len(payload)
+        self._refs[blob] = 1
+        self._hash[blob] = h
+        self._scope[blob] = scope
+        self._dedup.insert(h ^ scope, blob)
+        self.live_blobs += 1
+        self.data_bytes += len(payload)
+        return blob
+
+    def release(self, blob: int) -> None:
+        """Drop one reference; free the blob when it was the last."""
+        refs = self._refs[blob] - 1
+        self._refs[blob] = refs
+        if refs or blob == ZERO_BLOB:
+            return
+        self._dedup.remove(self._hash[blob] ^ self._scope[blob], blob)
+        self.arena.free(self._loc[blob])
+        self.data_bytes -= self._length[blob]
+        self.live_blobs -= 1
+        self._free_ids.append(blob)
+
+    def payload(self, blob: int) -> bytes:
+        """A copy of the stored payload (decode it with :func:`decode_payload`)."""
+        n = self._length[blob]
+        return b"" if n == 0 else bytes(self.arena.view(self._loc[blob], n))
+
+    def load(self, blob: int) -> bytes:
+        """The 4 KiB page held by *blob*."""
+        return decode_payload(self.payload(blob))
+
+    # -- accounting ------------------------------------------------------------------------
+
+    def charged_bytes(self) -> int:
+        """What the store costs the budget: size-classed data + per-blob metadata."""
+        return self.arena.used_bytes + self.live_blobs * BLOB_META_BYTES
+
+    def metadata_bytes(self) -> int:
+        """Bytes of bookkeeping actually allocated (arrays at capacity, tables, slabs)."""
+        arrays = (self._loc, self._length, self._refs, self._hash, self._scope, self._free_ids)
+        return (
+            sum(a.buffer_info()[1] * a.itemsize for a in arrays)
+            + self._dedup.nbytes
+            + self.arena.overhead_bytes()
+        )
+
+    def zero_refs(self) -> int:
+        return self._refs[ZERO_BLOB]
+
+    def live_blob_ids(self) -> list[int]:
+        return [b for b in range(1, len(self._refs)) if self._refs[b]]
+
+    def blob_hash(self, blob: int) -> int:
+        return self._hash[blob]
+
+    def blob_scope(self, blob: int) -> int:
+        return self._scope[blob]
+
+    def dedup_members(self) -> set[int]:
+        return set(self._dedup)

@@ -1,0 +1,146 @@
+"""tmem vocabulary: limits, pool flags, handles, argument validation and stats records.
+
+A *handle* is (pool id, object id, index): the pool id is local to a client (0 ..
+``MAX_POOLS_PER_CLIENT``-1), the object id is 192 bits carried as three unsigned
+64-bit words, the index is an unsigned 32-bit page number within the object.
+Guests are untrusted, so every part is range-checked here before it reaches a
+structure (Xen's tmem had a security advisory for missing exactly these checks).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any
+
+from memd.errors import InvalidArgument
+
+PAGE_SIZE = 4096
+MAX_POOLS_PER_CLIENT = 16
+MAX_INDEX = (1 << 32) - 1
+MAX_OID_WORD = (1 << 64) - 1
+MAX_BATCH = 256
+DEFAULT_WEIGHT = 100
+
+Oid = tuple[int, int, int]
+
+
+class PoolFlags(enum.IntFlag):
+    """Pool kind, as a guest asks for it in new_pool."""
+
+    EPHEMERAL = 0
+    PERSISTENT = 1
+    SHARED = 2
+
+
+def check_oid(oid: Any, op: str) -> Oid:
+    """Return *oid* as a validated 3-tuple of u64 words, or raise InvalidArgument."""
+    if type(oid) is tuple and len(oid) == 3:
+        a, b, c = oid
+        if (
+            type(a) is int is type(b) is type(c)
+            and 0 <= a <= MAX_OID_WORD
+            and 0 <= b <= MAX_OID_WORD
+            and 0 <= c <= MAX_OID_WORD
+        ):
+            return oid
+    raise InvalidArgument(f"{op}: object id must be three unsigned 64-bit words", op=op)
+
+
+def check_index(index: Any, op: str) -> int:
+    if type(index) is not int or not 0 <= index <= MAX_INDEX:
+        raise InvalidArgument(f"{op}: page index must be an unsigned 32-bit integer", op=op)
+    return index
+
+
+def check_page(page: Any, op: str) -> bytes:
+    if type(page) is bytes and len(page) == PAGE_SIZE:
+        return page
+    if isinstance(page, bytes | bytearray | memoryview) and len(page) == PAGE_SIZE:
+        return bytes(page)
+    raise InvalidArgument(f"{op}: a page must be exactly {PAGE_SIZE} bytes", op=op)
+
+
+@dataclass(slots=True)
+class OpCounters:
+    """Operation counters, kept per pool and summed per client.
+
+    ``puts`` counts every put attempt; ``good_puts`` those that stored the page;
+    ``dup_puts`` puts that replaced a page already at that handle; ``found_gets`` gets
+    that returned data; ``flushes`` pages removed by flush page/object/pool;
+    ``evictions`` ephemeral pages reclaimed by the host.
+    """
+
+    puts: int = 0
+    good_puts: int = 0
+    dup_puts: int = 0
+    gets: int = 0
+    found_gets: int = 0
+    flushes: int = 0
+    flush_objects: int = 0
+    evictions: int = 0
+
+    def add(self, other: OpCounters) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(slots=True)
+class PoolStats:
+    client: str
+    pool_id: int
+    kind: str  # "ephemeral" | "persistent"
+    shared: bool
+    uuid: str | None
+    pages: int
+    objects: int
+    bytes_raw: int
+    bytes_stored: int  # sum of the stored (compressed) lengths of this pool's pages
+    ops: OpCounters
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ops"}
+        d.update(self.ops.to_dict())
+        return d
+
+
+@dataclass(slots=True)
+class ClientStats:
+    client: str
+    frozen: bool
+    weight: int
+    cap_pages: int | None
+    dedup: bool
+    pools: int
+    ephemeral_pages: int
+    persistent_pages: int
+    bytes_raw: int
+    bytes_stored: int
+    ops: OpCounters
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ops"}
+        d.update(self.ops.to_dict())
+        return d
+
+
+@dataclass(slots=True)
+class StoreStats:
+    budget_bytes: int
+    used_bytes: int  # what the budget is charged: blob data (size-classed) + metadata
+    data_bytes: int  # exact stored payload bytes
+    metadata_bytes: int
+    reserved_bytes: int  # slab chunks held from the allocator
+    pages: int
+    ephemeral_pages: int
+    persistent_pages: int
+    unique_blobs: int
+    zero_pages: int
+    dedup_hits: int
+    evictions: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
