@@ -17,18 +17,21 @@ Structures (all flat arrays, no object per page):
 * per domain:    ``p2m`` int64 mfn per gfn (``INVALID_MFN`` if unmapped),
                  ``ptype`` uint8 PageType per gfn, ``dirty`` uint8 per gfn.
 
-Locking: ``_lock`` (one per machine) serialises every mutation of the p2m, the
-frame tables and the free stack, and each guest write's (check type, store
-bytes) pair.  Readers of single entries run without it (one array element read
-is atomic under the GIL).  The write-fault handler is called *without* ``_lock``
-held: the sharing manager takes its own lock first and then calls back into the
-machine, so the order is always manager lock → machine lock.
+Locking: ``_lock`` (one per machine, exported as :attr:`SimMachine.lock`, the
+p2m lock of the Machine protocol) covers the p2m tables, the frame tables, the
+free stack and each guest write's (check type, store bytes) pair.  The sharing
+manager holds it for a whole operation and calls the mutators (``set_entry``,
+``set_frame_owner``, ``alloc_frame``, ``free_frame``, ``copy_frame``), which
+therefore do not lock themselves; the machine's own operations (domain
+create/destroy, balloon, guest read/write, ``collect_dirty``) take it.  Queries
+read without it (one array element read is atomic under the GIL).  The write
+fault handler is called with ``_lock`` *released*: it is the manager's unshare,
+which takes the lock itself.
 
 Why a write can never slip into a shared frame: a guest write only stores bytes
-while holding ``_lock`` and after seeing the entry's type is RAM; nominate
-changes the type to SHARED through :meth:`set_entry`, which also takes ``_lock``;
-every later write sees SHARED, calls the fault handler (unshare, which waits
-for any share in progress) and retries.
+while holding ``_lock`` and after seeing the entry's type is RAM; nominate turns
+the type to SHARED while holding ``_lock``; every later write sees SHARED, calls
+the fault handler (unshare, which waits for any share in progress) and retries.
 """
 
 from __future__ import annotations
@@ -114,6 +117,10 @@ class SimMachine:
         return self._nr_frames
 
     @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
+    @property
     def nr_free_frames(self) -> int:
         return len(self._free)
 
@@ -197,22 +204,21 @@ class SimMachine:
         dom = self._domain(domid)
         if start < 0 or count < 0 or start + count > dom.nr:
             raise self._no_such(domid, start + count - 1, "lookup_range")
-        with self._lock:  # a consistent snapshot of both arrays
-            return (dom.p2m_np[start:start + count].copy(),
-                    dom.ptype_np[start:start + count].copy())
+        return (dom.p2m_np[start:start + count].copy(),
+                dom.ptype_np[start:start + count].copy())
 
     def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
-        with self._lock:
-            dom = self._domains.get(domid)
-            if dom is None or not 0 <= gfn < dom.nr:
-                raise self._no_such(domid, gfn, "set_entry")
-            old = dom.p2m[gfn]
-            if old >= 0:
-                self._mapcount[old] -= 1
-            if mfn >= 0:
-                self._mapcount[mfn] += 1
-            dom.p2m[gfn] = mfn
-            dom.ptype[gfn] = ptype
+        dom = self._domains.get(domid)
+        if dom is None or not 0 <= gfn < dom.nr:
+            raise self._no_such(domid, gfn, "set_entry")
+        mapcount = self._mapcount
+        old = dom.p2m[gfn]
+        if old >= 0:
+            mapcount[old] -= 1
+        if mfn >= 0:
+            mapcount[mfn] += 1
+        dom.p2m[gfn] = mfn
+        dom.ptype[gfn] = ptype
 
     # --- Machine protocol: frames -------------------------------------------------------
 
@@ -221,17 +227,14 @@ class SimMachine:
         return self._owner[mfn], self._mapcount[mfn]
 
     def frame_info_many(self, mfns: Int64Array) -> tuple[Int32Array, Int32Array]:
-        with self._lock:
-            return self._owner_np[mfns].copy(), self._mapcount_np[mfns].copy()
+        return self._owner_np[mfns].copy(), self._mapcount_np[mfns].copy()
 
     def frames_owned_by(self, owner: int) -> Int64Array:
-        with self._lock:
-            return np.flatnonzero(self._owner_np == owner).astype(np.int64)
+        return np.flatnonzero(self._owner_np == owner).astype(np.int64)
 
     def set_frame_owner(self, mfn: int, owner: int) -> None:
         self._check_mfn(mfn)
-        with self._lock:
-            self._owner[mfn] = owner
+        self._owner[mfn] = owner
 
     def read_frame(self, mfn: int) -> bytes:
         self._check_mfn(mfn)
@@ -247,23 +250,22 @@ class SimMachine:
         return mem[mfn_a * ps:(mfn_a + 1) * ps] == mem[mfn_b * ps:(mfn_b + 1) * ps]
 
     def alloc_frame(self, owner: int) -> int:
-        with self._lock:
-            if not self._free:
-                raise OutOfFrames("no free frame", op="alloc_frame", domain=owner)
-            mfn = self._free.pop()
-            self._owner[mfn] = owner
-            self._scrub[mfn] = 1
-            return mfn
+        if not self._free:
+            raise OutOfFrames("no free frame", op="alloc_frame", domain=owner)
+        mfn = self._free.pop()
+        self._owner[mfn] = owner
+        self._scrub[mfn] = 1
+        return mfn
 
     def free_frame(self, mfn: int) -> None:
-        self._check_mfn(mfn)
-        with self._lock:
-            if self._mapcount[mfn] != 0 or self._owner[mfn] == DOMID_FREE:
-                raise SharingError(f"frame {mfn:#x} is still mapped or already free",
-                                   op="free_frame", mfn=mfn)
-            self._owner[mfn] = DOMID_FREE
-            self._scrub[mfn] = 1
-            self._free.append(mfn)
+        if not 0 <= mfn < self._nr_frames:
+            raise SharingError(f"no frame {mfn:#x}", mfn=mfn)
+        if self._mapcount[mfn] != 0 or self._owner[mfn] == DOMID_FREE:
+            raise SharingError(f"frame {mfn:#x} is still mapped or already free",
+                               op="free_frame", mfn=mfn)
+        self._owner[mfn] = DOMID_FREE
+        self._scrub[mfn] = 1
+        self._free.append(mfn)
 
     def copy_frame(self, src: int, dst: int) -> None:
         ps = self._page_size

@@ -15,6 +15,16 @@ and a free frame by :data:`DOMID_FREE`.  ``mapcount`` is the number of p2m entri
 (over all domains) that point at a frame: the audit compares it with the length
 of the frame's reverse map.
 
+Locking: the machine has one *p2m lock* (:attr:`Machine.lock`).  The mutators
+``set_entry``, ``set_frame_owner``, ``alloc_frame``, ``free_frame`` and
+``copy_frame`` expect the caller to hold it; the guests' write path takes it
+around each (check type, store bytes) pair.  A sharing manager that holds it for
+a whole operation therefore excludes guest writes from its compare-and-merge.
+Queries (``lookup``, ``frame_info``, batch queries, reads) take no lock: they
+see a consistent state when the caller holds it, a racy snapshot otherwise.
+``collect_dirty`` and ``destroy_domain`` take it themselves (never call them
+with it held).
+
 Write notification: the manager registers a handler with
 :meth:`Machine.set_write_fault_handler`; a guest write to a SHARED entry must
 call it *before* the write lands (the copy-on-write fault) and then retry, so a
@@ -64,13 +74,24 @@ Int32Array = npt.NDArray[np.int32]
 Uint8Array = npt.NDArray[np.uint8]
 
 
+class LockLike(Protocol):
+    """The part of ``threading.Lock`` the sharing manager uses."""
+
+    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
 @runtime_checkable
 class Machine(Protocol):
     """A host whose guests' frames the sharing manager can inspect and remap.
 
     All methods raise :class:`memd.errors.NoSuchDomain` for an unknown domid or a gfn
-    outside the domain.  Reads may run without the caller holding any lock; a
-    backend makes each single call atomic with respect to guest writes.
+    outside the domain.
     """
 
     @property
@@ -81,6 +102,11 @@ class Machine(Protocol):
     @property
     def nr_frames(self) -> int:
         """One more than the largest mfn the machine may hand out."""
+        ...
+
+    @property
+    def lock(self) -> LockLike:
+        """The p2m lock (not re-entrant); see the module docstring."""
         ...
 
     def domains(self) -> list[int]:
@@ -102,7 +128,8 @@ class Machine(Protocol):
         ...
 
     def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
-        """Point gfn at mfn with the given type (repoint/retype); keeps mapcounts."""
+        """Point gfn at mfn with the given type (repoint/retype); keeps mapcounts.
+        Caller holds :attr:`lock`."""
         ...
 
     # --- frames ------------------------------------------------------------------------
@@ -120,7 +147,7 @@ class Machine(Protocol):
         ...
 
     def set_frame_owner(self, mfn: int, owner: int) -> None:
-        """Hand a frame to a domain or to :data:`DOMID_COW`."""
+        """Hand a frame to a domain or to :data:`DOMID_COW`.  Caller holds :attr:`lock`."""
         ...
 
     def read_frame(self, mfn: int) -> bytes:
@@ -136,15 +163,16 @@ class Machine(Protocol):
         ...
 
     def alloc_frame(self, owner: int) -> int:
-        """A free frame (unspecified contents); raises :class:`memd.errors.OutOfFrames`."""
+        """A free frame (unspecified contents); raises :class:`memd.errors.OutOfFrames`.
+        Caller holds :attr:`lock`."""
         ...
 
     def free_frame(self, mfn: int) -> None:
-        """Return a frame that no p2m entry maps any more."""
+        """Return a frame that no p2m entry maps any more.  Caller holds :attr:`lock`."""
         ...
 
     def copy_frame(self, src: int, dst: int) -> None:
-        """Copy the bytes of frame ``src`` into frame ``dst``."""
+        """Copy the bytes of frame ``src`` into frame ``dst``.  Caller holds :attr:`lock`."""
         ...
 
     # --- guest activity ----------------------------------------------------------------

@@ -28,19 +28,19 @@ Counters (named as in Xen, recomputed by :func:`sharing.audit.audit`):
 * ``shr_pages[d]``: gfns of domain d in SHARED state (its reverse-map entries).
 * Invariant: ``sum(shr_pages) == nr_saved_mfns + nr_shared_mfns``.
 
-Locking.  One manager lock, ``_lock``, protects every field above and is held
-for the whole of each operation, including its calls into the machine.  The
-order is fixed: manager lock, then the machine's own lock (taken inside each
-machine call); the machine never calls the manager while holding its lock.
-The logical order the brief asks of a finer-grained design — gfns by
-(domain, gfn), then frames by mfn — is trivially respected, since one lock
-covers both levels.  Why not striped locks: under CPython's GIL the critical
-sections are pure Python and cannot run in parallel anyway, the single lock
-costs one acquire per operation (~0.1 µs), and share's compare-then-merge of two
-frames needs both frames stable, which one lock gives without any ordering
-hazard.  A write can never slip between share's compare and merge: both pages
-are SHARED while share runs, so a guest write to either faults into
-``unshare``, which waits for this lock.
+Locking.  One lock, ``_lock``, protects every field above, and it is the
+machine's p2m lock (``machine.lock``): each operation holds it from its first
+lookup to its last remap, and the machine's guest write path takes the same
+lock around its (check type, store bytes) pair.  So no guest write can land
+between share's byte compare and its merge, nor between nominate's retype and
+anything after it; a write to a SHARED page faults into ``unshare`` *without*
+the lock and waits for it.  The lock order of a finer-grained design — gfns by
+(domain, gfn), then frames by mfn — holds trivially, as one lock covers both
+levels.  Why not striped locks: under CPython's GIL these critical sections
+are pure Python and cannot run in parallel anyway; one lock costs one acquire
+per operation (the machine's mutators then need no lock of their own, which
+halves the cost of share), and compare-then-merge of two frames needs both
+frames stable, which one lock gives with no ordering hazard.
 
 Domain teardown is incremental: ``teardown_step(d, budget)`` releases at most
 ``budget`` shared references per lock hold, so a domain holding 100k references
@@ -49,7 +49,6 @@ to the zero page does not stall everyone else.
 
 from __future__ import annotations
 
-import threading
 from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,7 +86,7 @@ class SharingManager:
 
     def __init__(self, machine: Machine) -> None:
         self._machine = machine
-        self._lock = threading.Lock()
+        self._lock = machine.lock
         nr = machine.nr_frames
         self._version = array("Q", [0]) * nr
         self._rmap = ReverseMaps(nr)
@@ -97,6 +96,11 @@ class SharingManager:
         self._shr_pages: dict[int, int] = {}
         self._dying: set[int] = set()
         self._teardowns: dict[int, _Teardown] = {}
+        # Bound once: these run on every operation.
+        self._lookup = machine.lookup
+        self._set_entry = machine.set_entry
+        self._frames_equal = machine.frames_equal
+        self._free_frame = machine.free_frame
         machine.set_write_fault_handler(self._write_fault)
 
     # --- counters -----------------------------------------------------------------------
@@ -199,16 +203,18 @@ class SharingManager:
         StaleSourceHandle / StaleClientHandle (handle no longer current, or the
         gfn is no longer shared), ContentMismatch (bytes differ: nothing changes),
         NoSuchDomain.  Sharing a page with itself is a successful no-op."""
-        m = self._machine
+        lookup = self._lookup
         version = self._version
-        with self._lock:
-            smfn, stype = m.lookup(source_domain, source_gfn)
+        lock = self._lock
+        lock.acquire()  # explicit acquire/release: half the cost of ``with`` here
+        try:
+            smfn, stype = lookup(source_domain, source_gfn)
             if stype != _SHARED or version[smfn] != source_handle:
                 raise StaleSourceHandle(
                     f"source handle {source_handle:#x} is stale for gfn {source_gfn:#x} "
                     f"of domain {source_domain}", op="share", domain=source_domain,
                     gfn=source_gfn, mfn=smfn, handle=source_handle)
-            cmfn, ctype = m.lookup(client_domain, client_gfn)
+            cmfn, ctype = lookup(client_domain, client_gfn)
             if ctype != _SHARED or version[cmfn] != client_handle:
                 raise StaleClientHandle(
                     f"client handle {client_handle:#x} is stale for gfn {client_gfn:#x} "
@@ -216,19 +222,34 @@ class SharingManager:
                     gfn=client_gfn, mfn=cmfn, handle=client_handle)
             if smfn == cmfn:
                 return
-            if not m.frames_equal(smfn, cmfn):
+            if not self._frames_equal(smfn, cmfn):
                 raise ContentMismatch(
                     f"frames {smfn:#x} and {cmfn:#x} hold different bytes", op="share",
                     domain=client_domain, gfn=client_gfn, mfn=cmfn, handle=client_handle)
             rmap = self._rmap
-            dom = rmap.dom
-            gfn = rmap.gfn
-            for e in rmap.splice(cmfn, smfn):
-                m.set_entry(dom[e], gfn[e], smfn, _SHARED)
+            set_entry = self._set_entry
+            head = rmap.head
+            e = head[cmfn]
+            if rmap.next[e] == NO_ENTRY:
+                # The common case, one gfn on the client frame: move it inline.
+                first = head[smfn]
+                rmap.next[e] = first
+                if first != NO_ENTRY:
+                    rmap.prev[first] = e
+                head[smfn] = e
+                head[cmfn] = NO_ENTRY
+                set_entry(client_domain, client_gfn, smfn, _SHARED)
+            else:
+                dom = rmap.dom
+                gfn = rmap.gfn
+                for e in rmap.splice(cmfn, smfn):
+                    set_entry(dom[e], gfn[e], smfn, _SHARED)
             version[cmfn] = 0
-            m.free_frame(cmfn)
+            self._free_frame(cmfn)
             self._nr_shared_mfns -= 1
             self._nr_saved_mfns += 1
+        finally:
+            lock.release()
 
     # --- unshare ------------------------------------------------------------------------
 
@@ -303,8 +324,8 @@ class SharingManager:
         lock is dropped between steps), then destroy it on the machine."""
         while self.teardown_step(domid, budget):
             pass
+        self._machine.destroy_domain(domid)  # takes the machine lock itself
         with self._lock:
-            self._machine.destroy_domain(domid)
             self._teardowns.pop(domid, None)
             self._dying.discard(domid)
 
