@@ -257,9 +257,9 @@ class TmemHost:
     ) -> int:
         """Create (or, for a shared pool, join) a pool; return the client's pool id."""
         op = "new_pool"
-        if not isinstance(flags, int) or isinstance(flags, bool) or flags & ~(
-            PoolFlags.PERSISTENT | PoolFlags.SHARED
-        ):
+        # A plain-int mask: ~ of an IntFlag only complements within the enum's own bits.
+        known = int(PoolFlags.PERSISTENT) | int(PoolFlags.SHARED)
+        if not isinstance(flags, int) or isinstance(flags, bool) or int(flags) & ~known:
             raise InvalidArgument("unknown pool flags", op=op, client=name)
         persistent = bool(flags & PoolFlags.PERSISTENT)
         shared = bool(flags & PoolFlags.SHARED)

@@ -1,0 +1,56 @@
+"""IdTable: open addressing with backward-shift deletion, checked against a set."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tmem.idtable import IdTable
+
+
+def _table(keys: dict[int, int]) -> IdTable:
+    return IdTable(lambda ident: keys[ident])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 300), st.integers(0, 7)), max_size=400))
+def test_matches_a_set_under_heavy_collisions(ops: list[tuple[bool, int, int]]) -> None:
+    keys: dict[int, int] = {}  # id -> hash (only 8 distinct hashes: long probe runs)
+    table = _table(keys)
+    model: set[int] = set()
+    for insert, ident, h in ops:
+        if insert and ident not in model:
+            keys[ident] = h
+            table.insert(h, ident)
+            model.add(ident)
+        elif not insert and ident in model:
+            table.remove(keys[ident], ident)
+            model.discard(ident)
+        assert len(table) == len(model)
+    assert set(table) == model
+    for ident in range(301):
+        found = table.find(keys.get(ident, 0), lambda i, want=ident: i == want)
+        assert (found == ident) == (ident in model)
+
+
+def test_grows_and_shrinks() -> None:
+    keys = {i: i * 2654435761 for i in range(10_000)}
+    table = _table(keys)
+    for i in range(10_000):
+        table.insert(keys[i], i)
+    big = table.nbytes
+    for i in range(9_990):
+        table.remove(keys[i], i)
+    assert table.nbytes < big // 8
+    assert sorted(table) == list(range(9_990, 10_000))
+
+
+def test_remove_missing_raises() -> None:
+    table = _table({1: 5})
+    table.insert(5, 1)
+    try:
+        table.remove(5, 2)
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("removing an absent id must raise")
