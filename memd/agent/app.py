@@ -1,0 +1,176 @@
+"""Wiring: TmemHost + sharing + Agent + control commands, as `memd serve` runs them.
+
+The embedded default is an in-process :class:`~hypervisor.simmachine.SimMachine`
+holding the memory of simulated guests; real guests come in through channels added
+by the operator (``attach``) or by the libvirt follower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hypervisor.simmachine import SimMachine
+from memd.agent.control import ControlServer, Handler
+from memd.agent.dispatch import Dispatcher
+from memd.agent.server import Agent
+from memd.agent.sharing_service import SharingService
+from memd.errors import InvalidArgument, NotFound
+from sharing.manager import SharingManager
+from tmem.host import TmemHost
+
+log = logging.getLogger("memd.agent")
+
+
+class AgentApp:
+    """Everything one `memd serve` process owns."""
+
+    def __init__(self, *, budget_bytes: int = 256 << 20, sim_frames: int = 0) -> None:
+        self.started = time.time()
+        self.tmem = TmemHost(budget_bytes=budget_bytes)
+        self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
+        self.sharing: SharingService | None = (
+            SharingService(SharingManager(self.machine)) if self.machine else None)
+        self.dispatcher = Dispatcher(self.tmem, self.sharing)
+        self.agent = Agent(self.dispatcher)
+        self.control = ControlServer(self._commands())
+        self.extra_commands: dict[str, Handler] = {}
+
+    async def start(self, control_path: str | None) -> None:
+        self.agent.start()
+        if control_path:
+            await self.control.start(control_path)
+            log.info("control socket %s", control_path)
+
+    async def stop(self) -> None:
+        await self.control.close()
+        await self.agent.stop()
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await self.stop()
+
+    def add_command(self, name: str, handler: Handler) -> None:
+        self.control.commands[name] = handler
+
+    # -- control commands ------------------------------------------------------------------
+
+    def _commands(self) -> dict[str, Handler]:
+        def sync(fn: Callable[[dict[str, Any]], Any]) -> Handler:
+            async def run(args: dict[str, Any]) -> Any:
+                return fn(args)
+            return run
+
+        def threaded(fn: Callable[[dict[str, Any]], Any]) -> Handler:
+            async def run(args: dict[str, Any]) -> Any:
+                return await asyncio.to_thread(fn, args)
+            return run
+
+        return {
+            "status": sync(lambda a: self.status()),
+            "guests": sync(lambda a: self.guests()),
+            "pools": sync(lambda a: [p.to_dict() for p in self.tmem.pool_stats(a.get("guest"))]),
+            "stats": sync(self._stats),
+            "audit": threaded(lambda a: self.audit()),
+            "scan": threaded(lambda a: self._sharing_or_fail().scan()),
+            "attach": self._attach,
+            "detach": self._detach,
+            "budget": sync(lambda a: {"evicted": self.tmem.set_budget(_int(a, "bytes"))}),
+            "authorize": sync(self._authorize),
+            "freeze": sync(lambda a: self.tmem.freeze(_str(a, "guest"))),
+            "thaw": sync(lambda a: self.tmem.thaw(_str(a, "guest"))),
+        }
+
+    def status(self) -> dict[str, Any]:
+        guests = self.agent.channels.values()
+        return {
+            "runstate": self.agent.runstate.value,
+            "uptime_s": round(time.time() - self.started, 1),
+            "guests": len(self.agent.channels),
+            "connected": sum(1 for c in guests if c.guest.connected),
+            "tmem": self.tmem.store_stats().to_dict(),
+            "sharing": self.sharing.stats() if self.sharing else None,
+        }
+
+    def guests(self) -> list[dict[str, Any]]:
+        out = []
+        for channel in sorted(self.agent.channels.values(), key=lambda c: c.name):
+            row = channel.describe()
+            stats = (self.tmem.client_stats(channel.name)[0].to_dict()
+                     if self.tmem.has_client(channel.name) else None)
+            row["tmem_pages"] = (stats["ephemeral_pages"] + stats["persistent_pages"]
+                                 if stats else 0)
+            row["pools"] = stats["pools"] if stats else 0
+            out.append(row)
+        return out
+
+    def audit(self) -> dict[str, Any]:
+        tmem_issues = self.tmem.audit()
+        result: dict[str, Any] = {
+            "tmem": {"clean": not tmem_issues, "errors": len(tmem_issues),
+                     "findings": tmem_issues},
+            "sharing": self.sharing.audit() if self.sharing else None,
+        }
+        sharing_errors = result["sharing"]["errors"] if result["sharing"] else 0
+        result["errors"] = len(tmem_issues) + sharing_errors
+        result["clean"] = result["errors"] == 0
+        return result
+
+    def _sharing_or_fail(self) -> SharingService:
+        if self.sharing is None:
+            raise NotFound("page sharing is not enabled in this agent (no machine attached)")
+        return self.sharing
+
+    def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
+        guest = args.get("guest")
+        return {
+            "store": self.tmem.store_stats().to_dict(),
+            "clients": [c.to_dict() for c in self.tmem.client_stats(guest)],
+        }
+
+    def _authorize(self, args: dict[str, Any]) -> dict[str, Any]:
+        try:
+            key = uuid.UUID(_str(args, "uuid"))
+        except ValueError:
+            raise InvalidArgument("uuid must look like 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                                  op="authorize") from None
+        self.tmem.add_client(_str(args, "guest"))
+        self.tmem.authorize_shared(_str(args, "guest"), key)
+        return {"guest": args["guest"], "uuid": str(key)}
+
+    async def _attach(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = await self.agent.add_channel(_str(args, "name"), _str(args, "path"),
+                                               str(args.get("mode", "connect")))
+        return channel.describe()
+
+    async def _detach(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        await self.agent.remove_channel(name)
+        return {"detached": name}
+
+
+def _str(args: dict[str, Any], key: str) -> str:
+    value = args.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"missing argument {key!r}", op="control")
+    return value
+
+
+def _int(args: dict[str, Any], key: str) -> int:
+    value = args.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"argument {key!r} must be an integer", op="control")
+    return value
+
+
+Command = Callable[[dict[str, Any]], Awaitable[Any]]

@@ -1,0 +1,180 @@
+"""The operator control socket: JSON lines over a unix socket, root/owner only.
+
+Request  ``{"cmd": "audit", "args": {...}}\\n``
+Reply    ``{"ok": true, "result": ...}\\n`` or ``{"ok": false, "error": {...}}\\n``
+(``error`` is :meth:`MemdError.to_dict`: ``error`` class name, ``message``, fields).
+
+Who may connect: the socket file is mode 0600, and every connection's peer
+credentials (``SO_PEERCRED``) are checked: only root and the agent's own user are
+served — a guest's QEMU process running as another user cannot steer the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from memd.errors import AgentNotRunning, BackendError, MemdError, PermissionDenied
+
+log = logging.getLogger("memd.control")
+
+DEFAULT_CONTROL_PATH = "/run/memd/memd.sock"
+MAX_REQUEST = 1 << 20
+
+Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+def control_path() -> str:
+    return os.environ.get("MEMD_SOCKET", DEFAULT_CONTROL_PATH)
+
+
+class ControlServer:
+    """Serves registered commands; one JSON request per line."""
+
+    def __init__(self, commands: dict[str, Handler]) -> None:
+        self.commands = commands
+        self._server: asyncio.Server | None = None
+        self.path: str | None = None
+
+    async def start(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            if _is_live(path):
+                raise BackendError(f"another memd agent is already serving {path}", target=path)
+            os.unlink(path)
+        old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=path,
+                                                           limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        self.path = path
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        if self.path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if not _peer_allowed(writer.get_extra_info("socket")):
+                await _send(writer, {"ok": False, "error": PermissionDenied(
+                    "only root or the agent's user may use the control socket").to_dict()})
+                return
+            while line := await reader.readline():
+                await _send(writer, await self._run(line))
+        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _run(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            cmd, args = request["cmd"], request.get("args") or {}
+            if not isinstance(cmd, str) or not isinstance(args, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": {"error": "BadRequest",
+                                           "message": "malformed control request"}}
+        handler = self.commands.get(cmd)
+        if handler is None:
+            return {"ok": False, "error": {"error": "BadRequest",
+                                           "message": f"unknown command {cmd!r}"}}
+        try:
+            return {"ok": True, "result": await handler(args)}
+        except MemdError as err:
+            return {"ok": False, "error": err.to_dict()}
+        except Exception:
+            log.exception("control command %s failed", cmd)
+            return {"ok": False, "error": {"error": "InternalError",
+                                           "message": f"{cmd} failed inside the agent (see its log)"}}
+
+
+async def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+    writer.write(json.dumps(obj, default=str).encode() + b"\n")
+    await writer.drain()
+
+
+def _peer_allowed(sock: socket.socket | None) -> bool:
+    if sock is None:
+        return False
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid in (0, os.getuid())
+
+
+def _is_live(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def call(cmd: str, args: dict[str, Any] | None = None, *, path: str | None = None,
+         timeout: float = 600.0) -> Any:
+    """Run one control command against a running agent; raise its error as MemdError."""
+    path = path or control_path()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(path)
+        except FileNotFoundError:
+            raise AgentNotRunning(
+                f"the memd agent is not running (no control socket at {path}); "
+                "start it with 'memd serve'", target=path) from None
+        except ConnectionRefusedError:
+            raise AgentNotRunning(
+                f"the memd agent is not running (stale control socket at {path}); "
+                "start it with 'memd serve'", target=path) from None
+        except PermissionError:
+            raise PermissionDenied(
+                f"permission denied on {path}: run memd as root or as the agent's user",
+                target=path) from None
+        except OSError as err:
+            if err.errno == errno.ENOTSOCK:
+                raise AgentNotRunning(f"{path} is not a memd control socket", target=path) from err
+            raise
+        sock.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise AgentNotRunning("the memd agent closed the control connection",
+                                      target=path)
+            buf += chunk
+    finally:
+        sock.close()
+    reply = json.loads(buf)
+    if reply.get("ok"):
+        return reply.get("result")
+    raise remote_error(reply.get("error") or {})
+
+
+def remote_error(err: dict[str, Any]) -> MemdError:
+    """Rebuild an agent-side error so the CLI prints its one sentence."""
+    import memd.errors as errors
+
+    cls = getattr(errors, str(err.get("error")), None)
+    message = str(err.get("message", "the agent reported an error"))
+    fields = {k: v for k, v in err.items() if k not in ("error", "message")}
+    if isinstance(cls, type) and issubclass(cls, MemdError):
+        try:
+            return cls(message, **fields)
+        except TypeError:
+            pass
+    return MemdError(message, **fields)

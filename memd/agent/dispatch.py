@@ -1,0 +1,224 @@
+"""Sans-I/O request dispatch: one decoded frame from a guest in, reply bytes out.
+
+The guest's identity is the channel its bytes arrived on (``GuestState.name``); no
+field of a request can name another guest.  Every request is decoded and validated
+by :mod:`memd.wire` and then again by the tmem/sharing layer; every failure becomes an
+error reply with a status, never an exception out of :meth:`Dispatcher.handle` — one
+malformed or hostile frame cannot take the agent down or touch another guest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from memd import wire
+from memd.errors import FrameError, MemdError
+from memd.wire import Capability, Op, Status
+from tmem.host import TmemHost
+from tmem.types import PoolFlags
+
+log = logging.getLogger("memd.agent")
+
+#: What this host grants when asked (dedup consent is the guest's, see GuestState).
+HOST_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS
+                        | Capability.DEDUP_OPT_IN)
+
+
+class GuestSharing(Protocol):
+    """The sharing manager as one guest may use it (its own gfns only)."""
+
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+        """Per gfn: (Status, handle)."""
+        ...
+
+    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+        """Per gfn: (ShareState, share count)."""
+        ...
+
+    def about_to_write(self, guest: str, gfn: int) -> None:
+        """Break sharing of the gfn before the guest writes it."""
+        ...
+
+
+@dataclass
+class GuestState:
+    """What the agent knows about one guest; valid across reconnects of its channel."""
+
+    name: str
+    boot_id: bytes | None = None  # from the last HELLO; a change means the guest rebooted
+    version: int | None = None  # negotiated; None until a HELLO on this connection
+    capabilities: int = 0
+    dedup_allowed: bool = True  # the operator may forbid cross-guest dedup per guest
+    requests: int = 0
+    errors: int = 0
+    bad_frames: int = 0
+    reboots: int = 0
+    connected: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def on_disconnect(self) -> None:
+        self.version = None
+        self.connected = False
+
+
+class Dispatcher:
+    """Turns guest requests into TmemHost / sharing calls."""
+
+    def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None) -> None:
+        self.tmem = tmem
+        self.sharing = sharing
+
+    def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
+        """Reply bytes for one frame (b"" when no reply is due)."""
+        if frame.is_reply:
+            guest.bad_frames += 1
+            return b""  # guests never send replies: ignore, do not echo
+        guest.requests += 1
+        try:
+            request = wire.decode_request(frame)
+        except FrameError as err:
+            guest.bad_frames += 1
+            return self._error(guest, frame, err)
+        try:
+            return self._dispatch(guest, frame, request)
+        except MemdError as err:
+            return self._error(guest, frame, err)
+        except Exception as err:  # a bug must cost one reply, not the agent
+            log.exception("guest %s: internal error in %s", guest.name, _op_name(frame.op))
+            return self._error(guest, frame, err)
+
+    # -------------------------------------------------------------------------------------
+
+    def _error(self, guest: GuestState, frame: wire.Frame, err: BaseException) -> bytes:
+        guest.errors += 1
+        status = wire.status_for_exception(err)
+        message = str(err) if isinstance(err, MemdError) else "internal error"
+        return wire.encode_error(frame.op, frame.request_id, status, message[:wire.MAX_MESSAGE],
+                                 version=guest.version or wire.PROTOCOL_VERSION)
+
+    def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> bytes:
+        return wire.encode_reply(Op(frame.op), frame.request_id, msg,
+                                 version=guest.version or wire.PROTOCOL_VERSION)
+
+    def _status_reply(self, guest: GuestState, frame: wire.Frame, status: Status,
+                      message: str = "") -> bytes:
+        return wire.encode_error(frame.op, frame.request_id, status, message,
+                                 version=guest.version or wire.PROTOCOL_VERSION)
+
+    def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> bytes:
+        name, tmem = guest.name, self.tmem
+        if isinstance(req, wire.SyncRequest):
+            return self._reply(guest, frame, wire.SyncReply(req.nonce))
+        if isinstance(req, wire.HelloRequest):
+            return self._hello(guest, frame, req)
+        if guest.version is None:
+            return self._status_reply(guest, frame, Status.NEED_HELLO)
+        match req:
+            case wire.NewPoolRequest():
+                if req.page_size != wire.PAGE_SIZE:
+                    return self._status_reply(guest, frame, Status.INVALID,
+                                              f"page size must be {wire.PAGE_SIZE}")
+                flags = (PoolFlags.PERSISTENT if req.flags & wire.PoolFlag.PERSISTENT else 0) | (
+                    PoolFlags.SHARED if req.flags & wire.PoolFlag.SHARED else 0)
+                pool = tmem.new_pool(name, int(flags),
+                                     req.uuid if req.flags & wire.PoolFlag.SHARED else None)
+                return self._reply(guest, frame, wire.NewPoolReply(pool))
+            case wire.DestroyPoolRequest():
+                tmem.destroy_pool(name, req.pool)
+            case wire.PutRequest():
+                tmem.put(name, req.pool, req.oid, req.index, bytes(req.page))
+            case wire.GetRequest():
+                page = tmem.get(name, req.pool, req.oid, req.index)
+                if page is None:
+                    return self._status_reply(guest, frame, Status.NOT_FOUND)
+                return self._reply(guest, frame, wire.GetReply(page))
+            case wire.FlushPageRequest():
+                tmem.flush_page(name, req.pool, req.oid, req.index)
+            case wire.FlushObjectRequest():
+                tmem.flush_object(name, req.pool, req.oid)
+            case wire.PutBatchRequest():
+                results = tmem.put_batch(name, req.pool, list(req.handles),
+                                         [bytes(p) for p in req.pages])
+                statuses = [Status.OK if r is None else wire.status_for_exception(r)
+                            for r in results]
+                return self._reply(guest, frame, wire.PutBatchReply(statuses))
+            case wire.GetBatchRequest():
+                pages = tmem.get_batch(name, req.pool, list(req.handles))
+                statuses = [Status.NOT_FOUND if p is None else Status.OK for p in pages]
+                return self._reply(guest, frame, wire.GetBatchReply(statuses, pages))
+            case wire.ListPoolsRequest():
+                return self._reply(guest, frame, wire.ListPoolsReply(self._pools(name)))
+            case wire.StatsRequest():
+                return self._reply(guest, frame, wire.StatsReply(self._stats(guest)))
+            case wire.NominateRequest() | wire.ShareQueryRequest() | wire.AboutToWriteRequest():
+                return self._sharing(guest, frame, req)
+            case _:
+                return self._status_reply(guest, frame, Status.UNSUPPORTED_OP)
+        return self._reply(guest, frame, wire.EmptyReply())
+
+    def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest) -> bytes:
+        version = wire.negotiate_version(req)
+        if version is None:
+            return self._status_reply(guest, frame, Status.VERSION,
+                                      f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}")
+        self.tmem.add_client(guest.name)
+        if guest.boot_id is not None and req.boot_id != guest.boot_id:
+            # The guest rebooted: everything it stored belongs to a dead kernel.
+            dropped = self.tmem.reset_client(guest.name)
+            guest.reboots += 1
+            log.info("guest %s rebooted: dropped %d pools", guest.name, dropped)
+        guest.boot_id = req.boot_id
+        guest.version = version
+        guest.capabilities = req.capabilities & HOST_CAPABILITIES
+        if self.sharing is None:
+            guest.capabilities &= ~int(Capability.SHARING)
+        consent = bool(guest.capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
+        self.tmem.set_dedup(guest.name, consent)
+        return self._reply(guest, frame, wire.HelloReply(
+            version=version, capabilities=guest.capabilities, max_batch=wire.MAX_BATCH,
+            max_payload=wire.MAX_PAYLOAD, max_gfns=wire.MAX_GFNS))
+
+    def _pools(self, name: str) -> list[wire.PoolInfo]:
+        out = []
+        for stats in self.tmem.pool_stats(name):
+            flags = (wire.PoolFlag.PERSISTENT if stats.kind == "persistent" else 0) | (
+                wire.PoolFlag.SHARED if stats.shared else 0)
+            uuid = bytes.fromhex(stats.uuid.replace("-", "")) if stats.uuid else bytes(16)
+            out.append(wire.PoolInfo(stats.pool_id, int(flags), uuid, stats.pages))
+        return out
+
+    def _stats(self, guest: GuestState) -> dict[str, int | str]:
+        client = self.tmem.client_stats(guest.name)[0].to_dict()
+        out: dict[str, int | str] = {
+            k: (int(v) if isinstance(v, bool) else v) for k, v in client.items()
+            if isinstance(v, int | str)
+        }
+        out["requests"] = guest.requests
+        out["errors"] = guest.errors
+        out["bad_frames"] = guest.bad_frames
+        return out
+
+    def _sharing(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> bytes:
+        if self.sharing is None or not guest.capabilities & Capability.SHARING:
+            return self._status_reply(guest, frame, Status.DENIED,
+                                      "page sharing is not enabled for this guest")
+        if isinstance(req, wire.NominateRequest):
+            results = [wire.NominateResult(s, h)
+                       for s, h in self.sharing.nominate(guest.name, req.gfns)]
+            return self._reply(guest, frame, wire.NominateReply(results))
+        if isinstance(req, wire.ShareQueryRequest):
+            infos = [wire.ShareInfo(s, c) for s, c in self.sharing.query(guest.name, req.gfns)]
+            return self._reply(guest, frame, wire.ShareQueryReply(infos))
+        assert isinstance(req, wire.AboutToWriteRequest)
+        self.sharing.about_to_write(guest.name, req.gfn)
+        return self._reply(guest, frame, wire.EmptyReply())
+
+
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"op {op:#x}"

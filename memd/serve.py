@@ -1,0 +1,45 @@
+"""`memd serve`: run the host agent until SIGINT/SIGTERM.
+
+Guests come from ``--channel NAME=PATH`` (QEMU listens on PATH), ``--listen NAME=PATH``
+(the agent listens), ``memd attach`` at run time, and — with ``--libvirt URI`` — every
+running libvirt domain that has a memd channel, followed through lifecycle events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from memd.agent.app import AgentApp
+
+log = logging.getLogger("memd.agent")
+
+
+def serve(args: argparse.Namespace, *, control_path: str) -> int:
+    from memd.cli import configure_logging
+
+    configure_logging(args.log_level, args.log_json)
+    return asyncio.run(_serve(args, control_path))
+
+
+async def _serve(args: argparse.Namespace, control_path: str) -> int:
+    app = AgentApp(budget_bytes=args.budget)
+    await app.start(control_path)
+    for name, path in args.channel:
+        await app.agent.add_channel(name, path, mode="connect")
+    for name, path in args.listen:
+        await app.agent.add_channel(name, path, mode="listen")
+    follower = None
+    if args.libvirt:
+        from memd.libvirt_cli import LibvirtFollower
+
+        follower = LibvirtFollower(app, args.libvirt)
+        await follower.start()
+    log.info("memd agent running (control %s)", control_path)
+    try:
+        await app.run_until_signalled()
+    finally:
+        if follower is not None:
+            follower.close()
+    return 0
