@@ -27,7 +27,8 @@ Every error memd raises on purpose derives from :class:`MemdError`::
         ├── ChannelMissing           the VM has no memd virtio-serial channel
         ├── AgentNotRunning          nothing listens on the control socket
         ├── PermissionDenied         the OS refused (not root, socket mode)
-        └── Unavailable              a service (libvirtd, QMP, KSM) is not reachable
+        ├── Unavailable              a service (libvirtd, QMP, KSM) is not reachable
+        └── CommandFailed            QEMU's monitor refused a command (carries command, error class)
 
 Errors are translated only at boundaries (``raise NoSuchPool(...) from err``);
 ``str(error)`` is one sentence fit for an operator.  This module is standard
@@ -205,3 +206,15 @@ class PermissionDenied(BackendError):
 
 class Unavailable(BackendError):
     """A service (libvirtd, a QMP monitor, KSM sysfs) cannot be reached."""
+
+
+class CommandFailed(BackendError):
+    """QEMU's monitor answered a command with an error (bad path, property, argument)."""
+
+    def __init__(
+        self, message: str, *, command: str | None = None, error_class: str | None = None,
+        **fields: Any,
+    ) -> None:
+        super().__init__(message, command=command, error_class=error_class, **fields)
+        self.command = command
+        self.error_class = error_class
