@@ -163,8 +163,8 @@ class FakeHost:
             s.pool(req.pool)[(req.oid, req.index)] = bytes(req.page)
             return EmptyReply()
         if isinstance(req, GetRequest):
-            page = s.pool(req.pool).get((req.oid, req.index))
-            return Status.NOT_FOUND if page is None else GetReply(page)
+            stored = s.pool(req.pool).get((req.oid, req.index))
+            return Status.NOT_FOUND if stored is None else GetReply(stored)
         if isinstance(req, FlushPageRequest):
             s.pool(req.pool).pop((req.oid, req.index), None)
             return EmptyReply()

@@ -191,7 +191,7 @@ def test_encoder_enforces_limits_and_types() -> None:
     with pytest.raises(errors.FrameError):
         encode_request(Op.PUT_BATCH, 1, PutBatchRequest(1, too_many[:2], [page]))
     with pytest.raises(errors.FrameError):
-        encode_request(Op.GET, 1, PutRequest(1, (0, 0, 0), 0, page))  # type: ignore[arg-type]
+        encode_request(Op.GET, 1, PutRequest(1, (0, 0, 0), 0, page))  # wrong type for GET
     with pytest.raises(errors.FrameError):
         encode_request(Op.PUT, 1, PutRequest(1, (1 << 64, 0, 0), 0, page))
     with pytest.raises(errors.FrameError):

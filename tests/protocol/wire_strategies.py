@@ -3,7 +3,7 @@ that makes decoded messages comparable with the ones that were encoded."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import strategies as st
 
@@ -74,11 +74,14 @@ def _get_batch_reply() -> st.SearchStrategy[GetBatchReply]:
     return st.builds(build, st.lists(statuses, min_size=1, max_size=6), pages)
 
 
-stat_keys = st.text(st.characters(blacklist_characters="=\n\r", blacklist_categories=("Cs",)),
+_Category = Literal["Cs", "Nd"]
+NO_SURROGATES: tuple[_Category, ...] = ("Cs",)
+NO_DIGITS: tuple[_Category, ...] = ("Cs", "Nd")
+stat_keys = st.text(st.characters(blacklist_characters="=\n\r", blacklist_categories=NO_SURROGATES),
                     min_size=1, max_size=12)
 stat_values = st.one_of(st.integers(0, 1 << 62),
                         st.text(st.characters(blacklist_characters="\n\r",
-                                              blacklist_categories=("Cs", "Nd")), max_size=16))
+                                              blacklist_categories=NO_DIGITS), max_size=16))
 
 REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
     Op.HELLO: st.builds(lambda lo, d, c, b: HelloRequest(lo, min(255, lo + d), c, b),
