@@ -698,7 +698,9 @@ def decode_stats(blob: Buffer) -> dict[str, int | str]:
     except UnicodeDecodeError:
         raise _bad("stats text is not UTF-8") from None
     stats: dict[str, int | str] = {}
-    for line in text.splitlines():
+    for line in text.split("\n"):
+        if not line:
+            continue
         key, sep, value = line.partition("=")
         if not sep or not key:
             raise _bad(f"stats line {line[:40]!r} is not key=value")

@@ -181,7 +181,9 @@ class Agent:
         channel.sessions += 1
         channel.last_error = None
         decoder = wire.FrameDecoder()
-        bad = 0
+        # Corrupt stretches (one decoder episode each) plus frames the dispatcher
+        # rejected as malformed: both count against this connection's allowance.
+        bad_at_start = guest.bad_frames
         try:
             while True:
                 timeout = wire.PARTIAL_FRAME_TIMEOUT if decoder.buffered else None
@@ -195,12 +197,12 @@ class Agent:
                     items = decoder.feed(data)
                 for item in items:
                     if isinstance(item, FrameError):
-                        bad += 1
                         guest.bad_frames += 1
                         continue
                     reply = self.dispatcher.handle(guest, item)
                     if reply:
                         writer.write(reply)
+                bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
                     log.warning("guest %s: %d corrupt frames, hanging up", guest.name, bad)
                     channel.last_error = "too many corrupt frames"
