@@ -61,7 +61,7 @@ _SHARED = int(PageType.SHARED)
 _INVALID = int(PageType.INVALID)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _SimDomain:
     """One guest: p2m arrays plus NumPy views of them (the arrays never resize)."""
 

@@ -98,8 +98,8 @@ class ControlServer:
             return {"ok": False, "error": err.to_dict()}
         except Exception:
             log.exception("control command %s failed", cmd)
-            return {"ok": False, "error": {"error": "InternalError",
-                                           "message": f"{cmd} failed inside the agent (see its log)"}}
+            message = f"{cmd} failed inside the agent (see its log)"
+            return {"ok": False, "error": {"error": "InternalError", "message": message}}
 
 
 async def _send(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

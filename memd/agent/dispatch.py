@@ -162,8 +162,8 @@ class Dispatcher:
     def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest) -> bytes:
         version = wire.negotiate_version(req)
         if version is None:
-            return self._status_reply(guest, frame, Status.VERSION,
-                                      f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}")
+            speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
+            return self._status_reply(guest, frame, Status.VERSION, speaks)
         self.tmem.add_client(guest.name)
         if guest.boot_id is not None and req.boot_id != guest.boot_id:
             # The guest rebooted: everything it stored belongs to a dead kernel.

@@ -56,7 +56,7 @@ def test_a_guest_can_never_reach_another_guests_pools(agent: RunningAgent) -> No
         ca.connect()
         cb.connect()
         pa = ca.new_pool(persistent=True)
-        for extra in range(3):
+        for _extra in range(3):
             ca.new_pool()
         ca.put(pa, 1, 0, _page(1))
         # b names a's pool id and handle: b has no such pool.
@@ -210,7 +210,7 @@ def test_reboot_drops_the_guests_pools(agent: RunningAgent) -> None:
 
 
 def test_guest_sharing_requests_touch_only_its_own_memory(agent: RunningAgent) -> None:
-    a, b = agent.add_guest("a", 64), agent.add_guest("b", 64)
+    a, _b = agent.add_guest("a", 64), agent.add_guest("b", 64)
     machine, sharing = agent.app.machine, agent.app.sharing
     assert machine is not None and sharing is not None
     for guest in ("a", "b"):
