@@ -1,0 +1,219 @@
+"""The memd test guest image: build-once cache, plain QEMU command line, libvirt domain XML.
+
+``vm-images/build.sh`` turns a handful of Debian packages (the kernel that ``linux-image-amd64``
+points at, busybox-static, python3-minimal) plus the memd guest agent into ``vmlinux`` and
+``initrd.img`` (the kernel is the uncompressed ELF, booted through its PVH entry: seconds
+faster under TCG than the bzImage). This module decides when to run it: the image lives in
+``$MEMD_IMAGE_CACHE/<digest>/`` (default ``/var/cache/memd/images``), where the digest covers
+every input — the vm-images scripts, the guest agent sources and the resolved package versions —
+so an unchanged tree costs one ``apt-cache`` call and a few file reads, and any edit rebuilds.
+
+It also owns the one description of how to run that image: :func:`qemu_argv` for QEMU without
+libvirt, :func:`render_domain_xml` for libvirt (from ``vm-images/domain.xml.in``). Both give the
+guest a serial console on a unix socket and the memd virtio-serial port :data:`CHANNEL_NAME`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from memd.errors import BackendError
+
+CHANNEL_NAME = "org.memd.0"
+"""The virtio-serial port name the guest agent looks for."""
+
+READY_MARKER = "MEMD-GUEST-READY"
+"""Printed on the serial console by the guest's login shell just before it reads commands."""
+
+KERNEL_CMDLINE = "console=ttyS0 panic=-1 mitigations=off quiet"
+"""``panic=-1``: a panicking guest reboots at once instead of hanging a test until its timeout."""
+
+DEFAULT_CACHE = Path("/var/cache/memd/images")
+_KEEP_IMAGES = 3  # older image directories are pruned after a build
+
+# Files of the guest agent that go into the image (memd.guest may import only these two modules).
+_AGENT_GLOBS = ("memd/__init__.py", "memd/errors.py", "memd/wire.py", "memd/guest/*.py")
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    """A built image: kernel and initramfs (read-only, shared by every guest booted from them)."""
+
+    kernel: Path
+    initrd: Path
+    manifest: Path
+    digest: str
+
+
+def source_root() -> Path:
+    """The memd source tree holding ``vm-images/`` (the package is installed editable)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "vm-images" / "build.sh").is_file():
+        raise BackendError(f"vm-images/build.sh not found next to the memd package in {root}.")
+    return root
+
+
+def cache_dir() -> Path:
+    """``$MEMD_IMAGE_CACHE``, else /var/cache/memd/images, else ~/.cache/memd/images (non-root)."""
+    configured = os.environ.get("MEMD_IMAGE_CACHE")
+    if configured:
+        return Path(configured)
+    try:
+        DEFAULT_CACHE.mkdir(parents=True, exist_ok=True)
+        if os.access(DEFAULT_CACHE, os.W_OK):
+            return DEFAULT_CACHE
+    except PermissionError:
+        pass
+    return Path.home() / ".cache" / "memd" / "images"
+
+
+def image_inputs(src: Path) -> list[Path]:
+    """Every file whose content goes into the image, sorted (vm-images/* and the agent sources)."""
+    files = {p for p in (src / "vm-images").iterdir() if p.is_file() and p.name != "README.md"}
+    for pattern in _AGENT_GLOBS:
+        files.update(p for p in src.glob(pattern) if p.is_file())
+    return sorted(files)
+
+
+def package_versions(src: Path) -> list[str]:
+    """``package=version`` lines for the Debian packages the build would unpack (candidates)."""
+    proc = subprocess.run([str(src / "vm-images" / "build.sh"), "--print-versions"],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BackendError(f"cannot resolve the guest image packages: {proc.stderr.strip()}")
+    return proc.stdout.split()
+
+
+def image_digest(src: Path, versions: Sequence[str]) -> str:
+    """Content hash of all inputs: any changed script, agent file or package version changes it."""
+    h = hashlib.sha256()
+    for path in image_inputs(src):
+        data = path.read_bytes()
+        h.update(f"{path.relative_to(src)}\0{len(data)}\0".encode())
+        h.update(data)
+    for line in versions:
+        h.update(f"pkg\0{line}\0".encode())
+    return h.hexdigest()[:16]
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    # Two test sessions starting at once must not build the same image twice or see half of it.
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _paths(image_dir: Path, digest: str) -> ImagePaths:
+    return ImagePaths(kernel=image_dir / "vmlinux", initrd=image_dir / "initrd.img",
+                      manifest=image_dir / "manifest.txt", digest=digest)
+
+
+def ensure_image(*, cache: Path | None = None, rebuild: bool = False) -> ImagePaths:
+    """Return the image for the current inputs, building it first if it is not cached yet.
+
+    The build runs into a temporary directory renamed into place, under a lock: a cached image is
+    always complete. Downloaded .debs are kept in ``<cache>/debs`` for later builds.
+    """
+    src = source_root()
+    root = cache if cache is not None else cache_dir()
+    digest = image_digest(src, package_versions(src))
+    image_dir = root / digest
+    with _locked(root):
+        if image_dir.is_dir() and not rebuild:
+            return _paths(image_dir, digest)
+        staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
+        try:
+            env = dict(os.environ, MEMD_SRC=str(src), MEMD_DEB_CACHE=str(root / "debs"))
+            proc = subprocess.run([str(src / "vm-images" / "build.sh"), str(staging)],
+                                  env=env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise BackendError(f"building the guest image failed: {proc.stderr.strip()}",
+                                   target=str(image_dir))
+            staging.chmod(0o755)  # libvirt runs QEMU as libvirt-qemu: it must read the files
+            if image_dir.exists():
+                shutil.rmtree(image_dir)
+            staging.rename(image_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _prune(root, keep=image_dir)
+    return _paths(image_dir, digest)
+
+
+def _prune(root: Path, *, keep: Path) -> None:
+    images = sorted((d for d in root.iterdir()
+                     if d.is_dir() and d != keep and (d / "initrd.img").exists()),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in images[_KEEP_IMAGES - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def qemu_argv(image: ImagePaths, *, name: str, console_socket: Path, qmp_socket: Path,
+              channels: Mapping[str, Path] | None = None, memory_mib: int = 256,
+              accel: str = "tcg", cpu: str = "max", append: str = "",
+              start_paused: bool = False, pidfile: Path | None = None,
+              qemu: str = "qemu-system-x86_64") -> list[str]:
+    """The QEMU command line for one guest, without libvirt.
+
+    ``channels`` maps virtio-serial port names to host unix socket paths (default: just
+    :data:`CHANNEL_NAME` at ``<console_socket dir>/<name>.memd.sock``); QEMU listens on every
+    socket (server=on, wait=off), the host agent connects. ``-nodefaults`` keeps out NIC, VGA and
+    their option ROMs (faster TCG boot); the only serial port is the console socket. Guest RAM is
+    plain ``-m`` RAM (``/objects/pc.ram``), which QEMU marks MERGEABLE for KSM by default.
+    ``start_paused`` adds ``-S``: connect to the console first, then QMP ``cont``, and no boot
+    output is lost.
+    """
+    if channels is None:
+        channels = {CHANNEL_NAME: console_socket.parent / f"{name}.memd.sock"}
+    cmdline = f"{KERNEL_CMDLINE} {append}".strip()
+    argv = [qemu, "-name", f"{name},process=qemu-{name}", "-accel", accel, "-cpu", cpu,
+            "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none",
+            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
+            "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off",
+            "-serial", "chardev:console0",
+            "-qmp", f"unix:{qmp_socket},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=vserial0"]
+    for index, (port_name, path) in enumerate(channels.items()):
+        argv += ["-chardev", f"socket,id=vport{index},path={path},server=on,wait=off",
+                 "-device", f"virtserialport,bus=vserial0.0,chardev=vport{index},name={port_name}"]
+    if start_paused:
+        argv.append("-S")
+    if pidfile is not None:
+        argv += ["-pidfile", str(pidfile)]
+    return argv
+
+
+def render_domain_xml(image: ImagePaths, *, name: str, console_socket: Path,
+                      memory_mib: int = 256, channel_name: str = CHANNEL_NAME,
+                      domain_type: str = "qemu", append: str = "",
+                      emulator: str = "/usr/bin/qemu-system-x86_64") -> str:
+    """libvirt domain XML from ``vm-images/domain.xml.in`` (``type='qemu'`` = TCG).
+
+    The memd channel has no path: libvirt chooses it; read it back from the live domain XML.
+    The console socket's directory must be writable by the user libvirt runs QEMU as.
+    """
+    template = (source_root() / "vm-images" / "domain.xml.in").read_text()
+    values = {
+        "NAME": name, "DOMAIN_TYPE": domain_type, "MEMORY_MIB": str(memory_mib),
+        "KERNEL": str(image.kernel), "INITRD": str(image.initrd),
+        "CMDLINE": f"{KERNEL_CMDLINE} {append}".strip(), "CONSOLE_SOCKET": str(console_socket),
+        "CHANNEL_NAME": channel_name, "EMULATOR": emulator,
+    }
+    unknown = set(re.findall(r"@([A-Z_]+)@", template)) - values.keys()
+    if unknown:
+        raise BackendError(f"domain.xml.in has placeholders nobody fills: {sorted(unknown)}.")
+    return re.sub(r"@([A-Z_]+)@",
+                  lambda m: escape(values[m.group(1)], {"'": "&apos;", '"': "&quot;"}), template)

@@ -1,0 +1,1 @@
+"""Tests that boot real QEMU TCG guests from the vm-images image (marked ``vm``)."""
