@@ -1016,7 +1016,8 @@ class FrameDecoder:
             end = pos + HEADER_SIZE + length
             if end > n:
                 break
-            payload = bytes(buf[pos + HEADER_SIZE:end])
+            with memoryview(buf) as view:  # one copy; released before buf is resized
+                payload = view[pos + HEADER_SIZE:end].tobytes()
             if zlib.crc32(payload) != pcrc:
                 pos = self._skip(pos, out, "payload checksum mismatch", op, rid)
                 continue
