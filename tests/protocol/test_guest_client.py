@@ -4,6 +4,7 @@ and over a real unix socket whose server cuts replies mid-frame."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from collections.abc import Iterator
@@ -238,3 +239,34 @@ def test_port_discovery_and_boot_id(tmp_path: Path) -> None:
     assert read_boot_id(str(tmp_path / "missing")) == bytes(16)
     if os.path.exists("/proc/sys/kernel/random/boot_id"):
         assert read_boot_id() != bytes(16)
+
+
+def test_char_device_transport_over_a_raw_pty() -> None:
+    """CharDeviceTransport's os.read/os.write/select path on a real character device (a
+    pty in raw mode stands in for /dev/vportNpM)."""
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    host = FakeHost()
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            ready, _, _ = select.select([master], [], [], 0.05)
+            if ready:
+                os.write(master, host.feed(os.read(master, 65536)))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with GuestClient.for_device(os.ttyname(slave), boot_id=BOOT) as client:
+            pool = client.new_pool()
+            client.put_batch(pool, [(3, i, page(i)) for i in range(20)])
+            assert client.get_batch(pool, [(3, i) for i in range(20)]) == [
+                page(i) for i in range(20)]
+    finally:
+        stop.set()
+        thread.join(5)
+        os.close(master)
+        os.close(slave)
