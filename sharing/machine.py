@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import IntEnum
+from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -83,7 +84,10 @@ class LockLike(Protocol):
 
     def __enter__(self) -> bool: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 @runtime_checkable

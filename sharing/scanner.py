@@ -114,7 +114,7 @@ class Scanner:
 
     def _rehash(self, domid: int, state: _DomainHashes,
                 report: ScanReport) -> npt.NDArray[np.bool_]:
-        """Re-hash the domain's dirty private pages; returns a per-gfn 'fresh' mask."""
+        """Re-hash the domain's dirty pages; returns a per-gfn 'fresh' mask."""
         m = self._machine
         dirty = m.collect_dirty(domid)
         if not state.known.any():
@@ -124,7 +124,10 @@ class Scanner:
             return fresh
         mfns, types = m.lookup_range(domid, 0, len(state.hashes))
         state.known[dirty] = False
-        dirty = dirty[types[dirty] == PageType.RAM]
+        # Private pages and shared ones (read-only, so their hash stays valid): a page a
+        # guest nominated before our first pass must still find its twins.
+        kind = types[dirty]
+        dirty = dirty[(kind == PageType.RAM) | (kind == PageType.SHARED)]
         hash_page = xxhash.xxh3_64_intdigest
         ps = m.page_size
         for start in range(0, len(dirty), self._batch):

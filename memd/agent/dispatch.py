@@ -111,7 +111,10 @@ class Dispatcher:
     def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> bytes:
         name, tmem = guest.name, self.tmem
         if isinstance(req, wire.SyncRequest):
-            return self._reply(guest, frame, wire.SyncReply(req.nonce))
+            # docs/protocol.md: a SYNC starts the conversation over; HELLO comes next.
+            reply = self._reply(guest, frame, wire.SyncReply(req.nonce))
+            guest.version = None
+            return reply
         if isinstance(req, wire.HelloRequest):
             return self._hello(guest, frame, req)
         if guest.version is None:
