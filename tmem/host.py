@@ -525,6 +525,11 @@ class TmemHost:
         scope = 0 if client.dedup else owner.scope
         # With room for the whole batch at worst-case cost, skip per-page budget checks.
         headroom = self._budget - self._used_bytes() >= len(items) * _MAX_PUT_COST
+        if (headroom and len(items) > 1 and not client.frozen
+                and (owner.cap_pages is None or owner.pages + len(items) <= owner.cap_pages)):
+            done = self._put_batch_fast(pool, items, scope, lru)
+            if done is not None:
+                return done
         results: list[TmemError | None] = []
         stored = dups = 0
         for oid, index, (h, payload) in items:
@@ -569,6 +574,48 @@ class TmemHost:
         ops.good_puts += stored
         ops.dup_puts += dups
         return results
+
+    def _put_batch_fast(
+        self, pool: _Pool, items: list[tuple[Oid, int, EncodedPage]], scope: int,
+        lru: LruList | None,
+    ) -> list[TmemError | None] | None:
+        """All-or-nothing fast path when every page is sure to fit (the caller checked
+        budget headroom, cap and frozen).  Same outcome as putting the pages one by one;
+        None (nothing done) when a handle repeats inside the batch, which needs the
+        ordered per-page path."""
+        handles = [(oid, index) for oid, index, _ in items]
+        if len(set(handles)) != len(handles):
+            return None
+        pages, objects = self._pages, pool.objects
+        # Two passes: dropping a replaced page may free its object, so no objno is
+        # resolved until every replaced page is gone.
+        dups = 0
+        for oid, index in handles:
+            objno = objects.get(oid)
+            if objno is not None:
+                old = pages.lookup(objno, index)
+                if old >= 0:
+                    dups += 1
+                    self._drop_slot(pool, old)  # old data first: never readable again
+        objnos: list[int] = []
+        for oid, _ in handles:
+            objno = objects.get(oid)
+            if objno is None:
+                objno = objects[oid] = pages.new_object(pool.gid, oid)
+            objnos.append(objno)
+        encoded = [enc for _, _, enc in items]
+        blobs = self._store.intern_many(encoded, scope)
+        pages.add_many(objnos, [index for _, index in handles], blobs, lru)
+        n = len(items)
+        pool.pages += n
+        pool.bytes_stored += sum(len(payload) for _, payload in encoded)
+        if lru is None:
+            self._clients[pool.owner].persistent_pages += n
+        ops = pool.ops
+        ops.puts += n
+        ops.good_puts += n
+        ops.dup_puts += dups
+        return [None] * n
 
     def _trim_for(self, slot: int, protect: _Client | None) -> bool:
         """Evict until within budget, sparing *slot*; False if that is impossible."""

@@ -159,6 +159,44 @@ class PageTable:
         self.live_slots += 1
         return slot
 
+    def add_many(self, objnos: list[int], indexes: list[int], blobs: list[int],
+                 lru: LruList | None) -> None:
+        """:meth:`add` for a batch of absent, distinct handles, with lookups hoisted."""
+        n = len(blobs)
+        free = self._free_slots
+        if len(free) < n:
+            start = len(self.blob)
+            end = _grow_to(self._slot_columns, start + n)
+            free.extend(range(end - 1, start - 1, -1))
+        blob_col, obj_col, index_col = self.blob, self.obj, self.index
+        prev_col, next_col, radix_of, count = self.lru_prev, self.lru_next, self.radix, (
+            self.obj_count)
+        last_objno = last_key = -1
+        radix: dict[int, array[int]] = {}
+        chunk = _EMPTY_CHUNK
+        for objno, index, blob in zip(objnos, indexes, blobs, strict=True):
+            slot = free.pop()
+            blob_col[slot] = blob
+            obj_col[slot] = objno
+            index_col[slot] = index
+            key = index >> RADIX_BITS
+            if objno != last_objno or key != last_key:
+                if objno != last_objno:
+                    radix = radix_of[objno]  # type: ignore[assignment]
+                    last_objno = objno
+                found = radix.get(key)
+                if found is None:
+                    found = radix[key] = array("i", _EMPTY_CHUNK)
+                    self.live_chunks += 1
+                chunk, last_key = found, key
+            chunk[index & RADIX_MASK] = slot
+            count[objno] += 1
+            if lru is None:
+                prev_col[slot] = next_col[slot] = NOT_ON_LRU
+            else:
+                self._lru_push(slot, lru)
+        self.live_slots += n
+
     def remove(self, slot: int, lru: LruList | None) -> int:
         """Drop a page from every structure; return its blob for the caller to release."""
         objno = self.obj[slot]

@@ -176,6 +176,39 @@ class PageStore:
         self.data_bytes += len(payload)
         return blob
 
+    def intern_many(self, encoded: list[EncodedPage], scope: int) -> list[int]:
+        """:meth:`intern` for a batch (dedup always on), with the lookups hoisted."""
+        out: list[int] = []
+        append = out.append
+        refs, hashes, scopes, length, loc = (
+            self._refs, self._hash, self._scope, self._length, self._loc)
+        view = self.arena.view
+        for h, payload in encoded:
+            if not payload:
+                refs[ZERO_BLOB] += 1
+                append(ZERO_BLOB)
+                continue
+            n = len(payload)
+            table = self._dedup  # re-read: an insert below may have resized it
+            slots, mask = table.slots, table.mask
+            i = (h ^ scope) & mask
+            blob = slots[i]
+            while blob >= 0:
+                if (hashes[blob] == h and scopes[blob] == scope and length[blob] == n
+                        and bytes(view(loc[blob], n)) == payload):
+                    break
+                i = (i + 1) & mask
+                blob = slots[i]
+            if blob >= 0:
+                refs[blob] += 1
+                self.dedup_hits += 1
+                append(blob)
+            else:
+                append(self.intern(h, payload, scope, dedup=False))
+                refs, hashes, scopes, length, loc = (  # intern may have grown the arrays
+                    self._refs, self._hash, self._scope, self._length, self._loc)
+        return out
+
     def release(self, blob: int) -> None:
         """Drop one reference; free the blob when it was the last."""
         refs = self._refs[blob] - 1
