@@ -42,6 +42,8 @@ KERNEL_CMDLINE = "console=ttyS0 panic=-1 mitigations=off quiet"
 DEFAULT_CACHE = Path("/var/cache/memd/images")
 _KEEP_IMAGES = 3  # older image directories are pruned after a build
 
+# Everything build.sh reads from the tree; a change to any of them means a new image.
+_BUILD_FILES = ("build.sh", "init", "inittab", "profile", "memd-port-links")
 # Files of the guest agent that go into the image (memd.guest may import only these two modules).
 _AGENT_GLOBS = ("memd/__init__.py", "memd/errors.py", "memd/wire.py", "memd/guest/*.py")
 
@@ -79,8 +81,8 @@ def cache_dir() -> Path:
 
 
 def image_inputs(src: Path) -> list[Path]:
-    """Every file whose content goes into the image, sorted (vm-images/* and the agent sources)."""
-    files = {p for p in (src / "vm-images").iterdir() if p.is_file() and p.name != "README.md"}
+    """Every file whose content goes into the image, sorted (build scripts and agent sources)."""
+    files = {src / "vm-images" / name for name in _BUILD_FILES}
     for pattern in _AGENT_GLOBS:
         files.update(p for p in src.glob(pattern) if p.is_file())
     return sorted(files)
@@ -217,3 +219,47 @@ def render_domain_xml(image: ImagePaths, *, name: str, console_socket: Path,
         raise BackendError(f"domain.xml.in has placeholders nobody fills: {sorted(unknown)}.")
     return re.sub(r"@([A-Z_]+)@",
                   lambda m: escape(values[m.group(1)], {"'": "&apos;", '"': "&quot;"}), template)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python3 -m hypervisor.vmimage build | argv NAME DIR | domain-xml NAME CONSOLE_SOCKET``."""
+    import argparse
+    import shlex
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python3 -m hypervisor.vmimage",
+                                     description="Build the memd test guest image and show how "
+                                                 "to run it.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("build", help="build (or find cached) and print the kernel and initrd paths")
+    p_argv = sub.add_parser("argv", help="print the plain QEMU command line (TCG)")
+    p_argv.add_argument("name")
+    p_argv.add_argument("dir", type=Path, help="directory for the console, QMP and port sockets")
+    p_argv.add_argument("--memory-mib", type=int, default=256)
+    p_argv.add_argument("--accel", default="tcg")
+    p_xml = sub.add_parser("domain-xml", help="print the libvirt domain XML")
+    p_xml.add_argument("name")
+    p_xml.add_argument("console_socket", type=Path)
+    p_xml.add_argument("--memory-mib", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        image = ensure_image()
+    except BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.command == "build":
+        print(f"kernel={image.kernel}\ninitrd={image.initrd}\nmanifest={image.manifest}")
+    elif args.command == "argv":
+        directory = args.dir.resolve()
+        print(shlex.join(qemu_argv(image, name=args.name, memory_mib=args.memory_mib,
+                                   accel=args.accel,
+                                   console_socket=directory / f"{args.name}.console.sock",
+                                   qmp_socket=directory / f"{args.name}.qmp.sock")))
+    else:
+        print(render_domain_xml(image, name=args.name, console_socket=args.console_socket,
+                                memory_mib=args.memory_mib), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
