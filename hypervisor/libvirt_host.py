@@ -484,8 +484,10 @@ class LibvirtHost:
                                     "or as a member of the libvirt group", **fields)
         if code == lv.VIR_ERR_NO_CONNECT and "no connection driver" in detail:
             return Unavailable(f"libvirt has no driver for the URI {self.uri}", **fields)
-        if opening or code in (lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC) \
-                or "socket is closed" in detail:
+        if "socket is closed" in detail:
+            return Unavailable(f"lost the connection to libvirtd at {self.uri}: is libvirtd "
+                               "running? (open a new connection)", **fields)
+        if opening or code in (lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC):
             return Unavailable(f"cannot reach libvirtd at {self.uri}: is libvirtd running?",
                                **fields)
         if domain is not None and "not running" in detail:

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
+import shutil
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -185,3 +188,36 @@ def test_add_channel_to_running_domain(
 def test_unknown_domain_on_real_libvirtd(host: LibvirtHost) -> None:
     with pytest.raises(NotFound, match="libvirt domain 'memd-no-such-domain' does not exist"):
         host.channel_path("memd-no-such-domain")
+
+
+@pytest.mark.skipif(shutil.which("virt-admin") is None, reason="virt-admin is not installed")
+def test_libvirtd_dropping_us_is_reported(host: LibvirtHost) -> None:
+    """libvirtd closes our connection (as on its restart): callback, then one sentence."""
+    victim = LibvirtHost("qemu:///system")
+    try:
+        reasons: list[str] = []
+        lost = threading.Event()
+
+        def dropped(reason: str) -> None:
+            reasons.append(reason)
+            lost.set()
+
+        victim.on_disconnect(dropped)
+        # Find this process's newest client on the server and have libvirtd drop it.
+        listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
+                                 capture_output=True, text=True, check=True).stdout
+        ids = [line.split()[0] for line in listing.splitlines()[2:] if line.strip()]
+        mine = [cid for cid in ids if re.search(
+            rf"unix_process_id\s*:\s*{os.getpid()}\b",
+            subprocess.run(["virt-admin", "client-info", "libvirtd", cid],
+                           capture_output=True, text=True).stdout)]
+        assert mine, "our own connection is not among libvirtd's clients"
+        subprocess.run(["virt-admin", "client-disconnect", "libvirtd", max(mine, key=int)],
+                       capture_output=True, check=True)
+        assert lost.wait(10) and reasons == ["eof"]
+        assert not victim.alive
+        with pytest.raises(Unavailable, match="lost the connection to libvirtd"):
+            victim.domains()
+    finally:
+        victim.close()
+    assert host.alive                 # the other connection of this process is untouched

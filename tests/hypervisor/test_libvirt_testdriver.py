@@ -198,7 +198,7 @@ def test_watch_queue_hands_events_to_asyncio(
         _watch_id, queue = host.watch_queue(asyncio.get_running_loop())
         name = await asyncio.to_thread(make_domain, "")
         await asyncio.to_thread(host._conn.lookupByName(name).create)
-        got = []
+        got: list[tuple[str, str]] = []
         while len(got) < 2:
             ev = await asyncio.wait_for(queue.get(), 5.0)
             if ev.name == name:
