@@ -183,3 +183,13 @@ def test_lifecycle_event_mapping(event: int, detail: int, kind: str, text: str,
                                  starts: bool, ends: bool) -> None:
     ev = lifecycle_event("vm", "u", event, detail)
     assert (ev.kind, ev.detail, ev.starts_guest, ev.ends_guest) == (kind, text, starts, ends)
+
+
+def test_missing_libvirt_python_is_one_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from hypervisor.libvirt_host import LibvirtHost
+
+    monkeypatch.setitem(sys.modules, "libvirt", None)     # makes `import libvirt` fail
+    with pytest.raises(Unavailable, match=r"libvirt-python is not installed"):
+        LibvirtHost("test:///default")
