@@ -63,9 +63,9 @@ from tmem.store import (
     BLOB_META_BYTES,
     EncodedPage,
     PageStore,
+    compress_page,
     decode_payload,
-    encode_page,
-    encode_pages,
+    hash_pages,
 )
 from tmem.types import (
     DEFAULT_WEIGHT,
@@ -309,11 +309,7 @@ class TmemHost:
         op = "put"
         check_oid(oid, op)
         check_index(index, op)
-        encoded = encode_page(check_page(page, op))
-        with self._lock:
-            client = self._client(name, op)
-            pool = self._pool(client, pool_id, op)
-            error = self._put_many(client, pool, [(oid, index, encoded)])[0]
+        error = self._put_pages(name, pool_id, [(oid, index)], [check_page(page, op)], op)[0]
         if error is not None:
             raise error
 
@@ -387,12 +383,7 @@ class TmemHost:
         for oid, index in handles:
             check_oid(oid, op)
             check_index(index, op)
-        encoded = encode_pages([check_page(p, op) for p in pages])
-        items = [(oid, index, enc) for (oid, index), enc in zip(handles, encoded, strict=True)]
-        with self._lock:
-            client = self._client(name, op)
-            pool = self._pool(client, pool_id, op)
-            return self._put_many(client, pool, items)
+        return self._put_pages(name, pool_id, handles, [check_page(p, op) for p in pages], op)
 
     def get_batch(
         self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]]
@@ -515,6 +506,46 @@ class TmemHost:
         )
         return self._store.metadata_bytes() + self._pages.metadata_bytes() + dicts
 
+    def _put_pages(
+        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]], pages: list[bytes],
+        op: str,
+    ) -> list[TmemError | None]:
+        """The put pipeline (see tmem.store): hash, pin duplicates, compress, insert."""
+        hashes = hash_pages(pages)  # no lock
+        with self._lock:
+            client = self._client(name, op)
+            pool = self._pool(client, pool_id, op)
+            scope = self._scope(client, pool)
+            pins = self._store.pin_matches(hashes, pages, scope)
+        encoded: list[EncodedPage] = [
+            (h, b"" if h < 0 or pin >= 0 else compress_page(page), pin)
+            for h, page, pin in zip(hashes, pages, pins, strict=True)
+        ]  # no lock: lz4 runs here, in parallel across threads
+        with self._lock:
+            try:
+                client = self._client(name, op)
+                pool = self._pool(client, pool_id, op)
+            except TmemError:
+                self._unpin(encoded)
+                raise
+            now = self._scope(client, pool)
+            if now != scope:  # dedup consent changed in between: pins were for the old scope
+                self._unpin(encoded)
+                encoded = [(h, b"" if h < 0 else compress_page(p), -1)
+                           for h, p in zip(hashes, pages, strict=True)]
+            items = [(oid, index, enc) for (oid, index), enc in zip(handles, encoded,
+                                                                  strict=True)]
+            return self._put_many(client, pool, items)
+
+    def _scope(self, client: _Client, pool: _Pool) -> int:
+        """Dedup scope of a put: shared by opted-in clients, else the pool owner's own."""
+        return 0 if client.dedup else self._clients[pool.owner].scope
+
+    def _unpin(self, encoded: list[EncodedPage]) -> None:
+        for _, _, pin in encoded:
+            if pin >= 0:
+                self._store.release(pin)
+
     def _put_many(
         self, client: _Client, pool: _Pool, items: list[tuple[Oid, int, EncodedPage]]
     ) -> list[TmemError | None]:
@@ -532,7 +563,7 @@ class TmemHost:
                 return done
         results: list[TmemError | None] = []
         stored = dups = 0
-        for oid, index, (h, payload) in items:
+        for oid, index, (h, payload, pin) in items:
             objno = objects.get(oid)
             if objno is not None:
                 old = pages.lookup(objno, index)
@@ -542,24 +573,27 @@ class TmemHost:
                     dups += 1
                     self._drop_slot(pool, old)
                     objno = objects.get(oid)
+            error: TmemError | None = None
             if client.frozen:
-                results.append(self._put_error(ClientFrozen, "client is frozen", client, oid,
-                                               index))
-                continue
-            cap = owner.cap_pages
-            if cap is not None and owner.pages >= cap:
+                error = self._put_error(ClientFrozen, "client is frozen", client, oid, index)
+            elif owner.cap_pages is not None and owner.pages >= owner.cap_pages:
                 if lru is None or not lru.count:
-                    results.append(self._put_error(NoSpace, "client page cap reached", client,
-                                                   oid, index))
-                    continue
-                self._evict_one(owner)  # an ephemeral put displaces the owner's LRU page
-                objno = objects.get(oid)
-            blob = store.intern(h, payload, scope)
+                    error = self._put_error(NoSpace, "client page cap reached", client, oid,
+                                            index)
+                else:
+                    self._evict_one(owner)  # an ephemeral put displaces the owner's LRU page
+                    objno = objects.get(oid)
+            if error is not None:
+                if pin >= 0:
+                    store.release(pin)
+                results.append(error)
+                continue
+            blob = pin if pin >= 0 else store.intern(h, payload, scope)
             if objno is None:
                 objno = objects[oid] = pages.new_object(pool.gid, oid)
-            slot = pages.add(objno, index, blob, lru)
+            slot = pages.add(objno, index, blob, lru)  # the slot now owns the reference
             pool.pages += 1
-            pool.bytes_stored += len(payload)
+            pool.bytes_stored += store.payload_length(blob)
             if lru is None:
                 owner.persistent_pages += 1
             if not headroom and not self._trim_for(slot, owner if lru is not None else None):
@@ -603,12 +637,13 @@ class TmemHost:
             if objno is None:
                 objno = objects[oid] = pages.new_object(pool.gid, oid)
             objnos.append(objno)
-        encoded = [enc for _, _, enc in items]
-        blobs = self._store.intern_many(encoded, scope)
+        store = self._store
+        blobs = store.intern_many([enc for _, _, enc in items], scope)
         pages.add_many(objnos, [index for _, index in handles], blobs, lru)
         n = len(items)
         pool.pages += n
-        pool.bytes_stored += sum(len(payload) for _, payload in encoded)
+        length = store.payload_length
+        pool.bytes_stored += sum(length(b) for b in blobs)
         if lru is None:
             self._clients[pool.owner].persistent_pages += n
         ops = pool.ops

@@ -1,13 +1,18 @@
 """The PAM blob store: lz4-compressed, de-duplicated page contents with refcounts.
 
-Pages enter in two steps so that the expensive part runs outside any lock:
+Pages enter in three steps so that the expensive parts run outside any lock:
 
-1. :func:`encode_page` (pure, lock-free, GIL released inside lz4/xxhash): zero check,
-   xxh3-64 of the page, lz4 block compression.  The payload is ``b""`` for a zero page,
-   the raw page when compression would save less than 1/8 (it is then served without
-   decompression), otherwise the compressed block.
-2. :meth:`PageStore.intern` (under the owner's lock): find a live blob with the same
-   (hash, dedup scope) and the same payload bytes, or store a new one.
+1. :func:`hash_pages` (pure, lock-free): zero check and xxh3-64 of every page.
+2. :meth:`PageStore.pin_matches` (under the owner's lock): for each page, a live blob
+   with the same (hash, dedup scope) whose *decompressed* bytes equal the page is
+   pinned (its refcount taken).  Verifying a duplicate by decompression is ~4x
+   cheaper than compressing it, so duplicates never pay for lz4 compression.
+3. :func:`compress_page` (lock-free, lz4 releases the GIL) for the pages left, then
+   :meth:`PageStore.intern` / :meth:`PageStore.intern_many` (under the lock) store
+   them, de-duplicating once more against blobs stored in the meantime.
+
+The payload is ``b""`` for a zero page, the raw page when compression would save less
+than 1/8 (it is then served without decompression), otherwise the lz4 block.
 
 Why comparing compressed payloads is a byte compare of the pages: lz4 block
 decompression is a function, so equal payloads mean equal pages; compression is
@@ -48,31 +53,31 @@ _compress = lz4.block.compress
 _decompress = lz4.block.decompress
 _xxh3 = xxhash.xxh3_64_intdigest
 
-EncodedPage = tuple[int, bytes]  # (xxh3-64 hash, payload)
+#: hash_pages' mark for a zero page (xxh3 digests are never negative).
+ZERO_HASH = -1
+
+#: (hash, payload, pinned blob or -1): a page ready to be stored.  With a pin the
+#: payload is unused (b"") and the blob reference already belongs to the caller.
+EncodedPage = tuple[int, bytes, int]
+
+
+def hash_pages(pages: list[bytes]) -> list[int]:
+    """xxh3-64 of each page, ZERO_HASH for zero pages (no shared state touched)."""
+    zero = ZERO_PAGE
+    return [ZERO_HASH if page == zero else _xxh3(page) for page in pages]
+
+
+def compress_page(page: bytes) -> bytes:
+    """The payload stored for a non-zero page."""
+    payload = _compress(page, store_size=False)
+    return page if len(payload) > RAW_LIMIT else payload
 
 
 def encode_page(page: bytes) -> EncodedPage:
-    """Hash and compress one 4 KiB page (no shared state touched)."""
+    """Hash and compress one page without consulting any store (no pin)."""
     if page == ZERO_PAGE:
-        return 0, b""
-    payload = _compress(page, store_size=False)
-    if len(payload) > RAW_LIMIT:
-        payload = page
-    return _xxh3(page), payload
-
-
-def encode_pages(pages: list[bytes]) -> list[EncodedPage]:
-    """Batch form of :func:`encode_page`: one Python frame for the whole batch."""
-    out: list[EncodedPage] = []
-    append = out.append
-    zero = ZERO_PAGE
-    for page in pages:
-        if page == zero:
-            append((0, b""))
-            continue
-        payload = _compress(page, store_size=False)
-        append((_xxh3(page), page if len(payload) > RAW_LIMIT else payload))
-    return out
+        return ZERO_HASH, b"", -1
+    return _xxh3(page), compress_page(page), -1
 
 
 def decode_payload(payload: bytes) -> bytes:
@@ -147,6 +152,37 @@ class PageStore:
 
     # -- updates ---------------------------------------------------------------------------
 
+    def pin_matches(self, hashes: list[int], pages: list[bytes], scope: int) -> list[int]:
+        """Per page: a live blob of this scope holding exactly these bytes, pinned (its
+        reference taken for the caller), or -1.  Zero pages always get -1."""
+        out: list[int] = []
+        append = out.append
+        table = self._dedup
+        slots, mask = table.slots, table.mask
+        stored_hash, scopes, length, loc = self._hash, self._scope, self._length, self._loc
+        refs, view = self._refs, self.arena.view
+        for h, page in zip(hashes, pages, strict=True):
+            found = -1
+            if h >= 0:
+                i = (h ^ scope) & mask
+                blob = slots[i]
+                while blob >= 0:
+                    if stored_hash[blob] == h and scopes[blob] == scope:
+                        n = length[blob]
+                        data = view(loc[blob], n)
+                        same = (bytes(data) if n == PAGE_SIZE
+                                else _decompress(data, uncompressed_size=PAGE_SIZE)) == page
+                        if same:
+                            refs[blob] += 1
+                            found = blob
+                            break
+                    i = (i + 1) & mask
+                    blob = slots[i]
+            if found >= 0:
+                self.dedup_hits += 1
+            append(found)
+        return out
+
     def intern(self, h: int, payload: bytes, scope: int, dedup: bool = True) -> int:
         """Take a reference to a blob holding *payload*, storing it if it is new."""
         if not payload:
@@ -177,13 +213,16 @@ class PageStore:
         return blob
 
     def intern_many(self, encoded: list[EncodedPage], scope: int) -> list[int]:
-        """:meth:`intern` for a batch (dedup always on), with the lookups hoisted."""
+        """:meth:`intern` for a batch (pinned pages pass through), lookups hoisted."""
         out: list[int] = []
         append = out.append
         refs, hashes, scopes, length, loc = (
             self._refs, self._hash, self._scope, self._length, self._loc)
         view = self.arena.view
-        for h, payload in encoded:
+        for h, payload, pinned in encoded:
+            if pinned >= 0:
+                append(pinned)  # reference taken by pin_matches
+                continue
             if not payload:
                 refs[ZERO_BLOB] += 1
                 append(ZERO_BLOB)
