@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--listen", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="listen on PATH for a guest's channel (repeatable)")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
+    c.add_argument("--state", default="/var/lib/memd/tmem.snapshot", metavar="FILE",
+                   help="persistent pools survive a graceful restart through FILE ('' = off)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")

@@ -25,6 +25,8 @@ def serve(args: argparse.Namespace, *, control_path: str) -> int:
 
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
     app = AgentApp(budget_bytes=args.budget)
+    if args.state:
+        app.load_state(args.state)
     await app.start(control_path)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
@@ -42,4 +44,6 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
     finally:
         if follower is not None:
             follower.close()
+        if args.state:
+            app.save_state(args.state)
     return 0

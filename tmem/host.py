@@ -274,28 +274,52 @@ class TmemHost:
                 raise NoSpace(
                     f"client already has {MAX_POOLS_PER_CLIENT} pools", op=op, client=name
                 ) from None
-            if key is not None:
-                if key not in client.authorised:
-                    raise AccessDenied(
-                        "the host has not authorised this client for that shared pool",
-                        op=op, client=name,
-                    )
-                gid = self._shared_by_uuid.get(key)
-                if gid is not None:
-                    pool = self._pools[gid]
-                    if name in pool.members:
-                        return pool.members[name]
-                    pool.members[name] = local
-                    client.pools[local] = gid
-                    return local
-            pool = _Pool(self._next_gid, persistent, shared, key, owner=name)
-            self._next_gid += 1
-            pool.members[name] = local
-            self._pools[pool.gid] = pool
-            if key is not None:
-                self._shared_by_uuid[key] = pool.gid
-            client.pools[local] = pool.gid
-            return local
+            return self._new_pool_locked(client, local, persistent, shared, key, op)
+
+    def new_pool_at(
+        self, name: str, pool_id: int, flags: int, pool_uuid: bytes | None = None
+    ) -> int:
+        """Create or join a pool at a given local id (restoring a snapshot)."""
+        op = "new_pool_at"
+        if type(pool_id) is not int or not 0 <= pool_id < MAX_POOLS_PER_CLIENT:
+            raise InvalidArgument("pool id out of range", op=op, client=name)
+        with self._lock:
+            client = self._client(name, op)
+            if client.pools[pool_id] is not None:
+                raise InvalidArgument("pool id already in use", op=op, client=name,
+                                      pool=pool_id)
+            return self._new_pool_locked(
+                client, pool_id, bool(flags & PoolFlags.PERSISTENT),
+                bool(flags & PoolFlags.SHARED), pool_uuid, op,
+            )
+
+    def _new_pool_locked(
+        self, client: _Client, local: int, persistent: bool, shared: bool, key: bytes | None,
+        op: str,
+    ) -> int:
+        name = client.name
+        if shared:
+            if key is None or key not in client.authorised:
+                raise AccessDenied(
+                    "the host has not authorised this client for that shared pool",
+                    op=op, client=name,
+                )
+            gid = self._shared_by_uuid.get(key)
+            if gid is not None:
+                pool = self._pools[gid]
+                if name in pool.members:
+                    return pool.members[name]
+                pool.members[name] = local
+                client.pools[local] = gid
+                return local
+        pool = _Pool(self._next_gid, persistent, shared, key, owner=name)
+        self._next_gid += 1
+        pool.members[name] = local
+        self._pools[pool.gid] = pool
+        if key is not None:
+            self._shared_by_uuid[key] = pool.gid
+        client.pools[local] = pool.gid
+        return local
 
     def destroy_pool(self, name: str, pool_id: int) -> None:
         """Destroy a private pool, or leave a shared one (destroyed with its last member)."""

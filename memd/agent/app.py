@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 import uuid
@@ -17,11 +18,12 @@ from typing import Any
 
 from hypervisor.simmachine import SimMachine
 from memd.agent.control import ControlServer, Handler
-from memd.agent.dispatch import Dispatcher
+from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingService
 from memd.errors import InvalidArgument, NotFound
 from sharing.manager import SharingManager
+from tmem import snapshot
 from tmem.host import TmemHost
 
 log = logging.getLogger("memd.agent")
@@ -40,6 +42,36 @@ class AgentApp:
         self.agent = Agent(self.dispatcher)
         self.control = ControlServer(self._commands())
         self.extra_commands: dict[str, Handler] = {}
+
+    def load_state(self, path: str) -> int:
+        """Restore a graceful-stop snapshot, then delete it (a later crash must not bring
+        back pages guests have since flushed).  → guests restored."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        extra = snapshot.load(self.tmem, [data])
+        os.unlink(path)
+        for name, boot_hex in dict(extra.get("boot_ids", {})).items():
+            guest = self.agent.guests.setdefault(name, GuestState(name))
+            guest.boot_id = bytes.fromhex(boot_hex)
+        log.info("restored tmem state of %d guests from %s", len(self.tmem.client_names()), path)
+        return len(self.tmem.client_names())
+
+    def save_state(self, path: str) -> None:
+        """Write the snapshot atomically (temp file + rename)."""
+        boot_ids = {n: g.boot_id.hex() for n, g in self.agent.guests.items() if g.boot_id}
+        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            for chunk in snapshot.dump(self.tmem, extra={"boot_ids": boot_ids}):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        log.info("saved tmem state to %s", path)
 
     async def start(self, control_path: str | None) -> None:
         self.agent.start()

@@ -1,0 +1,120 @@
+"""libvirt for the operator: `memd guests --libvirt`, `memd attach`, the serve follower.
+
+The follower subscribes to lifecycle events *before* scanning running domains (events
+are not replayed, so the other order leaves a gap), attaches every running domain
+that has a memd channel, attaches on ``started``, detaches on ``stopped``/``crashed``,
+and, when libvirtd drops the connection, reconnects and rescans — which is also what
+makes an agent restart pick every running guest back up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any
+
+from hypervisor.libvirt_host import LibvirtHost
+from memd.errors import BackendError, ChannelMissing, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from memd.agent.app import AgentApp
+
+log = logging.getLogger("memd.libvirt")
+
+DEFAULT_URI = "qemu:///system"
+RECONNECT_DELAY = 2.0
+
+
+def list_domains(uri: str) -> list[dict[str, Any]]:
+    """Every domain libvirt knows: name, state, channel (socket path or None)."""
+    with LibvirtHost(uri, events=False) as host:
+        return [g.to_dict() for g in host.domains()]
+
+
+def channel_path(uri: str | None, domain: str) -> str:
+    """The live memd channel socket of a running domain (one-sentence errors)."""
+    with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
+        return host.channel_path(domain)
+
+
+class LibvirtFollower:
+    """Keeps the agent's channels in step with libvirt's running domains."""
+
+    def __init__(self, app: AgentApp, uri: str) -> None:
+        self.app = app
+        self.uri = uri
+        self._task: asyncio.Task[None] | None = None
+        self._host: LibvirtHost | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="libvirt-follower")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._host is not None:
+            with contextlib.suppress(BackendError):
+                self._host.close()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except BackendError as err:
+                log.warning("libvirt: %s; retrying in %.0f s", err, RECONNECT_DELAY)
+            await asyncio.sleep(RECONNECT_DELAY)
+
+    async def _follow(self) -> None:
+        loop = asyncio.get_running_loop()
+        host = await asyncio.to_thread(LibvirtHost, self.uri)
+        self._host = host
+        lost = asyncio.Event()
+
+        def on_lost(_reason: str) -> None:
+            loop.call_soon_threadsafe(lost.set)
+
+        host.on_disconnect(on_lost)
+        _watch, queue = host.watch_queue(loop)  # subscribe first, then scan: no gap
+        for guest in await asyncio.to_thread(host.attachable):
+            await self._attach(guest.name, guest.channel)
+        log.info("following libvirt domains at %s", self.uri)
+        lost_wait = asyncio.create_task(lost.wait())
+        try:
+            while not lost.is_set():
+                get = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({get, lost_wait},
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                event = get.result()
+                if event.starts_guest:
+                    try:
+                        path = await asyncio.to_thread(host.channel_path, event.name)
+                    except (ChannelMissing, NotFound, Unavailable) as err:
+                        log.info("%s", err)  # a domain without memd: nothing to do
+                        continue
+                    await self._attach(event.name, path)
+                elif event.ends_guest:
+                    await self._detach(event.name, forget=event.kind == "stopped")
+        finally:
+            lost_wait.cancel()
+            with contextlib.suppress(BackendError):
+                host.close()
+            self._host = None
+        raise Unavailable(f"lost the connection to libvirtd at {self.uri}", target=self.uri)
+
+    async def _attach(self, name: str, path: str | None) -> None:
+        if not path:
+            return
+        await self.app.agent.add_channel(name, path, mode="connect")
+
+    async def _detach(self, name: str, *, forget: bool) -> None:
+        with contextlib.suppress(NotFound):
+            await self.app.agent.remove_channel(name)
+        if forget:
+            # The domain is gone: its RAM and every page it stored are meaningless now.
+            self.app.agent.forget_guest(name)
