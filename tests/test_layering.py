@@ -1,0 +1,65 @@
+"""The import direction of docs/architecture.md, checked on the source itself."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROJECT = ("memd", "tmem", "sharing", "hypervisor")
+IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvirt_qemu",
+              "qemu", "mmap", "threading_io"}
+
+# package prefix -> project modules it may import (by prefix)
+ALLOWED = {
+    "memd.errors": (),
+    "memd.wire": ("memd.errors",),
+    "memd.guest": ("memd.errors", "memd.wire", "memd.guest"),
+    "tmem": ("memd.errors", "tmem"),
+    "sharing": ("memd.errors", "sharing"),
+    "hypervisor": ("memd.errors", "memd.wire", "tmem", "sharing", "hypervisor"),
+    "memd.agent": ("memd.errors", "memd.wire", "memd.agent", "tmem", "sharing", "hypervisor"),
+}
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for pkg in PROJECT:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).with_suffix("")
+            name = ".".join(p for p in rel.parts if p != "__init__")
+            out.append((name, path))
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _rule(module: str) -> tuple[str, ...] | None:
+    for prefix in sorted(ALLOWED, key=len, reverse=True):
+        if module == prefix or module.startswith(prefix + "."):
+            return ALLOWED[prefix]
+    return None
+
+
+@pytest.mark.parametrize(("module", "path"), _modules(), ids=[m for m, _ in _modules()])
+def test_imports_point_down(module: str, path: Path) -> None:
+    allowed = _rule(module)
+    if allowed is None:
+        return  # top layer (memd.cli, memd.demo, ...) may import anything below it
+    for name in _imports(path):
+        if name.split(".")[0] in PROJECT and name != "memd":
+            assert any(name == a or name.startswith(a + ".") for a in allowed), (
+                f"{module} imports {name}: against the layering")
+        if module.split(".")[0] in ("tmem", "sharing") or module == "memd.wire":
+            assert name.split(".")[0] not in IO_MODULES, f"{module} (pure) imports {name}"
