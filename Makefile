@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test` (both set everything up first).
-PY ?= python3
+# The interpreter scripts/setup.sh installed into: the project venv when it made one.
+PY = $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
 .PHONY: setup setup-all demo test lint check bench
 
@@ -10,7 +11,7 @@ setup-all:
 	scripts/setup.sh --all
 
 demo: setup
-	memd demo
+	$(PY) -m memd.cli demo
 
 lint:
 	$(PY) -m ruff check memd tmem sharing hypervisor tests benchmarks

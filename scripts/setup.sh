@@ -9,7 +9,6 @@ cd "$(dirname "$0")/.."
 want_all=0
 [[ "${1:-}" == "--all" ]] && want_all=1
 
-DEBS_BASE=(python3-venv)
 # QEMU + libvirt for the real-VM tests; libvirt-dev + pkg-config so pip can build libvirt-python;
 # busybox-static, cpio, zstd, debootstrap to build the guest image (vm-images/build.sh).
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config gcc
@@ -30,10 +29,21 @@ apt_install() {
 }
 
 if command -v apt-get >/dev/null; then
-    if ((want_all)); then apt_install "${DEBS_BASE[@]}" "${DEBS_ALL[@]}"; fi
+    if ((want_all)); then apt_install "${DEBS_ALL[@]}"; fi
 fi
 
 PY=${PYTHON:-python3}
+# Debian's own python3 is "externally managed" (PEP 668) and may lack pip: then install
+# into a project venv (.venv, which the Makefile prefers when it exists).
+externally_managed() {
+    "$PY" -c 'import os, sys, sysconfig
+sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'
+}
+if ! "$PY" -m pip --version >/dev/null 2>&1 || externally_managed; then
+    command -v apt-get >/dev/null && apt_install python3-venv python3-pip python3-dev gcc
+    [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+    PY=.venv/bin/python
+fi
 extras="test"
 ((want_all)) && extras="test,libvirt"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[${extras}]"
