@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("serve", "run the host agent")
     c.add_argument("--budget", type=_size, default=256 << 20, help="tmem memory budget (256M)")
+    c.add_argument("--guest-cap", type=_size, default=None, metavar="SIZE",
+                   help="most any one guest may store, in raw page bytes (half the budget)")
     c.add_argument("--channel", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="a guest whose QEMU serves its memd port on PATH (repeatable)")
     c.add_argument("--listen", type=_pair, action="append", default=[], metavar="NAME=PATH",

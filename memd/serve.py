@@ -24,7 +24,7 @@ def serve(args: argparse.Namespace, *, control_path: str) -> int:
 
 
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
-    app = AgentApp(budget_bytes=args.budget)
+    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap)
     if args.state:
         app.load_state(args.state)
     await app.start(control_path)

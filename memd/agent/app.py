@@ -32,13 +32,16 @@ log = logging.getLogger("memd.agent")
 class AgentApp:
     """Everything one `memd serve` process owns."""
 
-    def __init__(self, *, budget_bytes: int = 256 << 20, sim_frames: int = 0) -> None:
+    def __init__(self, *, budget_bytes: int = 256 << 20, sim_frames: int = 0,
+                 guest_cap_bytes: int | None = None) -> None:
         self.started = time.time()
         self.tmem = TmemHost(budget_bytes=budget_bytes)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
         self.sharing: SharingService | None = (
             SharingService(SharingManager(self.machine)) if self.machine else None)
-        self.dispatcher = Dispatcher(self.tmem, self.sharing)
+        # Default per-guest cap: half the budget, counted in raw pages.
+        cap = budget_bytes // 2 if guest_cap_bytes is None else guest_cap_bytes
+        self.dispatcher = Dispatcher(self.tmem, self.sharing, guest_cap_pages=cap // 4096)
         self.agent = Agent(self.dispatcher)
         self.control = ControlServer(self._commands())
         self.extra_commands: dict[str, Handler] = {}

@@ -67,9 +67,13 @@ class GuestState:
 class Dispatcher:
     """Turns guest requests into TmemHost / sharing calls."""
 
-    def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None) -> None:
+    def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None, *,
+                 guest_cap_pages: int | None = None) -> None:
         self.tmem = tmem
         self.sharing = sharing
+        #: Cap given to each guest when it first appears, so that no guest can fill the
+        #: store (persistent pages are never evicted) and starve the others.
+        self.guest_cap_pages = guest_cap_pages
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""
@@ -167,7 +171,7 @@ class Dispatcher:
         if version is None:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
             return self._status_reply(guest, frame, Status.VERSION, speaks)
-        self.tmem.add_client(guest.name)
+        self.tmem.add_client(guest.name, cap_pages=self.guest_cap_pages)
         if guest.boot_id is not None and req.boot_id != guest.boot_id:
             # The guest rebooted: everything it stored belongs to a dead kernel.
             dropped = self.tmem.reset_client(guest.name)

@@ -229,3 +229,21 @@ def test_guest_sharing_requests_touch_only_its_own_memory(agent: RunningAgent) -
         assert err.value.fields["status"] == Status.INVALID
     assert machine.read(sharing.domid("b"), 3).startswith(b"same content")
     assert agent.app.audit()["clean"]
+
+
+def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> None:
+    greedy, modest = agent.add_guest("greedy"), agent.add_guest("modest")
+    cap = agent.app.dispatcher.guest_cap_pages
+    assert cap is not None and cap > 0
+    with agent.client(greedy) as g, agent.client(modest) as m:
+        g.connect()
+        m.connect()
+        gp = g.new_pool(persistent=True)
+        statuses = g.put_batch(gp, [(1, i, _page(i)) for i in range(cap + 50)])
+        assert statuses.count(Status.OK) == cap  # the rest: NO_SPACE, cleanly
+        assert set(statuses[cap:]) == {Status.NO_SPACE}
+        mp = m.new_pool(persistent=True)
+        assert m.put_batch(mp, [(1, i, _page(10_000 + i)) for i in range(100)]) == (
+            [Status.OK] * 100)
+        assert g.get(gp, 1, 0) == _page(0)  # acknowledged pages all still there
+    assert agent.app.audit()["clean"]
