@@ -88,6 +88,13 @@ class OpCounters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _flatten_ops(stats: PoolStats | ClientStats) -> dict[str, Any]:
+    """A stats record as one flat dict: its fields plus its OpCounters' fields."""
+    d = {f.name: getattr(stats, f.name) for f in fields(stats) if f.name != "ops"}
+    d.update(stats.ops.to_dict())
+    return d
+
+
 @dataclass(slots=True)
 class PoolStats:
     client: str
@@ -102,9 +109,7 @@ class PoolStats:
     ops: OpCounters
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ops"}
-        d.update(self.ops.to_dict())
-        return d
+        return _flatten_ops(self)
 
 
 @dataclass(slots=True)
@@ -122,9 +127,7 @@ class ClientStats:
     ops: OpCounters
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "ops"}
-        d.update(self.ops.to_dict())
-        return d
+        return _flatten_ops(self)
 
 
 @dataclass(slots=True)
