@@ -70,6 +70,9 @@ from sharing.machine import (
     WriteFaultHandler,
 )
 
+#: gfns below 1 MiB: legacy BIOS/VGA area, remapped at run time by the chipset.
+_LOW_MEMORY_GFNS = 0x100
+
 _XP_LINE = re.compile(r"^[0-9a-f]+:((?:\s+0x[0-9a-f]{2})+)\s*$")
 
 
@@ -194,11 +197,22 @@ class QemuMachine:
                 continue
             base = hva + (r.block_page << PAGE_SHIFT)
             pfn = pfns_of(mem.pagemap(base, r.pages))
-            for i in np.flatnonzero(pfn >= 0)[:64].tolist():
-                ours = mem.read(base + (i << PAGE_SHIFT), 32).tobytes()
+            # Skip the first MiB: what the BIOS area maps changes with the PAM registers.
+            first = max(0, _LOW_MEMORY_GFNS - r.gfn)
+            present = first + np.flatnonzero(pfn[first:] >= 0)
+            # Spread the probes: runs of present pages are often all zero (THP-sized).
+            probes = present[np.unique(np.linspace(0, len(present) - 1, min(len(present), 256)
+                                                   ).astype(np.int64))] if len(present) else present
+            for i in probes.tolist():
+                addr = base + (i << PAGE_SHIFT)
+                ours = mem.read(addr, 32).tobytes()
                 if not any(ours):
                     continue
-                if hmp_read(monitor, (r.gfn + i) << PAGE_SHIFT, 32) != ours:
+                theirs = hmp_read(monitor, (r.gfn + i) << PAGE_SHIFT, 32)
+                again = mem.read(addr, 32).tobytes()
+                if again != ours:
+                    continue  # the guest is writing this page: no evidence either way
+                if theirs != ours:
                     return False
                 checked += 1
                 if checked >= samples:
