@@ -324,3 +324,27 @@ def host_max_pfn() -> int:
     if top == 0:  # not root (addresses read as 0): an estimate
         top = int(os.sysconf("SC_PHYS_PAGES")) * 2
     return top
+
+
+def qemu_pid_for_socket(path: str, proc: str = "/proc") -> int:
+    """The pid of the QEMU whose command line names the (QMP) socket *path*.
+
+    For QEMUs started without libvirt, which has no pid file to read.  Raises NotFound
+    when no process or more than one names it.
+    """
+    want = os.fsencode(os.path.abspath(path))
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, entry, "cmdline"), "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours to read
+        if argv and b"qemu" in os.path.basename(argv[0]) and any(want in a for a in argv):
+            found.append(int(entry))
+    if len(found) != 1:
+        raise NotFound(f"no single QEMU process serves {path} ({len(found)} found)",
+                       target=path)
+    return found[0]

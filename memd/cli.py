@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a guest whose QEMU serves its memd port on PATH (repeatable)")
     c.add_argument("--listen", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="listen on PATH for a guest's channel (repeatable)")
+    c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
+                   help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
     c.add_argument("--state", default="/var/lib/memd/tmem.snapshot", metavar="FILE",
                    help="persistent pools survive a graceful restart through FILE ('' = off)")
@@ -74,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("guest", nargs="?")
     c = cmd("stats", "tmem statistics per guest and for the store")
     c.add_argument("guest", nargs="?")
-    cmd("audit", "recompute and check tmem and sharing state")
+    c = cmd("audit", "recompute and check tmem and sharing state (and real guests' RAM)")
+    c.add_argument("--gfn", metavar="VM:GFN", help="explain one guest page")
     cmd("scan", "run one sharing scan now")
     c = cmd("attach", "attach a guest channel")
     c.add_argument("domain")
@@ -136,10 +139,36 @@ def _format_audit(r: dict[str, Any]) -> str:
         for guest, n in s.get("guests", {}).items():
             out.append(f"    {guest:20} {n} shared pages")
         out += [f"    - {f['kind']}: {f['message']}" for f in s["findings"]]
-    for key in ("ksm", "realized"):
-        if r.get(key):
-            out.append(f"  {key}\n{_kv(r[key], '    ')}")
+    if r.get("realized"):
+        out += _format_realized(r["realized"])
     return "\n".join(out)
+
+
+def _format_realized(z: dict[str, Any]) -> list[str]:
+    """Real guests' RAM as pagemap shows it: frames, per VM, VM×VM matrix, top frames."""
+    f = z["frames"]
+    out = [f"  host frames (pagemap)  {f['mapped']} mapped, {f['shared']} shared, "
+           f"{f['saved']} saved, {f['ksm']} KSM pages"]
+    out.append(_indent(_table([{"vm": n, **{k: v for k, v in d.items() if k != "ksm_stat"}}
+                               for n, d in z["per_vm"].items()],
+                              ["vm", "gfns", "present", "shared_gfns", "private", "frames",
+                               "merge"]), "    "))
+    vms = z["matrix"]["vms"]
+    if vms:
+        out.append("    frames mapped by both (diagonal: shared within the VM)")
+        rows = [{"vm": a, **{b: z["matrix"]["frames"][i][j] for j, b in enumerate(vms)}}
+                for i, a in enumerate(vms)]
+        out.append(_indent(_table(rows, ["vm", *vms]), "    "))
+    if z["top_frames"]:
+        out.append("    most referenced frames")
+        out.append(_indent(_table(z["top_frames"], ["mfn", "refs", "zero", "ksm"]), "    "))
+    for d in z["discrepancies"]:
+        out.append(f"    - {d['kind']}: {d['message']}")
+    return out
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -209,6 +238,8 @@ def _run(args: argparse.Namespace) -> int:
                   _table(r["clients"], ["client", "pools", "ephemeral_pages",
                                         "persistent_pages", "bytes_stored", "puts",
                                         "good_puts", "gets", "found_gets", "evictions"]))
+        case "audit" if args.gfn:
+            _emit(args, call("explain", page=args.gfn), lambda r: _kv(r))
         case "audit":
             result = _with_progress("auditing", lambda: call("audit"))
             _emit(args, result, _format_audit)

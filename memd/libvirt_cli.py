@@ -79,7 +79,7 @@ class LibvirtFollower:
         host.on_disconnect(on_lost)
         _watch, queue = host.watch_queue(loop)  # subscribe first, then scan: no gap
         for guest in await asyncio.to_thread(host.attachable):
-            await self._attach(guest.name, guest.channel)
+            await self._attach(host, guest.name, guest.channel)
         log.info("following libvirt domains at %s", self.uri)
         lost_wait = asyncio.create_task(lost.wait())
         try:
@@ -97,7 +97,7 @@ class LibvirtFollower:
                     except (ChannelMissing, NotFound, Unavailable) as err:
                         log.info("%s", err)  # a domain without memd: nothing to do
                         continue
-                    await self._attach(event.name, path)
+                    await self._attach(host, event.name, path)
                 elif event.ends_guest:
                     await self._detach(event.name, forget=event.kind == "stopped")
         finally:
@@ -107,14 +107,21 @@ class LibvirtFollower:
             self._host = None
         raise Unavailable(f"lost the connection to libvirtd at {self.uri}", target=self.uri)
 
-    async def _attach(self, name: str, path: str | None) -> None:
+    async def _attach(self, host: LibvirtHost, name: str, path: str | None) -> None:
         if not path:
             return
         await self.app.agent.add_channel(name, path, mode="connect")
+        try:  # also read its RAM for the audit (needs root: /proc/<pid>/pagemap)
+            pid = await asyncio.to_thread(host.qemu_pid, name)
+            monitor = await asyncio.to_thread(host.monitor, name)
+            await asyncio.to_thread(self.app.attach_qemu, name, pid, monitor)
+        except BackendError as err:
+            log.warning("guest %s: no RAM audit: %s", name, err)
 
     async def _detach(self, name: str, *, forget: bool) -> None:
         with contextlib.suppress(NotFound):
             await self.app.agent.remove_channel(name)
+        await asyncio.to_thread(self.app.detach_qemu, name)
         if forget:
             # The domain is gone: its RAM and every page it stored are meaningless now.
             self.app.agent.forget_guest(name)

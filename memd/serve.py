@@ -32,6 +32,8 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
         await app.agent.add_channel(name, path, mode="connect")
     for name, path in args.listen:
         await app.agent.add_channel(name, path, mode="listen")
+    for name, qmp_path in args.qmp:
+        await asyncio.to_thread(_attach_plain_qemu, app, name, qmp_path)
     follower = None
     if args.libvirt:
         from memd.libvirt_cli import LibvirtFollower
@@ -47,3 +49,12 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
         if args.state:
             app.save_state(args.state)
     return 0
+
+
+def _attach_plain_qemu(app: AgentApp, name: str, qmp_path: str) -> None:
+    """A QEMU started without libvirt: its QMP socket, and the pid that serves it."""
+    from hypervisor.procmem import qemu_pid_for_socket
+    from hypervisor.qmp import QmpMonitor
+
+    monitor = QmpMonitor.connect(qmp_path)
+    app.attach_qemu(name, qemu_pid_for_socket(qmp_path), monitor)

@@ -14,7 +14,7 @@ import signal
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.simmachine import SimMachine
 from memd.agent.control import ControlServer, Handler
@@ -25,6 +25,10 @@ from memd.errors import InvalidArgument, NotFound
 from sharing.manager import SharingManager
 from tmem import snapshot
 from tmem.host import TmemHost
+
+if TYPE_CHECKING:
+    from hypervisor.qemu_machine import QemuMachine
+    from hypervisor.qmp import Monitor
 
 log = logging.getLogger("memd.agent")
 
@@ -44,6 +48,8 @@ class AgentApp:
         self.dispatcher = Dispatcher(self.tmem, self.sharing, guest_cap_pages=cap // 4096)
         self.agent = Agent(self.dispatcher)
         self.control = ControlServer(self._commands())
+        #: Real QEMU guests whose RAM memd reads (pagemap ground truth); made on demand.
+        self.qemu: QemuMachine | None = None
         self.extra_commands: dict[str, Handler] = {}
 
     def load_state(self, path: str) -> int:
@@ -95,6 +101,22 @@ class AgentApp:
         log.info("shutting down")
         await self.stop()
 
+    def attach_qemu(self, name: str, pid: int, monitor: Monitor) -> int:
+        """Start reading a running QEMU's RAM for the audit (blocking: /proc, QMP)."""
+        from hypervisor.qemu_machine import QemuMachine
+
+        if self.qemu is None:
+            self.qemu = QemuMachine()
+        self.detach_qemu(name)
+        return self.qemu.attach(name, pid, monitor)
+
+    def detach_qemu(self, name: str) -> None:
+        if self.qemu is None:
+            return
+        for guest in self.qemu.guests():
+            if guest.name == name:
+                self.qemu.detach(guest.domid)
+
     def add_command(self, name: str, handler: Handler) -> None:
         self.control.commands[name] = handler
 
@@ -117,6 +139,7 @@ class AgentApp:
             "pools": sync(lambda a: [p.to_dict() for p in self.tmem.pool_stats(a.get("guest"))]),
             "stats": sync(self._stats),
             "audit": threaded(lambda a: self.audit()),
+            "explain": threaded(self._explain),
             "scan": threaded(lambda a: self._sharing_or_fail().scan()),
             "attach": self._attach,
             "detach": self._detach,
@@ -157,9 +180,26 @@ class AgentApp:
             "sharing": self.sharing.audit() if self.sharing else None,
         }
         sharing_errors = result["sharing"]["errors"] if result["sharing"] else 0
-        result["errors"] = len(tmem_issues) + sharing_errors
+        realized_errors = 0
+        if self.qemu is not None and self.qemu.guests():
+            from hypervisor.qemu_audit import audit_report
+
+            result["realized"] = audit_report(self.qemu)
+            realized_errors = len(result["realized"]["discrepancies"])
+        result["errors"] = len(tmem_issues) + sharing_errors + realized_errors
         result["clean"] = result["errors"] == 0
         return result
+
+    def _explain(self, args: dict[str, Any]) -> dict[str, Any]:
+        from hypervisor.qemu_audit import explain_gfn, parse_vm_gfn
+
+        try:
+            vm, gfn = parse_vm_gfn(_str(args, "page"))
+        except ValueError as err:
+            raise InvalidArgument(str(err), op="explain") from None
+        if self.qemu is None or not any(g.name == vm for g in self.qemu.guests()):
+            raise NotFound(f"no QEMU guest named {vm!r} is attached for auditing", target=vm)
+        return explain_gfn(self.qemu, vm, gfn)
 
     def _sharing_or_fail(self) -> SharingService:
         if self.sharing is None:
