@@ -10,9 +10,12 @@ modes, because the two kinds of guest differ in who listens:
   embedded default, tests).  A new connection replaces the old one, as a rebooted
   guest reopening its port would.
 
-Per session: bytes go through a :class:`~memd.wire.FrameDecoder`; complete frames are
-dispatched in order and their replies written; ``drain()`` after each read applies
-backpressure to a guest that does not read its replies.  A partial frame older than
+Per session: bytes are received straight into one reusable buffer (a
+:class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies) and
+fed to a :class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and
+their replies written.  Reading pauses while decoded frames wait for dispatch and until
+the replies are drained, which applies backpressure to a guest that does not read its
+replies.  A partial frame older than
 ``PARTIAL_FRAME_TIMEOUT`` is abandoned (the writer was cut mid-frame); a connection
 producing more than ``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
 
@@ -26,6 +29,7 @@ import contextlib
 import enum
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from memd import wire
@@ -34,7 +38,7 @@ from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
 
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 512 * 1024  # the reusable receive buffer; a batch frame is ~258 KiB
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -57,7 +61,7 @@ class Channel:
     guest: GuestState
     task: asyncio.Task[None] | None = None
     server: asyncio.Server | None = None
-    writer: asyncio.StreamWriter | None = None
+    writer: asyncio.BaseTransport | None = None  #: the current connection, if any
     sessions: int = 0
     last_error: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
@@ -121,8 +125,9 @@ class Agent:
         if mode == "listen":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            channel.server = await asyncio.start_unix_server(
-                lambda r, w: self._accepted(channel, r, w), path=path)
+            loop = asyncio.get_running_loop()
+            channel.server = await loop.create_unix_server(
+                lambda: _GuestConnection(lambda conn: self._accepted(channel, conn)), path=path)
             os.chmod(path, 0o600)
         else:
             channel.task = asyncio.create_task(self._connect_loop(channel), name=f"chan-{name}")
@@ -152,68 +157,169 @@ class Agent:
         if self.dispatcher.tmem.has_client(name):
             self.dispatcher.tmem.remove_client(name)
 
-    async def _accepted(self, channel: Channel, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
-        if channel.writer is not None:
-            channel.writer.close()  # one peer per port: the newest wins
-        await self._session(channel, reader, writer)
-
     async def _connect_loop(self, channel: Channel) -> None:
         delay = RECONNECT_MIN
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(channel.path)
+                _, conn = await asyncio.get_running_loop().create_unix_connection(
+                    lambda: _GuestConnection(None), channel.path)
             except OSError as err:
                 channel.last_error = f"{type(err).__name__}: {err.strerror or err}"
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
             delay = RECONNECT_MIN
-            await self._session(channel, reader, writer)
+            await self._session(channel, conn)
             await asyncio.sleep(RECONNECT_MIN)
 
-    async def _session(self, channel: Channel, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter) -> None:
+    async def _accepted(self, channel: Channel, conn: _GuestConnection) -> None:
+        if channel.writer is not None:
+            channel.writer.close()  # one peer per port: the newest wins
+        await self._session(channel, conn)
+
+    async def _session(self, channel: Channel, conn: _GuestConnection) -> None:
         guest = channel.guest
         guest.on_disconnect()  # a new connection must HELLO again
         guest.connected = True
-        channel.writer = writer
+        transport = conn.transport
+        assert transport is not None
+        channel.writer = transport
         channel.sessions += 1
         channel.last_error = None
-        decoder = wire.FrameDecoder()
+        decoder = conn.decoder
         # Corrupt stretches (one decoder episode each) plus frames the dispatcher
         # rejected as malformed: both count against this connection's allowance.
         bad_at_start = guest.bad_frames
         try:
             while True:
-                timeout = wire.PARTIAL_FRAME_TIMEOUT if decoder.buffered else None
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_CHUNK), timeout)
-                except TimeoutError:
-                    items = decoder.abandon_partial()
-                else:
-                    if not data:
-                        break
-                    items = decoder.feed(data)
+                if not conn.items and not conn.eof:
+                    timeout = wire.PARTIAL_FRAME_TIMEOUT if decoder.buffered else None
+                    if not await conn.wait_input(timeout):
+                        conn.items.extend(decoder.abandon_partial())
+                if conn.error is not None and not conn.items:
+                    channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
+                    break
+                items, conn.items = conn.items, []
+                if not items and conn.eof:
+                    break
                 for item in items:
                     if isinstance(item, FrameError):
                         guest.bad_frames += 1
                         continue
                     reply = self.dispatcher.handle(guest, item)
                     if reply:
-                        writer.write(reply)
+                        transport.write(reply)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
                     log.warning("guest %s: %d corrupt frames, hanging up", guest.name, bad)
                     channel.last_error = "too many corrupt frames"
                     break
-                await writer.drain()
+                await conn.drain()
+                conn.resume_reading()
         except (ConnectionError, OSError) as err:
             channel.last_error = f"{type(err).__name__}: {err}"
         finally:
-            if channel.writer is writer:
+            if channel.writer is transport:
                 channel.writer = None
                 guest.on_disconnect()
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            transport.close()
+            await conn.closed
+
+
+class _GuestConnection(asyncio.BufferedProtocol):
+    """One guest connection's byte plumbing; :meth:`Agent._session` owns the meaning.
+
+    Receive: the transport ``recv_into``s :attr:`_view` (allocated once) and the bytes go
+    straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
+    and reading pauses while any wait (the session resumes it after dispatch and drain).
+    Send: ``pause_writing``/``resume_writing`` gate :meth:`drain`, as for a stream
+    writer.  Everything runs on the event loop thread: no locks.
+    """
+
+    def __init__(self, on_connect: Callable[[_GuestConnection], Awaitable[None]] | None
+                 ) -> None:
+        self._on_connect = on_connect
+        self._view = memoryview(bytearray(READ_CHUNK))
+        self.decoder = wire.FrameDecoder()
+        self.items: list[wire.Frame | FrameError] = []
+        self.transport: asyncio.Transport | None = None
+        self.eof = False  #: no more bytes will arrive
+        self.error: Exception | None = None  #: why the connection was lost, if not a clean EOF
+        self._reading = True
+        self._input: asyncio.Future[None] | None = None  # set while the session waits
+        self._writable: asyncio.Future[None] | None = None  # set while the session drains
+        self._write_paused = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._task: asyncio.Task[None] | None = None  # the session of an accepted peer
+
+    # -- protocol callbacks (event loop) ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if self._on_connect is not None:
+            self._task = asyncio.ensure_future(self._on_connect(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.items.extend(self.decoder.feed(self._view[:nbytes]))
+        if self.items and self._reading and self.transport is not None:
+            self._reading = False
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.error = exc
+        self._wake()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    # -- for the session -------------------------------------------------------------------
+
+    async def wait_input(self, timeout: float | None) -> bool:
+        """Wait until items or EOF arrive; False if ``timeout`` passed first."""
+        self._input = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._input, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._input = None
+        return True
+
+    def resume_reading(self) -> None:
+        if not self._reading and self.transport is not None and not self.eof:
+            self._reading = True
+            self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        """Return once the transport's write buffer is below its high-water mark."""
+        if self.eof and self.error is not None:
+            raise ConnectionResetError("connection lost")
+        while self._write_paused and not self.closed.done():
+            self._writable = asyncio.get_running_loop().create_future()
+            await self._writable
+        if self.closed.done() and self.error is not None:
+            raise ConnectionResetError("connection lost")
+
+    def _wake(self) -> None:
+        if self._input is not None and not self._input.done():
+            self._input.set_result(None)
