@@ -21,7 +21,8 @@ Locking: ``_lock`` (one per machine, exported as :attr:`SimMachine.lock`, the
 p2m lock of the Machine protocol) covers the p2m tables, the frame tables, the
 free stack and each guest write's (check type, store bytes) pair.  The sharing
 manager holds it for a whole operation and calls the mutators (``set_entry``,
-``set_frame_owner``, ``alloc_frame``, ``free_frame``, ``copy_frame``), which
+``set_frame_owner``, ``alloc_frame``, ``free_frame``, ``copy_frame`` and their
+batch forms ``set_entries``, ``free_frames``), which
 therefore do not lock themselves; the machine's own operations (domain
 create/destroy, balloon, guest read/write, ``collect_dirty``) take it.  Queries
 read without it (one array element read is atomic under the GIL).  The write
@@ -207,6 +208,14 @@ class SimMachine:
         return (dom.p2m_np[start:start + count].copy(),
                 dom.ptype_np[start:start + count].copy())
 
+    def lookup_many(self, domid: int, gfns: Int64Array) -> tuple[Int64Array, Uint8Array]:
+        dom = self._domain(domid)
+        gfns = np.asarray(gfns, dtype=np.int64)
+        if len(gfns) and (int(gfns.min()) < 0 or int(gfns.max()) >= dom.nr):
+            bad = int(gfns[(gfns < 0) | (gfns >= dom.nr)][0])
+            raise self._no_such(domid, bad, "lookup_many")
+        return dom.p2m_np[gfns], dom.ptype_np[gfns]
+
     def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
         dom = self._domains.get(domid)
         if dom is None or not 0 <= gfn < dom.nr:
@@ -219,6 +228,31 @@ class SimMachine:
             mapcount[mfn] += 1
         dom.p2m[gfn] = mfn
         dom.ptype[gfn] = ptype
+
+    def set_entries(self, domid: int, gfns: Int64Array, mfns: Int64Array, ptype: int) -> None:
+        """Same end state as ``set_entry(domid, g, m, ptype)`` for each pair in order
+        (a repeated gfn ends on its last mfn).  Validates every gfn and mfn before
+        changing anything."""
+        dom = self._domain(domid)
+        g = np.asarray(gfns, dtype=np.int64)
+        new = np.asarray(mfns, dtype=np.int64)
+        if g.shape != new.shape or g.ndim != 1:
+            raise ValueError("set_entries needs two equally long 1-d arrays")
+        if len(g) == 0:
+            return
+        if int(g.min()) < 0 or int(g.max()) >= dom.nr:
+            raise self._no_such(domid, int(g[(g < 0) | (g >= dom.nr)][0]), "set_entries")
+        if int(new.max()) >= self._nr_frames or int(new.min()) < INVALID_MFN:
+            raise SharingError("set_entries: mfn out of range", op="set_entries", domain=domid)
+        uniq, last = np.unique(g[::-1], return_index=True)
+        if len(uniq) != len(g):  # keep each gfn's last mfn
+            g, new = uniq, new[::-1][last]
+        old = dom.p2m_np[g]
+        counts = self._mapcount_np
+        np.subtract.at(counts, old[old >= 0], 1)
+        np.add.at(counts, new[new >= 0], 1)
+        dom.p2m_np[g] = new
+        dom.ptype_np[g] = ptype
 
     # --- Machine protocol: frames -------------------------------------------------------
 
@@ -245,6 +279,8 @@ class SimMachine:
         return self._arena[mfns]
 
     def frames_equal(self, mfn_a: int, mfn_b: int) -> bool:
+        # Two slice copies and a memcmp: measured faster than a memoryview compare
+        # (which walks item by item) and than NumPy per pair.
         ps = self._page_size
         mem = self._mem
         return mem[mfn_a * ps:(mfn_a + 1) * ps] == mem[mfn_b * ps:(mfn_b + 1) * ps]
@@ -266,6 +302,21 @@ class SimMachine:
         self._owner[mfn] = DOMID_FREE
         self._scrub[mfn] = 1
         self._free.append(mfn)
+
+    def free_frames(self, mfns: Int64Array) -> None:
+        """:meth:`free_frame` of each mfn, in order; checks all before freeing any."""
+        f = np.asarray(mfns, dtype=np.int64)
+        if len(f) == 0:
+            return
+        if int(f.min()) < 0 or int(f.max()) >= self._nr_frames:
+            raise SharingError("free_frames: mfn out of range", op="free_frames")
+        if (len(np.unique(f)) != len(f) or (self._mapcount_np[f] != 0).any()
+                or (self._owner_np[f] == DOMID_FREE).any()):
+            raise SharingError("free_frames: a frame is still mapped, already free or "
+                               "listed twice", op="free_frames")
+        self._owner_np[f] = DOMID_FREE
+        self._scrub_np[f] = 1
+        self._free.frombytes(f.tobytes())
 
     def copy_frame(self, src: int, dst: int) -> None:
         ps = self._page_size

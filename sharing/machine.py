@@ -17,7 +17,8 @@ of the frame's reverse map.
 
 Locking: the machine has one *p2m lock* (:attr:`Machine.lock`).  The mutators
 ``set_entry``, ``set_frame_owner``, ``alloc_frame``, ``free_frame`` and
-``copy_frame`` expect the caller to hold it; the guests' write path takes it
+``copy_frame`` (and the batch ``set_entries``, ``free_frames``) expect the
+caller to hold it; the guests' write path takes it
 around each (check type, store bytes) pair.  A sharing manager that holds it for
 a whole operation therefore excludes guest writes from its compare-and-merge.
 Queries (``lookup``, ``frame_info``, batch queries, reads) take no lock: they
@@ -29,6 +30,12 @@ Write notification: the manager registers a handler with
 :meth:`Machine.set_write_fault_handler`; a guest write to a SHARED entry must
 call it *before* the write lands (the copy-on-write fault) and then retry, so a
 write can never modify a shared frame.
+
+Batches: :class:`BatchMachine` adds batch forms of ``lookup``, ``set_entry``
+and ``free_frame`` for the manager's batched operations.  A backend need not
+implement them: :func:`lookup_many`, :func:`set_entries` and :func:`free_frames`
+use the machine's own batch methods when it has them and fall back to the
+single-page methods otherwise.
 
 Backends that cannot move frames themselves (KSM merges and breaks sharing inside
 the kernel) may raise :class:`NotImplementedError` from :meth:`Machine.alloc_frame`,
@@ -194,3 +201,57 @@ class Machine(Protocol):
         """Free the domain's private frames and forget it.  Shared references must
         have been released first (``SharingManager.destroy_domain``)."""
         ...
+
+
+@runtime_checkable
+class BatchMachine(Machine, Protocol):
+    """A :class:`Machine` with batch forms of the per-page calls the manager's
+    batched operations make (optional; see the module docstring).  Locking as for
+    the single-page forms."""
+
+    def lookup_many(self, domid: int, gfns: Int64Array) -> tuple[Int64Array, Uint8Array]:
+        """Mfns and types of the given gfns (any order, repeats allowed).  Raises
+        NoSuchDomain if the domain is unknown or any gfn is outside it."""
+        ...
+
+    def set_entries(self, domid: int, gfns: Int64Array, mfns: Int64Array, ptype: int) -> None:
+        """The end state of :meth:`Machine.set_entry` for each (gfn, mfn) in order (a
+        repeated gfn ends on its last mfn).  Caller holds :attr:`Machine.lock`."""
+        ...
+
+    def free_frames(self, mfns: Int64Array) -> None:
+        """:meth:`Machine.free_frame` of each mfn.  Caller holds :attr:`Machine.lock`."""
+        ...
+
+
+def lookup_many(machine: Machine, domid: int, gfns: Int64Array) -> tuple[Int64Array, Uint8Array]:
+    """:meth:`BatchMachine.lookup_many` on any machine (one ``lookup`` per gfn if the
+    machine has no batch form)."""
+    if isinstance(machine, BatchMachine):
+        return machine.lookup_many(domid, gfns)
+    mfns = np.empty(len(gfns), dtype=np.int64)
+    types = np.empty(len(gfns), dtype=np.uint8)
+    for i, gfn in enumerate(gfns.tolist()):
+        mfns[i], types[i] = machine.lookup(domid, gfn)
+    return mfns, types
+
+
+def set_entries(machine: Machine, domid: int, gfns: Int64Array, mfns: Int64Array,
+                ptype: int) -> None:
+    """:meth:`BatchMachine.set_entries` on any machine (one ``set_entry`` per gfn
+    if the machine has no batch form)."""
+    if isinstance(machine, BatchMachine):
+        machine.set_entries(domid, gfns, mfns, ptype)
+        return
+    for gfn, mfn in zip(gfns.tolist(), mfns.tolist(), strict=True):
+        machine.set_entry(domid, gfn, mfn, ptype)
+
+
+def free_frames(machine: Machine, mfns: Int64Array) -> None:
+    """:meth:`BatchMachine.free_frames` on any machine (one ``free_frame`` per mfn
+    if the machine has no batch form)."""
+    if isinstance(machine, BatchMachine):
+        machine.free_frames(mfns)
+        return
+    for mfn in mfns.tolist():
+        machine.free_frame(mfn)

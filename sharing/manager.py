@@ -12,6 +12,11 @@ handle hashtable, with a content check Xen does not make):
   the source frame and frees the client frame.
 * ``unshare(d, gfn)`` gives the gfn a private page again: in place if it is the
   frame's last gfn, else a copy in a newly allocated frame.
+* ``nominate_many`` / ``share_many`` are the batch forms for bulk callers (the
+  scanner): per item the handle / None or the exception the single call would
+  have raised, with exactly the single calls' outcome in order, at one lock
+  hold and one batch lookup per chunk.  See ``_share_chunk_locked`` for why its
+  up-front lookups stay exact.
 
 Structures and validity (per mfn, flat arrays sized to the machine's frames):
 
@@ -49,8 +54,10 @@ to the zero page does not stall everyone else.
 
 from __future__ import annotations
 
+import functools
 from array import array
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -62,7 +69,18 @@ from memd.errors import (
     StaleClientHandle,
     StaleSourceHandle,
 )
-from sharing.machine import DOMID_COW, INVALID_MFN, Int64Array, Machine, PageType
+from sharing.machine import (
+    DOMID_COW,
+    INVALID_MFN,
+    BatchMachine,
+    Int64Array,
+    Machine,
+    PageType,
+    Uint8Array,
+    free_frames,
+    lookup_many,
+    set_entries,
+)
 from sharing.rmap import NO_ENTRY, ReverseMaps
 
 if TYPE_CHECKING:
@@ -71,6 +89,60 @@ if TYPE_CHECKING:
 _RAM = int(PageType.RAM)
 _SHARED = int(PageType.SHARED)
 _INVALID = int(PageType.INVALID)
+
+
+#: One share request: (source_domain, source_gfn, source_handle,
+#: client_domain, client_gfn, client_handle).
+SharePair = tuple[int, int, int, int, int, int]
+
+#: Items per lock hold in the batched operations: long enough to amortise the
+#: per-batch set-up, short enough that a guest write waits well under 10 ms.
+BATCH_CHUNK = 4096
+
+
+def _stale_source(domain: int, gfn: int, mfn: int, handle: int) -> StaleSourceHandle:
+    return StaleSourceHandle(
+        f"source handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
+        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
+
+
+def _stale_client(domain: int, gfn: int, mfn: int, handle: int) -> StaleClientHandle:
+    return StaleClientHandle(
+        f"client handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
+        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
+
+
+def _mismatch(smfn: int, cmfn: int, domain: int, gfn: int, handle: int) -> ContentMismatch:
+    return ContentMismatch(f"frames {smfn:#x} and {cmfn:#x} hold different bytes",
+                           op="share", domain=domain, gfn=gfn, mfn=cmfn, handle=handle)
+
+
+@dataclass(eq=False)
+class _MergeQueue:
+    """Machine updates of merges made by a batch and not yet applied: repoint
+    (dom[i], gfn[i]) to mfn[i] as SHARED, in order; then free the frames in
+    ``free`` (their last mappings are among the repoints)."""
+
+    dom: list[int] = field(default_factory=list)
+    gfn: list[int] = field(default_factory=list)
+    mfn: list[int] = field(default_factory=list)
+    free: list[int] = field(default_factory=list)
+
+    def flush(self, machine: Machine) -> None:
+        """Apply the queued repoints, then the frees; empty the queue."""
+        if self.dom:
+            doms = np.array(self.dom, dtype=np.int64)
+            gfns = np.array(self.gfn, dtype=np.int64)
+            mfns = np.array(self.mfn, dtype=np.int64)
+            for domid in np.unique(doms).tolist():
+                sel = doms == domid
+                set_entries(machine, domid, gfns[sel], mfns[sel], _SHARED)
+        if self.free:
+            free_frames(machine, np.array(self.free, dtype=np.int64))
+        self.dom.clear()
+        self.gfn.clear()
+        self.mfn.clear()
+        self.free.clear()
 
 
 @dataclass
@@ -101,6 +173,12 @@ class SharingManager:
         self._set_entry = machine.set_entry
         self._frames_equal = machine.frames_equal
         self._free_frame = machine.free_frame
+        # Batch queries: the machine's own if it has them, else one call per page.
+        self._lookup_many: Callable[[int, Int64Array], tuple[Int64Array, Uint8Array]]
+        if isinstance(machine, BatchMachine):
+            self._lookup_many = machine.lookup_many
+        else:
+            self._lookup_many = functools.partial(lookup_many, machine)
         machine.set_write_fault_handler(self._write_fault)
 
     # --- counters -----------------------------------------------------------------------
@@ -158,40 +236,95 @@ class SharingManager:
         is already shared returns its record's current version (as Xen does).
         Raises NoSuchDomain (unknown domain, gfn out of range) and NotShareable
         (unmapped page, page with other references, domain being torn down)."""
-        m = self._machine
         with self._lock:
-            mfn, ptype = m.lookup(domid, gfn)
+            return self._nominate_locked(domid, gfn)
+
+    def nominate_many(self, domid: int, gfns: Iterable[int],
+                      chunk: int = BATCH_CHUNK) -> list[int | SharingError]:
+        """:meth:`nominate` of each gfn of one domain, in order: per gfn its handle
+        or the exception nominate would have raised (NoSuchDomain, NotShareable).
+
+        Same result as one nominate per gfn; the lock is taken once per ``chunk``
+        gfns, the p2m and frame tables are read in one batch per chunk."""
+        todo = list(gfns)
+        results: list[int | SharingError] = []
+        for start in range(0, len(todo), max(chunk, 1)):
+            with self._lock:
+                self._nominate_chunk_locked(domid, todo[start:start + max(chunk, 1)], results)
+        return results
+
+    def _nominate_locked(self, domid: int, gfn: int) -> int:
+        mfn, ptype = self._lookup(domid, gfn)
+        if ptype == _SHARED:
+            return self._version[mfn]
+        if domid in self._dying:
+            raise NotShareable(f"domain {domid} is being torn down", op="nominate",
+                               domain=domid, gfn=gfn)
+        if ptype != _RAM:
+            raise NotShareable(f"gfn {gfn:#x} of domain {domid} is not mapped",
+                               op="nominate", domain=domid, gfn=gfn)
+        owner, mapcount = self._machine.frame_info(mfn)
+        if owner != domid or mapcount != 1:
+            raise NotShareable(
+                f"frame {mfn:#x} has other references (owner {owner}, {mapcount} maps)",
+                op="nominate", domain=domid, gfn=gfn, mfn=mfn)
+        return self._new_record_locked(domid, gfn, mfn)
+
+    def _nominate_chunk_locked(self, domid: int, gfns: list[int],
+                               results: list[int | SharingError]) -> None:
+        """The batch fast path.  Exact because within a chunk only the nominated
+        gfn's own entry changes: a gfn seen SHARED stays on its frame with its
+        version, and a RAM gfn whose frame has a version was nominated earlier in
+        this chunk (its frame maps nothing else).  Anything else — a lookup that
+        would fail, a dying domain, an unmapped page, a frame with other
+        references — runs the single-page code for the exact exception."""
+        mfns, types = self._lookup_batch([domid] * len(gfns), gfns)
+        owners: list[int] = []
+        mapcounts: list[int] = []
+        if gfns:
+            frames = np.maximum(np.array(mfns, dtype=np.int64), 0)
+            own, cnt = self._machine.frame_info_many(frames)
+            owners, mapcounts = own.tolist(), cnt.tolist()
+            top = max(mfns)
+            if top >= len(self._version):
+                self._grow(self._machine.nr_frames)
+        version = self._version
+        fast = domid not in self._dying
+        append = results.append
+        for i, gfn in enumerate(gfns):
+            ptype = types[i]
+            mfn = mfns[i]
             if ptype == _SHARED:
-                return self._version[mfn]
-            if domid in self._dying:
-                raise NotShareable(f"domain {domid} is being torn down", op="nominate",
-                                   domain=domid, gfn=gfn)
-            if ptype != _RAM:
-                raise NotShareable(f"gfn {gfn:#x} of domain {domid} is not mapped",
-                                   op="nominate", domain=domid, gfn=gfn)
-            owner, mapcount = m.frame_info(mfn)
-            if owner != domid or mapcount != 1:
-                raise NotShareable(
-                    f"frame {mfn:#x} has other references (owner {owner}, {mapcount} maps)",
-                    op="nominate", domain=domid, gfn=gfn, mfn=mfn)
-            if mfn >= len(self._version):
-                self._grow(m.nr_frames)
-            rmap = self._rmap
-            if domid not in rmap.slot:
-                rmap.add_domain(domid, m.nr_gfns(domid))
-            version = self._next_version
-            self._next_version = version + 1
-            m.set_frame_owner(mfn, DOMID_COW)
-            try:
-                m.set_entry(domid, gfn, mfn, _SHARED)
-            except BaseException:
-                m.set_frame_owner(mfn, domid)
-                raise
-            self._version[mfn] = version
-            rmap.add(mfn, domid, gfn)
-            self._nr_shared_mfns += 1
-            self._shr_pages[domid] = self._shr_pages.get(domid, 0) + 1
-            return version
+                append(version[mfn])
+            elif fast and ptype == _RAM and owners[i] == domid and mapcounts[i] == 1:
+                append(version[mfn] or self._new_record_locked(domid, gfn, mfn))
+            else:
+                try:
+                    append(self._nominate_locked(domid, gfn))
+                except SharingError as err:
+                    append(err)
+
+    def _new_record_locked(self, domid: int, gfn: int, mfn: int) -> int:
+        """Give a private frame (owned by domid, mapped once) a sharing record."""
+        m = self._machine
+        if mfn >= len(self._version):
+            self._grow(m.nr_frames)
+        rmap = self._rmap
+        if domid not in rmap.slot:
+            rmap.add_domain(domid, m.nr_gfns(domid))
+        version = self._next_version
+        self._next_version = version + 1
+        m.set_frame_owner(mfn, DOMID_COW)
+        try:
+            self._set_entry(domid, gfn, mfn, _SHARED)
+        except BaseException:
+            m.set_frame_owner(mfn, domid)
+            raise
+        self._version[mfn] = version
+        rmap.add(mfn, domid, gfn)
+        self._nr_shared_mfns += 1
+        self._shr_pages[domid] = self._shr_pages.get(domid, 0) + 1
+        return version
 
     # --- share --------------------------------------------------------------------------
 
@@ -203,53 +336,166 @@ class SharingManager:
         StaleSourceHandle / StaleClientHandle (handle no longer current, or the
         gfn is no longer shared), ContentMismatch (bytes differ: nothing changes),
         NoSuchDomain.  Sharing a page with itself is a successful no-op."""
-        lookup = self._lookup
-        version = self._version
         lock = self._lock
         lock.acquire()  # explicit acquire/release: half the cost of ``with`` here
         try:
-            smfn, stype = lookup(source_domain, source_gfn)
-            if stype != _SHARED or version[smfn] != source_handle:
-                raise StaleSourceHandle(
-                    f"source handle {source_handle:#x} is stale for gfn {source_gfn:#x} "
-                    f"of domain {source_domain}", op="share", domain=source_domain,
-                    gfn=source_gfn, mfn=smfn, handle=source_handle)
-            cmfn, ctype = lookup(client_domain, client_gfn)
-            if ctype != _SHARED or version[cmfn] != client_handle:
-                raise StaleClientHandle(
-                    f"client handle {client_handle:#x} is stale for gfn {client_gfn:#x} "
-                    f"of domain {client_domain}", op="share", domain=client_domain,
-                    gfn=client_gfn, mfn=cmfn, handle=client_handle)
-            if smfn == cmfn:
-                return
-            if not self._frames_equal(smfn, cmfn):
-                raise ContentMismatch(
-                    f"frames {smfn:#x} and {cmfn:#x} hold different bytes", op="share",
-                    domain=client_domain, gfn=client_gfn, mfn=cmfn, handle=client_handle)
-            rmap = self._rmap
-            set_entry = self._set_entry
-            head = rmap.head
-            e = head[cmfn]
-            if rmap.next[e] == NO_ENTRY:
-                # The common case, one gfn on the client frame: move it inline.
-                first = head[smfn]
-                rmap.next[e] = first
-                if first != NO_ENTRY:
-                    rmap.prev[first] = e
-                head[smfn] = e
-                head[cmfn] = NO_ENTRY
-                set_entry(client_domain, client_gfn, smfn, _SHARED)
-            else:
-                dom = rmap.dom
-                gfn = rmap.gfn
-                for e in rmap.splice(cmfn, smfn):
-                    set_entry(dom[e], gfn[e], smfn, _SHARED)
-            version[cmfn] = 0
-            self._free_frame(cmfn)
-            self._nr_shared_mfns -= 1
-            self._nr_saved_mfns += 1
+            self._share_locked(source_domain, source_gfn, source_handle,
+                               client_domain, client_gfn, client_handle)
         finally:
             lock.release()
+
+    def share_many(self, pairs: Iterable[SharePair],
+                   chunk: int = BATCH_CHUNK) -> list[SharingError | None]:
+        """:meth:`share` of each ``(source_domain, source_gfn, source_handle,
+        client_domain, client_gfn, client_handle)``, in order: per pair None or the
+        exception share would have raised (StaleSourceHandle, StaleClientHandle,
+        ContentMismatch, NoSuchDomain).
+
+        Same outcome as one share per pair, pairs that depend on earlier ones in
+        the batch included.  The lock is held for ``chunk`` pairs at a time, so
+        each pair's compare and merge still happen under one hold; the gfns of a
+        chunk are looked up in one batch per domain."""
+        todo = list(pairs)
+        results: list[SharingError | None] = []
+        step = max(chunk, 1)
+        lock = self._lock
+        for start in range(0, len(todo), step):
+            lock.acquire()
+            try:
+                self._share_chunk_locked(todo[start:start + step], results)
+            finally:
+                lock.release()
+        return results
+
+    def _share_locked(self, source_domain: int, source_gfn: int, source_handle: int,
+                      client_domain: int, client_gfn: int, client_handle: int) -> None:
+        lookup = self._lookup
+        version = self._version
+        smfn, stype = lookup(source_domain, source_gfn)
+        if stype != _SHARED or version[smfn] != source_handle:
+            raise _stale_source(source_domain, source_gfn, smfn, source_handle)
+        cmfn, ctype = lookup(client_domain, client_gfn)
+        if ctype != _SHARED or version[cmfn] != client_handle:
+            raise _stale_client(client_domain, client_gfn, cmfn, client_handle)
+        if smfn == cmfn:
+            return
+        if not self._frames_equal(smfn, cmfn):
+            raise _mismatch(smfn, cmfn, client_domain, client_gfn, client_handle)
+        self._merge_locked(smfn, cmfn, client_domain, client_gfn)
+
+    def _share_chunk_locked(self, pairs: list[SharePair],
+                            results: list[SharingError | None]) -> None:
+        """The batch fast path, with the single-pair code for what it cannot decide.
+
+        Why the lookups done up front stay exact through the chunk: a merge changes
+        only the p2m entries of gfns on the client frame, and that frame dies
+        (version 0, freed; nothing allocates frames here).  So a gfn whose
+        up-front frame still has a version maps that frame now, with the same type
+        and bytes; a gfn seen SHARED on a frame with version 0 was moved by an
+        earlier pair, and a lookup that would fail needs its exact exception: both
+        go to the single-pair code, which looks up again.
+
+        The merges' repoints and frees are queued and applied in one batch per
+        domain; nothing in the fast path reads them back from the machine, and the
+        queue is flushed before the single-pair code runs and before the lock is
+        released."""
+        if not pairs:
+            return
+        sds, sgs, shs, cds, cgs, chs = zip(*pairs, strict=True)
+        smfns, stypes = self._lookup_batch(sds, sgs)
+        cmfns, ctypes = self._lookup_batch(cds, cgs)
+        version = self._version
+        equal = self._frames_equal
+        rmap = self._rmap
+        splice, entry_dom, entry_gfn = rmap.splice, rmap.dom, rmap.gfn
+        head, nxt, prv = rmap.head, rmap.next, rmap.prev
+        queue = _MergeQueue()
+        repoint_dom, repoint_gfn, repoint_mfn = queue.dom, queue.gfn, queue.mfn
+        dead = queue.free
+        append = results.append
+        try:
+            for i in range(len(pairs)):
+                stype = stypes[i]
+                ctype = ctypes[i]
+                if stype >= 0 and ctype >= 0:
+                    smfn = smfns[i]
+                    sv = version[smfn] if stype == _SHARED else None
+                    sh = shs[i]
+                    if sv != sh or not sv:
+                        if sv != 0:  # None (not shared) or another version: stale
+                            append(_stale_source(sds[i], sgs[i], smfn, sh))
+                            continue
+                        # 0: the gfn was moved by an earlier pair, see below
+                    else:
+                        cmfn = cmfns[i]
+                        cv = version[cmfn] if ctype == _SHARED else None
+                        ch = chs[i]
+                        if cv != ch or not cv:
+                            if cv != 0:
+                                append(_stale_client(cds[i], cgs[i], cmfn, ch))
+                                continue
+                        elif smfn == cmfn:
+                            append(None)
+                            continue
+                        elif not equal(smfn, cmfn):
+                            append(_mismatch(smfn, cmfn, cds[i], cgs[i], ch))
+                            continue
+                        else:
+                            e = head[cmfn]
+                            if nxt[e] == NO_ENTRY:
+                                # One gfn on the client frame (the common case): the
+                                # list move of ReverseMaps.splice, inline.
+                                first = head[smfn]
+                                nxt[e] = first
+                                if first != NO_ENTRY:
+                                    prv[first] = e
+                                head[smfn] = e
+                                head[cmfn] = NO_ENTRY
+                                repoint_dom.append(cds[i])
+                                repoint_gfn.append(cgs[i])
+                                repoint_mfn.append(smfn)
+                            else:
+                                for e in splice(cmfn, smfn):
+                                    repoint_dom.append(entry_dom[e])
+                                    repoint_gfn.append(entry_gfn[e])
+                                    repoint_mfn.append(smfn)
+                            version[cmfn] = 0
+                            dead.append(cmfn)
+                            append(None)
+                            continue
+                self._flush_locked(queue)
+                try:
+                    self._share_locked(*pairs[i])
+                except SharingError as err:
+                    append(err)
+                else:
+                    append(None)
+        finally:
+            self._flush_locked(queue)
+
+    def _flush_locked(self, queue: _MergeQueue) -> None:
+        """Apply a batch's queued merges to the machine and to the counters (each
+        queued free is one merge: one record fewer, one frame saved)."""
+        merges = len(queue.free)
+        self._nr_shared_mfns -= merges
+        self._nr_saved_mfns += merges
+        queue.flush(self._machine)
+
+    def _merge_locked(self, smfn: int, cmfn: int, client_domain: int, client_gfn: int) -> None:
+        """Move every gfn of the client frame onto the source frame; free the client."""
+        moved = self._rmap.splice(cmfn, smfn)
+        set_entry = self._set_entry
+        if len(moved) == 1:
+            set_entry(client_domain, client_gfn, smfn, _SHARED)
+        else:
+            dom = self._rmap.dom
+            gfn = self._rmap.gfn
+            for e in moved:
+                set_entry(dom[e], gfn[e], smfn, _SHARED)
+        self._version[cmfn] = 0
+        self._free_frame(cmfn)
+        self._nr_shared_mfns -= 1
+        self._nr_saved_mfns += 1
 
     # --- unshare ------------------------------------------------------------------------
 
@@ -356,6 +602,36 @@ class SharingManager:
         return audit(self)
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _lookup_batch(self, doms: Sequence[int], gfns: Sequence[int]
+                      ) -> tuple[list[int], list[int]]:
+        """Mfn and type of each (domain, gfn), one batch lookup per domain; type -1
+        where :meth:`Machine.lookup` would raise (unknown domain, gfn out of range,
+        a value that is no index at all)."""
+        n = len(doms)
+        try:
+            d = np.array(doms, dtype=np.int64)
+            g = np.array(gfns, dtype=np.int64)
+        except (OverflowError, TypeError, ValueError):
+            return [INVALID_MFN] * n, [-1] * n
+        mfns = np.full(n, INVALID_MFN, dtype=np.int64)
+        types = np.full(n, -1, dtype=np.int16)
+        if n == 0 or d.shape != (n,) or g.shape != (n,):
+            return mfns.tolist(), types.tolist()
+        first = int(d[0])
+        domids = [first] if bool((d == first).all()) else np.unique(d).tolist()
+        live = set(self._machine.domains())
+        for domid in domids:
+            if domid not in live:
+                continue
+            idx = np.arange(n) if len(domids) == 1 else np.flatnonzero(d == domid)
+            sel = g[idx]
+            ok = (sel >= 0) & (sel < self._machine.nr_gfns(domid))
+            if not ok.all():
+                idx, sel = idx[ok], sel[ok]
+            mfns[idx], types[idx] = self._lookup_many(domid, sel)
+        return mfns.tolist(), types.tolist()
+
 
     def _entry_of(self, domid: int, gfn: int, mfn: int) -> int:
         slot = self._rmap.slot.get(domid)

@@ -123,9 +123,19 @@ class ReverseMaps:
         """Move every entry of src's list to the front of dst's list; returns them.
 
         O(entries moved): the caller repoints each moved gfn anyway."""
-        moved: list[int] = []
-        e = self.head[src]
+        head = self.head
         nxt = self.next
+        e = head[src]
+        if e != NO_ENTRY and nxt[e] == NO_ENTRY:
+            # The common case, one entry (a freshly nominated page): no walk.
+            first_dst = head[dst]
+            nxt[e] = first_dst
+            if first_dst != NO_ENTRY:
+                self.prev[first_dst] = e
+            head[dst] = e
+            head[src] = NO_ENTRY
+            return [e]
+        moved: list[int] = []
         last = NO_ENTRY
         while e != NO_ENTRY:
             moved.append(e)

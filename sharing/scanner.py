@@ -10,9 +10,12 @@ Each :meth:`Scanner.scan` pass:
    vectorised sort, and keeps the groups of two or more pages that contain a
    page re-hashed in this pass (nothing else can have become shareable);
 3. in each group picks a representative (a page that is already shared if there
-   is one, so the zero page keeps one frame) and nominates + shares every other
-   page into it.  ``share`` compares the bytes, so a hash collision or a write
-   racing with the pass costs a failed share, never a wrong merge.
+   is one, so the zero page keeps one frame), nominates the representatives and
+   then the other pages (``nominate_many``, per domain), and shares every other
+   page into its representative with one ``share_many`` over all groups.
+   ``share`` compares the bytes, so a hash collision or a write racing with the
+   pass costs a failed share, never a wrong merge; a page the pass nominated for
+   nothing is made private again.
 
 Cross-domain de-duplication leaks content through timing (a guest can probe for
 pages it does not own), so it is per-domain opt-in: only domains passed to
@@ -33,9 +36,9 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from memd.errors import ContentMismatch, NoSuchDomain, NotShareable, StaleHandle
+from memd.errors import ContentMismatch, NoSuchDomain, SharingError
 from sharing.machine import Machine, PageType
-from sharing.manager import SharingManager
+from sharing.manager import SharePair, SharingManager
 
 
 @dataclass
@@ -158,46 +161,72 @@ class Scanner:
         fresh_sorted = fresh[order].astype(np.int64)
         fresh_count = np.add.reduceat(fresh_sorted, starts)
         worth = (ends - starts >= 2) & (fresh_count > 0)
-        for s, e in zip(starts[worth].tolist(), ends[worth].tolist(), strict=True):
-            idx = order[s:e]
-            self._share_group(doms[idx].tolist(), gfns[idx].tolist(), mfns[idx].tolist(),
-                              report)
+        groups = [order[s:e] for s, e in zip(starts[worth].tolist(), ends[worth].tolist(),
+                                              strict=True)]
+        self._share_all(groups, doms, gfns, mfns, shared, report)
 
-    def _share_group(self, doms: list[int], gfns: list[int], mfns: list[int],
-                     report: ScanReport) -> None:
+    def _share_all(self, groups: list[npt.NDArray[np.intp]], doms: npt.NDArray[np.int64],
+                   gfns: npt.NDArray[np.int64], mfns: npt.NDArray[np.int64],
+                   shared: npt.NDArray[np.bool_], report: ScanReport) -> None:
+        """Nominate every group's representative, then its other pages, then share
+        them all into their representatives with one ``share_many`` (types and mfns
+        as this pass saw them: share re-checks everything under the lock)."""
         mgr = self._mgr
-        rep_dom, rep_gfn, rep_mfn = doms[0], gfns[0], mfns[0]
-        try:
-            rep_was_private = mgr.handle_of(rep_dom, rep_gfn) is None
-            rep_handle = mgr.nominate(rep_dom, rep_gfn)
-        except (NotShareable, NoSuchDomain):
-            report.skipped += len(doms) - 1
+        if not groups:
             return
-        merged = False
-        for dom, gfn, mfn in zip(doms[1:], gfns[1:], mfns[1:], strict=True):
-            if mfn == rep_mfn:
-                continue  # already on the representative's frame
-            report.candidates += 1
-            try:
-                handle = mgr.nominate(dom, gfn)
-                mgr.share(rep_dom, rep_gfn, rep_handle, dom, gfn, handle)
-            except ContentMismatch:
+        firsts = np.array([g[0] for g in groups], dtype=np.intp)
+        rep_dom, rep_gfn = doms[firsts].tolist(), gfns[firsts].tolist()
+        rep_mfn, rep_private = mfns[firsts].tolist(), (~shared[firsts]).tolist()
+        rep_handle = self._nominate_all(rep_dom, rep_gfn)
+        members: list[tuple[int, int, int, bool]] = []  # (group, domain, gfn, was private)
+        for k, idx in enumerate(groups):
+            if isinstance(rep_handle[k], SharingError):
+                report.skipped += len(idx) - 1
+                continue
+            rest = idx[1:][mfns[idx[1:]] != rep_mfn[k]]  # not yet on the rep's frame
+            members.extend((k, d, g, not s) for d, g, s in zip(
+                doms[rest].tolist(), gfns[rest].tolist(), shared[rest].tolist(), strict=True))
+        report.candidates += len(members)
+        handles = self._nominate_all([m[1] for m in members], [m[2] for m in members])
+        pairs: list[SharePair] = []
+        paired: list[tuple[int, int, int, bool]] = []
+        for member, handle in zip(members, handles, strict=True):
+            k, d, g, _ = member
+            rh = rep_handle[k]
+            if isinstance(handle, SharingError) or isinstance(rh, SharingError):
+                report.skipped += 1  # went away or changed since it was hashed
+                continue
+            pairs.append((rep_dom[k], rep_gfn[k], rh, d, g, handle))
+            paired.append(member)
+        merged = [False] * len(groups)
+        for (k, d, g, was_private), err in zip(paired, mgr.share_many(pairs), strict=True):
+            if err is None:
+                report.shared += 1
+                merged[k] = True
+                continue
+            if isinstance(err, ContentMismatch):
                 report.mismatches += 1
-                mgr.unshare(dom, gfn)  # a lone record: back to private, in place
-                continue
-            except StaleHandle as err:
-                report.skipped += 1
-                if err.fields.get("domain") == rep_dom and err.fields.get("gfn") == rep_gfn:
-                    break  # the representative itself changed: retry next pass
-                continue
-            except (NotShareable, NoSuchDomain):
-                report.skipped += 1
-                continue
-            report.shared += 1
-            merged = True
-        if rep_was_private and not merged:
-            try:
-                if mgr.gfns_of(rep_mfn) == [(rep_dom, rep_gfn)]:
-                    mgr.unshare(rep_dom, rep_gfn)  # nominated for nothing: make it private
-            except NoSuchDomain:
-                pass
+            else:
+                report.skipped += 1  # stale: the page or the representative changed
+            if was_private:
+                mgr.unshare(d, g)  # our lone record, for nothing: private again, in place
+        for k in range(len(groups)):
+            if rep_private[k] and not merged[k]:
+                try:
+                    if mgr.gfns_of(rep_mfn[k]) == [(rep_dom[k], rep_gfn[k])]:
+                        mgr.unshare(rep_dom[k], rep_gfn[k])  # nominated for nothing
+                except NoSuchDomain:
+                    pass
+
+    def _nominate_all(self, doms: list[int], gfns: list[int]) -> list[int | SharingError]:
+        """Nominate (domain, gfn) pages with one ``nominate_many`` per domain; results
+        in the order given."""
+        by_domain: dict[int, list[int]] = {}
+        for i, d in enumerate(doms):
+            by_domain.setdefault(d, []).append(i)
+        out: list[int | SharingError] = [0] * len(doms)
+        for d, idx in by_domain.items():
+            for i, r in zip(idx, self._mgr.nominate_many(d, [gfns[i] for i in idx]),
+                            strict=True):
+                out[i] = r
+        return out
