@@ -49,6 +49,8 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
     app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap)
     if args.state:
         app.load_state(args.state)
+        # The snapshot carries the budget of the previous run: this command line wins.
+        app.tmem.set_budget(args.budget)
     await app.start(control_path)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
