@@ -10,11 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from memd.errors import MemdError
 from memd.guest.client import GuestClient
 from memd.guest.transport import list_ports
-from memd.wire import PAGE_SIZE, PORT_NAME, Capability, Oid, PoolFlag, ShareState, Status
+from memd.wire import (
+    ALL_CAPABILITIES,
+    PAGE_SIZE,
+    PORT_NAME,
+    Capability,
+    Oid,
+    PoolFlag,
+    ShareState,
+    Status,
+)
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_ERROR = 0, 1, 2
 
@@ -62,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--device", help="open this character device instead of looking up --port")
     where.add_argument("--socket", help="connect to this unix socket (development, tests)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
+    p.add_argument("--dedup", action="store_true",
+                   help="consent to cross-guest de-duplication of the pages this command puts "
+                        "(saves host memory; lets other guests time-probe for equal content)")
     p.add_argument("--reconnect-timeout", type=float, default=30.0,
                    help="seconds to keep trying to (re)connect")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -100,7 +113,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _client(args: argparse.Namespace) -> GuestClient:
-    options = {"timeout": args.timeout, "reconnect_timeout": args.reconnect_timeout}
+    options: dict[str, Any] = {"timeout": args.timeout,
+                               "reconnect_timeout": args.reconnect_timeout}
+    if args.dedup:
+        options["capabilities"] = ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN)
     if args.socket:
         return GuestClient.for_unix_socket(args.socket, **options)
     if args.device:

@@ -104,3 +104,20 @@ def test_demo_json() -> None:
     assert result["guests"] == 3 and result["audit"]["errors"] == 0
     assert result["sharing"]["saved_frames"] > 0 and result["byte_mismatches"] == 0
     assert result["tmem"]["pages"] > 0 and result["tmem"]["dedup_hits"] > 0
+
+
+def test_guest_cli_dedup_consent(agent: RunningAgent, tmp_path: object,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from memd.guest.cli import main as guest_main
+
+    page = tmp_path / "page"  # type: ignore[operator]
+    page.write_bytes(bytes(range(256)) * 16)
+    paths = {vm: agent.add_guest(vm) for vm in ("a", "b", "c")}
+    for vm, path in paths.items():
+        consent = ["--dedup"] if vm != "c" else []
+        assert guest_main(["--socket", path, *consent, "new-pool", "--persistent"]) == 0
+        assert guest_main(["--socket", path, *consent, "put", "0", "1", "0", str(page)]) == 0
+    capsys.readouterr()
+    store = agent.app.tmem.store_stats()
+    # a and b consented: one blob between them; c did not: its own copy.
+    assert (store.pages, store.unique_blobs) == (3, 2)
