@@ -8,6 +8,7 @@ by the operator (``attach``) or by the libvirt follower.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -20,15 +21,17 @@ from hypervisor.simmachine import SimMachine
 from memd.agent.control import ControlServer, Handler
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
-from memd.agent.sharing_service import SharingService
-from memd.errors import InvalidArgument, NotFound
+from memd.agent.sharing_service import SharingRouter, SharingService
+from memd.errors import InvalidArgument, MemdError, NotFound
 from sharing.manager import SharingManager
 from tmem import snapshot
 from tmem.host import TmemHost
 
 if TYPE_CHECKING:
+    from hypervisor.ksm_steer import KsmSteering
     from hypervisor.qemu_machine import QemuMachine
     from hypervisor.qmp import Monitor
+    from hypervisor.real_sharing import QemuSharing
 
 log = logging.getLogger("memd.agent")
 
@@ -45,11 +48,20 @@ class AgentApp:
             SharingService(SharingManager(self.machine)) if self.machine else None)
         # Default per-guest cap: half the budget, counted in raw pages.
         cap = budget_bytes // 2 if guest_cap_bytes is None else guest_cap_bytes
-        self.dispatcher = Dispatcher(self.tmem, self.sharing, guest_cap_pages=cap // 4096)
+        #: Guest sharing requests: sim guests to ``sharing``, real QEMU guests to KSM.
+        self.router = SharingRouter(self.sharing)
+        self.dispatcher = Dispatcher(self.tmem, self.router if self.sharing else None,
+                                     guest_cap_pages=cap // 4096)
         self.agent = Agent(self.dispatcher)
         self.control = ControlServer(self._commands())
         #: Real QEMU guests whose RAM memd reads (pagemap ground truth); made on demand.
         self.qemu: QemuMachine | None = None
+        self.qemu_sharing: QemuSharing | None = None
+        #: KSM steering (``serve --ksm-steer`` or the ``ksm`` command); None until started.
+        self.steering: KsmSteering | None = None
+        self._steer_task: asyncio.Task[None] | None = None
+        #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
+        self.opted_out: set[str] = set()
         self.extra_commands: dict[str, Handler] = {}
 
     def load_state(self, path: str) -> int:
@@ -62,9 +74,11 @@ class AgentApp:
             return 0
         extra = snapshot.load(self.tmem, [data])
         os.unlink(path)
+        reboots = dict(extra.get("reboots", {}))
         for name, boot_hex in dict(extra.get("boot_ids", {})).items():
             guest = self.agent.guests.setdefault(name, GuestState(name))
             guest.boot_id = bytes.fromhex(boot_hex)
+            guest.reboots = int(reboots.get(name, 0))
         log.info("restored tmem state of %d guests from %s", len(self.tmem.client_names()), path)
         return len(self.tmem.client_names())
 
@@ -75,7 +89,9 @@ class AgentApp:
         tmp = f"{path}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
-            for chunk in snapshot.dump(self.tmem, extra={"boot_ids": boot_ids}):
+            reboots = {n: g.reboots for n, g in self.agent.guests.items()}
+            for chunk in snapshot.dump(self.tmem, extra={"boot_ids": boot_ids,
+                                                         "reboots": reboots}):
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
@@ -89,6 +105,7 @@ class AgentApp:
             log.info("control socket %s", control_path)
 
     async def stop(self) -> None:
+        await self.stop_steering()
         await self.control.close()
         await self.agent.stop()
 
@@ -103,19 +120,116 @@ class AgentApp:
 
     def attach_qemu(self, name: str, pid: int, monitor: Monitor) -> int:
         """Start reading a running QEMU's RAM for the audit (blocking: /proc, QMP)."""
+
+        qemu = self._qemu_machine()
+        self.detach_qemu(name)
+        domid = qemu.attach(name, pid, monitor)
+        if name in self.opted_out:
+            qemu.set_merge(domid, False)
+        return domid
+
+    def _qemu_machine(self) -> QemuMachine:
         from hypervisor.qemu_machine import QemuMachine
+        from hypervisor.real_sharing import QemuSharing
 
         if self.qemu is None:
             self.qemu = QemuMachine()
-        self.detach_qemu(name)
-        return self.qemu.attach(name, pid, monitor)
+            self.qemu_sharing = QemuSharing(self.qemu, on_nominate=self._poke_steering,
+                                            opted_out=self.opted_out.__contains__)
+            self.router.real = self.qemu_sharing
+            self.dispatcher.sharing = self.router
+        return self.qemu
+
+    def _poke_steering(self) -> None:
+        if self.steering is not None:
+            self.steering.poke()
 
     def detach_qemu(self, name: str) -> None:
         if self.qemu is None:
             return
         for guest in self.qemu.guests():
             if guest.name == name:
+                if self.qemu_sharing is not None:
+                    self.qemu_sharing.forget(guest.domid)
                 self.qemu.detach(guest.domid)
+
+    # -- KSM steering -----------------------------------------------------------------------
+
+    async def start_steering(self) -> None:
+        """Run the KSM steering loop (hypervisor.ksm_steer) until stop_steering()."""
+
+        if self._steer_task is not None:
+            return
+        if self.steering is None:
+            self.steering = await asyncio.to_thread(self._new_steering)
+        self._steer_task = asyncio.create_task(self._steer_loop(self.steering))
+
+    def _new_steering(self) -> KsmSteering:
+        from hypervisor.ksm_steer import KsmSteering
+
+        qemu = self._qemu_machine()
+        return KsmSteering(qemu, pending=self.qemu_sharing.pending if self.qemu_sharing
+                           else None)
+
+    async def _steer_loop(self, steering: KsmSteering) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(steering.step)
+            except MemdError as err:  # a guest went away mid-step: next step sees it
+                log.warning("ksm steering step failed: %s", err)
+            await asyncio.sleep(steering.next_step_seconds())
+
+    async def stop_steering(self) -> None:
+        """Stop the loop and put KSM's knobs back as steering found them."""
+        task, self._steer_task = self._steer_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.steering is not None:
+            steering, self.steering = self.steering, None
+            await asyncio.to_thread(steering.close)
+
+    def _ksm(self, args: dict[str, Any]) -> dict[str, Any]:
+        from hypervisor.ksm_steer import ksmd_cpu_seconds
+
+        steering = self.steering
+        if args.get("step"):
+            steering = steering or self._new_steering()
+            self.steering = steering
+            steering.step()
+        if steering is None:
+            from hypervisor import ksm
+
+            knobs = {k: ksm.get(k) for k in ("run", "pages_to_scan", "sleep_millisecs")}
+            return {"steering": False, "knobs": knobs, "last_step": None, "potential": None,
+                    "vms": {g.name: {"merge": all(b.merge for b in g.blocks)}
+                            for g in (self.qemu.guests() if self.qemu else [])},
+                    "ksmd_cpu_seconds": round(ksmd_cpu_seconds(), 2)}
+        return {"steering": self._steer_task is not None, **steering.status()}
+
+    async def _steer(self, args: dict[str, Any]) -> dict[str, Any]:
+        on = args.get("on")
+        if on is True:
+            await self.start_steering()
+        elif on is False:
+            await self.stop_steering()
+        else:
+            raise InvalidArgument("argument 'on' must be true or false", op="steer")
+        return await asyncio.to_thread(self._ksm, {})
+
+    def _opt(self, args: dict[str, Any], merge: bool) -> dict[str, Any]:
+        from hypervisor.ksm_steer import KsmSteering
+
+        vm = _str(args, "vm")
+        if self.qemu is None or not any(g.name == vm for g in self.qemu.guests()):
+            raise NotFound(f"no QEMU guest named {vm!r} is attached", target=vm)
+        steering = self.steering or KsmSteering(self.qemu)
+        if merge:
+            self.opted_out.discard(vm)
+            return steering.opt_in(vm)
+        self.opted_out.add(vm)
+        return steering.opt_out(vm)
 
     def add_command(self, name: str, handler: Handler) -> None:
         self.control.commands[name] = handler
@@ -141,6 +255,10 @@ class AgentApp:
             "audit": threaded(lambda a: self.audit()),
             "explain": threaded(self._explain),
             "scan": threaded(lambda a: self._sharing_or_fail().scan()),
+            "ksm": threaded(self._ksm),
+            "steer": self._steer,
+            "optout": threaded(lambda a: self._opt(a, False)),
+            "optin": threaded(lambda a: self._opt(a, True)),
             "attach": self._attach,
             "detach": self._detach,
             "budget": sync(lambda a: {"evicted": self.tmem.set_budget(_int(a, "bytes"))}),
@@ -182,9 +300,15 @@ class AgentApp:
         sharing_errors = result["sharing"]["errors"] if result["sharing"] else 0
         realized_errors = 0
         if self.qemu is not None and self.qemu.guests():
+            from hypervisor.potential import PotentialScanner
             from hypervisor.qemu_audit import audit_report
 
             result["realized"] = audit_report(self.qemu)
+            scanner = self.steering.scanner if self.steering else PotentialScanner(
+                self.qemu, batch_pages=2048)
+            result["realized"]["potential"] = scanner.scan().to_dict()
+            if self.qemu_sharing is not None:
+                result["realized"]["nominated"] = self.qemu_sharing.ledger_report()
             realized_errors = len(result["realized"]["discrepancies"])
         result["errors"] = len(tmem_issues) + sharing_errors + realized_errors
         result["clean"] = result["errors"] == 0

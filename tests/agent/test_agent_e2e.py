@@ -247,3 +247,23 @@ def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> 
             [Status.OK] * 100)
         assert g.get(gp, 1, 0) == _page(0)  # acknowledged pages all still there
     assert agent.app.audit()["clean"]
+
+
+def test_graceful_restart_keeps_pools_boot_ids_and_counters(agent: RunningAgent) -> None:
+    from memd.agent.app import AgentApp
+
+    path = agent.add_guest("g")
+    with agent.client(path, boot_id=b"A" * 16) as c:
+        c.connect()
+    with agent.client(path, boot_id=b"B" * 16) as c:  # one reboot
+        c.connect()
+        pool = c.new_pool(persistent=True)
+        c.put(pool, 1, 0, _page(6))
+    state = str(agent.tmp / "state")
+    agent.app.save_state(state)
+    fresh = AgentApp(budget_bytes=32 << 20)
+    assert fresh.load_state(state) == 1
+    assert not os.path.exists(state)  # loaded once: a later crash cannot resurrect it
+    guest = fresh.agent.guests["g"]
+    assert (guest.boot_id, guest.reboots) == (b"B" * 16, 1)
+    assert fresh.tmem.get("g", pool, (1, 0, 0), 0) == _page(6)
