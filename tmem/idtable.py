@@ -19,6 +19,9 @@ from __future__ import annotations
 from array import array
 from collections.abc import Callable, Iterator
 
+import numpy as np
+import numpy.typing as npt
+
 _EMPTY = -1
 _MIN_CAPACITY = 64
 
@@ -26,9 +29,11 @@ _MIN_CAPACITY = 64
 class IdTable:
     """A set of ids findable by a caller-defined key hash."""
 
-    __slots__ = ("_count", "_hash_of", "mask", "slots")
+    __slots__ = ("_count", "_hash_many", "_hash_of", "mask", "slots")
 
-    def __init__(self, hash_of: Callable[[int], int], capacity: int = _MIN_CAPACITY) -> None:
+    def __init__(self, hash_of: Callable[[int], int], capacity: int = _MIN_CAPACITY, *,
+                 hash_many: Callable[[npt.NDArray[np.int32]], npt.NDArray[np.uint64]]
+                 | None = None) -> None:
         size = _MIN_CAPACITY
         while size < capacity:
             size *= 2
@@ -36,6 +41,7 @@ class IdTable:
         self.mask = size - 1
         self._count = 0
         self._hash_of = hash_of
+        self._hash_many = hash_many
 
     # ``slots`` and ``mask`` are read directly by hot probe loops (PageStore.find):
     # a probe starts at ``h & mask`` and walks forward until an empty (-1) entry.
@@ -117,16 +123,27 @@ class IdTable:
         return (ident for ident in self.slots if ident != _EMPTY)
 
     def _resize(self, size: int) -> None:
-        old = [ident for ident in self.slots if ident != _EMPTY]
-        self.slots = array("i", [_EMPTY]) * size
-        self.mask = size - 1
-        self._count = 0
-        hash_of = self._hash_of
-        slots = self.slots
-        mask = self.mask
-        for ident in old:
-            i = hash_of(ident) & mask
-            while slots[i] != _EMPTY:
-                i = (i + 1) & mask
-            slots[i] = ident
-        self._count = len(old)
+        current = np.frombuffer(self.slots, dtype=np.int32)
+        ids = current[current != _EMPTY].copy()
+        mask = size - 1
+        if self._hash_many is not None and len(ids):
+            homes = (self._hash_many(ids) & np.uint64(mask)).astype(np.int64)
+        else:
+            homes = np.array([self._hash_of(int(i)) & mask for i in ids], dtype=np.int64)
+        table = np.full(size, _EMPTY, dtype=np.int32)
+        # Linear probing, vectorised: sorted by home, each id lands at the first slot at
+        # or after its home that the ids before it left free (a running maximum).
+        order = np.argsort(homes, kind="stable")
+        ids, homes = ids[order], homes[order]
+        rank = np.arange(len(ids), dtype=np.int64)
+        pos = np.maximum.accumulate(homes - rank) + rank if len(ids) else homes
+        fits = pos <= mask
+        table[pos[fits]] = ids[fits]
+        for ident in ids[~fits].tolist():  # runs that wrap past the end: rare, in order
+            i = 0
+            while table[i] != _EMPTY:
+                i += 1
+            table[i] = ident
+        self.slots = array("i", table.tobytes())
+        self.mask = mask
+        self._count = len(ids)

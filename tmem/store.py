@@ -38,6 +38,8 @@ from __future__ import annotations
 from array import array
 
 import lz4.block
+import numpy as np
+import numpy.typing as npt
 import xxhash
 
 from tmem.idtable import IdTable
@@ -106,7 +108,7 @@ class PageStore:
         self._hash = array("Q", [0])
         self._scope = array("I", [0])
         self._free_ids = array("i")
-        self._dedup = IdTable(self._key_hash_of)
+        self._dedup = IdTable(self._key_hash_of, hash_many=self._key_hashes_of)
         self.live_blobs = 0  # excluding the zero blob
         self.data_bytes = 0  # exact payload bytes of live blobs
         self.dedup_hits = 0
@@ -115,6 +117,10 @@ class PageStore:
 
     def _key_hash_of(self, blob: int) -> int:
         return self._hash[blob] ^ self._scope[blob]
+
+    def _key_hashes_of(self, blobs: npt.NDArray[np.int32]) -> npt.NDArray[np.uint64]:
+        hashes = np.frombuffer(self._hash, dtype=np.uint64)[blobs]
+        return hashes ^ np.frombuffer(self._scope, dtype=np.uint32)[blobs].astype(np.uint64)
 
     def refs(self, blob: int) -> int:
         return self._refs[blob]

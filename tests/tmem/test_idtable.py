@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,3 +55,22 @@ def test_remove_missing_raises() -> None:
         pass
     else:
         raise AssertionError("removing an absent id must raise")
+
+
+def test_resize_places_runs_that_wrap_past_the_end() -> None:
+    # Every id hashes to the last slot of any power-of-two table: each resize must wrap
+    # the run around to the start, and every id must stay findable.
+    keys = {i: (1 << 40) - 1 for i in range(300)}
+    for vectorised in (False, True):
+        table = IdTable(lambda ident: keys[ident], hash_many=(
+            (lambda ids: np.full(len(ids), (1 << 40) - 1, dtype=np.uint64)) if vectorised
+            else None))
+        for i in range(300):
+            table.insert(keys[i], i)
+        for i in range(300):
+            assert table.find(keys[i], lambda got, want=i: got == want) == i
+        for i in range(0, 300, 2):
+            table.remove(keys[i], i)
+        assert sorted(table) == list(range(1, 300, 2))
+        for i in range(1, 300, 2):
+            assert table.find(keys[i], lambda got, want=i: got == want) == i
