@@ -210,6 +210,29 @@ class ProcessMemory:
                         self._mem_path)
         return out
 
+    def read_into(self, addr: int, out: memoryview) -> None:
+        """Fill ``out`` (a writable byte buffer the caller reuses) from virtual address
+        ``addr``: no allocation and no first-touch faults of a fresh destination."""
+        _pread_into(self._mem, out, addr, self._mem_path)
+
+    def read_runs_into(self, addrs: I64Array, nbytes: I64Array, out: U8Array) -> None:
+        """Fill ``out`` with the byte runs ``(addrs[i], nbytes[i])`` back to back, one
+        ``pread`` of ``mem`` per run.
+
+        Not ``process_vm_readv``, although it copies faster (~2 GB/s against ~1.2 GB/s
+        here): it *pins* the remote pages, and a pin of an anonymous page that is not
+        exclusive (a KSM page) makes the kernel unshare it first — *seen here*: one
+        read of two merged guests split 9,199 cross-VM frames back into private copies.
+        ``mem`` takes plain references and leaves KSM pages alone."""
+        addrs = np.asarray(addrs, dtype=np.int64)
+        nbytes = np.asarray(nbytes, dtype=np.int64)
+        if int(nbytes.sum()) > out.nbytes or not out.flags.c_contiguous:
+            raise ValueError("read_runs_into: output buffer too small or not contiguous")
+        view, done = out.reshape(-1).data.cast("B"), 0
+        for a, n in zip(addrs.tolist(), nbytes.tolist(), strict=True):
+            _pread_into(self._mem, view[done:done + n], a, self._mem_path)
+            done += n
+
     def write(self, addr: int, data: bytes) -> None:
         """Store bytes into the process (as a write fault would: KSM pages are copied)."""
         with _os_errors(self._mem_path):

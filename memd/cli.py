@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
+    c.add_argument("--ksm-steer", action="store_true",
+                   help="drive KSM by the gap between potential and realized sharing of the "
+                   "attached QEMUs (knobs are restored on exit)")
     c.add_argument("--state", default="/var/lib/memd/tmem.snapshot", metavar="FILE",
                    help="persistent pools survive a graceful restart through FILE ('' = off)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -79,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("audit", "recompute and check tmem and sharing state (and real guests' RAM)")
     c.add_argument("--gfn", metavar="VM:GFN", help="explain one guest page")
     cmd("scan", "run one sharing scan now")
+    c = cmd("ksm", "KSM steering: knobs, potential vs realized sharing of real guests")
+    c.add_argument("--step", action="store_true", help="run one steering step now")
+    c.add_argument("--steer", choices=["on", "off"], help="start or stop the steering loop")
+    c = cmd("optout", "switch KSM merging off for a VM (its memory re-expands at once)")
+    c.add_argument("vm")
+    c = cmd("optin", "switch KSM merging on for a VM")
+    c.add_argument("vm")
     c = cmd("attach", "attach a guest channel")
     c.add_argument("domain")
     c.add_argument("--path", help="channel socket (default: read from libvirt)")
@@ -167,6 +177,25 @@ def _format_realized(z: dict[str, Any]) -> list[str]:
     return out
 
 
+def _format_ksm(r: dict[str, Any]) -> str:
+    k = r["knobs"]
+    out = [f"ksm: run={k['run']} pages_to_scan={k['pages_to_scan']} "
+           f"sleep_millisecs={k['sleep_millisecs']}  steering "
+           f"{'on' if r['steering'] else 'off'}  ksmd cpu {r['ksmd_cpu_seconds']} s"]
+    step = r.get("last_step")
+    if step:
+        out.append(f"  {step['mode']}: {step['reason']}")
+        out.append(f"  potential {step['potential_saved_frames']} frames, realized "
+                   f"{step['realized_saved_frames']} ({step['realized_fraction']:.0%})")
+    pot = r.get("potential")
+    if pot:
+        out.append(f"  last scan: {pot['present_pages']} pages, {pot['distinct_contents']} "
+                   f"distinct, {pot['zero_pages']} zero, {pot['scan_gb_per_s']} GB/s")
+    for vm, v in r.get("vms", {}).items():
+        out.append(f"    {vm:20} merge {'on' if v['merge'] else 'off'}")
+    return "\n".join(out)
+
+
 def _indent(text: str, prefix: str) -> str:
     return "\n".join(prefix + line for line in text.splitlines())
 
@@ -246,6 +275,19 @@ def _run(args: argparse.Namespace) -> int:
             return 0 if result["clean"] else 2
         case "scan":
             _emit(args, _with_progress("scanning", lambda: call("scan")), lambda r: _kv(r))
+        case "ksm":
+            if args.steer:
+                result = call("steer", on=args.steer == "on")
+            else:
+                result = call("ksm", step=True if args.step else None)
+            _emit(args, result, _format_ksm)
+        case "optout":
+            result = call("optout", vm=args.vm)
+            if not args.json:
+                print(f"memd: warning: {result['warning']}", file=sys.stderr)
+            _emit(args, result, lambda r: f"{r['vm']}: merging off")
+        case "optin":
+            _emit(args, call("optin", vm=args.vm), lambda r: f"{r['vm']}: merging on")
         case "attach":
             chan = args.path
             if chan is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from memd.errors import NoSuchDomain, NotFound, NotShareable, SharingError
 from memd.wire import ShareState, Status
@@ -120,3 +120,54 @@ class SharingService:
         stats["saved_frames"] = stats["nr_saved_mfns"]
         stats["scanning"] = [g for g, d in self._domids.items() if d in self.scanner.enabled]
         return stats
+
+
+class RealGuestSharing(Protocol):
+    """GuestSharing for guests whose memory is a real QEMU's (hypervisor.real_sharing)."""
+
+    def has_guest(self, name: str) -> bool: ...
+
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]: ...
+
+    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]: ...
+
+    def about_to_write(self, guest: str, gfn: int) -> None: ...
+
+
+class SharingRouter:
+    """The agent's one GuestSharing: a guest whose QEMU is attached goes to the real
+    (KSM) backend, any other guest to the simulated machine's SharingService."""
+
+    def __init__(self, sim: SharingService | None = None,
+                 real: RealGuestSharing | None = None) -> None:
+        self.sim = sim
+        self.real = real
+
+    def _real_for(self, guest: str) -> RealGuestSharing | None:
+        return self.real if self.real is not None and self.real.has_guest(guest) else None
+
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+        real = self._real_for(guest)
+        if real is not None:
+            return real.nominate(guest, gfns)
+        if self.sim is None:
+            return [(int(Status.DENIED), 0)] * len(gfns)
+        return self.sim.nominate(guest, gfns)
+
+    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+        real = self._real_for(guest)
+        if real is not None:
+            return real.query(guest, gfns)
+        if self.sim is None:
+            return [(int(ShareState.UNKNOWN), 0)] * len(gfns)
+        return self.sim.query(guest, gfns)
+
+    def about_to_write(self, guest: str, gfn: int) -> None:
+        real = self._real_for(guest)
+        if real is not None:
+            real.about_to_write(guest, gfn)
+        elif self.sim is None:
+            raise SharingError("this guest has no memory registered for sharing",
+                               op="about_to_write", domain=guest, gfn=gfn)
+        else:
+            self.sim.about_to_write(guest, gfn)
