@@ -44,10 +44,23 @@ def realized(machine: QemuMachine) -> int:
 
 
 def fresh(machine: QemuMachine) -> None:
-    """Un-merge the guests (merge off) and make them mergeable again."""
-    ksm.set_knob("run", ksm.RUN_STOP)
+    """Un-merge the guests (merge off), let ksmd drop their rmap items (and with them
+    smart_scan's per-page ages, which would handicap the next run), merge on again."""
     for d in machine.domains():
         machine.set_merge(d, False)
+    ksm.set_knob("pages_to_scan", 5000)
+    ksm.set_knob("sleep_millisecs", 10)
+    ksm.set_knob("run", ksm.RUN_MERGE)
+
+    def rmap_items() -> int:
+        total = 0
+        for g in machine.guests():
+            value = ksm.process_stat(g.pid).get("ksm_rmap_items", 0)
+            total += value if isinstance(value, int) else 0
+        return total
+
+    ksm.wait_for(lambda: rmap_items() == 0, timeout=30)
+    ksm.set_knob("run", ksm.RUN_STOP)
     for d in machine.domains():
         machine.set_merge(d, True)
     deadline = time.monotonic() + 10

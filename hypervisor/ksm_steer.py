@@ -14,7 +14,8 @@ is anything left to merge.  memd knows both sides: the *potential*
         boost   otherwise, or while guests'           run=1, pages_to_scan sized so
                 nominated pages are not merged yet
                                                          one pass over the mergeable
-                                                         pages takes target_pass_seconds
+                                                         pages takes target_pass_seconds;
+                                                         smart_scan off
 
 KSM merges a page only on a pass after the one that saw it unchanged, so time to merge
 is a few passes: the pass time is the lever.
@@ -138,9 +139,9 @@ def decide(i: SteerInputs, p: SteerPolicy) -> Decision:
     pages = int(min(p.max_pages_to_scan, max(p.min_pages_to_scan, per_batch)))
     # smart_scan skips pages that long failed to merge, for up to 8 passes, each on its
     # own phase: two such pages newly made equal may never be scanned in the same pass
-    # (the unstable tree lives one pass), so nominated pages would wait forever.
-    smart = 0 if i.pending_nominated else None
-    return Decision("boost", KsmSetting(ksm.RUN_MERGE, pages, p.boost_sleep_millisecs, smart),
+    # (the unstable tree lives one pass), so a boost with it on can plateau.  Off while
+    # boosting (bounded in time), back as found when idle.
+    return Decision("boost", KsmSetting(ksm.RUN_MERGE, pages, p.boost_sleep_millisecs, 0),
                     f"gap of {gap} frames ({i.realized_saved} of {i.potential_saved} realized)",
                     p.step_boost_seconds)
 

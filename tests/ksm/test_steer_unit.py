@@ -60,7 +60,7 @@ def test_pending_nominations_boost_even_with_a_small_gap() -> None:
     assert decide(inputs(realized_saved=45_990, pending_nominated=0), P).mode == "idle"
     d = decide(inputs(realized_saved=45_990, pending_nominated=32), P)
     assert d.mode == "boost" and d.setting.smart_scan == 0  # see docs/real-guests.md
-    assert decide(inputs(), P).setting.smart_scan is None  # as found
+    assert decide(inputs(realized_saved=45_990), P).setting.smart_scan is None  # as found
 
 
 def test_no_progress_for_several_passes_is_stalled() -> None:
