@@ -55,13 +55,8 @@ def parse_vm_gfn(text: str) -> tuple[str, int]:
 
 
 def ledger_of(manager: Any) -> Ledger:
-    """The manager's sharing records as mfn → [(domain, gfn)].  Uses ``records()`` when
-    the manager has it, else the SharingManager's per-mfn version array."""
-    records = getattr(manager, "records", None)
-    if callable(records):
-        return dict(records())
-    versions = np.frombuffer(manager._version, dtype=np.uint64)
-    return {int(m): manager.gfns_of(int(m)) for m in np.flatnonzero(versions).tolist()}
+    """The manager's sharing records as mfn → [(domain, gfn)]."""
+    return dict(manager.records())
 
 
 def audit_report(machine: QemuMachine, manager: Any | None = None, *,

@@ -227,6 +227,12 @@ class SharingManager:
                 return []
             return self._rmap.gfns(mfn)
 
+    def records(self) -> dict[int, list[tuple[int, int]]]:
+        """Every sharing record: mfn → its reverse map, taken under one lock hold."""
+        with self._lock:
+            versions = np.frombuffer(self._version, dtype=np.uint64)
+            return {int(m): self._rmap.gfns(int(m)) for m in np.flatnonzero(versions).tolist()}
+
     # --- nominate -----------------------------------------------------------------------
 
     def nominate(self, domid: int, gfn: int) -> int:

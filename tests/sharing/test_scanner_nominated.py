@@ -21,3 +21,15 @@ def test_scanner_merges_pages_nominated_before_the_first_pass() -> None:
     assert mfn_a == mfn_b
     assert sorted(mgr.gfns_of(mfn_a)) == sorted([(a, 3), (b, 3)])
     assert mgr.audit().clean
+
+
+def test_records_lists_every_reverse_map() -> None:
+    machine = SimMachine(64)
+    mgr = SharingManager(machine)
+    a, b = machine.create_domain(8), machine.create_domain(8)
+    for dom in (a, b):
+        machine.write(dom, 2, b"twin" * 1000)
+    ha, hb = mgr.nominate(a, 2), mgr.nominate(b, 2)
+    mgr.share(a, 2, ha, b, 2, hb)
+    mfn = machine.lookup(a, 2)[0]
+    assert {m: sorted(g) for m, g in mgr.records().items()} == {mfn: sorted([(a, 2), (b, 2)])}
