@@ -75,6 +75,7 @@ class AgentApp:
         extra = snapshot.load(self.tmem, [data])
         os.unlink(path)
         reboots = dict(extra.get("reboots", {}))
+        self.opted_out.update(str(vm) for vm in extra.get("opted_out", []))
         for name, boot_hex in dict(extra.get("boot_ids", {})).items():
             guest = self.agent.guests.setdefault(name, GuestState(name))
             guest.boot_id = bytes.fromhex(boot_hex)
@@ -90,8 +91,9 @@ class AgentApp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             reboots = {n: g.reboots for n, g in self.agent.guests.items()}
-            for chunk in snapshot.dump(self.tmem, extra={"boot_ids": boot_ids,
-                                                         "reboots": reboots}):
+            extra = {"boot_ids": boot_ids, "reboots": reboots,
+                     "opted_out": sorted(self.opted_out)}
+            for chunk in snapshot.dump(self.tmem, extra=extra):
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
@@ -126,6 +128,11 @@ class AgentApp:
         domid = qemu.attach(name, pid, monitor)
         if name in self.opted_out:
             qemu.set_merge(domid, False)
+        elif not all(block.merge for block in qemu.guest(domid).blocks):
+            # Merging is off in QEMU itself (mem-merge=off, or an opt-out from before an
+            # agent crash): that is the operator's choice, and a guest's NOMINATE must
+            # not undo it.  `memd optin` turns it on.
+            self.opted_out.add(name)
         return domid
 
     def _qemu_machine(self) -> QemuMachine:

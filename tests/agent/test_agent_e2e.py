@@ -259,6 +259,7 @@ def test_graceful_restart_keeps_pools_boot_ids_and_counters(agent: RunningAgent)
         c.connect()
         pool = c.new_pool(persistent=True)
         c.put(pool, 1, 0, _page(6))
+    agent.app.opted_out.add("vm-x")  # an operator's `memd optout`
     state = str(agent.tmp / "state")
     agent.app.save_state(state)
     fresh = AgentApp(budget_bytes=32 << 20)
@@ -267,3 +268,4 @@ def test_graceful_restart_keeps_pools_boot_ids_and_counters(agent: RunningAgent)
     guest = fresh.agent.guests["g"]
     assert (guest.boot_id, guest.reboots) == (b"B" * 16, 1)
     assert fresh.tmem.get("g", pool, (1, 0, 0), 0) == _page(6)
+    assert fresh.opted_out == {"vm-x"}

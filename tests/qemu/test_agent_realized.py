@@ -14,6 +14,7 @@ from hypervisor.procmem import ProcessMemory, qemu_pid_for_socket
 from memd.agent.app import AgentApp
 from memd.cli import main
 from memd.demo import _LoopThread
+from memd.wire import Status
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
 
 pytestmark = needs_qemu_root
@@ -85,3 +86,15 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
     assert main(["--socket", control, "audit", "--gfn", "nosuch:1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nosuch" in err
+
+
+def test_a_vm_with_merging_off_counts_as_opted_out(
+        start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str]) -> None:
+    agent, _ = app
+    q = start_qemu("no-merge", "-m", "64", "-machine", "pc,mem-merge=off")
+    agent.attach_qemu(q.name, q.pid, q.monitor)
+    assert "no-merge" in agent.opted_out
+    assert agent.qemu_sharing is not None
+    [(status, handle)] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
+    assert (status, handle) == (int(Status.DENIED), 0)  # the guest cannot undo it
+    assert all(not b.merge for b in agent.qemu.guest("no-merge").blocks)  # type: ignore[union-attr]
