@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
+    c.add_argument("--libvirt-match", default="*", metavar="GLOB",
+                   help="with --libvirt: attach only domains whose name matches (default: all)")
     c.add_argument("--ksm-steer", action="store_true",
                    help="drive KSM by the gap between potential and realized sharing of the "
                    "attached QEMUs (knobs are restored on exit)")

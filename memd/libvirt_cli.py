@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +42,12 @@ def channel_path(uri: str | None, domain: str) -> str:
 class LibvirtFollower:
     """Keeps the agent's channels in step with libvirt's running domains."""
 
-    def __init__(self, app: AgentApp, uri: str) -> None:
+    def __init__(self, app: AgentApp, uri: str, *, match: str = "*") -> None:
         self.app = app
         self.uri = uri
+        #: Only domains whose name matches this glob are attached (others are left alone,
+        #: e.g. VMs another tool drives through their channel).
+        self.match = match
         self._task: asyncio.Task[None] | None = None
         self._host: LibvirtHost | None = None
 
@@ -79,7 +83,8 @@ class LibvirtFollower:
         host.on_disconnect(on_lost)
         _watch, queue = host.watch_queue(loop)  # subscribe first, then scan: no gap
         for guest in await asyncio.to_thread(host.attachable):
-            await self._attach(host, guest.name, guest.channel)
+            if self._wanted(guest.name):
+                await self._attach(host, guest.name, guest.channel)
         log.info("following libvirt domains at %s", self.uri)
         lost_wait = asyncio.create_task(lost.wait())
         try:
@@ -91,6 +96,8 @@ class LibvirtFollower:
                     get.cancel()
                     break
                 event = get.result()
+                if not self._wanted(event.name):
+                    continue
                 if event.starts_guest:
                     try:
                         path = await asyncio.to_thread(host.channel_path, event.name)
@@ -106,6 +113,9 @@ class LibvirtFollower:
                 host.close()
             self._host = None
         raise Unavailable(f"lost the connection to libvirtd at {self.uri}", target=self.uri)
+
+    def _wanted(self, name: str) -> bool:
+        return fnmatch.fnmatchcase(name, self.match)
 
     async def _attach(self, host: LibvirtHost, name: str, path: str | None) -> None:
         if not path:

@@ -64,7 +64,7 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
     if args.libvirt:
         from memd.libvirt_cli import LibvirtFollower
 
-        follower = LibvirtFollower(app, args.libvirt)
+        follower = LibvirtFollower(app, args.libvirt, match=args.libvirt_match)
         await follower.start()
     log.info("memd agent running (control %s)", control_path)
     try:
