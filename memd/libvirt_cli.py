@@ -54,6 +54,15 @@ class LibvirtFollower:
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="libvirt-follower")
 
+    async def stop(self) -> None:
+        """Cancel the follower and wait until it has let go of everything."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.close()
+
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -87,13 +96,13 @@ class LibvirtFollower:
                 await self._attach(host, guest.name, guest.channel)
         log.info("following libvirt domains at %s", self.uri)
         lost_wait = asyncio.create_task(lost.wait())
+        get: asyncio.Task[Any] | None = None
         try:
             while not lost.is_set():
                 get = asyncio.create_task(queue.get())
                 done, _ = await asyncio.wait({get, lost_wait},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
-                    get.cancel()
                     break
                 event = get.result()
                 if not self._wanted(event.name):
@@ -108,7 +117,9 @@ class LibvirtFollower:
                 elif event.ends_guest:
                     await self._detach(event.name, forget=event.kind == "stopped")
         finally:
-            lost_wait.cancel()
+            for task in (lost_wait, get):  # never leave a task pending (also on cancel)
+                if task is not None and not task.done():
+                    task.cancel()
             with contextlib.suppress(BackendError):
                 host.close()
             self._host = None

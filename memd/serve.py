@@ -71,7 +71,7 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
         await app.run_until_signalled()
     finally:
         if follower is not None:
-            follower.close()
+            await follower.stop()
         if args.state:
             app.save_state(args.state)
     return 0

@@ -55,7 +55,7 @@ def test_follower_attaches_matching_domains_and_follows_their_lifecycle(tmp_path
             assert _wait(lambda: web1 not in channels)  # stopped: detached
             assert db not in channels  # never matched the glob
         finally:
-            follower.close()
+            loop.run(follower.stop())
             loop.run(app.stop())
             loop.close()
             for name in (web1, web2, db):

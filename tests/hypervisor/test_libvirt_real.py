@@ -221,3 +221,54 @@ def test_libvirtd_dropping_us_is_reported(host: LibvirtHost) -> None:
     finally:
         victim.close()
     assert host.alive                 # the other connection of this process is untouched
+
+
+def _clients_of_this_process() -> list[int]:
+    listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
+                             capture_output=True, text=True, check=True).stdout
+    ids = [line.split()[0] for line in listing.splitlines()[2:] if line.strip()]
+    return [int(cid) for cid in ids if re.search(
+        rf"unix_process_id\s*:\s*{os.getpid()}\b",
+        subprocess.run(["virt-admin", "client-info", "libvirtd", cid],
+                       capture_output=True, text=True).stdout)]
+
+
+@pytest.mark.skipif(shutil.which("virt-admin") is None, reason="virt-admin is not installed")
+def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
+        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    from memd.agent.app import AgentApp
+    from memd.demo import _LoopThread
+    from memd.libvirt_cli import LibvirtFollower
+
+    def wait(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not pred() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return pred()
+
+    app = AgentApp(budget_bytes=16 << 20)
+    loop = _LoopThread()
+    loop.run(app.start(None))
+    first, second = make_domain(MEMD_CHANNEL), make_domain(MEMD_CHANNEL)
+    host._conn.lookupByName(first).create()
+    before = set(_clients_of_this_process())
+    follower = LibvirtFollower(app, "qemu:///system", match=f"memd-pytest-{os.getpid()}-*")
+    try:
+        loop.run(follower.start())
+        assert wait(lambda: first in app.agent.channels)
+        theirs = set(_clients_of_this_process()) - before  # the follower's connection(s)
+        assert theirs
+        for cid in theirs:
+            subprocess.run(["virt-admin", "client-disconnect", "libvirtd", str(cid)],
+                           capture_output=True, check=True)
+        # A domain started while the follower is reconnecting: only the re-scan finds it.
+        host._conn.lookupByName(second).create()
+        assert wait(lambda: second in app.agent.channels)
+        assert first in app.agent.channels
+        assert wait(lambda: bool(set(_clients_of_this_process()) - before - theirs))
+    finally:
+        loop.run(follower.stop())
+        loop.run(app.stop())
+        loop.close()
+        if app.qemu is not None:
+            app.qemu.close()
