@@ -66,17 +66,6 @@ class IdTable:
             ident = slots[i]
         return _EMPTY
 
-    def candidates(self, h: int) -> Iterator[int]:
-        """Every stored id on *h*'s probe run (the caller filters by key)."""
-        slots = self.slots
-        mask = self.mask
-        i = h & mask
-        ident = slots[i]
-        while ident != _EMPTY:
-            yield ident
-            i = (i + 1) & mask
-            ident = slots[i]
-
     def insert(self, h: int, ident: int) -> None:
         """Add *ident* (not already present) under hash *h*."""
         if (self._count + 1) * 2 > len(self.slots):

@@ -43,7 +43,7 @@ import numpy.typing as npt
 import xxhash
 
 from tmem.idtable import IdTable
-from tmem.slab import GRAIN, PAGE_SIZE, SlabArena
+from tmem.slab import PAGE_SIZE, SlabArena
 
 ZERO_BLOB = 0
 ZERO_PAGE = bytes(PAGE_SIZE)
@@ -75,15 +75,8 @@ def compress_page(page: bytes) -> bytes:
     return page if len(payload) > RAW_LIMIT else payload
 
 
-def encode_page(page: bytes) -> EncodedPage:
-    """Hash and compress one page without consulting any store (no pin)."""
-    if page == ZERO_PAGE:
-        return ZERO_HASH, b"", -1
-    return _xxh3(page), compress_page(page), -1
-
-
 def decode_payload(payload: bytes) -> bytes:
-    """Inverse of :func:`encode_page`'s payload choice."""
+    """The page a payload stands for (see :func:`compress_page`)."""
     n = len(payload)
     if n == 0:
         return ZERO_PAGE
@@ -127,12 +120,6 @@ class PageStore:
 
     def payload_length(self, blob: int) -> int:
         return self._length[blob]
-
-    def charge_of(self, payload_length: int) -> int:
-        """Budget bytes a new blob of this payload length costs (0 for a zero page)."""
-        if payload_length == 0:
-            return 0
-        return ((payload_length + GRAIN - 1) // GRAIN) * GRAIN + BLOB_META_BYTES
 
     def find(self, h: int, payload: bytes, scope: int) -> int:
         """Live blob with this content in this scope, or -1."""
@@ -219,40 +206,10 @@ class PageStore:
         return blob
 
     def intern_many(self, encoded: list[EncodedPage], scope: int) -> list[int]:
-        """:meth:`intern` for a batch (pinned pages pass through), lookups hoisted."""
-        out: list[int] = []
-        append = out.append
-        refs, hashes, scopes, length, loc = (
-            self._refs, self._hash, self._scope, self._length, self._loc)
-        view = self.arena.view
-        for h, payload, pinned in encoded:
-            if pinned >= 0:
-                append(pinned)  # reference taken by pin_matches
-                continue
-            if not payload:
-                refs[ZERO_BLOB] += 1
-                append(ZERO_BLOB)
-                continue
-            n = len(payload)
-            table = self._dedup  # re-read: an insert below may have resized it
-            slots, mask = table.slots, table.mask
-            i = (h ^ scope) & mask
-            blob = slots[i]
-            while blob >= 0:
-                if (hashes[blob] == h and scopes[blob] == scope and length[blob] == n
-                        and bytes(view(loc[blob], n)) == payload):
-                    break
-                i = (i + 1) & mask
-                blob = slots[i]
-            if blob >= 0:
-                refs[blob] += 1
-                self.dedup_hits += 1
-                append(blob)
-            else:
-                append(self.intern(h, payload, scope, dedup=False))
-                refs, hashes, scopes, length, loc = (  # intern may have grown the arrays
-                    self._refs, self._hash, self._scope, self._length, self._loc)
-        return out
+        """:meth:`intern` for a batch; pinned pages pass through (already referenced)."""
+        intern = self.intern
+        return [pinned if pinned >= 0 else intern(h, payload, scope)
+                for h, payload, pinned in encoded]
 
     def release(self, blob: int) -> None:
         """Drop one reference; free the blob when it was the last."""
@@ -270,10 +227,6 @@ class PageStore:
         """A copy of the stored payload (decode it with :func:`decode_payload`)."""
         n = self._length[blob]
         return b"" if n == 0 else bytes(self.arena.view(self._loc[blob], n))
-
-    def load(self, blob: int) -> bytes:
-        """The 4 KiB page held by *blob*."""
-        return decode_payload(self.payload(blob))
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -298,9 +251,6 @@ class PageStore:
 
     def blob_hash(self, blob: int) -> int:
         return self._hash[blob]
-
-    def blob_scope(self, blob: int) -> int:
-        return self._scope[blob]
 
     def dedup_members(self) -> set[int]:
         return set(self._dedup)

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.simmachine import SimMachine
@@ -378,5 +378,3 @@ def _int(args: dict[str, Any], key: str) -> int:
         raise InvalidArgument(f"argument {key!r} must be an integer", op="control")
     return value
 
-
-Command = Callable[[dict[str, Any]], Awaitable[Any]]

@@ -30,7 +30,7 @@ import enum
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from memd import wire
 from memd.agent.dispatch import Dispatcher, GuestState
@@ -64,7 +64,6 @@ class Channel:
     writer: asyncio.BaseTransport | None = None  #: the current connection, if any
     sessions: int = 0
     last_error: str | None = None
-    extra: dict[str, object] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         g = self.guest
@@ -73,7 +72,6 @@ class Channel:
             "sessions": self.sessions, "requests": g.requests, "errors": g.errors,
             "bad_frames": g.bad_frames, "reboots": g.reboots,
             "boot_id": g.boot_id.hex() if g.boot_id else None, "last_error": self.last_error,
-            **self.extra,
         }
 
 
