@@ -100,8 +100,7 @@ class Dispatcher:
         guest.errors += 1
         status = wire.status_for_exception(err)
         message = str(err) if isinstance(err, MemdError) else "internal error"
-        return wire.encode_error(frame.op, frame.request_id, status, message[:wire.MAX_MESSAGE],
-                                 version=guest.version or wire.PROTOCOL_VERSION)
+        return self._status_reply(guest, frame, status, message[:wire.MAX_MESSAGE])
 
     def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> bytes:
         return wire.encode_reply(Op(frame.op), frame.request_id, msg,
