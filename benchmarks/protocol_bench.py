@@ -288,7 +288,11 @@ def agent_process(tmp: str, guests: int) -> Iterator[tuple[list[str], int]]:
            "serve", "--budget", str(BUDGET), "--log-level", "warning"]
     for i, path in enumerate(paths):
         cmd += ["--listen", f"g{i}={path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Every path the agent might use lives in tmp: a benchmark never touches a production
+    # agent's state (/var/lib/memd) or run directory (/run/memd).
+    cmd += ["--state", ""]
+    env = {**os.environ, "MEMD_RUN_DIR": tmp, "MEMD_STATE_DIR": tmp}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 30
         while not all(os.path.exists(p) for p in paths):

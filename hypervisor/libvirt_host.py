@@ -333,7 +333,8 @@ class LibvirtHost:
                 if not _has_virtio_serial(live_xml):
                     raise ChannelMissing(
                         f"domain '{name}' has no virtio-serial controller, which libvirt "
-                        "cannot hot-plug: add the channel to its config and restart it",
+                        "cannot hot-plug: add the channel to its config (memd add-channel "
+                        "--config-only) and restart it",
                         target=name)
                 flags |= lv.VIR_DOMAIN_AFFECT_LIVE
         if persistent and self._query(dom.isPersistent, domain=name):
@@ -482,6 +483,18 @@ class LibvirtHost:
         if code in denied or "Permission denied" in detail:
             return PermissionDenied(f"libvirt at {self.uri} denied access: run memd as root "
                                     "or as a member of the libvirt group", **fields)
+        if opening and os.geteuid() != 0 and any(
+                word in detail for word in ("system bus", "D-Bus", "polkit", "authenticat")):
+            # A non-root user of qemu:///system is authorised through polkit over D-Bus;
+            # without them libvirt reports a D-Bus failure, which is an access problem to
+            # the operator, not a libvirtd that is down.
+            return PermissionDenied(f"libvirt at {self.uri} cannot authorise this user "
+                                    f"(uid {os.geteuid()}): no D-Bus/polkit to ask; run memd "
+                                    "as root", **fields)
+        if "no virtio-serial controllers are available" in detail:
+            return ChannelMissing(f"domain '{domain}' has no virtio-serial controller, which "
+                                  "libvirt cannot hot-plug: add the channel to its config "
+                                  "(memd add-channel --config-only) and restart it", **fields)
         if code == lv.VIR_ERR_NO_CONNECT and "no connection driver" in detail:
             return Unavailable(f"libvirt has no driver for the URI {self.uri}", **fields)
         if "socket is closed" in detail:

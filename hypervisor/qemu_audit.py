@@ -191,6 +191,7 @@ def explain_gfn(machine: QemuMachine, vm: int | str, gfn: int,
             "refs": refs,
             "mapped_by": [{"vm": names[d], "gfn": x}
                           for d, x in truth.gfns_of(mfn, 64) if (d, x) != (g.domid, gfn)],
+            "mapped_by_count": max(0, refs - 1),
             "content": {"zero": bool(not page_bytes.any()),
                         "xxh3_64": f"{xxhash.xxh3_64_intdigest(page_bytes.tobytes()):#018x}"},
         })

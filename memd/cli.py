@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
+from memd import paths
 from memd.agent import control
 from memd.errors import InvalidArgument, MemdError
 
@@ -24,15 +27,34 @@ EXIT_ERROR = 1
 
 
 def _size(text: str) -> int:
-    """'512M', '2G', '1048576' → bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    """'512M', '2G', '1048576' → bytes (never negative)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)") from None
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
+    return value
+
+
+def human_size(n: int) -> str:
+    """Bytes as the CLI takes them back: 512M, 1.5G, 16K, 100B."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift:
+            value = n / (1 << shift)
+            return f"{value:.1f}{unit}".replace(".0" + unit, unit)
+    return f"{n}B"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("memd")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -42,11 +64,18 @@ def _pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one sentence (with where to look), not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memd", description="memd: tmem and page sharing for "
-                                "QEMU/KVM guests")
-    p.add_argument("--socket", help="agent control socket (default $MEMD_SOCKET or "
-                   f"{control.DEFAULT_CONTROL_PATH})")
+    p = _Parser(prog="memd", description="memd: tmem and page sharing for QEMU/KVM guests")
+    p.add_argument("--socket", help="agent control socket (default $MEMD_SOCKET, else "
+                   f"$MEMD_RUN_DIR/memd.sock, else {control.DEFAULT_CONTROL_PATH})")
+    p.add_argument("--version", action="version", version=f"memd {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -70,8 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ksm-steer", action="store_true",
                    help="drive KSM by the gap between potential and realized sharing of the "
                    "attached QEMUs (knobs are restored on exit)")
-    c.add_argument("--state", default="/var/lib/memd/tmem.snapshot", metavar="FILE",
-                   help="persistent pools survive a graceful restart through FILE ('' = off)")
+    c.add_argument("--state", default=str(paths.tmem_snapshot()), metavar="FILE",
+                   help="persistent pools survive a graceful restart through FILE ('' = off; "
+                   "default $MEMD_STATE_DIR/tmem.snapshot, else /var/lib/memd/tmem.snapshot)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")
@@ -83,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("guest", nargs="?")
     c = cmd("audit", "recompute and check tmem and sharing state (and real guests' RAM)")
     c.add_argument("--gfn", metavar="VM:GFN", help="explain one guest page")
-    cmd("scan", "run one sharing scan now")
+    cmd("scan", "run one sharing scan of simulated guests now (real guests: memd ksm)")
     c = cmd("ksm", "KSM steering: knobs, potential vs realized sharing of real guests")
     c.add_argument("--step", action="store_true", help="run one steering step now")
     c.add_argument("--steer", choices=["on", "off"], help="start or stop the steering loop")
@@ -98,6 +128,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--libvirt", metavar="URI", default=None)
     c = cmd("detach", "detach a guest channel")
     c.add_argument("domain")
+    c = cmd("add-channel", "give a libvirt domain a memd channel (live if it runs, and in "
+            "its saved config)")
+    c.add_argument("domain")
+    c.add_argument("--libvirt", metavar="URI", default=None)
+    c.add_argument("--config-only", action="store_true",
+                   help="only the saved config (takes effect at the next start)")
+    cmd("clients", "every tmem client the agent holds pages for, attached or not")
+    c = cmd("drop", "drop a tmem client that is not attached, and every page it stored")
+    c.add_argument("guest")
+    c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    cmd("ksm-restore", "put back KSM knobs a crashed agent left changed (no agent needed)")
     c = cmd("budget", "set the tmem memory budget")
     c.add_argument("size", type=_size)
     c = cmd("authorize", "allow a guest to join a shared tmem pool")
@@ -156,6 +197,50 @@ def _format_audit(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _format_status(r: dict[str, Any]) -> str:
+    t = r["tmem"]
+    budget = t["budget_bytes"]
+    used = f"{human_size(t['used_bytes'])} ({t['used_bytes'] / budget:.1%})" if budget else "-"
+    out = [f"agent     {r['runstate']}, up {r['uptime_s']} s, {r['guests']} guests attached "
+           f"({r['connected']} connected)",
+           f"tmem      budget {human_size(budget)}, used {used}; {t['pages']} pages "
+           f"({t['ephemeral_pages']} ephemeral, {t['persistent_pages']} persistent), "
+           f"{t['dedup_hits']} dedup hits"]
+    unattached = r.get("unattached_clients") or []
+    if unattached:
+        out.append(f"          {len(unattached)} clients not attached hold pages: "
+                   f"{', '.join(unattached)} (see memd clients; memd drop NAME)")
+    sim = r.get("sharing")
+    if sim:
+        out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
+                   f"{sim.get('nr_saved_mfns', 0)} saved (memd scan)")
+    k = r.get("ksm")
+    if k is None:
+        out.append("ksm       not available on this kernel")
+    else:
+        state = {0: "stopped", 1: "merging", 2: "unmerging"}.get(k["run"], str(k["run"]))
+        out.append(f"ksm       {state}: {k['pages_sharing']} pages sharing "
+                   f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
+                   f"(memd ksm)")
+    return "\n".join(out)
+
+
+def _format_explain(r: dict[str, Any]) -> str:
+    """One guest page (memd audit --gfn): scalars, then who else maps its frame."""
+    mapped = r.pop("mapped_by", None)
+    total = r.pop("mapped_by_count", None)
+    out = _kv(r)
+    if mapped is not None:
+        total = len(mapped) if total is None else total
+        shown = ", ".join(f"{m['vm']}:{m['gfn']:#x}" for m in mapped)
+        more = f" (first {len(mapped)} shown)" if total > len(mapped) else ""
+        out += f"\n{'mapped_by':24} {total} other guest pages{more}"
+        if shown:
+            out += "\n" + textwrap.fill(shown, width=96, initial_indent="  ",
+                                        subsequent_indent="  ")
+    return out
+
+
 def _format_realized(z: dict[str, Any]) -> list[str]:
     """Real guests' RAM as pagemap shows it: frames, per VM, VM×VM matrix, top frames."""
     f = z["frames"]
@@ -174,6 +259,17 @@ def _format_realized(z: dict[str, Any]) -> list[str]:
     if z["top_frames"]:
         out.append("    most referenced frames")
         out.append(_indent(_table(z["top_frames"], ["mfn", "refs", "zero", "ksm"]), "    "))
+    pot = z.get("potential")
+    if pot:
+        out.append(f"  potential  {pot['potential_saved_frames']} frames could be saved by "
+                   f"merging equal pages; {pot['realized_saved_frames']} are "
+                   f"({pot['realized_fraction']:.0%}), gap {pot['gap_frames']} "
+                   f"({pot['present_pages']} present pages scanned at "
+                   f"{pot['scan_gb_per_s']} GB/s)")
+    nom = z.get("nominated")
+    if nom and nom.get("entries"):
+        out.append(f"  nominated  {nom['entries']} guest pages: {nom['shared']} shared, "
+                   f"{nom['nominated']} waiting for ksmd, {nom['unshared']} written since")
     for d in z["discrepancies"]:
         out.append(f"    - {d['kind']}: {d['message']}")
     return out
@@ -249,7 +345,7 @@ def _run(args: argparse.Namespace) -> int:
             _emit(args, result, format_summary)
             return 0 if result["audit"]["clean"] and not result["byte_mismatches"] else 1
         case "status":
-            _emit(args, call("status"), lambda r: _kv(r))
+            _emit(args, call("status"), _format_status)
         case "guests":
             if args.libvirt:
                 from memd.libvirt_cli import list_domains
@@ -259,7 +355,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 _emit(args, call("guests"), lambda r: _table(
                     r, ["name", "connected", "mode", "path", "pools", "tmem_pages", "requests",
-                        "errors", "reboots"]))
+                        "errors", "reboots", "last_error"]))
         case "pools":
             _emit(args, call("pools", guest=args.guest), lambda r: _table(
                 r, ["client", "pool_id", "kind", "shared", "pages", "objects", "bytes_stored",
@@ -270,7 +366,7 @@ def _run(args: argparse.Namespace) -> int:
                                         "persistent_pages", "bytes_stored", "puts",
                                         "good_puts", "gets", "found_gets", "evictions"]))
         case "audit" if args.gfn:
-            _emit(args, call("explain", page=args.gfn), lambda r: _kv(r))
+            _emit(args, call("explain", page=args.gfn), _format_explain)
         case "audit":
             result = _with_progress("auditing", lambda: call("audit"))
             _emit(args, result, _format_audit)
@@ -300,24 +396,80 @@ def _run(args: argparse.Namespace) -> int:
                   lambda r: f"attached {r['name']} ({r['mode']} {r['path']})")
         case "detach":
             _emit(args, call("detach", name=args.domain), lambda r: f"detached {r['detached']}")
+        case "add-channel":
+            from memd.libvirt_cli import add_channel
+
+            result = add_channel(args.libvirt, args.domain, live=not args.config_only)
+            _emit(args, result, lambda r: f"{r['name']}: memd channel "
+                  f"{'at ' + r['channel'] if r.get('channel') else 'in the saved config'}"
+                  f"{'' if r.get('channel') else ' (takes effect at the next start)'}")
+        case "clients":
+            _emit(args, call("clients"), lambda r: _table(
+                r, ["client", "attached", "connected", "pools", "ephemeral_pages",
+                    "persistent_pages", "bytes_stored"]))
+        case "drop":
+            return _drop(args, call)
+        case "ksm-restore":
+            from hypervisor.ksm import restore_originals
+
+            restored = restore_originals(paths.ksm_originals())
+            _emit(args, {"restored": restored}, lambda r: (
+                "nothing to restore: no agent left KSM knobs changed" if r["restored"] is None
+                else "restored KSM knobs: " + " ".join(f"{k}={v}" for k, v in
+                                                        sorted(r["restored"].items()))))
         case "budget":
-            _emit(args, call("budget", bytes=args.size),
-                  lambda r: f"budget set; {r['evicted']} ephemeral pages evicted")
+            _emit(args, call("budget", bytes=args.size), _format_budget)
         case "authorize":
             _emit(args, call("authorize", guest=args.guest, uuid=args.uuid),
                   lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")
     return 0
 
 
+def _format_budget(r: dict[str, Any]) -> str:
+    out = (f"budget set to {human_size(r['budget_bytes'])} (was "
+           f"{human_size(r['previous_bytes'])}); {r['evicted']} ephemeral pages evicted")
+    if r["used_bytes"] > r["budget_bytes"]:
+        out += (f"\nwarning: persistent pages hold {human_size(r['used_bytes'])}, above the "
+                "budget: every put is refused (NO_SPACE) until guests flush")
+    return out
+
+
+def _drop(args: argparse.Namespace, call: Callable[..., Any]) -> int:
+    """Drop an unattached client after the operator confirmed it (--yes, or y at a prompt)."""
+    rows = {r["client"]: r for r in call("clients")}
+    row = rows.get(args.guest)
+    if row is None:
+        raise InvalidArgument(f"the agent holds nothing for {args.guest!r} (see memd clients)")
+    what = (f"{args.guest}: {row['pools']} pools, {row['persistent_pages']} persistent and "
+            f"{row['ephemeral_pages']} ephemeral pages")
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument(f"dropping {what} cannot be undone: add --yes to confirm")
+        answer = input(f"drop {what}? this cannot be undone [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing dropped", file=sys.stderr)
+            return EXIT_ERROR
+    result = call("drop", guest=args.guest, confirm=True)
+    _emit(args, result, lambda r: f"dropped {r['dropped']} ({r['pages']} pages)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        sys.stdout.flush()
+        return code
     except MemdError as err:
         print(f"memd: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (memd pools --json | head): stop quietly, as cat does.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 def configure_logging(level: str, as_json: bool) -> None:
@@ -331,10 +483,23 @@ def configure_logging(level: str, as_json: bool) -> None:
     root.setLevel(level.upper())
 
 
+#: Attributes every LogRecord has; anything else was passed with ``extra=``.
+_RECORD_FIELDS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, vm (when the line is about one
+    guest), msg, plus any other ``extra=`` fields the caller gave."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({"ts": round(record.created, 3), "level": record.levelname,
-                           "logger": record.name, "msg": record.getMessage()})
+        extra = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
+        line: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
+                                "logger": record.name,
+                                "event": extra.pop("event", record.name.rsplit(".", 1)[-1]),
+                                "vm": extra.pop("vm", None), "msg": record.getMessage()}
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps({**line, **extra}, default=str)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,13 @@ def channel_path(uri: str | None, domain: str) -> str:
         return host.channel_path(domain)
 
 
+def add_channel(uri: str | None, domain: str, *, live: bool = True) -> dict[str, Any]:
+    """Give a domain its memd channel: hot-plugged when it runs (``live``), and in its
+    saved config so the next start has it too.  → the domain as `guests --libvirt` shows it."""
+    with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
+        return host.add_channel(domain, live=live).to_dict()
+
+
 class LibvirtFollower:
     """Keeps the agent's channels in step with libvirt's running domains."""
 

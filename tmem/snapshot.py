@@ -76,6 +76,19 @@ def dump(host: TmemHost, extra: dict[str, Any] | None = None) -> Iterator[bytes]
     yield from chunks
 
 
+def read_extra(data: bytes) -> dict[str, Any]:
+    """The header's ``extra`` alone (who wrote the snapshot), without loading any page."""
+    try:
+        magic, version, hlen = _HEAD.unpack_from(data, 0)
+        if magic != MAGIC or version != VERSION:
+            raise InvalidArgument("not a memd tmem snapshot (or from another version)",
+                                  op="load_snapshot")
+        header = json.loads(bytes(data[_HEAD.size:_HEAD.size + hlen]))
+        return dict(header.get("extra") or {})
+    except (struct.error, ValueError, TypeError, AttributeError) as err:
+        raise InvalidArgument(f"corrupt tmem snapshot: {err}", op="load_snapshot") from err
+
+
 def load(host: TmemHost, chunks: Iterable[bytes]) -> dict[str, Any]:
     """Restore a snapshot into an empty *host*; return the header's ``extra``."""
     data = memoryview(b"".join(chunks))

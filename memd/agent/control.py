@@ -22,18 +22,20 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from memd import paths
 from memd.errors import AgentNotRunning, BackendError, MemdError, PermissionDenied
 
 log = logging.getLogger("memd.control")
 
-DEFAULT_CONTROL_PATH = "/run/memd/memd.sock"
+DEFAULT_CONTROL_PATH = str(paths.PRODUCTION_RUN_DIR / "memd.sock")
 MAX_REQUEST = 1 << 20
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 def control_path() -> str:
-    return os.environ.get("MEMD_SOCKET", DEFAULT_CONTROL_PATH)
+    """``$MEMD_SOCKET``, else ``<run dir>/memd.sock`` (see :mod:`memd.paths`)."""
+    return str(paths.control_socket())
 
 
 class ControlServer:

@@ -175,7 +175,8 @@ class Dispatcher:
             # The guest rebooted: everything it stored belongs to a dead kernel.
             dropped = self.tmem.reset_client(guest.name)
             guest.reboots += 1
-            log.info("guest %s rebooted: dropped %d pools", guest.name, dropped)
+            log.info("guest %s rebooted: dropped %d pools", guest.name, dropped,
+                     extra={"event": "reboot", "vm": guest.name})
         guest.boot_id = req.boot_id
         guest.version = version
         guest.capabilities = req.capabilities & HOST_CAPABILITIES

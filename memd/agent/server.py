@@ -29,8 +29,9 @@ import contextlib
 import enum
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from memd import wire
 from memd.agent.dispatch import Dispatcher, GuestState
@@ -64,6 +65,8 @@ class Channel:
     writer: asyncio.BaseTransport | None = None  #: the current connection, if any
     sessions: int = 0
     last_error: str | None = None
+    #: Set once the first connect attempt has ended, either way (connect mode).
+    first_attempt: asyncio.Event = field(default_factory=asyncio.Event)
 
     def describe(self) -> dict[str, object]:
         g = self.guest
@@ -106,7 +109,12 @@ class Agent:
 
     # -- channels --------------------------------------------------------------------------
 
-    async def add_channel(self, name: str, path: str, mode: str = "connect") -> Channel:
+    async def add_channel(self, name: str, path: str, mode: str = "connect", *,
+                          require_peer: float | None = None) -> Channel:
+        """Attach a guest channel.  ``require_peer``: for an operator's attach, wait up to
+        that many seconds for the first connection and fail with one sentence (leaving
+        nothing attached) if the socket is missing or nobody listens on it; the libvirt
+        follower passes None, since a starting QEMU may not listen yet."""
         if self.runstate is not Runstate.RUNNING:
             raise BackendError(f"agent is {self.runstate.value}: cannot attach {name!r}",
                                target=name)
@@ -117,6 +125,8 @@ class Agent:
             if old.path == path and old.mode == mode:
                 return old
             await self.remove_channel(name)
+        if require_peer is not None and mode == "connect":
+            _check_socket(name, path)
         guest = self.guests.setdefault(name, GuestState(name))
         channel = Channel(name, path, mode, guest)
         self.channels[name] = channel
@@ -124,12 +134,28 @@ class Agent:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             loop = asyncio.get_running_loop()
-            channel.server = await loop.create_unix_server(
-                lambda: _GuestConnection(lambda conn: self._accepted(channel, conn)), path=path)
+            try:
+                channel.server = await loop.create_unix_server(
+                    lambda: _GuestConnection(lambda conn: self._accepted(channel, conn)),
+                    path=path)
+            except OSError as err:
+                del self.channels[name]
+                raise BackendError(f"cannot listen for guest {name!r} on {path}: "
+                                   f"{err.strerror or err}", target=name) from None
             os.chmod(path, 0o600)
         else:
             channel.task = asyncio.create_task(self._connect_loop(channel), name=f"chan-{name}")
-        log.info("attached guest %s (%s %s)", name, mode, path)
+            if require_peer is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(channel.first_attempt.wait(), require_peer)
+                if not channel.guest.connected:
+                    why = channel.last_error or f"no answer within {require_peer:g} s"
+                    await self.remove_channel(name)
+                    raise BackendError(f"cannot attach {name!r}: connecting to {path} failed "
+                                       f"({why}); is the VM running with its memd channel "
+                                       "on that socket?", target=name)
+        log.info("attached guest %s (%s %s)", name, mode, path,
+                 extra={"event": "attach", "vm": name})
         return channel
 
     async def remove_channel(self, name: str) -> None:
@@ -147,7 +173,7 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await channel.task
         channel.guest.on_disconnect()
-        log.info("detached guest %s", name)
+        log.info("detached guest %s", name, extra={"event": "detach", "vm": name})
 
     def forget_guest(self, name: str) -> None:
         """The guest is gone for good (domain destroyed): drop its tmem client too."""
@@ -163,6 +189,7 @@ class Agent:
                     lambda: _GuestConnection(None), channel.path)
             except OSError as err:
                 channel.last_error = f"{type(err).__name__}: {err.strerror or err}"
+                channel.first_attempt.set()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
                 continue
@@ -184,6 +211,8 @@ class Agent:
         channel.writer = transport
         channel.sessions += 1
         channel.last_error = None
+        channel.first_attempt.set()
+        log.info("guest %s connected", guest.name, extra={"event": "connect", "vm": guest.name})
         decoder = conn.decoder
         # Corrupt stretches (one decoder episode each) plus frames the dispatcher
         # rejected as malformed: both count against this connection's allowance.
@@ -222,6 +251,24 @@ class Agent:
                 guest.on_disconnect()
             transport.close()
             await conn.closed
+            log.info("guest %s disconnected%s", guest.name,
+                     f" ({channel.last_error})" if channel.last_error else "",
+                     extra={"event": "disconnect", "vm": guest.name})
+
+
+def _check_socket(name: str, path: str) -> None:
+    """One sentence for the operator's usual mistakes before any connect is tried."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotFound(f"cannot attach {name!r}: {path} does not exist (is the VM running, "
+                       "and is that its memd channel socket?)", target=name) from None
+    except OSError as err:
+        raise BackendError(f"cannot attach {name!r}: {path}: {err.strerror or err}",
+                           target=name) from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BackendError(f"cannot attach {name!r}: {path} is not a unix socket",
+                           target=name)
 
 
 class _GuestConnection(asyncio.BufferedProtocol):

@@ -192,7 +192,8 @@ class GuestClient:
         return self._next_id
 
     def _connect(self) -> None:
-        deadline = time.monotonic() + self.reconnect_timeout
+        started = time.monotonic()
+        deadline = started + self.reconnect_timeout
         delay = 0.05
         while True:
             try:
@@ -204,7 +205,11 @@ class GuestClient:
             except (_ConnectionLost, OSError, Unavailable) as err:
                 self._drop()
                 if time.monotonic() + delay > deadline:
-                    raise Unavailable(f"cannot reach the memd host agent ({err})",
+                    # Say how long was really spent: each try has its own shorter
+                    # timeout, and quoting only that misleads (10 s said after 30 s).
+                    waited = time.monotonic() - started
+                    raise Unavailable(f"cannot reach the memd host agent: gave up after "
+                                      f"{waited:.0f} s (last try: {err})",
                                       target=str(err)) from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)

@@ -185,6 +185,26 @@ def test_add_channel_to_running_domain(
     assert stat.S_ISSOCK(os.stat(host.channel_path(bare)).st_mode)
 
 
+def test_add_channel_command(host: LibvirtHost, make_domain: Callable[[str], str],
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`memd add-channel`: the operator's way to what section 4 of operators.md describes."""
+    from memd.cli import main
+
+    uri = ("--libvirt", "qemu:///system")
+    ready = make_domain("<controller type='virtio-serial' index='0'/>")
+    host._conn.lookupByName(ready).create()
+    assert main(["add-channel", ready, *uri]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.strip() == f"{ready}: memd channel at {host.channel_path(ready)}"
+    bare = make_domain("")
+    host._conn.lookupByName(bare).create()
+    assert main(["add-channel", bare, *uri]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "--config-only" in err
+    assert main(["add-channel", bare, *uri, "--config-only"]) == 0
+    assert "takes effect at the next start" in capsys.readouterr().out
+
+
 def test_unknown_domain_on_real_libvirtd(host: LibvirtHost) -> None:
     with pytest.raises(NotFound, match="libvirt domain 'memd-no-such-domain' does not exist"):
         host.channel_path("memd-no-such-domain")

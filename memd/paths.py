@@ -1,0 +1,53 @@
+"""Where memd keeps things on the host: the one place that names production paths.
+
+Two directories, each overridable by the environment so that tests, benchmarks and a
+second agent never touch a running agent's files:
+
+    run dir    $MEMD_RUN_DIR,   default /run/memd      tmpfs: dies with the host
+               control socket, the KSM knobs found at start (restored after any stop)
+    state dir  $MEMD_STATE_DIR, default /var/lib/memd  disk: survives a host reboot
+               the graceful-restart tmem snapshot
+
+``$MEMD_SOCKET`` still overrides the control socket alone.  Nothing here creates a
+directory: the component that writes a file makes its parent (mode 0700/0750).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PRODUCTION_RUN_DIR = Path("/run/memd")
+PRODUCTION_STATE_DIR = Path("/var/lib/memd")
+
+
+def run_dir() -> Path:
+    return Path(os.environ.get("MEMD_RUN_DIR") or PRODUCTION_RUN_DIR)
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("MEMD_STATE_DIR") or PRODUCTION_STATE_DIR)
+
+
+def control_socket() -> Path:
+    """The operator control socket (``$MEMD_SOCKET``, else ``<run dir>/memd.sock``)."""
+    return Path(os.environ.get("MEMD_SOCKET") or run_dir() / "memd.sock")
+
+
+def ksm_originals() -> Path:
+    """The KSM knobs as the host had them before any memd agent changed them."""
+    return run_dir() / "ksm-originals.json"
+
+
+def tmem_snapshot() -> Path:
+    """The graceful-restart snapshot of persistent tmem pools."""
+    return state_dir() / "tmem.snapshot"
+
+
+def host_boot_id() -> str:
+    """This boot of the host (the kernel's random boot id): state written under another
+    boot id describes guests and knobs that no longer exist."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
