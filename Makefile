@@ -1,8 +1,17 @@
 # The two commands of the README: `make demo` and `make test` (both set everything up first).
-# The interpreter scripts/setup.sh installed into: the project venv when it made one.
+# The interpreter scripts/setup.sh installs into: the project venv .venv (python3 before setup).
 PY = $(shell test -x .venv/bin/python && echo .venv/bin/python || echo python3)
 
-.PHONY: setup setup-all demo test lint check bench
+# Where `make install` puts memd (see scripts/install.sh); override on the command line,
+# e.g. `make install VENV=/srv/memd`.  Command-line values reach the script through its
+# environment; these defaults are passed explicitly.
+VENV = /opt/memd
+BINDIR = /usr/local/bin
+UNITDIR = /etc/systemd/system
+DOCDIR = /usr/share/doc/memd
+INSTALL_ENV = VENV='$(VENV)' BINDIR='$(BINDIR)' UNITDIR='$(UNITDIR)' DOCDIR='$(DOCDIR)'
+
+.PHONY: setup setup-all demo test lint check bench bench-ksm install uninstall
 
 setup:
 	scripts/setup.sh
@@ -24,3 +33,14 @@ test: setup-all
 bench: setup
 	$(PY) benchmarks/tmem_bench.py --json
 	$(PY) benchmarks/sharing_scaling.py --json
+
+# Needs root, QEMU and a kernel with KSM; boots TCG guests and runs for several minutes.
+bench-ksm: setup-all
+	$(PY) benchmarks/ksm_steering.py --json
+
+# The host service: its own venv, memd/memd-guest on PATH, the systemd unit (root).
+install:
+	$(INSTALL_ENV) scripts/install.sh
+
+uninstall:
+	$(INSTALL_ENV) scripts/install.sh --uninstall

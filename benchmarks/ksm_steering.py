@@ -14,6 +14,9 @@ start of the run; realized = saved frames by equal pagemap PFNs), ksmd CPU secon
 (utime+stime of the ksmd thread) and, for memd, the agent's own CPU (scanner + steps).
 Also the scan throughput of memd's reader+hasher and KSM's pages scanned per second.
 Every KSM knob is restored at the end.  ``--json`` prints one JSON object.
+
+Run as root from a checkout: ``python3 benchmarks/ksm_steering.py --json`` (the guests
+come from benchmarks/_guests.py, which uses product modules only).
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hypervisor import ksm
-from hypervisor.ksm_steer import KsmSteering, ksmd_cpu_seconds
-from hypervisor.potential import PotentialScanner
-from hypervisor.procmem import PAGE_SIZE
-from hypervisor.qemu_machine import QemuMachine
-from hypervisor.vmimage import ensure_image
-from sharing.ground_truth import compute
-from tests.ksm.guests import VmMonitor, boot_many
+_HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # _guests; the repo if not installed
+
+from _guests import boot_many  # noqa: E402
+
+from hypervisor import ksm  # noqa: E402
+from hypervisor.ksm_steer import KsmSteering, ksmd_cpu_seconds  # noqa: E402
+from hypervisor.potential import PotentialScanner  # noqa: E402
+from hypervisor.procmem import PAGE_SIZE  # noqa: E402
+from hypervisor.qemu_machine import QemuMachine  # noqa: E402
+from hypervisor.vmimage import ensure_image  # noqa: E402
+from sharing.ground_truth import compute  # noqa: E402
 
 TARGET = 0.9
 
@@ -68,8 +75,9 @@ def fresh(machine: QemuMachine) -> None:
         time.sleep(0.1)
 
 
-def run_fixed(machine: QemuMachine, name: str, pages: int, sleep_ms: int, cap: float,
-              potential: int) -> dict[str, Any]:
+def run_fixed(
+    machine: QemuMachine, name: str, pages: int, sleep_ms: int, cap: float, potential: int
+) -> dict[str, Any]:
     fresh(machine)
     start_scanned = int(ksm.counters().get("pages_scanned", 0))
     cpu0, t0 = ksmd_cpu_seconds(), time.monotonic()
@@ -90,15 +98,24 @@ def run_fixed(machine: QemuMachine, name: str, pages: int, sleep_ms: int, cap: f
     reached = got >= TARGET * potential
     # Censored: extrapolate linearly from the rate seen so far (an underestimate for
     # KSM, whose merge rate only starts after its first passes).
-    seconds = elapsed if reached else (
-        elapsed * TARGET * potential / got if got > 0 else float("inf"))
-    return {"mode": name, "pages_to_scan": pages, "sleep_millisecs": sleep_ms,
-            "reached": reached, "censored": not reached, "seconds_to_90pct": round(seconds, 2),
-            "observed_seconds": round(elapsed, 2), "realized_saved_frames": got,
-            "ksmd_cpu_seconds": round(cpu, 2), "pages_scanned": scanned,
-            "ksm_scan_gb_per_s": round(scanned * PAGE_SIZE / elapsed / 1e9, 3),
-            "ksm_scan_gb_per_cpu_s": round(scanned * PAGE_SIZE / cpu / 1e9, 3) if cpu else None,
-            "samples": samples[-5:]}
+    seconds = (
+        elapsed if reached else (elapsed * TARGET * potential / got if got > 0 else float("inf"))
+    )
+    return {
+        "mode": name,
+        "pages_to_scan": pages,
+        "sleep_millisecs": sleep_ms,
+        "reached": reached,
+        "censored": not reached,
+        "seconds_to_90pct": round(seconds, 2),
+        "observed_seconds": round(elapsed, 2),
+        "realized_saved_frames": got,
+        "ksmd_cpu_seconds": round(cpu, 2),
+        "pages_scanned": scanned,
+        "ksm_scan_gb_per_s": round(scanned * PAGE_SIZE / elapsed / 1e9, 3),
+        "ksm_scan_gb_per_cpu_s": round(scanned * PAGE_SIZE / cpu / 1e9, 3) if cpu else None,
+        "samples": samples[-5:],
+    }
 
 
 def run_memd(machine: QemuMachine, cap: float, potential: int) -> dict[str, Any]:
@@ -129,12 +146,19 @@ def run_memd(machine: QemuMachine, cap: float, potential: int) -> dict[str, Any]
         setting = step.setting
     finally:
         steering.close()
-    return {"mode": "memd", "reached": got >= TARGET * potential,
-            "censored": got < TARGET * potential, "seconds_to_90pct": round(elapsed, 2),
-            "realized_saved_frames": got, "ksmd_cpu_seconds": round(cpu, 2),
-            "memd_cpu_seconds": round(own, 2), "pages_scanned": scanned,
-            "steps": len(modes), "mode_after_target": idle_after,
-            "setting_after_target": vars(setting)}
+    return {
+        "mode": "memd",
+        "reached": got >= TARGET * potential,
+        "censored": got < TARGET * potential,
+        "seconds_to_90pct": round(elapsed, 2),
+        "realized_saved_frames": got,
+        "ksmd_cpu_seconds": round(cpu, 2),
+        "memd_cpu_seconds": round(own, 2),
+        "pages_scanned": scanned,
+        "steps": len(modes),
+        "mode_after_target": idle_after,
+        "setting_after_target": vars(setting),
+    }
 
 
 def main() -> int:
@@ -142,8 +166,12 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--guests", type=int, default=2)
     ap.add_argument("--memory-mib", type=int, default=256)
-    ap.add_argument("--cap", type=float, default=240.0,
-                    help="seconds after which the KSM-defaults run is cut off")
+    ap.add_argument(
+        "--cap",
+        type=float,
+        default=240.0,
+        help="seconds after which the KSM-defaults run is cut off",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0 or not ksm.available():
         print("ksm_steering: needs root and a kernel with KSM", file=sys.stderr)
@@ -151,13 +179,14 @@ def main() -> int:
     saved = ksm.snapshot()
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="ksmb", dir="/tmp"))
-    vms = boot_many(ensure_image(), work, [f"kb{i}" for i in range(args.guests)],
-                    memory_mib=args.memory_mib)
+    vms = boot_many(
+        ensure_image(), work, [f"kb{i}" for i in range(args.guests)], memory_mib=args.memory_mib
+    )
     machine = QemuMachine()
     try:
         ksm.set_knob("run", ksm.RUN_STOP)
         for vm in vms:
-            machine.attach(vm.name, vm.pid, VmMonitor(vm))
+            machine.attach(vm.name, vm.pid, vm.monitor)
         time.sleep(5)  # let the guests settle after boot
         scanner = PotentialScanner(machine)
         scans = [scanner.scan() for _ in range(3)]
@@ -172,27 +201,35 @@ def main() -> int:
         memd_s = runs["memd"]["seconds_to_90pct"]
         default_s = runs["ksm_default"]["seconds_to_90pct"]
         result = {
-            "guests": args.guests, "memory_mib": args.memory_mib,
-            "present_pages": best.present_pages, "distinct_contents": best.distinct_contents,
-            "zero_pages": best.zero_pages, "potential_saved_frames": potential,
+            "guests": args.guests,
+            "memory_mib": args.memory_mib,
+            "present_pages": best.present_pages,
+            "distinct_contents": best.distinct_contents,
+            "zero_pages": best.zero_pages,
+            "potential_saved_frames": potential,
             "scan_gb_per_s": round(best.scan_gb_per_s, 3),
             "scan_end_to_end_gb_per_s": round(best.bytes_read / best.seconds / 1e9, 3),
             "scan_seconds": round(best.seconds, 3),
-            "ksm_scan_gb_per_s": {k: runs[k]["ksm_scan_gb_per_s"]
-                                  for k in ("boost", "ksm_default")},
+            "ksm_scan_gb_per_s": {
+                k: runs[k]["ksm_scan_gb_per_s"] for k in ("boost", "ksm_default")
+            },
             "memd_seconds_to_90pct": memd_s,
             "ksm_default_seconds_to_90pct": default_s,
             "ksm_default_censored": runs["ksm_default"]["censored"],
             "boost_seconds_to_90pct": runs["boost"]["seconds_to_90pct"],
-            "memd_cpu_seconds": round(runs["memd"]["ksmd_cpu_seconds"]
-                                      + runs["memd"]["memd_cpu_seconds"], 2),
+            "memd_cpu_seconds": round(
+                runs["memd"]["ksmd_cpu_seconds"] + runs["memd"]["memd_cpu_seconds"], 2
+            ),
             "ksm_default_cpu_seconds": runs["ksm_default"]["ksmd_cpu_seconds"],
             "boost_cpu_seconds": runs["boost"]["ksmd_cpu_seconds"],
             "speedup_vs_default": round(default_s / memd_s, 2) if memd_s else None,
             "speedup_vs_boost": round(runs["boost"]["seconds_to_90pct"] / memd_s, 2)
-            if memd_s else None,
-            "targets": {"scan_ge_1_gb_per_s": best.scan_gb_per_s >= 1.0,
-                        "memd_le_half_default": memd_s <= default_s / 2},
+            if memd_s
+            else None,
+            "targets": {
+                "scan_ge_1_gb_per_s": best.scan_gb_per_s >= 1.0,
+                "memd_le_half_default": memd_s <= default_s / 2,
+            },
             "runs": runs,
             "total_seconds": round(time.monotonic() - t_start, 1),
         }

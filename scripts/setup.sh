@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Installs everything memd needs on a fresh Debian 12 machine (run as root).
+# Sets up a development checkout on a fresh Debian 12 machine (run as root for the Debian packages).
 #   scripts/setup.sh          Python packages for the embedded default (memd demo)
-#   scripts/setup.sh --all    plus QEMU, libvirt and guest-image tools, for the full test suite
+#   scripts/setup.sh --all    plus QEMU, libvirt, guest-image and validation tools: the full test suite
+# Python packages go into the project venv .venv (editable, with the test extra), made from
+# $PYTHON (default python3) — never into that interpreter itself, where an editable install would
+# re-point its `memd` command (for root often /usr/local/bin/memd) at this checkout.  The host
+# service is `make install` (scripts/install.sh), not this.
 # Idempotent: a second run installs nothing new and takes a few seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,10 +13,12 @@ cd "$(dirname "$0")/.."
 want_all=0
 [[ "${1:-}" == "--all" ]] && want_all=1
 
-# QEMU + libvirt for the real-VM tests; libvirt-dev + pkg-config so pip can build libvirt-python;
-# busybox-static, cpio, zstd, debootstrap to build the guest image (vm-images/build.sh).
-DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config gcc
-          busybox-static cpio zstd debootstrap kmod)
+# QEMU + libvirt for the real-VM tests; libvirt-dev, pkg-config, gcc, python3-dev so pip can build
+# libvirt-python; busybox-static, cpio, zstd, xz-utils, kmod for the guest image (vm-images/build.sh);
+# libxml2-utils for xmllint, which virt-xml-validate runs (tests/vm/test_domain_template.py);
+# systemd for systemd-analyze, which checks the installed unit (tests/install).
+DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
+          gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd)
 
 apt_install() {
     local missing=()
@@ -28,22 +34,19 @@ apt_install() {
     fi
 }
 
+PY=${PYTHON:-python3}
 if command -v apt-get >/dev/null; then
     if ((want_all)); then apt_install "${DEBS_ALL[@]}"; fi
+    # Debian's python3 comes without venv/ensurepip, and without the headers C extensions need.
+    if [[ "$(readlink -f "$(command -v "$PY")")" == /usr/bin/* ]]; then
+        apt_install python3-venv python3-dev gcc
+    fi
 fi
 
-PY=${PYTHON:-python3}
-# Debian's own python3 is "externally managed" (PEP 668) and may lack pip: then install
-# into a project venv (.venv, which the Makefile prefers when it exists).
-externally_managed() {
-    "$PY" -c 'import os, sys, sysconfig
-sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'
-}
-if ! "$PY" -m pip --version >/dev/null 2>&1 || externally_managed; then
-    command -v apt-get >/dev/null && apt_install python3-venv python3-pip python3-dev gcc
-    [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
-    PY=.venv/bin/python
+# A venv whose interpreter no longer runs (its base Python was removed or upgraded) is made anew.
+if ! .venv/bin/python -c '' 2>/dev/null; then
+    "$PY" -m venv --clear .venv
 fi
 extras="test"
 ((want_all)) && extras="test,libvirt"
-"$PY" -m pip install -q --disable-pip-version-check -e ".[${extras}]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${extras}]"

@@ -1,4 +1,5 @@
-"""Real memd-image guests for KSM tests and the steering benchmark.
+"""Real memd-image guests for the KSM tests (the steering benchmark boots its own through
+benchmarks/_guests.py: benchmarks never import tests).
 
 :class:`VmMonitor` lets :class:`~hypervisor.qemu_machine.QemuMachine` use the QMP
 connection a :class:`~tests.vm.harness.GuestVM` already holds (a QMP socket takes one
@@ -31,8 +32,11 @@ class VmMonitor:
             try:
                 return self.vm.qmp(command, **dict(arguments or {}))
             except GuestError as err:
-                raise CommandFailed(f"QEMU refused {command} on {self.target}: {err}",
-                                    target=self.target, command=command) from err
+                raise CommandFailed(
+                    f"QEMU refused {command} on {self.target}: {err}",
+                    target=self.target,
+                    command=command,
+                ) from err
 
     def hmp(self, command_line: str) -> str:
         out = self.execute("human-monitor-command", {"command-line": command_line})
@@ -42,8 +46,9 @@ class VmMonitor:
         return None
 
 
-def boot_many(image: ImagePaths, workdir: Path, names: list[str], *,
-              memory_mib: int = 256) -> list[GuestVM]:
+def boot_many(
+    image: ImagePaths, workdir: Path, names: list[str], *, memory_mib: int = 256
+) -> list[GuestVM]:
     """Boot guests in parallel threads; on any failure stop them all and re-raise."""
     vms = [GuestVM(image, workdir / n, name=n, memory_mib=memory_mib) for n in names]
     errors: list[BaseException] = []
