@@ -37,6 +37,18 @@ apt_install() {
 PY=${PYTHON:-python3}
 if command -v apt-get >/dev/null; then
     if ((want_all)); then apt_install "${DEBS_ALL[@]}"; fi
+fi
+
+# /dev/kvm as Debian's udev rule leaves it (root:kvm 0660; libvirt-qemu is in group kvm).
+# Machines without udev (containers, microVMs) may have it root-only: then libvirtd finds
+# KVM when it probes QEMU's capabilities but not afterwards as the QEMU user, throws the
+# cache away and re-probes on every domain call (about a minute per define here).
+if ((want_all)) && [[ -c /dev/kvm && $(id -u) -eq 0 ]] && getent group kvm >/dev/null \
+        && [[ "$(stat -c %G:%a /dev/kvm)" != kvm:6[67]? ]]; then
+    chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi
+
+if command -v apt-get >/dev/null; then
     # Debian's python3 comes without venv/ensurepip, and without the headers C extensions need.
     if [[ "$(readlink -f "$(command -v "$PY")")" == /usr/bin/* ]]; then
         apt_install python3-venv python3-dev gcc
