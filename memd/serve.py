@@ -3,6 +3,10 @@
 Guests come from ``--channel NAME=PATH`` (QEMU listens on PATH), ``--listen NAME=PATH``
 (the agent listens), ``memd attach`` at run time, and — with ``--libvirt URI`` — every
 running libvirt domain that has a memd channel, followed through lifecycle events.
+
+KSM knobs: an agent that steers (``--ksm-steer``) puts the host's own back when it
+stops; one that was killed left them in a ledger (``hypervisor.ksm``), which the next
+agent restores at start, or adopts as the originals if it steers itself.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import ctypes
 import logging
 import os
+from pathlib import Path
 
 from memd.agent.app import AgentApp
 
@@ -47,8 +52,9 @@ def _tune_malloc() -> None:
 
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
     app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap)
+    app.catch_signals()
     if args.state:
-        app.load_state(args.state)
+        app.load_state(args.state, control_path=control_path)
         # The snapshot carries the budget of the previous run: this command line wins.
         app.tmem.set_budget(args.budget)
     await app.start(control_path)
@@ -59,7 +65,9 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
     for name, qmp_path in args.qmp:
         await asyncio.to_thread(_attach_plain_qemu, app, name, qmp_path)
     if getattr(args, "ksm_steer", False):
-        await app.start_steering()
+        await app.start_steering()  # its first step adopts a crashed agent's ledger
+    else:
+        await asyncio.to_thread(_restore_leftover_ksm, app.ksm_ledger)
     follower = None
     if args.libvirt:
         from memd.libvirt_cli import LibvirtFollower
@@ -75,6 +83,24 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
         if args.state:
             app.save_state(args.state)
     return 0
+
+
+def _restore_leftover_ksm(ledger: Path) -> None:
+    """Put back KSM knobs that an earlier agent changed and never restored (it was
+    killed or crashed), since this agent does not steer: the host gets its own back."""
+    from hypervisor import ksm
+    from memd.errors import MemdError
+
+    try:
+        restored = ksm.restore_originals(ledger)
+    except MemdError as err:  # tmem and sharing still work: say so, and carry on
+        log.error("KSM knobs an earlier agent changed were not restored: %s", err)
+        return
+    if restored is not None:
+        log.warning(
+            "restored the KSM knobs an earlier agent left changed (it did not stop cleanly): %s",
+            " ".join(f"{k}={v}" for k, v in sorted(restored.items())),
+        )
 
 
 def _attach_plain_qemu(app: AgentApp, name: str, qmp_path: str) -> None:

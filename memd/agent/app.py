@@ -12,12 +12,15 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypervisor.simmachine import SimMachine
+from memd import paths
 from memd.agent.control import ControlServer, Handler
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
@@ -35,12 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("memd.agent")
 
+#: `memd budget` refuses less: a smaller budget holds nothing useful and is a typo.
+MIN_BUDGET_BYTES = 1 << 20
+#: How long an operator's `memd attach` waits for the guest's socket to answer.
+ATTACH_CONNECT_SECONDS = 5.0
+
 
 class AgentApp:
     """Everything one `memd serve` process owns."""
 
-    def __init__(self, *, budget_bytes: int = 256 << 20, sim_frames: int = 0,
-                 guest_cap_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        budget_bytes: int = 256 << 20,
+        sim_frames: int = 0,
+        guest_cap_bytes: int | None = None,
+        ksm_ledger: Path | None = None,
+    ) -> None:
         self.started = time.time()
         self.tmem = TmemHost(budget_bytes=budget_bytes)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
@@ -60,17 +74,33 @@ class AgentApp:
         #: KSM steering (``serve --ksm-steer`` or the ``ksm`` command); None until started.
         self.steering: KsmSteering | None = None
         self._steer_task: asyncio.Task[None] | None = None
+        #: Where steering records the host's KSM knobs before changing them (survives a
+        #: crash of this agent; see hypervisor.ksm.record_originals).
+        self.ksm_ledger = ksm_ledger or paths.ksm_originals()
         #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
         self.opted_out: set[str] = set()
-        self.extra_commands: dict[str, Handler] = {}
+        #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
+        self._stop_requested: asyncio.Event | None = None
 
-    def load_state(self, path: str) -> int:
+    def load_state(self, path: str, *, control_path: str | None = None) -> int:
         """Restore a graceful-stop snapshot, then delete it (a later crash must not bring
-        back pages guests have since flushed).  → guests restored."""
+        back pages guests have since flushed).  → guests restored.
+
+        The snapshot says who wrote it (see :meth:`save_state`).  One written before the
+        host rebooted describes guests that are gone, and one written by the agent of
+        another control socket is not this agent's: both are set aside as ``PATH.stale``
+        with a log line, never loaded."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
+            return 0
+        writer = dict(snapshot.read_extra(data).get("writer") or {})
+        why_not = _foreign_snapshot(writer, control_path)
+        if why_not:
+            os.replace(path, f"{path}.stale")
+            log.warning("ignored tmem snapshot %s: %s; kept as %s.stale", path, why_not, path,
+                        extra={"event": "state-ignored"})
             return 0
         extra = snapshot.load(self.tmem, [data])
         os.unlink(path)
@@ -80,8 +110,11 @@ class AgentApp:
             guest = self.agent.guests.setdefault(name, GuestState(name))
             guest.boot_id = bytes.fromhex(boot_hex)
             guest.reboots = int(reboots.get(name, 0))
-        log.info("restored tmem state of %d guests from %s", len(self.tmem.client_names()), path)
-        return len(self.tmem.client_names())
+        names = self.tmem.client_names()
+        log.info("restored tmem state of %d guests from %s (written by pid %s at %s): %s",
+                 len(names), path, writer.get("pid", "?"), writer.get("saved_at", "?"),
+                 ", ".join(names) or "none", extra={"event": "state-restored"})
+        return len(names)
 
     def save_state(self, path: str) -> None:
         """Write the snapshot atomically (temp file + rename)."""
@@ -92,7 +125,7 @@ class AgentApp:
         with os.fdopen(fd, "wb") as f:
             reboots = {n: g.reboots for n, g in self.agent.guests.items()}
             extra = {"boot_ids": boot_ids, "reboots": reboots,
-                     "opted_out": sorted(self.opted_out)}
+                     "opted_out": sorted(self.opted_out), "writer": _writer(self.control.path)}
             for chunk in snapshot.dump(self.tmem, extra=extra):
                 f.write(chunk)
             f.flush()
@@ -107,17 +140,27 @@ class AgentApp:
             log.info("control socket %s", control_path)
 
     async def stop(self) -> None:
-        await self.stop_steering()
+        # The control socket first: a `memd ksm --step` arriving later would make a
+        # steering object that nobody closes.
         await self.control.close()
+        await self.stop_steering()
         await self.agent.stop()
+        if self.qemu is not None:
+            await asyncio.to_thread(self.qemu.close)  # its QMP monitors, politely
+
+    def catch_signals(self) -> asyncio.Event:
+        """From now on SIGINT/SIGTERM ask for a graceful stop.  `memd serve` calls this
+        before anything else, so a signal during start-up is never the default kill."""
+        if self._stop_requested is None:
+            loop = asyncio.get_running_loop()
+            self._stop_requested = asyncio.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._stop_requested.set)
+        return self._stop_requested
 
     async def run_until_signalled(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        log.info("shutting down")
+        await self.catch_signals().wait()
+        log.info("shutting down", extra={"event": "shutdown"})
         await self.stop()
 
     def attach_qemu(self, name: str, pid: int, monitor: Monitor) -> int:
@@ -133,6 +176,7 @@ class AgentApp:
             # agent crash): that is the operator's choice, and a guest's NOMINATE must
             # not undo it.  `memd optin` turns it on.
             self.opted_out.add(name)
+        self._poke_steering()
         return domid
 
     def _qemu_machine(self) -> QemuMachine:
@@ -159,6 +203,7 @@ class AgentApp:
                 if self.qemu_sharing is not None:
                     self.qemu_sharing.forget(guest.domid)
                 self.qemu.detach(guest.domid)
+                self._poke_steering()
 
     # -- KSM steering -----------------------------------------------------------------------
 
@@ -175,19 +220,30 @@ class AgentApp:
         from hypervisor.ksm_steer import KsmSteering
 
         qemu = self._qemu_machine()
-        return KsmSteering(qemu, pending=self.qemu_sharing.pending if self.qemu_sharing
-                           else None)
+        return KsmSteering(
+            qemu,
+            ledger=self.ksm_ledger,
+            pending=self.qemu_sharing.pending if self.qemu_sharing else None,
+        )
 
     async def _steer_loop(self, steering: KsmSteering) -> None:
         while True:
+            # A worker thread cannot be cancelled: on stop, the step already running must
+            # be waited for (shielded from the cancel), so that close() comes after it.
+            step = asyncio.ensure_future(asyncio.to_thread(steering.step))
             try:
-                await asyncio.to_thread(steering.step)
+                await asyncio.shield(step)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await step
+                raise
             except MemdError as err:  # a guest went away mid-step: next step sees it
                 log.warning("ksm steering step failed: %s", err)
             await asyncio.sleep(steering.next_step_seconds())
 
     async def stop_steering(self) -> None:
-        """Stop the loop and put KSM's knobs back as steering found them."""
+        """Stop the loop (after the step in flight ends) and put KSM's knobs back as the
+        host had them."""
         task, self._steer_task = self._steer_task, None
         if task is not None:
             task.cancel()
@@ -195,7 +251,10 @@ class AgentApp:
                 await task
         if self.steering is not None:
             steering, self.steering = self.steering, None
-            await asyncio.to_thread(steering.close)
+            try:
+                await asyncio.to_thread(steering.close)
+            except MemdError as err:  # the rest of the shutdown must still happen
+                log.error("%s; `memd ksm-restore` retries from %s", err, self.ksm_ledger)
 
     def _ksm(self, args: dict[str, Any]) -> dict[str, Any]:
         from hypervisor.ksm_steer import ksmd_cpu_seconds
@@ -204,15 +263,23 @@ class AgentApp:
         if args.get("step"):
             steering = steering or self._new_steering()
             self.steering = steering
+            steering.poke()  # the operator asks for a fresh look: it also ends "stalled"
             steering.step()
         if steering is None:
             from hypervisor import ksm
 
             knobs = {k: ksm.get(k) for k in ("run", "pages_to_scan", "sleep_millisecs")}
-            return {"steering": False, "knobs": knobs, "last_step": None, "potential": None,
-                    "vms": {g.name: {"merge": all(b.merge for b in g.blocks)}
-                            for g in (self.qemu.guests() if self.qemu else [])},
-                    "ksmd_cpu_seconds": round(ksmd_cpu_seconds(), 2)}
+            return {
+                "steering": False,
+                "knobs": knobs,
+                "last_step": None,
+                "potential": None,
+                "vms": {
+                    g.name: {"merge": all(b.merge for b in g.blocks)}
+                    for g in (self.qemu.guests() if self.qemu else [])
+                },
+                "ksmd_cpu_seconds": round(ksmd_cpu_seconds(), 2),
+            }
         return {"steering": self._steer_task is not None, **steering.status()}
 
     async def _steer(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -237,9 +304,6 @@ class AgentApp:
             return steering.opt_in(vm)
         self.opted_out.add(vm)
         return steering.opt_out(vm)
-
-    def add_command(self, name: str, handler: Handler) -> None:
-        self.control.commands[name] = handler
 
     # -- control commands ------------------------------------------------------------------
 
@@ -268,7 +332,9 @@ class AgentApp:
             "optin": threaded(lambda a: self._opt(a, True)),
             "attach": self._attach,
             "detach": self._detach,
-            "budget": sync(lambda a: {"evicted": self.tmem.set_budget(_int(a, "bytes"))}),
+            "budget": sync(self._budget),
+            "clients": sync(lambda a: self.clients()),
+            "drop": sync(self._drop),
             "authorize": sync(self._authorize),
             "freeze": sync(lambda a: self.tmem.freeze(_str(a, "guest"))),
             "thaw": sync(lambda a: self.tmem.thaw(_str(a, "guest"))),
@@ -282,8 +348,72 @@ class AgentApp:
             "guests": len(self.agent.channels),
             "connected": sum(1 for c in guests if c.guest.connected),
             "tmem": self.tmem.store_stats().to_dict(),
+            "unattached_clients": [n for n in self.tmem.client_names()
+                                   if n not in self.agent.channels],
+            #: Simulated guests' sharing manager (memd demo / memd scan); None without one.
             "sharing": self.sharing.stats() if self.sharing else None,
+            #: KSM, which merges real guests' pages (host-wide counters).
+            "ksm": self._ksm_summary(),
         }
+
+    def _ksm_summary(self) -> dict[str, Any] | None:
+        from hypervisor import ksm
+
+        if not ksm.available():
+            return None
+        try:
+            counters = ksm.counters()
+            run = ksm.get("run")
+        except MemdError:
+            return None
+        steering = self.steering
+        mode = ("off" if steering is None or self._steer_task is None
+                else steering.last.mode if steering.last else "starting")
+        return {"run": run, "pages_sharing": counters.get("pages_sharing", 0),
+                "pages_shared": counters.get("pages_shared", 0), "steering": mode}
+
+    def clients(self) -> list[dict[str, Any]]:
+        """Every tmem client, attached or not (a restored snapshot, a detached guest)."""
+        out = []
+        for c in self.tmem.client_stats(None):
+            row = c.to_dict()
+            channel = self.agent.channels.get(c.client)
+            row["attached"] = channel is not None
+            row["connected"] = bool(channel and channel.guest.connected)
+            out.append(row)
+        return out
+
+    def _drop(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "guest")
+        if args.get("confirm") is not True:
+            raise InvalidArgument("drop removes every page of the client: it needs "
+                                  "confirm=true", op="drop")
+        if name in self.agent.channels:
+            raise InvalidArgument(f"{name} is attached: detach it first (memd detach {name}); "
+                                  "a connected guest's pages are still in use", op="drop")
+        if not self.tmem.has_client(name):
+            raise NotFound(f"the agent holds nothing for {name!r}", target=name)
+        stats = self.tmem.client_stats(name)[0]
+        self.tmem.remove_client(name)
+        self.agent.guests.pop(name, None)
+        log.warning("dropped client %s (%d pages) at the operator's request", name,
+                    stats.ephemeral_pages + stats.persistent_pages,
+                    extra={"event": "drop", "vm": name})
+        return {"dropped": name, "pools": stats.pools,
+                "pages": stats.ephemeral_pages + stats.persistent_pages}
+
+    def _budget(self, args: dict[str, Any]) -> dict[str, Any]:
+        size = _int(args, "bytes")
+        if size < MIN_BUDGET_BYTES:
+            raise InvalidArgument(f"a budget of {size} bytes is too small: the least is "
+                                  f"{MIN_BUDGET_BYTES >> 20} MiB", op="budget")
+        previous = self.tmem.store_stats().budget_bytes
+        evicted = self.tmem.set_budget(size)
+        used = self.tmem.store_stats().used_bytes
+        log.info("budget %d -> %d bytes, %d pages evicted", previous, size, evicted,
+                 extra={"event": "budget"})
+        return {"budget_bytes": size, "previous_bytes": previous, "evicted": evicted,
+                "used_bytes": used}
 
     def guests(self) -> list[dict[str, Any]]:
         out = []
@@ -334,7 +464,9 @@ class AgentApp:
 
     def _sharing_or_fail(self) -> SharingService:
         if self.sharing is None:
-            raise NotFound("page sharing is not enabled in this agent (no machine attached)")
+            raise NotFound("memd scan merges the pages of simulated guests (the embedded "
+                           "default of memd demo), and this agent has none; real QEMU guests' "
+                           "pages are merged by KSM: see memd ksm and memd audit")
         return self.sharing
 
     def _stats(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -355,14 +487,35 @@ class AgentApp:
         return {"guest": args["guest"], "uuid": str(key)}
 
     async def _attach(self, args: dict[str, Any]) -> dict[str, Any]:
+        # An operator's attach fails loudly when nothing listens on the path (the
+        # follower's attach keeps retrying instead: a starting QEMU may not listen yet).
         channel = await self.agent.add_channel(_str(args, "name"), _str(args, "path"),
-                                               str(args.get("mode", "connect")))
+                                               str(args.get("mode", "connect")),
+                                               require_peer=ATTACH_CONNECT_SECONDS)
         return channel.describe()
 
     async def _detach(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")
         await self.agent.remove_channel(name)
         return {"detached": name}
+
+
+def _writer(control_path: str | None) -> dict[str, Any]:
+    """Who writes a snapshot: enough to refuse it on another host boot or agent."""
+    return {"host_boot_id": paths.host_boot_id(), "hostname": socket.gethostname(),
+            "pid": os.getpid(), "control": control_path, "saved_at": time.time()}
+
+
+def _foreign_snapshot(writer: dict[str, Any], control_path: str | None) -> str | None:
+    """Why a snapshot written by ``writer`` must not be loaded here, or None."""
+    if not writer:
+        return None  # written before snapshots said who wrote them: accepted, as before
+    if writer.get("host_boot_id") != paths.host_boot_id():
+        return "it was written before the host rebooted, so its guests are gone"
+    if control_path and writer.get("control") and writer["control"] != control_path:
+        return (f"it was written by the agent serving {writer['control']}, not by this one "
+                f"({control_path})")
+    return None
 
 
 def _str(args: dict[str, Any], key: str) -> str:
