@@ -15,12 +15,14 @@ IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvir
 # package prefix -> project modules it may import (by prefix)
 ALLOWED = {
     "memd.errors": (),
+    "memd.paths": (),
     "memd.wire": ("memd.errors",),
     "memd.guest": ("memd.errors", "memd.wire", "memd.guest"),
     "tmem": ("memd.errors", "tmem"),
     "sharing": ("memd.errors", "sharing"),
-    "hypervisor": ("memd.errors", "memd.wire", "tmem", "sharing", "hypervisor"),
-    "memd.agent": ("memd.errors", "memd.wire", "memd.agent", "tmem", "sharing", "hypervisor"),
+    "hypervisor": ("memd.errors", "memd.paths", "memd.wire", "tmem", "sharing", "hypervisor"),
+    "memd.agent": ("memd.errors", "memd.paths", "memd.wire", "memd.agent", "tmem", "sharing",
+                   "hypervisor"),
 }
 
 
@@ -42,6 +44,8 @@ def _imports(path: Path) -> set[str]:
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            if node.module in PROJECT:  # `from memd import paths` imports memd.paths
+                names.update(f"{node.module}.{a.name}" for a in node.names)
     return names
 
 
