@@ -170,6 +170,8 @@ def _kv(d: dict[str, Any], indent: str = "") -> str:
         if isinstance(v, dict):
             lines.append(f"{indent}{k}:")
             lines.append(_kv(v, indent + "  "))
+        elif isinstance(v, list):  # people read "a, b, c", not a Python list
+            lines.append(f"{indent}{k:24} {', '.join(map(str, v)) or '-'}")
         else:
             lines.append(f"{indent}{k:24} {v}")
     return "\n".join(lines)

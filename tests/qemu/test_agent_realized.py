@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,9 +80,23 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
         assert page["mfn"] == int(agent.qemu.p2m(db)[BASE_GFN])
         assert {"vm": "vm-b", "gfn": BASE_GFN} in page["mapped_by"]
 
+        assert page["mapped_by_count"] == page["refs"] - 1 >= 1
+
+        assert main(["--socket", control, "audit", "--gfn", f"vm-a:{BASE_GFN:#x}"]) == 0
+        human = capsys.readouterr().out
+        mapped = next(line for line in human.splitlines() if line.startswith("mapped_by"))
+        assert mapped.split()[1] == str(page["mapped_by_count"]) and "[" not in human
+        assert f"vm-b:{BASE_GFN:#x}" in human  # vm:gfn in hex, not a Python list
+
         assert main(["--socket", control, "audit"]) == 0
         human = capsys.readouterr().out
         assert "host frames (pagemap)" in human and "vm-b" in human
+        # The same summary as --json: potential against realized sharing (a second
+        # audit of running guests: the figures move by a few frames).
+        line = next(x for x in human.splitlines() if x.strip().startswith("potential"))
+        found = re.search(r"potential  (\d+) frames could be saved .* (\d+) are \(", line)
+        assert found, line
+        assert int(found[2]) >= NPAGES and int(found[1]) >= int(found[2]) - 16
 
     assert main(["--socket", control, "audit", "--gfn", "nosuch:1"]) == 1
     err = capsys.readouterr().err
