@@ -9,8 +9,11 @@ every input — the vm-images scripts, the guest agent sources and the resolved 
 so an unchanged tree costs one ``apt-cache`` call and a few file reads, and any edit rebuilds.
 
 It also owns the one description of how to run that image: :func:`qemu_argv` for QEMU without
-libvirt, :func:`render_domain_xml` for libvirt (from ``vm-images/domain.xml.in``). Both give the
-guest a serial console on a unix socket and the memd virtio-serial port :data:`CHANNEL_NAME`.
+libvirt (the serial console on a unix socket), :func:`render_domain_xml` for libvirt (from
+``vm-images/domain.xml.in``: ``virsh console`` on a pty, the harness's shell on a second serial
+port's unix socket). Both give the guest the memd virtio-serial port :data:`CHANNEL_NAME`. And it
+owns the cache's pruning rule: the newest images stay, and so does every image a libvirt domain
+boots from (:func:`images_in_use`), since a domain XML names the cached kernel and initrd.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, unescape
 
 from memd.errors import BackendError
 
@@ -40,7 +43,12 @@ KERNEL_CMDLINE = "console=ttyS0 panic=-1 mitigations=off quiet"
 """``panic=-1``: a panicking guest reboots at once instead of hanging a test until its timeout."""
 
 DEFAULT_CACHE = Path("/var/cache/memd/images")
-_KEEP_IMAGES = 3  # older image directories are pruned after a build
+_KEEP_IMAGES = 3  # older image directories are pruned after a build, unless a domain uses them
+
+# Where libvirt's QEMU driver keeps domain XML: the definitions of qemu:///system and the status of
+# its running domains (transient ones included), then the same two for qemu:///session.
+_SYSTEM_DOMAIN_XML_DIRS = (Path("/etc/libvirt/qemu"), Path("/run/libvirt/qemu"))
+_BOOT_FILE = re.compile(r"<(kernel|initrd)>([^<]+)</\1>")
 
 # Everything build.sh reads from the tree; a change to any of them means a new image.
 _BUILD_FILES = ("build.sh", "init", "inittab", "profile", "memd-port-links")
@@ -90,8 +98,12 @@ def image_inputs(src: Path) -> list[Path]:
 
 def package_versions(src: Path) -> list[str]:
     """``package=version`` lines for the Debian packages the build would unpack (candidates)."""
-    proc = subprocess.run([str(src / "vm-images" / "build.sh"), "--print-versions"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [str(src / "vm-images" / "build.sh"), "--print-versions"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise BackendError(f"cannot resolve the guest image packages: {proc.stderr.strip()}")
     return proc.stdout.split()
@@ -119,8 +131,12 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _paths(image_dir: Path, digest: str) -> ImagePaths:
-    return ImagePaths(kernel=image_dir / "vmlinux", initrd=image_dir / "initrd.img",
-                      manifest=image_dir / "manifest.txt", digest=digest)
+    return ImagePaths(
+        kernel=image_dir / "vmlinux",
+        initrd=image_dir / "initrd.img",
+        manifest=image_dir / "manifest.txt",
+        digest=digest,
+    )
 
 
 def ensure_image(*, cache: Path | None = None, rebuild: bool = False) -> ImagePaths:
@@ -139,11 +155,17 @@ def ensure_image(*, cache: Path | None = None, rebuild: bool = False) -> ImagePa
         staging = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
         try:
             env = dict(os.environ, MEMD_SRC=str(src), MEMD_DEB_CACHE=str(root / "debs"))
-            proc = subprocess.run([str(src / "vm-images" / "build.sh"), str(staging)],
-                                  env=env, capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [str(src / "vm-images" / "build.sh"), str(staging)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode != 0:
-                raise BackendError(f"building the guest image failed: {proc.stderr.strip()}",
-                                   target=str(image_dir))
+                raise BackendError(
+                    f"building the guest image failed: {proc.stderr.strip()}", target=str(image_dir)
+                )
             staging.chmod(0o755)  # libvirt runs QEMU as libvirt-qemu: it must read the files
             if image_dir.exists():
                 shutil.rmtree(image_dir)
@@ -154,19 +176,81 @@ def ensure_image(*, cache: Path | None = None, rebuild: bool = False) -> ImagePa
     return _paths(image_dir, digest)
 
 
-def _prune(root: Path, *, keep: Path) -> None:
-    images = sorted((d for d in root.iterdir()
-                     if d.is_dir() and d != keep and (d / "initrd.img").exists()),
-                    key=lambda d: d.stat().st_mtime, reverse=True)
-    for old in images[_KEEP_IMAGES - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+def libvirt_domain_xml_dirs() -> list[Path]:
+    """Directories holding libvirt's domain XML files (defined and running domains), system and
+    session; those that do not exist are harmless."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    dirs = [*_SYSTEM_DOMAIN_XML_DIRS, Path(config) / "libvirt" / "qemu"]
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        dirs.append(Path(runtime) / "libvirt" / "qemu" / "run")
+    return dirs
 
 
-def qemu_argv(image: ImagePaths, *, name: str, console_socket: Path, qmp_socket: Path,
-              channels: Mapping[str, Path] | None = None, memory_mib: int = 256,
-              accel: str = "tcg", cpu: str = "max", append: str = "",
-              start_paused: bool = False, pidfile: Path | None = None,
-              qemu: str = "qemu-system-x86_64") -> list[str]:
+def images_in_use(xml_dirs: Sequence[Path]) -> set[Path] | None:
+    """Directories (resolved) whose kernel or initrd some libvirt domain boots from, per the
+    domain XML files in ``xml_dirs``; None when a file there cannot be read (then nobody can tell
+    which images are unused).
+
+    The files are read rather than asked of libvirtd so that the answer does not depend on the
+    daemon running or on libvirt-python: a defined domain stays defined while libvirtd is down.
+    """
+    used: set[Path] = set()
+    for directory in xml_dirs:
+        # os.listdir, not Path.glob: glob takes an unreadable directory for an empty one.
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".xml"))
+        except FileNotFoundError:
+            continue  # no libvirt of that kind on this host
+        except OSError:
+            return None
+        for name in names:
+            try:
+                text = (directory / name).read_text(errors="replace")
+            except FileNotFoundError:
+                continue  # undefined or stopped meanwhile
+            except OSError:
+                return None
+            for match in _BOOT_FILE.finditer(text):
+                used.add(Path(os.path.realpath(unescape(match.group(2).strip()))).parent)
+    return used
+
+
+def _prune(root: Path, *, keep: Path, xml_dirs: Sequence[Path] | None = None) -> None:
+    """Delete image directories beyond the :data:`_KEEP_IMAGES` newest (``keep`` counts as one),
+    except those a libvirt domain boots from: deleting them would make ``virsh start`` fail on
+    a missing kernel. When the domain XML cannot be read (not root), nothing is deleted."""
+    images = sorted(
+        (d for d in root.iterdir() if d.is_dir() and d != keep and (d / "initrd.img").exists()),
+        key=lambda d: d.stat().st_mtime,
+        reverse=True,
+    )
+    old = images[_KEEP_IMAGES - 1 :]
+    if not old:
+        return
+    used = images_in_use(libvirt_domain_xml_dirs() if xml_dirs is None else xml_dirs)
+    if used is None:
+        return
+    for image in old:
+        if Path(os.path.realpath(image)) not in used:
+            shutil.rmtree(image, ignore_errors=True)
+
+
+def qemu_argv(
+    image: ImagePaths,
+    *,
+    name: str,
+    console_socket: Path,
+    qmp_socket: Path,
+    channels: Mapping[str, Path] | None = None,
+    memory_mib: int = 256,
+    accel: str = "tcg",
+    cpu: str = "max",
+    append: str = "",
+    start_paused: bool = False,
+    pidfile: Path | None = None,
+    qemu: str = "qemu-system-x86_64",
+) -> list[str]:
     """The QEMU command line for one guest, without libvirt.
 
     ``channels`` maps virtio-serial port names to host unix socket paths (default: just
@@ -180,17 +264,44 @@ def qemu_argv(image: ImagePaths, *, name: str, console_socket: Path, qmp_socket:
     if channels is None:
         channels = {CHANNEL_NAME: console_socket.parent / f"{name}.memd.sock"}
     cmdline = f"{KERNEL_CMDLINE} {append}".strip()
-    argv = [qemu, "-name", f"{name},process=qemu-{name}", "-accel", accel, "-cpu", cpu,
-            "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
-            "-display", "none",
-            "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
-            "-chardev", f"socket,id=console0,path={console_socket},server=on,wait=off",
-            "-serial", "chardev:console0",
-            "-qmp", f"unix:{qmp_socket},server=on,wait=off",
-            "-device", "virtio-serial-pci,id=vserial0"]
+    argv = [
+        qemu,
+        "-name",
+        f"{name},process=qemu-{name}",
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-m",
+        str(memory_mib),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-kernel",
+        str(image.kernel),
+        "-initrd",
+        str(image.initrd),
+        "-append",
+        cmdline,
+        "-chardev",
+        f"socket,id=console0,path={console_socket},server=on,wait=off",
+        "-serial",
+        "chardev:console0",
+        "-qmp",
+        f"unix:{qmp_socket},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vserial0",
+    ]
     for index, (port_name, path) in enumerate(channels.items()):
-        argv += ["-chardev", f"socket,id=vport{index},path={path},server=on,wait=off",
-                 "-device", f"virtserialport,bus=vserial0.0,chardev=vport{index},name={port_name}"]
+        argv += [
+            "-chardev",
+            f"socket,id=vport{index},path={path},server=on,wait=off",
+            "-device",
+            f"virtserialport,bus=vserial0.0,chardev=vport{index},name={port_name}",
+        ]
     if start_paused:
         argv.append("-S")
     if pidfile is not None:
@@ -198,27 +309,46 @@ def qemu_argv(image: ImagePaths, *, name: str, console_socket: Path, qmp_socket:
     return argv
 
 
-def render_domain_xml(image: ImagePaths, *, name: str, console_socket: Path,
-                      memory_mib: int = 256, channel_name: str = CHANNEL_NAME,
-                      domain_type: str = "qemu", append: str = "",
-                      emulator: str = "/usr/bin/qemu-system-x86_64") -> str:
+def render_domain_xml(
+    image: ImagePaths,
+    *,
+    name: str,
+    console_socket: Path,
+    memory_mib: int = 256,
+    channel_name: str = CHANNEL_NAME,
+    domain_type: str = "qemu",
+    append: str = "",
+    emulator: str = "/usr/bin/qemu-system-x86_64",
+) -> str:
     """libvirt domain XML from ``vm-images/domain.xml.in`` (``type='qemu'`` = TCG).
 
-    The memd channel has no path: libvirt chooses it; read it back from the live domain XML.
-    The console socket's directory must be writable by the user libvirt runs QEMU as.
+    The console (``virsh console NAME``) is serial port 0, a pty, ttyS0 in the guest.
+    ``console_socket`` is serial port 1 (ttyS1), a unix socket QEMU listens on: the test harness's
+    own shell (:class:`tests.vm.console.GuestShell`); its directory must be writable by the user
+    libvirt runs QEMU as. The memd channel has no path: libvirt chooses it; read it back from the
+    live domain XML. The kernel and initrd are named where the image cache holds them: pruning
+    skips images a defined or running domain uses.
     """
     template = (source_root() / "vm-images" / "domain.xml.in").read_text()
     values = {
-        "NAME": name, "DOMAIN_TYPE": domain_type, "MEMORY_MIB": str(memory_mib),
-        "KERNEL": str(image.kernel), "INITRD": str(image.initrd),
-        "CMDLINE": f"{KERNEL_CMDLINE} {append}".strip(), "CONSOLE_SOCKET": str(console_socket),
-        "CHANNEL_NAME": channel_name, "EMULATOR": emulator,
+        "NAME": name,
+        "DOMAIN_TYPE": domain_type,
+        "MEMORY_MIB": str(memory_mib),
+        "KERNEL": str(image.kernel),
+        "INITRD": str(image.initrd),
+        "CMDLINE": f"{KERNEL_CMDLINE} {append}".strip(),
+        "CONSOLE_SOCKET": str(console_socket),
+        "CHANNEL_NAME": channel_name,
+        "EMULATOR": emulator,
     }
     unknown = set(re.findall(r"@([A-Z_]+)@", template)) - values.keys()
     if unknown:
         raise BackendError(f"domain.xml.in has placeholders nobody fills: {sorted(unknown)}.")
-    return re.sub(r"@([A-Z_]+)@",
-                  lambda m: escape(values[m.group(1)], {"'": "&apos;", '"': "&quot;"}), template)
+    return re.sub(
+        r"@([A-Z_]+)@",
+        lambda m: escape(values[m.group(1)], {"'": "&apos;", '"': "&quot;"}),
+        template,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -227,9 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     import shlex
     import sys
 
-    parser = argparse.ArgumentParser(prog="python3 -m hypervisor.vmimage",
-                                     description="Build the memd test guest image and show how "
-                                                 "to run it.")
+    parser = argparse.ArgumentParser(
+        prog="python3 -m hypervisor.vmimage",
+        description="Build the memd test guest image and show how to run it.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build (or find cached) and print the kernel and initrd paths")
     p_argv = sub.add_parser("argv", help="print the plain QEMU command line (TCG)")
@@ -251,13 +382,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"kernel={image.kernel}\ninitrd={image.initrd}\nmanifest={image.manifest}")
     elif args.command == "argv":
         directory = args.dir.resolve()
-        print(shlex.join(qemu_argv(image, name=args.name, memory_mib=args.memory_mib,
-                                   accel=args.accel,
-                                   console_socket=directory / f"{args.name}.console.sock",
-                                   qmp_socket=directory / f"{args.name}.qmp.sock")))
+        print(
+            shlex.join(
+                qemu_argv(
+                    image,
+                    name=args.name,
+                    memory_mib=args.memory_mib,
+                    accel=args.accel,
+                    console_socket=directory / f"{args.name}.console.sock",
+                    qmp_socket=directory / f"{args.name}.qmp.sock",
+                )
+            )
+        )
     else:
-        print(render_domain_xml(image, name=args.name, console_socket=args.console_socket,
-                                memory_mib=args.memory_mib), end="")
+        print(
+            render_domain_xml(
+                image,
+                name=args.name,
+                console_socket=args.console_socket,
+                memory_mib=args.memory_mib,
+            ),
+            end="",
+        )
     return 0
 
 

@@ -20,8 +20,11 @@ src=${MEMD_SRC:-$(dirname "$here")}
 # python3.11-minimal needs libc6, zlib1g, libexpat1 (checked with ldd); libssl3 only serves _ssl and
 # _hashlib, which python3-minimal's hashlib falls back from, so it is left out.
 PACKAGES=(busybox-static python3-minimal python3.11-minimal libpython3.11-minimal libc6 zlib1g libexpat1)
-# Load order matters without udev/modprobe: each module after the ones it depends on.
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console)
+# Load order matters without udev/modprobe: each module after the ones it depends on. button and
+# evdev (no dependencies) make the ACPI power button an input device busybox acpid reads: that is
+# how `virsh shutdown` (an ACPI power-button press) reaches the guest.
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console
+         button evdev)
 
 # Prints "package=version" for the guest kernel (the one linux-image-amd64 pins with "(= version)")
 # and every package above, at their candidate versions: exactly what gets unpacked. One apt-cache
@@ -150,6 +153,16 @@ install -m 0755 "$here/memd-port-links" "$root/sbin/memd-port-links"
 install -m 0644 "$here/inittab" "$root/etc/inittab"
 install -m 0644 "$here/profile" "$root/etc/profile"
 printf '%s\n' 'vport[0-9]+p[0-9]+ 0:0 600 ! */sbin/memd-port-links' '.* 0:0 600 !' > "$root/etc/mdev.conf"
+# busybox acpid (started by inittab) maps the power button's KEY_POWER to the action PWRF, which
+# this file names explicitly, and runs /etc/acpi/PWRF/00000080: a clean busybox poweroff (init
+# kills everything, syncs, powers off through ACPI; libvirt then reports the domain shut off).
+printf '%s\n' '# busybox acpid: action key, then the handler path under /etc/acpi' \
+    'PWRF PWRF/00000080' > "$root/etc/acpid.conf"
+mkdir -p "$root/etc/acpi/PWRF"
+printf '%s\n' '#!/bin/sh' \
+    '# ACPI power button (virsh shutdown, QMP system_powerdown): clean poweroff.' \
+    'exec /sbin/poweroff' > "$root/etc/acpi/PWRF/00000080"
+chmod 0755 "$root/etc/acpi/PWRF/00000080"
 printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
 printf 'root:x:0:\n' > "$root/etc/group"
 printf 'memd-guest\n' > "$root/etc/hostname"

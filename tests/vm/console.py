@@ -1,7 +1,8 @@
-"""Runs shell commands in a memd test guest through its serial console (a unix socket).
+"""Runs shell commands in a memd test guest through a serial port's shell (a unix socket).
 
 Works for any guest booted from the vm-images image, whoever started its QEMU: the plain-QEMU
-harness (tests/vm/harness.py) or libvirt (``<serial type='unix'>`` in vm-images/domain.xml.in).
+harness (tests/vm/harness.py: ttyS0, the only serial port) or libvirt (vm-images/domain.xml.in:
+ttyS1, ``<serial type='unix'>`` port 1, while ttyS0 is the pty ``virsh console`` opens).
 
 The console is a login shell on ttyS0 (vm-images/inittab), so nothing about the tty is trusted:
 each command travels base64-encoded into a file, runs under ``sh`` with stdin from /dev/null,
@@ -56,8 +57,10 @@ class GuestCommandError(GuestError):
     """A command run by :meth:`GuestShell.check` exited non-zero."""
 
     def __init__(self, command: str, result: CommandResult) -> None:
-        super().__init__(f"guest command {command!r} exited {result.status}: "
-                         f"{result.stderr.strip() or result.stdout.strip()}")
+        super().__init__(
+            f"guest command {command!r} exited {result.status}: "
+            f"{result.stderr.strip() or result.stdout.strip()}"
+        )
         self.result = result
 
 
@@ -181,16 +184,22 @@ class GuestShell:
         tmp = f"/tmp/.h{token}"
         encoded = base64.b64encode(command.encode()).decode()
         lines = [f": > {tmp}.b64"]
-        lines += [f"echo {encoded[i:i + _LINE_CHUNK]} >> {tmp}.b64"
-                  for i in range(0, len(encoded), _LINE_CHUNK)]
+        lines += [
+            f"echo {encoded[i : i + _LINE_CHUNK]} >> {tmp}.b64"
+            for i in range(0, len(encoded), _LINE_CHUNK)
+        ]
         start = self._send_lines(lines, token)
         self._console.send(
             f"base64 -d {tmp}.b64 > {tmp}.sh; sh {tmp}.sh < /dev/null > {tmp}.out 2> {tmp}.err;"
             f" rc=$?; printf '%s:%s\\n' MEMD-OUT {token}; base64 {tmp}.out;"
             f" printf '%s:%s\\n' MEMD-ERR {token}; base64 {tmp}.err;"
-            f" printf '%s:%s:%s\\n' MEMD-END {token} $rc; rm -f {tmp}.*\n".encode())
-        pattern = re.compile(rb"MEMD-OUT:%s\r?\n(.*?)MEMD-ERR:%s\r?\n(.*?)MEMD-END:%s:(\d+)\r?\n"
-                             % ((token.encode(),) * 3), re.DOTALL)
+            f" printf '%s:%s:%s\\n' MEMD-END {token} $rc; rm -f {tmp}.*\n".encode()
+        )
+        pattern = re.compile(
+            rb"MEMD-OUT:%s\r?\n(.*?)MEMD-ERR:%s\r?\n(.*?)MEMD-END:%s:(\d+)\r?\n"
+            % ((token.encode(),) * 3),
+            re.DOTALL,
+        )
         try:
             match = self._console.wait_for(pattern, start, timeout)
         except GuestError:
