@@ -11,8 +11,8 @@ import pytest
 
 from memd.agent import control
 from memd.cli import main
-from memd.errors import MemdError
 from tests.agent.conftest import RunningAgent
+from tests.support.users import as_nobody
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -72,25 +72,7 @@ def test_operator_mistakes_are_one_sentence(agent: RunningAgent, tmp_path: objec
 def test_other_users_are_refused(agent: RunningAgent, mode: int) -> None:
     os.chmod(os.path.dirname(agent.control), 0o755)  # let nobody reach the socket file
     os.chmod(agent.control, mode)  # 0666: only the SO_PEERCRED check stands in the way
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: become nobody, then ask the agent for its status
-        os.close(read_end)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            control.call("status", path=agent.control, timeout=10)
-            message = "served"
-        except MemdError as err:
-            message = f"{type(err).__name__}: {err}"
-        except BaseException as err:
-            message = f"unexpected {err!r}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        message = pipe.read()
-    os.waitpid(pid, 0)
+    message = as_nobody(lambda: control.call("status", path=agent.control, timeout=10) and "served")
     assert message.startswith("PermissionDenied: ")
 
 

@@ -29,6 +29,7 @@ from hypervisor.libvirt_host import LibvirtHost
 from hypervisor.libvirtd import ensure_libvirtd
 from hypervisor.qmp import info_mtree_flat, qom_set_merge, query_memdev
 from memd.errors import ChannelMissing, CommandFailed, MemdError, NotFound, Unavailable
+from tests.support.users import as_nobody
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
 
@@ -296,24 +297,11 @@ def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
 
 def test_a_user_libvirt_will_not_serve_is_told_so(host: LibvirtHost) -> None:
     """As `nobody`: an access problem is reported as one, not as 'is libvirtd running?'."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: become nobody, then open qemu:///system as memd guests --libvirt does
-        os.close(read_end)
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            LibvirtHost("qemu:///system", events=False).close()
-            message = "opened"
-        except MemdError as err:
-            message = f"{type(err).__name__}: {err}"
-        except BaseException as err:
-            message = f"unexpected {err!r}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        message = pipe.read()
-    os.waitpid(pid, 0)
+
+    def open_system() -> str:
+        LibvirtHost("qemu:///system", events=False).close()
+        return "opened"
+
+    message = as_nobody(open_system)
     assert message.startswith("PermissionDenied: "), message
     assert "is libvirtd running" not in message and "run memd as root" in message
