@@ -1,0 +1,120 @@
+"""An in-memory PersistentLog for unit tests: committed dicts plus a pending buffer.
+
+``crashed()`` is what a store would hold after the process died right now: the
+committed state only, as a fresh log (pending writes lost, exactly like a process
+killed before its transaction committed).  ``fail_next_commit`` makes the next commit
+raise, after which the pending writes stay pending.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tmem.durable import ClientRecord, PoolRecord, StoredState
+
+_PAGE_COST = 64
+_BLOB_COST = 32
+
+Key = tuple[int, int, int, int, int]
+
+
+class FakeLog:
+    """Not thread-safe by itself: TmemHost calls it under its lock."""
+
+    def __init__(self) -> None:
+        self.clients: dict[str, ClientRecord] = {}
+        self.pools: dict[int, PoolRecord] = {}
+        self.blobs: dict[int, tuple[int, int, bytes]] = {}
+        self.pages: dict[Key, int] = {}
+        self.meta: dict[str, Any] = {}
+        self.pending: list[tuple[str, Any, Any]] = []
+        self._pending_blobs: dict[int, bytes | None] = {}
+        self._pending_bytes = 0
+        self.commits = 0
+        self.budget = 0
+        self.fail_next_commit = False
+
+    # -- PersistentLog ---------------------------------------------------------------------
+
+    def put_client(self, record: ClientRecord) -> None:
+        self.pending.append(("client", record.name, copy.deepcopy(record)))
+
+    def drop_client(self, name: str) -> None:
+        self.pending.append(("client", name, None))
+
+    def put_pool(self, record: PoolRecord) -> None:
+        self.pending.append(("pool", record.gid, copy.deepcopy(record)))
+
+    def drop_pool(self, gid: int) -> None:
+        self.pending.append(("pool", gid, None))
+
+    def put_blob(self, blob: int, h: int, scope: int, payload: bytes) -> None:
+        self.pending.append(("blob", blob, (h, scope, payload)))
+        self._pending_blobs[blob] = payload
+        self._pending_bytes += len(payload) + _BLOB_COST
+
+    def drop_blob(self, blob: int) -> None:
+        self.pending.append(("blob", blob, None))
+        self._pending_blobs[blob] = None
+
+    def put_page(self, gid: int, oid: tuple[int, int, int], index: int, blob: int) -> None:
+        self.pending.append(("page", (gid, *oid, index), blob))
+        self._pending_bytes += _PAGE_COST
+
+    def drop_page(self, gid: int, oid: tuple[int, int, int], index: int) -> None:
+        self.pending.append(("page", (gid, *oid, index), None))
+
+    def payload(self, blob: int) -> bytes:
+        if blob in self._pending_blobs:
+            data = self._pending_blobs[blob]
+            assert data is not None, f"blob {blob} was dropped"
+            return data
+        return self.blobs[blob][2]
+
+    def commit(self) -> None:
+        if self.fail_next_commit:
+            self.fail_next_commit = False
+            raise OSError("injected commit failure")
+        if not self.pending:
+            return
+        tables: dict[str, dict[Any, Any]] = {
+            "client": self.clients, "pool": self.pools, "blob": self.blobs, "page": self.pages}
+        for kind, key, value in self.pending:
+            table = tables[kind]
+            if value is None:
+                del table[key]  # a drop of something absent is a host bug: fail loudly
+            else:
+                table[key] = value
+        self.pending.clear()
+        self._pending_blobs.clear()
+        self._pending_bytes = 0
+        self.commits += 1
+
+    def bytes_used(self) -> int:
+        committed = sum(len(p) + _BLOB_COST for _, _, p in self.blobs.values())
+        return committed + len(self.pages) * _PAGE_COST + self._pending_bytes
+
+    def set_budget(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+
+    def load(self) -> StoredState:
+        return StoredState(
+            clients=[copy.deepcopy(c) for c in self.clients.values()],
+            pools=[copy.deepcopy(p) for p in self.pools.values()],
+            blobs=sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()),
+            pages=sorted((*k, b) for k, b in self.pages.items()),
+            meta=dict(self.meta),
+        )
+
+    # -- for tests -------------------------------------------------------------------------
+
+    def crashed(self) -> FakeLog:
+        """A new log holding only what was committed (the process died now)."""
+        other = FakeLog()
+        other.clients = copy.deepcopy(self.clients)
+        other.pools = copy.deepcopy(self.pools)
+        other.blobs = dict(self.blobs)
+        other.pages = dict(self.pages)
+        other.meta = dict(self.meta)
+        return other
