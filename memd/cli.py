@@ -99,9 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ksm-steer", action="store_true",
                    help="drive KSM by the gap between potential and realized sharing of the "
                    "attached QEMUs (knobs are restored on exit)")
-    c.add_argument("--state", default=str(paths.tmem_snapshot()), metavar="FILE",
-                   help="persistent pools survive a graceful restart through FILE ('' = off; "
-                   "default $MEMD_STATE_DIR/tmem.snapshot, else /var/lib/memd/tmem.snapshot)")
+    c.add_argument("--store", default=None, metavar="DIR",
+                   help="crash-safe store of persistent tmem pages (default $MEMD_RUN_DIR/store, "
+                   "else /run/memd/store, on tmpfs: survives the agent, not the host; "
+                   "'' = none, pages die with the agent)")
+    c.add_argument("--durable", action="store_true",
+                   help="fsync every store commit, so acknowledged pages survive a power loss "
+                   "(use with --store on disk)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")

@@ -3,6 +3,11 @@
 The embedded default is an in-process :class:`~hypervisor.simmachine.SimMachine`
 holding the memory of simulated guests; real guests come in through channels added
 by the operator (``attach``) or by the libvirt follower.
+
+With a store (:class:`~hypervisor.lmdb_store.LmdbStore`, always for ``memd serve``) the
+tmem host writes its persistent state through it and is rebuilt from it at start: guests'
+boot ids and reboot counts come back from their client records, opted-out VMs from the
+store's meta records.  There is no other restart mechanism.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 import uuid
@@ -24,11 +28,11 @@ from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
 from sharing.manager import SharingManager
-from tmem import snapshot
 from tmem.host import TmemHost
 
 if TYPE_CHECKING:
     from hypervisor.ksm_steer import KsmSteering
+    from hypervisor.lmdb_store import LmdbStore
     from hypervisor.qemu_machine import QemuMachine
     from hypervisor.qmp import Monitor
     from hypervisor.real_sharing import QemuSharing
@@ -40,9 +44,11 @@ class AgentApp:
     """Everything one `memd serve` process owns."""
 
     def __init__(self, *, budget_bytes: int = 256 << 20, sim_frames: int = 0,
-                 guest_cap_bytes: int | None = None) -> None:
+                 guest_cap_bytes: int | None = None, store: LmdbStore | None = None) -> None:
         self.started = time.time()
-        self.tmem = TmemHost(budget_bytes=budget_bytes)
+        #: Where persistent tmem state lives (None: in memory only, lost with the process).
+        self.store = store
+        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
         self.sharing: SharingService | None = (
             SharingService(SharingManager(self.machine)) if self.machine else None)
@@ -63,42 +69,31 @@ class AgentApp:
         #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
         self.opted_out: set[str] = set()
         self.extra_commands: dict[str, Handler] = {}
+        if store is not None:
+            self._reopen(store)
 
-    def load_state(self, path: str) -> int:
-        """Restore a graceful-stop snapshot, then delete it (a later crash must not bring
-        back pages guests have since flushed).  → guests restored."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return 0
-        extra = snapshot.load(self.tmem, [data])
-        os.unlink(path)
-        reboots = dict(extra.get("reboots", {}))
-        self.opted_out.update(str(vm) for vm in extra.get("opted_out", []))
-        for name, boot_hex in dict(extra.get("boot_ids", {})).items():
-            guest = self.agent.guests.setdefault(name, GuestState(name))
-            guest.boot_id = bytes.fromhex(boot_hex)
-            guest.reboots = int(reboots.get(name, 0))
-        log.info("restored tmem state of %d guests from %s", len(self.tmem.client_names()), path)
-        return len(self.tmem.client_names())
+    def _reopen(self, store: LmdbStore) -> None:
+        """Rebuild tmem from the store and the guests' boot ids from their records."""
+        t0 = time.monotonic()
+        state = store.load()
+        findings = self.tmem.restore(state)
+        for finding in findings:
+            log.error("tmem store: %s", finding, extra={"event": "store-repair"})
+        for name in self.tmem.client_names():
+            meta = self.tmem.client_meta(name)
+            if "boot_id" in meta:
+                guest = self.agent.guests.setdefault(name, GuestState(name))
+                guest.boot_id = bytes.fromhex(str(meta["boot_id"]))
+                guest.reboots = int(meta.get("reboots", 0))
+        self.opted_out.update(str(vm) for vm in state.meta.get("opted_out", []))
+        stats = self.tmem.store_stats()
+        log.info("tmem store %s: %d guests, %d persistent pages back in %.2f s",
+                 store.path, len(self.tmem.client_names()), stats.persistent_pages,
+                 time.monotonic() - t0, extra={"event": "store-reopened"})
 
-    def save_state(self, path: str) -> None:
-        """Write the snapshot atomically (temp file + rename)."""
-        boot_ids = {n: g.boot_id.hex() for n, g in self.agent.guests.items() if g.boot_id}
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            reboots = {n: g.reboots for n, g in self.agent.guests.items()}
-            extra = {"boot_ids": boot_ids, "reboots": reboots,
-                     "opted_out": sorted(self.opted_out)}
-            for chunk in snapshot.dump(self.tmem, extra=extra):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        log.info("saved tmem state to %s", path)
+    def _save_opted_out(self) -> None:
+        if self.store is not None:
+            self.store.put_meta("opted_out", sorted(self.opted_out))
 
     async def start(self, control_path: str | None) -> None:
         self.agent.start()
@@ -133,6 +128,7 @@ class AgentApp:
             # agent crash): that is the operator's choice, and a guest's NOMINATE must
             # not undo it.  `memd optin` turns it on.
             self.opted_out.add(name)
+            self._save_opted_out()
         return domid
 
     def _qemu_machine(self) -> QemuMachine:
@@ -234,8 +230,10 @@ class AgentApp:
         steering = self.steering or KsmSteering(self.qemu)
         if merge:
             self.opted_out.discard(vm)
+            self._save_opted_out()
             return steering.opt_in(vm)
         self.opted_out.add(vm)
+        self._save_opted_out()
         return steering.opt_out(vm)
 
     def add_command(self, name: str, handler: Handler) -> None:
@@ -282,6 +280,9 @@ class AgentApp:
             "guests": len(self.agent.channels),
             "connected": sum(1 for c in guests if c.guest.connected),
             "tmem": self.tmem.store_stats().to_dict(),
+            "store": None if self.store is None else {
+                "path": str(self.store.path), "durable": self.store.durable,
+                "bytes_used": self.store.bytes_used(), "file_bytes": self.store.file_bytes()},
             "sharing": self.sharing.stats() if self.sharing else None,
         }
 

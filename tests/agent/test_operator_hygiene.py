@@ -118,28 +118,38 @@ def _persistent_client(app: AgentApp, name: str, pages: int) -> None:
         app.tmem.put(name, pool, (1, 0, 0), i, bytes([i % 251 + 1]) * 4096)
 
 
-def test_snapshot_says_who_wrote_it_and_foreign_ones_are_set_aside(
+def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    state = tmp_path / "tmem.snapshot"
-    writer = AgentApp(budget_bytes=8 << 20)
+    from hypervisor.lmdb_store import LmdbStore
+    from memd.errors import BackendError
+
+    where = tmp_path / "store"
+    prod = str(tmp_path / "prod.sock")
+
+    def store(control: str | None) -> LmdbStore:
+        return LmdbStore(where, budget_bytes=8 << 20, control_path=control,
+                         host_boot_id=paths.host_boot_id())
+
+    writer = AgentApp(budget_bytes=8 << 20, store=store(prod))
     _persistent_client(writer, "g0", 10)
-    writer.save_state(str(state))
+    with pytest.raises(BackendError, match="in use by another memd agent"):
+        store(prod)  # two agents on one store: never
+    assert writer.store is not None
+    writer.store.close()
     # The same agent (same control socket, same host boot) gets its pages back.
-    again = AgentApp(budget_bytes=8 << 20)
-    assert again.load_state(str(state), control_path=None) == 1
-    assert again.tmem.store_stats().persistent_pages == 10 and not state.exists()
-    # Another agent's snapshot (a benchmark's, say) is not loaded.
-    again.control.path = str(tmp_path / "bench.sock")
-    again.save_state(str(state))
-    other = AgentApp(budget_bytes=8 << 20)
-    assert other.load_state(str(state), control_path=str(tmp_path / "prod.sock")) == 0
-    assert other.tmem.client_names() == [] and (tmp_path / "tmem.snapshot.stale").exists()
+    again = AgentApp(budget_bytes=8 << 20, store=store(prod))
+    assert again.tmem.store_stats().persistent_pages == 10
+    assert again.store is not None
+    again.store.close()
+    # Another agent's store (a benchmark's, say) is refused, in one sentence.
+    with pytest.raises(BackendError, match="belongs to the agent serving .*prod.sock"):
+        store(str(tmp_path / "bench.sock"))
     # One written before the host rebooted describes guests that are gone.
-    os.replace(tmp_path / "tmem.snapshot.stale", state)
     monkeypatch.setattr(paths, "host_boot_id", lambda: "another-boot")
-    fresh = AgentApp(budget_bytes=8 << 20)
-    assert fresh.load_state(str(state), control_path=str(tmp_path / "bench.sock")) == 0
+    fresh = AgentApp(budget_bytes=8 << 20, store=store(prod))
     assert fresh.tmem.client_names() == []
+    assert fresh.store is not None
+    fresh.store.close()
 
 
 def test_clients_lists_unattached_and_drop_needs_confirmation(
@@ -147,7 +157,7 @@ def test_clients_lists_unattached_and_drop_needs_confirmation(
         monkeypatch: pytest.MonkeyPatch) -> None:
     sock = ("--socket", agent.control)
     agent.add_guest("live")
-    _persistent_client(agent.app, "g0", 5)  # as a restored snapshot leaves it
+    _persistent_client(agent.app, "g0", 5)  # as a reopened store leaves it
     rows = {r["client"]: r for r in json.loads(run(capsys, *sock, "clients", "--json")[1])}
     assert rows["g0"]["attached"] is False and rows["g0"]["persistent_pages"] == 5
     code, out, _ = run(capsys, *sock, "status")
@@ -201,7 +211,7 @@ def test_json_log_lines_name_the_event_and_the_vm(tmp_path: Path) -> None:
     control = tmp_path / "control.sock"
     guest = tmp_path / "g.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve", "--state", "",
+        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve", "--store", "",
          "--log-json", "--listen", f"vm-log={guest}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
