@@ -142,7 +142,7 @@ def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
     assert again.store is not None
     again.store.close()
     # Another agent's store (a benchmark's, say) is refused, in one sentence.
-    with pytest.raises(BackendError, match="belongs to the agent serving .*prod.sock"):
+    with pytest.raises(BackendError, match=r"belongs to the agent serving .*prod\.sock"):
         store(str(tmp_path / "bench.sock"))
     # One written before the host rebooted describes guests that are gone.
     monkeypatch.setattr(paths, "host_boot_id", lambda: "another-boot")
