@@ -79,6 +79,7 @@ def audit_host(host: TmemHost) -> list[str]:
             if member is None or member.pools[local] != gid:
                 issues.append(f"pool {gid}: member {cname} does not map it at {local}")
 
+    refs.update(host._pins)  # references held by puts in flight (between their phases)
     blobs = store.live_blob_ids()
     if len(blobs) != store.live_blobs:
         issues.append(f"live_blobs counter {store.live_blobs} != {len(blobs)}")

@@ -51,6 +51,7 @@ from __future__ import annotations
 import sys
 import threading
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -163,6 +164,9 @@ class TmemHost:
         self._next_gid = 0
         self._next_scope = 1
         self._evictions = 0
+        #: Blob references taken by puts between their two locked phases (the audit
+        #: counts them: the slot that will own each does not exist yet).
+        self._pins: Counter[int] = Counter()
 
     # =====================================================================================
     # host control
@@ -653,11 +657,17 @@ class TmemHost:
             pool = self._pool(client, pool_id, op)
             scope = self._scope(client, pool)
             pins = self._store.pin_matches(hashes, pages, scope)
+            pinned = [p for p in pins if p >= 0]
+            if pinned:
+                self._pins.update(pinned)
         encoded: list[EncodedPage] = [
             (h, b"" if h < 0 or pin >= 0 else compress_page(page), pin)
             for h, page, pin in zip(hashes, pages, pins, strict=True)
         ]  # no lock: lz4 runs here, in parallel across threads
         with self._writing():
+            if pinned:  # from here on each is a slot's reference, or released
+                self._pins.subtract(pinned)
+                self._pins += Counter()  # drop the zeros
             try:
                 client = self._client(name, op)
                 pool = self._pool(client, pool_id, op)

@@ -4,8 +4,9 @@ The log holds clients, pools, persistent pages and blobs; everything else — re
 per-pool and per-client counters, the dedup index, object maps, free lists — is
 recomputed here, which is why the log needs one record write per page and none per
 counter.  Records that cannot be used (a page of a missing pool or blob, a pool whose
-owner is missing, a blob no page references) are dropped from the log as well and
-reported; the audit then finds memory and store equal.
+owner is missing) are dropped from the log as well and reported; a blob no page
+references (one an in-flight put had pinned when the agent died) is dropped silently.
+The audit then finds memory and store equal.
 
 Runs under the host's lock (:meth:`TmemHost.restore`), into a host with no clients.
 """
@@ -72,7 +73,8 @@ def restore_host(host: TmemHost, state: StoredState) -> list[str]:
         if blob in lengths and blob and refs[blob]:
             kept.append(blob_rec)
         else:
-            findings.append(f"blob {blob}: no page references it (or not external); dropped")
+            # Normal after a crash: a put had pinned this blob as a duplicate, the page
+            # that owned it was flushed, and the agent died before the put stored its page.
             log.drop_blob(blob)
     host._store.restore(kept, refs)
 
