@@ -3,7 +3,9 @@
 LMDB is a copy-on-write B+tree in one memory-mapped file with one writer: after the
 process dies at any instant the file holds exactly the last committed transaction.
 ``sync=False`` (the default here) keeps that guarantee against any crash of the agent
-and gives up only power-loss durability; ``durable=True`` fsyncs every commit.  The
+and gives up only power-loss durability; ``durable=True`` fsyncs every commit.
+``writemap`` stays off: measured here it is no faster on tmpfs for this write mix
+(fresh pages fault in through the map), and a stray write cannot reach the file.  The
 default directory is on tmpfs (``$MEMD_RUN_DIR/store``): it survives the agent and dies
 with the host, like the guests whose pages it holds.
 
@@ -17,13 +19,15 @@ database    key                                  value
 ``clients`` client name (utf-8)                  JSON: scope, weight, cap, dedup, frozen,
                                                  authorised UUIDs, the agent's meta
 ``pools``   u32 gid                              JSON: kind, uuid, owner, members
-``pages``   u32 gid, u64 oid ×3, u32 index       u32 blob id (little-endian)
+``pages``   u32 gid, u64 oid ×3, u32 chunk       u64 bitmap of the chunk's 64 indexes,
+            (index // 64)                        then a u32 blob id per set bit (LE)
 ``blobs``   u32 blob id                          u64 xxh3, u32 scope (little-endian),
                                                  then the payload
 =========== ==================================== =========================================
 
 Refcounts and every counter are recomputed at reopen (``tmem.restore``), so a put
-writes one page record and, for new content only, one blob record.
+writes the record of its radix chunk (one per 64 neighbouring pages: a batch is one
+or two records) and, for new content only, one blob record.
 
 Writes are buffered (``_pending``) while TmemHost runs an operation and applied in one
 write transaction by :meth:`commit`; a buffered blob's payload is served from
@@ -49,6 +53,9 @@ import logging
 import os
 import struct
 import threading
+from array import array
+from collections.abc import Sequence
+from itertools import groupby, pairwise
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +63,7 @@ import lmdb
 import numpy as np
 
 from memd.errors import BackendError, NoSpace
-from tmem.durable import ClientRecord, PoolRecord, StoredState
+from tmem.durable import CHUNK_PAGES, ClientRecord, PoolRecord, StoredState
 
 log = logging.getLogger("memd.store")
 
@@ -68,12 +75,19 @@ MIN_SLACK = 64 << 20
 _PAGE_KEY = struct.Struct(">IQQQI")
 _BLOB_KEY = struct.Struct(">I")
 _BLOB_HEAD = struct.Struct("<QI")
-_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 #: Largest node LMDB keeps inside a 4 KiB leaf page; bigger values go to overflow pages.
 _NODE_MAX = ((PSIZE - 16) // 2 & -2) - 2
-_PAGE_RECORD_COST = 8 + _PAGE_KEY.size + 4 + 2
-_PAGE_DTYPE = np.dtype([("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"),
-                        ("index", ">u4")])
+_CHUNK_RECORD_COST = 8 + _PAGE_KEY.size + 8 + 2
+_KEY_DTYPE = np.dtype([("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"),
+                       ("chunk", ">u4")])
+
+
+def _host_boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def map_size_for(budget_bytes: int) -> int:
@@ -95,9 +109,11 @@ class LmdbStore:
     """A PersistentLog on LMDB (see the module docstring for the layout and locking)."""
 
     def __init__(self, path: str | Path, *, budget_bytes: int, durable: bool = False,
-                 control_path: str | None = None, host_boot_id: str = "unknown") -> None:
+                 control_path: str | None = None, host_boot_id: str | None = None) -> None:
         self.path = Path(path)
         self.durable = durable
+        if host_boot_id is None:
+            host_boot_id = _host_boot_id()
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lockfd = os.open(self.path / "memd.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -109,7 +125,7 @@ class LmdbStore:
         self._lock = threading.Lock()
         self._budget = budget_bytes
         self.env = lmdb.open(
-            str(self.path), map_size=map_size_for(budget_bytes), max_dbs=8, writemap=True,
+            str(self.path), map_size=map_size_for(budget_bytes), max_dbs=8, writemap=False,
             sync=durable, metasync=durable, readahead=False, meminit=False, lock=True)
         names = ("meta", "clients", "pools", "pages", "blobs")
         self._meta, self._clients, self._pools, self._pages, self._blobs = (
@@ -121,14 +137,19 @@ class LmdbStore:
         self._pending_bytes = 0
         self._committed_bytes = 0
         self.commits = 0
-        # Keys above the highest stored one are appended (LMDB then fills pages fully
-        # instead of splitting them in half).
+        # Keys above the highest key ever stored are appended (LMDB then fills pages
+        # fully instead of splitting them in half).  ``_top`` is at least the highest key
+        # in the database: it only grows (deletes leave it), so an append is never refused.
         self._top: dict[Any, bytes] = {}
+        #: A read transaction kept for payload reads, replaced after every commit (a
+        #: fresh one per read costs more than the read); None while a commit runs.
+        self._reader: lmdb.Transaction | None = None
         try:
             self._check_owner(control_path, host_boot_id)
         except BaseException:
             self.close()
             raise
+        self._reader = self.env.begin(db=self._blobs)
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -161,8 +182,15 @@ class LmdbStore:
                 self._top[db] = cursor.key() if cursor.last() else b""
             self._committed_bytes = self._used_pages(txn) * PSIZE
 
+    def _end_reader(self) -> bool:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.abort()
+        return reader is not None
+
     def close(self) -> None:
         with self._lock:
+            self._end_reader()
             self.env.close()
             os.close(self._lockfd)
 
@@ -197,13 +225,18 @@ class LmdbStore:
         self._pending.append((self._blobs, _BLOB_KEY.pack(blob), None))
         self._pending_blobs[blob] = None
 
-    def put_page(self, gid: int, oid: tuple[int, int, int], index: int, blob: int) -> None:
-        self._pending.append((self._pages, _PAGE_KEY.pack(gid, *oid, index), _U32.pack(blob)))
-        self._pending_bytes += _PAGE_RECORD_COST
+    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
+                  entries: Sequence[tuple[int, int]]) -> None:
+        bitmap = 0
+        base = chunk * CHUNK_PAGES
+        for index, _ in entries:
+            bitmap |= 1 << (index - base)
+        value = _U64.pack(bitmap) + array("I", [blob for _, blob in entries]).tobytes()
+        self._pending.append((self._pages, _PAGE_KEY.pack(gid, *oid, chunk), value))
+        self._pending_bytes += _CHUNK_RECORD_COST + 4 * len(entries)
 
-    def drop_page(self, gid: int, oid: tuple[int, int, int], index: int) -> None:
-        self._pending.append((self._pages, _PAGE_KEY.pack(gid, *oid, index), None))
-        self._pending_bytes -= _PAGE_RECORD_COST
+    def drop_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int) -> None:
+        self._pending.append((self._pages, _PAGE_KEY.pack(gid, *oid, chunk), None))
 
     # -- PersistentLog: reads, commit, accounting ------------------------------------------
 
@@ -211,22 +244,27 @@ class LmdbStore:
         pending = self._pending_blobs.get(blob, b"")
         if pending:
             return pending
-        with self._lock, self.env.begin(db=self._blobs) as txn:
-            value = txn.get(_BLOB_KEY.pack(blob))
+        with self._lock:
+            assert self._reader is not None
+            value = self._reader.get(_BLOB_KEY.pack(blob))
         if value is None:
             raise BackendError(f"tmem store: blob {blob} is missing", target=str(self.path))
-        return value[_BLOB_HEAD.size:]
+        return bytes(value[_BLOB_HEAD.size:])
 
     def commit(self) -> None:
         with self._lock:
             if not self._pending:
                 return
-            while True:
-                try:
-                    self._apply()
-                    break
-                except lmdb.MapFullError:
-                    self._grow()
+            self._end_reader()  # no transaction may be open when the map grows
+            try:
+                while True:
+                    try:
+                        self._apply()
+                        break
+                    except lmdb.MapFullError:
+                        self._grow()
+            finally:
+                self._reader = self.env.begin(db=self._blobs)
             self._pending = []
             self._pending_blobs.clear()
             self._pending_bytes = 0
@@ -236,14 +274,27 @@ class LmdbStore:
         """One write transaction with every buffered write (aborted whole on error)."""
         top = self._top
         with self.env.begin(write=True) as txn:
-            for db, key, value in self._pending:
-                if value is None:
-                    txn.delete(key, db=db)
-                elif db in top and key > top[db]:
-                    txn.put(key, value, db=db, append=True)
-                    top[db] = key
-                else:
-                    txn.put(key, value, db=db)
+            # Runs of puts to one database go through putmulti (a loop in C); a run whose
+            # keys ascend above every stored key is appended (pages filled, not split).
+            for (db, is_put), run in groupby(self._pending, key=lambda w: (w[0], w[2] is not None)):
+                if not is_put:
+                    for _, key, _ in run:
+                        txn.delete(key, db=db)
+                    continue
+                items = [(key, value) for _, key, value in run if value is not None]
+                keys = [k for k, _ in items]
+                if db not in top:
+                    txn.cursor(db=db).putmulti(items)
+                    continue
+                ascending = keys[0] > top[db] and all(a < b for a, b in pairwise(keys))
+                _, added = txn.cursor(db=db).putmulti(items, append=ascending)
+                if added != len(items):
+                    # MDB_APPEND skips (silently) a key that is not above the last one:
+                    # never expected, since ``top`` only grows, but never a lost write.
+                    log.error("tmem store: append refused %d of %d keys; rewritten",
+                              len(items) - added, len(items))
+                    txn.cursor(db=db).putmulti(items)
+                top[db] = max(top[db], max(keys))  # every put, appended or not
             used = self._used_pages(txn) * PSIZE
         self._committed_bytes = used
 
@@ -271,7 +322,10 @@ class LmdbStore:
         with self._lock:
             self._budget = budget_bytes
             used = (self.env.info()["last_pgno"] + 1) * PSIZE
+            had_reader = self._end_reader()
             self.env.set_mapsize(max(map_size_for(budget_bytes), used))
+            if had_reader:
+                self._reader = self.env.begin(db=self._blobs)
 
     def file_bytes(self) -> int:
         """Bytes of the data file the database spans (its high-water mark)."""
@@ -308,11 +362,17 @@ class LmdbStore:
                 keys.append(key)
                 values.append(value)
         if keys:
-            cols = np.frombuffer(b"".join(keys), dtype=_PAGE_DTYPE)
-            blobs = np.frombuffer(b"".join(values), dtype="<u4")
-            state.pages = list(zip(cols["gid"].tolist(), cols["o0"].tolist(),
-                                   cols["o1"].tolist(), cols["o2"].tolist(),
-                                   cols["index"].tolist(), blobs.tolist(), strict=True))
+            cols = np.frombuffer(b"".join(keys), dtype=_KEY_DTYPE)
+            pages = state.pages
+            for gid, o0, o1, o2, chunk, value in zip(
+                    cols["gid"].tolist(), cols["o0"].tolist(), cols["o1"].tolist(),
+                    cols["o2"].tolist(), cols["chunk"].tolist(), values, strict=True):
+                bitmap = _U64.unpack_from(value)[0]
+                base = chunk * CHUNK_PAGES
+                indexes = [base + i for i in range(CHUNK_PAGES) if bitmap >> i & 1]
+                blobs = np.frombuffer(value, dtype="<u4", offset=8).tolist()
+                pages.extend((gid, o0, o1, o2, index, blob)
+                             for index, blob in zip(indexes, blobs, strict=True))
         return state
 
     # -- the agent's own records -----------------------------------------------------------

@@ -6,7 +6,8 @@ the agent dies at any instant — clients (name, settings, dedup scope, the agen
 per-client metadata such as the guest's boot id), every pool (ephemeral pools too, so
 pool ids stay valid), persistent pages and their blobs — is written through a
 :class:`PersistentLog` that TmemHost calls for every such mutation, *under its own
-lock*, and committed before the lock is released (or, inside
+lock* (pages as whole radix-chunk records, written for the chunks that operations
+touched just before the commit), and committed before the lock is released (or, inside
 :meth:`TmemHost.deferred`, before the caller acknowledges anything).
 
 Invariant: whenever TmemHost's lock is free and no deferral is open, the log's committed
@@ -25,8 +26,15 @@ This module is pure: records and a ``typing.Protocol``.  The LMDB implementation
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from tmem.pages import RADIX_FANOUT
+
+#: Pages per chunk record: one record per radix chunk of an object (tmem.pages), so a
+#: batch of neighbouring pages is one write, and a restart reads 1/64 of the records.
+CHUNK_PAGES = RADIX_FANOUT
 
 #: Bit set in the dedup scope of blobs that live in the log (persistent pools of a host
 #: with a log): persistent and ephemeral blobs never de-duplicate against each other.
@@ -97,9 +105,16 @@ class PersistentLog(Protocol):
 
     def drop_blob(self, blob: int) -> None: ...
 
-    def put_page(self, gid: int, oid: tuple[int, int, int], index: int, blob: int) -> None: ...
+    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
+                  entries: Sequence[tuple[int, int]]) -> None:
+        """The persistent pages of one radix chunk — indexes ``chunk * CHUNK_PAGES`` up
+        to the next chunk — as (index, blob) pairs in index order (at least one): the
+        whole chunk's record, replacing the previous one."""
+        ...
 
-    def drop_page(self, gid: int, oid: tuple[int, int, int], index: int) -> None: ...
+    def drop_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int) -> None:
+        """The chunk holds no page any more."""
+        ...
 
     def payload(self, blob: int) -> bytes:
         """The payload of a stored blob, including one written but not yet committed."""

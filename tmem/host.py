@@ -70,6 +70,7 @@ from tmem.durable import EXTERNAL_SCOPE, ClientRecord, PersistentLog, PoolRecord
 from tmem.pages import (
     CHUNK_META_BYTES,
     OBJ_META_BYTES,
+    RADIX_BITS,
     SLOT_META_BYTES,
     LruList,
     PageTable,
@@ -167,6 +168,9 @@ class TmemHost:
         #: Blob references taken by puts between their two locked phases (the audit
         #: counts them: the slot that will own each does not exist yet).
         self._pins: Counter[int] = Counter()
+        #: Radix chunks of persistent objects changed since the last commit:
+        #: (pool gid, oid, chunk number); written to the log just before it commits.
+        self._dirty: set[tuple[int, Oid, int]] = set()
 
     # =====================================================================================
     # host control
@@ -253,7 +257,7 @@ class TmemHost:
                 if not self._defer_depth:
                     self._deferring = None
                     if self._log is not None:
-                        self._log.commit()
+                        self._commit_log()
 
     def restore(self, state: StoredState) -> list[str]:
         """Rebuild an empty host from what its log held (a restart).  → findings about
@@ -577,7 +581,7 @@ class TmemHost:
         with self._writing():
             issues = audit_host(self)
             if self._log is not None:
-                self._log.commit()  # a deferring thread's writes too: compare like with like
+                self._commit_log()  # a deferring thread's writes too: compare like with like
                 issues += audit_log(self, self._log.load())
             return issues
 
@@ -594,7 +598,27 @@ class TmemHost:
                 yield
             finally:
                 if self._log is not None and self._deferring != threading.get_ident():
-                    self._log.commit()
+                    self._commit_log()
+
+    def _commit_log(self) -> None:
+        """Write the dirty chunks' records from memory, then commit (lock held)."""
+        log = self._log
+        assert log is not None
+        if self._dirty:
+            pages = self._pages
+            blob_col, index_col = pages.blob, pages.index
+            for gid, oid, chunk_no in self._dirty:
+                pool = self._pools.get(gid)
+                objno = None if pool is None else pool.objects.get(oid)
+                radix = None if objno is None else pages.radix[objno]
+                chunk = None if radix is None else radix.get(chunk_no)
+                if chunk is None:
+                    log.drop_chunk(gid, oid, chunk_no)
+                else:
+                    log.put_chunk(gid, oid, chunk_no, [(index_col[s], blob_col[s])
+                                                       for s in chunk if s >= 0])
+            self._dirty.clear()
+        log.commit()
 
     def _log_client(self, client: _Client) -> None:
         if self._log is not None:
@@ -745,7 +769,7 @@ class TmemHost:
                 objno = objects[oid] = pages.new_object(pool.gid, oid)
             slot = pages.add(objno, index, blob, lru)  # the slot now owns the reference
             if log is not None:
-                log.put_page(pool.gid, oid, index, blob)
+                self._dirty.add((pool.gid, oid, index >> RADIX_BITS))
             pool.pages += 1
             pool.bytes_stored += store.payload_length(blob)
             if lru is None:
@@ -796,9 +820,8 @@ class TmemHost:
         pages.add_many(objnos, [index for _, index in handles], blobs, lru)
         log = self._log
         if lru is None and log is not None:
-            gid, put_page = pool.gid, log.put_page
-            for (oid, index), blob in zip(handles, blobs, strict=True):
-                put_page(gid, oid, index, blob)
+            gid = pool.gid
+            self._dirty.update([(gid, oid, index >> RADIX_BITS) for oid, index in handles])
         n = len(items)
         pool.pages += n
         length = store.payload_length
@@ -853,7 +876,7 @@ class TmemHost:
         objno = pages.obj[slot]
         lru = self._owner_lru(pool)
         if pool.persistent and self._log is not None:
-            self._log.drop_page(pool.gid, pages.oid_of(objno), pages.index[slot])
+            self._dirty.add((pool.gid, pages.oid_of(objno), pages.index[slot] >> RADIX_BITS))
         blob = pages.remove(slot, lru)
         pool.pages -= 1
         pool.bytes_stored -= self._store.payload_length(blob)

@@ -17,6 +17,7 @@ from itertools import groupby
 from typing import TYPE_CHECKING
 
 from tmem.durable import EXTERNAL_SCOPE, StoredState
+from tmem.pages import RADIX_BITS
 from tmem.types import MAX_POOLS_PER_CLIENT
 
 if TYPE_CHECKING:
@@ -61,9 +62,11 @@ def restore_host(host: TmemHost, state: StoredState) -> list[str]:
         gid, o0, o1, o2, index, blob = rec
         found = host._pools.get(gid)
         if found is None or not found.persistent or (blob and blob not in lengths):
+            why = ("its pool is gone" if found is None else "its pool is ephemeral"
+                   if not found.persistent else "its blob is gone")
             findings.append(f"page {gid}/{o0:x}.{o1:x}.{o2:x}/{index} -> blob {blob}: "
-                            "its pool or blob is gone; dropped")
-            log.drop_page(gid, (o0, o1, o2), index)
+                            f"{why}; dropped")
+            host._dirty.add((gid, (o0, o1, o2), index >> RADIX_BITS))  # rewritten at commit
             continue
         refs[blob] += 1
         usable.append(rec)

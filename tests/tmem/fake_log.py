@@ -9,6 +9,7 @@ raise, after which the pending writes stay pending.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 from tmem.durable import ClientRecord, PoolRecord, StoredState
@@ -26,7 +27,7 @@ class FakeLog:
         self.clients: dict[str, ClientRecord] = {}
         self.pools: dict[int, PoolRecord] = {}
         self.blobs: dict[int, tuple[int, int, bytes]] = {}
-        self.pages: dict[Key, int] = {}
+        self.chunks: dict[Key, list[tuple[int, int]]] = {}
         self.meta: dict[str, Any] = {}
         self.pending: list[tuple[str, Any, Any]] = []
         self._pending_blobs: dict[int, bytes | None] = {}
@@ -58,12 +59,14 @@ class FakeLog:
         self.pending.append(("blob", blob, None))
         self._pending_blobs[blob] = None
 
-    def put_page(self, gid: int, oid: tuple[int, int, int], index: int, blob: int) -> None:
-        self.pending.append(("page", (gid, *oid, index), blob))
-        self._pending_bytes += _PAGE_COST
+    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
+                  entries: Sequence[tuple[int, int]]) -> None:
+        assert entries and all(i >> 6 == chunk for i, _ in entries)
+        self.pending.append(("chunk", (gid, *oid, chunk), list(entries)))
+        self._pending_bytes += _PAGE_COST * len(entries)
 
-    def drop_page(self, gid: int, oid: tuple[int, int, int], index: int) -> None:
-        self.pending.append(("page", (gid, *oid, index), None))
+    def drop_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int) -> None:
+        self.pending.append(("chunk", (gid, *oid, chunk), None))
 
     def payload(self, blob: int) -> bytes:
         if blob in self._pending_blobs:
@@ -79,11 +82,14 @@ class FakeLog:
         if not self.pending:
             return
         tables: dict[str, dict[Any, Any]] = {
-            "client": self.clients, "pool": self.pools, "blob": self.blobs, "page": self.pages}
+            "client": self.clients, "pool": self.pools, "blob": self.blobs,
+            "chunk": self.chunks}
         for kind, key, value in self.pending:
             table = tables[kind]
-            if value is None:
+            if value is None and kind != "chunk":
                 del table[key]  # a drop of something absent is a host bug: fail loudly
+            elif value is None:
+                table.pop(key, None)  # a chunk the same commit created and emptied
             else:
                 table[key] = value
         self.pending.clear()
@@ -93,7 +99,8 @@ class FakeLog:
 
     def bytes_used(self) -> int:
         committed = sum(len(p) + _BLOB_COST for _, _, p in self.blobs.values())
-        return committed + len(self.pages) * _PAGE_COST + self._pending_bytes
+        pages = sum(len(e) for e in self.chunks.values())
+        return committed + pages * _PAGE_COST + self._pending_bytes
 
     def set_budget(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
@@ -103,7 +110,8 @@ class FakeLog:
             clients=[copy.deepcopy(c) for c in self.clients.values()],
             pools=[copy.deepcopy(p) for p in self.pools.values()],
             blobs=sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()),
-            pages=sorted((*k, b) for k, b in self.pages.items()),
+            pages=sorted((*k[:4], index, blob) for k, entries in self.chunks.items()
+                         for index, blob in entries),
             meta=dict(self.meta),
         )
 
@@ -115,6 +123,6 @@ class FakeLog:
         other.clients = copy.deepcopy(self.clients)
         other.pools = copy.deepcopy(self.pools)
         other.blobs = dict(self.blobs)
-        other.pages = dict(self.pages)
+        other.chunks = copy.deepcopy(self.chunks)
         other.meta = dict(self.meta)
         return other

@@ -170,8 +170,8 @@ def test_audit_reports_a_store_that_differs_from_memory() -> None:
     host.add_client("g")
     pool = host.new_pool("g", P)
     host.put("g", pool, OID, 0, text_page(1))
-    key = next(iter(log.pages))
-    del log.pages[key]
+    key = next(iter(log.chunks))
+    del log.chunks[key]
     with host._lock:
         issues = audit_log(host, log.load())
     assert any("is missing" in i for i in issues)
