@@ -96,6 +96,12 @@ def map_size_for(budget_bytes: int) -> int:
     return (size + (1 << 20) - 1) & ~((1 << 20) - 1)
 
 
+#: blob_cost's constants: the longest payload kept inside a leaf page, and overheads.
+_INLINE_EXTRA = _BLOB_HEAD.size + 8 + _BLOB_KEY.size + 2
+_INLINE_MAX = _NODE_MAX - 8 - _BLOB_KEY.size - _BLOB_HEAD.size
+_OVERFLOW_EXTRA = _BLOB_HEAD.size + 16
+
+
 def blob_cost(length: int) -> int:
     """Database bytes a blob record of a *length*-byte payload takes (estimate)."""
     value = _BLOB_HEAD.size + length
@@ -136,6 +142,7 @@ class LmdbStore:
         self._pending_blobs: dict[int, bytes | None] = {}
         self._pending_bytes = 0
         self._committed_bytes = 0
+        self._db_pages: dict[Any, int] = {}  # database pages in use, per sub-database
         self.commits = 0
         # Keys above the highest key ever stored are appended (LMDB then fills pages
         # fully instead of splitting them in half).  ``_top`` is at least the highest key
@@ -180,7 +187,8 @@ class LmdbStore:
             for db in (self._pages, self._blobs):
                 cursor = txn.cursor(db=db)
                 self._top[db] = cursor.key() if cursor.last() else b""
-            self._committed_bytes = self._used_pages(txn) * PSIZE
+            self._db_pages = {db: self._pages_of(txn, db) for db in self._dbs}
+            self._committed_bytes = sum(self._db_pages.values()) * PSIZE
 
     def _end_reader(self) -> bool:
         reader, self._reader = self._reader, None
@@ -219,7 +227,9 @@ class LmdbStore:
         self._pending.append((self._blobs, _BLOB_KEY.pack(blob),
                               _BLOB_HEAD.pack(h, scope) + payload))
         self._pending_blobs[blob] = payload
-        self._pending_bytes += blob_cost(len(payload))
+        n = len(payload)  # blob_cost(n), inline: this is the put path
+        self._pending_bytes += n + _INLINE_EXTRA if n <= _INLINE_MAX else (
+            n + _OVERFLOW_EXTRA + PSIZE - 1) & -PSIZE
 
     def drop_blob(self, blob: int) -> None:
         self._pending.append((self._blobs, _BLOB_KEY.pack(blob), None))
@@ -276,7 +286,9 @@ class LmdbStore:
         with self.env.begin(write=True) as txn:
             # Runs of puts to one database go through putmulti (a loop in C); a run whose
             # keys ascend above every stored key is appended (pages filled, not split).
+            touched = set()
             for (db, is_put), run in groupby(self._pending, key=lambda w: (w[0], w[2] is not None)):
+                touched.add(db)
                 if not is_put:
                     for _, key, _ in run:
                         txn.delete(key, db=db)
@@ -295,8 +307,9 @@ class LmdbStore:
                               len(items) - added, len(items))
                     txn.cursor(db=db).putmulti(items)
                 top[db] = max(top[db], max(keys))  # every put, appended or not
-            used = self._used_pages(txn) * PSIZE
-        self._committed_bytes = used
+            for db in touched:
+                self._db_pages[db] = self._pages_of(txn, db)
+        self._committed_bytes = sum(self._db_pages.values()) * PSIZE
 
     def _grow(self) -> None:
         current = self.env.info()["map_size"]
@@ -308,12 +321,10 @@ class LmdbStore:
                           op="commit")
         self.env.set_mapsize(min(ceiling, current + current // 4 + (16 << 20)))
 
-    def _used_pages(self, txn: lmdb.Transaction) -> int:
-        total = 0
-        for db in self._dbs:
-            st = txn.stat(db)
-            total += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-        return total
+    @staticmethod
+    def _pages_of(txn: lmdb.Transaction, db: Any) -> int:
+        st = txn.stat(db)
+        return int(st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"])
 
     def bytes_used(self) -> int:
         return max(0, self._committed_bytes + self._pending_bytes)
