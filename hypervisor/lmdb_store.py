@@ -161,7 +161,9 @@ class LmdbStore:
     # -- opening ---------------------------------------------------------------------------
 
     def _check_owner(self, control_path: str | None, host_boot_id: str) -> None:
-        """Refuse another agent's store; discard one from before a host reboot."""
+        """Refuse another agent's store; discard one from before a host reboot, unless
+        it was written --durable and is opened so again (then it is intact after a power
+        loss too; each guest's pools go at its next HELLO, under its new boot id)."""
         meta = self.meta()
         writer = dict(meta.get("writer") or {})
         if meta and meta.get("format") != FORMAT:
@@ -174,14 +176,15 @@ class LmdbStore:
                 f"not to this one ({control_path}): give this agent its own --store",
                 target=str(self.path))
         with self._lock, self.env.begin(write=True) as txn:
-            if writer and writer.get("host_boot_id") != host_boot_id:
+            durable = bool(writer.get("durable")) and self.durable
+            if writer and writer.get("host_boot_id") != host_boot_id and not durable:
                 log.warning("tmem store %s was written before the host rebooted: its guests "
                             "are gone, starting empty", self.path,
                             extra={"event": "store-discarded"})
                 for db in self._dbs:
                     txn.drop(db, delete=False)
             record = {"host_boot_id": host_boot_id, "control": control_path,
-                      "pid": os.getpid()}
+                      "pid": os.getpid(), "durable": self.durable}
             txn.put(b"format", json.dumps(FORMAT).encode(), db=self._meta)
             txn.put(b"writer", json.dumps(record).encode(), db=self._meta)
             for db in (self._pages, self._blobs):

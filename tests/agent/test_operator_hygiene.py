@@ -150,6 +150,18 @@ def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
     assert fresh.tmem.client_names() == []
     assert fresh.store is not None
     fresh.store.close()
+    # A --durable store is kept across a host reboot (it is intact even after a power
+    # loss); the guests' pools go when they say HELLO with their new boot ids.
+    durable = LmdbStore(where, budget_bytes=8 << 20, control_path=prod, durable=True)
+    app = AgentApp(budget_bytes=8 << 20, store=durable)
+    _persistent_client(app, "g0", 3)
+    durable.close()
+    monkeypatch.setattr(paths, "host_boot_id", lambda: "a-third-boot")
+    durable = LmdbStore(where, budget_bytes=8 << 20, control_path=prod, durable=True,
+                        host_boot_id=paths.host_boot_id())
+    assert AgentApp(budget_bytes=8 << 20, store=durable).tmem.store_stats(
+        ).persistent_pages == 3
+    durable.close()
 
 
 def test_clients_lists_unattached_and_drop_needs_confirmation(
