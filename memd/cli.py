@@ -210,6 +210,11 @@ def _format_status(r: dict[str, Any]) -> str:
            f"tmem      budget {human_size(budget)}, used {used}; {t['pages']} pages "
            f"({t['ephemeral_pages']} ephemeral, {t['persistent_pages']} persistent), "
            f"{t['dedup_hits']} dedup hits"]
+    store = r.get("store")
+    out.append("store     none: persistent pages die with the agent" if store is None else
+               f"store     {store['path']}, {human_size(store['bytes_used'])} in use, file "
+               f"{human_size(store['file_bytes'])}"
+               f"{', durable (fsync per commit)' if store['durable'] else ''}")
     unattached = r.get("unattached_clients") or []
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "

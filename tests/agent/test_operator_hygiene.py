@@ -198,6 +198,8 @@ def test_status_names_ksm_instead_of_none(agent: RunningAgent,
     assert code == 0 and "None" not in out
     assert out.splitlines()[0].startswith("agent     running")
     assert any(line.startswith("ksm ") for line in out.splitlines())
+    (store,) = [line for line in out.splitlines() if line.startswith("store ")]
+    assert str(agent.store.path) in store and "in use" in store
 
 
 def test_json_into_a_closed_pipe_is_quiet(agent: RunningAgent) -> None:
