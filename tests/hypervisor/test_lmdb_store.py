@@ -193,3 +193,30 @@ def test_a_key_below_one_stored_out_of_order_is_never_lost(tmp_path: Path) -> No
     assert sorted(b for b, *_ in store.load().blobs) == [197, 250]
     assert store.payload(197) == b"c" * 100
     store.close()
+
+
+def test_a_full_map_grows_up_to_its_ceiling_then_says_no_space(tmp_path: Path) -> None:
+    """The host's budget check keeps the store inside its map; should an estimate be
+    wrong, a commit grows the map (replaying the transaction) up to 2 × budget + slack,
+    and past that fails with NoSpace, the writes still pending."""
+    budget = 4 << 20
+    store = LmdbStore(tmp_path, budget_bytes=budget)
+    start = store.env.info()["map_size"]
+    payload = os.urandom(3000)  # one overflow page each
+    blob = 0
+    for _ in range(40):  # 40 × 512 pages × 4 KiB = 80 MiB > map_size_for(4 MiB)
+        for _ in range(512):
+            blob += 1
+            store.put_blob(blob, blob, 1 << 31, payload)
+        try:
+            store.commit()
+        except NoSpace:
+            break
+    else:
+        raise AssertionError("the map never filled")
+    grown = store.env.info()["map_size"]
+    assert start < grown <= 2 * budget + map_size_for(0)
+    assert store.file_bytes() <= grown
+    kept = len(store.load().blobs)
+    assert 0 < kept < blob  # everything committed before the failure is there
+    store.close()
