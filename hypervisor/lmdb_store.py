@@ -61,9 +61,17 @@ from typing import Any
 
 import lmdb
 import numpy as np
+import numpy.typing as npt
 
 from memd.errors import BackendError, NoSpace
-from tmem.durable import CHUNK_PAGES, ClientRecord, PoolRecord, StoredState
+from tmem.durable import (
+    BLOB_DTYPE,
+    CHUNK_PAGES,
+    PAGE_DTYPE,
+    ClientRecord,
+    PoolRecord,
+    StoredState,
+)
 
 log = logging.getLogger("memd.store")
 
@@ -81,6 +89,28 @@ _NODE_MAX = ((PSIZE - 16) // 2 & -2) - 2
 _CHUNK_RECORD_COST = 8 + _PAGE_KEY.size + 8 + 2
 _KEY_DTYPE = np.dtype([("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"),
                        ("chunk", ">u4")])
+
+
+_HEAD_DTYPE = np.dtype([("hash", "<u8"), ("scope", "<u4")])
+
+
+def _expand_chunks(keys: list[bytes], values: list[bytes]) -> npt.NDArray[np.void]:
+    """Chunk records → one PAGE_DTYPE row per page, in key order (vectorised)."""
+    cols = np.frombuffer(b"".join(keys), dtype=_KEY_DTYPE)
+    bitmaps = np.frombuffer(b"".join(v[:8] for v in values), dtype="<u8")
+    blob_ids = np.frombuffer(b"".join(v[8:] for v in values), dtype="<u4")
+    # Bit i of a chunk's bitmap is index chunk * 64 + i; nonzero() walks row-major, that
+    # is by record and then by index: the order the blob ids are stored in.
+    bits = np.unpackbits(bitmaps.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    record, bit = np.nonzero(bits)
+    if len(record) != len(blob_ids):
+        raise BackendError("tmem store: a page chunk record is corrupt")
+    pages = np.zeros(len(record), dtype=PAGE_DTYPE)
+    for name in ("gid", "o0", "o1", "o2"):
+        pages[name] = cols[name][record]
+    pages["index"] = cols["chunk"][record].astype(np.uint32) * CHUNK_PAGES + bit
+    pages["blob"] = blob_ids
+    return pages
 
 
 def _host_boot_id() -> str:
@@ -350,6 +380,11 @@ class LmdbStore:
 
     def load(self) -> StoredState:
         state = StoredState()
+        blob_keys: list[bytes] = []
+        heads: list[bytes] = []
+        lengths: list[int] = []
+        page_keys: list[bytes] = []
+        page_values: list[bytes] = []
         with self._lock, self.env.begin(buffers=True) as txn:
             state.meta = {bytes(k).decode(): json.loads(bytes(v))
                           for k, v in txn.cursor(db=self._meta)}
@@ -365,28 +400,24 @@ class LmdbStore:
                     _BLOB_KEY.unpack(k)[0], bool(p["persistent"]), bool(p["shared"]),
                     bytes.fromhex(p["uuid"]) if p["uuid"] else None, str(p["owner"]),
                     {str(m): int(i) for m, i in p["members"].items()}))
-            head = _BLOB_HEAD.unpack_from
+            # Blobs: only the key and the 12-byte head of each value are copied out.
+            head = _BLOB_HEAD.size
             for k, v in txn.cursor(db=self._blobs):
-                h, scope = head(v)
-                state.blobs.append((_BLOB_KEY.unpack(k)[0], h, scope, len(v) - _BLOB_HEAD.size))
-        keys: list[bytes] = []
-        values: list[bytes] = []
-        with self._lock, self.env.begin() as txn:
-            for key, value in txn.cursor(db=self._pages):
-                keys.append(key)
-                values.append(value)
-        if keys:
-            cols = np.frombuffer(b"".join(keys), dtype=_KEY_DTYPE)
-            pages = state.pages
-            for gid, o0, o1, o2, chunk, value in zip(
-                    cols["gid"].tolist(), cols["o0"].tolist(), cols["o1"].tolist(),
-                    cols["o2"].tolist(), cols["chunk"].tolist(), values, strict=True):
-                bitmap = _U64.unpack_from(value)[0]
-                base = chunk * CHUNK_PAGES
-                indexes = [base + i for i in range(CHUNK_PAGES) if bitmap >> i & 1]
-                blobs = np.frombuffer(value, dtype="<u4", offset=8).tolist()
-                pages.extend((gid, o0, o1, o2, index, blob)
-                             for index, blob in zip(indexes, blobs, strict=True))
+                blob_keys.append(bytes(k))
+                heads.append(bytes(v[:head]))
+                lengths.append(len(v) - head)
+            for k, v in txn.cursor(db=self._pages):
+                page_keys.append(bytes(k))
+                page_values.append(bytes(v))
+        if blob_keys:
+            cols = np.frombuffer(b"".join(heads), dtype=_HEAD_DTYPE)
+            blobs = np.zeros(len(blob_keys), dtype=BLOB_DTYPE)
+            blobs["blob"] = np.frombuffer(b"".join(blob_keys), dtype=">u4")
+            blobs["hash"], blobs["scope"] = cols["hash"], cols["scope"]
+            blobs["length"] = lengths
+            state.blobs = blobs
+        if page_keys:
+            state.pages = _expand_chunks(page_keys, page_values)
         return state
 
     # -- the agent's own records -----------------------------------------------------------

@@ -145,7 +145,7 @@ def audit_log(host: TmemHost, state: StoredState) -> list[str]:
             for oid, objno in pool.objects.items():
                 for slot in pages.object_slots(objno):
                     memory_pages.add((gid, *oid, pages.index[slot], pages.blob[slot]))
-    stored_pages = set(state.pages)
+    stored_pages: set[tuple[int, int, int, int, int, int]] = set(state.pages.tolist())
     for page in sorted(memory_pages - stored_pages)[:20]:
         issues.append(f"store: persistent page {page} (gid, oid, index, blob) is missing")
     for page in sorted(stored_pages - memory_pages)[:20]:
@@ -155,7 +155,7 @@ def audit_log(host: TmemHost, state: StoredState) -> list[str]:
 
     memory_blobs = {(b, store.blob_hash(b), store.blob_scope(b), store.payload_length(b))
                     for b in store.live_blob_ids() if store.is_external(b)}
-    stored_blobs = set(state.blobs)
+    stored_blobs: set[tuple[int, int, int, int]] = set(state.blobs.tolist())
     for rec in sorted(memory_blobs ^ stored_blobs)[:20]:
         where = "missing from the store" if rec in memory_blobs else "not in memory"
         issues.append(f"store: blob {rec} (id, hash, scope, length) is {where}")

@@ -30,6 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from tmem.pages import RADIX_FANOUT
 
 #: Pages per chunk record: one record per radix chunk of an object (tmem.pages), so a
@@ -67,20 +70,32 @@ class PoolRecord:
     members: dict[str, int] = field(default_factory=dict)
 
 
+#: One stored blob: id, xxh3-64 of its page, dedup scope, payload length.
+BLOB_DTYPE = np.dtype([("blob", "<u4"), ("hash", "<u8"), ("scope", "<u4"), ("length", "<u4")])
+#: One persistent page: pool gid, the three oid words, index, blob id.
+PAGE_DTYPE = np.dtype([("gid", "<u4"), ("o0", "<u8"), ("o1", "<u8"), ("o2", "<u8"),
+                       ("index", "<u4"), ("blob", "<u4")])
+
+
+def _empty(dtype: np.dtype[Any]) -> Any:
+    return lambda: np.zeros(0, dtype=dtype)
+
+
 @dataclass(slots=True)
 class StoredState:
-    """Everything :meth:`PersistentLog.load` read back, as plain records and columns.
+    """Everything :meth:`PersistentLog.load` read back: records, and two structured
+    arrays (a million pages must load in well under a second; ``.tolist()`` gives tuples).
 
-    ``blobs``: (blob id, xxh3 hash, dedup scope, payload length) per stored blob.
-    ``pages``: (pool gid, oid word 0, 1, 2, index, blob id) per persistent page, sorted
-    by (gid, oid, index) so that an object's pages are consecutive.
+    ``blobs`` (:data:`BLOB_DTYPE`): one row per stored blob.
+    ``pages`` (:data:`PAGE_DTYPE`): one row per persistent page, sorted by (gid, oid,
+    index) so that an object's pages are consecutive.
     ``meta``: the agent's own records (opted-out VMs, who wrote the store).
     """
 
     clients: list[ClientRecord] = field(default_factory=list)
     pools: list[PoolRecord] = field(default_factory=list)
-    blobs: list[tuple[int, int, int, int]] = field(default_factory=list)
-    pages: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)
+    blobs: npt.NDArray[np.void] = field(default_factory=_empty(BLOB_DTYPE))
+    pages: npt.NDArray[np.void] = field(default_factory=_empty(PAGE_DTYPE))
     meta: dict[str, Any] = field(default_factory=dict)
 
 

@@ -13,8 +13,10 @@ Runs under the host's lock (:meth:`TmemHost.restore`), into a host with no clien
 
 from __future__ import annotations
 
-from itertools import groupby
 from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
 
 from tmem.durable import EXTERNAL_SCOPE, StoredState
 from tmem.pages import RADIX_BITS
@@ -54,42 +56,61 @@ def restore_host(host: TmemHost, state: StoredState) -> list[str]:
         if members != p.members:
             host._log_pool(pool)
 
-    lengths = {b: length for b, _h, scope, length in state.blobs if scope & EXTERNAL_SCOPE}
-    top = max(lengths, default=0) + 1
-    refs = [0] * top
-    usable: list[tuple[int, int, int, int, int, int]] = []
-    for rec in state.pages:
-        gid, o0, o1, o2, index, blob = rec
+    # Pages: vectorised, a restart of a million pages must take about a second.
+    pages, blobs = state.pages, state.blobs
+    external = (blobs["scope"] & EXTERNAL_SCOPE) != 0
+    for blob in blobs["blob"][~external].tolist():  # never written by a host: not ours
+        findings.append(f"blob {blob}: not a persistent page's blob; dropped")
+        log.drop_blob(blob)
+    blobs = blobs[external & (blobs["blob"] != 0)]
+    persistent = np.array([g for g, p in host._pools.items() if p.persistent], dtype=np.uint32)
+    pool_ok = np.isin(pages["gid"], persistent)
+    blob_ok = (pages["blob"] == 0) | np.isin(pages["blob"], blobs["blob"])
+    for gid, o0, o1, o2, index, blob in pages[~(pool_ok & blob_ok)].tolist():
         found = host._pools.get(gid)
-        if found is None or not found.persistent or (blob and blob not in lengths):
-            why = ("its pool is gone" if found is None else "its pool is ephemeral"
-                   if not found.persistent else "its blob is gone")
-            findings.append(f"page {gid}/{o0:x}.{o1:x}.{o2:x}/{index} -> blob {blob}: "
-                            f"{why}; dropped")
-            host._dirty.add((gid, (o0, o1, o2), index >> RADIX_BITS))  # rewritten at commit
-            continue
-        refs[blob] += 1
-        usable.append(rec)
-    kept = []
-    for blob_rec in state.blobs:
-        blob = blob_rec[0]
-        if blob in lengths and blob and refs[blob]:
-            kept.append(blob_rec)
-        else:
-            # Normal after a crash: a put had pinned this blob as a duplicate, the page
-            # that owned it was flushed, and the agent died before the put stored its page.
-            log.drop_blob(blob)
-    host._store.restore(kept, refs)
-
-    table = host._pages
-    for (gid, o0, o1, o2), group in groupby(usable, key=lambda r: r[:4]):
-        rows = list(group)
-        pool = host._pools[gid]
-        oid = (o0, o1, o2)
-        objno = pool.objects[oid] = table.new_object(gid, oid)
-        blobs = [r[5] for r in rows]
-        table.add_many([objno] * len(rows), [r[4] for r in rows], blobs, None)
-        pool.pages += len(rows)
-        pool.bytes_stored += sum(lengths.get(b, 0) for b in blobs)
-        host._clients[pool.owner].persistent_pages += len(rows)
+        why = ("its pool is gone" if found is None else "its pool is ephemeral"
+               if not found.persistent else "its blob is gone")
+        findings.append(f"page {gid}/{o0:x}.{o1:x}.{o2:x}/{index} -> blob {blob}: {why}; "
+                        "dropped")
+        host._dirty.add((gid, (o0, o1, o2), index >> RADIX_BITS))  # rewritten at commit
+    good = pages[pool_ok & blob_ok]
+    top = int(max(blobs["blob"].max(initial=0), good["blob"].max(initial=0))) + 1
+    refs = np.bincount(good["blob"], minlength=top)
+    referenced = refs[blobs["blob"]] > 0
+    # Unreferenced: normal after a crash — a put had pinned this blob as a duplicate, the
+    # page that owned it was flushed, and the agent died before the put stored its page.
+    for blob in blobs["blob"][~referenced].tolist():
+        log.drop_blob(blob)
+    host._store.restore(blobs[referenced], refs)
+    if len(good):
+        _rebuild_objects(host, good)
     return findings
+
+
+def _rebuild_objects(host: TmemHost, good: npt.NDArray[np.void]) -> None:
+    """Objects, slots and per-pool/per-client counters for the usable pages."""
+    n = len(good)
+    gid, o0, o1, o2 = good["gid"], good["o0"], good["o1"], good["o2"]
+    change = np.ones(n, dtype=bool)
+    change[1:] = ((gid[1:] != gid[:-1]) | (o0[1:] != o0[:-1]) | (o1[1:] != o1[:-1])
+                  | (o2[1:] != o2[:-1]))
+    starts = np.flatnonzero(change)
+    table = host._pages
+    objnos = []
+    for g, a, b, c in zip(gid[starts].tolist(), o0[starts].tolist(), o1[starts].tolist(),
+                          o2[starts].tolist(), strict=True):
+        oid = (a, b, c)
+        objno = host._pools[g].objects[oid] = table.new_object(g, oid)
+        objnos.append(objno)
+    counts = np.diff(np.append(starts, n))
+    table.add_many(np.repeat(np.array(objnos, dtype=np.int64), counts).tolist(),
+                   good["index"].tolist(), good["blob"].tolist(), None)
+    lengths = host._store.payload_lengths(good["blob"])
+    gids, inverse, per_pool = np.unique(gid, return_inverse=True, return_counts=True)
+    stored = np.bincount(inverse, weights=lengths)
+    for g, pages_in_pool, nbytes in zip(gids.tolist(), per_pool.tolist(), stored.tolist(),
+                                        strict=True):
+        pool = host._pools[g]
+        pool.pages += pages_in_pool
+        pool.bytes_stored += int(nbytes)
+        host._clients[pool.owner].persistent_pages += pages_in_pool

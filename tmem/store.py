@@ -261,26 +261,33 @@ class PageStore:
 
     # -- restart ---------------------------------------------------------------------------
 
-    def restore(self, blobs: list[tuple[int, int, int, int]], refs: list[int]) -> None:
-        """Re-create external blobs at their stored ids, with recomputed refcounts (an
-        empty store only; ids absent from *blobs* become free ids)."""
+    def restore(self, blobs: npt.NDArray[np.void], refs: npt.NDArray[np.int64]) -> None:
+        """Re-create external blobs (rows of ``tmem.durable.BLOB_DTYPE``) at their stored
+        ids, with recomputed refcounts (*refs*, indexed by blob id; entry 0 is the zero
+        page's).  Into an empty store only; ids not restored become free ids."""
         assert self.live_blobs == 0, "restore into an empty store"
-        top = max((b for b, _, _, _ in blobs), default=0) + 1
+        ids = blobs["blob"].astype(np.int64)
+        top = max(int(ids.max(initial=0)) + 1, len(refs))
         for arr in (self._loc, self._length, self._refs, self._hash, self._scope):
             _grown(arr, top)
-        size = len(self._refs)
-        for blob, h, scope, length in blobs:
-            self._loc[blob] = EXTERNAL_LOC
-            self._length[blob] = length
-            self._refs[blob] = refs[blob]
-            self._hash[blob] = h
-            self._scope[blob] = scope
-            self._dedup.insert(h ^ scope, blob)
-            self.data_bytes += length
-        self.live_blobs = len(blobs)
-        self._refs[ZERO_BLOB] = refs[ZERO_BLOB] if refs else 0
-        used = {b for b, _, _, _ in blobs}
-        self._free_ids = array("i", [b for b in range(size - 1, 0, -1) if b not in used])
+        # Column views (released before anything resizes the arrays again).
+        np.frombuffer(self._loc, dtype=np.int64)[ids] = EXTERNAL_LOC
+        np.frombuffer(self._length, dtype=np.uint16)[ids] = blobs["length"]
+        np.frombuffer(self._hash, dtype=np.uint64)[ids] = blobs["hash"]
+        np.frombuffer(self._scope, dtype=np.uint32)[ids] = blobs["scope"]
+        np.frombuffer(self._refs, dtype=np.uint32)[:len(refs)] = refs
+        self._dedup.insert_many(ids.astype(np.int32))
+        self.data_bytes = int(blobs["length"].sum())
+        self.live_blobs = len(ids)
+        used = np.zeros(len(self._refs), dtype=bool)
+        used[ids] = True
+        used[ZERO_BLOB] = True
+        # Popped from the end: the lowest free ids are handed out first.
+        self._free_ids = array("i", np.flatnonzero(~used)[::-1].astype(np.int32).tobytes())
+
+    def payload_lengths(self, blobs: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint16]:
+        """Payload length of each blob id in *blobs* (vectorised)."""
+        return np.frombuffer(self._length, dtype=np.uint16)[blobs]
 
     # -- accounting ------------------------------------------------------------------------
 

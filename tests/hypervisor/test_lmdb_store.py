@@ -190,7 +190,7 @@ def test_a_key_below_one_stored_out_of_order_is_never_lost(tmp_path: Path) -> No
     store.commit()
     store.put_blob(197, 3, 1 << 31, b"c" * 100)
     store.commit()
-    assert sorted(b for b, *_ in store.load().blobs) == [197, 250]
+    assert sorted(b for b, *_ in store.load().blobs.tolist()) == [197, 250]
     assert store.payload(197) == b"c" * 100
     store.close()
 

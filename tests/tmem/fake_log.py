@@ -12,7 +12,9 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from tmem.durable import ClientRecord, PoolRecord, StoredState
+import numpy as np
+
+from tmem.durable import BLOB_DTYPE, PAGE_DTYPE, ClientRecord, PoolRecord, StoredState
 
 _PAGE_COST = 64
 _BLOB_COST = 32
@@ -109,9 +111,10 @@ class FakeLog:
         return StoredState(
             clients=[copy.deepcopy(c) for c in self.clients.values()],
             pools=[copy.deepcopy(p) for p in self.pools.values()],
-            blobs=sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()),
-            pages=sorted((*k[:4], index, blob) for k, entries in self.chunks.items()
-                         for index, blob in entries),
+            blobs=np.array(sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()),
+                           dtype=BLOB_DTYPE),
+            pages=np.array(sorted((*k[:4], index, blob) for k, entries in self.chunks.items()
+                                  for index, blob in entries), dtype=PAGE_DTYPE),
             meta=dict(self.meta),
         )
 

@@ -136,7 +136,7 @@ def test_persistent_blobs_live_only_in_the_log_and_count_toward_the_budget() -> 
     host.put("g", eph, OID, 0, page)  # same bytes, but never the same blob
     assert host.store_stats().unique_blobs == 2
     assert host._store.arena.used_bytes < PAGE_SIZE  # only the ephemeral copy is in RAM
-    assert all(scope & EXTERNAL_SCOPE for _, _, scope, _ in log.load().blobs)
+    assert all(scope & EXTERNAL_SCOPE for _, _, scope, _ in log.load().blobs.tolist())
     with pytest.raises(NoSpace):
         for i in range(1, 1000):
             host.put("g", pool, OID, i, random_page())
@@ -151,7 +151,7 @@ def test_restore_drops_records_it_cannot_use() -> None:
     pool = host.new_pool("g", P)
     host.put("g", pool, OID, 0, text_page(1))
     host.put("g", pool, OID, 1, text_page(2))
-    (blob, *_), _ = log.load().blobs
+    (blob, *_), _ = log.load().blobs.tolist()
     del log.blobs[blob]  # a page now points at a blob that is gone
     log.blobs[12345] = (1, EXTERNAL_SCOPE | 1, b"orphan")  # a blob nobody references
     new, newlog, findings = reopen(log)
