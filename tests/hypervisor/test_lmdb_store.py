@@ -10,7 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from hypervisor.lmdb_store import LmdbStore, blob_cost, map_size_for
@@ -219,4 +220,60 @@ def test_a_full_map_grows_up_to_its_ceiling_then_says_no_space(tmp_path: Path) -
     assert store.file_bytes() <= grown
     kept = len(store.load().blobs)
     assert 0 < kept < blob  # everything committed before the failure is there
+    store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 64) - 1),
+                          st.integers(0, (1 << 26) - 1),
+                          st.sets(st.integers(0, 63), min_size=1, max_size=64)),
+                max_size=12, unique_by=lambda r: (r[0], r[1], r[2])))
+def test_chunk_records_round_trip(chunks: list[tuple[int, int, int, set[int]]]) -> None:
+    """Any chunk (extreme gids, oids and indexes too) reads back as exactly its pages."""
+    with tempfile.TemporaryDirectory(prefix="memd-chunks-") as where:
+        store = LmdbStore(where, budget_bytes=8 << 20)
+        want = set()
+        for gid, oid0, chunk, bits in chunks:
+            entries = [(chunk * 64 + b, (gid + b) % 1000 + 1) for b in sorted(bits)]
+            store.put_chunk(gid, (oid0, 7, (1 << 64) - 1), chunk, entries)
+            want |= {(gid, oid0, 7, (1 << 64) - 1, i, blob) for i, blob in entries}
+        store.commit()
+        pages = store.load().pages.tolist()
+        assert pages == sorted(pages) and set(pages) == want and len(pages) == len(want)
+        store.close()
+
+
+def test_agent_meta_writes_and_host_commits_interleave_safely(tmp_path: Path) -> None:
+    """The agent writes its own records (put_meta, store lock only) while guests' puts
+    commit (host lock, then store lock): both end up stored."""
+    host, store, _ = open_host(tmp_path)
+    host.add_client("g")
+    pool = host.new_pool("g", P)
+    errors: list[BaseException] = []
+
+    def puts() -> None:
+        try:
+            for i in range(300):
+                host.put("g", pool, OID, i, text_page(i))
+        except BaseException as err:
+            errors.append(err)
+
+    def metas() -> None:
+        try:
+            for i in range(300):
+                store.put_meta("opted_out", [f"vm{i}"])
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=puts), threading.Thread(target=metas)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store.close()
+    new, store, _ = open_host(tmp_path)
+    assert store.meta()["opted_out"] == ["vm299"]
+    assert all(new.get("g", pool, OID, i) == text_page(i) for i in range(300))
+    assert new.audit() == []
     store.close()
