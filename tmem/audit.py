@@ -17,7 +17,8 @@ import itertools
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from tmem.durable import ClientRecord, PoolRecord, StoredState
+from tmem.durable import StoredState
+from tmem.journal import client_record, pool_record
 from tmem.store import ZERO_BLOB, decode_payload, hash_pages
 
 if TYPE_CHECKING:
@@ -124,15 +125,14 @@ def audit_log(host: TmemHost, state: StoredState) -> list[str]:
     issues: list[str] = []
     stored_clients = {c.name: c for c in state.clients}
     for name, c in host._clients.items():
-        want = ClientRecord(c.name, c.scope, c.weight, c.cap_pages, c.dedup, c.frozen,
-                            sorted(c.authorised), dict(c.meta))
+        want = client_record(c)
         if stored_clients.get(name) != want:
             issues.append(f"store: client {name} is {stored_clients.get(name)}, memory {want}")
     for name in stored_clients.keys() - host._clients.keys():
         issues.append(f"store: client {name} is not in memory")
     stored_pools = {p.gid: p for p in state.pools}
     for gid, p in host._pools.items():
-        want_pool = PoolRecord(gid, p.persistent, p.shared, p.uuid, p.owner, dict(p.members))
+        want_pool = pool_record(p)
         if stored_pools.get(gid) != want_pool:
             issues.append(f"store: pool {gid} is {stored_pools.get(gid)}, memory {want_pool}")
     for gid in stored_pools.keys() - host._pools.keys():

@@ -66,7 +66,8 @@ from memd.errors import (
     NoSuchPool,
     TmemError,
 )
-from tmem.durable import EXTERNAL_SCOPE, ClientRecord, PersistentLog, PoolRecord, StoredState
+from tmem.durable import EXTERNAL_SCOPE, PersistentLog, StoredState
+from tmem.journal import client_record, pool_record, write_dirty_chunks
 from tmem.pages import (
     CHUNK_META_BYTES,
     OBJ_META_BYTES,
@@ -605,31 +606,16 @@ class TmemHost:
         log = self._log
         assert log is not None
         if self._dirty:
-            pages = self._pages
-            blob_col, index_col = pages.blob, pages.index
-            for gid, oid, chunk_no in self._dirty:
-                pool = self._pools.get(gid)
-                objno = None if pool is None else pool.objects.get(oid)
-                radix = None if objno is None else pages.radix[objno]
-                chunk = None if radix is None else radix.get(chunk_no)
-                if chunk is None:
-                    log.drop_chunk(gid, oid, chunk_no)
-                else:
-                    log.put_chunk(gid, oid, chunk_no, [(index_col[s], blob_col[s])
-                                                       for s in chunk if s >= 0])
-            self._dirty.clear()
+            write_dirty_chunks(self, log)
         log.commit()
 
     def _log_client(self, client: _Client) -> None:
         if self._log is not None:
-            self._log.put_client(ClientRecord(
-                client.name, client.scope, client.weight, client.cap_pages, client.dedup,
-                client.frozen, sorted(client.authorised), dict(client.meta)))
+            self._log.put_client(client_record(client))
 
     def _log_pool(self, pool: _Pool) -> None:
         if self._log is not None:
-            self._log.put_pool(PoolRecord(pool.gid, pool.persistent, pool.shared, pool.uuid,
-                                          pool.owner, dict(pool.members)))
+            self._log.put_pool(pool_record(pool))
 
     def _client(self, name: str, op: str) -> _Client:
         try:
