@@ -15,7 +15,7 @@ Layout (named sub-databases; integers big-endian in keys so that they sort):
 database    key                                  value
 =========== ==================================== =========================================
 ``meta``    name (utf-8)                         JSON: ``format``, ``writer`` (host boot id,
-                                                 control socket, pid), agent records
+                                                 control socket, pid, durable), agent records
 ``clients`` client name (utf-8)                  JSON: scope, weight, cap, dedup, frozen,
                                                  authorised UUIDs, the agent's meta
 ``pools``   u32 gid                              JSON: kind, uuid, owner, members
@@ -38,7 +38,8 @@ NoSpace.  :meth:`bytes_used` is the database pages really in use after the last 
 (branch + leaf + overflow of every sub-database; free-list pages are reusable and not
 counted) plus an estimate for buffered writes.
 
-Locking: ``_lock`` guards the buffer, the counters and every use of ``env`` (LMDB's
+Locking: ``_lock`` guards the buffer, the counters and every use of ``env``, including
+the read transaction kept for payload reads (replaced after each commit: LMDB's
 set_mapsize needs no transaction open in the process).  TmemHost calls in with its own
 lock held (order: host lock, then ``_lock``); the agent's meta writes take ``_lock``
 alone.  One store directory serves one agent: an ``flock`` on ``memd.lock`` refuses a
@@ -89,8 +90,6 @@ _NODE_MAX = ((PSIZE - 16) // 2 & -2) - 2
 _CHUNK_RECORD_COST = 8 + _PAGE_KEY.size + 8 + 2
 _KEY_DTYPE = np.dtype([("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"),
                        ("chunk", ">u4")])
-
-
 _HEAD_DTYPE = np.dtype([("hash", "<u8"), ("scope", "<u4")])
 
 
