@@ -3,9 +3,10 @@
 The log holds clients, pools, persistent pages and blobs; everything else — refcounts,
 per-pool and per-client counters, the dedup index, object maps, free lists — is
 recomputed here, which is why the log needs one chunk record per 64 neighbouring pages
-(``tmem.journal``) and none per counter.  Records that cannot be used (a page of a missing pool or blob, a pool whose
-owner is missing) are dropped from the log as well and reported; a blob no page
-references (one an in-flight put had pinned when the agent died) is dropped silently.
+(``tmem.journal``) and none per counter.  Records that cannot be used (a page of a
+missing pool or blob, a pool whose owner is missing) are dropped from the log as well
+and reported; a blob no page references (one an in-flight put had pinned when the agent
+died) is dropped silently.
 The audit then finds memory and store equal.
 
 Runs under the host's lock (:meth:`TmemHost.restore`), into a host with no clients.
