@@ -289,8 +289,9 @@ def agent_process(tmp: str, guests: int) -> Iterator[tuple[list[str], int]]:
     for i, path in enumerate(paths):
         cmd += ["--listen", f"g{i}={path}"]
     # Every path the agent might use lives in tmp: a benchmark never touches a production
-    # agent's state (/var/lib/memd) or run directory (/run/memd).
-    cmd += ["--state", ""]
+    # agent's state (/var/lib/memd) or run directory (/run/memd).  Its tmem store too: the
+    # agent runs as deployed, persistent pages committed to the store before each reply.
+    cmd += ["--store", os.path.join(tmp, "store")]
     env = {**os.environ, "MEMD_RUN_DIR": tmp, "MEMD_STATE_DIR": tmp}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:

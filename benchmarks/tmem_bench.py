@@ -8,6 +8,12 @@ cannot win on zero pages alone:
 
 Everything is measured in one run, side by side with lz4 on the same pages, so the
 ratios mean something on a noisy machine.  ``--json`` prints one JSON object.
+
+Persistent pools with the crash-safe store (``hypervisor.lmdb_store``) are measured on
+the same pages: on tmpfs (``--store-dir``, default under /dev/shm) as ``memd serve``
+runs by default, and with ``--durable`` (fsync per commit) in a directory on disk
+(``--durable-dir``, default under /var/tmp); ``reopen_seconds_per_million_pages`` is a
+restart: open the store and rebuild the host from it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import gc
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lz4.block
 
+from hypervisor.lmdb_store import LmdbStore
 from tmem.host import TmemHost
 from tmem.types import PAGE_SIZE, PoolFlags
 
@@ -118,7 +127,83 @@ def best_of(runs: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None) -> dict[str, object]:
+def persistent(pages: list[bytes], handles: list[tuple[tuple[int, int, int], int]], batch: int,
+               runs: int, store_dir: str, durable_dir: str) -> dict[str, object]:
+    """Put/get through the LMDB store on tmpfs, reopen, and put with --durable on disk."""
+    n = len(pages)
+    budget = 1 << 36
+
+    def fill(where: str, durable: bool, count: int = n,
+             batched: bool = True) -> tuple[float, TmemHost, LmdbStore]:
+        shutil.rmtree(where, ignore_errors=True)
+        gc.collect()
+        store = LmdbStore(where, budget_bytes=budget, durable=durable)
+        host = TmemHost(budget_bytes=budget, log=store)
+        host.add_client("bench", dedup=True)
+        pool = host.new_pool("bench", PoolFlags.PERSISTENT)
+        t0 = time.perf_counter()
+        if batched:
+            for i in range(0, count, batch):
+                host.put_batch("bench", pool, handles[i : i + batch], pages[i : i + batch])
+        else:  # one page, one commit
+            for (oid, index), page in zip(handles[:count], pages[:count], strict=True):
+                host.put("bench", pool, oid, index, page)
+        return time.perf_counter() - t0, host, store
+
+    tmp = tempfile.mkdtemp(prefix="memd-bench-store-", dir=store_dir)
+    disk = tempfile.mkdtemp(prefix="memd-bench-durable-", dir=durable_dir)
+    try:
+        best = float("inf")
+        host: TmemHost | None = None
+        store: LmdbStore | None = None
+        for _ in range(runs):
+            if store is not None:
+                store.close()
+            elapsed, host, store = fill(os.path.join(tmp, "s"), False)
+            best = min(best, elapsed)
+        assert host is not None and store is not None
+
+        def get_batched() -> None:
+            for i in range(0, n, batch):
+                got = host.get_batch("bench", 0, handles[i : i + batch])
+                assert got[0] == pages[i]
+
+        t_get = best_of(runs, get_batched)
+        file_bytes, used = store.file_bytes(), host.store_stats().used_bytes
+        assert host.audit() == []
+        store.close()
+        t_reopen = float("inf")
+        for _ in range(runs):
+            gc.collect()
+            t0 = time.perf_counter()
+            store = LmdbStore(os.path.join(tmp, "s"), budget_bytes=budget)
+            again = TmemHost(budget_bytes=budget, log=store)
+            assert again.restore(store.load()) == []
+            t_reopen = min(t_reopen, time.perf_counter() - t0)
+            assert again.store_stats().persistent_pages == n
+            store.close()
+        durable_n = min(n, 20_000)  # fsync per commit: keep the run short
+        t_durable, _, dstore = fill(os.path.join(disk, "s"), True, durable_n)
+        dstore.close()
+        t_single, _, sstore = fill(os.path.join(tmp, "u"), False, durable_n, batched=False)
+        sstore.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(disk, ignore_errors=True)
+    return {
+        "persistent_put_pages_per_s": round(n / best),
+        "persistent_get_pages_per_s": round(n / t_get),
+        "reopen_seconds_per_million_pages": round(t_reopen * 1e6 / n, 3),
+        "durable_put_pages_per_s": round(durable_n / t_durable),
+        "durable_pages": durable_n,
+        "persistent_put_unbatched_pages_per_s": round(durable_n / t_single),
+        "store_file_bytes_per_page": round(file_bytes / n, 1),
+        "store_charged_bytes_per_page": round(used / n, 1),
+    }
+
+
+def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None,
+        store_dir: str = "/dev/shm", durable_dir: str = "/var/tmp") -> dict[str, object]:
     mix: dict[str, object] = {"zero": 0.35, "duplicate": 0.20, "compressible": 0.35,
                               "random": 0.10}
     if guest_ram:
@@ -175,6 +260,10 @@ def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None) -> di
     )
     stats = host.store_stats()
     assert host.audit() == []
+    holder.clear()  # the persistent runs below get the memory
+    gc.collect()
+    durable = persistent(pages, handles, batch, runs, store_dir, durable_dir)
+    persistent_put = int(str(durable["persistent_put_pages_per_s"]))
     return {
         "pages": n_pages,
         "batch": batch,
@@ -193,6 +282,8 @@ def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None) -> di
         "unique_blobs": stats.unique_blobs,
         "zero_pages": stats.zero_pages,
         "dedup_hits": stats.dedup_hits,
+        **durable,
+        "persistent_vs_memory_put_ratio": round(persistent_put * t_put / n_pages, 3),
         "cpu": os.cpu_count(),
     }
 
@@ -205,9 +296,14 @@ def main() -> None:
     ap.add_argument("--guest-ram", nargs="?", const="all", choices=["all", "present"],
                     help="use the pages of a real booted guest instead of the synthetic mix: "
                          "all of its RAM (default) or the pages it touched (root, QEMU)")
+    ap.add_argument("--store-dir", default="/dev/shm",
+                    help="where the persistent store is measured (tmpfs, as memd serve runs)")
+    ap.add_argument("--durable-dir", default="/var/tmp",
+                    help="a directory on disk for the --durable measurement")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    result = run(args.pages, args.batch, args.runs, guest_ram=args.guest_ram)
+    result = run(args.pages, args.batch, args.runs, guest_ram=args.guest_ram,
+                 store_dir=args.store_dir, durable_dir=args.durable_dir)
     if args.json:
         print(json.dumps(result))
     else:

@@ -99,9 +99,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--ksm-steer", action="store_true",
                    help="drive KSM by the gap between potential and realized sharing of the "
                    "attached QEMUs (knobs are restored on exit)")
-    c.add_argument("--state", default=str(paths.tmem_snapshot()), metavar="FILE",
-                   help="persistent pools survive a graceful restart through FILE ('' = off; "
-                   "default $MEMD_STATE_DIR/tmem.snapshot, else /var/lib/memd/tmem.snapshot)")
+    c.add_argument("--store", default=None, metavar="DIR",
+                   help="crash-safe store of persistent tmem pages (default $MEMD_RUN_DIR/store, "
+                   "else /run/memd/store, on tmpfs: survives the agent, not the host; "
+                   "'' = none, pages die with the agent)")
+    c.add_argument("--durable", action="store_true",
+                   help="fsync every store commit, so acknowledged pages survive a power loss "
+                   "(use with --store on disk)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")
@@ -208,6 +212,11 @@ def _format_status(r: dict[str, Any]) -> str:
            f"tmem      budget {human_size(budget)}, used {used}; {t['pages']} pages "
            f"({t['ephemeral_pages']} ephemeral, {t['persistent_pages']} persistent), "
            f"{t['dedup_hits']} dedup hits"]
+    store = r.get("store")
+    out.append("store     none: persistent pages die with the agent" if store is None else
+               f"store     {store['path']}, {human_size(store['bytes_used'])} in use, file "
+               f"{human_size(store['file_bytes'])}"
+               f"{', durable (fsync per commit)' if store['durable'] else ''}")
     unattached = r.get("unattached_clients") or []
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "

@@ -4,9 +4,9 @@ Two directories, each overridable by the environment so that tests, benchmarks a
 second agent never touch a running agent's files:
 
     run dir    $MEMD_RUN_DIR,   default /run/memd      tmpfs: dies with the host
-               control socket, the KSM knobs found at start (restored after any stop)
+               control socket, the KSM knobs found at start (restored after any stop),
+               the tmem store (``store/``, unless ``memd serve --store DIR``)
     state dir  $MEMD_STATE_DIR, default /var/lib/memd  disk: survives a host reboot
-               the graceful-restart tmem snapshot
 
 ``$MEMD_SOCKET`` still overrides the control socket alone.  Nothing here creates a
 directory: the component that writes a file makes its parent (mode 0700/0750).
@@ -39,9 +39,10 @@ def ksm_originals() -> Path:
     return run_dir() / "ksm-originals.json"
 
 
-def tmem_snapshot() -> Path:
-    """The graceful-restart snapshot of persistent tmem pools."""
-    return state_dir() / "tmem.snapshot"
+def tmem_store() -> Path:
+    """The default tmem store directory (LMDB), on tmpfs: it survives any crash of the
+    agent and dies with the host, like the guests whose pages it holds."""
+    return run_dir() / "store"
 
 
 def host_boot_id() -> str:

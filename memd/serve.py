@@ -7,6 +7,10 @@ running libvirt domain that has a memd channel, followed through lifecycle event
 KSM knobs: an agent that steers (``--ksm-steer``) puts the host's own back when it
 stops; one that was killed left them in a ledger (``hypervisor.ksm``), which the next
 agent restores at start, or adopts as the originals if it steers itself.
+
+Persistent tmem state lives in the store (``--store DIR``, default
+``$MEMD_RUN_DIR/store`` on tmpfs; ``--durable`` fsyncs each commit): a restarted agent
+— after SIGTERM, a crash or ``kill -9`` alike — reopens it and answers guests at once.
 """
 
 from __future__ import annotations
@@ -17,8 +21,13 @@ import ctypes
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from memd import paths
 from memd.agent.app import AgentApp
+
+if TYPE_CHECKING:
+    from hypervisor.lmdb_store import LmdbStore
 
 log = logging.getLogger("memd.agent")
 
@@ -50,13 +59,31 @@ def _tune_malloc() -> None:
         log.debug("not glibc: malloc thresholds left alone")
 
 
+def open_store(args: argparse.Namespace, control_path: str) -> LmdbStore | None:
+    """The persistent tmem store of ``--store`` (default on tmpfs); None for ``''``."""
+    from hypervisor.lmdb_store import LmdbStore
+
+    path = paths.tmem_store() if args.store is None else args.store
+    if not path:
+        log.warning("no tmem store: persistent pages die with this process")
+        return None
+    return LmdbStore(path, budget_bytes=args.budget, durable=args.durable,
+                     control_path=control_path, host_boot_id=paths.host_boot_id())
+
+
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
-    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap)
+    store = open_store(args, control_path)
+    try:
+        return await _serve_with(args, control_path, store)
+    finally:
+        if store is not None:
+            store.close()
+
+
+async def _serve_with(args: argparse.Namespace, control_path: str,
+                      store: LmdbStore | None) -> int:
+    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store)
     app.catch_signals()
-    if args.state:
-        app.load_state(args.state, control_path=control_path)
-        # The snapshot carries the budget of the previous run: this command line wins.
-        app.tmem.set_budget(args.budget)
     await app.start(control_path)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
@@ -80,8 +107,6 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
     finally:
         if follower is not None:
             await follower.stop()
-        if args.state:
-            app.save_state(args.state)
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("memd", "tmem", "sharing", "hypervisor")
 IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvirt_qemu",
-              "qemu", "mmap", "threading_io"}
+              "qemu", "mmap", "threading_io", "lmdb", "fcntl"}
 
 # package prefix -> project modules it may import (by prefix)
 ALLOWED = {

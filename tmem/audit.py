@@ -4,6 +4,11 @@ Like ``ksm.c``'s counters, every number the host keeps incrementally (pages per
 pool, per client, blob reference counts, LRU lengths, bytes stored) is recomputed
 here from the arrays themselves and compared; each mismatch becomes one line of the
 report.  The caller holds the host lock.  An empty list means consistent.
+
+:func:`audit_log` compares a host with a persistent log to what the log committed:
+the same clients and pools, exactly the persistent pages (handle → blob), exactly the
+external blobs (hash, scope, length), and every stored payload decodes to a page whose
+hash is the recorded one.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import itertools
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from tmem.store import ZERO_BLOB
+from tmem.durable import StoredState
+from tmem.journal import client_record, pool_record
+from tmem.store import ZERO_BLOB, decode_payload, hash_pages
 
 if TYPE_CHECKING:
     from tmem.host import TmemHost
@@ -73,6 +80,7 @@ def audit_host(host: TmemHost) -> list[str]:
             if member is None or member.pools[local] != gid:
                 issues.append(f"pool {gid}: member {cname} does not map it at {local}")
 
+    refs.update(host._pins)  # references held by puts in flight (between their phases)
     blobs = store.live_blob_ids()
     if len(blobs) != store.live_blobs:
         issues.append(f"live_blobs counter {store.live_blobs} != {len(blobs)}")
@@ -109,4 +117,52 @@ def audit_host(host: TmemHost) -> list[str]:
                           f"!= {owned_pers}")
     if host._used_bytes() > host._budget and any(c.lru.count for c in host._clients.values()):
         issues.append("over budget while ephemeral pages remain evictable")
+    return issues
+
+
+def audit_log(host: TmemHost, state: StoredState) -> list[str]:
+    """Memory against the committed log (the caller committed it, under the lock)."""
+    issues: list[str] = []
+    stored_clients = {c.name: c for c in state.clients}
+    for name, c in host._clients.items():
+        want = client_record(c)
+        if stored_clients.get(name) != want:
+            issues.append(f"store: client {name} is {stored_clients.get(name)}, memory {want}")
+    for name in stored_clients.keys() - host._clients.keys():
+        issues.append(f"store: client {name} is not in memory")
+    stored_pools = {p.gid: p for p in state.pools}
+    for gid, p in host._pools.items():
+        want_pool = pool_record(p)
+        if stored_pools.get(gid) != want_pool:
+            issues.append(f"store: pool {gid} is {stored_pools.get(gid)}, memory {want_pool}")
+    for gid in stored_pools.keys() - host._pools.keys():
+        issues.append(f"store: pool {gid} is not in memory")
+
+    pages, store = host._pages, host._store
+    memory_pages: set[tuple[int, int, int, int, int, int]] = set()
+    for gid, pool in host._pools.items():
+        if pool.persistent:
+            for oid, objno in pool.objects.items():
+                for slot in pages.object_slots(objno):
+                    memory_pages.add((gid, *oid, pages.index[slot], pages.blob[slot]))
+    stored_pages: set[tuple[int, int, int, int, int, int]] = set(state.pages.tolist())
+    for page in sorted(memory_pages - stored_pages)[:20]:
+        issues.append(f"store: persistent page {page} (gid, oid, index, blob) is missing")
+    for page in sorted(stored_pages - memory_pages)[:20]:
+        issues.append(f"store: page {page} (gid, oid, index, blob) is not in memory")
+    if len(stored_pages) != len(state.pages):
+        issues.append("store: a page handle is stored twice")
+
+    memory_blobs = {(b, store.blob_hash(b), store.blob_scope(b), store.payload_length(b))
+                    for b in store.live_blob_ids() if store.is_external(b)}
+    stored_blobs: set[tuple[int, int, int, int]] = set(state.blobs.tolist())
+    for rec in sorted(memory_blobs ^ stored_blobs)[:20]:
+        where = "missing from the store" if rec in memory_blobs else "not in memory"
+        issues.append(f"store: blob {rec} (id, hash, scope, length) is {where}")
+    log = host._log
+    assert log is not None
+    for blob, h, _scope, length in sorted(stored_blobs & memory_blobs):
+        payload = log.payload(blob)
+        if len(payload) != length or hash_pages([decode_payload(payload)])[0] != h:
+            issues.append(f"store: blob {blob}: payload does not match its hash/length")
     return issues

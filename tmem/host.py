@@ -33,6 +33,17 @@ compress in parallel.  Batched operations take the lock once per batch.
 
 Shared pools are charged to their *owner* (the first client to create them); when the
 owner leaves, ownership passes to another member together with the pages' charge.
+
+Persistence
+-----------
+With a :class:`~tmem.durable.PersistentLog` (``memd serve`` always has one), every
+mutation of persistent state — clients, pools, persistent pages and their blobs — is
+also written to the log under ``_lock``, and each public operation commits the log
+before it releases the lock (:meth:`_writing`), so the committed store always equals
+the persistent part of memory when the lock is free.  :meth:`deferred` lets the one
+thread that acknowledges requests (the agent's event loop) commit once for many
+operations.  Persistent blob payloads live only in the log; the budget is charged the
+log's real size (:meth:`PersistentLog.bytes_used`).  Ephemeral pages never touch it.
 """
 
 from __future__ import annotations
@@ -40,8 +51,11 @@ from __future__ import annotations
 import sys
 import threading
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from memd.errors import (
     AccessDenied,
@@ -52,9 +66,12 @@ from memd.errors import (
     NoSuchPool,
     TmemError,
 )
+from tmem.durable import EXTERNAL_SCOPE, PersistentLog, StoredState
+from tmem.journal import client_record, pool_record, write_dirty_chunks
 from tmem.pages import (
     CHUNK_META_BYTES,
     OBJ_META_BYTES,
+    RADIX_BITS,
     SLOT_META_BYTES,
     LruList,
     PageTable,
@@ -88,6 +105,9 @@ _OID_TUPLE_BYTES = 64 + 3 * 36  # a 3-tuple plus three (mostly large) ints
 _MAX_PUT_COST = (
     PAGE_SIZE + BLOB_META_BYTES + SLOT_META_BYTES + OBJ_META_BYTES + CHUNK_META_BYTES
 )
+#: The same for a persistent page kept in the log: a raw page there takes two database
+#: pages (a 4 KiB value plus its header overflows one), plus its page record.
+_MAX_LOGGED_PUT_COST = _MAX_PUT_COST + 2 * PAGE_SIZE + 256
 
 
 @dataclass(slots=True, eq=False)
@@ -117,6 +137,7 @@ class _Client:
     persistent_pages: int = 0
     retired_ops: OpCounters = field(default_factory=OpCounters)  # from destroyed pools
     authorised: set[bytes] = field(default_factory=set)
+    meta: dict[str, Any] = field(default_factory=dict)  # the agent's (boot id, reboots)
 
     @property
     def pages(self) -> int:
@@ -126,12 +147,18 @@ class _Client:
 class TmemHost:
     """The tmem core of the host agent; safe for concurrent callers."""
 
-    def __init__(self, budget_bytes: int = 256 << 20) -> None:
+    def __init__(self, budget_bytes: int = 256 << 20, log: PersistentLog | None = None) -> None:
         if budget_bytes < 0:
             raise InvalidArgument("budget must be non-negative", op="set_budget")
         self._lock = threading.Lock()
         self._budget = budget_bytes
-        self._store = PageStore()
+        self._log = log
+        #: Thread that holds a :meth:`deferred` section, and how deeply; guarded by _lock.
+        self._deferring: int | None = None
+        self._defer_depth = 0
+        if log is not None:
+            log.set_budget(budget_bytes)
+        self._store = PageStore(log)
         self._pages = PageTable()
         self._clients: dict[str, _Client] = {}
         self._pools: dict[int, _Pool] = {}
@@ -139,6 +166,12 @@ class TmemHost:
         self._next_gid = 0
         self._next_scope = 1
         self._evictions = 0
+        #: Blob references taken by puts between their two locked phases (the audit
+        #: counts them: the slot that will own each does not exist yet).
+        self._pins: Counter[int] = Counter()
+        #: Radix chunks of persistent objects changed since the last commit:
+        #: (pool gid, oid, chunk number); written to the log just before it commits.
+        self._dirty: set[tuple[int, Oid, int]] = set()
 
     # =====================================================================================
     # host control
@@ -151,49 +184,116 @@ class TmemHost:
         """Register a guest.  Idempotent for an existing client (settings unchanged)."""
         _check_weight(weight)
         _check_cap(cap_pages)
-        with self._lock:
+        with self._writing():
             if name not in self._clients:
-                self._clients[name] = _Client(
-                    name, self._next_scope, weight=weight, cap_pages=cap_pages, dedup=dedup
-                )
-                self._next_scope += 1
+                self._add_client_locked(name, weight, cap_pages, dedup)
+
+    def _add_client_locked(self, name: str, weight: int, cap_pages: int | None,
+                           dedup: bool) -> _Client:
+        client = self._clients[name] = _Client(
+            name, self._next_scope, weight=weight, cap_pages=cap_pages, dedup=dedup
+        )
+        self._next_scope += 1
+        self._log_client(client)
+        return client
 
     def remove_client(self, name: str) -> None:
         """Forget a guest and everything it stored (guest destroyed)."""
-        with self._lock:
+        with self._writing():
             client = self._client(name, "remove_client")
             self._drop_all_pools(client)
             del self._clients[name]
+            if self._log is not None:
+                self._log.drop_client(name)
 
     def reset_client(self, name: str) -> int:
         """Destroy every pool of a guest that rebooted; keep its settings.  → pools."""
-        with self._lock:
+        with self._writing():
             client = self._client(name, "reset_client")
             return self._drop_all_pools(client)
+
+    def open_session(self, name: str, *, cap_pages: int | None, dedup: bool,
+                     meta: dict[str, Any], reset: bool) -> int:
+        """A guest said HELLO: register it if new (with *cap_pages*), drop all its pools
+        if *reset* (it rebooted), set its dedup consent and the agent's *meta* (its boot
+        id) — one transaction, so a crash can never keep a previous boot's pools under
+        the new boot id.  → pools dropped."""
+        _check_cap(cap_pages)
+        with self._writing():
+            client = self._clients.get(name)
+            if client is None:
+                client = self._add_client_locked(name, DEFAULT_WEIGHT, cap_pages, dedup)
+            dropped = self._drop_all_pools(client) if reset else 0
+            client.dedup = dedup
+            client.meta = dict(meta)
+            self._log_client(client)
+            return dropped
+
+    def client_meta(self, name: str) -> dict[str, Any]:
+        """The agent's metadata of a client (as restored after a restart)."""
+        with self._lock:
+            return dict(self._client(name, "client_meta").meta)
 
     def has_client(self, name: str) -> bool:
         with self._lock:
             return name in self._clients
 
-    def freeze(self, name: str) -> None:
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Group commit: operations of this thread inside the block share one log commit,
+        made when the block ends.  The caller must not acknowledge any of them before
+        the block has ended.  Other threads still commit their own operations (which
+        commits this thread's writes too: committing early is always safe)."""
+        me = threading.get_ident()
         with self._lock:
-            self._client(name, "freeze").frozen = True
+            if self._deferring not in (None, me):
+                raise RuntimeError("deferred() is for one acknowledging thread")
+            self._deferring = me
+            self._defer_depth += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._defer_depth -= 1
+                if not self._defer_depth:
+                    self._deferring = None
+                    if self._log is not None:
+                        self._commit_log()
+
+    def restore(self, state: StoredState) -> list[str]:
+        """Rebuild an empty host from what its log held (a restart).  → findings about
+        records that could not be used (dropped from the store as well)."""
+        from tmem.restore import restore_host  # local: restore fills our private state
+
+        with self._writing():
+            return restore_host(self, state)
+
+    def freeze(self, name: str) -> None:
+        with self._writing():
+            client = self._client(name, "freeze")
+            client.frozen = True
+            self._log_client(client)
 
     def thaw(self, name: str) -> None:
-        with self._lock:
-            self._client(name, "thaw").frozen = False
+        with self._writing():
+            client = self._client(name, "thaw")
+            client.frozen = False
+            self._log_client(client)
 
     def set_weight(self, name: str, weight: int) -> None:
         _check_weight(weight)
-        with self._lock:
-            self._client(name, "set_weight").weight = weight
+        with self._writing():
+            client = self._client(name, "set_weight")
+            client.weight = weight
+            self._log_client(client)
 
     def set_cap(self, name: str, cap_pages: int | None) -> int:
         """Cap a client's stored pages; evicts its ephemeral pages above it.  → evicted."""
         _check_cap(cap_pages)
-        with self._lock:
+        with self._writing():
             client = self._client(name, "set_cap")
             client.cap_pages = cap_pages
+            self._log_client(client)
             evicted = 0
             while cap_pages is not None and client.pages > cap_pages and client.lru.count:
                 self._evict_one(client)
@@ -202,20 +302,27 @@ class TmemHost:
 
     def set_dedup(self, name: str, enabled: bool) -> None:
         """Opt a client in or out of cross-guest de-duplication (for future puts)."""
-        with self._lock:
-            self._client(name, "set_dedup").dedup = enabled
+        with self._writing():
+            client = self._client(name, "set_dedup")
+            if client.dedup != enabled:
+                client.dedup = enabled
+                self._log_client(client)
 
     def authorize_shared(self, name: str, pool_uuid: bytes | uuidlib.UUID) -> None:
         """Allow a client to create or join the shared pool with this UUID."""
         key = _uuid_bytes(pool_uuid, "authorize_shared")
-        with self._lock:
-            self._client(name, "authorize_shared").authorised.add(key)
+        with self._writing():
+            client = self._client(name, "authorize_shared")
+            client.authorised.add(key)
+            self._log_client(client)
 
     def revoke_shared(self, name: str, pool_uuid: bytes | uuidlib.UUID) -> None:
         """Withdraw an authorisation (pools already joined stay joined)."""
         key = _uuid_bytes(pool_uuid, "revoke_shared")
-        with self._lock:
-            self._client(name, "revoke_shared").authorised.discard(key)
+        with self._writing():
+            client = self._client(name, "revoke_shared")
+            client.authorised.discard(key)
+            self._log_client(client)
 
     @property
     def budget_bytes(self) -> int:
@@ -231,6 +338,8 @@ class TmemHost:
             raise InvalidArgument("budget must be a non-negative integer", op="set_budget")
         with self._lock:
             self._budget = budget_bytes
+            if self._log is not None:
+                self._log.set_budget(budget_bytes)
             return self._shrink_to(budget_bytes)
 
     def flush_kib(self, kib: int, client: str | None = None) -> int:
@@ -266,7 +375,7 @@ class TmemHost:
         if shared and persistent:
             raise InvalidArgument("shared persistent pools are not supported", op=op, client=name)
         key = _uuid_bytes(pool_uuid, op) if shared else None
-        with self._lock:
+        with self._writing():
             client = self._client(name, op)
             try:
                 local = client.pools.index(None)
@@ -275,23 +384,6 @@ class TmemHost:
                     f"client already has {MAX_POOLS_PER_CLIENT} pools", op=op, client=name
                 ) from None
             return self._new_pool_locked(client, local, persistent, shared, key, op)
-
-    def new_pool_at(
-        self, name: str, pool_id: int, flags: int, pool_uuid: bytes | None = None
-    ) -> int:
-        """Create or join a pool at a given local id (restoring a snapshot)."""
-        op = "new_pool_at"
-        if type(pool_id) is not int or not 0 <= pool_id < MAX_POOLS_PER_CLIENT:
-            raise InvalidArgument("pool id out of range", op=op, client=name)
-        with self._lock:
-            client = self._client(name, op)
-            if client.pools[pool_id] is not None:
-                raise InvalidArgument("pool id already in use", op=op, client=name,
-                                      pool=pool_id)
-            return self._new_pool_locked(
-                client, pool_id, bool(flags & PoolFlags.PERSISTENT),
-                bool(flags & PoolFlags.SHARED), pool_uuid, op,
-            )
 
     def _new_pool_locked(
         self, client: _Client, local: int, persistent: bool, shared: bool, key: bytes | None,
@@ -311,6 +403,7 @@ class TmemHost:
                     return pool.members[name]
                 pool.members[name] = local
                 client.pools[local] = gid
+                self._log_pool(pool)
                 return local
         pool = _Pool(self._next_gid, persistent, shared, key, owner=name)
         self._next_gid += 1
@@ -319,11 +412,12 @@ class TmemHost:
         if key is not None:
             self._shared_by_uuid[key] = pool.gid
         client.pools[local] = pool.gid
+        self._log_pool(pool)
         return local
 
     def destroy_pool(self, name: str, pool_id: int) -> None:
         """Destroy a private pool, or leave a shared one (destroyed with its last member)."""
-        with self._lock:
+        with self._writing():
             client = self._client(name, "destroy_pool")
             pool = self._pool(client, pool_id, "destroy_pool")
             self._leave_pool(client, pool)
@@ -353,7 +447,7 @@ class TmemHost:
         op = "flush_page"
         check_oid(oid, op)
         check_index(index, op)
-        with self._lock:
+        with self._writing():
             client = self._client(name, op)
             pool = self._pool(client, pool_id, op)
             objno = pool.objects.get(oid)
@@ -368,7 +462,7 @@ class TmemHost:
         """Remove every page of one object.  → pages removed."""
         op = "flush_object"
         check_oid(oid, op)
-        with self._lock:
+        with self._writing():
             client = self._client(name, op)
             pool = self._pool(client, pool_id, op)
             pool.ops.flush_objects += 1
@@ -383,7 +477,7 @@ class TmemHost:
 
     def flush_pool(self, name: str, pool_id: int) -> int:
         """Remove every page of a pool but keep the pool.  → pages removed."""
-        with self._lock:
+        with self._writing():
             client = self._client(name, "flush_pool")
             pool = self._pool(client, pool_id, "flush_pool")
             removed = self._empty_pool(pool)
@@ -483,14 +577,45 @@ class TmemHost:
 
     def audit(self) -> list[str]:
         """Recompute every count and link from the structures; list each discrepancy."""
-        from tmem.audit import audit_host  # local: audit reads our private state
+        from tmem.audit import audit_host, audit_log  # local: they read our private state
 
-        with self._lock:
-            return audit_host(self)
+        with self._writing():
+            issues = audit_host(self)
+            if self._log is not None:
+                self._commit_log()  # a deferring thread's writes too: compare like with like
+                issues += audit_log(self, self._log.load())
+            return issues
 
     # =====================================================================================
     # internals (caller holds _lock)
     # =====================================================================================
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """``_lock``, and the log committed before it is released (unless this thread
+        defers), whatever happened in between: memory and store stay equal."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                if self._log is not None and self._deferring != threading.get_ident():
+                    self._commit_log()
+
+    def _commit_log(self) -> None:
+        """Write the dirty chunks' records from memory, then commit (lock held)."""
+        log = self._log
+        assert log is not None
+        if self._dirty:
+            write_dirty_chunks(self, log)
+        log.commit()
+
+    def _log_client(self, client: _Client) -> None:
+        if self._log is not None:
+            self._log.put_client(client_record(client))
+
+    def _log_pool(self, pool: _Pool) -> None:
+        if self._log is not None:
+            self._log.put_pool(pool_record(pool))
 
     def _client(self, name: str, op: str) -> _Client:
         try:
@@ -516,7 +641,8 @@ class TmemHost:
 
     def _used_bytes(self) -> int:
         return (
-            self._store.charged_bytes()
+            (0 if self._log is None else self._log.bytes_used())
+            + self._store.charged_bytes()
             + self._pages.live_slots * SLOT_META_BYTES
             + self._pages.live_objects * OBJ_META_BYTES
             + self._pages.live_chunks * CHUNK_META_BYTES
@@ -541,11 +667,17 @@ class TmemHost:
             pool = self._pool(client, pool_id, op)
             scope = self._scope(client, pool)
             pins = self._store.pin_matches(hashes, pages, scope)
+            pinned = [p for p in pins if p >= 0]
+            if pinned:
+                self._pins.update(pinned)
         encoded: list[EncodedPage] = [
             (h, b"" if h < 0 or pin >= 0 else compress_page(page), pin)
             for h, page, pin in zip(hashes, pages, pins, strict=True)
         ]  # no lock: lz4 runs here, in parallel across threads
-        with self._lock:
+        with self._writing():
+            if pinned:  # from here on each is a slot's reference, or released
+                self._pins.subtract(pinned)
+                self._pins += Counter()  # drop the zeros
             try:
                 client = self._client(name, op)
                 pool = self._pool(client, pool_id, op)
@@ -562,8 +694,12 @@ class TmemHost:
             return self._put_many(client, pool, items)
 
     def _scope(self, client: _Client, pool: _Pool) -> int:
-        """Dedup scope of a put: shared by opted-in clients, else the pool owner's own."""
-        return 0 if client.dedup else self._clients[pool.owner].scope
+        """Dedup scope of a put: shared by opted-in clients, else the pool owner's own;
+        with a log, persistent pools' blobs are a world of their own (EXTERNAL_SCOPE)."""
+        scope = 0 if client.dedup else self._clients[pool.owner].scope
+        if pool.persistent and self._log is not None:
+            scope |= EXTERNAL_SCOPE
+        return scope
 
     def _unpin(self, encoded: list[EncodedPage]) -> None:
         for _, _, pin in encoded:
@@ -577,9 +713,11 @@ class TmemHost:
         pages, store, objects = self._pages, self._store, pool.objects
         owner = self._clients[pool.owner]
         lru = None if pool.persistent else owner.lru
-        scope = 0 if client.dedup else owner.scope
+        scope = self._scope(client, pool)
+        log = self._log if pool.persistent else None
         # With room for the whole batch at worst-case cost, skip per-page budget checks.
-        headroom = self._budget - self._used_bytes() >= len(items) * _MAX_PUT_COST
+        cost = _MAX_PUT_COST if log is None else _MAX_LOGGED_PUT_COST
+        headroom = self._budget - self._used_bytes() >= len(items) * cost
         if (headroom and len(items) > 1 and not client.frozen
                 and (owner.cap_pages is None or owner.pages + len(items) <= owner.cap_pages)):
             done = self._put_batch_fast(pool, items, scope, lru)
@@ -616,6 +754,8 @@ class TmemHost:
             if objno is None:
                 objno = objects[oid] = pages.new_object(pool.gid, oid)
             slot = pages.add(objno, index, blob, lru)  # the slot now owns the reference
+            if log is not None:
+                self._dirty.add((pool.gid, oid, index >> RADIX_BITS))
             pool.pages += 1
             pool.bytes_stored += store.payload_length(blob)
             if lru is None:
@@ -664,6 +804,10 @@ class TmemHost:
         store = self._store
         blobs = store.intern_many([enc for _, _, enc in items], scope)
         pages.add_many(objnos, [index for _, index in handles], blobs, lru)
+        log = self._log
+        if lru is None and log is not None:
+            gid = pool.gid
+            self._dirty.update([(gid, oid, index >> RADIX_BITS) for oid, index in handles])
         n = len(items)
         pool.pages += n
         length = store.payload_length
@@ -717,6 +861,8 @@ class TmemHost:
         pages = self._pages
         objno = pages.obj[slot]
         lru = self._owner_lru(pool)
+        if pool.persistent and self._log is not None:
+            self._dirty.add((pool.gid, pages.oid_of(objno), pages.index[slot] >> RADIX_BITS))
         blob = pages.remove(slot, lru)
         pool.pages -= 1
         pool.bytes_stored -= self._store.payload_length(blob)
@@ -779,8 +925,13 @@ class TmemHost:
             del self._pools[pool.gid]
             if pool.uuid is not None:
                 del self._shared_by_uuid[pool.uuid]
-        elif pool.owner == client.name:
-            self._transfer_ownership(pool, client, self._clients[next(iter(pool.members))])
+            if self._log is not None:
+                self._log.drop_pool(pool.gid)
+        else:
+            if pool.owner == client.name:
+                self._transfer_ownership(pool, client,
+                                         self._clients[next(iter(pool.members))])
+            self._log_pool(pool)
 
     def _transfer_ownership(self, pool: _Pool, old: _Client, new: _Client) -> None:
         for objno in pool.objects.values():

@@ -78,6 +78,21 @@ class IdTable:
         slots[i] = ident
         self._count += 1
 
+    def insert_many(self, idents: npt.NDArray[np.int32]) -> None:
+        """Add many ids (none already present) at once, placed by the vectorised
+        rebuild of :meth:`_resize` (needs ``hash_many``)."""
+        if not len(idents):
+            return
+        current = np.frombuffer(self.slots, dtype=np.int32)
+        merged = np.concatenate([current[current != _EMPTY], idents.astype(np.int32)])
+        size = len(self.slots)
+        while len(merged) * 2 > size:
+            size *= 2
+        unplaced = np.full(size, _EMPTY, dtype=np.int32)
+        unplaced[:len(merged)] = merged
+        self.slots = array("i", unplaced.tobytes())  # not a valid table until re-laid:
+        self._resize(size)
+
     def remove(self, h: int, ident: int) -> None:
         """Remove *ident*, stored under hash *h*; KeyError if it is not there."""
         slots = self.slots

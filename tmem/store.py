@@ -31,6 +31,11 @@ array       type    meaning (valid while ``refs[b] > 0``)
 =========== ======= ==========================================================
 
 Blob id 0 is the shared zero page: it owns no slab memory and is never freed.
+
+External blobs: a blob whose scope has :data:`tmem.durable.EXTERNAL_SCOPE` set (a
+persistent pool's page on a host with a persistent log) keeps its payload only in that
+log: ``loc`` is ``EXTERNAL_LOC`` and the payload is read back through the log.  Its
+metadata (length, refs, hash, scope) stays here, like any blob's.
 """
 
 from __future__ import annotations
@@ -42,10 +47,13 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from tmem.durable import EXTERNAL_SCOPE, PersistentLog
 from tmem.idtable import IdTable
 from tmem.slab import PAGE_SIZE, SlabArena
 
 ZERO_BLOB = 0
+#: ``loc`` of a blob whose payload lives in the persistent log.
+EXTERNAL_LOC = -1
 ZERO_PAGE = bytes(PAGE_SIZE)
 RAW_LIMIT = PAGE_SIZE - PAGE_SIZE // 8
 #: Bytes of metadata per live blob: the five arrays above plus two dedup-table slots.
@@ -93,7 +101,9 @@ def _grown(arr: array[int], need: int) -> None:
 class PageStore:
     """Refcounted, de-duplicated page contents.  Not locked: the owner serialises."""
 
-    def __init__(self) -> None:
+    def __init__(self, log: PersistentLog | None = None) -> None:
+        #: Where external blobs (scope with EXTERNAL_SCOPE) keep their payload.
+        self.log = log
         self.arena = SlabArena()
         self._loc = array("q", [0])
         self._length = array("H", [0])
@@ -136,7 +146,7 @@ class PageStore:
                 hashes[blob] == h
                 and scopes[blob] == scope
                 and length[blob] == n
-                and bytes(self.arena.view(self._loc[blob], n)) == payload
+                and self._data(blob) == payload
             ):
                 return blob
             i = (i + 1) & mask
@@ -162,7 +172,8 @@ class PageStore:
                 while blob >= 0:
                     if stored_hash[blob] == h and scopes[blob] == scope:
                         n = length[blob]
-                        data = view(loc[blob], n)
+                        where = loc[blob]
+                        data = view(where, n) if where >= 0 else self._data(blob)
                         same = (bytes(data) if n == PAGE_SIZE
                                 else _decompress(data, uncompressed_size=PAGE_SIZE)) == page
                         if same:
@@ -195,7 +206,12 @@ class PageStore:
                 _grown(arr, blob + 1)
             # _grown over-allocates: hand out the spare ids through the free stack.
             self._free_ids.extend(range(len(self._refs) - 1, blob, -1))
-        self._loc[blob] = self.arena.store(payload)
+        if scope & EXTERNAL_SCOPE:
+            assert self.log is not None, "an external blob needs a persistent log"
+            self.log.put_blob(blob, h, scope, payload)
+            self._loc[blob] = EXTERNAL_LOC
+        else:
+            self._loc[blob] = self.arena.store(payload)
         self._length[blob] = len(payload)
         self._refs[blob] = 1
         self._hash[blob] = h
@@ -218,7 +234,12 @@ class PageStore:
         if refs or blob == ZERO_BLOB:
             return
         self._dedup.remove(self._hash[blob] ^ self._scope[blob], blob)
-        self.arena.free(self._loc[blob])
+        loc = self._loc[blob]
+        if loc >= 0:
+            self.arena.free(loc)
+        else:
+            assert self.log is not None
+            self.log.drop_blob(blob)
         self.data_bytes -= self._length[blob]
         self.live_blobs -= 1
         self._free_ids.append(blob)
@@ -226,7 +247,47 @@ class PageStore:
     def payload(self, blob: int) -> bytes:
         """A copy of the stored payload (decode it with :func:`decode_payload`)."""
         n = self._length[blob]
-        return b"" if n == 0 else bytes(self.arena.view(self._loc[blob], n))
+        return b"" if n == 0 else self._data(blob)
+
+    def _data(self, blob: int) -> bytes:
+        loc = self._loc[blob]
+        if loc >= 0:
+            return bytes(self.arena.view(loc, self._length[blob]))
+        assert self.log is not None
+        return self.log.payload(blob)
+
+    def is_external(self, blob: int) -> bool:
+        return blob != ZERO_BLOB and self._loc[blob] < 0
+
+    # -- restart ---------------------------------------------------------------------------
+
+    def restore(self, blobs: npt.NDArray[np.void], refs: npt.NDArray[np.int64]) -> None:
+        """Re-create external blobs (rows of ``tmem.durable.BLOB_DTYPE``) at their stored
+        ids, with recomputed refcounts (*refs*, indexed by blob id; entry 0 is the zero
+        page's).  Into an empty store only; ids not restored become free ids."""
+        assert self.live_blobs == 0, "restore into an empty store"
+        ids = blobs["blob"].astype(np.int64)
+        top = max(int(ids.max(initial=0)) + 1, len(refs))
+        for arr in (self._loc, self._length, self._refs, self._hash, self._scope):
+            _grown(arr, top)
+        # Column views (released before anything resizes the arrays again).
+        np.frombuffer(self._loc, dtype=np.int64)[ids] = EXTERNAL_LOC
+        np.frombuffer(self._length, dtype=np.uint16)[ids] = blobs["length"]
+        np.frombuffer(self._hash, dtype=np.uint64)[ids] = blobs["hash"]
+        np.frombuffer(self._scope, dtype=np.uint32)[ids] = blobs["scope"]
+        np.frombuffer(self._refs, dtype=np.uint32)[:len(refs)] = refs
+        self._dedup.insert_many(ids.astype(np.int32))
+        self.data_bytes = int(blobs["length"].sum())
+        self.live_blobs = len(ids)
+        used = np.zeros(len(self._refs), dtype=bool)
+        used[ids] = True
+        used[ZERO_BLOB] = True
+        # Popped from the end: the lowest free ids are handed out first.
+        self._free_ids = array("i", np.flatnonzero(~used)[::-1].astype(np.int32).tobytes())
+
+    def payload_lengths(self, blobs: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint16]:
+        """Payload length of each blob id in *blobs* (vectorised)."""
+        return np.frombuffer(self._length, dtype=np.uint16)[blobs]
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -245,6 +306,9 @@ class PageStore:
 
     def zero_refs(self) -> int:
         return self._refs[ZERO_BLOB]
+
+    def blob_scope(self, blob: int) -> int:
+        return self._scope[blob]
 
     def live_blob_ids(self) -> list[int]:
         return [b for b in range(1, len(self._refs)) if self._refs[b]]

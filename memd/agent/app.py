@@ -3,6 +3,11 @@
 The embedded default is an in-process :class:`~hypervisor.simmachine.SimMachine`
 holding the memory of simulated guests; real guests come in through channels added
 by the operator (``attach``) or by the libvirt follower.
+
+With a store (:class:`~hypervisor.lmdb_store.LmdbStore`, always for ``memd serve``) the
+tmem host writes its persistent state through it and is rebuilt from it at start: guests'
+boot ids and reboot counts come back from their client records, opted-out VMs from the
+store's meta records.  There is no other restart mechanism.
 """
 
 from __future__ import annotations
@@ -10,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -27,11 +30,11 @@ from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
 from sharing.manager import SharingManager
-from tmem import snapshot
 from tmem.host import TmemHost
 
 if TYPE_CHECKING:
     from hypervisor.ksm_steer import KsmSteering
+    from hypervisor.lmdb_store import LmdbStore
     from hypervisor.qemu_machine import QemuMachine
     from hypervisor.qmp import Monitor
     from hypervisor.real_sharing import QemuSharing
@@ -54,9 +57,12 @@ class AgentApp:
         sim_frames: int = 0,
         guest_cap_bytes: int | None = None,
         ksm_ledger: Path | None = None,
+        store: LmdbStore | None = None,
     ) -> None:
         self.started = time.time()
-        self.tmem = TmemHost(budget_bytes=budget_bytes)
+        #: Where persistent tmem state lives (None: in memory only, lost with the process).
+        self.store = store
+        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
         self.sharing: SharingService | None = (
             SharingService(SharingManager(self.machine)) if self.machine else None)
@@ -81,57 +87,31 @@ class AgentApp:
         self.opted_out: set[str] = set()
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
+        if store is not None:
+            self._reopen(store)
 
-    def load_state(self, path: str, *, control_path: str | None = None) -> int:
-        """Restore a graceful-stop snapshot, then delete it (a later crash must not bring
-        back pages guests have since flushed).  → guests restored.
+    def _reopen(self, store: LmdbStore) -> None:
+        """Rebuild tmem from the store and the guests' boot ids from their records."""
+        t0 = time.monotonic()
+        state = store.load()
+        findings = self.tmem.restore(state)
+        for finding in findings:
+            log.error("tmem store: %s", finding, extra={"event": "store-repair"})
+        for name in self.tmem.client_names():
+            meta = self.tmem.client_meta(name)
+            if "boot_id" in meta:
+                guest = self.agent.guests.setdefault(name, GuestState(name))
+                guest.boot_id = bytes.fromhex(str(meta["boot_id"]))
+                guest.reboots = int(meta.get("reboots", 0))
+        self.opted_out.update(str(vm) for vm in state.meta.get("opted_out", []))
+        stats = self.tmem.store_stats()
+        log.info("tmem store %s: %d guests, %d persistent pages back in %.2f s",
+                 store.path, len(self.tmem.client_names()), stats.persistent_pages,
+                 time.monotonic() - t0, extra={"event": "store-reopened"})
 
-        The snapshot says who wrote it (see :meth:`save_state`).  One written before the
-        host rebooted describes guests that are gone, and one written by the agent of
-        another control socket is not this agent's: both are set aside as ``PATH.stale``
-        with a log line, never loaded."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return 0
-        writer = dict(snapshot.read_extra(data).get("writer") or {})
-        why_not = _foreign_snapshot(writer, control_path)
-        if why_not:
-            os.replace(path, f"{path}.stale")
-            log.warning("ignored tmem snapshot %s: %s; kept as %s.stale", path, why_not, path,
-                        extra={"event": "state-ignored"})
-            return 0
-        extra = snapshot.load(self.tmem, [data])
-        os.unlink(path)
-        reboots = dict(extra.get("reboots", {}))
-        self.opted_out.update(str(vm) for vm in extra.get("opted_out", []))
-        for name, boot_hex in dict(extra.get("boot_ids", {})).items():
-            guest = self.agent.guests.setdefault(name, GuestState(name))
-            guest.boot_id = bytes.fromhex(boot_hex)
-            guest.reboots = int(reboots.get(name, 0))
-        names = self.tmem.client_names()
-        log.info("restored tmem state of %d guests from %s (written by pid %s at %s): %s",
-                 len(names), path, writer.get("pid", "?"), writer.get("saved_at", "?"),
-                 ", ".join(names) or "none", extra={"event": "state-restored"})
-        return len(names)
-
-    def save_state(self, path: str) -> None:
-        """Write the snapshot atomically (temp file + rename)."""
-        boot_ids = {n: g.boot_id.hex() for n, g in self.agent.guests.items() if g.boot_id}
-        os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        tmp = f"{path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            reboots = {n: g.reboots for n, g in self.agent.guests.items()}
-            extra = {"boot_ids": boot_ids, "reboots": reboots,
-                     "opted_out": sorted(self.opted_out), "writer": _writer(self.control.path)}
-            for chunk in snapshot.dump(self.tmem, extra=extra):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        log.info("saved tmem state to %s", path)
+    def _save_opted_out(self) -> None:
+        if self.store is not None:
+            self.store.put_meta("opted_out", sorted(self.opted_out))
 
     async def start(self, control_path: str | None) -> None:
         self.agent.start()
@@ -176,6 +156,7 @@ class AgentApp:
             # agent crash): that is the operator's choice, and a guest's NOMINATE must
             # not undo it.  `memd optin` turns it on.
             self.opted_out.add(name)
+            self._save_opted_out()
         self._poke_steering()
         return domid
 
@@ -301,8 +282,10 @@ class AgentApp:
         steering = self.steering or KsmSteering(self.qemu)
         if merge:
             self.opted_out.discard(vm)
+            self._save_opted_out()
             return steering.opt_in(vm)
         self.opted_out.add(vm)
+        self._save_opted_out()
         return steering.opt_out(vm)
 
     # -- control commands ------------------------------------------------------------------
@@ -350,6 +333,9 @@ class AgentApp:
             "tmem": self.tmem.store_stats().to_dict(),
             "unattached_clients": [n for n in self.tmem.client_names()
                                    if n not in self.agent.channels],
+            "store": None if self.store is None else {
+                "path": str(self.store.path), "durable": self.store.durable,
+                "bytes_used": self.store.bytes_used(), "file_bytes": self.store.file_bytes()},
             #: Simulated guests' sharing manager (memd demo / memd scan); None without one.
             "sharing": self.sharing.stats() if self.sharing else None,
             #: KSM, which merges real guests' pages (host-wide counters).
@@ -373,7 +359,7 @@ class AgentApp:
                 "pages_shared": counters.get("pages_shared", 0), "steering": mode}
 
     def clients(self) -> list[dict[str, Any]]:
-        """Every tmem client, attached or not (a restored snapshot, a detached guest)."""
+        """Every tmem client, attached or not (reopened from the store, a detached guest)."""
         out = []
         for c in self.tmem.client_stats(None):
             row = c.to_dict()
@@ -498,24 +484,6 @@ class AgentApp:
         name = _str(args, "name")
         await self.agent.remove_channel(name)
         return {"detached": name}
-
-
-def _writer(control_path: str | None) -> dict[str, Any]:
-    """Who writes a snapshot: enough to refuse it on another host boot or agent."""
-    return {"host_boot_id": paths.host_boot_id(), "hostname": socket.gethostname(),
-            "pid": os.getpid(), "control": control_path, "saved_at": time.time()}
-
-
-def _foreign_snapshot(writer: dict[str, Any], control_path: str | None) -> str | None:
-    """Why a snapshot written by ``writer`` must not be loaded here, or None."""
-    if not writer:
-        return None  # written before snapshots said who wrote them: accepted, as before
-    if writer.get("host_boot_id") != paths.host_boot_id():
-        return "it was written before the host rebooted, so its guests are gone"
-    if control_path and writer.get("control") and writer["control"] != control_path:
-        return (f"it was written by the agent serving {writer['control']}, not by this one "
-                f"({control_path})")
-    return None
 
 
 def _str(args: dict[str, Any], key: str) -> str:

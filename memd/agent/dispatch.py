@@ -170,20 +170,25 @@ class Dispatcher:
         if version is None:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
             return self._status_reply(guest, frame, Status.VERSION, speaks)
-        self.tmem.add_client(guest.name, cap_pages=self.guest_cap_pages)
-        if guest.boot_id is not None and req.boot_id != guest.boot_id:
-            # The guest rebooted: everything it stored belongs to a dead kernel.
-            dropped = self.tmem.reset_client(guest.name)
-            guest.reboots += 1
+        capabilities = req.capabilities & HOST_CAPABILITIES
+        if self.sharing is None:
+            capabilities &= ~int(Capability.SHARING)
+        consent = bool(capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
+        # A new boot id means the guest rebooted: everything it stored belongs to a dead
+        # kernel.  The drop and the new boot id are one store transaction, so that after
+        # an agent crash neither a previous boot's pool nor a stale boot id survives.
+        rebooted = guest.boot_id is not None and req.boot_id != guest.boot_id
+        reboots = guest.reboots + rebooted
+        dropped = self.tmem.open_session(
+            guest.name, cap_pages=self.guest_cap_pages, dedup=consent, reset=rebooted,
+            meta={"boot_id": req.boot_id.hex(), "reboots": reboots})
+        if rebooted:
             log.info("guest %s rebooted: dropped %d pools", guest.name, dropped,
                      extra={"event": "reboot", "vm": guest.name})
+        guest.reboots = reboots
         guest.boot_id = req.boot_id
         guest.version = version
-        guest.capabilities = req.capabilities & HOST_CAPABILITIES
-        if self.sharing is None:
-            guest.capabilities &= ~int(Capability.SHARING)
-        consent = bool(guest.capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
-        self.tmem.set_dedup(guest.name, consent)
+        guest.capabilities = capabilities
         return self._reply(guest, frame, wire.HelloReply(
             version=version, capabilities=guest.capabilities, max_batch=wire.MAX_BATCH,
             max_payload=wire.MAX_PAYLOAD, max_gfns=wire.MAX_GFNS))

@@ -229,11 +229,16 @@ class Agent:
                 items, conn.items = conn.items, []
                 if not items and conn.eof:
                     break
-                for item in items:
-                    if isinstance(item, FrameError):
-                        guest.bad_frames += 1
-                        continue
-                    reply = self.dispatcher.handle(guest, item)
+                # Group commit: the frames that arrived together share one store commit,
+                # and no reply leaves before it (an acknowledged put is committed).
+                replies = []
+                with self.dispatcher.tmem.deferred():
+                    for item in items:
+                        if isinstance(item, FrameError):
+                            guest.bad_frames += 1
+                            continue
+                        replies.append(self.dispatcher.handle(guest, item))
+                for reply in replies:
                     if reply:
                         transport.write(reply)
                 bad = guest.bad_frames - bad_at_start

@@ -1,4 +1,5 @@
-"""A real agent (asyncio loop in a thread, control socket, in-process machine) per test."""
+"""A real agent (asyncio loop in a thread, control socket, in-process machine, an LMDB
+tmem store in the test's tmp dir) per test."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.lmdb_store import LmdbStore
 from memd.agent.app import AgentApp
 from memd.demo import _LoopThread
 from memd.guest.client import GuestClient
@@ -16,10 +18,22 @@ from memd.guest.client import GuestClient
 class RunningAgent:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.app = AgentApp(budget_bytes=32 << 20, sim_frames=4096)
-        self.loop = _LoopThread()
         self.control = str(tmp / "control.sock")
+        self.store = LmdbStore(tmp / "store", budget_bytes=32 << 20, control_path=self.control)
+        self.app = AgentApp(budget_bytes=32 << 20, sim_frames=4096, store=self.store)
+        self.loop = _LoopThread()
         self.loop.run(self.app.start(self.control))
+
+    def restart(self) -> AgentApp:
+        """Stop this agent and start another on the same store (the channels of the
+        guests named in *names* are added again by the caller)."""
+        self.loop.run(self.app.stop())
+        self.store.close()
+        self.store = LmdbStore(self.tmp / "store", budget_bytes=32 << 20,
+                               control_path=self.control)
+        self.app = AgentApp(budget_bytes=32 << 20, sim_frames=4096, store=self.store)
+        self.loop.run(self.app.start(self.control))
+        return self.app
 
     def add_guest(self, name: str, ram_pages: int = 256) -> str:
         path = str(self.tmp / f"{name}.sock")
@@ -38,6 +52,7 @@ class RunningAgent:
     def close(self) -> None:
         self.loop.run(self.app.stop())
         self.loop.close()
+        self.store.close()
 
 
 @pytest.fixture

@@ -249,23 +249,31 @@ def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> 
     assert agent.app.audit()["clean"]
 
 
-def test_graceful_restart_keeps_pools_boot_ids_and_counters(agent: RunningAgent) -> None:
-    from memd.agent.app import AgentApp
-
+def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
+        agent: RunningAgent) -> None:
     path = agent.add_guest("g")
     with agent.client(path, boot_id=b"A" * 16) as c:
         c.connect()
     with agent.client(path, boot_id=b"B" * 16) as c:  # one reboot
         c.connect()
         pool = c.new_pool(persistent=True)
+        eph = c.new_pool()
         c.put(pool, 1, 0, _page(6))
-    agent.app.opted_out.add("vm-x")  # an operator's `memd optout`
-    state = str(agent.tmp / "state")
-    agent.app.save_state(state)
-    fresh = AgentApp(budget_bytes=32 << 20)
-    assert fresh.load_state(state) == 1
-    assert not os.path.exists(state)  # loaded once: a later crash cannot resurrect it
+        c.put(eph, 1, 0, _page(7))
+    agent.app.opted_out.add("vm-x")  # an operator's `memd optout` (saved at once)
+    agent.app._save_opted_out()
+    fresh = agent.restart()
     guest = fresh.agent.guests["g"]
     assert (guest.boot_id, guest.reboots) == (b"B" * 16, 1)
-    assert fresh.tmem.get("g", pool, (1, 0, 0), 0) == _page(6)
     assert fresh.opted_out == {"vm-x"}
+    assert fresh.audit()["clean"]
+    path = agent.add_guest("g")
+    with agent.client(path, boot_id=b"B" * 16) as c:  # same boot: its pools are there
+        c.connect()
+        assert c.get(pool, 1, 0) == _page(6)
+        assert c.get(eph, 1, 0) is None  # an ephemeral page may vanish; its pool not
+        assert [p.pool for p in c.list_pools()] == [pool, eph]
+    with agent.client(path, boot_id=b"C" * 16) as c:  # rebooted meanwhile: nothing
+        c.connect()
+        assert c.list_pools() == []
+    assert agent.app.agent.guests["g"].reboots == 2

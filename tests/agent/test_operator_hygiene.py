@@ -118,28 +118,50 @@ def _persistent_client(app: AgentApp, name: str, pages: int) -> None:
         app.tmem.put(name, pool, (1, 0, 0), i, bytes([i % 251 + 1]) * 4096)
 
 
-def test_snapshot_says_who_wrote_it_and_foreign_ones_are_set_aside(
+def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    state = tmp_path / "tmem.snapshot"
-    writer = AgentApp(budget_bytes=8 << 20)
+    from hypervisor.lmdb_store import LmdbStore
+    from memd.errors import BackendError
+
+    where = tmp_path / "store"
+    prod = str(tmp_path / "prod.sock")
+
+    def store(control: str | None) -> LmdbStore:
+        return LmdbStore(where, budget_bytes=8 << 20, control_path=control,
+                         host_boot_id=paths.host_boot_id())
+
+    writer = AgentApp(budget_bytes=8 << 20, store=store(prod))
     _persistent_client(writer, "g0", 10)
-    writer.save_state(str(state))
+    with pytest.raises(BackendError, match="in use by another memd agent"):
+        store(prod)  # two agents on one store: never
+    assert writer.store is not None
+    writer.store.close()
     # The same agent (same control socket, same host boot) gets its pages back.
-    again = AgentApp(budget_bytes=8 << 20)
-    assert again.load_state(str(state), control_path=None) == 1
-    assert again.tmem.store_stats().persistent_pages == 10 and not state.exists()
-    # Another agent's snapshot (a benchmark's, say) is not loaded.
-    again.control.path = str(tmp_path / "bench.sock")
-    again.save_state(str(state))
-    other = AgentApp(budget_bytes=8 << 20)
-    assert other.load_state(str(state), control_path=str(tmp_path / "prod.sock")) == 0
-    assert other.tmem.client_names() == [] and (tmp_path / "tmem.snapshot.stale").exists()
+    again = AgentApp(budget_bytes=8 << 20, store=store(prod))
+    assert again.tmem.store_stats().persistent_pages == 10
+    assert again.store is not None
+    again.store.close()
+    # Another agent's store (a benchmark's, say) is refused, in one sentence.
+    with pytest.raises(BackendError, match=r"belongs to the agent serving .*prod\.sock"):
+        store(str(tmp_path / "bench.sock"))
     # One written before the host rebooted describes guests that are gone.
-    os.replace(tmp_path / "tmem.snapshot.stale", state)
     monkeypatch.setattr(paths, "host_boot_id", lambda: "another-boot")
-    fresh = AgentApp(budget_bytes=8 << 20)
-    assert fresh.load_state(str(state), control_path=str(tmp_path / "bench.sock")) == 0
+    fresh = AgentApp(budget_bytes=8 << 20, store=store(prod))
     assert fresh.tmem.client_names() == []
+    assert fresh.store is not None
+    fresh.store.close()
+    # A --durable store is kept across a host reboot (it is intact even after a power
+    # loss); the guests' pools go when they say HELLO with their new boot ids.
+    durable = LmdbStore(where, budget_bytes=8 << 20, control_path=prod, durable=True)
+    app = AgentApp(budget_bytes=8 << 20, store=durable)
+    _persistent_client(app, "g0", 3)
+    durable.close()
+    monkeypatch.setattr(paths, "host_boot_id", lambda: "a-third-boot")
+    durable = LmdbStore(where, budget_bytes=8 << 20, control_path=prod, durable=True,
+                        host_boot_id=paths.host_boot_id())
+    assert AgentApp(budget_bytes=8 << 20, store=durable).tmem.store_stats(
+        ).persistent_pages == 3
+    durable.close()
 
 
 def test_clients_lists_unattached_and_drop_needs_confirmation(
@@ -147,7 +169,7 @@ def test_clients_lists_unattached_and_drop_needs_confirmation(
         monkeypatch: pytest.MonkeyPatch) -> None:
     sock = ("--socket", agent.control)
     agent.add_guest("live")
-    _persistent_client(agent.app, "g0", 5)  # as a restored snapshot leaves it
+    _persistent_client(agent.app, "g0", 5)  # as a reopened store leaves it
     rows = {r["client"]: r for r in json.loads(run(capsys, *sock, "clients", "--json")[1])}
     assert rows["g0"]["attached"] is False and rows["g0"]["persistent_pages"] == 5
     code, out, _ = run(capsys, *sock, "status")
@@ -176,6 +198,8 @@ def test_status_names_ksm_instead_of_none(agent: RunningAgent,
     assert code == 0 and "None" not in out
     assert out.splitlines()[0].startswith("agent     running")
     assert any(line.startswith("ksm ") for line in out.splitlines())
+    (store,) = [line for line in out.splitlines() if line.startswith("store ")]
+    assert str(agent.store.path) in store and "in use" in store
 
 
 def test_json_into_a_closed_pipe_is_quiet(agent: RunningAgent) -> None:
@@ -201,7 +225,7 @@ def test_json_log_lines_name_the_event_and_the_vm(tmp_path: Path) -> None:
     control = tmp_path / "control.sock"
     guest = tmp_path / "g.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve", "--state", "",
+        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve", "--store", "",
          "--log-json", "--listen", f"vm-log={guest}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -2,7 +2,7 @@
 guests from the vm-images template, driven through their serial consoles.
 
 :class:`AgentProcess` runs the agent as a separate process exactly as an operator would
-(``python3 -m memd.cli --socket S serve --libvirt URI --state FILE``) and talks to it only
+(``python3 -m memd.cli --socket S serve --libvirt URI --store DIR``) and talks to it only
 through the ``memd`` CLI (``--json``).  :class:`LibvirtGuest` is one transient libvirt domain
 (``createXML``, started paused so the console is attached before the first byte of output) with a
 :class:`~tests.vm.console.GuestShell` on its console; the agent finds the guest's memd channel in
@@ -39,7 +39,7 @@ class AgentProcess:
 
     def __init__(self, workdir: Path, *, budget: str = "64M") -> None:
         self.socket = workdir / "control.sock"
-        self.state = workdir / "state" / "tmem.snapshot"
+        self.store = workdir / "store"  # the crash-safe tmem store (LMDB)
         self.log = workdir / "agent.log"
         self.budget = budget
         self.process: subprocess.Popen[bytes] | None = None
@@ -48,7 +48,7 @@ class AgentProcess:
     def start(self) -> None:
         assert self.process is None, "agent already running"
         argv = [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), "serve",
-                "--libvirt", URI, "--state", str(self.state), "--budget", self.budget,
+                "--libvirt", URI, "--store", str(self.store), "--budget", self.budget,
                 "--log-level", "debug"]
         with open(self.log, "ab") as log:
             log.write(f"==== start {self.starts}\n".encode())
@@ -57,7 +57,7 @@ class AgentProcess:
         self.starts += 1
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait; returns the exit status (0 for a clean, snapshot-writing stop)."""
+        """SIGTERM and wait; returns the exit status (0 for a clean stop)."""
         assert self.process is not None, "agent not running"
         process, self.process = self.process, None
         process.send_signal(signal.SIGTERM)

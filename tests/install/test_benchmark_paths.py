@@ -1,11 +1,10 @@
 """Benchmarks keep their agents off production paths (issue 9, point 3).
 
 ``benchmarks/protocol_bench.py`` runs a real ``memd serve``.  It once did so with the
-default ``--state``, and the production agent later restored 40,000 of its pages.  Here
+default state path, and the production agent later restored 40,000 of its pages.  Here
 the benchmark's own agent runs with the production defaults in force (no
-``$MEMD_RUN_DIR``/``$MEMD_STATE_DIR``), stores a persistent page and is stopped
-gracefully — when a snapshot would be written — and nothing under /run/memd or
-/var/lib/memd may have changed.
+``$MEMD_RUN_DIR``/``$MEMD_STATE_DIR``), stores a persistent page (into whatever store
+it uses) and is stopped, and nothing under /run/memd or /var/lib/memd may have changed.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Serve:
                 "-m",
                 "memd.cli",
                 "serve",
-                "--state",
+                "--store",
                 "",
                 "--log-level",
                 "info",

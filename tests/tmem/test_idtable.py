@@ -74,3 +74,27 @@ def test_resize_places_runs_that_wrap_past_the_end() -> None:
         assert sorted(table) == list(range(1, 300, 2))
         for i in range(1, 300, 2):
             assert table.find(keys[i], lambda got, want=i: got == want) == i
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sets(st.integers(0, 5000), max_size=600), st.sets(st.integers(0, 5000), max_size=600),
+       st.integers(1, 64))
+def test_insert_many_equals_inserting_one_by_one(first: set[int], bulk: set[int],
+                                                 spread: int) -> None:
+    """The bulk load of a restart places ids exactly where find/remove look for them."""
+    bulk -= first
+    keys = {i: (i * 40503) % spread for i in first | bulk}  # few hashes: long runs
+
+    def hash_many(ids: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        return np.array([keys[int(i)] for i in ids], dtype=np.uint64)
+
+    table = IdTable(lambda ident: keys[ident], hash_many=hash_many)
+    for ident in first:
+        table.insert(keys[ident], ident)
+    table.insert_many(np.array(sorted(bulk), dtype=np.int32))
+    assert len(table) == len(first | bulk) and set(table) == first | bulk
+    for ident in first | bulk:
+        assert table.find(keys[ident], lambda i, want=ident: i == want) == ident
+    for ident in sorted(bulk)[::2]:
+        table.remove(keys[ident], ident)
+    assert set(table) == first | set(sorted(bulk)[1::2])
