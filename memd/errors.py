@@ -6,7 +6,8 @@ Every error memd raises on purpose derives from :class:`MemdError`::
     ├── ProtocolError            a frame on the wire is malformed or not allowed
     │   ├── FrameError               bad magic, length, opcode or payload shape
     │   ├── VersionError             no protocol version in common
-    │   └── RemoteError              the peer answered a request with an error status
+    │   ├── RemoteError              the peer answered a request with an error status
+    │   └── NbdProtocolError         an NBD client broke the protocol: the connection closes
     ├── TmemError                a tmem operation failed (carries op, client, pool, oid, index)
     │   ├── InvalidArgument          an id, index, length or flag is out of range
     │   ├── NoSuchPool               the pool id is not one of this client's pools
@@ -77,6 +78,11 @@ class FrameError(ProtocolError):
 
 class VersionError(ProtocolError):
     """The peers share no protocol version."""
+
+
+class NbdProtocolError(ProtocolError):
+    """An NBD client sent bytes the server cannot go on from (bad magic, a write longer
+    than the request limit, a malformed option): that connection is closed."""
 
 
 class RemoteError(ProtocolError):
