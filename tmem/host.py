@@ -40,7 +40,7 @@ from __future__ import annotations
 import sys
 import threading
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from memd.errors import (
@@ -165,11 +165,13 @@ class TmemHost:
             self._drop_all_pools(client)
             del self._clients[name]
 
-    def reset_client(self, name: str) -> int:
-        """Destroy every pool of a guest that rebooted; keep its settings.  → pools."""
+    def reset_client(self, name: str, keep: Collection[int] = ()) -> int:
+        """Destroy every pool of a guest that rebooted, except the local pool ids in
+        ``keep`` (a disk the host serves it, which outlives its kernel); keep its
+        settings.  → pools destroyed."""
         with self._lock:
             client = self._client(name, "reset_client")
-            return self._drop_all_pools(client)
+            return self._drop_all_pools(client, keep)
 
     def has_client(self, name: str) -> bool:
         with self._lock:
@@ -788,8 +790,8 @@ class TmemHost:
                 self._pages.move_lru(slot, old.lru, new.lru)
         pool.owner = new.name
 
-    def _drop_all_pools(self, client: _Client) -> int:
-        gids = [g for g in client.pools if g is not None]
+    def _drop_all_pools(self, client: _Client, keep: Collection[int] = ()) -> int:
+        gids = [g for local, g in enumerate(client.pools) if g is not None and local not in keep]
         for gid in gids:
             self._leave_pool(client, self._pools[gid])
         return len(gids)

@@ -26,6 +26,8 @@ from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
+from memd.nbd.export import DISK_POOL_ID, SwapDisk
+from memd.nbd.server import NbdServer
 from sharing.manager import SharingManager
 from tmem import snapshot
 from tmem.host import TmemHost
@@ -79,6 +81,8 @@ class AgentApp:
         self.ksm_ledger = ksm_ledger or paths.ksm_originals()
         #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
         self.opted_out: set[str] = set()
+        #: guest → the NBD server of its swap disk (``serve --swap``, ``add_swap``).
+        self.disks: dict[str, NbdServer] = {}
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
 
@@ -144,6 +148,8 @@ class AgentApp:
         # steering object that nobody closes.
         await self.control.close()
         await self.stop_steering()
+        for name in list(self.disks):
+            await self.remove_swap(name)
         await self.agent.stop()
         if self.qemu is not None:
             await asyncio.to_thread(self.qemu.close)  # its QMP monitors, politely
@@ -204,6 +210,38 @@ class AgentApp:
                     self.qemu_sharing.forget(guest.domid)
                 self.qemu.detach(guest.domid)
                 self._poke_steering()
+
+    # -- swap disks (NBD) ----------------------------------------------------------------
+
+    async def add_swap(self, name: str, path: str, size: int, *,
+                       owner: tuple[int, int] | None = None) -> NbdServer:
+        """Serve ``name`` a swap disk of ``size`` bytes over NBD on the unix socket
+        ``path``, backed by a persistent pool of its own tmem client (memd.nbd.export):
+        the guest's channel and its disk are one client, under one cap and budget."""
+        if name in self.disks:
+            raise InvalidArgument(f"{name} already has a swap disk on {self.disks[name].path}",
+                                  op="swap")
+        try:
+            disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages)
+        except ValueError as err:
+            raise InvalidArgument(f"{name}: {err}", op="swap") from None
+        self.dispatcher.disk_pools[name] = DISK_POOL_ID
+        server = NbdServer(disk, name, path, owner=owner)
+        try:
+            await server.start()
+        except (OSError, MemdError):
+            self.dispatcher.disk_pools.pop(name, None)
+            raise
+        self.disks[name] = server
+        return server
+
+    async def remove_swap(self, name: str) -> None:
+        """Stop serving the disk; its pages stay in the store (a later add_swap of the
+        same guest finds them) until the client is dropped."""
+        server = self.disks.pop(name, None)
+        if server is None:
+            raise NotFound(f"{name} has no swap disk", target=name)
+        await server.close()
 
     # -- KSM steering -----------------------------------------------------------------------
 
@@ -349,7 +387,8 @@ class AgentApp:
             "connected": sum(1 for c in guests if c.guest.connected),
             "tmem": self.tmem.store_stats().to_dict(),
             "unattached_clients": [n for n in self.tmem.client_names()
-                                   if n not in self.agent.channels],
+                                   if n not in self.agent.channels and n not in self.disks],
+            "swap_disks": len(self.disks),
             #: Simulated guests' sharing manager (memd demo / memd scan); None without one.
             "sharing": self.sharing.stats() if self.sharing else None,
             #: KSM, which merges real guests' pages (host-wide counters).
@@ -391,6 +430,9 @@ class AgentApp:
         if name in self.agent.channels:
             raise InvalidArgument(f"{name} is attached: detach it first (memd detach {name}); "
                                   "a connected guest's pages are still in use", op="drop")
+        if name in self.disks:
+            raise InvalidArgument(f"{name} has a swap disk on {self.disks[name].path}: its "
+                                  "pages are the guest's swapped-out memory", op="drop")
         if not self.tmem.has_client(name):
             raise NotFound(f"the agent holds nothing for {name!r}", target=name)
         stats = self.tmem.client_stats(name)[0]
@@ -416,14 +458,22 @@ class AgentApp:
                 "used_bytes": used}
 
     def guests(self) -> list[dict[str, Any]]:
+        """One row per guest with a channel or a swap disk (``swap``: its figures)."""
         out = []
-        for channel in sorted(self.agent.channels.values(), key=lambda c: c.name):
-            row = channel.describe()
-            stats = (self.tmem.client_stats(channel.name)[0].to_dict()
-                     if self.tmem.has_client(channel.name) else None)
+        for name in sorted(set(self.agent.channels) | set(self.disks)):
+            channel = self.agent.channels.get(name)
+            row: dict[str, Any] = (channel.describe() if channel else
+                                   {"name": name, "path": None, "mode": "swap only",
+                                    "connected": None})
+            stats = (self.tmem.client_stats(name)[0].to_dict()
+                     if self.tmem.has_client(name) else None)
+            disk = self.disks.get(name)
+            row["swap"] = disk.describe() if disk else None
+            # tmem_pages and pools: what the guest's channel stored (the disk apart)
+            disk_pages = row["swap"]["pages"] if disk else 0
             row["tmem_pages"] = (stats["ephemeral_pages"] + stats["persistent_pages"]
-                                 if stats else 0)
-            row["pools"] = stats["pools"] if stats else 0
+                                 - disk_pages if stats else 0)
+            row["pools"] = (stats["pools"] - (1 if disk else 0)) if stats else 0
             out.append(row)
         return out
 
@@ -474,6 +524,8 @@ class AgentApp:
         return {
             "store": self.tmem.store_stats().to_dict(),
             "clients": [c.to_dict() for c in self.tmem.client_stats(guest)],
+            "swap_disks": [d.describe() for n, d in sorted(self.disks.items())
+                           if guest is None or n == guest],
         }
 
     def _authorize(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memd import wire
-from memd.errors import FrameError, MemdError
+from memd.errors import FrameError, MemdError, NoSuchPool
 from memd.wire import Capability, Op, Status
 from tmem.host import TmemHost
 from tmem.types import PoolFlags
@@ -74,6 +74,10 @@ class Dispatcher:
         #: Cap given to each guest when it first appears, so that no guest can fill the
         #: store (persistent pages are never evicted) and starve the others.
         self.guest_cap_pages = guest_cap_pages
+        #: guest → local id of the pool behind its NBD swap disk (memd.nbd.export).  The
+        #: guest's channel cannot name that pool (NO_POOL: the disk's pages are reached
+        #: through the disk only), LIST_POOLS does not show it, and a reboot keeps it.
+        self.disk_pools: dict[str, int] = {}
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""
@@ -122,6 +126,10 @@ class Dispatcher:
             return self._hello(guest, frame, req)
         if guest.version is None:
             return self._status_reply(guest, frame, Status.NEED_HELLO)
+        pool_id = getattr(req, "pool", None)
+        if pool_id is not None and pool_id == self.disk_pools.get(name):
+            raise NoSuchPool("that pool id is not one of this guest's pools", client=name,
+                             pool=pool_id)
         match req:
             case wire.NewPoolRequest():
                 if req.page_size != wire.PAGE_SIZE:
@@ -173,7 +181,8 @@ class Dispatcher:
         self.tmem.add_client(guest.name, cap_pages=self.guest_cap_pages)
         if guest.boot_id is not None and req.boot_id != guest.boot_id:
             # The guest rebooted: everything it stored belongs to a dead kernel.
-            dropped = self.tmem.reset_client(guest.name)
+            disk = self.disk_pools.get(guest.name)
+            dropped = self.tmem.reset_client(guest.name, keep=() if disk is None else (disk,))
             guest.reboots += 1
             log.info("guest %s rebooted: dropped %d pools", guest.name, dropped,
                      extra={"event": "reboot", "vm": guest.name})
@@ -191,6 +200,8 @@ class Dispatcher:
     def _pools(self, name: str) -> list[wire.PoolInfo]:
         out = []
         for stats in self.tmem.pool_stats(name):
+            if stats.pool_id == self.disk_pools.get(name):
+                continue
             flags = (wire.PoolFlag.PERSISTENT if stats.kind == "persistent" else 0) | (
                 wire.PoolFlag.SHARED if stats.shared else 0)
             uuid = bytes.fromhex(stats.uuid.replace("-", "")) if stats.uuid else bytes(16)
