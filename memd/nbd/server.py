@@ -109,6 +109,10 @@ class _NbdConnection(asyncio.Protocol):
         self._reading_paused = False
         self._closing = False
         self._worker: asyncio.Task[None] | None = None
+        #: the worker owns the request stream (a batch in a thread, or waiting for the
+        #: client to read its replies); _drain leaves everything to it meanwhile
+        self._busy = False
+        self._pending: list[Request | Rejected] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------
@@ -139,7 +143,7 @@ class _NbdConnection(asyncio.Protocol):
         if self.parser.buffered > READ_HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
-        self._wake.set()
+        self._drain()
 
     def eof_received(self) -> bool | None:
         self._closing = True
@@ -202,24 +206,44 @@ class _NbdConnection(asyncio.Protocol):
         self._wake.set()
 
     async def _work(self) -> None:
+        """Takes over from :meth:`_drain` when a batch must run in a thread or the client
+        stopped reading its replies; hands back once that is over."""
         try:
             while True:
                 await self._wake.wait()
                 self._wake.clear()
-                if self.parser is not None and not await self._drain_requests():
-                    return
-                if self._closing:
+                if self._closing and not self._busy:
+                    self._drain()
                     self._close()
                     return
+                if not self._busy:
+                    continue
+                pending, self._pending = self._pending, None
+                if pending is not None:
+                    replies = await asyncio.to_thread(self.server.disk.execute, pending)
+                    if self.transport is None or self.transport.is_closing():
+                        return
+                    self.transport.writelines(replies)
+                await self._can_write.wait()  # the client must read its replies
+                self._busy = False
+                if self._closing and (self.transport is None or self.transport.is_closing()):
+                    return
+                self._drain()
         except Exception:  # a bug costs this connection, never the agent
             log.exception("swap disk of %s: connection failed", self.server.name)
             self.abort()
 
-    async def _drain_requests(self) -> bool:
-        """Carry out every complete request buffered.  → False once the connection ends."""
+    def _drain(self) -> None:
+        """Carry out every complete request buffered, inline while the batches are small
+        and the client reads its replies; otherwise leave the rest to the worker."""
         parser, transport = self.parser, self.transport
-        assert parser is not None and transport is not None
-        while True:
+        if parser is None or transport is None or self._busy:
+            return
+        while not transport.is_closing():
+            if not self._can_write.is_set():
+                self._busy = True
+                self._wake.set()
+                return
             batch: list[Request | Rejected] = []
             fatal: NbdProtocolError | None = None
             size = 0
@@ -234,35 +258,31 @@ class _NbdConnection(asyncio.Protocol):
                 assert isinstance(event, Request | Rejected)
                 batch.append(event)
                 if isinstance(event, Request):
-                    size += event.length if event.cmd in (Cmd.READ, Cmd.WRITE) else 0
-                    if event.cmd == Cmd.DISC:
+                    if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE:
+                        size += event.length
+                    elif event.cmd is Cmd.DISC:
                         break
-            if batch:
-                disk = self.server.disk
-                if size > INLINE_BYTES:
-                    replies = await asyncio.to_thread(disk.execute, batch)
-                else:
-                    replies = disk.execute(batch)
-                if transport.is_closing():
-                    return False
-                transport.writelines(replies)
-            if fatal is not None:
-                self.server.protocol_errors += 1
-                log.info("swap disk of %s: %s; closing the connection", self.server.name,
-                         fatal, extra={"event": "nbd-bad", "vm": self.server.name})
+            if fatal is not None or parser.disconnected:
+                # the end of this connection: answer what came before, then close
+                if batch:
+                    transport.writelines(self.server.disk.execute(batch))
+                if fatal is not None:
+                    self.server.protocol_errors += 1
+                    log.info("swap disk of %s: %s; closing the connection", self.server.name,
+                             fatal, extra={"event": "nbd-bad", "vm": self.server.name})
                 self._close()
-                return False
-            if parser.disconnected:
-                self._close()
-                return False
+                return
             if not batch:
                 if self._reading_paused and parser.buffered <= READ_HIGH_WATER:
                     self._reading_paused = False
                     transport.resume_reading()
-                return True
-            await self._can_write.wait()  # the client must read its replies
-            if transport.is_closing():
-                return False
+                return
+            if size > INLINE_BYTES:
+                self._pending = batch
+                self._busy = True
+                self._wake.set()
+                return
+            transport.writelines(self.server.disk.execute(batch))
 
 
 def _is_live(path: str) -> bool:
