@@ -225,6 +225,11 @@ class AgentApp:
             disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages)
         except ValueError as err:
             raise InvalidArgument(f"{name}: {err}", op="swap") from None
+        if self.dispatcher.guest_cap_pages is not None:
+            # The cap bounds raw pages; the operator sized the disk, so the disk's pages come
+            # on top of what the guest may put over its channel (the budget still bounds
+            # the bytes all of it takes).
+            self.tmem.set_cap(name, self.dispatcher.guest_cap_pages + size // 4096)
         self.dispatcher.disk_pools[name] = DISK_POOL_ID
         server = NbdServer(disk, name, path, owner=owner)
         try:

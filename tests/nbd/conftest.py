@@ -18,7 +18,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-libnbd installs th
 class SwapAgent:
     def __init__(self, tmp: Path, budget: int = 64 << 20) -> None:
         self.tmp = tmp
-        self.app = AgentApp(budget_bytes=budget)
+        self.app = AgentApp(budget_bytes=budget)  # guest cap: half of it, plus each disk
         self.loop = _LoopThread()
         self.loop.run(self.app.start(str(tmp / "control.sock")))
 
