@@ -310,7 +310,7 @@ def qemu_argv(
     for index, path in enumerate(nbd_disks):
         argv += [
             "-blockdev",
-            f"driver=nbd,node-name=nbd{index},server.type=unix,server.path={path},"
+            f"driver=nbd,node-name=nbd{index},server.type=unix,server.path={path},discard=unmap,"
             f"reconnect-delay={reconnect_delay}",
             "-device",
             f"virtio-blk-pci,drive=nbd{index},id=vdisk{index}",

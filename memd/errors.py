@@ -14,7 +14,8 @@ Every error memd raises on purpose derives from :class:`MemdError`::
     │   ├── NoSuchClient             unknown client
     │   ├── AccessDenied             shared pool not authorised for this client
     │   ├── NoSpace                  the store cannot take the page (budget, cap)
-    │   └── ClientFrozen             the host froze the client: puts refused
+    │   ├── ClientFrozen             the host froze the client: puts refused
+    │   └── DataLost                 a swap disk page's contents were lost (agent crash)
     ├── SharingError             a sharing operation failed (carries op, domain, gfn, mfn, handle)
     │   ├── StaleHandle              a handle no longer names the page's sharing record
     │   │   ├── StaleSourceHandle
@@ -134,6 +135,11 @@ class NoSpace(TmemError):
 
 class ClientFrozen(TmemError):
     """The host froze this client: puts are refused until thawed."""
+
+
+class DataLost(TmemError):
+    """A swap disk page held by an agent that died is gone: reading it must fail, never
+    return other bytes (memd.nbd.export answers EIO)."""
 
 
 # --- sharing ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -56,6 +57,7 @@ class AgentApp:
         sim_frames: int = 0,
         guest_cap_bytes: int | None = None,
         ksm_ledger: Path | None = None,
+        swap_markers: Path | None = None,
     ) -> None:
         self.started = time.time()
         self.tmem = TmemHost(budget_bytes=budget_bytes)
@@ -83,6 +85,9 @@ class AgentApp:
         self.opted_out: set[str] = set()
         #: guest → the NBD server of its swap disk (``serve --swap``, ``add_swap``).
         self.disks: dict[str, NbdServer] = {}
+        #: One file per guest whose disk an agent served since the host booted (in the run
+        #: directory, a tmpfs): a disk found there with no pages restored was lost.
+        self.swap_markers = swap_markers or paths.run_dir() / "swap"
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
 
@@ -221,10 +226,20 @@ class AgentApp:
         if name in self.disks:
             raise InvalidArgument(f"{name} already has a swap disk on {self.disks[name].path}",
                                   op="swap")
+        marker = self.swap_markers / f"{urllib.parse.quote(name, safe='')}.served"
+        restored = (self.tmem.has_client(name)
+                    and DISK_POOL_ID in dict(self.tmem.pool_ids(name)))
+        lost = marker.exists() and not restored
         try:
-            disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages)
+            disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages,
+                            contents_lost=lost)
         except ValueError as err:
             raise InvalidArgument(f"{name}: {err}", op="swap") from None
+        if lost:
+            log.error("the swap disk of %s was served by an agent that stopped without a "
+                      "snapshot (a crash?): its pages are lost; reads of pages not written "
+                      "since fail with EIO (restart the guest)", name,
+                      extra={"event": "swap-lost", "vm": name})
         if self.dispatcher.guest_cap_pages is not None:
             # The cap bounds raw pages; the operator sized the disk, so the disk's pages come
             # on top of what the guest may put over its channel (the budget still bounds
@@ -238,6 +253,8 @@ class AgentApp:
             self.dispatcher.disk_pools.pop(name, None)
             raise
         self.disks[name] = server
+        self.swap_markers.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
         return server
 
     async def remove_swap(self, name: str) -> None:

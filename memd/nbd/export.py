@@ -19,8 +19,17 @@ Commands:
 * FLUSH — returns once the store's ``commit`` (if it has one) returned.
 
 Errors: the store declining a page (budget, cap) is ``ENOSPC``; a frozen guest, a
-missing pool or anything else tmem raises is ``EIO``.  Which errno, and the reply
-bytes, are decided here; the server only moves bytes.
+missing pool or anything else tmem raises is ``EIO``.
+
+Lost contents: a disk made with ``contents_lost=True`` (the agent that served it before
+died, and nothing restored its pool) holds none of the pages the guest wrote then.  A
+swap-in of such a page must fail, not return zeros: the guest kernel then kills the one
+process that owned it (SIGBUS) instead of running it on wrong memory.  So every page
+starts *lost*; a read (or the old half of a read-modify-write) touching a lost page is
+``EIO``; writing a page, or trimming or zeroing it whole, makes it good again.  A guest
+that boots afresh and runs ``swapon --discard`` trims the whole disk, which clears it.
+
+Which errno, and the reply bytes, are decided here; the server only moves bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 
-from memd.errors import MemdError, NoSpace, TmemError
+from memd.errors import DataLost, MemdError, NoSpace, TmemError
 from memd.nbd.proto import Cmd, Errno, TransmissionFlag
 from memd.nbd.transmission import Rejected, Request, reply_header
 from tmem.host import TmemHost
@@ -66,6 +75,7 @@ class DiskStats(NamedTuple):
     writes: int
     trims: int
     errors: int
+    lost_pages: int  #: pages of a crashed agent's disk not written since (reads: EIO)
 
     def to_dict(self) -> dict[str, object]:
         return self._asdict()
@@ -77,7 +87,7 @@ class SwapDisk:
 
     def __init__(self, tmem: TmemHost, guest: str, size: int, *,
                  commit: Callable[[], None] | None = None,
-                 cap_pages: int | None = None) -> None:
+                 cap_pages: int | None = None, contents_lost: bool = False) -> None:
         if size <= 0 or size % PAGE_SIZE or size > MAX_DISK_SIZE:
             raise ValueError(f"a disk size is a positive multiple of {PAGE_SIZE} bytes "
                              f"up to {MAX_DISK_SIZE}")
@@ -87,6 +97,12 @@ class SwapDisk:
         self.commit = commit
         self._lock = threading.Lock()
         self.reads = self.writes = self.trims = self.errors = 0
+        #: one byte per page, 1 = lost (see the module docstring); None when none are
+        self._lost: bytearray | None = None
+        self.lost_pages = 0
+        if contents_lost:
+            self._lost = bytearray(b"\x01") * (size // PAGE_SIZE)
+            self.lost_pages = size // PAGE_SIZE
         tmem.add_client(guest, cap_pages=cap_pages)
         existing = dict(tmem.pool_ids(guest))
         if DISK_POOL_ID not in existing:
@@ -155,8 +171,10 @@ class SwapDisk:
         except MemdError as err:
             results = [err if isinstance(err, TmemError) else TmemError(str(err))] * len(pages)
         out = []
-        for r, result in zip(run, results, strict=True):
+        for r, (_, index), result in zip(run, handles, results, strict=True):
             if result is None:
+                if self._lost is not None:
+                    self._vouch(index, index + 1)
                 out.append(reply_header(r.cookie))
             else:
                 self.errors += 1
@@ -171,8 +189,15 @@ class SwapDisk:
         except MemdError as err:
             self.errors += len(handles)
             return [reply_header(r.cookie, _errno(err)) for r in run]
-        return [reply_header(r.cookie) + (_ZERO_PAGE if p is None else p)
-                for r, p in zip(run, pages, strict=True)]
+        lost = self._lost
+        out = []
+        for r, (_, index), p in zip(run, handles, pages, strict=True):
+            if lost is not None and lost[index]:
+                self.errors += 1
+                out.append(reply_header(r.cookie, Errno.EIO))
+            else:
+                out.append(reply_header(r.cookie) + (_ZERO_PAGE if p is None else p))
+        return out
 
     # -- byte ranges onto pages ------------------------------------------------------------
 
@@ -180,6 +205,7 @@ class SwapDisk:
         if length == 0:
             return b""
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
+        self._check_kept(first, last + 1)
         chunks: list[bytes] = []
         for start in range(first, last + 1, MAX_BATCH):
             handles = [(DISK_OID, i) for i in range(start, min(last + 1, start + MAX_BATCH))]
@@ -203,6 +229,7 @@ class SwapDisk:
             if take == PAGE_SIZE:
                 page = bytes(chunk)
             else:  # a partial page: read-modify-write
+                self._check_kept(index, index + 1)
                 old = self.tmem.get(self.guest, DISK_POOL_ID, DISK_OID, index) or _ZERO_PAGE
                 at = pos - page_start
                 page = old[:at] + bytes(chunk) + old[at + take:]
@@ -217,9 +244,12 @@ class SwapDisk:
             self._put(handles, pages)
 
     def _put(self, handles: list[tuple[tuple[int, int, int], int]], pages: list[bytes]) -> None:
-        for result in self.tmem.put_batch(self.guest, DISK_POOL_ID, handles, pages):
+        for (_, index), result in zip(handles, self.tmem.put_batch(
+                self.guest, DISK_POOL_ID, handles, pages), strict=True):
             if result is not None:
                 raise result
+            if self._lost is not None:
+                self._vouch(index, index + 1)
 
     def _discard(self, offset: int, length: int, *, zero_edges: bool) -> None:
         if length == 0:
@@ -236,9 +266,27 @@ class SwapDisk:
                 self._write(tail_start, bytes(end - tail_start))
         if first_full * PAGE_SIZE == 0 and end_full * PAGE_SIZE == self.size:
             self.tmem.flush_object(self.guest, DISK_POOL_ID, DISK_OID)
-            return
-        for index in range(first_full, end_full):
-            self.tmem.flush_page(self.guest, DISK_POOL_ID, DISK_OID, index)
+        else:
+            for index in range(first_full, end_full):
+                self.tmem.flush_page(self.guest, DISK_POOL_ID, DISK_OID, index)
+        if self._lost is not None and first_full < end_full:
+            self._vouch(first_full, end_full)  # whole pages: now zeros, which is allowed
+
+    def _check_kept(self, start: int, end: int) -> None:
+        """DataLost when a page in [start, end) is lost."""
+        if self._lost is not None and self._lost.find(1, start, end) >= 0:
+            raise DataLost(f"{self.guest}: swap disk pages lost when the agent that held "
+                           "them died", op="read", client=self.guest, index=start)
+
+    def _vouch(self, start: int, end: int) -> None:
+        lost = self._lost
+        assert lost is not None
+        n = lost.count(1, start, end)
+        if n:
+            lost[start:end] = bytes(end - start)
+            self.lost_pages -= n
+            if not self.lost_pages:
+                self._lost = None
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -250,7 +298,7 @@ class SwapDisk:
         stored = pool.bytes_stored if pool else 0
         return DiskStats(name, self.size, pages, raw, stored,
                          round(raw / stored, 2) if stored else 1.0,
-                         self.reads, self.writes, self.trims, self.errors)
+                         self.reads, self.writes, self.trims, self.errors, self.lost_pages)
 
 
 def _one_page(req: Request) -> bool:

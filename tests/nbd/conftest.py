@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-libnbd installs th
 class SwapAgent:
     def __init__(self, tmp: Path, budget: int = 64 << 20) -> None:
         self.tmp = tmp
-        self.app = AgentApp(budget_bytes=budget)  # guest cap: half of it, plus each disk
+        # guest cap: half the budget, plus each disk
+        self.app = AgentApp(budget_bytes=budget, swap_markers=tmp / "swap-markers")
         self.loop = _LoopThread()
         self.loop.run(self.app.start(str(tmp / "control.sock")))
 
@@ -39,6 +41,16 @@ def swap_agent(tmp_path: Path) -> Iterator[SwapAgent]:
         yield agent
     finally:
         agent.close()
+
+
+def accepts(path: str | Path) -> bool:
+    """Something listens on the unix socket (a stale file left by a killed agent does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def nbd_uri(path: str) -> str:

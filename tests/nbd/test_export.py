@@ -169,3 +169,23 @@ def test_two_guests_disks_never_meet() -> None:
     assert read(a, 0, PAGE) == b"A" * PAGE and read(b, 0, PAGE) == b"B" * PAGE
     b.execute([req(Cmd.TRIM, 0, SIZE)])
     assert read(a, 0, PAGE) == b"A" * PAGE
+
+
+def test_lost_contents_read_as_eio_until_written_or_trimmed() -> None:
+    """A disk whose agent died: no page it held may come back as other bytes."""
+    host = TmemHost(64 << 20)
+    disk = SwapDisk(host, "vm", SIZE, contents_lost=True)
+    assert disk.stats("vm").lost_pages == 64
+    assert disk.execute([req(Cmd.READ, 0, PAGE, cookie=1)]) == [err(1, Errno.EIO)]
+    assert disk.execute([req(Cmd.READ, 3 * PAGE, 10, cookie=2)]) == [err(2, Errno.EIO)]
+    # a partial write needs the old bytes of the page: EIO as well
+    assert disk.execute([req(Cmd.WRITE, 100, data=b"x", cookie=3)]) == [err(3, Errno.EIO)]
+    replies = disk.execute([req(Cmd.WRITE, 0, data=b"a" * PAGE, cookie=4),
+                            req(Cmd.WRITE, 5 * PAGE, data=b"b" * PAGE, cookie=5),
+                            req(Cmd.READ, 0, PAGE, cookie=6), req(Cmd.READ, PAGE, PAGE, cookie=7)])
+    assert replies == [ok(4), ok(5), ok(6) + b"a" * PAGE, err(7, Errno.EIO)]
+    assert disk.execute([req(Cmd.TRIM, PAGE, 2 * PAGE + 1, cookie=8)]) == [ok(8)]
+    assert read(disk, PAGE, 2 * PAGE) == bytes(2 * PAGE)  # trimmed whole: zeros are fine
+    assert disk.stats("vm").lost_pages == 64 - 4
+    assert disk.execute([req(Cmd.TRIM, 0, SIZE, cookie=9)]) == [ok(9)]  # swapon --discard
+    assert disk.stats("vm").lost_pages == 0 and read(disk, 0, SIZE) == bytes(SIZE)
