@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("memd", "tmem", "sharing", "hypervisor")
 #: memd.nbd modules that are sans-I/O like memd.wire (memd.nbd.server is the I/O shell).
-PURE_NBD = ("memd.nbd.proto", "memd.nbd.handshake", "memd.nbd.transmission", "memd.nbd.export")
+PURE_NBD = ("memd.nbd.proto", "memd.nbd.handshake", "memd.nbd.transmission", "memd.nbd.pages",
+            "memd.nbd.export")
 IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvirt_qemu",
               "qemu", "mmap", "threading_io"}
 

@@ -1,8 +1,8 @@
 """A guest's swap disk: NBD requests carried out on its persistent tmem pool (no I/O).
 
-Layout: the disk is one tmem object (:data:`DISK_OID`) in a persistent pool of the
-guest's own tmem client, at local pool id :data:`DISK_POOL_ID`; byte offset ``o`` is
-in page ``o // 4096`` at ``o % 4096``.  So everything tmem does for guest pages —
+Layout: the disk is one tmem object in a persistent pool of the guest's own tmem client
+(:mod:`memd.nbd.pages`, which also owns the spill tier and lost pages); byte offset ``o``
+is in page ``o // 4096`` at ``o % 4096``.  So everything tmem does for guest pages —
 lz4, de-duplication, the per-guest cap, the budget, stats and audit — holds for the
 disk, and a socket's export can only ever name its own guest's pool: the guest name
 is fixed when the export is made, never taken from the wire.
@@ -38,17 +38,16 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 
-from memd.errors import DataLost, MemdError, NoSpace, TmemError
+from memd.errors import MemdError, NoSpace, TmemError
+from memd.nbd.pages import DISK_OID, DISK_POOL_ID, DiskPages, Spill, batches
 from memd.nbd.proto import Cmd, Errno, TransmissionFlag
 from memd.nbd.transmission import Rejected, Request, reply_header
 from tmem.host import TmemHost
-from tmem.types import MAX_BATCH, MAX_INDEX, MAX_POOLS_PER_CLIENT, PAGE_SIZE, PoolFlags
+from tmem.types import MAX_BATCH, MAX_INDEX, PAGE_SIZE
 
-#: The disk's object id: "memdswap" in the low word.
-DISK_OID: Final = (0x6D656D6473776170, 0, 1)
-#: The local pool id of the disk in its guest's client (the last one, so a guest's own
-#: NEW_POOLs get ids from 0 up as before and never collide with it).
-DISK_POOL_ID: Final = MAX_POOLS_PER_CLIENT - 1
+__all__ = ["DISK_OID", "DISK_POOL_ID", "MAX_DISK_SIZE", "TRANSMISSION_FLAGS", "DiskStats",
+           "SwapDisk"]
+
 #: Largest disk: page indexes are u32.
 MAX_DISK_SIZE: Final = (MAX_INDEX + 1) * PAGE_SIZE
 
@@ -76,6 +75,9 @@ class DiskStats(NamedTuple):
     trims: int
     errors: int
     lost_pages: int  #: pages of a crashed agent's disk not written since (reads: EIO)
+    spilled_pages: int  #: pages in the spill tier now
+    spilled_out: int  #: pages moved to the spill tier so far
+    spilled_in: int  #: pages brought back from it so far
 
     def to_dict(self) -> dict[str, object]:
         return self._asdict()
@@ -87,7 +89,8 @@ class SwapDisk:
 
     def __init__(self, tmem: TmemHost, guest: str, size: int, *,
                  commit: Callable[[], None] | None = None,
-                 cap_pages: int | None = None, contents_lost: bool = False) -> None:
+                 cap_pages: int | None = None, contents_lost: bool = False,
+                 spill: Spill | None = None) -> None:
         if size <= 0 or size % PAGE_SIZE or size > MAX_DISK_SIZE:
             raise ValueError(f"a disk size is a positive multiple of {PAGE_SIZE} bytes "
                              f"up to {MAX_DISK_SIZE}")
@@ -97,19 +100,8 @@ class SwapDisk:
         self.commit = commit
         self._lock = threading.Lock()
         self.reads = self.writes = self.trims = self.errors = 0
-        #: one byte per page, 1 = lost (see the module docstring); None when none are
-        self._lost: bytearray | None = None
-        self.lost_pages = 0
-        if contents_lost:
-            self._lost = bytearray(b"\x01") * (size // PAGE_SIZE)
-            self.lost_pages = size // PAGE_SIZE
-        tmem.add_client(guest, cap_pages=cap_pages)
-        existing = dict(tmem.pool_ids(guest))
-        if DISK_POOL_ID not in existing:
-            tmem.new_pool_at(guest, DISK_POOL_ID, int(PoolFlags.PERSISTENT))
-        elif not existing[DISK_POOL_ID] & PoolFlags.PERSISTENT:
-            # Only a snapshot from before swap disks could hold such a pool.
-            raise ValueError(f"{guest}: pool {DISK_POOL_ID} is not persistent")
+        self.pages = DiskPages(tmem, guest, size // PAGE_SIZE, spill=spill,
+                               contents_lost=contents_lost, cap_pages=cap_pages)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -155,26 +147,23 @@ class SwapDisk:
                         self.commit()
                 case Cmd.DISC:
                     return b""
-        except MemdError as err:
+        except (MemdError, OSError) as err:  # OSError: the spill file failed a read
             self.errors += 1
             return reply_header(req.cookie, _errno(err))
         return reply_header(req.cookie)
 
     def _write_run(self, run: Sequence[Request | Rejected]) -> list[bytes]:
         """Single-page aligned writes, one put_batch."""
-        handles = [(DISK_OID, r.offset // PAGE_SIZE) for r in run if isinstance(r, Request)]
+        indexes = [r.offset // PAGE_SIZE for r in run if isinstance(r, Request)]
         pages = [r.data for r in run if isinstance(r, Request)]
         self.writes += len(pages)
         try:
-            results: Sequence[TmemError | None] = self.tmem.put_batch(
-                self.guest, DISK_POOL_ID, handles, pages)
+            results: Sequence[TmemError | None] = self.pages.store(indexes, pages)
         except MemdError as err:
             results = [err if isinstance(err, TmemError) else TmemError(str(err))] * len(pages)
         out = []
-        for r, (_, index), result in zip(run, handles, results, strict=True):
+        for r, result in zip(run, results, strict=True):
             if result is None:
-                if self._lost is not None:
-                    self._vouch(index, index + 1)
                 out.append(reply_header(r.cookie))
             else:
                 self.errors += 1
@@ -182,17 +171,17 @@ class SwapDisk:
         return out
 
     def _read_run(self, run: Sequence[Request | Rejected]) -> list[bytes]:
-        handles = [(DISK_OID, r.offset // PAGE_SIZE) for r in run if isinstance(r, Request)]
-        self.reads += len(handles)
+        indexes = [r.offset // PAGE_SIZE for r in run if isinstance(r, Request)]
+        self.reads += len(indexes)
         try:
-            pages = self.tmem.get_batch(self.guest, DISK_POOL_ID, handles)
-        except MemdError as err:
-            self.errors += len(handles)
+            pages = self.pages.load(indexes)
+        except (MemdError, OSError) as err:
+            self.errors += len(indexes)
             return [reply_header(r.cookie, _errno(err)) for r in run]
-        lost = self._lost
+        is_lost = self.pages.is_lost
         out = []
-        for r, (_, index), p in zip(run, handles, pages, strict=True):
-            if lost is not None and lost[index]:
+        for r, index, p in zip(run, indexes, pages, strict=True):
+            if is_lost(index):
                 self.errors += 1
                 out.append(reply_header(r.cookie, Errno.EIO))
             else:
@@ -205,12 +194,10 @@ class SwapDisk:
         if length == 0:
             return b""
         first, last = offset // PAGE_SIZE, (offset + length - 1) // PAGE_SIZE
-        self._check_kept(first, last + 1)
+        self.pages.check_kept(first, last + 1)
         chunks: list[bytes] = []
-        for start in range(first, last + 1, MAX_BATCH):
-            handles = [(DISK_OID, i) for i in range(start, min(last + 1, start + MAX_BATCH))]
-            pages = self.tmem.get_batch(self.guest, DISK_POOL_ID, handles)
-            chunks += [_ZERO_PAGE if p is None else p for p in pages]
+        for run in batches(first, last + 1):
+            chunks += [_ZERO_PAGE if p is None else p for p in self.pages.load(run)]
         data = b"".join(chunks)
         skip = offset - first * PAGE_SIZE
         return data[skip:skip + length]
@@ -218,7 +205,7 @@ class SwapDisk:
     def _write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
         index = offset // PAGE_SIZE
-        handles: list[tuple[tuple[int, int, int], int]] = []
+        indexes: list[int] = []
         pages: list[bytes] = []
         view = memoryview(data)
         pos = offset
@@ -229,27 +216,24 @@ class SwapDisk:
             if take == PAGE_SIZE:
                 page = bytes(chunk)
             else:  # a partial page: read-modify-write
-                self._check_kept(index, index + 1)
-                old = self.tmem.get(self.guest, DISK_POOL_ID, DISK_OID, index) or _ZERO_PAGE
+                self.pages.check_kept(index, index + 1)
+                old = self.pages.load([index])[0] or _ZERO_PAGE
                 at = pos - page_start
                 page = old[:at] + bytes(chunk) + old[at + take:]
-            handles.append((DISK_OID, index))
+            indexes.append(index)
             pages.append(page)
             if len(pages) == MAX_BATCH:
-                self._put(handles, pages)
-                handles, pages = [], []
+                self._put(indexes, pages)
+                indexes, pages = [], []
             pos += take
             index += 1
         if pages:
-            self._put(handles, pages)
+            self._put(indexes, pages)
 
-    def _put(self, handles: list[tuple[tuple[int, int, int], int]], pages: list[bytes]) -> None:
-        for (_, index), result in zip(handles, self.tmem.put_batch(
-                self.guest, DISK_POOL_ID, handles, pages), strict=True):
+    def _put(self, indexes: list[int], pages: list[bytes]) -> None:
+        for result in self.pages.store(indexes, pages):
             if result is not None:
                 raise result
-            if self._lost is not None:
-                self._vouch(index, index + 1)
 
     def _discard(self, offset: int, length: int, *, zero_edges: bool) -> None:
         if length == 0:
@@ -264,29 +248,7 @@ class SwapDisk:
             tail_start = max(offset, end_full * PAGE_SIZE, head_end)
             if tail_start < end:
                 self._write(tail_start, bytes(end - tail_start))
-        if first_full * PAGE_SIZE == 0 and end_full * PAGE_SIZE == self.size:
-            self.tmem.flush_object(self.guest, DISK_POOL_ID, DISK_OID)
-        else:
-            for index in range(first_full, end_full):
-                self.tmem.flush_page(self.guest, DISK_POOL_ID, DISK_OID, index)
-        if self._lost is not None and first_full < end_full:
-            self._vouch(first_full, end_full)  # whole pages: now zeros, which is allowed
-
-    def _check_kept(self, start: int, end: int) -> None:
-        """DataLost when a page in [start, end) is lost."""
-        if self._lost is not None and self._lost.find(1, start, end) >= 0:
-            raise DataLost(f"{self.guest}: swap disk pages lost when the agent that held "
-                           "them died", op="read", client=self.guest, index=start)
-
-    def _vouch(self, start: int, end: int) -> None:
-        lost = self._lost
-        assert lost is not None
-        n = lost.count(1, start, end)
-        if n:
-            lost[start:end] = bytes(end - start)
-            self.lost_pages -= n
-            if not self.lost_pages:
-                self._lost = None
+        self.pages.forget(first_full, end_full)
 
     # -- introspection ---------------------------------------------------------------------
 
@@ -296,9 +258,12 @@ class SwapDisk:
         pages = pool.pages if pool else 0
         raw = pool.bytes_raw if pool else 0
         stored = pool.bytes_stored if pool else 0
+        spill = self.pages.spill
         return DiskStats(name, self.size, pages, raw, stored,
                          round(raw / stored, 2) if stored else 1.0,
-                         self.reads, self.writes, self.trims, self.errors, self.lost_pages)
+                         self.reads, self.writes, self.trims, self.errors,
+                         self.pages.lost_pages, spill.used if spill else 0,
+                         self.pages.spilled_out, self.pages.spilled_in)
 
 
 def _one_page(req: Request) -> bool:
@@ -323,5 +288,5 @@ def _run_end(requests: Sequence[Request | Rejected], start: int, cmd: Cmd) -> in
     return j
 
 
-def _errno(err: MemdError) -> Errno:
+def _errno(err: MemdError | OSError) -> Errno:
     return Errno.ENOSPC if isinstance(err, NoSpace) else Errno.EIO
