@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="NAME=SOCKET:SIZE",
                    help="serve guest NAME a swap disk of SIZE over NBD on the unix socket "
                    "SOCKET (mode 0600; QEMU: nbd+unix:///?socket=SOCKET) (repeatable)")
+    c.add_argument("--spill-dir", default=str(paths.state_dir() / "spill"), metavar="DIR",
+                   help="swap disks move their coldest pages to a sparse file here when "
+                   "memory runs out ('' = never: ENOSPC at once; default "
+                   "$MEMD_STATE_DIR/spill, else /var/lib/memd/spill)")
     c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
@@ -442,12 +446,13 @@ def _run(args: argparse.Namespace) -> int:
 def _swap_rows(disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"name": d["name"], "size": human_size(d["size"]), "pages": d["pages"],
              "held": human_size(d["bytes_stored"]), "ratio": f"{d['ratio']:.2f}",
+             "spilled": d.get("spilled_pages", 0),
              "socket": d["path"], "conns": d["connections"], "reads": d["reads"],
              "writes": d["writes"], "errors": d["errors"]} for d in disks]
 
 
-_SWAP_COLUMNS = ["name", "size", "pages", "held", "ratio", "socket", "conns", "reads", "writes",
-                 "errors"]
+_SWAP_COLUMNS = ["name", "size", "pages", "held", "ratio", "spilled", "socket", "conns", "reads",
+                 "writes", "errors"]
 
 
 def _format_guests(rows: list[dict[str, Any]]) -> str:

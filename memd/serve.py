@@ -53,7 +53,9 @@ def _tune_malloc() -> None:
 
 
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
-    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap)
+    spill_dir = getattr(args, "spill_dir", "")
+    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap,
+                   spill_dir=Path(spill_dir) if spill_dir else None)
     app.catch_signals()
     if args.state:
         app.load_state(args.state, control_path=control_path)

@@ -27,8 +27,9 @@ from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
-from memd.nbd.export import DISK_POOL_ID, SwapDisk
+from memd.nbd.export import DISK_POOL_ID, MAX_DISK_SIZE, SwapDisk
 from memd.nbd.server import NbdServer
+from memd.nbd.spill import FileSpill
 from sharing.manager import SharingManager
 from tmem import snapshot
 from tmem.host import TmemHost
@@ -58,6 +59,7 @@ class AgentApp:
         guest_cap_bytes: int | None = None,
         ksm_ledger: Path | None = None,
         swap_markers: Path | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.started = time.time()
         self.tmem = TmemHost(budget_bytes=budget_bytes)
@@ -88,6 +90,9 @@ class AgentApp:
         #: One file per guest whose disk an agent served since the host booted (in the run
         #: directory, a tmpfs): a disk found there with no pages restored was lost.
         self.swap_markers = swap_markers or paths.run_dir() / "swap"
+        #: Where swap disks spill their coldest pages when memory runs out (None: they do
+        #: not spill; a full store answers ENOSPC at once).
+        self.spill_dir = spill_dir
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
 
@@ -230,10 +235,20 @@ class AgentApp:
         restored = (self.tmem.has_client(name)
                     and DISK_POOL_ID in dict(self.tmem.pool_ids(name)))
         lost = marker.exists() and not restored
+        if size <= 0 or size % 4096 or size > MAX_DISK_SIZE:
+            raise InvalidArgument(f"{name}: a disk size is a positive multiple of 4096 bytes "
+                                  f"up to {MAX_DISK_SIZE}", op="swap")
+        spill = None
+        if self.spill_dir is not None:
+            # As large as the disk (the file is sparse: it takes only what is spilled).
+            spill = FileSpill(self.spill_dir / f"{urllib.parse.quote(name, safe='')}.spill",
+                              size // 4096, size // 4096, restore=restored)
         try:
             disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages,
-                            contents_lost=lost)
+                            contents_lost=lost, spill=spill)
         except ValueError as err:
+            if spill is not None:
+                spill.close(keep=False)
             raise InvalidArgument(f"{name}: {err}", op="swap") from None
         if lost:
             log.error("the swap disk of %s was served by an agent that stopped without a "
@@ -251,6 +266,8 @@ class AgentApp:
             await server.start()
         except (OSError, MemdError):
             self.dispatcher.disk_pools.pop(name, None)
+            if spill is not None:
+                spill.close(keep=False)
             raise
         self.disks[name] = server
         self.swap_markers.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -264,6 +281,11 @@ class AgentApp:
         if server is None:
             raise NotFound(f"{name} has no swap disk", target=name)
         await server.close()
+        spill = server.disk.pages.spill
+        if isinstance(spill, FileSpill):
+            # The slot map goes beside the file: the snapshot a graceful stop writes next
+            # holds the rest of the disk, and the next agent takes both.
+            spill.close(keep=True)
 
     # -- KSM steering -----------------------------------------------------------------------
 

@@ -9,8 +9,9 @@ connection, ``qemu-img bench -d 32`` 32).
 
 Bounds, because the client is untrusted: reading pauses while more than
 ``READ_HIGH_WATER`` bytes wait to be parsed (one full 32 MiB write always fits, so the
-connection always progresses), and while the replies not yet taken by the client
-exceed the transport's high-water mark; a handshake not finished within
+connection always progresses), while a batch runs in a thread, and while the replies not
+yet taken by the client exceed the transport's high-water mark; a batch holds at most
+``BATCH_BYTES`` of payload (plus one request), which bounds the replies it makes; a handshake not finished within
 ``HANDSHAKE_SECONDS`` is hung up on; an export takes at most ``MAX_CONNECTIONS``
 connections at a time.  A protocol violation closes that connection only (after the
 replies to the requests before it); the agent and every other disk carry on.
@@ -43,6 +44,7 @@ log = logging.getLogger("memd.nbd")
 
 READ_HIGH_WATER = MAX_PAYLOAD + (1 << 20)
 MAX_BATCH_REQUESTS = 256
+BATCH_BYTES = 8 << 20
 INLINE_BYTES = 1 << 20
 HANDSHAKE_SECONDS = 10.0
 MAX_CONNECTIONS = 8
@@ -140,7 +142,9 @@ class _NbdConnection(asyncio.Protocol):
             return
         assert self.parser is not None
         self.parser.receive_data(data)
-        if self.parser.buffered > READ_HIGH_WATER and self.transport is not None:
+        if self.transport is not None and (self._busy or self.parser.buffered > READ_HIGH_WATER):
+            # The worker owns the stream (a batch in a thread, or a client that does not
+            # read its replies), or enough waits to be parsed: take no more for now.
             self.transport.pause_reading()
             self._reading_paused = True
         self._drain()
@@ -260,6 +264,8 @@ class _NbdConnection(asyncio.Protocol):
                 if isinstance(event, Request):
                     if event.cmd is Cmd.READ or event.cmd is Cmd.WRITE:
                         size += event.length
+                        if size >= BATCH_BYTES:
+                            break  # bounds the replies one batch makes
                     elif event.cmd is Cmd.DISC:
                         break
             if fatal is not None or parser.disconnected:
