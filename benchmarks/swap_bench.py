@@ -17,7 +17,9 @@ Host bytes per page: the server process's resident set after the writes minus be
 divided by the pages written (both servers measured the same way); for memd also the
 store's own accounting (``memd_store_bytes_per_page``: data + metadata as tmem charges
 its budget).  ``memd_4guest_write_iops``: four guests' disks on one memd, four clients
-writing at once (sum).
+writing at once (sum).  ``memd_spill_*``: the cost of the spill tier — the same writes and
+reads with a budget that holds a tenth of the data, so most pages go to the spill file
+and come back from it (``memd_spilled_fraction``: spilled pages after the writes).
 
 A second client, for comparison with the figures in /work/shared/design.md: ``qemu-img
 bench -d 32 -s 4k`` (QEMU's block layer, sequential offsets, one constant byte pattern —
@@ -39,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -135,13 +138,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _memd(tmp: Path, disks: list[str], size: int) -> tuple[subprocess.Popen[bytes], list[Path]]:
+def _memd(tmp: Path, disks: list[str], size: int, budget: str = "4G"
+          ) -> tuple[subprocess.Popen[bytes], list[Path]]:
     socks = [tmp / f"{d}.nbd" for d in disks]
     cmd = [sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"), "serve",
-           "--state", "", "--budget", "4G", "--guest-cap", "4G", "--log-level", "warning"]
+           "--state", "", "--budget", budget, "--guest-cap", "4G", "--log-level", "warning",
+           "--spill-dir", str(tmp / "spill")]
     for d, s in zip(disks, socks, strict=True):
         cmd += ["--swap", f"{d}={s}:{size}"]
-    env = {**os.environ, "MEMD_RUN_DIR": str(tmp),
+    env = {**os.environ, "MEMD_RUN_DIR": str(tmp), "MEMD_STATE_DIR": str(tmp),
            "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen(cmd, env=env, cwd=tmp)
     for s in socks:
@@ -149,12 +154,16 @@ def _memd(tmp: Path, disks: list[str], size: int) -> tuple[subprocess.Popen[byte
     return proc, socks
 
 
-def _memd_store_bytes(tmp: Path) -> int:
+def _memd_cli(tmp: Path, command: str) -> Any:
     out = subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"),
-                          "status", "--json"], capture_output=True, text=True, check=True,
+                          command, "--json"], capture_output=True, text=True, check=True,
                          env={**os.environ,
                               "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    return int(json.loads(out.stdout)["tmem"]["used_bytes"])
+    return json.loads(out.stdout)
+
+
+def _memd_store_bytes(tmp: Path) -> int:
+    return int(_memd_cli(tmp, "status")["tmem"]["used_bytes"])
 
 
 def _qemu_img_bench(sock: Path, pages: int, write: bool) -> float:
@@ -223,6 +232,18 @@ def run(pages: int, qd: int) -> dict[str, object]:
         finally:
             _stop(memd4)
 
+        # The cost of the spill tier: the same run with a budget that holds a tenth of it.
+        (tmp / "ms").mkdir()
+        budget = max(4 << 20, int(m["store_bytes_per_page"] * pages) // 10)
+        memds, (ssock,) = _memd(tmp / "ms", ["bench"], size, budget=str(budget))
+        try:
+            uri = f"nbd+unix:///?socket={ssock}"
+            sp = _finish(_client(script, uri, mix, 1, qd, "w"))
+            spilled = int(_memd_cli(tmp / "ms", "guests")[0]["swap"]["spilled_pages"])
+            sp.update(_finish(_client(script, uri, mix, 2, qd, "r")))
+        finally:
+            _stop(memds)
+
     return {
         "pages": pages, "queue_depth": qd, "cpu": os.cpu_count(),
         "memd_write_iops": round(m["write_iops"]), "memd_read_iops": round(m["read_iops"]),
@@ -233,7 +254,12 @@ def run(pages: int, qd: int) -> dict[str, object]:
         "nbdkit_host_bytes_per_page": round(k["bytes_per_page"], 1),
         "memd_store_bytes_per_page": round(m["store_bytes_per_page"], 1),
         "memd_4guest_write_iops": round(four),
-        "read_mismatches": int(m["read_mismatches"] + k["read_mismatches"]),
+        "memd_spill_write_iops": round(sp["write_iops"]),
+        "memd_spill_read_iops": round(sp["read_iops"]),
+        "memd_spill_budget_bytes": budget,
+        "memd_spilled_fraction": round(spilled / pages, 3),
+        "read_mismatches": int(m["read_mismatches"] + k["read_mismatches"]
+                               + sp["read_mismatches"]),
         **{f"qemu_img_const_{who}_{rw}_iops": round(r[f"qemu_img_{rw}_iops"])
            for who, r in (("memd", m), ("nbdkit", k)) for rw in ("write", "read")
            if f"qemu_img_{rw}_iops" in r},
