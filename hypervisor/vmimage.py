@@ -250,6 +250,8 @@ def qemu_argv(
     start_paused: bool = False,
     pidfile: Path | None = None,
     qemu: str = "qemu-system-x86_64",
+    nbd_disks: Sequence[Path] = (),
+    reconnect_delay: int = 30,
 ) -> list[str]:
     """The QEMU command line for one guest, without libvirt.
 
@@ -259,7 +261,10 @@ def qemu_argv(
     their option ROMs (faster TCG boot); the only serial port is the console socket. Guest RAM is
     plain ``-m`` RAM (``/objects/pc.ram``), which QEMU marks MERGEABLE for KSM by default.
     ``start_paused`` adds ``-S``: connect to the console first, then QMP ``cont``, and no boot
-    output is lost.
+    output is lost.  ``nbd_disks``: virtio disks (``/dev/vda``, ``/dev/vdb``, … in order) served
+    over NBD on those unix sockets (memd's swap disks); QEMU waits up to ``reconnect_delay``
+    seconds for a server that went away, so an agent restart is a pause in the guest, not I/O
+    errors.
     """
     if channels is None:
         channels = {CHANNEL_NAME: console_socket.parent / f"{name}.memd.sock"}
@@ -301,6 +306,14 @@ def qemu_argv(
             f"socket,id=vport{index},path={path},server=on,wait=off",
             "-device",
             f"virtserialport,bus=vserial0.0,chardev=vport{index},name={port_name}",
+        ]
+    for index, path in enumerate(nbd_disks):
+        argv += [
+            "-blockdev",
+            f"driver=nbd,node-name=nbd{index},server.type=unix,server.path={path},discard=unmap,"
+            f"reconnect-delay={reconnect_delay}",
+            "-device",
+            f"virtio-blk-pci,drive=nbd{index},id=vdisk{index}",
         ]
     if start_paused:
         argv.append("-S")

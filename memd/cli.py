@@ -64,6 +64,19 @@ def _pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _swap(text: str) -> tuple[str, str, int]:
+    """'vm1=/run/memd/vm1.nbd:512M' → (name, socket path, size in bytes)."""
+    name, sep, rest = text.partition("=")
+    path, colon, size = rest.rpartition(":")
+    if not sep or not name or not colon or not path or not size:
+        raise argparse.ArgumentTypeError(f"expected NAME=SOCKET:SIZE, got {text!r}")
+    nbytes = _size(size)
+    if nbytes <= 0 or nbytes % 4096:
+        raise argparse.ArgumentTypeError(f"a swap disk size is a positive multiple of 4K, "
+                                         f"got {size!r}")
+    return name, path, nbytes
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one sentence (with where to look), not a usage dump."""
 
@@ -91,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="a guest whose QEMU serves its memd port on PATH (repeatable)")
     c.add_argument("--listen", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="listen on PATH for a guest's channel (repeatable)")
+    c.add_argument("--swap", type=_swap, action="append", default=[],
+                   metavar="NAME=SOCKET:SIZE",
+                   help="serve guest NAME a swap disk of SIZE over NBD on the unix socket "
+                   "SOCKET (mode 0600; QEMU: nbd+unix:///?socket=SOCKET) (repeatable)")
+    c.add_argument("--spill-dir", default=str(paths.state_dir() / "spill"), metavar="DIR",
+                   help="swap disks move their coldest pages to a sparse file here when "
+                   "memory runs out ('' = never: ENOSPC at once; default "
+                   "$MEMD_STATE_DIR/spill, else /var/lib/memd/spill)")
     c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
@@ -364,18 +385,13 @@ def _run(args: argparse.Namespace) -> int:
                 _emit(args, list_domains(args.libvirt), lambda r: _table(
                     r, ["name", "state", "channel"]))
             else:
-                _emit(args, call("guests"), lambda r: _table(
-                    r, ["name", "connected", "mode", "path", "pools", "tmem_pages", "requests",
-                        "errors", "reboots", "last_error"]))
+                _emit(args, call("guests"), _format_guests)
         case "pools":
             _emit(args, call("pools", guest=args.guest), lambda r: _table(
                 r, ["client", "pool_id", "kind", "shared", "pages", "objects", "bytes_stored",
                     "puts", "gets", "found_gets", "evictions"]))
         case "stats":
-            _emit(args, call("stats", guest=args.guest), lambda r: _kv(r["store"]) + "\n\n" +
-                  _table(r["clients"], ["client", "pools", "ephemeral_pages",
-                                        "persistent_pages", "bytes_stored", "puts",
-                                        "good_puts", "gets", "found_gets", "evictions"]))
+            _emit(args, call("stats", guest=args.guest), _format_stats)
         case "audit" if args.gfn:
             _emit(args, call("explain", page=args.gfn), _format_explain)
         case "audit":
@@ -434,6 +450,36 @@ def _run(args: argparse.Namespace) -> int:
             _emit(args, call("authorize", guest=args.guest, uuid=args.uuid),
                   lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")
     return 0
+
+
+def _swap_rows(disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"name": d["name"], "size": human_size(d["size"]), "pages": d["pages"],
+             "held": human_size(d["bytes_stored"]), "ratio": f"{d['ratio']:.2f}",
+             "spilled": d.get("spilled_pages", 0),
+             "socket": d["path"], "conns": d["connections"], "reads": d["reads"],
+             "writes": d["writes"], "errors": d["errors"]} for d in disks]
+
+
+_SWAP_COLUMNS = ["name", "size", "pages", "held", "ratio", "spilled", "socket", "conns", "reads",
+                 "writes", "errors"]
+
+
+def _format_guests(rows: list[dict[str, Any]]) -> str:
+    out = _table(rows, ["name", "connected", "mode", "path", "pools", "tmem_pages", "requests",
+                        "errors", "reboots", "last_error"])
+    disks = [r["swap"] for r in rows if r.get("swap")]
+    if disks:
+        out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(disks), _SWAP_COLUMNS)
+    return out
+
+
+def _format_stats(r: dict[str, Any]) -> str:
+    out = _kv(r["store"]) + "\n\n" + _table(
+        r["clients"], ["client", "pools", "ephemeral_pages", "persistent_pages", "bytes_stored",
+                       "puts", "good_puts", "gets", "found_gets", "evictions"])
+    if r.get("swap_disks"):
+        out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(r["swap_disks"]), _SWAP_COLUMNS)
+    return out
 
 
 def _format_budget(r: dict[str, Any]) -> str:

@@ -6,14 +6,16 @@ Every error memd raises on purpose derives from :class:`MemdError`::
     ├── ProtocolError            a frame on the wire is malformed or not allowed
     │   ├── FrameError               bad magic, length, opcode or payload shape
     │   ├── VersionError             no protocol version in common
-    │   └── RemoteError              the peer answered a request with an error status
+    │   ├── RemoteError              the peer answered a request with an error status
+    │   └── NbdProtocolError         an NBD client broke the protocol: the connection closes
     ├── TmemError                a tmem operation failed (carries op, client, pool, oid, index)
     │   ├── InvalidArgument          an id, index, length or flag is out of range
     │   ├── NoSuchPool               the pool id is not one of this client's pools
     │   ├── NoSuchClient             unknown client
     │   ├── AccessDenied             shared pool not authorised for this client
     │   ├── NoSpace                  the store cannot take the page (budget, cap)
-    │   └── ClientFrozen             the host froze the client: puts refused
+    │   ├── ClientFrozen             the host froze the client: puts refused
+    │   └── DataLost                 a swap disk page's contents were lost (agent crash)
     ├── SharingError             a sharing operation failed (carries op, domain, gfn, mfn, handle)
     │   ├── StaleHandle              a handle no longer names the page's sharing record
     │   │   ├── StaleSourceHandle
@@ -79,6 +81,11 @@ class VersionError(ProtocolError):
     """The peers share no protocol version."""
 
 
+class NbdProtocolError(ProtocolError):
+    """An NBD client sent bytes the server cannot go on from (bad magic, a write longer
+    than the request limit, a malformed option): that connection is closed."""
+
+
 class RemoteError(ProtocolError):
     """The peer answered with a non-zero status."""
 
@@ -128,6 +135,11 @@ class NoSpace(TmemError):
 
 class ClientFrozen(TmemError):
     """The host froze this client: puts are refused until thawed."""
+
+
+class DataLost(TmemError):
+    """A swap disk page held by an agent that died is gone: reading it must fail, never
+    return other bytes (memd.nbd.export answers EIO)."""
 
 
 # --- sharing ----------------------------------------------------------------------------

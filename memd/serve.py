@@ -3,6 +3,8 @@
 Guests come from ``--channel NAME=PATH`` (QEMU listens on PATH), ``--listen NAME=PATH``
 (the agent listens), ``memd attach`` at run time, and — with ``--libvirt URI`` — every
 running libvirt domain that has a memd channel, followed through lifecycle events.
+``--swap NAME=SOCKET:SIZE`` serves guest NAME a swap disk over NBD on SOCKET
+(memd.nbd), backed by NAME's own tmem client.
 
 KSM knobs: an agent that steers (``--ksm-steer``) puts the host's own back when it
 stops; one that was killed left them in a ledger (``hypervisor.ksm``), which the next
@@ -82,13 +84,17 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
 
 async def _serve_with(args: argparse.Namespace, control_path: str,
                       store: LmdbStore | None) -> int:
-    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store)
+    spill_dir = getattr(args, "spill_dir", "")
+    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store,
+                   spill_dir=Path(spill_dir) if spill_dir else None)
     app.catch_signals()
     await app.start(control_path)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
     for name, path in args.listen:
         await app.agent.add_channel(name, path, mode="listen")
+    for name, path, size in getattr(args, "swap", []):
+        await app.add_swap(name, path, size)
     for name, qmp_path in args.qmp:
         await asyncio.to_thread(_attach_plain_qemu, app, name, qmp_path)
     if getattr(args, "ksm_steer", False):

@@ -16,9 +16,12 @@ want_all=0
 # QEMU + libvirt for the real-VM tests; libvirt-dev, pkg-config, gcc, python3-dev so pip can build
 # libvirt-python; busybox-static, cpio, zstd, xz-utils, kmod for the guest image (vm-images/build.sh);
 # libxml2-utils for xmllint, which virt-xml-validate runs (tests/vm/test_domain_template.py);
-# systemd for systemd-analyze, which checks the installed unit (tests/install).
+# systemd for systemd-analyze, which checks the installed unit (tests/install);
+# libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (for /usr/bin/python3) and nbdkit: independent
+# NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py).
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
-          gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd)
+          gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd
+          nbdkit libnbd-bin python3-libnbd)
 
 apt_install() {
     local missing=()

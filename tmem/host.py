@@ -52,7 +52,7 @@ import sys
 import threading
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -206,24 +206,27 @@ class TmemHost:
             if self._log is not None:
                 self._log.drop_client(name)
 
-    def reset_client(self, name: str) -> int:
-        """Destroy every pool of a guest that rebooted; keep its settings.  → pools."""
+    def reset_client(self, name: str, keep: Collection[int] = ()) -> int:
+        """Destroy every pool of a guest that rebooted, except the local pool ids in
+        ``keep`` (a disk the host serves it, which outlives its kernel); keep its
+        settings.  → pools destroyed."""
         with self._writing():
             client = self._client(name, "reset_client")
-            return self._drop_all_pools(client)
+            return self._drop_all_pools(client, keep)
 
     def open_session(self, name: str, *, cap_pages: int | None, dedup: bool,
-                     meta: dict[str, Any], reset: bool) -> int:
+                     meta: dict[str, Any], reset: bool, keep: Collection[int] = ()) -> int:
         """A guest said HELLO: register it if new (with *cap_pages*), drop all its pools
-        if *reset* (it rebooted), set its dedup consent and the agent's *meta* (its boot
-        id) — one transaction, so a crash can never keep a previous boot's pools under
-        the new boot id.  → pools dropped."""
+        but those in *keep* (a swap disk the host serves it) if *reset* (it rebooted),
+        set its dedup consent and the agent's *meta* (its boot id) — one transaction, so
+        a crash can never keep a previous boot's pools under the new boot id.
+        → pools dropped."""
         _check_cap(cap_pages)
         with self._writing():
             client = self._clients.get(name)
             if client is None:
                 client = self._add_client_locked(name, DEFAULT_WEIGHT, cap_pages, dedup)
-            dropped = self._drop_all_pools(client) if reset else 0
+            dropped = self._drop_all_pools(client, keep) if reset else 0
             client.dedup = dedup
             client.meta = dict(meta)
             self._log_client(client)
@@ -384,6 +387,22 @@ class TmemHost:
                     f"client already has {MAX_POOLS_PER_CLIENT} pools", op=op, client=name
                 ) from None
             return self._new_pool_locked(client, local, persistent, shared, key, op)
+
+    def new_pool_at(self, name: str, pool_id: int, flags: int) -> int:
+        """Create a private pool at a given local id (a swap disk's pool, which the host
+        and not the guest places).  → the pool id."""
+        op = "new_pool_at"
+        if type(pool_id) is not int or not 0 <= pool_id < MAX_POOLS_PER_CLIENT:
+            raise InvalidArgument("pool id out of range", op=op, client=name)
+        if not isinstance(flags, int) or int(flags) & ~int(PoolFlags.PERSISTENT):
+            raise InvalidArgument("only private pools are placed by id", op=op, client=name)
+        with self._writing():
+            client = self._client(name, op)
+            if client.pools[pool_id] is not None:
+                raise InvalidArgument("pool id already in use", op=op, client=name,
+                                      pool=pool_id)
+            return self._new_pool_locked(
+                client, pool_id, bool(flags & PoolFlags.PERSISTENT), False, None, op)
 
     def _new_pool_locked(
         self, client: _Client, local: int, persistent: bool, shared: bool, key: bytes | None,
@@ -939,8 +958,8 @@ class TmemHost:
                 self._pages.move_lru(slot, old.lru, new.lru)
         pool.owner = new.name
 
-    def _drop_all_pools(self, client: _Client) -> int:
-        gids = [g for g in client.pools if g is not None]
+    def _drop_all_pools(self, client: _Client, keep: Collection[int] = ()) -> int:
+        gids = [g for local, g in enumerate(client.pools) if g is not None and local not in keep]
         for gid in gids:
             self._leave_pool(client, self._pools[gid])
         return len(gids)

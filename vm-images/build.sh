@@ -23,8 +23,9 @@ PACKAGES=(busybox-static python3-minimal python3.11-minimal libpython3.11-minima
 # Load order matters without udev/modprobe: each module after the ones it depends on. button and
 # evdev (no dependencies) make the ACPI power button an input device busybox acpid reads: that is
 # how `virsh shutdown` (an ACPI power-button press) reaches the guest.
+# virtio_blk: the memd swap disk (NBD served by memd, a virtio disk to the guest: /dev/vda).
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_console
-         button evdev)
+         virtio_blk button evdev)
 
 # Prints "package=version" for the guest kernel (the one linux-image-amd64 pins with "(= version)")
 # and every package above, at their candidate versions: exactly what gets unpacked. One apt-cache

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import signal
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,9 @@ from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
+from memd.nbd.export import DISK_POOL_ID, MAX_DISK_SIZE, SwapDisk
+from memd.nbd.server import NbdServer
+from memd.nbd.spill import FileSpill
 from sharing.manager import SharingManager
 from tmem.host import TmemHost
 
@@ -58,6 +62,8 @@ class AgentApp:
         guest_cap_bytes: int | None = None,
         ksm_ledger: Path | None = None,
         store: LmdbStore | None = None,
+        swap_markers: Path | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         self.started = time.time()
         #: Where persistent tmem state lives (None: in memory only, lost with the process).
@@ -85,6 +91,14 @@ class AgentApp:
         self.ksm_ledger = ksm_ledger or paths.ksm_originals()
         #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
         self.opted_out: set[str] = set()
+        #: guest → the NBD server of its swap disk (``serve --swap``, ``add_swap``).
+        self.disks: dict[str, NbdServer] = {}
+        #: One file per guest whose disk an agent served since the host booted (in the run
+        #: directory, a tmpfs): a disk found there with no pages restored was lost.
+        self.swap_markers = swap_markers or paths.run_dir() / "swap"
+        #: Where swap disks spill their coldest pages when memory runs out (None: they do
+        #: not spill; a full store answers ENOSPC at once).
+        self.spill_dir = spill_dir
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
         if store is not None:
@@ -124,6 +138,8 @@ class AgentApp:
         # steering object that nobody closes.
         await self.control.close()
         await self.stop_steering()
+        for name in list(self.disks):
+            await self.remove_swap(name)
         await self.agent.stop()
         if self.qemu is not None:
             await asyncio.to_thread(self.qemu.close)  # its QMP monitors, politely
@@ -185,6 +201,72 @@ class AgentApp:
                     self.qemu_sharing.forget(guest.domid)
                 self.qemu.detach(guest.domid)
                 self._poke_steering()
+
+    # -- swap disks (NBD) ----------------------------------------------------------------
+
+    async def add_swap(self, name: str, path: str, size: int, *,
+                       owner: tuple[int, int] | None = None) -> NbdServer:
+        """Serve ``name`` a swap disk of ``size`` bytes over NBD on the unix socket
+        ``path``, backed by a persistent pool of its own tmem client (memd.nbd.export):
+        the guest's channel and its disk are one client, under one cap and budget."""
+        if name in self.disks:
+            raise InvalidArgument(f"{name} already has a swap disk on {self.disks[name].path}",
+                                  op="swap")
+        marker = self.swap_markers / f"{urllib.parse.quote(name, safe='')}.served"
+        restored = (self.tmem.has_client(name)
+                    and DISK_POOL_ID in dict(self.tmem.pool_ids(name)))
+        lost = marker.exists() and not restored
+        if size <= 0 or size % 4096 or size > MAX_DISK_SIZE:
+            raise InvalidArgument(f"{name}: a disk size is a positive multiple of 4096 bytes "
+                                  f"up to {MAX_DISK_SIZE}", op="swap")
+        spill = None
+        if self.spill_dir is not None:
+            # As large as the disk (the file is sparse: it takes only what is spilled).
+            spill = FileSpill(self.spill_dir / f"{urllib.parse.quote(name, safe='')}.spill",
+                              size // 4096, size // 4096, restore=restored)
+        try:
+            disk = SwapDisk(self.tmem, name, size, cap_pages=self.dispatcher.guest_cap_pages,
+                            contents_lost=lost, spill=spill)
+        except ValueError as err:
+            if spill is not None:
+                spill.close(keep=False)
+            raise InvalidArgument(f"{name}: {err}", op="swap") from None
+        if lost:
+            log.error("the swap disk of %s was served by an agent that stopped without a "
+                      "snapshot (a crash?): its pages are lost; reads of pages not written "
+                      "since fail with EIO (restart the guest)", name,
+                      extra={"event": "swap-lost", "vm": name})
+        if self.dispatcher.guest_cap_pages is not None:
+            # The cap bounds raw pages; the operator sized the disk, so the disk's pages come
+            # on top of what the guest may put over its channel (the budget still bounds
+            # the bytes all of it takes).
+            self.tmem.set_cap(name, self.dispatcher.guest_cap_pages + size // 4096)
+        self.dispatcher.disk_pools[name] = DISK_POOL_ID
+        server = NbdServer(disk, name, path, owner=owner)
+        try:
+            await server.start()
+        except (OSError, MemdError):
+            self.dispatcher.disk_pools.pop(name, None)
+            if spill is not None:
+                spill.close(keep=False)
+            raise
+        self.disks[name] = server
+        self.swap_markers.mkdir(mode=0o700, parents=True, exist_ok=True)
+        marker.write_text(f"{path}\n")
+        return server
+
+    async def remove_swap(self, name: str) -> None:
+        """Stop serving the disk; its pages stay in the store (a later add_swap of the
+        same guest finds them) until the client is dropped."""
+        server = self.disks.pop(name, None)
+        if server is None:
+            raise NotFound(f"{name} has no swap disk", target=name)
+        await server.close()
+        spill = server.disk.pages.spill
+        if isinstance(spill, FileSpill):
+            # The slot map goes beside the file: the snapshot a graceful stop writes next
+            # holds the rest of the disk, and the next agent takes both.
+            spill.close(keep=True)
 
     # -- KSM steering -----------------------------------------------------------------------
 
@@ -332,7 +414,8 @@ class AgentApp:
             "connected": sum(1 for c in guests if c.guest.connected),
             "tmem": self.tmem.store_stats().to_dict(),
             "unattached_clients": [n for n in self.tmem.client_names()
-                                   if n not in self.agent.channels],
+                                   if n not in self.agent.channels and n not in self.disks],
+            "swap_disks": len(self.disks),
             "store": None if self.store is None else {
                 "path": str(self.store.path), "durable": self.store.durable,
                 "bytes_used": self.store.bytes_used(), "file_bytes": self.store.file_bytes()},
@@ -377,6 +460,9 @@ class AgentApp:
         if name in self.agent.channels:
             raise InvalidArgument(f"{name} is attached: detach it first (memd detach {name}); "
                                   "a connected guest's pages are still in use", op="drop")
+        if name in self.disks:
+            raise InvalidArgument(f"{name} has a swap disk on {self.disks[name].path}: its "
+                                  "pages are the guest's swapped-out memory", op="drop")
         if not self.tmem.has_client(name):
             raise NotFound(f"the agent holds nothing for {name!r}", target=name)
         stats = self.tmem.client_stats(name)[0]
@@ -402,14 +488,22 @@ class AgentApp:
                 "used_bytes": used}
 
     def guests(self) -> list[dict[str, Any]]:
+        """One row per guest with a channel or a swap disk (``swap``: its figures)."""
         out = []
-        for channel in sorted(self.agent.channels.values(), key=lambda c: c.name):
-            row = channel.describe()
-            stats = (self.tmem.client_stats(channel.name)[0].to_dict()
-                     if self.tmem.has_client(channel.name) else None)
+        for name in sorted(set(self.agent.channels) | set(self.disks)):
+            channel = self.agent.channels.get(name)
+            row: dict[str, Any] = (channel.describe() if channel else
+                                   {"name": name, "path": None, "mode": "swap only",
+                                    "connected": None})
+            stats = (self.tmem.client_stats(name)[0].to_dict()
+                     if self.tmem.has_client(name) else None)
+            disk = self.disks.get(name)
+            row["swap"] = disk.describe() if disk else None
+            # tmem_pages and pools: what the guest's channel stored (the disk apart)
+            disk_pages = row["swap"]["pages"] if disk else 0
             row["tmem_pages"] = (stats["ephemeral_pages"] + stats["persistent_pages"]
-                                 if stats else 0)
-            row["pools"] = stats["pools"] if stats else 0
+                                 - disk_pages if stats else 0)
+            row["pools"] = (stats["pools"] - (1 if disk else 0)) if stats else 0
             out.append(row)
         return out
 
@@ -460,6 +554,8 @@ class AgentApp:
         return {
             "store": self.tmem.store_stats().to_dict(),
             "clients": [c.to_dict() for c in self.tmem.client_stats(guest)],
+            "swap_disks": [d.describe() for n, d in sorted(self.disks.items())
+                           if guest is None or n == guest],
         }
 
     def _authorize(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from memd import wire
-from memd.errors import FrameError, MemdError
+from memd.errors import FrameError, MemdError, NoSuchPool
 from memd.wire import Capability, Op, Status
 from tmem.host import TmemHost
 from tmem.types import PoolFlags
@@ -74,6 +74,10 @@ class Dispatcher:
         #: Cap given to each guest when it first appears, so that no guest can fill the
         #: store (persistent pages are never evicted) and starve the others.
         self.guest_cap_pages = guest_cap_pages
+        #: guest → local id of the pool behind its NBD swap disk (memd.nbd.export).  The
+        #: guest's channel cannot name that pool (NO_POOL: the disk's pages are reached
+        #: through the disk only), LIST_POOLS does not show it, and a reboot keeps it.
+        self.disk_pools: dict[str, int] = {}
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""
@@ -122,6 +126,10 @@ class Dispatcher:
             return self._hello(guest, frame, req)
         if guest.version is None:
             return self._status_reply(guest, frame, Status.NEED_HELLO)
+        pool_id = getattr(req, "pool", None)
+        if pool_id is not None and pool_id == self.disk_pools.get(name):
+            raise NoSuchPool("that pool id is not one of this guest's pools", client=name,
+                             pool=pool_id)
         match req:
             case wire.NewPoolRequest():
                 if req.page_size != wire.PAGE_SIZE:
@@ -175,13 +183,16 @@ class Dispatcher:
             capabilities &= ~int(Capability.SHARING)
         consent = bool(capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
         # A new boot id means the guest rebooted: everything it stored belongs to a dead
-        # kernel.  The drop and the new boot id are one store transaction, so that after
-        # an agent crash neither a previous boot's pool nor a stale boot id survives.
+        # kernel (but a swap disk the host serves it, which outlives its kernel).  The
+        # drop and the new boot id are one store transaction, so that after an agent
+        # crash neither a previous boot's pool nor a stale boot id survives.
         rebooted = guest.boot_id is not None and req.boot_id != guest.boot_id
         reboots = guest.reboots + rebooted
+        disk = self.disk_pools.get(guest.name)
         dropped = self.tmem.open_session(
             guest.name, cap_pages=self.guest_cap_pages, dedup=consent, reset=rebooted,
-            meta={"boot_id": req.boot_id.hex(), "reboots": reboots})
+            meta={"boot_id": req.boot_id.hex(), "reboots": reboots},
+            keep=() if disk is None else (disk,))
         if rebooted:
             log.info("guest %s rebooted: dropped %d pools", guest.name, dropped,
                      extra={"event": "reboot", "vm": guest.name})
@@ -196,6 +207,8 @@ class Dispatcher:
     def _pools(self, name: str) -> list[wire.PoolInfo]:
         out = []
         for stats in self.tmem.pool_stats(name):
+            if stats.pool_id == self.disk_pools.get(name):
+                continue
             flags = (wire.PoolFlag.PERSISTENT if stats.kind == "persistent" else 0) | (
                 wire.PoolFlag.SHARED if stats.shared else 0)
             uuid = bytes.fromhex(stats.uuid.replace("-", "")) if stats.uuid else bytes(16)

@@ -80,7 +80,7 @@ class GuestVM:
 
     def __init__(self, image: ImagePaths, workdir: Path, *, name: str = "memd-g0",
                  memory_mib: int = 256, ports: tuple[str, ...] = (CHANNEL_NAME,),
-                 append: str = "") -> None:
+                 append: str = "", nbd_disks: tuple[Path, ...] = ()) -> None:
         self.image = image
         self.name = name
         self.memory_mib = memory_mib
@@ -92,6 +92,7 @@ class GuestVM:
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.channel_sockets = {port: workdir / f"{name}.{port}.sock" for port in ports}
         self._append = append
+        self.nbd_disks = nbd_disks  #: virtio disks served over NBD on these sockets
         self._process: subprocess.Popen[bytes] | None = None
         self._shell: GuestShell | None = None
         self._qmp: _Qmp | None = None
@@ -99,7 +100,8 @@ class GuestVM:
     def argv(self) -> list[str]:
         return qemu_argv(self.image, name=self.name, memory_mib=self.memory_mib,
                          console_socket=self.console_socket, qmp_socket=self.qmp_socket,
-                         channels=self.channel_sockets, append=self._append, start_paused=True)
+                         channels=self.channel_sockets, append=self._append, start_paused=True,
+                         nbd_disks=self.nbd_disks)
 
     def start(self, timeout: float = 120.0) -> None:
         """Launch QEMU, attach console and QMP, run the guest and wait for its shell."""
