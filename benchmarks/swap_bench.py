@@ -142,7 +142,8 @@ def _memd(tmp: Path, disks: list[str], size: int, budget: str = "4G"
           ) -> tuple[subprocess.Popen[bytes], list[Path]]:
     socks = [tmp / f"{d}.nbd" for d in disks]
     cmd = [sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"), "serve",
-           "--state", "", "--budget", budget, "--guest-cap", "4G", "--log-level", "warning",
+           "--store", str(tmp / "store"), "--budget", budget, "--guest-cap", "4G",
+           "--log-level", "warning",
            "--spill-dir", str(tmp / "spill")]
     for d, s in zip(disks, socks, strict=True):
         cmd += ["--swap", f"{d}={s}:{size}"]

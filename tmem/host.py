@@ -247,21 +247,31 @@ class TmemHost:
         made when the block ends.  The caller must not acknowledge any of them before
         the block has ended.  Other threads still commit their own operations (which
         commits this thread's writes too: committing early is always safe)."""
-        me = threading.get_ident()
-        with self._lock:
-            if self._deferring not in (None, me):
-                raise RuntimeError("deferred() is for one acknowledging thread")
-            self._deferring = me
-            self._defer_depth += 1
+        self.hold_commits()
         try:
             yield
         finally:
-            with self._lock:
-                self._defer_depth -= 1
-                if not self._defer_depth:
-                    self._deferring = None
-                    if self._log is not None:
-                        self._commit_log()
+            self.release_commits()
+
+    def hold_commits(self) -> None:
+        """Start a :meth:`deferred` section without a ``with`` block (the agent opens
+        one in one event-loop callback and ends it in a later one); nests."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._deferring not in (None, me):
+                raise RuntimeError("deferred commits are for one acknowledging thread")
+            self._deferring = me
+            self._defer_depth += 1
+
+    def release_commits(self) -> None:
+        """End a :meth:`hold_commits`; the outermost one commits (and may raise)."""
+        with self._lock:
+            assert self._deferring == threading.get_ident() and self._defer_depth > 0
+            self._defer_depth -= 1
+            if not self._defer_depth:
+                self._deferring = None
+                if self._log is not None:
+                    self._commit_log()
 
     def restore(self, state: StoredState) -> list[str]:
         """Rebuild an empty host from what its log held (a restart).  → findings about

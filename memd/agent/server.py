@@ -13,10 +13,11 @@ modes, because the two kinds of guest differ in who listens:
 Per session: bytes are received straight into one reusable buffer (a
 :class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies) and
 fed to a :class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and
-their replies written.  Reading pauses while decoded frames wait for dispatch and until
-the replies are drained, which applies backpressure to a guest that does not read its
-replies.  A partial frame older than
-``PARTIAL_FRAME_TIMEOUT`` is abandoned (the writer was cut mid-frame); a connection
+their replies written — after the tmem store commit that every session dispatching
+in the same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading
+pauses while decoded frames wait for dispatch and until the replies are drained, which
+applies backpressure to a guest that does not read its replies.  A partial frame older
+than ``PARTIAL_FRAME_TIMEOUT`` is abandoned (the writer was cut mid-frame); a connection
 producing more than ``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
 
 Runstate: ``IDLE → RUNNING → STOPPING → STOPPED``; channels may be added in RUNNING only.
@@ -87,6 +88,10 @@ class Agent:
         self.guests: dict[str, GuestState] = {}  # outlives channels: boot ids, counters
         self.runstate = Runstate.IDLE
         self._stopped = asyncio.Event()
+        #: Replies held for this event-loop turn's store commit (None: nothing held).
+        #: Loop thread only, like everything here.
+        self._outbox: list[tuple[asyncio.Transport, list[bytes], asyncio.Future[None]]] | (
+            None) = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -106,6 +111,52 @@ class Agent:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+    # -- group commit ----------------------------------------------------------------------
+
+    async def _dispatch(self, guest: GuestState, items: list[wire.Frame | FrameError],
+                        transport: asyncio.Transport) -> None:
+        """Dispatch frames that arrived together; return once their replies are written.
+
+        Group commit across requests and guests: every session that dispatches in the
+        same event-loop turn shares one store commit (the first holds commits and
+        schedules :meth:`_flush`, which runs after the others), and no reply leaves
+        before that commit — an acknowledged put is a committed put."""
+        loop = asyncio.get_running_loop()
+        if self._outbox is None:
+            self.dispatcher.tmem.hold_commits()
+            self._outbox = []
+            loop.call_soon(self._flush)
+        replies = []
+        for item in items:
+            if isinstance(item, FrameError):
+                guest.bad_frames += 1
+                continue
+            replies.append(self.dispatcher.handle(guest, item))
+        written = loop.create_future()
+        self._outbox.append((transport, replies, written))
+        await written
+
+    def _flush(self) -> None:
+        """Commit what this loop turn held, then write every reply it covered."""
+        outbox, self._outbox = self._outbox or [], None
+        try:
+            self.dispatcher.tmem.release_commits()
+        except Exception:  # nothing may be acknowledged: those guests reconnect and retry
+            log.critical("tmem store commit failed: %d connections dropped unanswered",
+                         len(outbox), exc_info=True)
+            for transport, _, written in outbox:
+                transport.abort()
+                if not written.done():  # its session may have been cancelled meanwhile
+                    written.set_result(None)
+            return
+        for transport, replies, written in outbox:
+            if not transport.is_closing():
+                for reply in replies:
+                    if reply:
+                        transport.write(reply)
+            if not written.done():
+                written.set_result(None)
 
     # -- channels --------------------------------------------------------------------------
 
@@ -229,18 +280,7 @@ class Agent:
                 items, conn.items = conn.items, []
                 if not items and conn.eof:
                     break
-                # Group commit: the frames that arrived together share one store commit,
-                # and no reply leaves before it (an acknowledged put is committed).
-                replies = []
-                with self.dispatcher.tmem.deferred():
-                    for item in items:
-                        if isinstance(item, FrameError):
-                            guest.bad_frames += 1
-                            continue
-                        replies.append(self.dispatcher.handle(guest, item))
-                for reply in replies:
-                    if reply:
-                        transport.write(reply)
+                await self._dispatch(guest, items, transport)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
                     log.warning("guest %s: %d corrupt frames, hanging up", guest.name, bad)

@@ -277,3 +277,27 @@ def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
         c.connect()
         assert c.list_pools() == []
     assert agent.app.agent.guests["g"].reboots == 2
+
+
+def test_a_failed_store_commit_acknowledges_nothing(agent: RunningAgent,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the commit of a loop turn fails, none of its replies leave: the guest's
+    connection is dropped, its client reconnects and resends, and the page is there."""
+    path = agent.add_guest("g")
+    real_commit = agent.store.commit
+    failures = [OSError("disk on fire")]
+
+    def commit() -> None:
+        if failures:
+            raise failures.pop()
+        real_commit()
+
+    with agent.client(path) as c:
+        c.connect()
+        pool = c.new_pool(persistent=True)
+        monkeypatch.setattr(agent.store, "commit", commit)
+        sessions = agent.app.agent.channels["g"].sessions
+        c.put(pool, 1, 0, _page(8))  # first answer lost with the connection; resent
+        assert not failures and agent.app.agent.channels["g"].sessions == sessions + 1
+        assert c.get(pool, 1, 0) == _page(8)
+    assert agent.app.audit()["clean"]
