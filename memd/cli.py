@@ -142,13 +142,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("vm")
     c = cmd("optin", "switch KSM merging on for a VM")
     c.add_argument("vm")
-    c = cmd("attach", "attach a guest channel")
+    c = cmd("attach", "attach a guest channel, or (--swap) give it a swap disk")
     c.add_argument("domain")
+    c.add_argument("--swap", type=_size, metavar="SIZE",
+                   help="serve the VM a swap disk of SIZE over NBD and hot-plug it through "
+                   "libvirt (with --path: only serve it there, for a plain QEMU)")
     c.add_argument("--path", help="channel socket (default: read from libvirt)")
     c.add_argument("--mode", choices=["connect", "listen"], default="connect")
     c.add_argument("--libvirt", metavar="URI", default=None)
-    c = cmd("detach", "detach a guest channel")
+    c = cmd("detach", "detach a guest channel, or (--swap) its swap disk")
     c.add_argument("domain")
+    c.add_argument("--swap", action="store_true",
+                   help="unplug and stop serving the VM's swap disk (swapoff in the guest "
+                   "first)")
+    c.add_argument("--libvirt", metavar="URI", default=None)
     c = cmd("add-channel", "give a libvirt domain a memd channel (live if it runs, and in "
             "its saved config)")
     c.add_argument("domain")
@@ -404,6 +411,29 @@ def _run(args: argparse.Namespace) -> int:
             _emit(args, result, lambda r: f"{r['vm']}: merging off")
         case "optin":
             _emit(args, call("optin", vm=args.vm), lambda r: f"{r['vm']}: merging on")
+        case "attach" if args.swap is not None:
+            if args.swap <= 0 or args.swap % 4096:
+                raise InvalidArgument("a swap disk size is a positive multiple of 4K")
+            if args.path:
+                result = call("swap", name=args.domain, path=os.path.abspath(args.path),
+                              size=args.swap)
+            else:
+                from memd.libvirt_cli import attach_swap
+
+                result = attach_swap(args.libvirt, args.domain, args.swap, call,
+                                     nbd_dir=paths.nbd_dir())
+            _emit(args, result, lambda r: (
+                f"{r['name']}: swap disk of {human_size(r['size'])} on {r['path']}"
+                + (f", hot-plugged as /dev/{r['target']}" if r.get("target") else "")))
+        case "detach" if args.swap:
+            if args.libvirt is None and args.domain not in {
+                    d["name"] for d in call("stats")["swap_disks"] if d.get("qemu_pid")}:
+                result = call("unswap", name=args.domain)  # a plain QEMU's disk
+            else:
+                from memd.libvirt_cli import detach_swap
+
+                result = detach_swap(args.libvirt, args.domain, call)
+            _emit(args, result, lambda r: f"{r['detached']}: swap disk detached")
         case "attach":
             chan = args.path
             if chan is None:

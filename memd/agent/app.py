@@ -224,7 +224,8 @@ class AgentApp:
     # -- swap disks (NBD) ----------------------------------------------------------------
 
     async def add_swap(self, name: str, path: str, size: int, *,
-                       owner: tuple[int, int] | None = None) -> NbdServer:
+                       owner: tuple[int, int] | None = None,
+                       peer_pid: int | None = None) -> NbdServer:
         """Serve ``name`` a swap disk of ``size`` bytes over NBD on the unix socket
         ``path``, backed by a persistent pool of its own tmem client (memd.nbd.export):
         the guest's channel and its disk are one client, under one cap and budget."""
@@ -261,7 +262,7 @@ class AgentApp:
             # the bytes all of it takes).
             self.tmem.set_cap(name, self.dispatcher.guest_cap_pages + size // 4096)
         self.dispatcher.disk_pools[name] = DISK_POOL_ID
-        server = NbdServer(disk, name, path, owner=owner)
+        server = NbdServer(disk, name, path, owner=owner, peer_pid=peer_pid)
         try:
             await server.start()
         except (OSError, MemdError):
@@ -414,6 +415,8 @@ class AgentApp:
             "optin": threaded(lambda a: self._opt(a, True)),
             "attach": self._attach,
             "detach": self._detach,
+            "swap": self._swap,
+            "unswap": self._unswap,
             "budget": sync(self._budget),
             "clients": sync(lambda a: self.clients()),
             "drop": sync(self._drop),
@@ -589,6 +592,25 @@ class AgentApp:
                                                str(args.get("mode", "connect")),
                                                require_peer=ATTACH_CONNECT_SECONDS)
         return channel.describe()
+
+    async def _swap(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Serve a swap disk (`memd attach VM --swap SIZE`)."""
+        owner = None
+        if args.get("uid") is not None or args.get("gid") is not None:
+            owner = (_int(args, "uid"), _int(args, "gid"))
+        pid = _int(args, "pid") if args.get("pid") is not None else None
+        path = _str(args, "path")
+        if not os.path.isabs(path):
+            raise InvalidArgument("the swap socket path must be absolute", op="swap")
+        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+        server = await self.add_swap(_str(args, "name"), path, _int(args, "size"),
+                                     owner=owner, peer_pid=pid)
+        return server.describe()
+
+    async def _unswap(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        await self.remove_swap(name)
+        return {"detached": name}
 
     async def _detach(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")
