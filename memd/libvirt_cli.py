@@ -185,6 +185,11 @@ class LibvirtFollower:
     async def _detach(self, name: str, *, forget: bool) -> None:
         with contextlib.suppress(NotFound):
             await self.app.agent.remove_channel(name)
+        disk = self.app.disks.get(name)
+        if disk is not None and disk.peer_pid is not None:
+            # A hot-plugged swap disk lived as long as that QEMU: stop serving it (a new
+            # start of the domain gets a new one with `memd attach --swap`).
+            await self.app.remove_swap(name)
         await asyncio.to_thread(self.app.detach_qemu, name)
         if forget:
             # The domain is gone: its RAM and every page it stored are meaningless now.

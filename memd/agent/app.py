@@ -282,6 +282,8 @@ class AgentApp:
         if server is None:
             raise NotFound(f"{name} has no swap disk", target=name)
         await server.close()
+        log.info("stopped serving the swap disk of %s (%s)", name, server.path,
+                 extra={"event": "swap-detached", "vm": name})
         spill = server.disk.pages.spill
         if isinstance(spill, FileSpill):
             # The slot map goes beside the file: the snapshot a graceful stop writes next
