@@ -240,6 +240,10 @@ def _format_status(r: dict[str, Any]) -> str:
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "
                    f"{', '.join(unattached)} (see memd clients; memd drop NAME)")
+    disks = r.get("swap_disks") or []
+    if disks:
+        out.append(f"swap      {len(disks)} NBD swap disks: " + ", ".join(
+            _swap_summary(d) for d in disks))
     sim = r.get("sharing")
     if sim:
         out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
@@ -253,6 +257,12 @@ def _format_status(r: dict[str, Any]) -> str:
                    f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
                    f"(memd ksm)")
     return "\n".join(out)
+
+
+def _swap_summary(d: dict[str, Any]) -> str:
+    lost = f", {d['lost_pages']} LOST" if d["lost_pages"] else ""
+    return (f"{d['name']} {human_size(d['size'])} ({d['pages']} pages in memory, "
+            f"{d['spilled_pages']} spilled{lost}, {d['connections']} conn)")
 
 
 def _format_explain(r: dict[str, Any]) -> str:

@@ -437,7 +437,9 @@ class AgentApp:
             "tmem": self.tmem.store_stats().to_dict(),
             "unattached_clients": [n for n in self.tmem.client_names()
                                    if n not in self.agent.channels and n not in self.disks],
-            "swap_disks": len(self.disks),
+            "swap_disks": [{k: d[k] for k in ("name", "size", "pages", "spilled_pages",
+                                               "lost_pages", "connections")}
+                           for d in (s.describe() for _, s in sorted(self.disks.items()))],
             #: Simulated guests' sharing manager (memd demo / memd scan); None without one.
             "sharing": self.sharing.stats() if self.sharing else None,
             #: KSM, which merges real guests' pages (host-wide counters).
