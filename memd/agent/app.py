@@ -282,6 +282,7 @@ class AgentApp:
         if server is None:
             raise NotFound(f"{name} has no swap disk", target=name)
         await server.close()
+        await asyncio.to_thread(server.disk.quiesce)  # a batch in a worker thread ends first
         log.info("stopped serving the swap disk of %s (%s)", name, server.path,
                  extra={"event": "swap-detached", "vm": name})
         spill = server.disk.pages.spill
