@@ -40,6 +40,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
+from xml.sax.saxutils import quoteattr
 
 from hypervisor.guests import MEMD_CHANNEL, GuestInfo, LifecycleEvent
 from hypervisor.qmp import encode_command, parse_reply
@@ -54,6 +55,10 @@ from memd.errors import (
 log = logging.getLogger("memd.libvirt")
 
 DEFAULT_URI = "qemu:///system"
+
+#: The serial memd gives the swap disks it hot-plugs (the guest sees
+#: /dev/disk/by-id/virtio-memd-swap); it is also how memd finds them again.
+SWAP_SERIAL = "memd-swap"
 
 #: What an operator adds to a domain (``virsh attach-device DOMAIN FILE --live --config``).
 CHANNEL_XML = (f"<channel type='unix'><source mode='bind'/>"
@@ -91,6 +96,45 @@ def lifecycle_event(name: str, uuid: str, event: int, detail: int) -> LifecycleE
     details = _EVENT_DETAILS.get(kind, ())
     return LifecycleEvent(name=name, uuid=uuid, kind=kind,
                           detail=details[detail] if 0 <= detail < len(details) else str(detail))
+
+
+@dataclass(frozen=True, slots=True)
+class SwapDiskSpec:
+    """A memd swap disk in a domain's XML."""
+
+    target: str  #: vdX
+    socket: str
+    #: whether libvirt kept <reconnect delay> (libvirt 9.0 does not know the element for
+    #: NBD disks: a memd restart is then I/O errors in the guest, not a pause)
+    reconnect_delay: int | None
+
+
+def swap_disk_xml(socket_path: str, target: str, reconnect_delay: int) -> str:
+    """The disk element memd hot-plugs (discard=unmap: the guest's TRIM reaches memd)."""
+    return (
+        "<disk type='network' device='disk'>"
+        "<driver name='qemu' type='raw' discard='unmap'/>"
+        f"<source protocol='nbd'><host transport='unix' socket={quoteattr(socket_path)}/>"
+        f"<reconnect delay='{int(reconnect_delay)}'/></source>"
+        f"<target dev='{target}' bus='virtio'/><serial>{SWAP_SERIAL}</serial></disk>")
+
+
+def find_swap_disk(domain_xml: str) -> SwapDiskSpec | None:
+    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
+        if disk.findtext("serial") == SWAP_SERIAL:
+            return _swap_spec(disk)
+    return None
+
+
+def _swap_spec(disk: ET.Element) -> SwapDiskSpec:
+    host = disk.find("source/host")
+    reconnect = disk.find("source/reconnect")
+    target = disk.find("target")  # (an Element without children is false: test for None)
+    delay = reconnect.get("delay") if reconnect is not None else None
+    return SwapDiskSpec(
+        target=target.get("dev", "?") if target is not None else "?",
+        socket=host.get("socket", "") if host is not None else "",
+        reconnect_delay=int(delay) if delay and delay.isdigit() else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +388,67 @@ class LibvirtHost:
         if flags:
             self._query(dom.attachDeviceFlags, CHANNEL_XML, flags, domain=name)
         return self._info(dom)
+
+    # -- swap disks (memd.nbd) --
+
+    def qemu_ids(self, name: str) -> tuple[int, int]:
+        """(uid, gid) the domain's QEMU runs as (``libvirt-qemu`` on Debian), from /proc."""
+        pid = self.qemu_pid(name)
+        ids: dict[str, int] = {}
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("Uid", "Gid"):
+                    ids[key] = int(value.split()[0])  # the real id
+        except (OSError, ValueError) as err:
+            raise Unavailable(f"cannot read the ids of domain '{name}''s QEMU: {err}",
+                              target=name) from err
+        return ids["Uid"], ids["Gid"]
+
+    def swap_disk(self, name: str) -> SwapDiskSpec | None:
+        """The memd swap disk in the domain's live XML, if it has one."""
+        return find_swap_disk(self._query(self._lookup(name).XMLDesc, 0, domain=name))
+
+    def attach_swap_disk(self, name: str, socket_path: str, *,
+                         reconnect_delay: int = 30) -> SwapDiskSpec:
+        """Hot-plug a virtio disk that QEMU reads from memd's NBD socket (live only: the
+        disk lives as long as this QEMU).  Idempotent for the same socket."""
+        dom = self._lookup(name)
+        self._require_qemu(dom, name)
+        live = self._query(dom.XMLDesc, 0, domain=name)
+        present = find_swap_disk(live)
+        if present is not None:
+            if present.socket != socket_path:
+                raise BackendError(f"domain '{name}' already has a memd swap disk, on "
+                                   f"{present.socket}", target=name)
+            return present
+        used = {t.get("dev") for t in ET.fromstring(live).iterfind("devices/disk/target")}
+        target = next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used),
+                      None)
+        if target is None:
+            raise BackendError(f"domain '{name}' has no free vdX name for a swap disk",
+                               target=name)
+        xml = swap_disk_xml(socket_path, target, reconnect_delay)
+        self._query(dom.attachDeviceFlags, xml, self._libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                    domain=name)
+        spec = find_swap_disk(self._query(dom.XMLDesc, 0, domain=name))
+        if spec is None:
+            raise BackendError(f"libvirt accepted the swap disk of '{name}' but its live XML "
+                               "does not show it", target=name)
+        return spec
+
+    def detach_swap_disk(self, name: str) -> SwapDiskSpec | None:
+        """Ask QEMU to unplug the memd swap disk (the guest must have run swapoff); the
+        guest finishes the unplug in its own time.  → the disk, or None if it had none."""
+        dom = self._lookup(name)
+        root = ET.fromstring(self._query(dom.XMLDesc, 0, domain=name))
+        for disk in root.iterfind("devices/disk"):
+            if disk.findtext("serial") == SWAP_SERIAL:
+                spec = _swap_spec(disk)
+                self._query(dom.detachDeviceFlags, ET.tostring(disk, encoding="unicode"),
+                            self._libvirt.VIR_DOMAIN_AFFECT_LIVE, domain=name)
+                return spec
+        return None
 
     # -- events --
 

@@ -146,13 +146,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("vm")
     c = cmd("optin", "switch KSM merging on for a VM")
     c.add_argument("vm")
-    c = cmd("attach", "attach a guest channel")
+    c = cmd("attach", "attach a guest channel, or (--swap) give it a swap disk")
     c.add_argument("domain")
+    c.add_argument("--swap", type=_size, metavar="SIZE",
+                   help="serve the VM a swap disk of SIZE over NBD and hot-plug it through "
+                   "libvirt (with --path: only serve it there, for a plain QEMU)")
     c.add_argument("--path", help="channel socket (default: read from libvirt)")
     c.add_argument("--mode", choices=["connect", "listen"], default="connect")
     c.add_argument("--libvirt", metavar="URI", default=None)
-    c = cmd("detach", "detach a guest channel")
+    c = cmd("detach", "detach a guest channel, or (--swap) its swap disk")
     c.add_argument("domain")
+    c.add_argument("--swap", action="store_true",
+                   help="unplug and stop serving the VM's swap disk (swapoff in the guest "
+                   "first)")
+    c.add_argument("--libvirt", metavar="URI", default=None)
     c = cmd("add-channel", "give a libvirt domain a memd channel (live if it runs, and in "
             "its saved config)")
     c.add_argument("domain")
@@ -242,6 +249,10 @@ def _format_status(r: dict[str, Any]) -> str:
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "
                    f"{', '.join(unattached)} (see memd clients; memd drop NAME)")
+    disks = r.get("swap_disks") or []
+    if disks:
+        out.append(f"swap      {len(disks)} NBD swap disks: " + ", ".join(
+            _swap_summary(d) for d in disks))
     sim = r.get("sharing")
     if sim:
         out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
@@ -255,6 +266,12 @@ def _format_status(r: dict[str, Any]) -> str:
                    f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
                    f"(memd ksm)")
     return "\n".join(out)
+
+
+def _swap_summary(d: dict[str, Any]) -> str:
+    lost = f", {d['lost_pages']} LOST" if d["lost_pages"] else ""
+    return (f"{d['name']} {human_size(d['size'])} ({d['pages']} pages in memory, "
+            f"{d['spilled_pages']} spilled{lost}, {d['connections']} conn)")
 
 
 def _format_explain(r: dict[str, Any]) -> str:
@@ -413,6 +430,29 @@ def _run(args: argparse.Namespace) -> int:
             _emit(args, result, lambda r: f"{r['vm']}: merging off")
         case "optin":
             _emit(args, call("optin", vm=args.vm), lambda r: f"{r['vm']}: merging on")
+        case "attach" if args.swap is not None:
+            if args.swap <= 0 or args.swap % 4096:
+                raise InvalidArgument("a swap disk size is a positive multiple of 4K")
+            if args.path:
+                result = call("swap", name=args.domain, path=os.path.abspath(args.path),
+                              size=args.swap)
+            else:
+                from memd.libvirt_cli import attach_swap
+
+                result = attach_swap(args.libvirt, args.domain, args.swap, call,
+                                     nbd_dir=paths.nbd_dir())
+            _emit(args, result, lambda r: (
+                f"{r['name']}: swap disk of {human_size(r['size'])} on {r['path']}"
+                + (f", hot-plugged as /dev/{r['target']}" if r.get("target") else "")))
+        case "detach" if args.swap:
+            if args.libvirt is None and args.domain not in {
+                    d["name"] for d in call("stats")["swap_disks"] if d.get("qemu_pid")}:
+                result = call("unswap", name=args.domain)  # a plain QEMU's disk
+            else:
+                from memd.libvirt_cli import detach_swap
+
+                result = detach_swap(args.libvirt, args.domain, call)
+            _emit(args, result, lambda r: f"{r['detached']}: swap disk detached")
         case "attach":
             chan = args.path
             if chan is None:

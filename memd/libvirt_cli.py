@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import fnmatch
 import logging
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from hypervisor.libvirt_host import LibvirtHost
 from memd.errors import BackendError, ChannelMissing, NotFound, Unavailable
@@ -44,6 +47,39 @@ def add_channel(uri: str | None, domain: str, *, live: bool = True) -> dict[str,
     saved config so the next start has it too.  → the domain as `guests --libvirt` shows it."""
     with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
         return host.add_channel(domain, live=live).to_dict()
+
+
+def attach_swap(uri: str | None, domain: str, size: int, call: Callable[..., Any], *,
+                nbd_dir: Path) -> dict[str, Any]:
+    """`memd attach VM --swap SIZE`: the agent serves the disk on a socket only this
+    domain's QEMU may use (owned by its uid/gid, mode 0600, its pid checked at accept),
+    then libvirt hot-plugs it (live: the disk lives as long as this QEMU)."""
+    with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
+        pid = host.qemu_pid(domain)
+        uid, gid = host.qemu_ids(domain)
+        path = str(nbd_dir / f"{quote(domain, safe='')}.swap")
+        served = call("swap", name=domain, path=path, size=size, uid=uid, gid=gid, pid=pid)
+        try:
+            spec = host.attach_swap_disk(domain, path)
+        except BackendError:
+            with contextlib.suppress(BackendError):
+                call("unswap", name=domain)
+            raise
+        if spec.reconnect_delay is None:
+            log.warning("libvirt dropped <reconnect delay> from the swap disk of %s (libvirt "
+                        "before 9.2 does not know it for NBD disks): a memd restart will show "
+                        "in the guest as I/O errors, not as a pause", domain)
+        return {**served, "target": spec.target, "reconnect_delay": spec.reconnect_delay}
+
+
+def detach_swap(uri: str | None, domain: str, call: Callable[..., Any]) -> dict[str, Any]:
+    """`memd detach VM --swap`: unplug the disk (run swapoff in the guest first), then stop
+    serving it.  Its pages stay with the guest's tmem client until `memd drop`."""
+    with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
+        spec = host.detach_swap_disk(domain)
+    result: dict[str, Any] = call("unswap", name=domain)
+    result["target"] = spec.target if spec else None
+    return result
 
 
 class LibvirtFollower:
@@ -149,6 +185,11 @@ class LibvirtFollower:
     async def _detach(self, name: str, *, forget: bool) -> None:
         with contextlib.suppress(NotFound):
             await self.app.agent.remove_channel(name)
+        disk = self.app.disks.get(name)
+        if disk is not None and disk.peer_pid is not None:
+            # A hot-plugged swap disk lived as long as that QEMU: stop serving it (a new
+            # start of the domain gets a new one with `memd attach --swap`).
+            await self.app.remove_swap(name)
         await asyncio.to_thread(self.app.detach_qemu, name)
         if forget:
             # The domain is gone: its RAM and every page it stored are meaningless now.

@@ -1,12 +1,18 @@
 """Where memd keeps things on the host: the one place that names production paths.
 
-Two directories, each overridable by the environment so that tests, benchmarks and a
+Three directories, each overridable by the environment so that tests, benchmarks and a
 second agent never touch a running agent's files:
 
     run dir    $MEMD_RUN_DIR,   default /run/memd      tmpfs: dies with the host
                control socket, the KSM knobs found at start (restored after any stop),
-               the tmem store (``store/``, unless ``memd serve --store DIR``)
+               the tmem store (``store/``, unless ``memd serve --store DIR``),
+               swap-disk markers (swap/)
     state dir  $MEMD_STATE_DIR, default /var/lib/memd  disk: survives a host reboot
+               swap-disk spill files (spill/)
+    nbd dir    $MEMD_NBD_DIR,   default /run/memd-nbd  tmpfs, mode 0711
+               the NBD sockets of swap disks memd hot-plugs into libvirt domains: the
+               domains' QEMU (user libvirt-qemu) must reach them, and the run dir is
+               root-only (mode 0750 under systemd)
 
 ``$MEMD_SOCKET`` still overrides the control socket alone.  Nothing here creates a
 directory: the component that writes a file makes its parent (mode 0700/0750).
@@ -19,6 +25,7 @@ from pathlib import Path
 
 PRODUCTION_RUN_DIR = Path("/run/memd")
 PRODUCTION_STATE_DIR = Path("/var/lib/memd")
+PRODUCTION_NBD_DIR = Path("/run/memd-nbd")
 
 
 def run_dir() -> Path:
@@ -27,6 +34,10 @@ def run_dir() -> Path:
 
 def state_dir() -> Path:
     return Path(os.environ.get("MEMD_STATE_DIR") or PRODUCTION_STATE_DIR)
+
+
+def nbd_dir() -> Path:
+    return Path(os.environ.get("MEMD_NBD_DIR") or PRODUCTION_NBD_DIR)
 
 
 def control_socket() -> Path:

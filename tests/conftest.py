@@ -22,9 +22,11 @@ from memd import paths
 _SANDBOX = Path(tempfile.mkdtemp(prefix="memd-tests-"))
 os.environ["MEMD_RUN_DIR"] = str(_SANDBOX / "run")
 os.environ["MEMD_STATE_DIR"] = str(_SANDBOX / "state")
+os.environ["MEMD_NBD_DIR"] = str(_SANDBOX / "nbd")
 os.environ.pop("MEMD_SOCKET", None)
 
-PRODUCTION_DIRS = (paths.PRODUCTION_RUN_DIR, paths.PRODUCTION_STATE_DIR)
+PRODUCTION_DIRS = (paths.PRODUCTION_RUN_DIR, paths.PRODUCTION_STATE_DIR,
+                   paths.PRODUCTION_NBD_DIR)
 
 
 def fingerprint(root: Path) -> dict[str, tuple[int, int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 import urllib.parse
@@ -205,7 +206,8 @@ class AgentApp:
     # -- swap disks (NBD) ----------------------------------------------------------------
 
     async def add_swap(self, name: str, path: str, size: int, *,
-                       owner: tuple[int, int] | None = None) -> NbdServer:
+                       owner: tuple[int, int] | None = None,
+                       peer_pid: int | None = None) -> NbdServer:
         """Serve ``name`` a swap disk of ``size`` bytes over NBD on the unix socket
         ``path``, backed by a persistent pool of its own tmem client (memd.nbd.export):
         the guest's channel and its disk are one client, under one cap and budget."""
@@ -232,8 +234,8 @@ class AgentApp:
                 spill.close(keep=False)
             raise InvalidArgument(f"{name}: {err}", op="swap") from None
         if lost:
-            log.error("the swap disk of %s was served by an agent that stopped without a "
-                      "snapshot (a crash?): its pages are lost; reads of pages not written "
+            log.error("the swap disk of %s was served by an agent that kept no store "
+                      "(--store ''): its pages are lost; reads of pages not written "
                       "since fail with EIO (restart the guest)", name,
                       extra={"event": "swap-lost", "vm": name})
         if self.dispatcher.guest_cap_pages is not None:
@@ -242,7 +244,7 @@ class AgentApp:
             # the bytes all of it takes).
             self.tmem.set_cap(name, self.dispatcher.guest_cap_pages + size // 4096)
         self.dispatcher.disk_pools[name] = DISK_POOL_ID
-        server = NbdServer(disk, name, path, owner=owner)
+        server = NbdServer(disk, name, path, owner=owner, peer_pid=peer_pid)
         try:
             await server.start()
         except (OSError, MemdError):
@@ -262,10 +264,13 @@ class AgentApp:
         if server is None:
             raise NotFound(f"{name} has no swap disk", target=name)
         await server.close()
+        await asyncio.to_thread(server.disk.quiesce)  # a batch in a worker thread ends first
+        log.info("stopped serving the swap disk of %s (%s)", name, server.path,
+                 extra={"event": "swap-detached", "vm": name})
         spill = server.disk.pages.spill
         if isinstance(spill, FileSpill):
-            # The slot map goes beside the file: the snapshot a graceful stop writes next
-            # holds the rest of the disk, and the next agent takes both.
+            # The slot map goes beside the file; the store holds the rest of the disk, and
+            # the next agent takes both.
             spill.close(keep=True)
 
     # -- KSM steering -----------------------------------------------------------------------
@@ -397,6 +402,8 @@ class AgentApp:
             "optin": threaded(lambda a: self._opt(a, True)),
             "attach": self._attach,
             "detach": self._detach,
+            "swap": self._swap,
+            "unswap": self._unswap,
             "budget": sync(self._budget),
             "clients": sync(lambda a: self.clients()),
             "drop": sync(self._drop),
@@ -415,7 +422,9 @@ class AgentApp:
             "tmem": self.tmem.store_stats().to_dict(),
             "unattached_clients": [n for n in self.tmem.client_names()
                                    if n not in self.agent.channels and n not in self.disks],
-            "swap_disks": len(self.disks),
+            "swap_disks": [{k: d[k] for k in ("name", "size", "pages", "spilled_pages",
+                                               "lost_pages", "connections")}
+                           for d in (s.describe() for _, s in sorted(self.disks.items()))],
             "store": None if self.store is None else {
                 "path": str(self.store.path), "durable": self.store.durable,
                 "bytes_used": self.store.bytes_used(), "file_bytes": self.store.file_bytes()},
@@ -575,6 +584,25 @@ class AgentApp:
                                                str(args.get("mode", "connect")),
                                                require_peer=ATTACH_CONNECT_SECONDS)
         return channel.describe()
+
+    async def _swap(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Serve a swap disk (`memd attach VM --swap SIZE`)."""
+        owner = None
+        if args.get("uid") is not None or args.get("gid") is not None:
+            owner = (_int(args, "uid"), _int(args, "gid"))
+        pid = _int(args, "pid") if args.get("pid") is not None else None
+        path = _str(args, "path")
+        if not os.path.isabs(path):
+            raise InvalidArgument("the swap socket path must be absolute", op="swap")
+        os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+        server = await self.add_swap(_str(args, "name"), path, _int(args, "size"),
+                                     owner=owner, peer_pid=pid)
+        return server.describe()
+
+    async def _unswap(self, args: dict[str, Any]) -> dict[str, Any]:
+        name = _str(args, "name")
+        await self.remove_swap(name)
+        return {"detached": name}
 
     async def _detach(self, args: dict[str, Any]) -> dict[str, Any]:
         name = _str(args, "name")

@@ -103,6 +103,12 @@ class SwapDisk:
         self.pages = DiskPages(tmem, guest, size // PAGE_SIZE, spill=spill,
                                contents_lost=contents_lost, cap_pages=cap_pages)
 
+    def quiesce(self) -> None:
+        """Return once no batch is running (a worker thread's): then the disk's spill file
+        may be closed."""
+        with self._lock:
+            pass
+
     # -- requests --------------------------------------------------------------------------
 
     def execute(self, requests: Sequence[Request | Rejected]) -> list[bytes]:

@@ -14,7 +14,7 @@ read of a spilled page is served from the spill tier and the page is put back in
 store if it fits (then its spill copy goes).  A page is in at most one tier: a write or
 discard drops the spill copy first, so an old copy is never readable.
 
-Lost pages.  A disk whose previous agent died without a snapshot starts with every page
+Lost pages.  A disk whose previous agent kept no store (``--store ''``) starts with every page
 *lost*: reads touching one raise :class:`DataLost` (``EIO``) until the page is written or
 discarded whole (see the module docstring of memd.nbd.export).
 """
@@ -80,7 +80,7 @@ class DiskPages:
         if DISK_POOL_ID not in existing:
             tmem.new_pool_at(guest, DISK_POOL_ID, int(PoolFlags.PERSISTENT))
         elif not existing[DISK_POOL_ID] & PoolFlags.PERSISTENT:
-            # Only a snapshot from before swap disks could hold such a pool.
+            # A guest filled all its pools over its channel before the disk came.
             raise ValueError(f"{guest}: pool {DISK_POOL_ID} is not persistent")
         restored = DISK_POOL_ID in existing
         if restored and spill is not None and spill.map_lost:

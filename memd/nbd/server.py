@@ -9,13 +9,13 @@ connection, ``qemu-img bench -d 32`` 32).
 
 Bounds, because the client is untrusted: reading pauses while more than
 ``READ_HIGH_WATER`` bytes wait to be parsed (one full 32 MiB write always fits, so the
-connection always progresses), while a batch runs in a thread, and while the replies not
-yet taken by the client exceed the transport's high-water mark; a batch holds at most
-``BATCH_BYTES`` of payload (plus one request), which bounds the replies it makes; a
-handshake not finished within
-``HANDSHAKE_SECONDS`` is hung up on; an export takes at most ``MAX_CONNECTIONS``
-connections at a time.  A protocol violation closes that connection only (after the
-replies to the requests before it); the agent and every other disk carry on.
+connection always progresses), while a batch runs in a thread, and while the replies
+not yet taken by the client exceed the transport's high-water mark; a batch holds at
+most ``BATCH_BYTES`` of payload (plus one request), which bounds the replies it makes;
+a handshake not finished within ``HANDSHAKE_SECONDS`` is hung up on; an export takes at
+most ``MAX_CONNECTIONS`` connections at a time.  A protocol violation closes that
+connection only (after the replies to the requests before it); the agent and every
+other disk carry on.
 
 Batches larger than ``INLINE_BYTES`` run in a worker thread so that one guest's 32 MiB
 request does not stall the event loop for every other guest; smaller ones run inline,
@@ -23,7 +23,8 @@ where a thread hop would cost more than the work.
 
 The socket is created mode 0600 (umask 0177 while it is made: no window where others
 could connect) and owned by the agent's user; ``owner`` hands it to a given uid/gid
-(a libvirt domain's QEMU user) — see docs/operators.md.
+(a libvirt domain's QEMU user), and ``peer_pid`` then admits only that QEMU process (and
+root), checked with SO_PEERCRED at accept — see docs/operators.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from typing import Any
 
 from memd.errors import BackendError, NbdProtocolError
@@ -55,11 +57,16 @@ class NbdServer:
     """Serves one disk on one unix socket."""
 
     def __init__(self, disk: SwapDisk, name: str, path: str, *,
-                 owner: tuple[int, int] | None = None) -> None:
+                 owner: tuple[int, int] | None = None, peer_pid: int | None = None) -> None:
         self.disk = disk
         self.name = name
         self.path = path
         self.owner = owner
+        #: when set, only this process (the domain's QEMU) and root may connect: every
+        #: libvirt QEMU runs as the same user, so the socket's owner alone cannot tell
+        #: one domain's QEMU from another's (SO_PEERCRED can)
+        self.peer_pid = peer_pid
+        self.refused = 0
         self.export = ExportInfo(name, disk.size, TRANSMISSION_FLAGS, f"memd swap disk of {name}")
         self.connections: set[_NbdConnection] = set()
         self.sessions = 0
@@ -96,7 +103,8 @@ class NbdServer:
     def describe(self) -> dict[str, Any]:
         stats = self.disk.stats(self.name).to_dict()
         stats.update(path=self.path, connections=len(self.connections),
-                     sessions=self.sessions, protocol_errors=self.protocol_errors)
+                     sessions=self.sessions, protocol_errors=self.protocol_errors,
+                     refused=self.refused, qemu_pid=self.peer_pid)
         return stats
 
 
@@ -128,12 +136,32 @@ class _NbdConnection(asyncio.Protocol):
                         MAX_CONNECTIONS, extra={"event": "nbd-refused", "vm": self.server.name})
             transport.abort()
             return
+        if not self._peer_allowed(transport):
+            self.server.refused += 1
+            transport.abort()
+            return
         self.server.connections.add(self)
         assert self.handshake is not None
         transport.write(self.handshake.data_to_send())
         loop = asyncio.get_running_loop()
         self._timer = loop.call_later(HANDSHAKE_SECONDS, self._handshake_timeout)
         self._worker = loop.create_task(self._work())
+
+    def _peer_allowed(self, transport: asyncio.Transport) -> bool:
+        if self.server.peer_pid is None:
+            return True
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        except (OSError, AttributeError):
+            return False
+        if pid == self.server.peer_pid or uid == 0:
+            return True
+        log.warning("swap disk of %s: refused a connection from pid %d (uid %d): only its "
+                    "QEMU (pid %d) may connect", self.server.name, pid, uid,
+                    self.server.peer_pid, extra={"event": "nbd-refused", "vm": self.server.name})
+        return False
 
     def data_received(self, data: bytes) -> None:
         if self._closing:

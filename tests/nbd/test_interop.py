@@ -272,3 +272,28 @@ def test_spill_beyond_the_budget_and_across_a_graceful_restart(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_attach_swap_with_path_and_status_line(tmp_path: Path) -> None:
+    """`memd attach VM --swap SIZE --path SOCK` (a plain QEMU's disk at run time), `memd
+    status` names it, `memd detach VM --swap` stops serving it."""
+    need("qemu-io")
+    control, disk, state = tmp_path / "c.sock", tmp_path / "vm1.nbd", tmp_path / "tmem.snap"
+    proc = _serve(tmp_path, control, disk, state)
+    cli = [sys.executable, "-m", "memd.cli", "--socket", str(control)]
+    try:
+        extra = tmp_path / "vm2.nbd"
+        out = run(*cli, "attach", "vm2", "--swap", "8M", "--path", str(extra)).stdout
+        assert f"vm2: swap disk of 8M on {extra}" in out
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 8M", "-c", "read -P 0x77 0 8M",
+            nbd_uri(str(extra)))
+        status = run(*cli, "status").stdout
+        assert "2 NBD swap disks" in status and "vm2 8M (2048 pages in memory" in status
+        bad = run(*cli, "attach", "vm2", "--swap", "8M", "--path", str(extra), check=False)
+        assert bad.returncode == 1 and "already has a swap disk" in bad.stderr
+        assert "vm2: swap disk detached" in run(*cli, "detach", "vm2", "--swap").stdout
+        assert not extra.exists()
+        assert "1 NBD swap disks" in run(*cli, "status").stdout
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
