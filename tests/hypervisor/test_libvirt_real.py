@@ -26,9 +26,8 @@ pytest.importorskip("libvirt")
 
 from hypervisor.guests import LifecycleEvent
 from hypervisor.libvirt_host import LibvirtHost
-from hypervisor.libvirtd import ensure_libvirtd
 from hypervisor.qmp import info_mtree_flat, qom_set_merge, query_memdev
-from memd.errors import ChannelMissing, CommandFailed, MemdError, NotFound, Unavailable
+from memd.errors import ChannelMissing, CommandFailed, NotFound, Unavailable
 from tests.support.users import as_nobody
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
@@ -36,18 +35,6 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.root]
 MEMD_CHANNEL = ("<channel type='unix'><source mode='bind'/>"
                 "<target type='virtio' name='org.memd.0'/></channel>")
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[LibvirtHost]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run libvirtd and read QEMU's pid")
-    try:
-        ensure_libvirtd()
-    except MemdError as err:
-        pytest.skip(f"no libvirtd: {err}")
-    with LibvirtHost("qemu:///system") as h:
-        yield h
 
 
 @pytest.fixture

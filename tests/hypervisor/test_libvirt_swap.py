@@ -25,7 +25,6 @@ import pytest
 pytest.importorskip("libvirt")
 
 from hypervisor.libvirt_host import SWAP_SERIAL, LibvirtHost, find_swap_disk, swap_disk_xml
-from hypervisor.libvirtd import ensure_libvirtd
 from memd.agent import control
 from memd.errors import MemdError
 from memd.libvirt_cli import attach_swap, detach_swap
@@ -46,18 +45,6 @@ except PermissionError:
 data = s.recv(18)
 print("greeted" if data.startswith(b"NBDMAGIC") else "refused")
 """
-
-
-@pytest.fixture(scope="module")
-def host() -> Iterator[LibvirtHost]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run libvirtd and read QEMU's pid")
-    try:
-        ensure_libvirtd()
-    except MemdError as err:
-        pytest.skip(f"no libvirtd: {err}")
-    with LibvirtHost("qemu:///system") as h:
-        yield h
 
 
 @pytest.fixture
