@@ -21,7 +21,7 @@ want_all=0
 # NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py).
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd
-          nbdkit libnbd-bin python3-libnbd)
+          nbdkit libnbd-bin python3-libnbd prometheus)
 
 apt_install() {
     local missing=()
