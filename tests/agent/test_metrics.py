@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hypervisor import ksm
 from hypervisor.lmdb_store import LmdbStore
 from memd.agent.app import AgentApp
 from memd.agent.latency import BUCKETS, LatencyHistograms
@@ -101,8 +103,14 @@ def test_scrape_reports_what_the_guests_did(magent: MetricsAgent) -> None:
     assert refused == 4
     assert b.get(per, 7, 3) == _page(103)
 
+    before = ksm.counters() if ksm.available() else {}
     m = magent.scrape()
+    after = ksm.counters() if ksm.available() else {}
     va, vb = (("vm", "vm-a"),), (("vm", "vm-b"),)
+    if before:  # KSM's own counters, read around the scrape (ksmd may be running)
+        assert before["full_scans"] <= m[("memd_ksm_full_scans_total", ())] \
+            <= after["full_scans"]
+        assert ("memd_ksm_pages_sharing", ()) in m and ("memd_ksmd_cpu_seconds_total", ()) in m
     assert m[("memd_tmem_puts_total", va)] == 10
     assert m[("memd_tmem_stored_puts_total", va)] == 10
     assert m[("memd_tmem_gets_total", va)] == 3
@@ -211,3 +219,24 @@ def test_operator_mistakes_are_one_sentence(tmp_path: Path) -> None:
     assert busy.returncode != 0
     assert "cannot serve metrics on 127.0.0.1:" in busy.stderr
     assert "Traceback" not in busy.stderr
+
+
+@pytest.mark.skipif(shutil.which("nbdcopy") is None,
+                    reason="nbdcopy is not installed (scripts/setup.sh --all)")
+def test_swap_disk_figures(magent: MetricsAgent) -> None:
+    """A real NBD client writes 8 pages to a guest's swap disk: the disk's series and the
+    guest's ``pool_kind="swap_disk"`` pages say so."""
+    path = str(magent.tmp / "vm-s.nbd")
+    magent.loop.run(magent.app.add_swap("vm-s", path, 1 << 20))
+    data = magent.tmp / "pages"
+    data.write_bytes(b"".join(_page(i) for i in range(8)))
+    subprocess.run(["nbdcopy", str(data), f"nbd+unix:///?socket={path}"], check=True,
+                   timeout=60, capture_output=True)
+    m = magent.scrape()
+    vs = (("vm", "vm-s"),)
+    assert m[("memd_swap_disk_size_bytes", vs)] == 1 << 20
+    assert m[("memd_swap_disk_pages", vs)] == 8
+    assert m[("memd_swap_disk_writes_total", vs)] >= 1
+    assert m[("memd_swap_disk_lost_pages", vs)] == 0
+    assert m[("memd_tmem_pages", (("pool_kind", "swap_disk"), ("vm", "vm-s")))] == 8
+    assert ("memd_tmem_pages", (("pool_kind", "persistent"), ("vm", "vm-s"))) not in m
