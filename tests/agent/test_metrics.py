@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -240,3 +241,16 @@ def test_swap_disk_figures(magent: MetricsAgent) -> None:
     assert m[("memd_swap_disk_lost_pages", vs)] == 0
     assert m[("memd_tmem_pages", (("pool_kind", "swap_disk"), ("vm", "vm-s")))] == 8
     assert ("memd_tmem_pages", (("pool_kind", "persistent"), ("vm", "vm-s"))) not in m
+
+
+def test_every_exported_metric_is_documented(magent: MetricsAgent) -> None:
+    """docs/operators.md §8 lists every series a scrape carries (with guests and a disk)."""
+    a = magent.add_guest("vm-a")
+    a.put(a.new_pool(), 1, 0, _page(0))
+    magent.loop.run(magent.app.add_swap("vm-a", str(magent.tmp / "vm-a.nbd"), 1 << 20))
+    exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in magent.scrape()}
+    text = (ROOT / "docs" / "operators.md").read_text()
+    documented = set(re.findall(r"^\| `(memd_[a-z_]+)`", text, re.MULTILINE))
+    assert len(exported) >= 40
+    assert exported <= documented, exported - documented
+    a.close()

@@ -138,6 +138,17 @@ def test_prometheus_scrapes_what_the_guest_did(tmp_path: Path) -> None:
             p99 = _value(prom_port, 'histogram_quantile(0.99, sum by (le) '
                                     '(memd_agent_request_duration_seconds_bucket{op="put"}))')
             assert p99 is not None and 0 < p99 <= 1.0
+            # every query of the shipped dashboard parses and runs
+            board = json.loads((ROOT / "docs" / "grafana-memd.json").read_text())
+            for panel in board["panels"]:
+                for target in panel.get("targets", []):
+                    expr = (target["expr"].replace("$__rate_interval", "1m")
+                            .replace("$instance", ".*").replace("$vm", ".*"))
+                    _query(prom_port, expr)  # asserts status success
+            puts = _query(prom_port, 'sum by (vm) (memd_tmem_puts_total{instance=~".*",'
+                                     'vm=~".*"})')
+            assert {r["metric"]["vm"]: float(r["value"][1])  # type: ignore[index]
+                    for r in puts} == {"vm-prom": PUTS}
     finally:
         if prom is not None:
             _stop(prom)
