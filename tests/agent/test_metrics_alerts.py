@@ -55,8 +55,10 @@ tests:
           - exp_labels: {{severity: info, instance: "h:9643", job: memd}}
             exp_annotations:
               summary: "KSM realizes less than half of the 100000 frames memd says could be saved"
-              description: "Is KSM steering on (memd_ksm_steering_mode), are guests opted out, is ksmd stalled?"
+              description: "{sharing_description}"
 """
+SHARING_DESCRIPTION = ("Is KSM steering on (memd_ksm_steering_mode), are guests opted out, "
+                       "is ksmd stalled?")
 
 
 @need_promtool
@@ -68,7 +70,7 @@ def test_alert_rules_are_valid() -> None:
 @need_promtool
 def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
     tests = tmp_path / "tests.yml"
-    tests.write_text(RULE_TESTS.format(rules=RULES))
+    tests.write_text(RULE_TESTS.format(rules=RULES, sharing_description=SHARING_DESCRIPTION))
     result = subprocess.run([str(PROMTOOL), "test", "rules", str(tests)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
