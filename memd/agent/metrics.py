@@ -328,25 +328,31 @@ class AgentCollector(Collector):
                                       value=ksmd_cpu_seconds())
 
         steering = self.app.steering
+        last = steering.last if steering is not None else None
+        if last is not None:
+            yield GaugeMetricFamily("memd_ksm_steering_potential_saved_frames", "frames KSM "
+                                    "would save merging every duplicate of the opted-in "
+                                    "guests (steering's last scan)",
+                                    value=last.potential_saved_frames)
+            yield GaugeMetricFamily("memd_ksm_steering_realized_saved_frames", "frames their "
+                                    "merged pages save (pagemap, steering's last step)",
+                                    value=last.realized_saved_frames)
         potential = steering.potential if steering is not None else None
         if potential is not None:
-            yield GaugeMetricFamily("memd_sharing_potential_saved_frames", "frames KSM "
-                                    "would save merging every duplicate of the attached "
-                                    "guests (last scan)", value=potential.potential_saved_frames)
-            yield GaugeMetricFamily("memd_sharing_realized_saved_frames", "frames saved by "
-                                    "merged pages (pagemap, last step)",
-                                    value=(steering.last.realized_saved_frames
-                                           if steering is not None and steering.last
-                                           else potential.realized_saved_frames))
-            dup = GaugeMetricFamily("memd_sharing_potential_pages", "the guest's pages whose "
-                                    "content occurs elsewhere (mergeable; last scan)",
+            pot = GaugeMetricFamily("memd_sharing_potential_saved_frames", "the guest's share "
+                                    "of the frames merging every duplicate would save (last "
+                                    "scan; the guests' shares add up to the host's)",
                                     labels=["vm"])
+            real = GaugeMetricFamily("memd_sharing_realized_saved_frames", "the guest's share "
+                                     "of the frames merged pages save (pagemap, last scan)",
+                                     labels=["vm"])
             for v in potential.vms:
-                dup.add_metric([v.name], v.duplicate)
-            yield dup
+                pot.add_metric([v.name], v.potential_saved)
+                real.add_metric([v.name], v.realized_saved)
+            yield from (pot, real)
         if snap is not None and snap.qemu_pids:
-            merged = GaugeMetricFamily("memd_sharing_realized_pages", "the guest's pages KSM "
-                                       "has merged (/proc/PID/ksm_merging_pages)",
+            merged = GaugeMetricFamily("memd_ksm_merging_pages", "the guest's pages KSM has "
+                                       "merged now (/proc/PID/ksm_merging_pages)",
                                        labels=["vm"])
             for vm, pid in sorted(snap.qemu_pids.items()):
                 try:

@@ -34,10 +34,18 @@ tests:
         values: '1000x20'
       - series: 'memd_tmem_charged_bytes{{instance="h:9643",job="memd",vm="roomy"}}'
         values: '500x20'
-      - series: 'memd_sharing_potential_saved_frames{{instance="h:9643",job="memd"}}'
+      - series: 'memd_sharing_potential_saved_frames{{instance="h:9643",job="memd",vm="a"}}'
+        values: '60000x40'
+      - series: 'memd_sharing_potential_saved_frames{{instance="h:9643",job="memd",vm="b"}}'
+        values: '40000x40'
+      - series: 'memd_sharing_realized_saved_frames{{instance="h:9643",job="memd",vm="a"}}'
+        values: '6000x40'
+      - series: 'memd_sharing_realized_saved_frames{{instance="h:9643",job="memd",vm="b"}}'
+        values: '4000x40'
+      - series: 'memd_sharing_potential_saved_frames{{instance="g:9643",job="memd",vm="c"}}'
         values: '100000x40'
-      - series: 'memd_sharing_realized_saved_frames{{instance="h:9643",job="memd"}}'
-        values: '10000x40'
+      - series: 'memd_sharing_realized_saved_frames{{instance="g:9643",job="memd",vm="c"}}'
+        values: '90000x40'
     alert_rule_test:
       - eval_time: 10m
         alertname: MemdGuestNearCap
