@@ -258,6 +258,8 @@ def _format_status(r: dict[str, Any]) -> str:
                f"store     {store['path']}, {human_size(store['bytes_used'])} in use, file "
                f"{human_size(store['file_bytes'])}"
                f"{', durable (fsync per commit)' if store['durable'] else ''}")
+    if r.get("metrics"):
+        out.append(f"metrics   {r['metrics']}")
     unattached = r.get("unattached_clients") or []
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "

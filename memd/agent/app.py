@@ -446,6 +446,8 @@ class AgentApp:
             "sharing": self.sharing.stats() if self.sharing else None,
             #: KSM, which merges real guests' pages (host-wide counters).
             "ksm": self._ksm_summary(),
+            #: Where Prometheus scrapes this agent (serve --metrics); None: nowhere.
+            "metrics": self.metrics.url if self.metrics is not None else None,
         }
 
     def _ksm_summary(self) -> dict[str, Any] | None:

@@ -361,9 +361,11 @@ class AgentCollector(Collector):
                     continue  # its QEMU is gone: the follower detaches it soon
             yield merged
         if self.app.sharing is not None:
-            stats = self.app.sharing.stats()
+            # The manager's own stats (under machine.lock), not SharingService.stats(),
+            # which also walks the service's loop-owned guest table.
+            stats = self.app.sharing.manager.stats()
             yield GaugeMetricFamily("memd_sharing_sim_saved_frames", "frames the simulated "
-                                    "guests' sharing manager saves", value=stats["saved_frames"])
+                                    "guests' sharing manager saves", value=stats["nr_saved_mfns"])
 
 
 def _latency(histograms: LatencyHistograms) -> Iterator[Metric]:
@@ -399,8 +401,9 @@ class MetricsServer:
             raise BackendError(f"cannot serve metrics on {host}:{port}: "
                                f"{err.strerror or err}", target=f"{host}:{port}") from None
         self.host, self.port = host, int(self._server.server_address[1])
-        log.info("metrics on http://%s:%d/metrics", host, self.port,
-                 extra={"event": "metrics"})
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{self.port}/metrics"
+        log.info("metrics on %s", self.url, extra={"event": "metrics"})
 
     def close(self) -> None:
         """Stop serving (blocking: waits for a scrape in progress; call in a thread)."""

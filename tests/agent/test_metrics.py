@@ -185,6 +185,7 @@ def test_the_endpoint_stops_with_the_agent(tmp_path: Path) -> None:
     running = MetricsAgent(tmp_path)
     port = running.port
     running.scrape()
+    assert running.app.status()["metrics"] == f"http://127.0.0.1:{port}/metrics"
     running.close()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
