@@ -4,7 +4,7 @@ Owns the latency figures of guest requests (``Dispatcher.handle``: from the deco
 to its reply bytes, which is where the agent spends its time; the group commit and the
 socket write after it are shared by many requests and are not per op).  The buckets are
 fixed, so a histogram is a few integers per op and an observation is a bisect and two
-additions.
+additions (about 0.5 µs with the two clock reads, against tens of µs for a single put).
 
 Threads: the event loop observes (every request), the metrics endpoint reads (every
 scrape, from prometheus-client's server thread).  One ``threading.Lock`` guards all the
