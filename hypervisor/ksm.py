@@ -122,6 +122,18 @@ def snapshot(root: Path = KSM_DIR) -> dict[str, int | str]:
 def restore(saved: Mapping[str, int | str], root: Path = KSM_DIR) -> None:
     """Put knobs back as :func:`snapshot` found them; only knobs that differ are written."""
     order = [k for k in saved if k not in _LAST] + [k for k in _LAST if k in saved]
+    advisor = saved.get("advisor_mode")
+    if advisor is not None:
+        # While the advisor is on (scan-time) it owns pages_to_scan: the kernel refuses
+        # writes to it, and turning the advisor off resets it to the default.  So an
+        # advisor that was off goes off first (then pages_to_scan is written), and one
+        # that was on comes back last, over a pages_to_scan that is its own anyway.
+        order.remove("advisor_mode")
+        if advisor == "none":
+            order.insert(0, "advisor_mode")
+        else:
+            order = [k for k in order if k != "pages_to_scan"]
+            order.insert(len(order) - sum(k in saved for k in _LAST), "advisor_mode")
     errors = []
     for name in order:
         try:

@@ -414,6 +414,12 @@ class KsmSteering:
             self._progress_full_scans = full_scans
         return self._progress_full_scans
 
+    @property
+    def potential(self) -> Potential | None:
+        """The last potential scan (None before the first).  Any thread may read it: a
+        step replaces the reference whole, and a Potential is frozen."""
+        return self._potential
+
     def next_step_seconds(self) -> float:
         if self.last is None or self.last.mode == "boost":
             return self.policy.step_boost_seconds

@@ -64,6 +64,16 @@ def _pair(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:9643' → ('127.0.0.1', 9643), for --metrics."""
+    from memd.agent.metrics import parse_address
+
+    try:
+        return parse_address(text)
+    except InvalidArgument as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _swap(text: str) -> tuple[str, str, int]:
     """'vm1=/run/memd/vm1.nbd:512M' → (name, socket path, size in bytes)."""
     name, sep, rest = text.partition("=")
@@ -112,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="swap disks move their coldest pages to a sparse file here when "
                    "memory runs out ('' = never: ENOSPC at once; default "
                    "$MEMD_STATE_DIR/spill, else /var/lib/memd/spill)")
+    c.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics (bind only "
+                   "there: 127.0.0.1:9643 for a local Prometheus)")
     c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
                    help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
@@ -245,6 +258,8 @@ def _format_status(r: dict[str, Any]) -> str:
                f"store     {store['path']}, {human_size(store['bytes_used'])} in use, file "
                f"{human_size(store['file_bytes'])}"
                f"{', durable (fsync per commit)' if store['durable'] else ''}")
+    if r.get("metrics"):
+        out.append(f"metrics   {r['metrics']}")
     unattached = r.get("unattached_clients") or []
     if unattached:
         out.append(f"          {len(unattached)} clients not attached hold pages: "

@@ -4,7 +4,8 @@ Guests come from ``--channel NAME=PATH`` (QEMU listens on PATH), ``--listen NAME
 (the agent listens), ``memd attach`` at run time, and — with ``--libvirt URI`` — every
 running libvirt domain that has a memd channel, followed through lifecycle events.
 ``--swap NAME=SOCKET:SIZE`` serves guest NAME a swap disk over NBD on SOCKET
-(memd.nbd), backed by NAME's own tmem client.
+(memd.nbd), backed by NAME's own tmem client.  ``--metrics HOST:PORT`` serves
+Prometheus metrics there (memd.agent.metrics).
 
 KSM knobs: an agent that steers (``--ksm-steer``) puts the host's own back when it
 stops; one that was killed left them in a ledger (``hypervisor.ksm``), which the next
@@ -88,7 +89,7 @@ async def _serve_with(args: argparse.Namespace, control_path: str,
     app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store,
                    spill_dir=Path(spill_dir) if spill_dir else None)
     app.catch_signals()
-    await app.start(control_path)
+    await app.start(control_path, metrics=getattr(args, "metrics", None))
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
     for name, path in args.listen:

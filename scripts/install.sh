@@ -9,7 +9,8 @@
 #                                    leaves the service intact), with the libvirt extra
 #   BINDIR=/usr/local/bin            symlinks memd, memd-guest -> $VENV/bin
 #   UNITDIR=/etc/systemd/system      memd.service: docs/memd.service with these paths filled in
-#   DOCDIR=/usr/share/doc/memd       README.md and docs/*.md (the unit's Documentation=)
+#   DOCDIR=/usr/share/doc/memd       README.md, docs/*.md (the unit's Documentation=), the Grafana
+#                                    dashboard and alert rules of docs/operators.md §8
 #   PYTHON=/usr/bin/python3          the interpreter the venv is made from
 #   EXTRAS=libvirt                   pip extras ('' for none)
 # DESTDIR-style staging is not offered: a venv records its own absolute path, so it only works
@@ -140,7 +141,7 @@ chmod 0644 "$unit.tmp"
 mv -f "$unit.tmp" "$unit"
 installed+=("$unit")
 
-for doc in "$src/README.md" "$src"/docs/*.md; do
+for doc in "$src/README.md" "$src"/docs/*.md "$src/docs/grafana-memd.json" "$src/docs/memd-alerts.yml"; do
     install -m 0644 "$doc" "$DOCDIR/"
     installed+=("$DOCDIR/$(basename "$doc")")
 done

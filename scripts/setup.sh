@@ -18,10 +18,13 @@ want_all=0
 # libxml2-utils for xmllint, which virt-xml-validate runs (tests/vm/test_domain_template.py);
 # systemd for systemd-analyze, which checks the installed unit (tests/install);
 # libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (for /usr/bin/python3) and nbdkit: independent
-# NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py).
+# NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py);
+# prometheus (and its promtool) for the metrics tests (tests/agent/test_metrics_*), which run a
+# Prometheus of their own on a free loopback port with its config and storage in a tmp dir; the
+# package's own service (started by systemd where there is one, on :9090) is left alone.
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd
-          nbdkit libnbd-bin python3-libnbd)
+          nbdkit libnbd-bin python3-libnbd prometheus)
 
 apt_install() {
     local missing=()

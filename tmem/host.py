@@ -753,7 +753,7 @@ class TmemHost:
             if done is not None:
                 return done
         results: list[TmemError | None] = []
-        stored = dups = 0
+        stored = dups = refused = 0
         for oid, index, (h, payload, pin) in items:
             objno = objects.get(oid)
             if objno is not None:
@@ -771,6 +771,7 @@ class TmemHost:
                 if lru is None or not lru.count:
                     error = self._put_error(NoSpace, "client page cap reached", client, oid,
                                             index)
+                    refused += 1
                 else:
                     self._evict_one(owner)  # an ephemeral put displaces the owner's LRU page
                     objno = objects.get(oid)
@@ -793,6 +794,7 @@ class TmemHost:
                 self._drop_slot(pool, slot)
                 results.append(self._put_error(NoSpace, "tmem store is full", client, oid,
                                                index))
+                refused += 1
                 continue
             stored += 1
             results.append(None)
@@ -800,6 +802,7 @@ class TmemHost:
         ops.puts += len(items)
         ops.good_puts += stored
         ops.dup_puts += dups
+        ops.no_space += refused
         return results
 
     def _put_batch_fast(

@@ -68,7 +68,8 @@ class OpCounters:
     ``puts`` counts every put attempt; ``good_puts`` those that stored the page;
     ``dup_puts`` puts that replaced a page already at that handle; ``found_gets`` gets
     that returned data; ``flushes`` pages removed by flush page/object/pool;
-    ``evictions`` ephemeral pages reclaimed by the host.
+    ``evictions`` ephemeral pages reclaimed by the host; ``no_space`` puts refused with
+    NoSpace (the client's cap or the whole store full: what a guest sees as NO_SPACE).
     """
 
     puts: int = 0
@@ -79,6 +80,7 @@ class OpCounters:
     flushes: int = 0
     flush_objects: int = 0
     evictions: int = 0
+    no_space: int = 0
 
     def add(self, other: OpCounters) -> None:
         for f in fields(self):

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from hypervisor.qemu_machine import QemuMachine
     from hypervisor.qmp import Monitor
     from hypervisor.real_sharing import QemuSharing
+    from memd.agent.metrics import MetricsServer
 
 log = logging.getLogger("memd.agent")
 
@@ -100,6 +101,8 @@ class AgentApp:
         #: Where swap disks spill their coldest pages when memory runs out (None: they do
         #: not spill; a full store answers ENOSPC at once).
         self.spill_dir = spill_dir
+        #: The /metrics endpoint (``serve --metrics``); None without one.  Loop thread.
+        self.metrics: MetricsServer | None = None
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
         self._stop_requested: asyncio.Event | None = None
         if store is not None:
@@ -128,7 +131,15 @@ class AgentApp:
         if self.store is not None:
             self.store.put_meta("opted_out", sorted(self.opted_out))
 
-    async def start(self, control_path: str | None) -> None:
+    async def start(self, control_path: str | None, *,
+                    metrics: tuple[str, int] | None = None) -> None:
+        """Start the agent; ``metrics``: (host, port) to serve ``/metrics`` on
+        (memd.agent.metrics; port 0 picks a free one, see ``self.metrics.port``)."""
+        if metrics is not None:
+            from memd.agent.metrics import MetricsServer
+
+            # First: a port in use is an operator's mistake, reported before anything runs.
+            self.metrics = MetricsServer(self, *metrics)
         self.agent.start()
         if control_path:
             await self.control.start(control_path)
@@ -142,6 +153,9 @@ class AgentApp:
         for name in list(self.disks):
             await self.remove_swap(name)
         await self.agent.stop()
+        if self.metrics is not None:
+            metrics, self.metrics = self.metrics, None
+            await asyncio.to_thread(metrics.close)  # waits for a scrape in progress
         if self.qemu is not None:
             await asyncio.to_thread(self.qemu.close)  # its QMP monitors, politely
 
@@ -432,6 +446,8 @@ class AgentApp:
             "sharing": self.sharing.stats() if self.sharing else None,
             #: KSM, which merges real guests' pages (host-wide counters).
             "ksm": self._ksm_summary(),
+            #: Where Prometheus scrapes this agent (serve --metrics); None: nowhere.
+            "metrics": self.metrics.url if self.metrics is not None else None,
         }
 
     def _ksm_summary(self) -> dict[str, Any] | None:
@@ -444,11 +460,16 @@ class AgentApp:
             run = ksm.get("run")
         except MemdError:
             return None
-        steering = self.steering
-        mode = ("off" if steering is None or self._steer_task is None
-                else steering.last.mode if steering.last else "starting")
         return {"run": run, "pages_sharing": counters.get("pages_sharing", 0),
-                "pages_shared": counters.get("pages_shared", 0), "steering": mode}
+                "pages_shared": counters.get("pages_shared", 0),
+                "steering": self.steering_mode()}
+
+    def steering_mode(self) -> str:
+        """off | starting | idle | stalled | boost (event loop thread)."""
+        steering = self.steering
+        if steering is None or self._steer_task is None:
+            return "off"
+        return steering.last.mode if steering.last else "starting"
 
     def clients(self) -> list[dict[str, Any]]:
         """Every tmem client, attached or not (reopened from the store, a detached guest)."""

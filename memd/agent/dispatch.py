@@ -10,11 +10,13 @@ malformed or hostile frame cannot take the agent down or touch another guest.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from memd import wire
+from memd.agent.latency import LatencyHistograms
 from memd.errors import FrameError, MemdError, NoSuchPool
 from memd.wire import Capability, Op, Status
 from tmem.host import TmemHost
@@ -56,6 +58,8 @@ class GuestState:
     errors: int = 0
     bad_frames: int = 0
     reboots: int = 0
+    #: Connections that ended (the guest hung up, or the agent did: corrupt frames, detach).
+    disconnects: int = 0
     connected: bool = False
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -78,9 +82,19 @@ class Dispatcher:
         #: guest's channel cannot name that pool (NO_POOL: the disk's pages are reached
         #: through the disk only), LIST_POOLS does not show it, and a reboot keeps it.
         self.disk_pools: dict[str, int] = {}
+        #: Time spent per op (memd serve --metrics reads it from another thread).
+        self.latency = LatencyHistograms()
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""
+        t0 = time.perf_counter()
+        reply = self._handle(guest, frame)
+        # Op names from the enum only: a hostile guest's opcodes must not make labels.
+        op = _OP_LABELS.get(frame.op, "unknown")
+        self.latency.observe(op, time.perf_counter() - t0)
+        return reply
+
+    def _handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         if frame.is_reply:
             guest.bad_frames += 1
             return b""  # guests never send replies: ignore, do not echo
@@ -240,6 +254,10 @@ class Dispatcher:
         assert isinstance(req, wire.AboutToWriteRequest)
         self.sharing.about_to_write(guest.name, req.gfn)
         return self._reply(guest, frame, wire.EmptyReply())
+
+
+#: Latency label per opcode (``put_batch``, ...).
+_OP_LABELS = {int(op): op.name.lower() for op in Op}
 
 
 def _op_name(op: int) -> str:

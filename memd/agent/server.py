@@ -294,6 +294,7 @@ class Agent:
             if channel.writer is transport:
                 channel.writer = None
                 guest.on_disconnect()
+            guest.disconnects += 1
             transport.close()
             await conn.closed
             log.info("guest %s disconnected%s", guest.name,
