@@ -111,6 +111,7 @@ class Op(IntEnum):
     SHARE_QUERY = 0x21
     ABOUT_TO_WRITE = 0x22
     STATS = 0x30
+    MEM_REPORT = 0x31  #: the guest reports its memory state (needs Capability.MEM_REPORT)
 
 
 class Status(IntEnum):
@@ -152,6 +153,7 @@ class Capability(IntFlag):
     SHARING = 0x2
     STATS = 0x4
     DEDUP_OPT_IN = 0x8  #: the guest consents to cross-guest de-duplication of its pages
+    MEM_REPORT = 0x10  #: the host takes MEM_REPORT (a guest sends it only when granted)
 
 
 ALL_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS)
@@ -278,6 +280,26 @@ class StatsRequest(NamedTuple):
     pass
 
 
+class MemReportFlag(IntFlag):
+    NO_PSI = 0x1  #: the guest has no /proc/pressure/memory: both PSI fields are 0
+
+
+#: PSI averages are sent as hundredths of a percent: 0..MAX_PSI.
+MAX_PSI = 10000
+
+
+class MemReportRequest(NamedTuple):
+    """The guest's memory state, from /proc/meminfo and /proc/pressure/memory."""
+
+    mem_total_kib: int  #: MemTotal
+    mem_available_kib: int  #: MemAvailable (<= mem_total_kib)
+    swap_total_kib: int  #: SwapTotal
+    swap_free_kib: int  #: SwapFree (<= swap_total_kib)
+    psi_some_avg10: int  #: "some avg10" x 100 (0..MAX_PSI); 0 with NO_PSI
+    psi_full_avg10: int  #: "full avg10" x 100 (0..MAX_PSI); 0 with NO_PSI
+    flags: int = 0  #: MemReportFlag bits
+
+
 # --- typed replies -------------------------------------------------------------------
 
 
@@ -359,6 +381,7 @@ Request = (
     HelloRequest | SyncRequest | NewPoolRequest | DestroyPoolRequest | PutRequest | GetRequest
     | FlushPageRequest | FlushObjectRequest | PutBatchRequest | GetBatchRequest | ListPoolsRequest
     |     NominateRequest | ShareQueryRequest | AboutToWriteRequest | StatsRequest
+    | MemReportRequest
 )
 Reply = (
     HelloReply | SyncReply | NewPoolReply | EmptyReply | GetReply | PutBatchReply | GetBatchReply
@@ -379,6 +402,9 @@ _BATCH_ITEM = struct.Struct("<QQQII")  # oid[0..2], index, reserved
 _POOL_INFO = struct.Struct("<II16sQ")  # pool, flags, uuid, pages
 _NOMINATE_ITEM = struct.Struct("<HHIQ")  # status, reserved, reserved, handle
 _QUERY_ITEM = struct.Struct("<BBHI")  # state, reserved, reserved, share_count
+# mem total, mem available, swap total, swap free (KiB), psi some, psi full (avg10 x 100),
+# flags, reserved
+_MEM_REPORT = struct.Struct("<QQQQIIII")
 
 _Parts = list[Buffer]
 
@@ -736,6 +762,25 @@ def decode_stats(blob: Buffer) -> dict[str, int | str]:
     return stats
 
 
+def _enc_mem_report(m: MemReportRequest) -> _Parts:
+    return [_MEM_REPORT.pack(m.mem_total_kib, m.mem_available_kib, m.swap_total_kib,
+                             m.swap_free_kib, m.psi_some_avg10, m.psi_full_avg10, m.flags, 0)]
+
+
+def _dec_mem_report(mv: memoryview) -> MemReportRequest:
+    _exact(mv, _MEM_REPORT.size, "MEM_REPORT")
+    total, avail, swap_total, swap_free, some, full, flags, reserved = _MEM_REPORT.unpack(mv)
+    if reserved or flags & ~int(MemReportFlag.NO_PSI):
+        raise _bad(f"MEM_REPORT has unknown flag bits {flags:#x} or a reserved field set")
+    if avail > total or swap_free > swap_total:
+        raise FrameError("MEM_REPORT: available memory above the total, or free swap above "
+                         "the total", status=int(Status.INVALID))
+    if some > MAX_PSI or full > MAX_PSI or (flags & MemReportFlag.NO_PSI and (some or full)):
+        raise FrameError(f"MEM_REPORT: PSI values {some}, {full} out of range 0..{MAX_PSI} "
+                         "(or given with NO_PSI)", status=int(Status.INVALID))
+    return MemReportRequest(total, avail, swap_total, swap_free, some, full, flags)
+
+
 class OpSpec(NamedTuple):
     """One row of the op table: shapes and codecs of the request and its OK reply."""
 
@@ -809,6 +854,8 @@ OPS: dict[Op, OpSpec] = {
     Op.STATS: OpSpec(StatsRequest, StatsReply, _enc_empty, _dec_empty(StatsRequest),
                      lambda m: [encode_stats(m.stats)],
                      lambda mv: StatsReply(decode_stats(mv)), True),
+    Op.MEM_REPORT: OpSpec(MemReportRequest, EmptyReply, _enc_mem_report, _dec_mem_report,
+                          *_EMPTY_REPLY, True),
 }
 
 # --- frames --------------------------------------------------------------------------
