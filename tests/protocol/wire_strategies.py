@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from memd.wire import (
     MAX_BATCH,
     MAX_GFNS,
+    MAX_PSI,
     PAGE_SIZE,
     AboutToWriteRequest,
     DestroyPoolRequest,
@@ -24,6 +25,8 @@ from memd.wire import (
     HelloRequest,
     ListPoolsReply,
     ListPoolsRequest,
+    MemReportFlag,
+    MemReportRequest,
     NewPoolReply,
     NewPoolRequest,
     NominateReply,
@@ -101,6 +104,12 @@ REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
     Op.SHARE_QUERY: st.builds(ShareQueryRequest, _gfns()),
     Op.ABOUT_TO_WRITE: st.builds(AboutToWriteRequest, u64),
     Op.STATS: st.just(StatsRequest()),
+    Op.MEM_REPORT: st.one_of(
+        st.builds(lambda total, avail, swap, free, some, full: MemReportRequest(
+            total, min(avail, total), swap, min(free, swap), some, min(full, some), 0),
+            u64, u64, u64, u64, st.integers(0, MAX_PSI), st.integers(0, MAX_PSI)),
+        st.builds(lambda total, avail: MemReportRequest(total, min(avail, total), 0, 0, 0, 0,
+                                                        int(MemReportFlag.NO_PSI)), u64, u64)),
 }
 
 REPLIES: dict[Op, st.SearchStrategy[Any]] = {
@@ -124,6 +133,7 @@ REPLIES: dict[Op, st.SearchStrategy[Any]] = {
         st.builds(ShareInfo, st.sampled_from(list(ShareState)), u32), min_size=1, max_size=16)),
     Op.ABOUT_TO_WRITE: st.just(EmptyReply()),
     Op.STATS: st.builds(StatsReply, st.dictionaries(stat_keys, stat_values, max_size=8)),
+    Op.MEM_REPORT: st.just(EmptyReply()),
 }
 
 
