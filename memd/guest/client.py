@@ -96,6 +96,16 @@ class _ConnectionLost(Exception):
     """Internal: the stream is gone or cannot be trusted; reconnect and resync."""
 
 
+class _SessionLost(_ConnectionLost):
+    """Internal: the host answered NEED_HELLO — it forgot this session (the host agent
+    restarted while the port stayed open).  The requests it refused were not executed, so
+    they are resent after a new SYNC + HELLO whatever their op."""
+
+
+#: Session resets (NEED_HELLO) one call survives before giving up.
+_MAX_SESSION_RESETS = 3
+
+
 def read_boot_id(path: str = BOOT_ID_PATH) -> bytes:
     """The guest kernel's boot id as 16 bytes (zeros if unreadable: the host then cannot
     tell a reboot from an agent restart, and keeps the pools)."""
@@ -274,12 +284,19 @@ class GuestClient:
     def _exchange(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
         results: list[Reply | ErrorReply | None] = [None] * len(requests)
         attempt = 0
+        resets = 0
         while True:
             try:
                 if self._transport is None:
                     self._connect()
                 self._run(requests, results)
                 return [r for r in results if r is not None]
+            except _SessionLost as err:
+                self._drop()
+                resets += 1
+                if resets > _MAX_SESSION_RESETS:
+                    raise Unavailable(f"the host agent keeps forgetting the session ({err})",
+                                      target="host agent") from None
             except (_ConnectionLost, OSError) as err:
                 self._drop()
                 left = [op for (op, _), r in zip(requests, results, strict=True) if r is None]
@@ -296,9 +313,10 @@ class GuestClient:
         todo = [i for i, r in enumerate(results) if r is None]
         in_flight: dict[int, int] = {}  # request id -> index into requests
         sent = 0
-        while sent < len(todo) or in_flight:
+        need_hello = False  # the host forgot the session: send no more, collect, then reset
+        while (sent < len(todo) and not need_hello) or in_flight:
             chunk = []
-            while sent < len(todo) and len(in_flight) < self.max_in_flight:
+            while sent < len(todo) and len(in_flight) < self.max_in_flight and not need_hello:
                 index = todo[sent]
                 op, msg = requests[index]
                 request_id = self._new_id()
@@ -315,9 +333,16 @@ class GuestClient:
             if frame.op != requests[index_or_none][0]:
                 raise _ConnectionLost(f"reply {frame.request_id} has the wrong opcode")
             try:
-                results[index_or_none] = decode_reply(frame)
+                reply = decode_reply(frame)
             except MemdError as err:
                 raise _ConnectionLost(f"malformed reply: {err}") from None
+            if (isinstance(reply, ErrorReply) and reply.status == Status.NEED_HELLO
+                    and frame.op not in (Op.HELLO, Op.SYNC)):
+                need_hello = True  # not executed: stays None, resent after a new HELLO
+                continue
+            results[index_or_none] = reply
+        if need_hello:
+            raise _SessionLost("the host answered NEED_HELLO: it forgot this session")
 
     def _next_frame(self, transport: Transport) -> Frame:
         deadline = time.monotonic() + self.timeout
