@@ -22,6 +22,7 @@ from memd.guest.daemon import REPORT_INTERVAL, GuestDaemon, memory_report, socke
 from memd.guest.transport import SocketTransport, Transport, list_ports
 from memd.wire import (
     ALL_CAPABILITIES,
+    NO_GFN,
     PAGE_SIZE,
     PORT_NAME,
     Capability,
@@ -56,6 +57,14 @@ def _oid(text: str) -> int | Oid:
     if value >= 1 << 192:
         raise argparse.ArgumentTypeError(f"{text!r} does not fit in 192 bits")
     return value
+
+
+def _range(text: str) -> tuple[int, int]:
+    """``ADDR:LEN`` (each hex with 0x, or decimal)."""
+    addr, sep, length = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ADDR:LEN")
+    return _int(addr), _int(length)
 
 
 def _uuid(text: str) -> bytes:
@@ -125,10 +134,17 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("pool", type=_int)
     c.add_argument("oid", type=_oid)
     c.add_argument("index", type=_int, nargs="?")
-    c = sub.add_parser("nominate", help="offer gfns for sharing; prints gfn status handle")
-    c.add_argument("gfns", type=_int, nargs="+")
-    c = sub.add_parser("query", help="sharing state of gfns; prints gfn state share_count")
-    c.add_argument("gfns", type=_int, nargs="+")
+    for name, what, prints in (("nominate", "offer pages for sharing", "status handle"),
+                               ("query", "sharing state of pages", "state share_count")):
+        c = sub.add_parser(name, help=f"{what}: gfns (hex like 0x1a2b, or decimal), or "
+                           f"--range of a process through the daemon; prints gfn {prints} "
+                           "(gfns in hex)")
+        c.add_argument("gfns", type=_int, nargs="*")
+        c.add_argument("--range", type=_range, metavar="ADDR:LEN",
+                       help="a virtual address range (hex or decimal, page-aligned) of --pid; "
+                            "the daemon resolves it to gfns through /proc/PID/pagemap")
+        c.add_argument("--pid", type=_int, default=0,
+                       help="the process whose range it is (root, or its own user)")
     c = sub.add_parser("about-to-write", help="ask the host to unshare a gfn before a write")
     c.add_argument("gfn", type=_int)
     return p
@@ -190,6 +206,10 @@ def _read_page(path: str) -> bytes:
     if len(data) > PAGE_SIZE:
         raise ValueError(f"{path}: a page is at most {PAGE_SIZE} bytes")
     return data.ljust(PAGE_SIZE, b"\0")
+
+
+def _gfn(gfn: int) -> str:
+    return "-" if gfn == NO_GFN else f"{gfn:#x}"
 
 
 def _flag_names(flags: int) -> str:
@@ -255,12 +275,27 @@ def _run(args: argparse.Namespace) -> int:
                 client.flush_object(args.pool, args.oid)
             else:
                 client.flush_page(args.pool, args.oid, args.index)
+        elif args.command in ("nominate", "query") and args.range is not None:
+            if args.gfns or not via.startswith("daemon:"):
+                raise ValueError("--range takes no gfns and needs the memd-guest daemon (it "
+                                 "reads /proc/PID/pagemap): is `memd-guest daemon` running?")
+            addr, length = args.range
+            if args.command == "nominate":
+                for i, item in enumerate(client.nominate_range(addr, length, args.pid)):
+                    out.write(f"{addr + i * PAGE_SIZE:#x} {_gfn(item.gfn)} "
+                              f"{Status(item.status).name.lower()} {item.handle}\n")
+            else:
+                for i, q in enumerate(client.query_range(addr, length, args.pid)):
+                    out.write(f"{addr + i * PAGE_SIZE:#x} {_gfn(q.gfn)} "
+                              f"{ShareState(q.state).name.lower()} {q.share_count}\n")
+        elif args.command in ("nominate", "query") and not args.gfns:
+            raise ValueError(f"{args.command}: name gfns, or --range ADDR:LEN")
         elif args.command == "nominate":
             for gfn, r in zip(args.gfns, client.nominate(args.gfns), strict=True):
-                out.write(f"{gfn} {Status(r.status).name.lower()} {r.handle}\n")
+                out.write(f"{gfn:#x} {Status(r.status).name.lower()} {r.handle}\n")
         elif args.command == "query":
             for gfn, s in zip(args.gfns, client.share_query(args.gfns), strict=True):
-                out.write(f"{gfn} {ShareState(s.state).name.lower()} {s.share_count}\n")
+                out.write(f"{gfn:#x} {ShareState(s.state).name.lower()} {s.share_count}\n")
         elif args.command == "about-to-write":
             client.about_to_write(args.gfn)
     return EXIT_OK

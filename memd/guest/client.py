@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from memd.errors import MemdError, Unavailable
+from memd.errors import InvalidArgument, MemdError, Unavailable
 from memd.guest.transport import CharDeviceTransport, SocketTransport, Transport, find_port
 from memd.wire import (
     ALL_CAPABILITIES,
+    MAX_GFNS,
     MAX_REQUEST_ID,
     MAX_VERSION,
     MIN_VERSION,
@@ -69,6 +70,11 @@ from memd.wire import (
     PutBatchReply,
     PutBatchRequest,
     PutRequest,
+    RangeNominateItem,
+    RangeNominateReply,
+    RangeQueryItem,
+    RangeQueryReply,
+    RangeRequest,
     Reply,
     Request,
     ShareInfo,
@@ -495,6 +501,38 @@ class GuestClient:
         for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
             out.extend(self._batch_reply(Op.SHARE_QUERY, reply, ShareQueryReply, msg).results)
         return out
+
+    def _range(self, op: Op, pid: int, addr: int, length: int,
+               want: type[RangeNominateReply] | type[RangeQueryReply]) -> list[Any]:
+        """Split ``[addr, addr + length)`` into MAX_GFNS-page requests, one reply list."""
+        if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+            raise InvalidArgument(f"a range must be page-aligned and not empty (addr {addr:#x},"
+                                  f" length {length:#x})", op=op.name)
+        step = MAX_GFNS * PAGE_SIZE
+        requests: list[tuple[Op, Request]] = [
+            (op, RangeRequest(pid, at, min(step, addr + length - at)))
+            for at in range(addr, addr + length, step)]
+        out: list[Any] = []
+        for reply in self.pipeline(requests):
+            if isinstance(reply, ErrorReply):
+                raise error_for_status(reply.status, reply.message, op=op)
+            if not isinstance(reply, RangeNominateReply | RangeQueryReply) or not isinstance(
+                    reply, want):
+                raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
+                                  target="memd-guest daemon")
+            out.extend(reply.results)
+        return out
+
+    def nominate_range(self, addr: int, length: int, pid: int = 0) -> list[RangeNominateItem]:
+        """Through the guest daemon only: nominate the pages of a virtual address range of
+        this process (``pid`` 0) or, for root or the same user, of process ``pid``; the
+        daemon resolves them to gfns (pagemap).  Per page: gfn (NO_GFN if it has no frame),
+        status, handle."""
+        return self._range(Op.RANGE_NOMINATE, pid, addr, length, RangeNominateReply)
+
+    def query_range(self, addr: int, length: int, pid: int = 0) -> list[RangeQueryItem]:
+        """Through the guest daemon only: sharing state of each page of a range."""
+        return self._range(Op.RANGE_QUERY, pid, addr, length, RangeQueryReply)
 
     def about_to_write(self, gfn: int) -> None:
         """Tell the host this gfn is about to be written: it unshares it first."""

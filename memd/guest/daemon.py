@@ -36,11 +36,13 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from memd.errors import FrameError, MemdError, Unavailable
+from memd.errors import AccessDenied, FrameError, InvalidArgument, MemdError, Unavailable
 from memd.guest.client import GuestClient
 from memd.wire import (
     MAX_VERSION,
     MIN_VERSION,
+    NO_GFN,
+    PAGE_SIZE,
     PARTIAL_FRAME_TIMEOUT,
     Capability,
     ErrorReply,
@@ -51,13 +53,20 @@ from memd.wire import (
     MemReportFlag,
     MemReportRequest,
     Op,
+    RangeNominateItem,
+    RangeNominateReply,
+    RangeQueryItem,
+    RangeQueryReply,
+    RangeRequest,
     Request,
+    ShareState,
     Status,
     SyncReply,
     SyncRequest,
     decode_request,
     encode_error,
     encode_reply,
+    status_for_exception,
 )
 
 DEFAULT_SOCKET = "/run/memd-guest.sock"
@@ -67,6 +76,8 @@ REPORT_INTERVAL = 5.0
 MEMINFO = "/proc/meminfo"
 PSI_MEMORY = "/proc/pressure/memory"
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_PFN_MASK = (1 << 55) - 1  # pagemap: bits 0-54 the frame number, bit 63 "present"
+_PRESENT = 1 << 63
 _RECV = 256 * 1024
 
 
@@ -125,6 +136,40 @@ def memory_report(meminfo: str = MEMINFO, psi: str = PSI_MEMORY) -> MemReportReq
         return MemReportRequest(total, available, swap_total, swap_free, 0, 0,
                                 int(MemReportFlag.NO_PSI))
     return MemReportRequest(total, available, swap_total, swap_free, pressure[0], pressure[1], 0)
+
+
+# --- a process's pages -> gfns ----------------------------------------------------------
+
+
+def resolve_range(pid: int, addr: int, length: int, proc: str = "/proc") -> list[int]:
+    """The gfn behind each page of ``[addr, addr + length)`` in process ``pid``, from
+    ``/proc/PID/pagemap`` (inside a guest a page frame number *is* a gfn); NO_GFN for a
+    page with no frame (never touched, swapped out).  Needs CAP_SYS_ADMIN: without it the
+    kernel reports every frame as 0, which is refused (AccessDenied) rather than
+    nominating gfn 0."""
+    pages = length // PAGE_SIZE
+    try:
+        with open(f"{proc}/{pid}/pagemap", "rb") as f:
+            f.seek(addr // PAGE_SIZE * 8)
+            raw = f.read(pages * 8)
+    except FileNotFoundError:
+        raise InvalidArgument(f"no process {pid}", op="RANGE") from None
+    except OSError as err:
+        raise AccessDenied(f"cannot read /proc/{pid}/pagemap: {err.strerror}") from None
+    raw = raw.ljust(pages * 8, b"\0")  # past the end of the address space: not present
+    entries = struct.unpack(f"<{pages}Q", raw)
+    present = [e & _PFN_MASK if e & _PRESENT else NO_GFN for e in entries]
+    if any(g == 0 for g in present) and all(g in (0, NO_GFN) for g in present):
+        raise AccessDenied("the daemon reads no frame numbers from pagemap (it needs "
+                           "CAP_SYS_ADMIN: run it as root)")
+    return present
+
+
+def _process_uid(pid: int, proc: str = "/proc") -> int:
+    try:
+        return os.stat(f"{proc}/{pid}").st_uid
+    except OSError:
+        raise InvalidArgument(f"no process {pid}", op="RANGE") from None
 
 
 # --- the daemon ---------------------------------------------------------------------------
@@ -337,8 +382,8 @@ class LocalSession:
                 out.append(self._flush(forward) + self._error(frame, status, err.message))
                 forward = []
                 continue
-            if isinstance(request, SyncRequest | HelloRequest) or self.version is None or (
-                    frame.op == Op.MEM_REPORT):
+            if isinstance(request, SyncRequest | HelloRequest | RangeRequest) or (
+                    self.version is None or frame.op == Op.MEM_REPORT):
                 out.append(self._flush(forward) + self._local(frame, request))
                 forward = []
             else:
@@ -355,8 +400,47 @@ class LocalSession:
             return self._hello(frame, request)
         if self.version is None:
             return self._error(frame, Status.NEED_HELLO)
+        if isinstance(request, RangeRequest):
+            try:
+                return self._range(frame, request)
+            except MemdError as err:
+                return self._error(frame, status_for_exception(err), str(err))
         return self._error(frame, Status.DENIED, "the memd-guest daemon sends the memory "
                            "reports of this guest")
+
+    def _range(self, frame: Frame, request: RangeRequest) -> bytes:
+        """RANGE_NOMINATE / RANGE_QUERY: the caller's (or, for root or the same user, another
+        process's) pages, resolved to gfns here, nominated or queried on the session."""
+        pid = request.pid or self.pid
+        if pid <= 0:
+            raise InvalidArgument("the caller's pid is unknown (no SO_PEERCRED)", op="RANGE")
+        if pid != self.pid and self.uid != 0 and _process_uid(pid) != self.uid:
+            raise AccessDenied(f"process {self.pid} (uid {self.uid}) may not name the memory "
+                               f"of process {pid}, which another user owns")
+        gfns = resolve_range(pid, request.addr, request.length)
+        present = [g for g in gfns if g != NO_GFN]
+        client = self.daemon.client
+        if frame.op == Op.RANGE_NOMINATE:
+            done = iter(client.nominate(present) if present else [])
+            items = []
+            for gfn in gfns:
+                if gfn == NO_GFN:
+                    items.append(RangeNominateItem(gfn, Status.NOT_SHAREABLE, 0))
+                else:
+                    r = next(done)
+                    items.append(RangeNominateItem(gfn, r.status, r.handle))
+            return encode_reply(Op.RANGE_NOMINATE, frame.request_id, RangeNominateReply(items),
+                                version=self.version or MIN_VERSION)
+        infos = iter(client.share_query(present) if present else [])
+        queried = []
+        for gfn in gfns:
+            if gfn == NO_GFN:
+                queried.append(RangeQueryItem(gfn, ShareState.UNKNOWN, 0))
+            else:
+                info = next(infos)
+                queried.append(RangeQueryItem(gfn, info.state, info.share_count))
+        return encode_reply(Op.RANGE_QUERY, frame.request_id, RangeQueryReply(queried),
+                            version=self.version or MIN_VERSION)
 
     def _hello(self, frame: Frame, request: HelloRequest) -> bytes:
         try:

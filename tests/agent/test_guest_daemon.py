@@ -3,8 +3,12 @@ programs through the daemon's socket, MEM_REPORT stored on the host and shown by
 
 from __future__ import annotations
 
+import ctypes
 import io
+import mmap
 import os
+import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,7 @@ from memd import wire
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.guest.cli import daemon_client
 from memd.guest.cli import main as guest_main
-from memd.guest.daemon import GuestDaemon, memory_report, read_psi
+from memd.guest.daemon import GuestDaemon, LocalSession, memory_report, read_psi
 from memd.wire import Capability, MemReportRequest, Op, Status
 from tmem.host import TmemHost
 
@@ -199,3 +203,74 @@ def test_guest_reads_its_own_memory_state(tmp_path: Path) -> None:
     assert read_psi(str(tmp_path / "none")) is None
     here = memory_report()  # this machine's, through the same code
     assert 0 < here.mem_available_kib <= here.mem_total_kib
+
+
+# --- nominate a process's own memory: virtual range -> gfns (pagemap) in the daemon -----------
+
+
+def _pagemap_frames(addr: int, pages: int) -> list[int]:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(addr // 4096 * 8)
+        entries = struct.unpack(f"<{pages}Q", f.read(8 * pages))
+    return [e & ((1 << 55) - 1) if e >> 63 else wire.NO_GFN for e in entries]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pagemap shows frame numbers to root only")
+def test_range_nominate_resolves_the_callers_own_pages(daemon: GuestDaemon,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    buf = mmap.mmap(-1, 8 * 4096)
+    for i in range(6):  # pages 6 and 7 are never touched: no frame
+        buf[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    try:
+        client = daemon_client(daemon.path, timeout=5.0, reconnect_timeout=5.0)
+        assert client is not None
+        with client:
+            nominated = client.nominate_range(addr, 8 * 4096)
+            queried = client.query_range(addr, 8 * 4096)
+        frames = _pagemap_frames(addr, 8)
+        # The daemon resolved this process's pages (SO_PEERCRED pid) to the same frames.
+        assert [r.gfn for r in nominated] == frames == [q.gfn for q in queried]
+        assert all(g != wire.NO_GFN for g in frames[:6]) and frames[6:] == [wire.NO_GFN] * 2
+        assert [r.status for r in nominated[6:]] == [Status.NOT_SHAREABLE] * 2
+        # These are host frames far past the simulated guest's 256 pages: the host said so
+        # per page (the agent's own answer, not the daemon's).
+        assert all(r.status != Status.OK for r in nominated[:6])
+        assert all(q.state == wire.ShareState.UNKNOWN for q in queried)
+        # The CLI, naming this process: hex in, hex out.
+        assert guest_main(["--daemon-socket", daemon.path, "query", "--pid", str(os.getpid()),
+                           "--range", f"{addr:#x}:0x2000"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines == [f"{addr:#x} {frames[0]:#x} unknown 0",
+                         f"{addr + 4096:#x} {frames[1]:#x} unknown 0"]
+    finally:
+        buf.close()
+
+
+def test_range_of_another_users_process_is_denied(daemon: GuestDaemon) -> None:
+    session = LocalSession(daemon, socket.socket(socket.AF_UNIX), os.getpid(), 4242, 4242)
+    session.version = 1
+    frame = wire.Frame(Op.RANGE_NOMINATE, 9, 0, 0, 1, b"")
+    reply = wire.decode_reply(wire.FrameDecoder().feed(
+        session._local(frame, wire.RangeRequest(1, 0x400000, 4096)))[0])  # type: ignore[arg-type]
+    assert isinstance(reply, wire.ErrorReply) and reply.status == Status.DENIED
+    assert "another user" in reply.message
+    session.conn.close()
+
+
+def test_range_must_be_page_aligned(daemon: GuestDaemon) -> None:
+    client = daemon_client(daemon.path, timeout=5.0, reconnect_timeout=5.0)
+    assert client is not None
+    with client, pytest.raises(wire.MemdError, match="page-aligned"):
+        client.nominate_range(0x1001, 4096)
+    assert guest_main(["--daemon-socket", daemon.path, "nominate"]) == 2
+
+
+def test_a_host_answers_the_local_range_ops_unsupported() -> None:
+    d, g = Dispatcher(TmemHost(budget_bytes=1 << 20)), GuestState("g")
+    _hello(d, g, int(wire.ALL_CAPABILITIES))
+    raw = wire.encode_request(Op.RANGE_NOMINATE, 3, wire.RangeRequest(0, 0x1000, 0x1000))
+    frame = wire.FrameDecoder().feed(raw)[0]
+    assert isinstance(frame, wire.Frame)
+    reply = wire.decode_reply(wire.FrameDecoder().feed(d.handle(g, frame))[0])  # type: ignore[arg-type]
+    assert isinstance(reply, wire.ErrorReply) and reply.status == Status.UNSUPPORTED_OP

@@ -38,6 +38,11 @@ from memd.wire import (
     PutBatchReply,
     PutBatchRequest,
     PutRequest,
+    RangeNominateItem,
+    RangeNominateReply,
+    RangeQueryItem,
+    RangeQueryReply,
+    RangeRequest,
     ShareInfo,
     ShareQueryReply,
     ShareQueryRequest,
@@ -86,6 +91,9 @@ stat_values = st.one_of(st.integers(0, 1 << 62),
                         st.text(st.characters(blacklist_characters="\n\r",
                                               blacklist_categories=NO_DIGITS), max_size=16))
 
+_page_addrs = st.integers(0, (1 << 52) - 1).map(lambda p: p * PAGE_SIZE)
+_range_lengths = st.integers(1, MAX_GFNS).map(lambda n: n * PAGE_SIZE)
+
 REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
     Op.HELLO: st.builds(lambda lo, d, c, b: HelloRequest(lo, min(255, lo + d), c, b),
                         st.integers(1, 255), st.integers(0, 3), u32, uuids),
@@ -110,6 +118,8 @@ REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
             u64, u64, u64, u64, st.integers(0, MAX_PSI), st.integers(0, MAX_PSI)),
         st.builds(lambda total, avail: MemReportRequest(total, min(avail, total), 0, 0, 0, 0,
                                                         int(MemReportFlag.NO_PSI)), u64, u64)),
+    Op.RANGE_NOMINATE: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
+    Op.RANGE_QUERY: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
 }
 
 REPLIES: dict[Op, st.SearchStrategy[Any]] = {
@@ -134,6 +144,11 @@ REPLIES: dict[Op, st.SearchStrategy[Any]] = {
     Op.ABOUT_TO_WRITE: st.just(EmptyReply()),
     Op.STATS: st.builds(StatsReply, st.dictionaries(stat_keys, stat_values, max_size=8)),
     Op.MEM_REPORT: st.just(EmptyReply()),
+    Op.RANGE_NOMINATE: st.builds(RangeNominateReply, st.lists(
+        st.builds(RangeNominateItem, u64, statuses, u64), min_size=1, max_size=16)),
+    Op.RANGE_QUERY: st.builds(RangeQueryReply, st.lists(
+        st.builds(RangeQueryItem, u64, st.sampled_from(list(ShareState)), u32), min_size=1,
+        max_size=16)),
 }
 
 
