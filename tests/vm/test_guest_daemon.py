@@ -100,6 +100,15 @@ def test_two_programs_share_the_daemon_and_the_host_sees_memory(
         channel = agent.app.agent.channels["daemonvm"]
         assert channel.sessions == 1, "both programs and the CLI went through one session"
 
+        # A process's own pages by virtual address: the daemon (root in the guest) resolves
+        # them through /proc/PID/pagemap and asks the host, which has no page sharing for this
+        # guest here — so the answer is the host's refusal, after a successful resolution.
+        ranged = guest.run(
+            "sleep 30 & p=$!; sleep 0.3; e=$(grep '\\[stack\\]' /proc/$p/maps | cut -d' ' -f1);"
+            " e=${e#*-}; memd-guest query --pid $p --range $((0x$e - 4096)):0x1000; r=$?;"
+            " kill $p; exit $r", timeout=60)
+        assert ranged.status == 2 and "sharing is not enabled" in ranged.stderr, ranged
+
         # The host has the guest's memory report, and it is the guest's /proc/meminfo.
         state = agent.app.agent.guests["daemonvm"]
         deadline = time.monotonic() + 30
