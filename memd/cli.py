@@ -519,9 +519,26 @@ _SWAP_COLUMNS = ["name", "size", "pages", "held", "ratio", "spilled", "socket", 
                  "writes", "errors"]
 
 
+def _memory_columns(memory: dict[str, Any] | None) -> dict[str, Any]:
+    """The guest's last MEM_REPORT as table cells ("-" when it sent none)."""
+    if not memory:
+        return {"mem_avail": "-", "swap_free": "-", "psi_some": "-", "psi_full": "-",
+                "report_age": "-"}
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+    return {"mem_avail": human_size(memory["mem_available_kib"] * 1024),
+            "swap_free": human_size(memory["swap_free_kib"] * 1024),
+            "psi_some": pct(memory["psi_some_avg10"]), "psi_full": pct(memory["psi_full_avg10"]),
+            "report_age": f"{memory['age_s']}s"}
+
+
+_MEMORY_COLUMNS = ["mem_avail", "swap_free", "psi_some", "psi_full", "report_age"]
+
+
 def _format_guests(rows: list[dict[str, Any]]) -> str:
+    rows = [{**r, **_memory_columns(r.get("memory"))} for r in rows]
     out = _table(rows, ["name", "connected", "mode", "path", "pools", "tmem_pages", "requests",
-                        "errors", "reboots", "last_error"])
+                        "errors", "reboots", *_MEMORY_COLUMNS, "last_error"])
     disks = [r["swap"] for r in rows if r.get("swap")]
     if disks:
         out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(disks), _SWAP_COLUMNS)
@@ -534,6 +551,9 @@ def _format_stats(r: dict[str, Any]) -> str:
                        "puts", "good_puts", "gets", "found_gets", "evictions"])
     if r.get("swap_disks"):
         out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(r["swap_disks"]), _SWAP_COLUMNS)
+    if r.get("guest_memory"):
+        rows = [{"guest": name, **_memory_columns(m)} for name, m in r["guest_memory"].items()]
+        out += "\n\nguest memory (MEM_REPORT)\n" + _table(rows, ["guest", *_MEMORY_COLUMNS])
     return out
 
 

@@ -111,6 +111,11 @@ class Op(IntEnum):
     SHARE_QUERY = 0x21
     ABOUT_TO_WRITE = 0x22
     STATS = 0x30
+    MEM_REPORT = 0x31  #: the guest reports its memory state (needs Capability.MEM_REPORT)
+    #: Local ops: only between a guest program and the guest daemon (memd.guest.daemon), never
+    #: on the port; a host answers UNSUPPORTED_OP.  A virtual address range of a process.
+    RANGE_NOMINATE = 0x40
+    RANGE_QUERY = 0x41
 
 
 class Status(IntEnum):
@@ -152,6 +157,7 @@ class Capability(IntFlag):
     SHARING = 0x2
     STATS = 0x4
     DEDUP_OPT_IN = 0x8  #: the guest consents to cross-guest de-duplication of its pages
+    MEM_REPORT = 0x10  #: the host takes MEM_REPORT (a guest sends it only when granted)
 
 
 ALL_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS)
@@ -278,6 +284,35 @@ class StatsRequest(NamedTuple):
     pass
 
 
+class MemReportFlag(IntFlag):
+    NO_PSI = 0x1  #: the guest has no /proc/pressure/memory: both PSI fields are 0
+
+
+#: PSI averages are sent as hundredths of a percent: 0..MAX_PSI.
+MAX_PSI = 10000
+
+
+class MemReportRequest(NamedTuple):
+    """The guest's memory state, from /proc/meminfo and /proc/pressure/memory."""
+
+    mem_total_kib: int  #: MemTotal
+    mem_available_kib: int  #: MemAvailable (<= mem_total_kib)
+    swap_total_kib: int  #: SwapTotal
+    swap_free_kib: int  #: SwapFree (<= swap_total_kib)
+    psi_some_avg10: int  #: "some avg10" x 100 (0..MAX_PSI); 0 with NO_PSI
+    psi_full_avg10: int  #: "full avg10" x 100 (0..MAX_PSI); 0 with NO_PSI
+    flags: int = 0  #: MemReportFlag bits
+
+
+class RangeRequest(NamedTuple):
+    """RANGE_NOMINATE / RANGE_QUERY: the pages of ``[addr, addr + length)`` in process
+    ``pid`` (0: the caller itself), page-aligned, at most MAX_GFNS pages."""
+
+    pid: int
+    addr: int
+    length: int
+
+
 # --- typed replies -------------------------------------------------------------------
 
 
@@ -348,6 +383,30 @@ class StatsReply(NamedTuple):
     stats: Mapping[str, int | str]
 
 
+#: gfn of a page of a range that has no frame (not present, swapped out).
+NO_GFN = (1 << 64) - 1
+
+
+class RangeNominateItem(NamedTuple):
+    gfn: int  #: NO_GFN when the page has no frame (status NOT_SHAREABLE)
+    status: int
+    handle: int
+
+
+class RangeNominateReply(NamedTuple):
+    results: Sequence[RangeNominateItem]  #: one per page of the range, in address order
+
+
+class RangeQueryItem(NamedTuple):
+    gfn: int  #: NO_GFN when the page has no frame (state UNKNOWN)
+    state: int
+    share_count: int
+
+
+class RangeQueryReply(NamedTuple):
+    results: Sequence[RangeQueryItem]
+
+
 class ErrorReply(NamedTuple):
     """Any reply whose status is not OK."""
 
@@ -359,10 +418,12 @@ Request = (
     HelloRequest | SyncRequest | NewPoolRequest | DestroyPoolRequest | PutRequest | GetRequest
     | FlushPageRequest | FlushObjectRequest | PutBatchRequest | GetBatchRequest | ListPoolsRequest
     |     NominateRequest | ShareQueryRequest | AboutToWriteRequest | StatsRequest
+    | MemReportRequest | RangeRequest
 )
 Reply = (
     HelloReply | SyncReply | NewPoolReply | EmptyReply | GetReply | PutBatchReply | GetBatchReply
-    | ListPoolsReply | NominateReply | ShareQueryReply | StatsReply
+    | ListPoolsReply | NominateReply | ShareQueryReply | StatsReply | RangeNominateReply
+    | RangeQueryReply
 )
 
 # --- payload shapes --------------------------------------------------------------------
@@ -379,6 +440,12 @@ _BATCH_ITEM = struct.Struct("<QQQII")  # oid[0..2], index, reserved
 _POOL_INFO = struct.Struct("<II16sQ")  # pool, flags, uuid, pages
 _NOMINATE_ITEM = struct.Struct("<HHIQ")  # status, reserved, reserved, handle
 _QUERY_ITEM = struct.Struct("<BBHI")  # state, reserved, reserved, share_count
+# mem total, mem available, swap total, swap free (KiB), psi some, psi full (avg10 x 100),
+# flags, reserved
+_MEM_REPORT = struct.Struct("<QQQQIIII")
+_RANGE = struct.Struct("<IIQQ")  # pid, reserved, addr, length
+_RANGE_NOMINATE_ITEM = struct.Struct("<QHHIQ")  # gfn, status, reserved, reserved, handle
+_RANGE_QUERY_ITEM = struct.Struct("<QBBHI")  # gfn, state, reserved, reserved, share_count
 
 _Parts = list[Buffer]
 
@@ -736,6 +803,82 @@ def decode_stats(blob: Buffer) -> dict[str, int | str]:
     return stats
 
 
+def _enc_mem_report(m: MemReportRequest) -> _Parts:
+    return [_MEM_REPORT.pack(m.mem_total_kib, m.mem_available_kib, m.swap_total_kib,
+                             m.swap_free_kib, m.psi_some_avg10, m.psi_full_avg10, m.flags, 0)]
+
+
+def _dec_mem_report(mv: memoryview) -> MemReportRequest:
+    _exact(mv, _MEM_REPORT.size, "MEM_REPORT")
+    total, avail, swap_total, swap_free, some, full, flags, reserved = _MEM_REPORT.unpack(mv)
+    if reserved or flags & ~int(MemReportFlag.NO_PSI):
+        raise _bad(f"MEM_REPORT has unknown flag bits {flags:#x} or a reserved field set")
+    if avail > total or swap_free > swap_total:
+        raise FrameError("MEM_REPORT: available memory above the total, or free swap above "
+                         "the total", status=int(Status.INVALID))
+    if some > MAX_PSI or full > MAX_PSI or (flags & MemReportFlag.NO_PSI and (some or full)):
+        raise FrameError(f"MEM_REPORT: PSI values {some}, {full} out of range 0..{MAX_PSI} "
+                         "(or given with NO_PSI)", status=int(Status.INVALID))
+    return MemReportRequest(total, avail, swap_total, swap_free, some, full, flags)
+
+
+def _enc_range(m: RangeRequest) -> _Parts:
+    _check_range(m.addr, m.length)
+    return [_RANGE.pack(m.pid, 0, m.addr, m.length)]
+
+
+def _check_range(addr: int, length: int) -> None:
+    if addr % PAGE_SIZE or length % PAGE_SIZE or not 0 < length <= MAX_GFNS * PAGE_SIZE:
+        raise _bad(f"a range must be page-aligned and 1..{MAX_GFNS} pages long "
+                   f"(addr {addr:#x}, length {length:#x})")
+
+
+def _dec_range(mv: memoryview) -> RangeRequest:
+    _exact(mv, _RANGE.size, "RANGE request")
+    pid, reserved, addr, length = _RANGE.unpack(mv)
+    if reserved:
+        raise _bad("RANGE request reserved field is not zero")
+    try:
+        _check_range(addr, length)
+    except FrameError as err:
+        raise FrameError(err.message, status=int(Status.INVALID)) from None
+    return RangeRequest(pid, addr, length)
+
+
+def _enc_range_nominate_rep(m: RangeNominateReply) -> _Parts:
+    _check_count(len(m.results), MAX_GFNS, "RANGE_NOMINATE reply")
+    items = [_RANGE_NOMINATE_ITEM.pack(r.gfn, r.status, 0, 0, r.handle) for r in m.results]
+    return [_U32.pack(len(m.results)), *items]
+
+
+def _dec_range_nominate_rep(mv: memoryview) -> RangeNominateReply:
+    n = _count(mv, MAX_GFNS, "RANGE_NOMINATE reply")
+    _exact(mv, 4 + n * _RANGE_NOMINATE_ITEM.size, "RANGE_NOMINATE reply")
+    results = []
+    for gfn, status, r1, r2, handle in _RANGE_NOMINATE_ITEM.iter_unpack(mv[4:]):
+        if r1 or r2:
+            raise _bad("RANGE_NOMINATE reply item reserved field is not zero")
+        results.append(RangeNominateItem(gfn, _status(status), handle))
+    return RangeNominateReply(results)
+
+
+def _enc_range_query_rep(m: RangeQueryReply) -> _Parts:
+    _check_count(len(m.results), MAX_GFNS, "RANGE_QUERY reply")
+    items = [_RANGE_QUERY_ITEM.pack(r.gfn, r.state, 0, 0, r.share_count) for r in m.results]
+    return [_U32.pack(len(m.results)), *items]
+
+
+def _dec_range_query_rep(mv: memoryview) -> RangeQueryReply:
+    n = _count(mv, MAX_GFNS, "RANGE_QUERY reply")
+    _exact(mv, 4 + n * _RANGE_QUERY_ITEM.size, "RANGE_QUERY reply")
+    results = []
+    for gfn, state, r1, r2, count in _RANGE_QUERY_ITEM.iter_unpack(mv[4:]):
+        if r1 or r2 or state not in _SHARE_STATES:
+            raise _bad(f"RANGE_QUERY reply item has state {state} or reserved bits set")
+        results.append(RangeQueryItem(gfn, ShareState(state), count))
+    return RangeQueryReply(results)
+
+
 class OpSpec(NamedTuple):
     """One row of the op table: shapes and codecs of the request and its OK reply."""
 
@@ -809,6 +952,12 @@ OPS: dict[Op, OpSpec] = {
     Op.STATS: OpSpec(StatsRequest, StatsReply, _enc_empty, _dec_empty(StatsRequest),
                      lambda m: [encode_stats(m.stats)],
                      lambda mv: StatsReply(decode_stats(mv)), True),
+    Op.MEM_REPORT: OpSpec(MemReportRequest, EmptyReply, _enc_mem_report, _dec_mem_report,
+                          *_EMPTY_REPLY, True),
+    Op.RANGE_NOMINATE: OpSpec(RangeRequest, RangeNominateReply, _enc_range, _dec_range,
+                              _enc_range_nominate_rep, _dec_range_nominate_rep, True),
+    Op.RANGE_QUERY: OpSpec(RangeRequest, RangeQueryReply, _enc_range, _dec_range,
+                           _enc_range_query_rep, _dec_range_query_rep, True),
 }
 
 # --- frames --------------------------------------------------------------------------

@@ -584,6 +584,9 @@ class AgentApp:
         return {
             "store": self.tmem.store_stats().to_dict(),
             "clients": [c.to_dict() for c in self.tmem.client_stats(guest)],
+            #: Each guest's last MEM_REPORT (the guest daemon sends one every few seconds).
+            "guest_memory": {n: g.memory_dict() for n, g in sorted(self.agent.guests.items())
+                             if (guest is None or n == guest) and g.memory is not None},
             "swap_disks": [d.describe() for n, d in sorted(self.disks.items())
                            if guest is None or n == guest],
         }

@@ -26,7 +26,7 @@ log = logging.getLogger("memd.agent")
 
 #: What this host grants when asked (dedup consent is the guest's, see GuestState).
 HOST_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS
-                        | Capability.DEDUP_OPT_IN)
+                        | Capability.DEDUP_OPT_IN | Capability.MEM_REPORT)
 
 
 class GuestSharing(Protocol):
@@ -62,10 +62,30 @@ class GuestState:
     disconnects: int = 0
     connected: bool = False
     counters: dict[str, int] = field(default_factory=dict)
+    #: The guest's last MEM_REPORT (validated by memd.wire) and when it came (time.time()).
+    memory: wire.MemReportRequest | None = None
+    memory_at: float | None = None
+    mem_reports: int = 0
 
     def on_disconnect(self) -> None:
         self.version = None
         self.connected = False
+
+    def memory_dict(self, now: float | None = None) -> dict[str, object] | None:
+        """The last memory report for operators (KiB; PSI as percent), or None."""
+        m, at = self.memory, self.memory_at
+        if m is None or at is None:
+            return None
+        psi = not m.flags & wire.MemReportFlag.NO_PSI
+        return {
+            "mem_total_kib": m.mem_total_kib, "mem_available_kib": m.mem_available_kib,
+            "swap_total_kib": m.swap_total_kib, "swap_free_kib": m.swap_free_kib,
+            "psi_some_avg10": m.psi_some_avg10 / 100 if psi else None,
+            "psi_full_avg10": m.psi_full_avg10 / 100 if psi else None,
+            "reported_at": round(at, 3),
+            "age_s": round(max(0.0, (time.time() if now is None else now) - at), 1),
+            "reports": self.mem_reports,
+        }
 
 
 class Dispatcher:
@@ -181,6 +201,14 @@ class Dispatcher:
                 return self._reply(guest, frame, wire.ListPoolsReply(self._pools(name)))
             case wire.StatsRequest():
                 return self._reply(guest, frame, wire.StatsReply(self._stats(guest)))
+            case wire.MemReportRequest():
+                if not guest.capabilities & Capability.MEM_REPORT:
+                    return self._status_reply(guest, frame, Status.UNSUPPORTED_OP,
+                                              "MEM_REPORT was not negotiated in HELLO")
+                # memd.wire validated the ranges (available <= total, PSI 0..100 %).
+                guest.memory = req
+                guest.memory_at = time.time()
+                guest.mem_reports += 1
             case wire.NominateRequest() | wire.ShareQueryRequest() | wire.AboutToWriteRequest():
                 return self._sharing(guest, frame, req)
             case _:

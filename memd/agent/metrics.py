@@ -89,6 +89,8 @@ class GuestRow:
     bad_frames: int
     disconnects: int
     reboots: int
+    #: The guest daemon's last MEM_REPORT (memd.agent.dispatch.GuestState.memory_dict).
+    memory: dict[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def snapshot_loop(app: AgentApp) -> LoopSnapshot:
         channel = agent.channels.get(name)
         rows.append(GuestRow(name, channel is not None, guest.connected, guest.requests,
                              guest.errors, guest.bad_frames, guest.disconnects,
-                             guest.reboots))
+                             guest.reboots, guest.memory_dict()))
     return LoopSnapshot(
         guests=tuple(rows),
         attached=len(agent.channels),
@@ -267,6 +269,7 @@ class AgentCollector(Collector):
                 family.add_metric([row.name], getattr(row, key))
         yield connected
         yield from families.values()
+        yield from _guest_memory(snap)
 
     def _disks(self, snap: LoopSnapshot) -> Iterator[Metric]:
         gauges = {
@@ -366,6 +369,38 @@ class AgentCollector(Collector):
             stats = self.app.sharing.manager.stats()
             yield GaugeMetricFamily("memd_sharing_sim_saved_frames", "frames the simulated "
                                     "guests' sharing manager saves", value=stats["nr_saved_mfns"])
+
+
+def _guest_memory(snap: LoopSnapshot) -> Iterator[Metric]:
+    """What each guest's daemon last reported of its memory (MEM_REPORT): the host's view
+    of a guest's memory pressure.  Guests without a report have no series."""
+    kib = {
+        "mem_total_kib": ("memd_guest_memory_total_bytes", "the guest's MemTotal"),
+        "mem_available_kib": ("memd_guest_memory_available_bytes", "the guest's MemAvailable"),
+        "swap_total_kib": ("memd_guest_swap_total_bytes", "the guest's SwapTotal"),
+        "swap_free_kib": ("memd_guest_swap_free_bytes", "the guest's SwapFree"),
+    }
+    gauges = {key: GaugeMetricFamily(name, text, labels=["vm"])
+              for key, (name, text) in kib.items()}
+    psi = GaugeMetricFamily("memd_guest_memory_pressure_ratio", "the guest's PSI memory "
+                            "avg10 (0..1; kind some or full), when its kernel has PSI",
+                            labels=["vm", "kind"])
+    age = GaugeMetricFamily("memd_guest_memory_report_age_seconds", "seconds since the "
+                            "guest's last memory report", labels=["vm"])
+    for row in snap.guests:
+        m = row.memory
+        if m is None:
+            continue
+        for key, gauge in gauges.items():
+            gauge.add_metric([row.name], float(m[key]) * 1024)  # type: ignore[arg-type]
+        for kind in ("some", "full"):
+            value = m[f"psi_{kind}_avg10"]
+            if value is not None:
+                psi.add_metric([row.name, kind], float(value) / 100)  # type: ignore[arg-type]
+        age.add_metric([row.name], float(m["age_s"]))  # type: ignore[arg-type]
+    yield from gauges.values()
+    yield psi
+    yield age
 
 
 def _latency(histograms: LatencyHistograms) -> Iterator[Metric]:

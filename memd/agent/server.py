@@ -76,6 +76,7 @@ class Channel:
             "sessions": self.sessions, "requests": g.requests, "errors": g.errors,
             "bad_frames": g.bad_frames, "reboots": g.reboots,
             "boot_id": g.boot_id.hex() if g.boot_id else None, "last_error": self.last_error,
+            "memory": g.memory_dict(),
         }
 
 

@@ -27,10 +27,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from memd.errors import MemdError, Unavailable
+from memd.errors import InvalidArgument, MemdError, Unavailable
 from memd.guest.transport import CharDeviceTransport, SocketTransport, Transport, find_port
 from memd.wire import (
     ALL_CAPABILITIES,
+    MAX_GFNS,
     MAX_REQUEST_ID,
     MAX_VERSION,
     MIN_VERSION,
@@ -69,6 +70,11 @@ from memd.wire import (
     PutBatchReply,
     PutBatchRequest,
     PutRequest,
+    RangeNominateItem,
+    RangeNominateReply,
+    RangeQueryItem,
+    RangeQueryReply,
+    RangeRequest,
     Reply,
     Request,
     ShareInfo,
@@ -94,6 +100,16 @@ R = TypeVar("R")
 
 class _ConnectionLost(Exception):
     """Internal: the stream is gone or cannot be trusted; reconnect and resync."""
+
+
+class _SessionLost(_ConnectionLost):
+    """Internal: the host answered NEED_HELLO — it forgot this session (the host agent
+    restarted while the port stayed open).  The requests it refused were not executed, so
+    they are resent after a new SYNC + HELLO whatever their op."""
+
+
+#: Session resets (NEED_HELLO) one call survives before giving up.
+_MAX_SESSION_RESETS = 3
 
 
 def read_boot_id(path: str = BOOT_ID_PATH) -> bytes:
@@ -274,12 +290,19 @@ class GuestClient:
     def _exchange(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
         results: list[Reply | ErrorReply | None] = [None] * len(requests)
         attempt = 0
+        resets = 0
         while True:
             try:
                 if self._transport is None:
                     self._connect()
                 self._run(requests, results)
                 return [r for r in results if r is not None]
+            except _SessionLost as err:
+                self._drop()
+                resets += 1
+                if resets > _MAX_SESSION_RESETS:
+                    raise Unavailable(f"the host agent keeps forgetting the session ({err})",
+                                      target="host agent") from None
             except (_ConnectionLost, OSError) as err:
                 self._drop()
                 left = [op for (op, _), r in zip(requests, results, strict=True) if r is None]
@@ -296,9 +319,10 @@ class GuestClient:
         todo = [i for i, r in enumerate(results) if r is None]
         in_flight: dict[int, int] = {}  # request id -> index into requests
         sent = 0
-        while sent < len(todo) or in_flight:
+        need_hello = False  # the host forgot the session: send no more, collect, then reset
+        while (sent < len(todo) and not need_hello) or in_flight:
             chunk = []
-            while sent < len(todo) and len(in_flight) < self.max_in_flight:
+            while sent < len(todo) and len(in_flight) < self.max_in_flight and not need_hello:
                 index = todo[sent]
                 op, msg = requests[index]
                 request_id = self._new_id()
@@ -315,9 +339,16 @@ class GuestClient:
             if frame.op != requests[index_or_none][0]:
                 raise _ConnectionLost(f"reply {frame.request_id} has the wrong opcode")
             try:
-                results[index_or_none] = decode_reply(frame)
+                reply = decode_reply(frame)
             except MemdError as err:
                 raise _ConnectionLost(f"malformed reply: {err}") from None
+            if (isinstance(reply, ErrorReply) and reply.status == Status.NEED_HELLO
+                    and frame.op not in (Op.HELLO, Op.SYNC)):
+                need_hello = True  # not executed: stays None, resent after a new HELLO
+                continue
+            results[index_or_none] = reply
+        if need_hello:
+            raise _SessionLost("the host answered NEED_HELLO: it forgot this session")
 
     def _next_frame(self, transport: Transport) -> Frame:
         deadline = time.monotonic() + self.timeout
@@ -470,6 +501,38 @@ class GuestClient:
         for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
             out.extend(self._batch_reply(Op.SHARE_QUERY, reply, ShareQueryReply, msg).results)
         return out
+
+    def _range(self, op: Op, pid: int, addr: int, length: int,
+               want: type[RangeNominateReply] | type[RangeQueryReply]) -> list[Any]:
+        """Split ``[addr, addr + length)`` into MAX_GFNS-page requests, one reply list."""
+        if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
+            raise InvalidArgument(f"a range must be page-aligned and not empty (addr {addr:#x},"
+                                  f" length {length:#x})", op=op.name)
+        step = MAX_GFNS * PAGE_SIZE
+        requests: list[tuple[Op, Request]] = [
+            (op, RangeRequest(pid, at, min(step, addr + length - at)))
+            for at in range(addr, addr + length, step)]
+        out: list[Any] = []
+        for reply in self.pipeline(requests):
+            if isinstance(reply, ErrorReply):
+                raise error_for_status(reply.status, reply.message, op=op)
+            if not isinstance(reply, RangeNominateReply | RangeQueryReply) or not isinstance(
+                    reply, want):
+                raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
+                                  target="memd-guest daemon")
+            out.extend(reply.results)
+        return out
+
+    def nominate_range(self, addr: int, length: int, pid: int = 0) -> list[RangeNominateItem]:
+        """Through the guest daemon only: nominate the pages of a virtual address range of
+        this process (``pid`` 0) or, for root or the same user, of process ``pid``; the
+        daemon resolves them to gfns (pagemap).  Per page: gfn (NO_GFN if it has no frame),
+        status, handle."""
+        return self._range(Op.RANGE_NOMINATE, pid, addr, length, RangeNominateReply)
+
+    def query_range(self, addr: int, length: int, pid: int = 0) -> list[RangeQueryItem]:
+        """Through the guest daemon only: sharing state of each page of a range."""
+        return self._range(Op.RANGE_QUERY, pid, addr, length, RangeQueryReply)
 
     def about_to_write(self, gfn: int) -> None:
         """Tell the host this gfn is about to be written: it unshares it first."""

@@ -255,3 +255,35 @@ def test_every_exported_metric_is_documented(magent: MetricsAgent) -> None:
     assert len(exported) >= 40
     assert exported <= documented, exported - documented
     a.close()
+
+
+def test_a_guests_memory_report_is_exported(magent: MetricsAgent) -> None:
+    """The guest daemon's MEM_REPORT (what the guest says of its memory) as gauges."""
+    from memd.wire import ALL_CAPABILITIES, Capability, MemReportFlag, MemReportRequest, Op
+
+    def reporter(name: str) -> GuestClient:  # as the daemon connects: proposing MEM_REPORT
+        client = magent.add_guest(name)
+        client.capabilities = ALL_CAPABILITIES | int(Capability.MEM_REPORT)
+        client.connect()
+        return client
+
+    a = reporter("vm-m")
+    a.pipeline([(Op.MEM_REPORT, MemReportRequest(262144, 200000, 1024, 512, 1234, 56, 0))])
+    b = reporter("vm-n")  # a kernel without PSI
+    b.pipeline([(Op.MEM_REPORT, MemReportRequest(4096, 100, 0, 0, 0, 0,
+                                                 int(MemReportFlag.NO_PSI)))])
+    m = magent.scrape()
+    vm = (("vm", "vm-m"),)
+    assert m[("memd_guest_memory_total_bytes", vm)] == 262144 * 1024
+    assert m[("memd_guest_memory_available_bytes", vm)] == 200000 * 1024
+    assert m[("memd_guest_swap_free_bytes", vm)] == 512 * 1024
+    assert m[("memd_guest_memory_pressure_ratio", (("kind", "some"), ("vm", "vm-m")))] == (
+        pytest.approx(0.1234))
+    assert m[("memd_guest_memory_pressure_ratio", (("kind", "full"), ("vm", "vm-m")))] == (
+        pytest.approx(0.0056))
+    assert 0 <= m[("memd_guest_memory_report_age_seconds", vm)] < 60
+    assert m[("memd_guest_memory_available_bytes", (("vm", "vm-n"),))] == 100 * 1024
+    assert not any(name == "memd_guest_memory_pressure_ratio" and ("vm", "vm-n") in labels
+                   for name, labels in m)
+    a.close()
+    b.close()

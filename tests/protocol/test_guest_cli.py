@@ -82,9 +82,9 @@ def test_cli_commands(server: FakeHostServer, capsys: pytest.CaptureFixture[str]
     code, _, err = run(server, capsys, "get", "1", "16", "3")
     assert code == 1 and "no page" in err
     assert run(server, capsys, "flush", "1", "16")[0] == 0
-    assert run(server, capsys, "nominate", "5", "6")[1] == "5 ok 1005\n6 ok 1006\n"
+    assert run(server, capsys, "nominate", "5", "0x6")[1] == "0x5 ok 1005\n0x6 ok 1006\n"
     assert run(server, capsys, "about-to-write", "5")[0] == 0
-    assert run(server, capsys, "query", "5", "6")[1] == "5 private 1\n6 nominated 1\n"
+    assert run(server, capsys, "query", "5", "6")[1] == "0x5 private 1\n0x6 nominated 1\n"
     assert run(server, capsys, "destroy-pool", "1")[0] == 0
 
 

@@ -270,3 +270,21 @@ def test_char_device_transport_over_a_raw_pty() -> None:
         thread.join(5)
         os.close(master)
         os.close(slave)
+
+
+def test_a_host_that_forgot_the_session_gets_a_new_hello_and_the_calls_again() -> None:
+    """A long-lived client (the guest daemon) on a port that stayed open while the host agent
+    restarted: the host answers NEED_HELLO; the client resyncs, says HELLO and resends — even
+    NEW_POOL, since a NEED_HELLO request was not executed."""
+    host = FakeHost()
+    client = GuestClient(lambda: MockTransport(responder=host.feed), boot_id=BOOT,
+                         reconnect_timeout=1.0)
+    pool = client.new_pool(persistent=True)
+    connects = client.connects
+    host.hello_done = False  # the agent restarted; the stream did not break
+    assert client.new_pool(persistent=True) == pool + 1  # once: not executed twice
+    assert client.connects == connects + 1
+    host.hello_done = False
+    assert client.put_batch(pool, [(3, i, page(i)) for i in range(200)]) == [Status.OK] * 200
+    assert client.get_batch(pool, [(3, i) for i in range(200)]) == [page(i) for i in range(200)]
+    assert client.connects == connects + 2

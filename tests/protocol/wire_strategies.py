@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from memd.wire import (
     MAX_BATCH,
     MAX_GFNS,
+    MAX_PSI,
     PAGE_SIZE,
     AboutToWriteRequest,
     DestroyPoolRequest,
@@ -24,6 +25,8 @@ from memd.wire import (
     HelloRequest,
     ListPoolsReply,
     ListPoolsRequest,
+    MemReportFlag,
+    MemReportRequest,
     NewPoolReply,
     NewPoolRequest,
     NominateReply,
@@ -35,6 +38,11 @@ from memd.wire import (
     PutBatchReply,
     PutBatchRequest,
     PutRequest,
+    RangeNominateItem,
+    RangeNominateReply,
+    RangeQueryItem,
+    RangeQueryReply,
+    RangeRequest,
     ShareInfo,
     ShareQueryReply,
     ShareQueryRequest,
@@ -83,6 +91,9 @@ stat_values = st.one_of(st.integers(0, 1 << 62),
                         st.text(st.characters(blacklist_characters="\n\r",
                                               blacklist_categories=NO_DIGITS), max_size=16))
 
+_page_addrs = st.integers(0, (1 << 52) - 1).map(lambda p: p * PAGE_SIZE)
+_range_lengths = st.integers(1, MAX_GFNS).map(lambda n: n * PAGE_SIZE)
+
 REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
     Op.HELLO: st.builds(lambda lo, d, c, b: HelloRequest(lo, min(255, lo + d), c, b),
                         st.integers(1, 255), st.integers(0, 3), u32, uuids),
@@ -101,6 +112,14 @@ REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
     Op.SHARE_QUERY: st.builds(ShareQueryRequest, _gfns()),
     Op.ABOUT_TO_WRITE: st.builds(AboutToWriteRequest, u64),
     Op.STATS: st.just(StatsRequest()),
+    Op.MEM_REPORT: st.one_of(
+        st.builds(lambda total, avail, swap, free, some, full: MemReportRequest(
+            total, min(avail, total), swap, min(free, swap), some, min(full, some), 0),
+            u64, u64, u64, u64, st.integers(0, MAX_PSI), st.integers(0, MAX_PSI)),
+        st.builds(lambda total, avail: MemReportRequest(total, min(avail, total), 0, 0, 0, 0,
+                                                        int(MemReportFlag.NO_PSI)), u64, u64)),
+    Op.RANGE_NOMINATE: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
+    Op.RANGE_QUERY: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
 }
 
 REPLIES: dict[Op, st.SearchStrategy[Any]] = {
@@ -124,6 +143,12 @@ REPLIES: dict[Op, st.SearchStrategy[Any]] = {
         st.builds(ShareInfo, st.sampled_from(list(ShareState)), u32), min_size=1, max_size=16)),
     Op.ABOUT_TO_WRITE: st.just(EmptyReply()),
     Op.STATS: st.builds(StatsReply, st.dictionaries(stat_keys, stat_values, max_size=8)),
+    Op.MEM_REPORT: st.just(EmptyReply()),
+    Op.RANGE_NOMINATE: st.builds(RangeNominateReply, st.lists(
+        st.builds(RangeNominateItem, u64, statuses, u64), min_size=1, max_size=16)),
+    Op.RANGE_QUERY: st.builds(RangeQueryReply, st.lists(
+        st.builds(RangeQueryItem, u64, st.sampled_from(list(ShareState)), u32), min_size=1,
+        max_size=16)),
 }
 
 

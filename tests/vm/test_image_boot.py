@@ -23,8 +23,9 @@ EXTRA_PORT = "org.memd.test"
 
 @pytest.fixture(scope="module")
 def guest(vm_image: ImagePaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
+    # memd.daemon=0: no guest daemon holding org.memd.0, which these tests open directly.
     vm = GuestVM(vm_image, tmp_path_factory.mktemp("boot"), name="smoke",
-                 ports=(CHANNEL_NAME, EXTRA_PORT))
+                 ports=(CHANNEL_NAME, EXTRA_PORT), append="memd.daemon=0")
     with vm:
         yield vm
 
