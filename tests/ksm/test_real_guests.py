@@ -27,6 +27,7 @@ NPAGES = 32
 # /tmp/go → write the pages; /tmp/exit → end (the buffer stays mapped until then).
 GUEST_SCRIPT = r'''
 import os, time
+from memd.guest.cli import daemon_client
 from memd.guest.client import GuestClient
 N = @NPAGES@
 # python3-minimal has neither mmap nor ctypes: find a bytearray's buffer through
@@ -48,7 +49,9 @@ with open("/proc/self/pagemap", "rb") as f:
     raw = f.read(N * 8)
 gfns = [int.from_bytes(raw[i * 8:i * 8 + 8], "little") & ((1 << 55) - 1) for i in range(N)]
 out = {"gfns": gfns}
-with GuestClient.for_port() as c:
+# The image's guest daemon owns the port: go through it (as memd-guest does), or open the
+# port when no daemon runs.
+with (daemon_client() or GuestClient.for_port()) as c:
     out["nominate"] = [[int(r.status), r.handle] for r in c.nominate(gfns)]
     deadline = time.time() + 90
     while True:
