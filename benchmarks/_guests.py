@@ -30,11 +30,19 @@ class BenchGuest:
     """One TCG guest booted from ``image``, its sockets and logs in ``workdir``."""
 
     def __init__(
-        self, image: ImagePaths, workdir: Path, *, name: str, memory_mib: int = 256
+        self,
+        image: ImagePaths,
+        workdir: Path,
+        *,
+        name: str,
+        memory_mib: int = 256,
+        append: str = "",
     ) -> None:
         self.image = image
         self.name = name
         self.memory_mib = memory_mib
+        #: Extra kernel command line (e.g. ``memmap=52M$128M``: RAM the guest keeps off).
+        self.append = append
         workdir.mkdir(parents=True, exist_ok=True)
         self.console_socket = workdir / f"{name}.console.sock"
         self.qmp_socket = workdir / f"{name}.qmp.sock"
@@ -53,6 +61,7 @@ class BenchGuest:
             self.image,
             name=self.name,
             memory_mib=self.memory_mib,
+            append=self.append,
             console_socket=self.console_socket,
             qmp_socket=self.qmp_socket,
             start_paused=True,
@@ -150,10 +159,17 @@ class BenchGuest:
 
 
 def boot_many(
-    image: ImagePaths, workdir: Path, names: list[str], *, memory_mib: int = 256
+    image: ImagePaths,
+    workdir: Path,
+    names: list[str],
+    *,
+    memory_mib: int = 256,
+    append: str = "",
 ) -> list[BenchGuest]:
     """Boot guests in parallel threads; on any failure stop them all and re-raise."""
-    guests = [BenchGuest(image, workdir, name=n, memory_mib=memory_mib) for n in names]
+    guests = [
+        BenchGuest(image, workdir, name=n, memory_mib=memory_mib, append=append) for n in names
+    ]
     errors: list[BaseException] = []
 
     def start(guest: BenchGuest) -> None:

@@ -24,7 +24,7 @@ want_all=0
 # package's own service (started by systemd where there is one, on :9090) is left alone.
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd
-          nbdkit libnbd-bin python3-libnbd prometheus)
+          nbdkit libnbd-bin python3-libnbd prometheus ksmtuned)
 
 apt_install() {
     local missing=()
@@ -41,8 +41,16 @@ apt_install() {
 }
 
 PY=${PYTHON:-python3}
+had_ksmtuned=0
+dpkg-query -W -f='${Status}' ksmtuned 2>/dev/null | grep -q "install ok installed" && had_ksmtuned=1
 if command -v apt-get >/dev/null; then
     if ((want_all)); then apt_install "${DEBS_ALL[@]}"; fi
+fi
+# ksmtuned is installed only as a peer the KSM benchmark runs by hand: its package enables
+# ksm.service and ksmtuned.service, which would retune KSM under memd and the tests.  Only
+# when this run installed it: a host that had it keeps its operator's choice.
+if ((want_all && !had_ksmtuned)) && command -v systemctl >/dev/null; then
+    systemctl disable --now ksmtuned.service ksm.service >/dev/null 2>&1 || true
 fi
 
 # /dev/kvm as Debian's udev rule leaves it (root:kvm 0660; libvirt-qemu is in group kvm).
