@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from memd import paths
 from memd.errors import BackendError, PermissionDenied, Unavailable
 
 log = logging.getLogger("memd.ksm")
 
 KSM_DIR = Path("/sys/kernel/mm/ksm")
-BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+BOOT_ID = paths.HOST_BOOT_ID
 
 #: ``run`` values.
 RUN_STOP, RUN_MERGE, RUN_UNMERGE = 0, 1, 2

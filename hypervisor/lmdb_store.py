@@ -64,6 +64,7 @@ import lmdb
 import numpy as np
 import numpy.typing as npt
 
+from memd import paths
 from memd.errors import BackendError, NoSpace
 from tmem.durable import (
     BLOB_DTYPE,
@@ -112,13 +113,6 @@ def _expand_chunks(keys: list[bytes], values: list[bytes]) -> npt.NDArray[np.voi
     return pages
 
 
-def _host_boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
 def map_size_for(budget_bytes: int) -> int:
     """The LMDB map size for a budget: budget plus slack, in whole MiB."""
     size = budget_bytes + max(MIN_SLACK, budget_bytes // 4)
@@ -148,7 +142,7 @@ class LmdbStore:
         self.path = Path(path)
         self.durable = durable
         if host_boot_id is None:
-            host_boot_id = _host_boot_id()
+            host_boot_id = paths.host_boot_id()
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._lockfd = os.open(self.path / "memd.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:

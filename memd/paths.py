@@ -56,10 +56,14 @@ def tmem_store() -> Path:
     return run_dir() / "store"
 
 
+#: The kernel's random id of this host boot.
+HOST_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
 def host_boot_id() -> str:
     """This boot of the host (the kernel's random boot id): state written under another
     boot id describes guests and knobs that no longer exist."""
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return HOST_BOOT_ID.read_text().strip()
     except OSError:
         return "unknown"
