@@ -12,34 +12,23 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 
+from memd import paths
 from memd.errors import PermissionDenied, Unavailable
 
 LIBVIRTD_SOCKET = "/run/libvirt/libvirt-sock"
 VIRTLOGD_SOCKET = "/run/libvirt/virtlogd-sock"
 
 
-def socket_accepts(path: str) -> bool:
-    """True if something accepts connections on the unix socket ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-        return True
-
-
 def libvirtd_running() -> bool:
-    return socket_accepts(LIBVIRTD_SOCKET)
+    return paths.socket_accepts(LIBVIRTD_SOCKET)
 
 
 def _start_daemon(binary: str, sock: str, timeout: float) -> bool:
     """Start ``binary -d`` unless ``sock`` already answers; True if this call started it."""
-    if socket_accepts(sock):
+    if paths.socket_accepts(sock):
         return False
     exe = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
     if exe is None:
@@ -49,7 +38,7 @@ def _start_daemon(binary: str, sock: str, timeout: float) -> bool:
     result = subprocess.run([exe, "-d"], capture_output=True, text=True, timeout=timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if socket_accepts(sock):
+        if paths.socket_accepts(sock):
             return True
         time.sleep(0.05)
     raise Unavailable(f"{binary} did not start within {timeout:g} s: "
@@ -62,7 +51,7 @@ def ensure_libvirtd(timeout: float = 15.0) -> bool:
     Raises PermissionDenied when a daemon must be started and we are not root, and
     Unavailable when the binaries are missing or a daemon does not come up in time.
     """
-    if libvirtd_running() and socket_accepts(VIRTLOGD_SOCKET):
+    if libvirtd_running() and paths.socket_accepts(VIRTLOGD_SOCKET):
         return False
     if os.geteuid() != 0:
         raise PermissionDenied("libvirtd is not running and only root can start it")

@@ -21,6 +21,7 @@ directory: the component that writes a file makes its parent (mode 0700/0750).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 PRODUCTION_RUN_DIR = Path("/run/memd")
@@ -67,3 +68,15 @@ def host_boot_id() -> str:
         return HOST_BOOT_ID.read_text().strip()
     except OSError:
         return "unknown"
+
+
+def socket_accepts(path: str | Path, timeout: float = 1.0) -> bool:
+    """True if something accepts connections on the unix socket ``path``: a live agent or
+    daemon is there, where a socket file alone may be left over from a crash."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return False
+        return True

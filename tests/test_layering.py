@@ -22,7 +22,7 @@ ALLOWED = {
     "memd.wire": ("memd.errors",),
     "memd.guest": ("memd.errors", "memd.wire", "memd.guest"),
     # The NBD server: its codec and export sit beside tmem; only memd.nbd.server does I/O.
-    "memd.nbd": ("memd.errors", "memd.nbd", "tmem"),
+    "memd.nbd": ("memd.errors", "memd.paths", "memd.nbd", "tmem"),
     "tmem": ("memd.errors", "tmem"),
     "sharing": ("memd.errors", "sharing"),
     "hypervisor": ("memd.errors", "memd.paths", "memd.wire", "tmem", "sharing", "hypervisor"),

@@ -49,7 +49,7 @@ class ControlServer:
     async def start(self, path: str) -> None:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         if os.path.exists(path):
-            if _is_live(path):
+            if paths.socket_accepts(path):
                 raise BackendError(f"another memd agent is already serving {path}", target=path)
             os.unlink(path)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
@@ -115,15 +115,6 @@ def _peer_allowed(sock: socket.socket | None) -> bool:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
     return uid in (0, os.getuid())
-
-
-def _is_live(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-        return True
 
 
 def call(cmd: str, args: dict[str, Any] | None = None, *, path: str | None = None,

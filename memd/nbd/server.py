@@ -37,6 +37,7 @@ import socket
 import struct
 from typing import Any
 
+from memd import paths
 from memd.errors import BackendError, NbdProtocolError
 from memd.nbd.export import TRANSMISSION_FLAGS, SwapDisk
 from memd.nbd.handshake import Closed, ExportInfo, Negotiated, ServerHandshake
@@ -75,7 +76,7 @@ class NbdServer:
 
     async def start(self) -> None:
         if os.path.exists(self.path):
-            if _is_live(self.path):
+            if paths.socket_accepts(self.path):
                 raise BackendError(f"something already serves {self.path}", target=self.path)
             os.unlink(self.path)
         loop = asyncio.get_running_loop()
@@ -318,13 +319,3 @@ class _NbdConnection(asyncio.Protocol):
                 self._wake.set()
                 return
             transport.writelines(self.server.disk.execute(batch))
-
-
-def _is_live(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
