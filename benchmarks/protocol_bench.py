@@ -50,7 +50,7 @@ from memd import wire
 from memd.guest.client import GuestClient
 from memd.wire import Op
 from tmem.host import TmemHost
-from tmem.types import PoolFlags
+from tmem.types import PoolFlag
 
 BUDGET = 1 << 40  # never the limit: this measures the path, not eviction
 CAPABILITIES = wire.ALL_CAPABILITIES | int(wire.Capability.DEDUP_OPT_IN)
@@ -89,7 +89,7 @@ def in_process(pages: list[bytes], batch: int, runs: int, unbatched: int) -> dic
     def fresh_pool() -> None:
         if pools:
             host.destroy_pool("bench", pools.pop())
-        pools.append(host.new_pool("bench", PoolFlags.PERSISTENT))
+        pools.append(host.new_pool("bench", PoolFlag.PERSISTENT))
 
     def put_batched() -> None:
         pool = pools[0]
@@ -111,7 +111,7 @@ def in_process(pages: list[bytes], batch: int, runs: int, unbatched: int) -> dic
     def fresh_single_pool() -> None:
         if len(pools) > 1:
             host.destroy_pool("bench", pools.pop())
-        pools.append(host.new_pool("bench", PoolFlags.PERSISTENT))
+        pools.append(host.new_pool("bench", PoolFlag.PERSISTENT))
 
     def get_single() -> None:
         for oid, index in handles[:unbatched]:

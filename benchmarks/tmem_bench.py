@@ -36,7 +36,7 @@ import lz4.block
 
 from hypervisor.lmdb_store import LmdbStore
 from tmem.host import TmemHost
-from tmem.types import PAGE_SIZE, PoolFlags
+from tmem.types import PAGE_SIZE, PoolFlag
 
 _WORDS = [
     b"the", b"kernel", b"page", b"memory", b"guest", b"host", b"virtio", b"struct",
@@ -140,7 +140,7 @@ def persistent(pages: list[bytes], handles: list[tuple[tuple[int, int, int], int
         store = LmdbStore(where, budget_bytes=budget, durable=durable)
         host = TmemHost(budget_bytes=budget, log=store)
         host.add_client("bench", dedup=True)
-        pool = host.new_pool("bench", PoolFlags.PERSISTENT)
+        pool = host.new_pool("bench", PoolFlag.PERSISTENT)
         t0 = time.perf_counter()
         if batched:
             for i in range(0, count, batch):
@@ -216,7 +216,7 @@ def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None,
     def fresh() -> tuple[TmemHost, int]:
         host = TmemHost(budget_bytes=1 << 40)
         host.add_client("bench", dedup=True)
-        return host, host.new_pool("bench", PoolFlags.PERSISTENT)
+        return host, host.new_pool("bench", PoolFlag.PERSISTENT)
 
     holder: dict[str, TmemHost] = {}
 

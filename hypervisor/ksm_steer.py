@@ -48,9 +48,9 @@ from typing import Any
 
 from hypervisor import ksm
 from hypervisor.potential import Potential, PotentialScanner
-from hypervisor.procmem import PAGE_SIZE
 from hypervisor.qemu_machine import QemuGuest, QemuMachine
 from memd.errors import BackendError
+from memd.vocab import PAGE_SIZE
 from sharing.ground_truth import compute
 
 log = logging.getLogger("memd.ksm")

@@ -24,9 +24,8 @@ import numpy.typing as npt
 
 from hypervisor.qmp import FlatRange, parse_mtree_flat
 from memd.errors import CommandFailed
+from memd.vocab import PAGE_SHIFT, PAGE_SIZE
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
 _RAM_KINDS = ("ram", "rom")
 
 

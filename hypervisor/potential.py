@@ -39,8 +39,9 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from hypervisor.procmem import PAGE_SHIFT, PAGE_SIZE, page_runs
+from hypervisor.procmem import page_runs
 from hypervisor.qemu_machine import QemuGuest, QemuMachine
+from memd.vocab import PAGE_SHIFT, PAGE_SIZE
 from sharing.ground_truth import compute
 
 U64 = npt.NDArray[np.uint64]

@@ -28,9 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from memd.errors import BackendError, NotFound, PermissionDenied
-
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+from memd.vocab import PAGE_SHIFT, PAGE_SIZE
 
 PM_PFN_MASK = (1 << 55) - 1
 PM_SOFT_DIRTY = 1 << 55

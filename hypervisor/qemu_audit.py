@@ -21,7 +21,6 @@ from hypervisor import ksm
 from hypervisor.procmem import (
     KPF_KSM,
     KPF_ZERO_PAGE,
-    PAGE_SHIFT,
     PM_EXCLUSIVE,
     PM_PFN_MASK,
     PM_PRESENT,
@@ -32,6 +31,7 @@ from hypervisor.procmem import (
 )
 from hypervisor.qemu_machine import QemuMachine
 from memd.errors import BackendError, NoSuchDomain, SharingError
+from memd.vocab import PAGE_SHIFT
 from sharing.ground_truth import GroundTruth, Ledger, compare_ledger, untracked_shared
 
 #: Frames listed under ``top_frames``, and gfns listed per frame there.

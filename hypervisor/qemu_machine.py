@@ -44,8 +44,6 @@ from hypervisor.mtree import RamLayout, parse_ram_layout
 from hypervisor.procmem import (
     KPF_KSM,
     KPF_ZERO_PAGE,
-    PAGE_SHIFT,
-    PAGE_SIZE,
     KernelPages,
     ProcessMemory,
     has_flag,
@@ -56,6 +54,7 @@ from hypervisor.procmem import (
 )
 from hypervisor.qmp import Monitor, qom_set_merge, query_memdev
 from memd.errors import BackendError, CommandFailed, NoSuchDomain, SharingError
+from memd.vocab import PAGE_SHIFT, PAGE_SIZE
 from sharing.ground_truth import GroundTruth, compute
 from sharing.machine import (
     DOMID_COW,

@@ -45,11 +45,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from memd.errors import NoSuchDomain, OutOfFrames, SharingError
+from memd.vocab import PAGE_SIZE
 from sharing.machine import (
     DOMID_FREE,
     DOMID_MAX,
     INVALID_MFN,
-    PAGE_SIZE,
     Int32Array,
     Int64Array,
     PageType,

@@ -52,8 +52,10 @@ _BOOT_FILE = re.compile(r"<(kernel|initrd)>([^<]+)</\1>")
 
 # Everything build.sh reads from the tree; a change to any of them means a new image.
 _BUILD_FILES = ("build.sh", "init", "inittab", "profile", "memd-port-links")
-# Files of the guest agent that go into the image (memd.guest may import only these two modules).
-_AGENT_GLOBS = ("memd/__init__.py", "memd/errors.py", "memd/wire.py", "memd/guest/*.py")
+# Files of the guest agent that go into the image (memd.guest may import only these modules).
+_AGENT_GLOBS = (
+    "memd/__init__.py", "memd/errors.py", "memd/vocab.py", "memd/wire.py", "memd/guest/*.py",
+)
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,12 @@ from memd.errors import (
     VersionError,
 )
 
+# The shared vocabulary, re-exported: the protocol's callers name it from here.
+from memd.vocab import MAX_BATCH as MAX_BATCH
+from memd.vocab import PAGE_SIZE as PAGE_SIZE
+from memd.vocab import Oid as Oid
+from memd.vocab import PoolFlag as PoolFlag
+
 # --- constants and limits ------------------------------------------------------------
 
 #: virtio-serial port name the guest looks for under /sys/class/virtio-ports/*/name.
@@ -70,10 +76,8 @@ RESYNC_MARKER = b"\xff" * 8
 PROTOCOL_VERSION = 1
 MIN_VERSION = 1
 MAX_VERSION = 1
-PAGE_SIZE = 4096
 
 MAX_PAYLOAD = 1 << 20  #: payload bytes of one frame (header excluded)
-MAX_BATCH = 128  #: pages in one PUT_BATCH / GET_BATCH
 MAX_GFNS = 4096  #: gfns in one NOMINATE / SHARE_QUERY
 MAX_POOLS = 1024  #: entries in one LIST_POOLS reply
 MAX_STATS = 64 * 1024  #: bytes of the STATS text
@@ -145,11 +149,6 @@ class FrameFlag(IntFlag):
 KNOWN_FRAME_FLAGS = int(FrameFlag.REPLY)
 
 
-class PoolFlag(IntFlag):
-    PERSISTENT = 0x1
-    SHARED = 0x2
-
-
 class Capability(IntFlag):
     """Hello capability bits: the guest proposes, the host answers the subset it grants."""
 
@@ -171,7 +170,6 @@ class ShareState(IntEnum):
 
 
 Buffer = bytes | bytearray | memoryview
-Oid = tuple[int, int, int]
 #: A page handle inside a pool: (object id, page index).
 Handle = tuple[Oid, int]
 

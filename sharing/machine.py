@@ -53,8 +53,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-PAGE_SIZE = 4096
-
 #: Owner of a frame that carries a sharing record (Xen's ``dom_cow``).
 DOMID_COW = 0x7FF1
 #: Owner of a free frame.

@@ -18,16 +18,18 @@ IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvir
 # package prefix -> project modules it may import (by prefix)
 ALLOWED = {
     "memd.errors": (),
+    "memd.vocab": (),
     "memd.paths": (),
-    "memd.wire": ("memd.errors",),
-    "memd.guest": ("memd.errors", "memd.wire", "memd.guest"),
+    "memd.wire": ("memd.errors", "memd.vocab"),
+    "memd.guest": ("memd.errors", "memd.vocab", "memd.wire", "memd.guest"),
     # The NBD server: its codec and export sit beside tmem; only memd.nbd.server does I/O.
-    "memd.nbd": ("memd.errors", "memd.paths", "memd.nbd", "tmem"),
-    "tmem": ("memd.errors", "tmem"),
-    "sharing": ("memd.errors", "sharing"),
-    "hypervisor": ("memd.errors", "memd.paths", "memd.wire", "tmem", "sharing", "hypervisor"),
-    "memd.agent": ("memd.errors", "memd.paths", "memd.wire", "memd.agent", "memd.nbd", "tmem",
-                   "sharing", "hypervisor"),
+    "memd.nbd": ("memd.errors", "memd.vocab", "memd.paths", "memd.nbd", "tmem"),
+    "tmem": ("memd.errors", "memd.vocab", "tmem"),
+    "sharing": ("memd.errors", "memd.vocab", "sharing"),
+    "hypervisor": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "tmem", "sharing",
+                   "hypervisor"),
+    "memd.agent": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "memd.agent",
+                   "memd.nbd", "tmem", "sharing", "hypervisor"),
 }
 
 

@@ -92,7 +92,7 @@ from tmem.types import (
     ClientStats,
     Oid,
     OpCounters,
-    PoolFlags,
+    PoolFlag,
     PoolStats,
     StoreStats,
     check_index,
@@ -380,11 +380,11 @@ class TmemHost:
         """Create (or, for a shared pool, join) a pool; return the client's pool id."""
         op = "new_pool"
         # A plain-int mask: ~ of an IntFlag only complements within the enum's own bits.
-        known = int(PoolFlags.PERSISTENT) | int(PoolFlags.SHARED)
+        known = int(PoolFlag.PERSISTENT) | int(PoolFlag.SHARED)
         if not isinstance(flags, int) or isinstance(flags, bool) or int(flags) & ~known:
             raise InvalidArgument("unknown pool flags", op=op, client=name)
-        persistent = bool(flags & PoolFlags.PERSISTENT)
-        shared = bool(flags & PoolFlags.SHARED)
+        persistent = bool(flags & PoolFlag.PERSISTENT)
+        shared = bool(flags & PoolFlag.SHARED)
         if shared and persistent:
             raise InvalidArgument("shared persistent pools are not supported", op=op, client=name)
         key = _uuid_bytes(pool_uuid, op) if shared else None
@@ -404,7 +404,7 @@ class TmemHost:
         op = "new_pool_at"
         if type(pool_id) is not int or not 0 <= pool_id < MAX_POOLS_PER_CLIENT:
             raise InvalidArgument("pool id out of range", op=op, client=name)
-        if not isinstance(flags, int) or int(flags) & ~int(PoolFlags.PERSISTENT):
+        if not isinstance(flags, int) or int(flags) & ~int(PoolFlag.PERSISTENT):
             raise InvalidArgument("only private pools are placed by id", op=op, client=name)
         with self._writing():
             client = self._client(name, op)
@@ -412,7 +412,7 @@ class TmemHost:
                 raise InvalidArgument("pool id already in use", op=op, client=name,
                                       pool=pool_id)
             return self._new_pool_locked(
-                client, pool_id, bool(flags & PoolFlags.PERSISTENT), False, None, op)
+                client, pool_id, bool(flags & PoolFlag.PERSISTENT), False, None, op)
 
     def _new_pool_locked(
         self, client: _Client, local: int, persistent: bool, shared: bool, key: bytes | None,
@@ -557,15 +557,15 @@ class TmemHost:
             return sorted(self._clients)
 
     def pool_ids(self, name: str) -> list[tuple[int, int]]:
-        """(local pool id, PoolFlags) of each pool the client has."""
+        """(local pool id, PoolFlag) of each pool the client has."""
         with self._lock:
             client = self._client(name, "list_pools")
             out = []
             for local, gid in enumerate(client.pools):
                 if gid is not None:
                     pool = self._pools[gid]
-                    flags = (PoolFlags.PERSISTENT if pool.persistent else 0) | (
-                        PoolFlags.SHARED if pool.shared else 0
+                    flags = (PoolFlag.PERSISTENT if pool.persistent else 0) | (
+                        PoolFlag.SHARED if pool.shared else 0
                     )
                     out.append((local, int(flags)))
             return out

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from memd.vocab import PAGE_SIZE
+
 GRAIN = 32
 NUM_CLASSES = PAGE_SIZE // GRAIN
 CHUNK_BYTES = 64 * 1024

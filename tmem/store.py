@@ -47,9 +47,10 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from memd.vocab import PAGE_SIZE
 from tmem.durable import EXTERNAL_SCOPE, PersistentLog
 from tmem.idtable import IdTable
-from tmem.slab import PAGE_SIZE, SlabArena
+from tmem.slab import SlabArena
 
 ZERO_BLOB = 0
 #: ``loc`` of a blob whose payload lives in the persistent log.

@@ -9,28 +9,22 @@ structure (Xen's tmem had a security advisory for missing exactly these checks).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, fields
 from typing import Any
 
 from memd.errors import InvalidArgument
 
-PAGE_SIZE = 4096
+# Re-exported: tmem's callers name the shared vocabulary from here.
+from memd.vocab import MAX_BATCH as MAX_BATCH
+from memd.vocab import PAGE_SIZE as PAGE_SIZE
+from memd.vocab import Oid as Oid
+from memd.vocab import PoolFlag as PoolFlag
+
 MAX_POOLS_PER_CLIENT = 16
 MAX_INDEX = (1 << 32) - 1
 MAX_OID_WORD = (1 << 64) - 1
-MAX_BATCH = 256
 DEFAULT_WEIGHT = 100
 
-Oid = tuple[int, int, int]
-
-
-class PoolFlags(enum.IntFlag):
-    """Pool kind, as a guest asks for it in new_pool."""
-
-    EPHEMERAL = 0
-    PERSISTENT = 1
-    SHARED = 2
 
 
 def check_oid(oid: Any, op: str) -> Oid:

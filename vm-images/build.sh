@@ -172,10 +172,10 @@ printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
 printf 'root:x:0:\n' > "$root/etc/group"
 printf 'memd-guest\n' > "$root/etc/hostname"
 
-# The agent: memd/__init__.py, memd/errors.py, memd/wire.py and memd/guest/ (stdlib-only by rule).
+# The agent: memd/__init__.py, memd/errors.py, memd/vocab.py, memd/wire.py and memd/guest/ (stdlib-only by rule).
 agent=$root/usr/lib/memd
 mkdir -p "$agent/memd"
-for f in __init__.py errors.py wire.py; do
+for f in __init__.py errors.py vocab.py wire.py; do
     [[ -f "$src/memd/$f" ]] && install -m 0644 "$src/memd/$f" "$agent/memd/$f"
 done
 if [[ -d "$src/memd/guest" ]]; then

@@ -20,7 +20,7 @@ from memd.agent.latency import LatencyHistograms
 from memd.errors import FrameError, MemdError, NoSuchPool
 from memd.wire import Capability, Op, Status
 from tmem.host import TmemHost
-from tmem.types import PoolFlags
+from tmem.types import PoolFlag
 
 log = logging.getLogger("memd.agent")
 
@@ -169,8 +169,8 @@ class Dispatcher:
                 if req.page_size != wire.PAGE_SIZE:
                     return self._status_reply(guest, frame, Status.INVALID,
                                               f"page size must be {wire.PAGE_SIZE}")
-                flags = (PoolFlags.PERSISTENT if req.flags & wire.PoolFlag.PERSISTENT else 0) | (
-                    PoolFlags.SHARED if req.flags & wire.PoolFlag.SHARED else 0)
+                flags = (PoolFlag.PERSISTENT if req.flags & wire.PoolFlag.PERSISTENT else 0) | (
+                    PoolFlag.SHARED if req.flags & wire.PoolFlag.SHARED else 0)
                 pool = tmem.new_pool(name, int(flags),
                                      req.uuid if req.flags & wire.PoolFlag.SHARED else None)
                 return self._reply(guest, frame, wire.NewPoolReply(pool))

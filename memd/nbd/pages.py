@@ -27,7 +27,7 @@ from typing import Final, Protocol
 
 from memd.errors import DataLost, NoSpace, TmemError
 from tmem.host import TmemHost
-from tmem.types import MAX_BATCH, MAX_POOLS_PER_CLIENT, PoolFlags
+from tmem.types import MAX_BATCH, MAX_POOLS_PER_CLIENT, PoolFlag
 
 log = logging.getLogger("memd.nbd")
 
@@ -78,8 +78,8 @@ class DiskPages:
         tmem.add_client(guest, cap_pages=cap_pages)
         existing = dict(tmem.pool_ids(guest))
         if DISK_POOL_ID not in existing:
-            tmem.new_pool_at(guest, DISK_POOL_ID, int(PoolFlags.PERSISTENT))
-        elif not existing[DISK_POOL_ID] & PoolFlags.PERSISTENT:
+            tmem.new_pool_at(guest, DISK_POOL_ID, int(PoolFlag.PERSISTENT))
+        elif not existing[DISK_POOL_ID] & PoolFlag.PERSISTENT:
             # A guest filled all its pools over its channel before the disk came.
             raise ValueError(f"{guest}: pool {DISK_POOL_ID} is not persistent")
         restored = DISK_POOL_ID in existing

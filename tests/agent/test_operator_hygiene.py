@@ -17,7 +17,7 @@ from memd import paths
 from memd.agent.app import AgentApp
 from memd.cli import main
 from tests.agent.conftest import RunningAgent
-from tmem.types import PoolFlags
+from tmem.types import PoolFlag
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -113,7 +113,7 @@ def test_budget_below_persistent_use_warns(
 
 def _persistent_client(app: AgentApp, name: str, pages: int) -> None:
     app.tmem.add_client(name)
-    pool = app.tmem.new_pool(name, PoolFlags.PERSISTENT)
+    pool = app.tmem.new_pool(name, PoolFlag.PERSISTENT)
     for i in range(pages):
         app.tmem.put(name, pool, (1, 0, 0), i, bytes([i % 251 + 1]) * 4096)
 
@@ -207,7 +207,7 @@ def test_json_into_a_closed_pipe_is_quiet(agent: RunningAgent) -> None:
     for n in range(16):
         agent.app.tmem.add_client(f"vm-pipe{n}")
         for _ in range(16):
-            agent.app.tmem.new_pool(f"vm-pipe{n}", PoolFlags.EPHEMERAL)
+            agent.app.tmem.new_pool(f"vm-pipe{n}", PoolFlag.EPHEMERAL)
     proc = subprocess.run(
         f"{sys.executable} -m memd.cli --socket {agent.control} pools --json | head -1",
         shell=True, capture_output=True, text=True, timeout=60, check=False)

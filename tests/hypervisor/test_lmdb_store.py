@@ -19,9 +19,9 @@ from memd.errors import NoSpace
 from tests.tmem.conftest import OID, random_page, text_page
 from tests.tmem.test_durable import DurableMachine
 from tmem.host import TmemHost
-from tmem.types import PAGE_SIZE, PoolFlags
+from tmem.types import PAGE_SIZE, PoolFlag
 
-P = int(PoolFlags.PERSISTENT)
+P = int(PoolFlag.PERSISTENT)
 
 
 def open_host(path: Path, budget: int = 32 << 20) -> tuple[TmemHost, LmdbStore, list[str]]:

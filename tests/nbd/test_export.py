@@ -15,7 +15,7 @@ from memd.nbd.proto import Cmd, Errno
 from memd.nbd.transmission import Rejected, Request
 from tests.tmem.fake_log import FakeLog
 from tmem.host import TmemHost
-from tmem.types import PoolFlags
+from tmem.types import PoolFlag
 
 PAGE = 4096
 SIZE = 64 * PAGE
@@ -153,7 +153,7 @@ def test_disk_pool_is_the_guests_persistent_pool_15_and_survives_a_crash() -> No
     log = FakeLog()
     host = TmemHost(64 << 20, log=log)
     disk = SwapDisk(host, "vm", SIZE)
-    assert (DISK_POOL_ID, int(PoolFlags.PERSISTENT)) in host.pool_ids("vm")
+    assert (DISK_POOL_ID, int(PoolFlag.PERSISTENT)) in host.pool_ids("vm")
     disk.execute([req(Cmd.WRITE, PAGE, data=b"\x5a" * PAGE)])
     crashed = log.crashed()  # what the store holds if the agent died right now
     other = TmemHost(64 << 20, log=crashed)

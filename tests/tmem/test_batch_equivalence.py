@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tmem.host import TmemHost
-from tmem.types import PAGE_SIZE, PoolFlags
+from tmem.types import PAGE_SIZE, PoolFlag
 
 handles = st.tuples(st.sampled_from([(0, 0, 1), (0, 0, 2), (5, 5, 5)]), st.integers(0, 130))
 contents = st.sampled_from([bytes(PAGE_SIZE), b"a" * PAGE_SIZE, b"ab" * 2048,
@@ -18,7 +18,7 @@ batches = st.lists(st.lists(st.tuples(handles, contents), min_size=1, max_size=4
 def _host() -> tuple[TmemHost, int]:
     host = TmemHost(budget_bytes=64 << 20)
     host.add_client("vm", dedup=True)
-    return host, host.new_pool("vm", PoolFlags.PERSISTENT)
+    return host, host.new_pool("vm", PoolFlag.PERSISTENT)
 
 
 @settings(max_examples=150, deadline=None)

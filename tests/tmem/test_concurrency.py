@@ -7,7 +7,7 @@ import threading
 from memd.errors import NoSpace
 from tests.tmem.conftest import text_page
 from tmem.host import TmemHost
-from tmem.types import PoolFlags
+from tmem.types import MAX_BATCH, PoolFlag
 
 
 def test_concurrent_clients_budget_changes_and_batches() -> None:
@@ -19,7 +19,7 @@ def test_concurrent_clients_budget_changes_and_batches() -> None:
         try:
             host.add_client(name, dedup=seed % 2 == 0)
             eph = host.new_pool(name, 0)
-            pers = host.new_pool(name, PoolFlags.PERSISTENT)
+            pers = host.new_pool(name, PoolFlag.PERSISTENT)
             mine: dict[int, bytes] = {}
             for rnd in range(40):
                 handles = [((seed, 0, 0), rnd * 16 + i) for i in range(16)]
@@ -60,7 +60,7 @@ def test_concurrent_clients_budget_changes_and_batches() -> None:
     assert host.audit() == []
     for name, mine in persistent.items():
         indexes = sorted(mine)
-        for start in range(0, len(indexes), 256):
-            part = indexes[start : start + 256]
+        for start in range(0, len(indexes), MAX_BATCH):
+            part = indexes[start : start + MAX_BATCH]
             got = host.get_batch(name, 1, [((int(name[2:]), 0, 0), i) for i in part])
             assert got == [mine[i] for i in part]

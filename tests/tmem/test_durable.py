@@ -17,9 +17,9 @@ from tests.tmem.fake_log import FakeLog
 from tmem.audit import audit_log
 from tmem.durable import EXTERNAL_SCOPE
 from tmem.host import TmemHost
-from tmem.types import PAGE_SIZE, PoolFlags
+from tmem.types import PAGE_SIZE, PoolFlag
 
-P = int(PoolFlags.PERSISTENT)
+P = int(PoolFlag.PERSISTENT)
 
 
 def reopen(log: FakeLog, budget: int = 64 << 20) -> tuple[TmemHost, FakeLog, list[str]]:
@@ -42,9 +42,9 @@ def test_restart_brings_back_pools_pages_settings_and_meta() -> None:
     pers = old.new_pool("vm1", P)
     old.destroy_pool("vm1", eph)  # a hole: pool ids must come back as they were
     eph2 = old.new_pool("vm1", 0)
-    shared = old.new_pool("vm1", int(PoolFlags.SHARED), key)
+    shared = old.new_pool("vm1", int(PoolFlag.SHARED), key)
     old.new_pool("vm2", P)
-    old.new_pool("vm2", int(PoolFlags.SHARED), key)
+    old.new_pool("vm2", int(PoolFlag.SHARED), key)
     pages = {i: (text_page(i % 40) if i % 3 else random_page()) for i in range(200)}
     pages[7] = bytes(PAGE_SIZE)
     old.put_batch("vm1", pers, [(OID, i) for i in range(100)], [pages[i] for i in range(100)])

@@ -10,7 +10,7 @@ import pytest
 
 from memd.errors import NoSpace
 from tmem.host import TmemHost
-from tmem.types import PoolFlags
+from tmem.types import PoolFlag
 
 
 def _page(i: int) -> bytes:
@@ -20,7 +20,7 @@ def _page(i: int) -> bytes:
 def test_cap_refusals_are_counted_single_and_batched() -> None:
     host = TmemHost(budget_bytes=64 << 20)
     host.add_client("g", cap_pages=10)
-    pool = host.new_pool("g", int(PoolFlags.PERSISTENT))
+    pool = host.new_pool("g", int(PoolFlag.PERSISTENT))
     results = host.put_batch("g", pool, [((1, 0, 0), i) for i in range(14)],
                              [_page(i) for i in range(14)])
     assert [r is None for r in results] == [True] * 10 + [False] * 4
@@ -33,7 +33,7 @@ def test_cap_refusals_are_counted_single_and_batched() -> None:
 def test_a_full_store_is_counted_too() -> None:
     host = TmemHost(budget_bytes=1 << 20)  # persistent pages are never evicted
     host.add_client("g")
-    pool = host.new_pool("g", int(PoolFlags.PERSISTENT))
+    pool = host.new_pool("g", int(PoolFlag.PERSISTENT))
     refused = 0
     for i in range(400):  # 1.6 MiB of incompressible pages into 1 MiB
         try:
@@ -48,7 +48,7 @@ def test_a_full_store_is_counted_too() -> None:
 def test_ephemeral_puts_at_the_cap_evict_instead() -> None:
     host = TmemHost(budget_bytes=64 << 20)
     host.add_client("g", cap_pages=10)
-    pool = host.new_pool("g", int(PoolFlags.EPHEMERAL))
+    pool = host.new_pool("g", int(PoolFlag.EPHEMERAL))
     for i in range(20):
         host.put("g", pool, (1, 0, 0), i, _page(i))
     ops = host.client_stats("g")[0].ops

@@ -16,9 +16,9 @@ from memd.errors import (
 )
 from tests.tmem.conftest import OID, random_page, text_page
 from tmem.host import TmemHost
-from tmem.types import MAX_POOLS_PER_CLIENT, PAGE_SIZE, PoolFlags
+from tmem.types import MAX_POOLS_PER_CLIENT, PAGE_SIZE, PoolFlag
 
-EPH, PERS, SHARED = PoolFlags.EPHEMERAL, PoolFlags.PERSISTENT, PoolFlags.SHARED
+EPH, PERS, SHARED = PoolFlag.EPHEMERAL, PoolFlag.PERSISTENT, PoolFlag.SHARED
 
 
 @pytest.mark.parametrize("page", [bytes(PAGE_SIZE), text_page(1), random_page()],

@@ -17,7 +17,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from memd.errors import NoSpace
 from tmem.host import TmemHost
-from tmem.types import PAGE_SIZE, PoolFlags
+from tmem.types import PAGE_SIZE, PoolFlag
 
 CLIENTS = ("a", "b")
 SHARED_KEY = uuid.UUID(int=7)
@@ -56,7 +56,7 @@ class TmemModel(RuleBasedStateMachine):
     def new_pool(self, client: str, kind: str) -> None:
         if len([k for k in self.pools if k[0] == client]) >= 4:
             return
-        flags = {"eph": 0, "pers": PoolFlags.PERSISTENT, "shared": PoolFlags.SHARED}[kind]
+        flags = {"eph": 0, "pers": PoolFlag.PERSISTENT, "shared": PoolFlag.SHARED}[kind]
         pool = self.host.new_pool(client, flags, SHARED_KEY if kind == "shared" else None)
         if (client, pool) not in self.pools:
             data = self.shared_data if kind == "shared" else {}
