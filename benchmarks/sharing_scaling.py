@@ -74,7 +74,7 @@ def run(design: str, n: int, k: int, rounds: int) -> dict[str, Any]:
     ms = m.create_domain(2 * k * rounds * sets)
     fill_pairs(m, ms, 2 * k * rounds * sets)
     batch_base = 2 * k * rounds  # first gfn of the batched path's pages
-    mgr: Any = SharingManager(m) if mfn_keyed else HashtableSharing(m)
+    mgr: Any = SharingManager(m, cross_domain_default=True) if mfn_keyed else HashtableSharing(m)
     nominate = mgr.nominate
     gc.collect()
     gc.disable()
@@ -161,7 +161,7 @@ def tracemalloc_bytes_per_page(n: int) -> float:
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     for g in range(n):
         mgr.nominate(d, g)
     grown = tracemalloc.get_traced_memory()[0] - before

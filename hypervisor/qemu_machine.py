@@ -1,4 +1,4 @@
-"""QemuMachine: the sharing :class:`~sharing.machine.Machine` over real QEMU processes.
+"""QemuMachine: the read-only :class:`~sharing.machine.FrameView` over real QEMU processes.
 
 A set of *attached* guests (each a QEMU pid plus a monitor: ``QmpMonitor`` for a QEMU
 started by hand, ``LibvirtMonitor`` for a libvirt domain).  On attach the machine learns
@@ -16,11 +16,10 @@ is the PFN in ``/proc/<pid>/pagemap`` (root), frame contents come from
 ``/proc/<pid>/mem`` of a guest that maps the frame, and KSM state from
 ``/proc/kpageflags`` / ``kpagecount`` and ``/proc/<pid>/ksm_stat``.
 
-What a KSM host cannot do: remap a frame from user space.  ``set_entry``,
-``alloc_frame``, ``copy_frame``, ``free_frame`` and ``set_frame_owner`` raise
-:class:`NotImplementedError`; merging is the kernel's (switched per guest with
-:meth:`QemuMachine.set_merge`), and unsharing is the guest's own write (copy-on-write in
-the kernel), so the write-fault handler is stored but never called.
+What a KSM host cannot do: remap a frame from user space.  So this is a
+:class:`~sharing.machine.FrameView`, not a :class:`~sharing.machine.Machine`: merging is
+the kernel's (switched per guest with :meth:`QemuMachine.set_merge`), and unsharing is
+the guest's own write (copy-on-write in the kernel).
 
 Page types seen here: INVALID (gfn in a hole, or never touched / swapped: no frame),
 SHARED (the frame is a KSM page, the zero page, or mapped more than once), RAM otherwise.
@@ -28,7 +27,7 @@ Frame owner/mapcount (``frame_info``) count attached guests' gfns only.
 
 Consistency: every query reads the kernel's current state; a query over several guests
 reads them one after another, so KSM may act in between (a snapshot, not a lock).
-``lock`` exists for the protocol; nothing in the kernel honours it.
+``_lock`` guards only the table of attached guests.
 """
 
 from __future__ import annotations
@@ -63,10 +62,8 @@ from sharing.machine import (
     INVALID_MFN,
     Int32Array,
     Int64Array,
-    LockLike,
     PageType,
     Uint8Array,
-    WriteFaultHandler,
 )
 
 #: gfns below 1 MiB: legacy BIOS/VGA area, remapped at run time by the chipset.
@@ -120,14 +117,13 @@ def hmp_read(monitor: Monitor, gpa: int, length: int) -> bytes:
 
 
 class QemuMachine:
-    """The Machine protocol over attached QEMU guests (see the module docstring)."""
+    """The FrameView protocol over attached QEMU guests (see the module docstring)."""
 
     def __init__(self, *, nr_frames: int | None = None) -> None:
         self._guests: dict[int, QemuGuest] = {}
         self._lock = threading.Lock()
         self._nr_frames = nr_frames if nr_frames is not None else host_max_pfn()
         self._kpages = KernelPages()
-        self._fault_handler: WriteFaultHandler | None = None
 
     # --- attach / detach ------------------------------------------------------------------
 
@@ -278,10 +274,6 @@ class QemuMachine:
     def nr_frames(self) -> int:
         return self._nr_frames
 
-    @property
-    def lock(self) -> LockLike:
-        return self._lock
-
     def domains(self) -> list[int]:
         return sorted(self._guests)
 
@@ -329,9 +321,6 @@ class QemuMachine:
         mfns = np.where(present, pfns, INVALID_MFN).astype(np.int64)
         return mfns, types
 
-    def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
-        raise NotImplementedError("a KSM host cannot remap guest frames from user space")
-
     # --- protocol: frames -----------------------------------------------------------------
 
     def ground_truth(self) -> GroundTruth:
@@ -364,9 +353,6 @@ class QemuMachine:
         owners, _ = self._owners(truth, truth.mfns)
         result: Int64Array = truth.mfns[owners == owner].astype(np.int64)
         return result
-
-    def set_frame_owner(self, mfn: int, owner: int) -> None:
-        raise NotImplementedError("frame ownership on a KSM host is the kernel's")
 
     def read_frame(self, mfn: int) -> bytes:
         return bytes(self.read_frames(np.array([mfn], dtype=np.int64))[0].tobytes())
@@ -424,27 +410,10 @@ class QemuMachine:
         a, b = self.read_frames(np.array([mfn_a, mfn_b], dtype=np.int64))
         return bool(np.array_equal(a, b))
 
-    def alloc_frame(self, owner: int) -> int:
-        raise NotImplementedError("a KSM host allocates frames in the kernel (copy-on-write)")
-
-    def free_frame(self, mfn: int) -> None:
-        raise NotImplementedError("a KSM host frees frames in the kernel")
-
-    def copy_frame(self, src: int, dst: int) -> None:
-        raise NotImplementedError("a KSM host copies frames in the kernel (copy-on-write)")
-
     # --- protocol: guest activity ---------------------------------------------------------
-
-    def set_write_fault_handler(self, handler: WriteFaultHandler | None) -> None:
-        """Stored for the protocol; never called: the kernel breaks KSM sharing itself."""
-        self._fault_handler = handler
 
     def collect_dirty(self, domid: int) -> Int64Array:
         """Every RAM gfn, on every call: this kernel build has no soft-dirty tracking
         (CONFIG_MEM_SOFT_DIRTY), and "all" is a safe over-approximation."""
         g = self._domain(domid)
         return np.flatnonzero(g.gfn_vaddr >= 0).astype(np.int64)
-
-    def destroy_domain(self, domid: int) -> None:
-        """Detach the guest (memd does not kill VMs)."""
-        self.detach(domid)

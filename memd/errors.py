@@ -21,6 +21,9 @@ Every error memd raises on purpose derives from :class:`MemdError`::
     │   │   ├── StaleSourceHandle
     │   │   └── StaleClientHandle
     │   ├── NotShareable             the page cannot be nominated (type, state)
+    │   │   └── MergeNotConsented        the pages' guests have not both consented to merging
+    │   ├── SharingDenied            this guest may not use sharing (none registered, opted out)
+    │   ├── SharingBusy              merging cannot be switched right now (QEMU's monitor)
     │   ├── ContentMismatch          share() found the two pages' bytes differ
     │   ├── OutOfFrames              unshare could not allocate a private frame
     │   └── NoSuchDomain             unknown domain or gfn out of range
@@ -175,6 +178,21 @@ class StaleClientHandle(StaleHandle):
 
 class NotShareable(SharingError):
     """The page cannot be nominated in its current state."""
+
+
+class MergeNotConsented(NotShareable):
+    """share(): the merge would put a guest's page on a frame with another guest's, and
+    they have not both consented to cross-guest merging (sharing.consent)."""
+
+
+class SharingDenied(SharingError):
+    """This guest may not use page sharing: no memory registered for it, or the operator
+    or the guest itself ruled merging out."""
+
+
+class SharingBusy(SharingError):
+    """Merging could not be switched for the guest right now (QEMU's monitor refused or
+    did not answer); the request may be retried."""
 
 
 class ContentMismatch(SharingError):

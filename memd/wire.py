@@ -1217,6 +1217,8 @@ EXCEPTION_STATUS: dict[str, Status] = {
     "ClientFrozen": Status.FROZEN,
     "StaleHandle": Status.STALE,
     "NotShareable": Status.NOT_SHAREABLE,
+    "SharingDenied": Status.DENIED,
+    "SharingBusy": Status.BUSY,
     "OutOfFrames": Status.NO_SPACE,
     "NoSuchDomain": Status.INVALID,
     "ContentMismatch": Status.INTERNAL,

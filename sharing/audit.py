@@ -10,6 +10,9 @@ What is checked (the Xen audit, extended to the counters and back pointers):
   appears twice;
 * each frame owned by ``DOMID_COW`` has a record; each SHARED p2m entry of every
   domain is on a reverse map; no back pointer names a dead entry;
+* consent (:mod:`sharing.consent`): a record's ``_home`` names the one domain of all
+  its gfns unless it is MIXED, and every domain with a gfn on a MIXED frame merges
+  across guests;
 * the entry pool: live entries + free entries = pool size;
 * counters ``nr_shared_mfns``, ``nr_saved_mfns`` and every ``shr_pages[d]``, and
   the invariant ``sum(shr_pages) == nr_saved_mfns + nr_shared_mfns``.
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sharing.batch import MIXED
 from sharing.machine import DOMID_COW, PageType
 from sharing.rmap import NO_ENTRY
 
@@ -158,6 +162,7 @@ def _audit_locked(mgr: SharingManager) -> AuditReport:
     for k in uk[kc > 1].tolist():
         report.add("rmap_duplicate", f"gfn {k & 0xFFFFFFFF:#x} of domain {k >> 32} is on "
                    "reverse maps more than once", domain=k >> 32, gfn=k & 0xFFFFFFFF)
+    _check_consent(report, mgr, doms, gfns, ent_mfn)
     machine_domains = set(m.domains())
     p2m: dict[int, tuple[Any, Any]] = {}
     for d in machine_domains:
@@ -265,3 +270,24 @@ def _check_heads_without_record(report: AuditReport, rmap: Any, versions: Any) -
     for mfn in np.flatnonzero((heads[:n] != NO_ENTRY) & (versions[:n] == 0)).tolist():
         report.add("rmap_without_record", f"mfn {mfn:#x} has a reverse map but no record",
                    mfn=mfn)
+
+
+def _check_consent(report: AuditReport, mgr: SharingManager, doms: Any, gfns: Any,
+                   ent_mfn: Any) -> None:
+    """Each entry against its frame's home: the home's own domain, or (MIXED) a domain
+    that merges across guests."""
+    home = _copy(mgr._home, np.int32)[ent_mfn] if len(ent_mfn) else np.zeros(0, np.int32)
+    for i in np.flatnonzero((home != MIXED) & (home != doms)).tolist():
+        report.add("home_domain", f"mfn {int(ent_mfn[i]):#x} is marked as domain "
+                   f"{int(home[i])}'s alone but maps gfn {int(gfns[i]):#x} of domain "
+                   f"{int(doms[i])}", mfn=int(ent_mfn[i]), domain=int(doms[i]),
+                   gfn=int(gfns[i]), expected=int(home[i]), found=int(doms[i]))
+    mixed = home == MIXED
+    for d in np.unique(doms[mixed]).tolist():
+        if mgr.merges_across(d):
+            continue
+        for i in np.flatnonzero(mixed & (doms == d)).tolist():
+            report.add("merged_without_consent", f"gfn {int(gfns[i]):#x} of domain {d}, "
+                       "which does not merge across guests, is on a frame other domains "
+                       f"may map ({int(ent_mfn[i]):#x})", mfn=int(ent_mfn[i]), domain=d,
+                       gfn=int(gfns[i]))

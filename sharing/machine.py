@@ -1,9 +1,17 @@
-"""What a sharing manager needs from a hypervisor: the :class:`Machine` protocol.
+"""What sharing needs from a hypervisor: a read-only :class:`FrameView` and a :class:`Machine`.
 
-The sharing logic in this package never touches host I/O; it drives a *machine*
-through this protocol.  ``hypervisor.simmachine.SimMachine`` is the in-process
-implementation (the embedded default); a QEMU/KVM backend implements the same
-methods over ``/proc/<pid>/pagemap`` and ``/proc/<pid>/mem``.
+The sharing logic in this package never touches host I/O; it reads and drives a host
+through two protocols:
+
+* :class:`FrameView` — read-only: geometry, the p2m (gfn → mfn, type), frame owners
+  and mapcounts, frame bytes and the guests' dirty tracking.  What the scanner, the
+  audits and the ground truth need.  ``hypervisor.qemu_machine.QemuMachine`` (real
+  QEMU guests read through ``/proc``) implements only this: a KSM host cannot move
+  frames from user space (the kernel merges, and a guest's own write breaks sharing).
+* :class:`Machine` — a :class:`FrameView` whose p2m and frames the
+  :class:`sharing.manager.SharingManager` can change: the p2m lock, remapping, frame
+  allocation, copy, the copy-on-write fault and domain teardown.
+  ``hypervisor.simmachine.SimMachine`` (the embedded default) implements it.
 
 Vocabulary (Xen's): a *domain* (``domid``, a small int) is a guest; a *gfn* is a
 guest frame number (index of a page in the guest's memory); an *mfn* is a machine
@@ -15,14 +23,15 @@ and a free frame by :data:`DOMID_FREE`.  ``mapcount`` is the number of p2m entri
 (over all domains) that point at a frame: the audit compares it with the length
 of the frame's reverse map.
 
-Locking: the machine has one *p2m lock* (:attr:`Machine.lock`).  The mutators
+Locking: a :class:`Machine` has one *p2m lock* (:attr:`Machine.lock`).  The mutators
 ``set_entry``, ``set_frame_owner``, ``alloc_frame``, ``free_frame`` and
 ``copy_frame`` (and the batch ``set_entries``, ``free_frames``) expect the
 caller to hold it; the guests' write path takes it
 around each (check type, store bytes) pair.  A sharing manager that holds it for
 a whole operation therefore excludes guest writes from its compare-and-merge.
 Queries (``lookup``, ``frame_info``, batch queries, reads) take no lock: they
-see a consistent state when the caller holds it, a racy snapshot otherwise.
+see a consistent state when the caller holds it, a racy snapshot otherwise (a
+:class:`FrameView` with no lock, such as a running QEMU's, is always a snapshot).
 ``collect_dirty`` and ``destroy_domain`` take it themselves (never call them
 with it held).
 
@@ -36,11 +45,6 @@ and ``free_frame`` for the manager's batched operations.  A backend need not
 implement them: :func:`lookup_many`, :func:`set_entries` and :func:`free_frames`
 use the machine's own batch methods when it has them and fall back to the
 single-page methods otherwise.
-
-Backends that cannot move frames themselves (KSM merges and breaks sharing inside
-the kernel) may raise :class:`NotImplementedError` from :meth:`Machine.alloc_frame`,
-:meth:`Machine.copy_frame` and :meth:`Machine.set_entry`; such a backend is driven
-by a KSM-specific policy rather than by :class:`sharing.manager.SharingManager`.
 """
 
 from __future__ import annotations
@@ -96,8 +100,8 @@ class LockLike(Protocol):
 
 
 @runtime_checkable
-class Machine(Protocol):
-    """A host whose guests' frames the sharing manager can inspect and remap.
+class FrameView(Protocol):
+    """A host whose guests' frames can be read: the p2m, frame owners, frame bytes.
 
     All methods raise :class:`memd.errors.NoSuchDomain` for an unknown domid or a gfn
     outside the domain.
@@ -111,11 +115,6 @@ class Machine(Protocol):
     @property
     def nr_frames(self) -> int:
         """One more than the largest mfn the machine may hand out."""
-        ...
-
-    @property
-    def lock(self) -> LockLike:
-        """The p2m lock (not re-entrant); see the module docstring."""
         ...
 
     def domains(self) -> list[int]:
@@ -136,11 +135,6 @@ class Machine(Protocol):
         """Copies of the mfns and types of ``count`` gfns from ``start`` (batch lookup)."""
         ...
 
-    def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
-        """Point gfn at mfn with the given type (repoint/retype); keeps mapcounts.
-        Caller holds :attr:`lock`."""
-        ...
-
     # --- frames ------------------------------------------------------------------------
 
     def frame_info(self, mfn: int) -> tuple[int, int]:
@@ -155,10 +149,6 @@ class Machine(Protocol):
         """All mfns currently owned by ``owner`` (e.g. :data:`DOMID_COW`)."""
         ...
 
-    def set_frame_owner(self, mfn: int, owner: int) -> None:
-        """Hand a frame to a domain or to :data:`DOMID_COW`.  Caller holds :attr:`lock`."""
-        ...
-
     def read_frame(self, mfn: int) -> bytes:
         """Copy of a frame's bytes."""
         ...
@@ -169,6 +159,34 @@ class Machine(Protocol):
 
     def frames_equal(self, mfn_a: int, mfn_b: int) -> bool:
         """True if the two frames hold the same bytes."""
+        ...
+
+    # --- guest activity ----------------------------------------------------------------
+
+    def collect_dirty(self, domid: int) -> Int64Array:
+        """Sorted gfns written since the previous call (all gfns on the first call),
+        and reset the tracking.  A repoint by the sharing manager is not a write.
+        (The one query with a side effect: the scanner is its only consumer.)"""
+        ...
+
+
+@runtime_checkable
+class Machine(FrameView, Protocol):
+    """A :class:`FrameView` whose frames the sharing manager can remap (see the module
+    docstring for the lock)."""
+
+    @property
+    def lock(self) -> LockLike:
+        """The p2m lock (not re-entrant); see the module docstring."""
+        ...
+
+    def set_entry(self, domid: int, gfn: int, mfn: int, ptype: int) -> None:
+        """Point gfn at mfn with the given type (repoint/retype); keeps mapcounts.
+        Caller holds :attr:`lock`."""
+        ...
+
+    def set_frame_owner(self, mfn: int, owner: int) -> None:
+        """Hand a frame to a domain or to :data:`DOMID_COW`.  Caller holds :attr:`lock`."""
         ...
 
     def alloc_frame(self, owner: int) -> int:
@@ -188,11 +206,6 @@ class Machine(Protocol):
 
     def set_write_fault_handler(self, handler: WriteFaultHandler | None) -> None:
         """Register the CoW fault handler (one per machine; None removes it)."""
-        ...
-
-    def collect_dirty(self, domid: int) -> Int64Array:
-        """Sorted gfns written since the previous call (all gfns on the first call),
-        and reset the tracking.  A repoint by the sharing manager is not a write."""
         ...
 
     def destroy_domain(self, domid: int) -> None:

@@ -15,8 +15,13 @@ handle hashtable, with a content check Xen does not make):
 * ``nominate_many`` / ``share_many`` are the batch forms for bulk callers (the
   scanner): per item the handle / None or the exception the single call would
   have raised, with exactly the single calls' outcome in order, at one lock
-  hold and one batch lookup per chunk.  See ``_share_chunk_locked`` for why its
-  up-front lookups stay exact.
+  hold and one batch lookup per chunk (:mod:`sharing.batch`, which explains why
+  its up-front lookups stay exact).
+* Consent (:mod:`sharing.consent`): a domain whose guest does not merge across
+  guests has its pages merged only with its own.  ``share`` refuses
+  (``MergeNotConsented``) any merge that would put gfns of two domains on one
+  frame unless both do; ``set_cross_domain(d, False)`` gives every gfn of d that
+  sits on such a frame a private copy, under one lock hold, so no merge slips in.
 
 Structures and validity (per mfn, flat arrays sized to the machine's frames):
 
@@ -25,6 +30,14 @@ Structures and validity (per mfn, flat arrays sized to the machine's frames):
   kept across unshare + free + reallocation of that mfn is detectably stale).
 * ``_rmap.head[mfn]``: the record's reverse map; non-empty iff ``_version`` is
   non-zero.  See :mod:`sharing.rmap` for entries and per-domain back pointers.
+* ``_home[mfn]`` int32, valid where ``_version`` is non-zero: the one domain all
+  the record's gfns belong to, or ``MIXED`` (-1) once a merge brought two domains
+  together (it stays MIXED when they part again: conservative, never wrong).
+  Every domain with a gfn on a MIXED frame merges across (audited).
+
+Per domain: ``_cross[d]``: d's guest merges across guests (``merges_across``;
+``cross_domain_default`` for a domain never set: False in the agent, True for
+the pure data-structure tests).
 
 Counters (named as in Xen, recomputed by :func:`sharing.audit.audit`):
 
@@ -33,7 +46,8 @@ Counters (named as in Xen, recomputed by :func:`sharing.audit.audit`):
 * ``shr_pages[d]``: gfns of domain d in SHARED state (its reverse-map entries).
 * Invariant: ``sum(shr_pages) == nr_saved_mfns + nr_shared_mfns``.
 
-Locking.  One lock, ``_lock``, protects every field above, and it is the
+Locking.  One lock, ``_lock``, protects every field above (``_cross`` is
+written under it and read by the merge paths under it), and it is the
 machine's p2m lock (``machine.lock``): each operation holds it from its first
 lookup to its last remap, and the machine's guest write path takes the same
 lock around its (check type, store bytes) pair.  So no guest write can land
@@ -56,19 +70,15 @@ from __future__ import annotations
 
 import functools
 from array import array
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from memd.errors import (
-    ContentMismatch,
-    NotShareable,
-    SharingError,
-    StaleClientHandle,
-    StaleSourceHandle,
-)
+from memd.errors import NotShareable, SharingError
+from sharing import batch
+from sharing.batch import BATCH_CHUNK, MIXED, SharePair
 from sharing.machine import (
     DOMID_COW,
     INVALID_MFN,
@@ -77,9 +87,7 @@ from sharing.machine import (
     Machine,
     PageType,
     Uint8Array,
-    free_frames,
     lookup_many,
-    set_entries,
 )
 from sharing.rmap import NO_ENTRY, ReverseMaps
 
@@ -89,60 +97,6 @@ if TYPE_CHECKING:
 _RAM = int(PageType.RAM)
 _SHARED = int(PageType.SHARED)
 _INVALID = int(PageType.INVALID)
-
-
-#: One share request: (source_domain, source_gfn, source_handle,
-#: client_domain, client_gfn, client_handle).
-SharePair = tuple[int, int, int, int, int, int]
-
-#: Items per lock hold in the batched operations: long enough to amortise the
-#: per-batch set-up, short enough that a guest write waits well under 10 ms.
-BATCH_CHUNK = 4096
-
-
-def _stale_source(domain: int, gfn: int, mfn: int, handle: int) -> StaleSourceHandle:
-    return StaleSourceHandle(
-        f"source handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
-        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
-
-
-def _stale_client(domain: int, gfn: int, mfn: int, handle: int) -> StaleClientHandle:
-    return StaleClientHandle(
-        f"client handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
-        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
-
-
-def _mismatch(smfn: int, cmfn: int, domain: int, gfn: int, handle: int) -> ContentMismatch:
-    return ContentMismatch(f"frames {smfn:#x} and {cmfn:#x} hold different bytes",
-                           op="share", domain=domain, gfn=gfn, mfn=cmfn, handle=handle)
-
-
-@dataclass(eq=False)
-class _MergeQueue:
-    """Machine updates of merges made by a batch and not yet applied: repoint
-    (dom[i], gfn[i]) to mfn[i] as SHARED, in order; then free the frames in
-    ``free`` (their last mappings are among the repoints)."""
-
-    dom: list[int] = field(default_factory=list)
-    gfn: list[int] = field(default_factory=list)
-    mfn: list[int] = field(default_factory=list)
-    free: list[int] = field(default_factory=list)
-
-    def flush(self, machine: Machine) -> None:
-        """Apply the queued repoints, then the frees; empty the queue."""
-        if self.dom:
-            doms = np.array(self.dom, dtype=np.int64)
-            gfns = np.array(self.gfn, dtype=np.int64)
-            mfns = np.array(self.mfn, dtype=np.int64)
-            for domid in np.unique(doms).tolist():
-                sel = doms == domid
-                set_entries(machine, domid, gfns[sel], mfns[sel], _SHARED)
-        if self.free:
-            free_frames(machine, np.array(self.free, dtype=np.int64))
-        self.dom.clear()
-        self.gfn.clear()
-        self.mfn.clear()
-        self.free.clear()
 
 
 @dataclass
@@ -156,11 +110,14 @@ class _Teardown:
 class SharingManager:
     """The mfn-keyed page-sharing manager over one :class:`~sharing.machine.Machine`."""
 
-    def __init__(self, machine: Machine) -> None:
+    def __init__(self, machine: Machine, *, cross_domain_default: bool = False) -> None:
         self._machine = machine
         self._lock = machine.lock
         nr = machine.nr_frames
         self._version = array("Q", [0]) * nr
+        self._home = array("i", [MIXED]) * nr
+        self._cross: dict[int, bool] = {}
+        self._cross_default = cross_domain_default
         self._rmap = ReverseMaps(nr)
         self._next_version = 1
         self._nr_shared_mfns = 0
@@ -233,6 +190,37 @@ class SharingManager:
             versions = np.frombuffer(self._version, dtype=np.uint64)
             return {int(m): self._rmap.gfns(int(m)) for m in np.flatnonzero(versions).tolist()}
 
+    # --- consent (sharing.consent) -----------------------------------------------------
+
+    def merges_across(self, domid: int) -> bool:
+        """True if the domain's pages may share frames with other domains' pages."""
+        return self._cross.get(domid, self._cross_default)
+
+    def set_cross_domain(self, domid: int, allowed: bool) -> int:
+        """Let the domain's pages merge with other domains' pages, or stop it.
+
+        Stopping gives every gfn of the domain that sits on a frame another domain
+        may map (``MIXED``) a private page, in the same lock hold, so no merge can
+        slip in between; returns how many gfns that unshared.  Raises OutOfFrames
+        (the domain stays closed; the gfns not yet unshared stay on their frames, and
+        the audit lists them)."""
+        with self._lock:
+            self._cross[domid] = allowed
+            if allowed:
+                return 0
+            slot = self._rmap.slot.get(domid)
+            if slot is None:
+                return 0
+            gfns = np.flatnonzero(np.frombuffer(slot, dtype=np.int32) != NO_ENTRY)
+            if len(gfns) == 0:
+                return 0
+            mfns, _ = self._lookup_many(domid, gfns.astype(np.int64))
+            home = np.frombuffer(self._home, dtype=np.int32)
+            mixed = gfns[home[mfns] == MIXED]
+            for gfn in mixed.tolist():
+                self._unshare_locked(domid, gfn)
+            return len(mixed)
+
     # --- nominate -----------------------------------------------------------------------
 
     def nominate(self, domid: int, gfn: int) -> int:
@@ -251,13 +239,9 @@ class SharingManager:
         or the exception nominate would have raised (NoSuchDomain, NotShareable).
 
         Same result as one nominate per gfn; the lock is taken once per ``chunk``
-        gfns, the p2m and frame tables are read in one batch per chunk."""
-        todo = list(gfns)
-        results: list[int | SharingError] = []
-        for start in range(0, len(todo), max(chunk, 1)):
-            with self._lock:
-                self._nominate_chunk_locked(domid, todo[start:start + max(chunk, 1)], results)
-        return results
+        gfns, the p2m and frame tables are read in one batch per chunk
+        (:mod:`sharing.batch`)."""
+        return batch.nominate_many(self, domid, gfns, chunk)
 
     def _nominate_locked(self, domid: int, gfn: int) -> int:
         mfn, ptype = self._lookup(domid, gfn)
@@ -276,40 +260,6 @@ class SharingManager:
                 op="nominate", domain=domid, gfn=gfn, mfn=mfn)
         return self._new_record_locked(domid, gfn, mfn)
 
-    def _nominate_chunk_locked(self, domid: int, gfns: list[int],
-                               results: list[int | SharingError]) -> None:
-        """The batch fast path.  Exact because within a chunk only the nominated
-        gfn's own entry changes: a gfn seen SHARED stays on its frame with its
-        version, and a RAM gfn whose frame has a version was nominated earlier in
-        this chunk (its frame maps nothing else).  Anything else — a lookup that
-        would fail, a dying domain, an unmapped page, a frame with other
-        references — runs the single-page code for the exact exception."""
-        mfns, types = self._lookup_batch([domid] * len(gfns), gfns)
-        owners: list[int] = []
-        mapcounts: list[int] = []
-        if gfns:
-            frames = np.maximum(np.array(mfns, dtype=np.int64), 0)
-            own, cnt = self._machine.frame_info_many(frames)
-            owners, mapcounts = own.tolist(), cnt.tolist()
-            top = max(mfns)
-            if top >= len(self._version):
-                self._grow(self._machine.nr_frames)
-        version = self._version
-        fast = domid not in self._dying
-        append = results.append
-        for i, gfn in enumerate(gfns):
-            ptype = types[i]
-            mfn = mfns[i]
-            if ptype == _SHARED:
-                append(version[mfn])
-            elif fast and ptype == _RAM and owners[i] == domid and mapcounts[i] == 1:
-                append(version[mfn] or self._new_record_locked(domid, gfn, mfn))
-            else:
-                try:
-                    append(self._nominate_locked(domid, gfn))
-                except SharingError as err:
-                    append(err)
-
     def _new_record_locked(self, domid: int, gfn: int, mfn: int) -> int:
         """Give a private frame (owned by domid, mapped once) a sharing record."""
         m = self._machine
@@ -327,6 +277,7 @@ class SharingManager:
             m.set_frame_owner(mfn, domid)
             raise
         self._version[mfn] = version
+        self._home[mfn] = domid
         rmap.add(mfn, domid, gfn)
         self._nr_shared_mfns += 1
         self._shr_pages[domid] = self._shr_pages.get(domid, 0) + 1
@@ -360,18 +311,8 @@ class SharingManager:
         Same outcome as one share per pair, pairs that depend on earlier ones in
         the batch included.  The lock is held for ``chunk`` pairs at a time, so
         each pair's compare and merge still happen under one hold; the gfns of a
-        chunk are looked up in one batch per domain."""
-        todo = list(pairs)
-        results: list[SharingError | None] = []
-        step = max(chunk, 1)
-        lock = self._lock
-        for start in range(0, len(todo), step):
-            lock.acquire()
-            try:
-                self._share_chunk_locked(todo[start:start + step], results)
-            finally:
-                lock.release()
-        return results
+        chunk are looked up in one batch per domain (:mod:`sharing.batch`)."""
+        return batch.share_many(self, pairs, chunk)
 
     def _share_locked(self, source_domain: int, source_gfn: int, source_handle: int,
                       client_domain: int, client_gfn: int, client_handle: int) -> None:
@@ -379,117 +320,32 @@ class SharingManager:
         version = self._version
         smfn, stype = lookup(source_domain, source_gfn)
         if stype != _SHARED or version[smfn] != source_handle:
-            raise _stale_source(source_domain, source_gfn, smfn, source_handle)
+            raise batch.stale_source(source_domain, source_gfn, smfn, source_handle)
         cmfn, ctype = lookup(client_domain, client_gfn)
         if ctype != _SHARED or version[cmfn] != client_handle:
-            raise _stale_client(client_domain, client_gfn, cmfn, client_handle)
+            raise batch.stale_client(client_domain, client_gfn, cmfn, client_handle)
         if smfn == cmfn:
             return
         if not self._frames_equal(smfn, cmfn):
-            raise _mismatch(smfn, cmfn, client_domain, client_gfn, client_handle)
+            raise batch.mismatch(smfn, cmfn, client_domain, client_gfn, client_handle)
+        if not self._may_merge_locked(smfn, cmfn):
+            raise batch.not_consented(smfn, cmfn, client_domain, client_gfn, client_handle)
         self._merge_locked(smfn, cmfn, client_domain, client_gfn)
 
-    def _share_chunk_locked(self, pairs: list[SharePair],
-                            results: list[SharingError | None]) -> None:
-        """The batch fast path, with the single-pair code for what it cannot decide.
-
-        Why the lookups done up front stay exact through the chunk: a merge changes
-        only the p2m entries of gfns on the client frame, and that frame dies
-        (version 0, freed; nothing allocates frames here).  So a gfn whose
-        up-front frame still has a version maps that frame now, with the same type
-        and bytes; a gfn seen SHARED on a frame with version 0 was moved by an
-        earlier pair, and a lookup that would fail needs its exact exception: both
-        go to the single-pair code, which looks up again.
-
-        The merges' repoints and frees are queued and applied in one batch per
-        domain; nothing in the fast path reads them back from the machine, and the
-        queue is flushed before the single-pair code runs and before the lock is
-        released."""
-        if not pairs:
-            return
-        sds, sgs, shs, cds, cgs, chs = zip(*pairs, strict=True)
-        smfns, stypes = self._lookup_batch(sds, sgs)
-        cmfns, ctypes = self._lookup_batch(cds, cgs)
-        version = self._version
-        equal = self._frames_equal
-        rmap = self._rmap
-        splice, entry_dom, entry_gfn = rmap.splice, rmap.dom, rmap.gfn
-        head, nxt, prv = rmap.head, rmap.next, rmap.prev
-        queue = _MergeQueue()
-        repoint_dom, repoint_gfn, repoint_mfn = queue.dom, queue.gfn, queue.mfn
-        dead = queue.free
-        append = results.append
-        try:
-            for i in range(len(pairs)):
-                stype = stypes[i]
-                ctype = ctypes[i]
-                if stype >= 0 and ctype >= 0:
-                    smfn = smfns[i]
-                    sv = version[smfn] if stype == _SHARED else None
-                    sh = shs[i]
-                    if sv != sh or not sv:
-                        if sv != 0:  # None (not shared) or another version: stale
-                            append(_stale_source(sds[i], sgs[i], smfn, sh))
-                            continue
-                        # 0: the gfn was moved by an earlier pair, see below
-                    else:
-                        cmfn = cmfns[i]
-                        cv = version[cmfn] if ctype == _SHARED else None
-                        ch = chs[i]
-                        if cv != ch or not cv:
-                            if cv != 0:
-                                append(_stale_client(cds[i], cgs[i], cmfn, ch))
-                                continue
-                        elif smfn == cmfn:
-                            append(None)
-                            continue
-                        elif not equal(smfn, cmfn):
-                            append(_mismatch(smfn, cmfn, cds[i], cgs[i], ch))
-                            continue
-                        else:
-                            e = head[cmfn]
-                            if nxt[e] == NO_ENTRY:
-                                # One gfn on the client frame (the common case): the
-                                # list move of ReverseMaps.splice, inline.
-                                first = head[smfn]
-                                nxt[e] = first
-                                if first != NO_ENTRY:
-                                    prv[first] = e
-                                head[smfn] = e
-                                head[cmfn] = NO_ENTRY
-                                repoint_dom.append(cds[i])
-                                repoint_gfn.append(cgs[i])
-                                repoint_mfn.append(smfn)
-                            else:
-                                for e in splice(cmfn, smfn):
-                                    repoint_dom.append(entry_dom[e])
-                                    repoint_gfn.append(entry_gfn[e])
-                                    repoint_mfn.append(smfn)
-                            version[cmfn] = 0
-                            dead.append(cmfn)
-                            append(None)
-                            continue
-                self._flush_locked(queue)
-                try:
-                    self._share_locked(*pairs[i])
-                except SharingError as err:
-                    append(err)
-                else:
-                    append(None)
-        finally:
-            self._flush_locked(queue)
-
-    def _flush_locked(self, queue: _MergeQueue) -> None:
-        """Apply a batch's queued merges to the machine and to the counters (each
-        queued free is one merge: one record fewer, one frame saved)."""
-        merges = len(queue.free)
-        self._nr_shared_mfns -= merges
-        self._nr_saved_mfns += merges
-        queue.flush(self._machine)
+    def _may_merge_locked(self, smfn: int, cmfn: int) -> bool:
+        """Consent: may the two records' gfns share one frame?  (A MIXED frame holds
+        only gfns of domains that merge across.)"""
+        hs, hc = self._home[smfn], self._home[cmfn]
+        if hs == hc and hs != MIXED:
+            return True  # one domain's own duplicates
+        return ((hs == MIXED or self.merges_across(hs))
+                and (hc == MIXED or self.merges_across(hc)))
 
     def _merge_locked(self, smfn: int, cmfn: int, client_domain: int, client_gfn: int) -> None:
         """Move every gfn of the client frame onto the source frame; free the client."""
         moved = self._rmap.splice(cmfn, smfn)
+        if self._home[smfn] != self._home[cmfn]:
+            self._home[smfn] = MIXED
         set_entry = self._set_entry
         if len(moved) == 1:
             set_entry(client_domain, client_gfn, smfn, _SHARED)
@@ -511,35 +367,38 @@ class SharingManager:
         The frame's last gfn becomes private in place (no copy, no allocation);
         otherwise a new frame is allocated, filled and mapped.  Raises OutOfFrames
         (every structure and counter unchanged) and NoSuchDomain."""
-        m = self._machine
         with self._lock:
-            mfn, ptype = m.lookup(domid, gfn)
-            if ptype != _SHARED:
-                return False
-            rmap = self._rmap
-            e = self._entry_of(domid, gfn, mfn)
-            if rmap.is_single(mfn, e):
-                rmap.remove(mfn, e)
-                self._version[mfn] = 0
-                m.set_frame_owner(mfn, domid)
-                m.set_entry(domid, gfn, mfn, _RAM)
-                self._nr_shared_mfns -= 1
-            else:
-                new = m.alloc_frame(domid)  # OutOfFrames: nothing has changed yet
-                rmap.remove(mfn, e)
-                self._nr_saved_mfns -= 1
-                try:
-                    m.copy_frame(mfn, new)
-                    m.set_entry(domid, gfn, new, _RAM)
-                except BaseException:
-                    # Restore every structure and counter, then give the frame back.
-                    rmap.relink(mfn, e)
-                    self._nr_saved_mfns += 1
-                    m.set_frame_owner(new, domid)
-                    m.free_frame(new)
-                    raise
-            self._shr_pages[domid] -= 1
-            return True
+            return self._unshare_locked(domid, gfn)
+
+    def _unshare_locked(self, domid: int, gfn: int) -> bool:
+        m = self._machine
+        mfn, ptype = m.lookup(domid, gfn)
+        if ptype != _SHARED:
+            return False
+        rmap = self._rmap
+        e = self._entry_of(domid, gfn, mfn)
+        if rmap.is_single(mfn, e):
+            rmap.remove(mfn, e)
+            self._version[mfn] = 0
+            m.set_frame_owner(mfn, domid)
+            m.set_entry(domid, gfn, mfn, _RAM)
+            self._nr_shared_mfns -= 1
+        else:
+            new = m.alloc_frame(domid)  # OutOfFrames: nothing has changed yet
+            rmap.remove(mfn, e)
+            self._nr_saved_mfns -= 1
+            try:
+                m.copy_frame(mfn, new)
+                m.set_entry(domid, gfn, new, _RAM)
+            except BaseException:
+                # Restore every structure and counter, then give the frame back.
+                rmap.relink(mfn, e)
+                self._nr_saved_mfns += 1
+                m.set_frame_owner(new, domid)
+                m.free_frame(new)
+                raise
+        self._shr_pages[domid] -= 1
+        return True
 
     def _write_fault(self, domid: int, gfn: int) -> None:
         """The machine's copy-on-write fault: a guest wrote a SHARED page."""
@@ -580,6 +439,7 @@ class SharingManager:
         with self._lock:
             self._teardowns.pop(domid, None)
             self._dying.discard(domid)
+            self._cross.pop(domid, None)
 
     def _release_locked(self, domid: int, gfn: int) -> None:
         """Drop one shared reference without copying (the gfn is going away)."""
@@ -609,36 +469,6 @@ class SharingManager:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _lookup_batch(self, doms: Sequence[int], gfns: Sequence[int]
-                      ) -> tuple[list[int], list[int]]:
-        """Mfn and type of each (domain, gfn), one batch lookup per domain; type -1
-        where :meth:`Machine.lookup` would raise (unknown domain, gfn out of range,
-        a value that is no index at all)."""
-        n = len(doms)
-        try:
-            d = np.array(doms, dtype=np.int64)
-            g = np.array(gfns, dtype=np.int64)
-        except (OverflowError, TypeError, ValueError):
-            return [INVALID_MFN] * n, [-1] * n
-        mfns = np.full(n, INVALID_MFN, dtype=np.int64)
-        types = np.full(n, -1, dtype=np.int16)
-        if n == 0 or d.shape != (n,) or g.shape != (n,):
-            return mfns.tolist(), types.tolist()
-        first = int(d[0])
-        domids = [first] if bool((d == first).all()) else np.unique(d).tolist()
-        live = set(self._machine.domains())
-        for domid in domids:
-            if domid not in live:
-                continue
-            idx = np.arange(n) if len(domids) == 1 else np.flatnonzero(d == domid)
-            sel = g[idx]
-            ok = (sel >= 0) & (sel < self._machine.nr_gfns(domid))
-            if not ok.all():
-                idx, sel = idx[ok], sel[ok]
-            mfns[idx], types[idx] = self._lookup_many(domid, sel)
-        return mfns.tolist(), types.tolist()
-
-
     def _entry_of(self, domid: int, gfn: int, mfn: int) -> int:
         slot = self._rmap.slot.get(domid)
         e = NO_ENTRY if slot is None else slot[gfn]
@@ -650,5 +480,7 @@ class SharingManager:
 
     def _grow(self, nr_frames: int) -> None:
         if nr_frames > len(self._version):
-            self._version.extend(array("Q", [0]) * (nr_frames - len(self._version)))
+            grow = nr_frames - len(self._version)
+            self._version.extend(array("Q", [0]) * grow)
+            self._home.extend(array("i", [MIXED]) * grow)
             self._rmap.ensure_frames(nr_frames)

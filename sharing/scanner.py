@@ -18,8 +18,13 @@ Each :meth:`Scanner.scan` pass:
    nothing is made private again.
 
 Cross-domain de-duplication leaks content through timing (a guest can probe for
-pages it does not own), so it is per-domain opt-in: only domains passed to
-:meth:`Scanner.enable` are hashed or shared.
+pages it does not own), so two opt-ins apply: only domains passed to
+:meth:`Scanner.enable` are hashed at all, and pages of a domain whose guest does not
+merge across guests (``SharingManager.merges_across``, set from
+:mod:`sharing.consent`) are grouped only with that domain's own pages — its own
+duplicates still merge, as tmem de-duplicates a non-consenting guest within its own
+scope.  The grouping only saves futile attempts: the manager itself refuses any
+merge the consent rule forbids.
 
 State per opted-in domain: ``hashes`` uint64 per gfn (valid where ``known``),
 ``known`` bool per gfn.  The scanner is single-threaded (one caller at a time)
@@ -37,8 +42,9 @@ import numpy.typing as npt
 import xxhash
 
 from memd.errors import ContentMismatch, NoSuchDomain, SharingError
-from sharing.machine import Machine, PageType
-from sharing.manager import SharePair, SharingManager
+from sharing.batch import SharePair
+from sharing.machine import FrameView, PageType
+from sharing.manager import SharingManager
 
 
 @dataclass
@@ -70,7 +76,7 @@ class Scanner:
         if batch_pages <= 0:
             raise ValueError("batch_pages must be positive")
         self._mgr = manager
-        self._machine: Machine = manager.machine
+        self._machine: FrameView = manager.machine
         self._batch = batch_pages
         self._domains: dict[int, _DomainHashes] = {}
 
@@ -153,10 +159,14 @@ class Scanner:
         fresh = np.concatenate([p[4] for p in parts])
         if len(hashes) < 2:
             return
-        # Sort by hash, shared pages first within a hash (they become representatives).
-        order = np.lexsort((~shared, hashes))
+        # Consent scope: 0 for the domains that merge across guests, else one of its own.
+        scope = np.concatenate([np.full(len(p[1]), 0 if self._mgr.merges_across(p[0])
+                                        else p[0] + 1, dtype=np.int64) for p in parts])
+        # Sort by hash and scope, shared pages first within a group (representatives).
+        order = np.lexsort((~shared, scope, hashes))
         h = hashes[order]
-        starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+        sc = scope[order]
+        starts = np.flatnonzero(np.r_[True, (h[1:] != h[:-1]) | (sc[1:] != sc[:-1])])
         ends = np.r_[starts[1:], len(h)]
         fresh_sorted = fresh[order].astype(np.int64)
         fresh_count = np.add.reduceat(fresh_sorted, starts)

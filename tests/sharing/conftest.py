@@ -15,4 +15,4 @@ def machine() -> SimMachine:
 
 @pytest.fixture
 def mgr(machine: SimMachine) -> SharingManager:
-    return SharingManager(machine)
+    return SharingManager(machine, cross_domain_default=True)

@@ -14,7 +14,7 @@ from sharing.manager import SharingManager
 @pytest.fixture
 def state() -> tuple[SimMachine, SharingManager, int, int]:
     m = SimMachine(64)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     a, b = m.create_domain(8), m.create_domain(8)
     for g in range(4):
         m.write(a, g, page(b"%d" % g))

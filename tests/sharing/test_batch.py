@@ -127,7 +127,7 @@ class World:
                  nominate_all: bool = False) -> None:
         self.sim = SimMachine(DOMAINS * PAGES + 4)
         self.m: Machine = PlainMachine(self.sim) if plain else self.sim
-        self.mgr = SharingManager(self.m)
+        self.mgr = SharingManager(self.m, cross_domain_default=True)
         self.doms = [self.sim.create_domain(PAGES) for _ in range(DOMAINS)]
         self.seen: list[tuple[int, int, int]] = []  # (domain, gfn, handle) ever handed out
         if nominate_all:  # most pages shared: many pairs reach compare and merge
@@ -315,7 +315,7 @@ def test_share_many_against_guest_writers() -> None:
     frame (every page reads back its last write), and the audit stays clean."""
     n = 48
     m = SimMachine(2 * n + 8)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     doms = [m.create_domain(n), m.create_domain(n)]
     pages = [(d, g) for d in doms for g in range(n)]
     model = {p: CONTENTS[0] for p in pages}

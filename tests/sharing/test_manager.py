@@ -204,7 +204,7 @@ def test_guest_write_unshares_first(machine: SimMachine, mgr: SharingManager) ->
 
 def test_unshare_out_of_frames_changes_nothing() -> None:
     m = SimMachine(4)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     a, b = m.create_domain(2), m.create_domain(2)
     ha, hb = mgr.nominate(a, 0), mgr.nominate(b, 0)
     mgr.share(a, 0, ha, b, 0, hb)
@@ -263,7 +263,7 @@ def test_teardown_is_incremental_and_releases_everything(machine: SimMachine,
 def test_huge_reverse_map_on_one_frame() -> None:
     n = 100_000
     m = SimMachine(n + 8)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     zero, guest = m.create_domain(1), m.create_domain(n)
     hz = mgr.nominate(zero, 0)
     for g in range(n):

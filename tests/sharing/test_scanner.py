@@ -13,7 +13,7 @@ from sharing.scanner import Scanner
 
 def setup(n: int = 64) -> tuple[SimMachine, SharingManager, Scanner, list[int]]:
     m = SimMachine(4 * n + 16)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     doms = [m.create_domain(n) for _ in range(3)]
     rng = np.random.default_rng(7)
     common = rng.integers(0, 256, (8, 4096), dtype=np.uint8)

@@ -9,7 +9,7 @@ from sharing.scanner import Scanner
 
 def test_scanner_merges_pages_nominated_before_the_first_pass() -> None:
     machine = SimMachine(64)
-    mgr = SharingManager(machine)
+    mgr = SharingManager(machine, cross_domain_default=True)
     scanner = Scanner(mgr)
     a, b = machine.create_domain(8), machine.create_domain(8)
     for dom in (a, b):
@@ -25,7 +25,7 @@ def test_scanner_merges_pages_nominated_before_the_first_pass() -> None:
 
 def test_records_lists_every_reverse_map() -> None:
     machine = SimMachine(64)
-    mgr = SharingManager(machine)
+    mgr = SharingManager(machine, cross_domain_default=True)
     a, b = machine.create_domain(8), machine.create_domain(8)
     for dom in (a, b):
         machine.write(dom, 2, b"twin" * 1000)

@@ -33,7 +33,7 @@ class SharingModel(RuleBasedStateMachine):
     def boot(self) -> None:
         # Two spare frames only: unshare runs out of frames now and then.
         self.m = SimMachine(DOMAINS * PAGES + 2)
-        self.mgr = SharingManager(self.m)
+        self.mgr = SharingManager(self.m, cross_domain_default=True)
         self.doms = [self.m.create_domain(PAGES) for _ in range(DOMAINS)]
         self.model = {(d, g): CONTENTS[0] for d in self.doms for g in range(PAGES)}
         self.handles: list[tuple[int, int, int]] = []

@@ -37,7 +37,7 @@ def fast_switching() -> Iterator[None]:
 
 def test_concurrent_sharers_and_writers() -> None:
     m = SimMachine(2 * PAGES + 8)
-    mgr = SharingManager(m)
+    mgr = SharingManager(m, cross_domain_default=True)
     doms = [m.create_domain(PAGES), m.create_domain(PAGES)]
     pages = [(d, g) for d in doms for g in range(PAGES)]
     model = {p: CONTENTS[0] for p in pages}
