@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,7 +53,7 @@ from hypervisor.procmem import (
     read_maps,
 )
 from hypervisor.qmp import Monitor, qom_set_merge, query_memdev
-from memd.errors import BackendError, CommandFailed, NoSuchDomain, SharingError
+from memd.errors import BackendError, CommandFailed, NoSuchDomain, SharingDenied, SharingError
 from memd.vocab import PAGE_SHIFT, PAGE_SIZE
 from sharing.ground_truth import GroundTruth, compute
 from sharing.machine import (
@@ -119,8 +120,12 @@ def hmp_read(monitor: Monitor, gpa: int, length: int) -> bytes:
 class QemuMachine:
     """The FrameView protocol over attached QEMU guests (see the module docstring)."""
 
-    def __init__(self, *, nr_frames: int | None = None) -> None:
+    def __init__(self, *, nr_frames: int | None = None,
+                 may_merge: Callable[[str], bool] | None = None) -> None:
         self._guests: dict[int, QemuGuest] = {}
+        #: Consent to cross-guest merging by VM name (sharing.consent, given by the agent):
+        #: checked whenever merging is switched on, whoever asks.  None: anyone may.
+        self._may_merge = may_merge
         self._lock = threading.Lock()
         self._nr_frames = nr_frames if nr_frames is not None else host_max_pfn()
         self._kpages = KernelPages()
@@ -250,8 +255,13 @@ class QemuMachine:
 
     def set_merge(self, domid: int, merge: bool) -> None:
         """Switch KSM merging of every RAM block of the guest (``qom-set ... merge``).
-        Turning it off un-merges the guest's pages at once (host memory spike)."""
+        Turning it off un-merges the guest's pages at once (host memory spike).  Turning
+        it on raises SharingDenied when consent (``may_merge``) rules merging out."""
         g = self.guest(domid)
+        if merge and self._may_merge is not None and not self._may_merge(g.name):
+            raise SharingDenied(f"{g.name} may not be merged with other guests: the operator "
+                                "opted it out, or its guest did not consent (HELLO without "
+                                "DEDUP_OPT_IN)", op="merge", domain=g.name)
         for b in g.blocks:
             qom_set_merge(g.monitor, b.name, merge)
             b.merge = merge

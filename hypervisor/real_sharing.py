@@ -1,11 +1,18 @@
 """Guest sharing requests on real QEMU guests: nominate / query / about_to_write over KSM.
 
 The agent's guests speak one protocol whatever the host does underneath
-(:class:`memd.agent.dispatch.GuestSharing`).  On a KVM host memd cannot merge frames
+(:class:`sharing.guest.GuestSharing`).  On a KVM host memd cannot merge frames
 itself; KSM does.  So for a real guest:
 
+* **consent** (:mod:`sharing.consent`): KSM merges a mergeable QEMU's pages with any
+  other's, so a guest's merging is on exactly while it merges across guests.  This
+  object listens to the agent's ``ConsentBook`` and switches QEMU's ``merge`` property
+  when the guest's word or the operator's opt-out changes (:meth:`QemuSharing.enforce`;
+  the agent also calls it at attach).  Turning merging *on* is guarded once more in
+  ``QemuMachine.set_merge`` (its ``may_merge``), so no other path (``memd optin``,
+  steering) can merge a guest that declined.
 * **nominate(gfns)** validates each gfn (RAM of *this* guest, page present), makes sure
-  the guest's merging is on (unless the operator opted it out: DENIED), records the gfn
+  the guest's merging is on (SharingDenied when the guest may not merge), records the gfn
   in a small ledger with a fresh handle (a version from a 64-bit counter, as the
   mfn-keyed manager hands out) and the frame it was on, and pokes the steering loop, so
   that ksmd runs fast until the page is merged.  The merge itself is ksmd's.
@@ -18,13 +25,18 @@ itself; KSM does.  So for a real guest:
   becomes stale), and :meth:`QemuSharing.ledger_report` shows, for every nominated gfn,
   whether the host still agrees (``shared``/``nominated``/``unshared``).
 
-A guest names only its own gfns: the guest name (its channel) picks the QEMU.
+A guest names only its own gfns: the guest name (its channel) picks the QEMU.  Errors are
+``memd.errors`` exceptions (raised, or per gfn of a nominate returned); the agent's
+dispatcher maps them to wire statuses.
 
-Lock: ``_lock`` protects ``_ledger`` and ``_next_version``; pagemap reads happen outside.
+Lock: ``_lock`` protects ``_ledger`` and ``_next_version``; pagemap reads and QMP calls
+happen outside.  Consent listeners run in the thread that changed the word (the agent's
+loop thread for a HELLO).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,8 +46,11 @@ import numpy as np
 
 from hypervisor.procmem import KPF_KSM, has_flag
 from hypervisor.qemu_machine import QemuGuest, QemuMachine
-from memd.errors import MemdError, NoSuchDomain, SharingError
-from memd.wire import ShareState, Status
+from memd.errors import MemdError, NoSuchDomain, NotShareable, SharingBusy, SharingDenied
+from sharing.consent import ConsentBook
+from sharing.guest import UNMAPPED, PageSharing
+
+log = logging.getLogger("memd.ksm")
 
 
 @dataclass(frozen=True)
@@ -50,14 +65,15 @@ class QemuSharing:
     """GuestSharing for guests attached to a QemuMachine (see the module docstring)."""
 
     def __init__(self, machine: QemuMachine, *, on_nominate: Callable[[], None] | None = None,
-                 opted_out: Callable[[str], bool] | None = None) -> None:
+                 consent: ConsentBook | None = None) -> None:
         self.machine = machine
         self._on_nominate = on_nominate
-        #: Operator opt-out by VM name (the guest must not switch merging back on).
-        self._opted_out = opted_out or (lambda name: False)
+        #: The guests' words and the operator's opt-outs (sharing.consent).
+        self.consent = consent or ConsentBook()
         self._lock = threading.Lock()
         self._ledger: dict[tuple[int, int], Nomination] = {}
         self._next_version = 1
+        self.consent.subscribe(self._consent_changed)
 
     def has_guest(self, name: str) -> bool:
         return any(g.name == name for g in self.machine.guests())
@@ -74,12 +90,36 @@ class QemuSharing:
         ok[ok] = g.gfn_vaddr[arr[ok]] >= 0
         return ok
 
+    # --- consent -------------------------------------------------------------------------
+
+    def merges(self, name: str) -> bool:
+        """:mod:`sharing.consent` for an attached QEMU (attaching it was the operator's yes)."""
+        return self.consent.allows(name, attached=True)
+
+    def enforce(self, name: str) -> None:
+        """Switch the guest's merging to what consent says, if it is attached and differs.
+        Raises what QEMU's monitor raises (BackendError kinds)."""
+        g = self._guest(name)
+        if g is None:
+            return
+        want = self.merges(name)
+        if want != all(b.merge for b in g.blocks):
+            self.machine.set_merge(g.domid, want)
+
+    def _consent_changed(self, name: str) -> None:
+        try:
+            self.enforce(name)
+        except MemdError as err:  # a HELLO must not fail because QMP did
+            log.warning("cannot switch merging of %s to match its consent: %s", name, err)
+
     # --- GuestSharing ----------------------------------------------------------------------
 
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[int | MemdError]:
         g = self._guest(guest)
-        if g is None or self._opted_out(g.name):
-            return [(int(Status.DENIED), 0)] * len(gfns)
+        if g is None or not self.merges(g.name):
+            denied = SharingDenied("merging is off for this guest (the operator opted it out, "
+                                   "or it did not consent)", op="nominate", domain=guest)
+            return [denied] * len(gfns)
         valid = self._valid(g, gfns)
         arr = np.asarray(gfns, dtype=np.int64)
         pfns = np.full(len(arr), -1, dtype=np.int64)
@@ -88,28 +128,32 @@ class QemuSharing:
         if not all(b.merge for b in g.blocks) and (pfns >= 0).any():
             try:
                 self.machine.set_merge(g.domid, True)
-            except MemdError:
-                return [(int(Status.BUSY), 0)] * len(gfns)
-        out: list[tuple[int, int]] = []
+            except MemdError as err:
+                busy = SharingBusy(f"cannot switch merging on: {err}", op="nominate",
+                                   domain=guest)
+                return [busy] * len(gfns)
+        out: list[int | MemdError] = []
         with self._lock:
             for gfn, ok, pfn in zip(arr.tolist(), valid.tolist(), pfns.tolist(), strict=True):
                 if not ok:
-                    out.append((int(Status.INVALID), 0))
-                elif pfn < 0:
-                    out.append((int(Status.NOT_SHAREABLE), 0))  # no frame: nothing to merge
+                    out.append(NoSuchDomain("gfn is not RAM of this guest", op="nominate",
+                                            domain=guest, gfn=gfn))
+                elif pfn < 0:  # no frame: nothing to merge
+                    out.append(NotShareable("the page has no frame", op="nominate",
+                                            domain=guest, gfn=gfn))
                 else:
                     version = self._next_version
                     self._next_version += 1
                     self._ledger[(g.domid, gfn)] = Nomination(version, pfn)
-                    out.append((int(Status.OK), version))
-        if self._on_nominate is not None and any(s == Status.OK for s, _ in out):
+                    out.append(version)
+        if self._on_nominate is not None and any(isinstance(r, int) for r in out):
             self._on_nominate()
         return out
 
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def query(self, guest: str, gfns: Sequence[int]) -> list[PageSharing]:
         g = self._guest(guest)
         if g is None:
-            return [(int(ShareState.UNKNOWN), 0)] * len(gfns)
+            return [UNMAPPED] * len(gfns)
         arr = np.asarray(gfns, dtype=np.int64)
         valid = self._valid(g, gfns)
         pfns = np.full(len(arr), -1, dtype=np.int64)
@@ -127,23 +171,14 @@ class QemuSharing:
             refs[present] = np.maximum(refs[present], np.where(ksm_page, kcount, 0))
         with self._lock:
             nominated = [(g.domid, x) in self._ledger for x in arr.tolist()]
-        out: list[tuple[int, int]] = []
-        for i in range(len(arr)):
-            if not present[i]:
-                out.append((int(ShareState.UNKNOWN), 0))
-            elif refs[i] >= 2:
-                out.append((int(ShareState.SHARED), int(refs[i])))
-            elif nominated[i]:
-                out.append((int(ShareState.NOMINATED), 1))
-            else:
-                out.append((int(ShareState.PRIVATE), 1))
-        return out
+        return [PageSharing(True, nominated=nominated[i], count=max(1, int(refs[i])))
+                if present[i] else UNMAPPED for i in range(len(arr))]
 
     def about_to_write(self, guest: str, gfn: int) -> None:
         g = self._guest(guest)
         if g is None:
-            raise SharingError("this guest has no memory registered for sharing",
-                               op="about_to_write", domain=guest, gfn=gfn)
+            raise SharingDenied("this guest has no memory registered for sharing",
+                                op="about_to_write", domain=guest, gfn=gfn)
         if not bool(self._valid(g, [gfn])[0]):
             raise NoSuchDomain("gfn out of range", op="about_to_write", domain=guest, gfn=gfn)
         # The write itself unshares (kernel copy-on-write); retire the handle.

@@ -170,7 +170,11 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
         domid0 = sharing.domid(names[0])
         cow_gfn = cfg.guest_pages // 4 + 100  # a kernel page the scanner merged
         before = machine.read(domid0, cow_gfn)
-        client = GuestClient.for_unix_socket(paths[names[0]], boot_id=os.urandom(16))
+        # Still consenting to cross-guest merging: a HELLO without DEDUP_OPT_IN would
+        # give guest0's merged pages private copies at once (sharing.consent).
+        client = GuestClient.for_unix_socket(
+            paths[names[0]], boot_id=os.urandom(16),
+            capabilities=ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN))
         with client:
             client.connect()
             state_before = client.share_query([cow_gfn])[0]

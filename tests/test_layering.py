@@ -26,8 +26,8 @@ ALLOWED = {
     "memd.nbd": ("memd.errors", "memd.vocab", "memd.paths", "memd.nbd", "tmem"),
     "tmem": ("memd.errors", "memd.vocab", "tmem"),
     "sharing": ("memd.errors", "memd.vocab", "sharing"),
-    "hypervisor": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "tmem", "sharing",
-                   "hypervisor"),
+    # No memd.wire: sharing backends raise memd.errors; only the agent maps statuses.
+    "hypervisor": ("memd.errors", "memd.vocab", "memd.paths", "tmem", "sharing", "hypervisor"),
     "memd.agent": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "memd.agent",
                    "memd.nbd", "tmem", "sharing", "hypervisor"),
 }

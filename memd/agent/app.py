@@ -34,6 +34,7 @@ from memd.errors import InvalidArgument, MemdError, NotFound
 from memd.nbd.export import DISK_POOL_ID, MAX_DISK_SIZE, SwapDisk
 from memd.nbd.server import NbdServer
 from memd.nbd.spill import FileSpill
+from sharing.consent import ConsentBook
 from sharing.manager import SharingManager
 from tmem.host import TmemHost
 
@@ -72,14 +73,19 @@ class AgentApp:
         self.store = store
         self.tmem = TmemHost(budget_bytes=budget_bytes, log=store)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
+        #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
+        self.opted_out: set[str] = set()
+        #: Consent to cross-guest merging (sharing.consent): tmem, sim and KSM obey it.
+        self.consent = ConsentBook(self.opted_out.__contains__)
         self.sharing: SharingService | None = (
-            SharingService(SharingManager(self.machine)) if self.machine else None)
+            SharingService(SharingManager(self.machine), consent=self.consent)
+            if self.machine else None)
         # Default per-guest cap: half the budget, counted in raw pages.
         cap = budget_bytes // 2 if guest_cap_bytes is None else guest_cap_bytes
         #: Guest sharing requests: sim guests to ``sharing``, real QEMU guests to KSM.
         self.router = SharingRouter(self.sharing)
         self.dispatcher = Dispatcher(self.tmem, self.router if self.sharing else None,
-                                     guest_cap_pages=cap // 4096)
+                                     guest_cap_pages=cap // 4096, consent=self.consent)
         self.agent = Agent(self.dispatcher)
         self.control = ControlServer(self._commands())
         #: Real QEMU guests whose RAM memd reads (pagemap ground truth); made on demand.
@@ -91,8 +97,6 @@ class AgentApp:
         #: Where steering records the host's KSM knobs before changing them (survives a
         #: crash of this agent; see hypervisor.ksm.record_originals).
         self.ksm_ledger = ksm_ledger or paths.ksm_originals()
-        #: VMs the operator opted out of merging (a guest's nominate cannot undo it).
-        self.opted_out: set[str] = set()
         #: guest → the NBD server of its swap disk (``serve --swap``, ``add_swap``).
         self.disks: dict[str, NbdServer] = {}
         #: One file per guest whose disk an agent served since the host booted (in the run
@@ -188,6 +192,8 @@ class AgentApp:
             # not undo it.  `memd optin` turns it on.
             self.opted_out.add(name)
             self._save_opted_out()
+        assert self.qemu_sharing is not None
+        self.qemu_sharing.enforce(name)  # a guest that declined in HELLO: merging off
         self._poke_steering()
         return domid
 
@@ -196,9 +202,10 @@ class AgentApp:
         from hypervisor.real_sharing import QemuSharing
 
         if self.qemu is None:
-            self.qemu = QemuMachine()
+            self.qemu = QemuMachine(
+                may_merge=lambda vm: self.consent.allows(vm, attached=True))
             self.qemu_sharing = QemuSharing(self.qemu, on_nominate=self._poke_steering,
-                                            opted_out=self.opted_out.__contains__)
+                                            consent=self.consent)
             self.router.real = self.qemu_sharing
             self.dispatcher.sharing = self.router
         return self.qemu
@@ -384,10 +391,13 @@ class AgentApp:
         if merge:
             self.opted_out.discard(vm)
             self._save_opted_out()
+            self.consent.operator_changed(vm)
             return steering.opt_in(vm)
         self.opted_out.add(vm)
         self._save_opted_out()
-        return steering.opt_out(vm)
+        result = steering.opt_out(vm)
+        self.consent.operator_changed(vm)
+        return result
 
     # -- control commands ------------------------------------------------------------------
 

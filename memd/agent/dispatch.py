@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from memd import wire
 from memd.agent.latency import LatencyHistograms
-from memd.errors import FrameError, MemdError, NoSuchPool
-from memd.wire import Capability, Op, Status
+from memd.errors import FrameError, MemdError, NoSuchClient, NoSuchPool
+from memd.wire import Capability, Op, ShareState, Status
+from sharing.consent import ConsentBook
+from sharing.guest import GuestSharing, PageSharing
 from tmem.host import TmemHost
 from tmem.types import PoolFlag
 
@@ -29,22 +29,6 @@ HOST_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS
                         | Capability.DEDUP_OPT_IN | Capability.MEM_REPORT)
 
 
-class GuestSharing(Protocol):
-    """The sharing manager as one guest may use it (its own gfns only)."""
-
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
-        """Per gfn: (Status, handle)."""
-        ...
-
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
-        """Per gfn: (ShareState, share count)."""
-        ...
-
-    def about_to_write(self, guest: str, gfn: int) -> None:
-        """Break sharing of the gfn before the guest writes it."""
-        ...
-
-
 @dataclass
 class GuestState:
     """What the agent knows about one guest; valid across reconnects of its channel."""
@@ -53,7 +37,6 @@ class GuestState:
     boot_id: bytes | None = None  # from the last HELLO; a change means the guest rebooted
     version: int | None = None  # negotiated; None until a HELLO on this connection
     capabilities: int = 0
-    dedup_allowed: bool = True  # the operator may forbid cross-guest dedup per guest
     requests: int = 0
     errors: int = 0
     bad_frames: int = 0
@@ -92,9 +75,14 @@ class Dispatcher:
     """Turns guest requests into TmemHost / sharing calls."""
 
     def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None, *,
-                 guest_cap_pages: int | None = None) -> None:
+                 guest_cap_pages: int | None = None,
+                 consent: ConsentBook | None = None) -> None:
         self.tmem = tmem
         self.sharing = sharing
+        #: Consent to cross-guest merging (sharing.consent): HELLO records the guest's
+        #: word; tmem's dedup follows the book's answer whenever it changes.
+        self.consent = consent or ConsentBook()
+        self.consent.subscribe(self._consent_changed)
         #: Cap given to each guest when it first appears, so that no guest can fill the
         #: store (persistent pages are never evicted) and starve the others.
         self.guest_cap_pages = guest_cap_pages
@@ -223,7 +211,7 @@ class Dispatcher:
         capabilities = req.capabilities & HOST_CAPABILITIES
         if self.sharing is None:
             capabilities &= ~int(Capability.SHARING)
-        consent = bool(capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
+        consent = self.consent.hello(guest.name, bool(capabilities & Capability.DEDUP_OPT_IN))
         # A new boot id means the guest rebooted: everything it stored belongs to a dead
         # kernel (but a swap disk the host serves it, which outlives its kernel).  The
         # drop and the new boot id are one store transaction, so that after an agent
@@ -245,6 +233,13 @@ class Dispatcher:
         return self._reply(guest, frame, wire.HelloReply(
             version=version, capabilities=guest.capabilities, max_batch=wire.MAX_BATCH,
             max_payload=wire.MAX_PAYLOAD, max_gfns=wire.MAX_GFNS))
+
+    def _consent_changed(self, name: str) -> None:
+        """tmem de-duplicates across guests exactly as merging does (one rule)."""
+        try:
+            self.tmem.set_dedup(name, self.consent.allows(name))
+        except NoSuchClient:
+            pass  # no session yet: its HELLO will pass the consent
 
     def _pools(self, name: str) -> list[wire.PoolInfo]:
         out = []
@@ -273,15 +268,26 @@ class Dispatcher:
             return self._status_reply(guest, frame, Status.DENIED,
                                       "page sharing is not enabled for this guest")
         if isinstance(req, wire.NominateRequest):
-            results = [wire.NominateResult(s, h)
-                       for s, h in self.sharing.nominate(guest.name, req.gfns)]
+            results = [wire.NominateResult(Status.OK, r) if isinstance(r, int)
+                       else wire.NominateResult(wire.status_for_exception(r), 0)
+                       for r in self.sharing.nominate(guest.name, req.gfns)]
             return self._reply(guest, frame, wire.NominateReply(results))
         if isinstance(req, wire.ShareQueryRequest):
-            infos = [wire.ShareInfo(s, c) for s, c in self.sharing.query(guest.name, req.gfns)]
+            infos = [wire.ShareInfo(_share_state(p), p.count)
+                     for p in self.sharing.query(guest.name, req.gfns)]
             return self._reply(guest, frame, wire.ShareQueryReply(infos))
         assert isinstance(req, wire.AboutToWriteRequest)
         self.sharing.about_to_write(guest.name, req.gfn)
         return self._reply(guest, frame, wire.EmptyReply())
+
+
+def _share_state(page: PageSharing) -> ShareState:
+    """SHARE_QUERY's state of a page (docs/protocol.md)."""
+    if not page.mapped:
+        return ShareState.UNKNOWN
+    if page.count >= 2:
+        return ShareState.SHARED
+    return ShareState.NOMINATED if page.nominated else ShareState.PRIVATE
 
 
 #: Latency label per opcode (``put_batch``, ...).

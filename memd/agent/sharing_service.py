@@ -3,35 +3,59 @@
 A guest may only name its *own* gfns: the guest's name (its channel) picks the
 domain, so ``nominate``/``query``/``about_to_write`` can never reach another guest's
 memory.  Operators get ``scan`` (the incremental xxh3 scanner) and ``audit``.
+
+Errors are raised (or, per gfn of a NOMINATE, returned) as ``memd.errors`` exceptions;
+the dispatcher alone turns them into wire statuses.
+
+Consent (:mod:`sharing.consent`): the service is a listener of the agent's
+``ConsentBook``; whenever a bound guest's word or the operator's opt-out changes, and at
+``bind``, it tells the manager whether the guest's domain merges across guests
+(``SharingManager.set_cross_domain``, which enforces it at every merge).
+
+State: ``_domids`` (guest name → domid) is written by ``bind``/``unbind`` (the
+embedding program, before its guests connect) and read by the agent's loop thread; each
+access is one dict operation.  ``_scan_lock`` makes scans one at a time.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
-from memd.errors import NoSuchDomain, NotFound, NotShareable, SharingError
-from memd.wire import ShareState, Status
+from memd.errors import MemdError, NoSuchDomain, NotFound, NotShareable, SharingDenied
+from sharing.consent import ConsentBook
+from sharing.guest import UNMAPPED, GuestSharing, PageSharing
 from sharing.machine import PageType
 from sharing.manager import SharingManager
 from sharing.scanner import Scanner
 
 
-class SharingService:
-    """Implements the agent's GuestSharing protocol over a SharingManager."""
+def _unregistered(guest: str, op: str, gfn: int | None = None) -> SharingDenied:
+    return SharingDenied("this guest has no memory registered for sharing", op=op,
+                         domain=guest, gfn=gfn)
 
-    def __init__(self, manager: SharingManager, scanner: Scanner | None = None) -> None:
+
+class SharingService:
+    """The :class:`~sharing.guest.GuestSharing` of simulated guests, over a SharingManager."""
+
+    def __init__(self, manager: SharingManager, scanner: Scanner | None = None, *,
+                 consent: ConsentBook | None = None) -> None:
         self.manager = manager
         self.scanner = scanner or Scanner(manager)
+        #: Whose pages may merge with other guests' (no consent given: nobody's).
+        self.consent = consent or ConsentBook()
         self._domids: dict[str, int] = {}
         self._scan_lock = threading.Lock()  # one scan at a time; the manager locks itself
+        self.consent.subscribe(self._consent_changed)
 
     # -- binding guests to domains ---------------------------------------------------------
 
     def bind(self, guest: str, domid: int, *, scan: bool = True) -> None:
-        """Associate a guest name with its domain; opt it in to scanning if *scan*."""
+        """Associate a guest name with its domain; opt it in to scanning if *scan*.
+        Its pages merge with other guests' only as :mod:`sharing.consent` says."""
         self._domids[guest] = domid
+        self.manager.set_cross_domain(domid, self.consent.allows(guest))
         if scan:
             self.scanner.enable(domid)
 
@@ -57,47 +81,50 @@ class SharingService:
     def guests(self) -> dict[str, int]:
         return dict(self._domids)
 
+    def _consent_changed(self, guest: str) -> None:
+        domid = self._domids.get(guest)
+        if domid is not None:
+            self.manager.set_cross_domain(domid, self.consent.allows(guest))
+
     # -- GuestSharing (the guest's own gfns only) ------------------------------------------
 
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def has_guest(self, guest: str) -> bool:
+        return guest in self._domids
+
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[int | MemdError]:
         domid = self._domids.get(guest)
-        out: list[tuple[int, int]] = []
+        if domid is None:
+            return [_unregistered(guest, "nominate")] * len(gfns)
+        out: list[int | MemdError] = []
         for gfn in gfns:
-            if domid is None:
-                out.append((int(Status.DENIED), 0))
-                continue
             try:
-                out.append((int(Status.OK), self.manager.nominate(domid, gfn)))
-            except NoSuchDomain:
-                out.append((int(Status.INVALID), 0))
-            except NotShareable:
-                out.append((int(Status.NOT_SHAREABLE), 0))
+                out.append(self.manager.nominate(domid, gfn))
+            except (NoSuchDomain, NotShareable) as err:
+                out.append(err)
         return out
 
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def query(self, guest: str, gfns: Sequence[int]) -> list[PageSharing]:
         domid = self._domids.get(guest)
         machine = self.manager.machine
-        out: list[tuple[int, int]] = []
+        out: list[PageSharing] = []
         for gfn in gfns:
             if domid is None or not 0 <= gfn < machine.nr_gfns(domid):
-                out.append((int(ShareState.UNKNOWN), 0))
+                out.append(UNMAPPED)
                 continue
             mfn, ptype = machine.lookup(domid, gfn)
             if ptype == PageType.SHARED:
-                count = len(self.manager.gfns_of(mfn))
-                state = ShareState.SHARED if count > 1 else ShareState.NOMINATED
-                out.append((int(state), count))
+                out.append(PageSharing(True, nominated=True,
+                                       count=len(self.manager.gfns_of(mfn))))
             elif ptype == PageType.RAM:
-                out.append((int(ShareState.PRIVATE), 1))
+                out.append(PageSharing(True, count=1))
             else:
-                out.append((int(ShareState.UNKNOWN), 0))
+                out.append(UNMAPPED)
         return out
 
     def about_to_write(self, guest: str, gfn: int) -> None:
         domid = self._domids.get(guest)
         if domid is None:
-            raise SharingError("this guest has no memory registered for sharing",
-                               op="about_to_write", domain=guest, gfn=gfn)
+            raise _unregistered(guest, "about_to_write", gfn)
         if not 0 <= gfn < self.manager.machine.nr_gfns(domid):
             raise NoSuchDomain("gfn out of range", op="about_to_write", domain=guest, gfn=gfn)
         self.manager.unshare(domid, gfn)
@@ -122,52 +149,37 @@ class SharingService:
         return stats
 
 
-class RealGuestSharing(Protocol):
-    """GuestSharing for guests whose memory is a real QEMU's (hypervisor.real_sharing)."""
-
-    def has_guest(self, name: str) -> bool: ...
-
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]: ...
-
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]: ...
-
-    def about_to_write(self, guest: str, gfn: int) -> None: ...
-
-
 class SharingRouter:
     """The agent's one GuestSharing: a guest whose QEMU is attached goes to the real
     (KSM) backend, any other guest to the simulated machine's SharingService."""
 
-    def __init__(self, sim: SharingService | None = None,
-                 real: RealGuestSharing | None = None) -> None:
+    def __init__(self, sim: GuestSharing | None = None,
+                 real: GuestSharing | None = None) -> None:
         self.sim = sim
         self.real = real
 
-    def _real_for(self, guest: str) -> RealGuestSharing | None:
-        return self.real if self.real is not None and self.real.has_guest(guest) else None
+    def _backend(self, guest: str) -> GuestSharing | None:
+        if self.real is not None and self.real.has_guest(guest):
+            return self.real
+        return self.sim
 
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
-        real = self._real_for(guest)
-        if real is not None:
-            return real.nominate(guest, gfns)
-        if self.sim is None:
-            return [(int(Status.DENIED), 0)] * len(gfns)
-        return self.sim.nominate(guest, gfns)
+    def has_guest(self, guest: str) -> bool:
+        return any(b is not None and b.has_guest(guest) for b in (self.real, self.sim))
 
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
-        real = self._real_for(guest)
-        if real is not None:
-            return real.query(guest, gfns)
-        if self.sim is None:
-            return [(int(ShareState.UNKNOWN), 0)] * len(gfns)
-        return self.sim.query(guest, gfns)
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[int | MemdError]:
+        backend = self._backend(guest)
+        if backend is None:
+            return [_unregistered(guest, "nominate")] * len(gfns)
+        return backend.nominate(guest, gfns)
+
+    def query(self, guest: str, gfns: Sequence[int]) -> list[PageSharing]:
+        backend = self._backend(guest)
+        if backend is None:
+            return [UNMAPPED] * len(gfns)
+        return backend.query(guest, gfns)
 
     def about_to_write(self, guest: str, gfn: int) -> None:
-        real = self._real_for(guest)
-        if real is not None:
-            real.about_to_write(guest, gfn)
-        elif self.sim is None:
-            raise SharingError("this guest has no memory registered for sharing",
-                               op="about_to_write", domain=guest, gfn=gfn)
-        else:
-            self.sim.about_to_write(guest, gfn)
+        backend = self._backend(guest)
+        if backend is None:
+            raise _unregistered(guest, "about_to_write", gfn)
+        backend.about_to_write(guest, gfn)

@@ -13,7 +13,8 @@ import pytest
 
 from memd import wire
 from memd.errors import AccessDenied, InvalidArgument, NoSuchPool
-from memd.wire import Op, Status
+from memd.guest.client import ALL_CAPABILITIES
+from memd.wire import Capability, Op, Status
 from tests.agent.conftest import RunningAgent
 
 
@@ -215,8 +216,13 @@ def test_guest_sharing_requests_touch_only_its_own_memory(agent: RunningAgent) -
     assert machine is not None and sharing is not None
     for guest in ("a", "b"):
         machine.write(sharing.domid(guest), 3, b"same content")
-    sharing.scan()
-    with agent.client(a) as ca:
+    # Both consent to cross-guest merging (sharing.consent): HELLO with DEDUP_OPT_IN.
+    consenting = ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN)
+    with agent.client(_b, capabilities=consenting) as cb:
+        cb.connect()
+    with agent.client(a, capabilities=consenting) as ca:
+        ca.connect()
+        sharing.scan()
         ca.connect()
         (info,) = ca.share_query([3])
         assert (wire.ShareState(info.state), info.share_count) == (wire.ShareState.SHARED, 2)

@@ -11,8 +11,8 @@ import pytest
 from hypervisor import ksm
 from hypervisor.ksm_steer import KsmSetting, SteerInputs, SteerPolicy, decide, ksmd_cpu_seconds
 from memd.agent.sharing_service import SharingRouter
-from memd.errors import SharingError
-from memd.wire import ShareState, Status
+from memd.errors import MemdError, SharingDenied
+from sharing.guest import UNMAPPED, PageSharing
 
 P = SteerPolicy()
 
@@ -97,13 +97,13 @@ class FakeReal:
     def has_guest(self, name: str) -> bool:
         return name in self.names
 
-    def nominate(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def nominate(self, guest: str, gfns: Sequence[int]) -> list[int | MemdError]:
         self.calls.append(("nominate", guest))
-        return [(int(Status.OK), 7)] * len(gfns)
+        return [7] * len(gfns)
 
-    def query(self, guest: str, gfns: Sequence[int]) -> list[tuple[int, int]]:
+    def query(self, guest: str, gfns: Sequence[int]) -> list[PageSharing]:
         self.calls.append(("query", guest))
-        return [(int(ShareState.SHARED), 2)] * len(gfns)
+        return [PageSharing(True, count=2)] * len(gfns)
 
     def about_to_write(self, guest: str, gfn: int) -> None:
         self.calls.append(("about_to_write", guest))
@@ -112,13 +112,14 @@ class FakeReal:
 def test_router_sends_qemu_guests_to_the_real_backend_only() -> None:
     real = FakeReal({"vm1"})
     router = SharingRouter(None, real)
-    assert router.nominate("vm1", [1, 2]) == [(0, 7), (0, 7)]
-    assert router.query("vm1", [1]) == [(int(ShareState.SHARED), 2)]
+    assert router.nominate("vm1", [1, 2]) == [7, 7]
+    assert router.query("vm1", [1]) == [PageSharing(True, count=2)]
     router.about_to_write("vm1", 1)
     assert [c for c, _ in real.calls] == ["nominate", "query", "about_to_write"]
     # A guest without attached QEMU and no simulated machine: denied, never routed.
-    assert router.nominate("other", [1]) == [(int(Status.DENIED), 0)]
-    assert router.query("other", [1]) == [(int(ShareState.UNKNOWN), 0)]
-    with pytest.raises(SharingError):
+    [denied] = router.nominate("other", [1])
+    assert isinstance(denied, SharingDenied)
+    assert router.query("other", [1]) == [UNMAPPED]
+    with pytest.raises(SharingDenied):
         router.about_to_write("other", 1)
     assert all(g == "vm1" for _, g in real.calls)

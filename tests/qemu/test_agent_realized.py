@@ -15,7 +15,7 @@ from hypervisor.procmem import ProcessMemory, qemu_pid_for_socket
 from memd.agent.app import AgentApp
 from memd.cli import main
 from memd.demo import _LoopThread
-from memd.wire import Status
+from memd.errors import SharingDenied
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
 
 pytestmark = needs_qemu_root
@@ -110,6 +110,6 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
     agent.attach_qemu(q.name, q.pid, q.monitor)
     assert "no-merge" in agent.opted_out
     assert agent.qemu_sharing is not None
-    [(status, handle)] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
-    assert (status, handle) == (int(Status.DENIED), 0)  # the guest cannot undo it
+    [denied] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
+    assert isinstance(denied, SharingDenied)  # the guest cannot undo it (DENIED on the wire)
     assert all(not b.merge for b in agent.qemu.guest("no-merge").blocks)  # type: ignore[union-attr]
