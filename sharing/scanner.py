@@ -27,8 +27,10 @@ scope.  The grouping only saves futile attempts: the manager itself refuses any
 merge the consent rule forbids.
 
 State per opted-in domain: ``hashes`` uint64 per gfn (valid where ``known``),
-``known`` bool per gfn.  The scanner is single-threaded (one caller at a time)
-and is the only consumer of the machine's dirty tracking.
+``known`` bool per gfn, ``across`` the consent the last pass saw (a change makes all
+its known pages fresh: their possible partners changed).  The scanner is
+single-threaded (one caller at a time) and is the only consumer of the machine's
+dirty tracking.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ class ScanReport:
 class _DomainHashes:
     hashes: npt.NDArray[np.uint64]
     known: npt.NDArray[np.bool_]
+    #: merges_across as the last pass saw it (None before the first pass): a change
+    #: makes every known page fresh, as its possible partners changed.
+    across: bool | None = None
 
 
 class Scanner:
@@ -112,6 +117,10 @@ class Scanner:
                           npt.NDArray[np.uint8], npt.NDArray[np.bool_]]] = []
         for domid, state in self._domains.items():
             fresh = self._rehash(domid, state, report)
+            across = self._mgr.merges_across(domid)
+            if state.across is not across:
+                fresh |= state.known
+                state.across = across
             mfns, types = self._machine.lookup_range(domid, 0, len(state.hashes))
             usable = state.known & ((types == PageType.RAM) | (types == PageType.SHARED))
             gfns = np.flatnonzero(usable)
@@ -160,7 +169,7 @@ class Scanner:
         if len(hashes) < 2:
             return
         # Consent scope: 0 for the domains that merge across guests, else one of its own.
-        scope = np.concatenate([np.full(len(p[1]), 0 if self._mgr.merges_across(p[0])
+        scope = np.concatenate([np.full(len(p[1]), 0 if self._domains[p[0]].across
                                         else p[0] + 1, dtype=np.int64) for p in parts])
         # Sort by hash and scope, shared pages first within a group (representatives).
         order = np.lexsort((~shared, scope, hashes))

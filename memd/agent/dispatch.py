@@ -9,6 +9,7 @@ malformed or hostile frame cannot take the agent down or touch another guest.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -236,10 +237,8 @@ class Dispatcher:
 
     def _consent_changed(self, name: str) -> None:
         """tmem de-duplicates across guests exactly as merging does (one rule)."""
-        try:
+        with contextlib.suppress(NoSuchClient):  # no session yet: its HELLO passes it
             self.tmem.set_dedup(name, self.consent.allows(name))
-        except NoSuchClient:
-            pass  # no session yet: its HELLO will pass the consent
 
     def _pools(self, name: str) -> list[wire.PoolInfo]:
         out = []

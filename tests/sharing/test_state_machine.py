@@ -15,6 +15,7 @@ from sharing_helpers import page
 from hypervisor.simmachine import SimMachine
 from memd.errors import (
     ContentMismatch,
+    MergeNotConsented,
     OutOfFrames,
     SharingError,
     StaleClientHandle,
@@ -85,6 +86,12 @@ class SharingModel(RuleBasedStateMachine):
             expected = StaleClientHandle
         elif self.model[(sd, sg)] != self.model[(cd, cg)]:
             expected = ContentMismatch
+        else:
+            # Consent: gfns of two domains meet on one frame only if both merge across.
+            smfn, cmfn = self.m.lookup(sd, sg)[0], self.m.lookup(cd, cg)[0]
+            meeting = {d for d, _ in self.mgr.gfns_of(smfn) + self.mgr.gfns_of(cmfn)}
+            if len(meeting) > 1 and not all(self.mgr.merges_across(d) for d in meeting):
+                expected = MergeNotConsented
         try:
             self.mgr.share(sd, sg, sh, cd, cg, ch)
         except SharingError as err:
@@ -92,6 +99,22 @@ class SharingModel(RuleBasedStateMachine):
         else:
             assert expected is None
             assert self.m.lookup(sd, sg)[0] == self.m.lookup(cd, cg)[0]
+
+    @rule(di=st.integers(0, 9), allowed=st.booleans())
+    def consent(self, di: int, allowed: bool) -> None:
+        """A guest's consent to cross-guest merging changes (sharing.consent)."""
+        d = self.doms[di % len(self.doms)]
+        try:
+            self.mgr.set_cross_domain(d, allowed)
+        except OutOfFrames:
+            # Could not give every gfn a private copy: this caller gives up and lets the
+            # domain merge across again (the audit would list the gfns left behind).
+            self.mgr.set_cross_domain(d, True)
+        if not allowed and not self.mgr.merges_across(d):
+            for g in range(PAGES):
+                mfn, ptype = self.m.lookup(d, g)
+                if ptype == PageType.SHARED:
+                    assert {x for x, _ in self.mgr.gfns_of(mfn)} == {d}
 
     @rule(di=st.integers(0, 9), g=st.integers(0, 9))
     def unshare(self, di: int, g: int) -> None:
