@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from memd.cli import main
+from sharing.consent import GuestWord
 from tests.ksm.conftest import Rig, needs_vm_root
 
 pytestmark = needs_vm_root
@@ -71,6 +72,41 @@ with (daemon_client() or GuestClient.for_port()) as c:
 while not os.path.exists("/tmp/exit"):
     time.sleep(0.1)
 '''.replace("@NPAGES@", str(NPAGES))
+
+
+# The image's guest daemon says HELLO without DEDUP_OPT_IN, and a guest that does not
+# consent is not merged with other guests (sharing.consent): make it consent.  busybox
+# init rereads /etc/inittab on SIGHUP and starts the new entry; the old daemon, no
+# longer listed, is stopped and not respawned.
+CONSENT_SCRIPT = r"""
+sed -i 's|memd-guest daemon >>|memd-guest daemon --dedup >>|' /etc/inittab
+kill -HUP 1
+sleep 1
+for p in /proc/[0-9]*; do
+  c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)
+  case "$c" in
+    *"memd-guest daemon --dedup"*) ;;
+    *"memd-guest daemon"*) kill "${p#/proc/}" ;;
+  esac
+done
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def consenting(rig: Rig) -> None:
+    for vm in rig.vms:
+        vm.write_file("/tmp/consent.sh", CONSENT_SCRIPT.encode())
+        vm.check("sh /tmp/consent.sh")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if all(rig.agent.consent.word(vm.name) is GuestWord.CONSENTS for vm in rig.vms):
+            break
+        time.sleep(0.5)
+    else:
+        words = {vm.name: rig.agent.consent.word(vm.name) for vm in rig.vms}
+        pytest.fail(f"the guests' daemons did not come back consenting: {words}")
+    assert rig.agent.qemu is not None
+    assert all(all(b.merge for b in g.blocks) for g in rig.agent.qemu.guests())
 
 
 def _audit(rig: Rig, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]

@@ -12,10 +12,14 @@ import pytest
 
 from hypervisor import ksm
 from hypervisor.procmem import ProcessMemory, qemu_pid_for_socket
+from hypervisor.qmp import query_memdev
+from memd import wire
 from memd.agent.app import AgentApp
+from memd.agent.dispatch import GuestState
 from memd.cli import main
 from memd.demo import _LoopThread
 from memd.errors import SharingDenied
+from memd.wire import Capability, Op, Status
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
 
 pytestmark = needs_qemu_root
@@ -113,3 +117,50 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
     [denied] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
     assert isinstance(denied, SharingDenied)  # the guest cannot undo it (DENIED on the wire)
     assert all(not b.merge for b in agent.qemu.guest("no-merge").blocks)  # type: ignore[union-attr]
+
+
+def _hello(agent: AgentApp, name: str, dedup_opt_in: bool) -> None:
+    """A HELLO from the guest of VM ``name``, fed to the agent's dispatcher."""
+    capabilities = int(Capability.SHARING) | (int(Capability.DEDUP_OPT_IN) if dedup_opt_in
+                                              else 0)
+    request = wire.encode_request(Op.HELLO, 1, wire.HelloRequest(
+        wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16)))
+    [frame] = wire.FrameDecoder().feed(request)
+    assert isinstance(frame, wire.Frame)
+    guest = agent.agent.guests.setdefault(name, GuestState(name))
+    [reply] = wire.FrameDecoder().feed(agent.dispatcher.handle(guest, frame))
+    assert isinstance(reply, wire.Frame) and reply.status == Status.OK
+
+
+def test_a_real_guest_that_does_not_consent_is_not_merged(
+        start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str],
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """KSM merges a mergeable QEMU with any other: a guest that says HELLO without
+    DEDUP_OPT_IN has its merging switched off, and neither `memd optin` nor a
+    nominate switches it back on; its consent does."""
+    agent, control = app
+    q = start_qemu("vm-c", "-m", "64")
+    agent.attach_qemu(q.name, q.pid, q.monitor)
+    assert agent.qemu is not None and agent.qemu_sharing is not None
+
+    def merging() -> bool:
+        memdevs = query_memdev(q.monitor)
+        on = all(b.merge for b in agent.qemu.guest("vm-c").blocks)  # type: ignore[union-attr]
+        assert not memdevs or all(m.merge for m in memdevs) == on  # QEMU agrees
+        return on
+
+    assert merging()  # attached by the operator, the guest has not spoken: KSM may merge
+    _hello(agent, "vm-c", dedup_opt_in=False)
+    assert not merging()
+    [denied] = agent.qemu_sharing.nominate("vm-c", [BASE_GFN])
+    assert isinstance(denied, SharingDenied)
+    assert main(["--socket", control, "optin", "vm-c"]) == 1  # the guest's no wins
+    assert "did not consent" in capsys.readouterr().err
+    assert not merging()
+    _hello(agent, "vm-c", dedup_opt_in=True)
+    assert merging()
+    assert main(["--socket", control, "optout", "vm-c"]) == 0  # the operator's no wins
+    capsys.readouterr()
+    assert not merging()
+    _hello(agent, "vm-c", dedup_opt_in=True)
+    assert not merging()
