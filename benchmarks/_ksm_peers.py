@@ -22,6 +22,7 @@ never equal to anything for long, so never stay merged.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import shutil
@@ -72,7 +73,7 @@ def knob_state(root: Path = ksm.KSM_DIR) -> dict[str, int | str]:
     return {k: ksm.get(k, root) for k in TRACED_KNOBS if (root / k).exists()}
 
 
-class Mode:
+class Mode(abc.ABC):
     """One policy driving ksmd for a run (see the module docstring)."""
 
     name = "?"
@@ -81,10 +82,11 @@ class Mode:
         """None if the mode can run here, else why not (reported, not raised)."""
         return None
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Set the knobs (or start the daemon) this mode runs ksmd with."""
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:  # noqa: B027 - by default a mode does nothing per tick
         """Called every sampling period with the run's clock (seconds since start)."""
 
     def stop(self) -> dict[str, Any]:
