@@ -192,8 +192,8 @@ class AgentApp:
             # not undo it.  `memd optin` turns it on.
             self.opted_out.add(name)
             self._save_opted_out()
-        assert self.qemu_sharing is not None
-        self.qemu_sharing.enforce(name)  # a guest that declined in HELLO: merging off
+        if self.qemu_sharing is not None:
+            self.qemu_sharing.enforce(name)  # a guest that declined in HELLO: merging off
         self._poke_steering()
         return domid
 
