@@ -79,14 +79,13 @@ while not os.path.exists("/tmp/exit"):
 # init rereads /etc/inittab on SIGHUP and starts the new entry; the old daemon, no
 # longer listed, is stopped and not respawned.
 CONSENT_SCRIPT = r"""
-sed -i 's|memd-guest daemon >>|memd-guest daemon --dedup >>|' /etc/inittab
+sed -i 's|memd-guest daemon >>|memd-guest --dedup daemon >>|' /etc/inittab
 kill -HUP 1
 sleep 1
 for p in /proc/[0-9]*; do
   c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)
   case "$c" in
-    *"memd-guest daemon --dedup"*) ;;
-    *"memd-guest daemon"*) kill "${p#/proc/}" ;;
+    *"memd-guest daemon"*) kill "${p#/proc/}" ;;  # not "memd-guest --dedup daemon"
   esac
 done
 """
