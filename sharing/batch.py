@@ -191,7 +191,7 @@ def _share_chunk_locked(mgr: SharingManager, pairs: list[SharePair],
     cmfns, ctypes = lookup_batch(mgr, cds, cgs)
     version = mgr._version
     home = mgr._home
-    merges_across = mgr.merges_across
+    cross, cross_default = mgr._cross.get, mgr._cross_default
     equal = mgr._frames_equal
     rmap = mgr._rmap
     splice, entry_dom, entry_gfn = rmap.splice, rmap.dom, rmap.gfn
@@ -231,9 +231,10 @@ def _share_chunk_locked(mgr: SharingManager, pairs: list[SharePair],
                         hs, hc = home[smfn], home[cmfn]
                         if hs != hc or hs == MIXED:
                             # Two domains' gfns would meet: both must merge across
-                            # (a MIXED frame holds only such domains' gfns).
-                            if not ((hs == MIXED or merges_across(hs))
-                                    and (hc == MIXED or merges_across(hc))):
+                            # (a MIXED frame holds only such domains' gfns);
+                            # SharingManager.merges_across, inline.
+                            if not ((hs == MIXED or cross(hs, cross_default))
+                                    and (hc == MIXED or cross(hc, cross_default))):
                                 append(not_consented(smfn, cmfn, cds[i], cgs[i], ch))
                                 continue
                             home[smfn] = MIXED
