@@ -8,7 +8,7 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from memd.wire import (
     MAX_BATCH,
     PAGE_SIZE,
     RESYNC_MARKER,
+    Buffer,
     FrameDecoder,
     GetRequest,
     Op,
@@ -298,3 +299,54 @@ def test_a_host_that_forgot_the_session_gets_a_new_hello_and_the_calls_again() -
     assert client.put_batch(pool, [(3, i, page(i)) for i in range(200)]) == [Status.OK] * 200
     assert client.get_batch(pool, [(3, i) for i in range(200)]) == [page(i) for i in range(200)]
     assert client.connects == connects + 2
+
+
+class _PartsRecorder(MockTransport):
+    """Keeps the parts of every vectored write, to see which buffers reached it."""
+
+    def __init__(self, responder: Callable[[bytes], bytes]) -> None:
+        super().__init__(responder=responder)
+        self.writes: list[list[object]] = []
+
+    def send_parts(self, parts: Sequence[Buffer]) -> None:
+        self.writes.append(list(parts))
+        super().send_parts(parts)
+
+
+def test_pages_reach_the_transport_without_a_join() -> None:
+    host = FakeHost()
+    transport = _PartsRecorder(host.feed)
+    client = GuestClient(lambda: transport, boot_id=BOOT)
+    pool = client.new_pool()
+    pages = [bytearray(page(i)) for i in range(3)]
+    assert client.put_batch(pool, [(1, i, p) for i, p in enumerate(pages)]) == [Status.OK] * 3
+    client.put(pool, 2, 0, pages[0])
+    written = [part for write in transport.writes for part in write]
+    for p in pages:
+        assert any(part is p for part in written)  # the caller's buffer itself
+    assert client.get_batch(pool, [(1, i) for i in range(3)]) == [bytes(p) for p in pages]
+
+
+def test_socket_send_parts_survives_partial_writes_and_iov_max() -> None:
+    guest_end, host_end = socket.socketpair()
+    guest_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    parts: list[Buffer] = [bytes([i % 251]) * (1 + i % 7) for i in range(3000)]  # > IOV_MAX
+    parts += [memoryview(page(5)), bytearray(page(6)), b""]
+    expected = b"".join(parts)
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(expected):
+            chunk = host_end.recv(1000)  # slowly: the writer sees partial writes
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    transport = SocketTransport(guest_end)
+    transport.send_parts(parts)
+    reader.join(10)
+    transport.close()
+    host_end.close()
+    assert bytes(received) == expected
