@@ -216,7 +216,7 @@ def test_encoder_enforces_limits_and_types() -> None:
     with pytest.raises(errors.FrameError):
         encode_request(1, PutBatchRequest(1, too_many[:2], [page]))
     with pytest.raises(errors.FrameError):
-        encode_reply(1, PutRequest(1, (0, 0, 0), 0, page))  # a request is not a reply
+        encode_reply(1, PutRequest(1, (0, 0, 0), 0, page))  # type: ignore[arg-type]
     with pytest.raises(errors.FrameError):
         encode_request(1, PutRequest(1, (1 << 64, 0, 0), 0, page))
     with pytest.raises(errors.FrameError):
@@ -324,7 +324,8 @@ def test_parts_are_the_frame_without_a_join() -> None:
     page = bytearray(b"\x42" * PAGE_SIZE)
     msg = PutBatchRequest(1, [((1, 0, 0), 0), ((1, 0, 0), 1)], [page, memoryview(page)])
     parts = encode_request_parts(7, msg)
-    assert parts[-2] is page and parts[-1].obj is page  # pages are the caller's buffers
+    last = parts[-1]
+    assert parts[-2] is page and isinstance(last, memoryview) and last.obj is page
     assert b"".join(parts) == encode_request(7, msg)
 
 

@@ -47,7 +47,7 @@ STREAM = b"".join(FRAMES)
 EXPECTED = [(f[3], struct.unpack_from("<I", f, 8)[0], f[HEADER_SIZE:]) for f in FRAMES]
 
 
-def summary(items: list[Frame | FrameError]) -> list[tuple[int, int, bytes]]:
+def summary(items: list[Frame | FrameError]) -> list[tuple[int, int, bytes | memoryview]]:
     assert all(isinstance(i, Frame) for i in items), items
     return [(f.op, f.request_id, f.payload) for f in items if isinstance(f, Frame)]
 
