@@ -43,8 +43,9 @@ class FakeStore:
         self.sharing.bind(GUEST, self.machine.create_domain(GUEST_PAGES), scan=False)
         self.dispatcher = Dispatcher(self.tmem, self.sharing)
         self.guest = GuestState(GUEST)
-        #: The dispatcher is used by one session at a time, as on the agent's loop thread.
-        self.lock = threading.Lock()
+        #: The dispatcher is used by one session at a time, as on the agent's loop thread
+        #: (reentrant: a read's frames are handled under it, each frame again).
+        self.lock = threading.RLock()
 
 
 class FakeHost:
@@ -72,13 +73,21 @@ class FakeHost:
         return self._handle_all(self.decoder.abandon_partial())
 
     def _handle_all(self, items: list[Frame | FrameError]) -> bytes:
+        """As ``Agent._dispatch``: the frames of one read under one store commit, which
+        happens before any of their replies leaves."""
         out = []
-        for item in items:
-            if isinstance(item, FrameError):
-                self.corrupt += 1
-                self.store.guest.bad_frames += 1
-                continue
-            out.append(self.handle(item))
+        with self.store.lock:
+            tmem = self.store.tmem
+            tmem.hold_commits()
+            try:
+                for item in items:
+                    if isinstance(item, FrameError):
+                        self.corrupt += 1
+                        self.store.guest.bad_frames += 1
+                        continue
+                    out.append(self.handle(item))
+            finally:
+                tmem.release_commits()
         return b"".join(out)
 
     def handle(self, frame: Frame) -> bytes:
