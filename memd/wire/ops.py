@@ -153,7 +153,7 @@ OPS: dict[Op, OpSpec[Any, Any]] = {spec.op: spec for spec in (
     OpSpec[ListPoolsRequest, ListPoolsReply](
         Op.LIST_POOLS, ListPoolsRequest, ListPoolsReply,
         encode_request=_nothing, decode_request=p.empty_decoder(ListPoolsRequest),
-        encode_reply=p.encode_list_pools_reply, decode_reply=p.decode_list_pools_reply),
+        encode_reply=pi.encode_list_pools_reply, decode_reply=pi.decode_list_pools_reply),
     OpSpec[NominateRequest, NominateReply](
         Op.NOMINATE, NominateRequest, NominateReply,
         encode_request=pi.encode_nominate, decode_request=pi.decode_nominate,

@@ -1,8 +1,8 @@
 """Payload codecs of the session and tmem ops: one typed encoder and decoder per shape.
 
-Owns the bytes of HELLO, SYNC, NEW_POOL, DESTROY_POOL, PUT, GET, FLUSH_*, the batches
-and LIST_POOLS (the sharing, range, stats and memory-report shapes are in
-:mod:`memd.wire.payload_info`).  An encoder takes its message and returns the payload
+Owns the bytes of HELLO, SYNC, NEW_POOL, DESTROY_POOL, PUT, GET, FLUSH_* and the batches
+(the shapes that report — LIST_POOLS, the sharing and range ops, STATS, MEM_REPORT — are
+in :mod:`memd.wire.payload_info`).  An encoder takes its message and returns the payload
 as a list of parts — pages stay the caller's buffers, never joined here; a decoder
 takes the payload as a memoryview, validates every length, count, reserved field and
 range, and raises only :class:`~memd.errors.FrameError` (with ``status`` in its fields
@@ -22,7 +22,6 @@ from memd.wire.constants import (
     MAX_BATCH,
     MAX_GFNS,
     MAX_PAYLOAD,
-    MAX_POOLS,
     PAGE_SIZE,
     STATUS_TABLE,
     Buffer,
@@ -41,11 +40,9 @@ from memd.wire.messages import (
     GetRequest,
     HelloReply,
     HelloRequest,
-    ListPoolsReply,
     ListPoolsRequest,
     NewPoolReply,
     NewPoolRequest,
-    PoolInfo,
     PutBatchReply,
     PutBatchRequest,
     PutRequest,
@@ -66,7 +63,6 @@ _HANDLE = struct.Struct("<IIQQQ")  # pool, index, oid[0..2]
 _POOL_OID = struct.Struct("<IIQQQ")  # pool, reserved, oid[0..2]
 _BATCH_HEAD = struct.Struct("<II")  # pool, count
 _BATCH_ITEM = struct.Struct("<QQQII")  # oid[0..2], index, reserved
-_POOL_INFO = struct.Struct("<II16sQ")  # pool, flags, uuid, pages
 
 E = TypeVar("E", bound=EmptyReply)
 N = TypeVar("N", ListPoolsRequest, StatsRequest)
@@ -237,23 +233,6 @@ def encode_destroy_pool(m: DestroyPoolRequest) -> Parts:
 def decode_destroy_pool(mv: memoryview) -> DestroyPoolRequest:
     exact(mv, 4, "DESTROY_POOL")
     return DestroyPoolRequest(U32.unpack(mv)[0])
-
-
-def encode_list_pools_reply(m: ListPoolsReply) -> Parts:
-    if len(m.pools) > MAX_POOLS:
-        raise FrameError(f"LIST_POOLS reply has more than {MAX_POOLS} pools")
-    items = [_POOL_INFO.pack(p.pool, p.flags, p.uuid, p.pages) for p in m.pools]
-    return [U32.pack(len(m.pools)), *items]
-
-
-def decode_list_pools_reply(mv: memoryview) -> ListPoolsReply:
-    if len(mv) < 4:
-        raise FrameError("LIST_POOLS reply too short")
-    (n,) = U32.unpack_from(mv, 0)
-    if n > MAX_POOLS:
-        raise FrameError(f"LIST_POOLS reply count {n} exceeds {MAX_POOLS}")
-    exact(mv, 4 + n * _POOL_INFO.size, "LIST_POOLS reply")
-    return ListPoolsReply([PoolInfo(*t) for t in _POOL_INFO.iter_unpack(mv[4:])])
 
 
 # --- single pages -----------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Payload codecs of the sharing, range, STATS and MEM_REPORT ops.
+"""Payload codecs of the ops that report: LIST_POOLS, the sharing and range ops, STATS and
+MEM_REPORT.
 
 Same contract as :mod:`memd.wire.payload` (typed encoder and decoder per shape, parts
 out, memoryview in, only :class:`~memd.errors.FrameError` raised).  Stats travel as
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from memd.errors import FrameError
 from memd.wire.constants import (
     MAX_GFNS,
+    MAX_POOLS,
     MAX_PSI,
     MAX_STATS,
     PAGE_SIZE,
@@ -24,10 +26,12 @@ from memd.wire.constants import (
 )
 from memd.wire.messages import (
     AboutToWriteRequest,
+    ListPoolsReply,
     MemReportRequest,
     NominateReply,
     NominateRequest,
     NominateResult,
+    PoolInfo,
     RangeNominateItem,
     RangeNominateReply,
     RangeNominateRequest,
@@ -42,6 +46,7 @@ from memd.wire.messages import (
 )
 from memd.wire.payload import U32, U64, Parts, check_count, count, decode_u64, exact, status
 
+_POOL_INFO = struct.Struct("<II16sQ")  # pool, flags, uuid, pages
 _NOMINATE_ITEM = struct.Struct("<HHIQ")  # status, reserved, reserved, handle
 _QUERY_ITEM = struct.Struct("<BBHI")  # state, reserved, reserved, share_count
 # mem total, mem available, swap total, swap free (KiB), psi some, psi full (avg10 x 100),
@@ -50,6 +55,26 @@ _MEM_REPORT = struct.Struct("<QQQQIIII")
 _RANGE = struct.Struct("<IIQQ")  # pid, reserved, addr, length
 _RANGE_NOMINATE_ITEM = struct.Struct("<QHHIQ")  # gfn, status, reserved, reserved, handle
 _RANGE_QUERY_ITEM = struct.Struct("<QBBHI")  # gfn, state, reserved, reserved, share_count
+
+# --- LIST_POOLS ---------------------------------------------------------------------------
+
+
+def encode_list_pools_reply(m: ListPoolsReply) -> Parts:
+    if len(m.pools) > MAX_POOLS:
+        raise FrameError(f"LIST_POOLS reply has more than {MAX_POOLS} pools")
+    items = [_POOL_INFO.pack(p.pool, p.flags, p.uuid, p.pages) for p in m.pools]
+    return [U32.pack(len(m.pools)), *items]
+
+
+def decode_list_pools_reply(mv: memoryview) -> ListPoolsReply:
+    if len(mv) < 4:
+        raise FrameError("LIST_POOLS reply too short")
+    (n,) = U32.unpack_from(mv, 0)
+    if n > MAX_POOLS:
+        raise FrameError(f"LIST_POOLS reply count {n} exceeds {MAX_POOLS}")
+    exact(mv, 4 + n * _POOL_INFO.size, "LIST_POOLS reply")
+    return ListPoolsReply([PoolInfo(*t) for t in _POOL_INFO.iter_unpack(mv[4:])])
+
 
 # --- NOMINATE, SHARE_QUERY, ABOUT_TO_WRITE ------------------------------------------------
 
