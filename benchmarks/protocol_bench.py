@@ -48,7 +48,6 @@ from tmem_bench import make_mix
 
 from memd import wire
 from memd.guest.client import GuestClient
-from memd.wire import Op
 from tmem.host import TmemHost
 from tmem.types import PoolFlag
 
@@ -145,8 +144,8 @@ def connect(path: str) -> GuestClient:
 
 def socket_put_batched(client: GuestClient, pool: int, handles: Sequence[Handle],
                        pages: Sequence[bytes], batch: int) -> None:
-    requests: list[tuple[Op, wire.Request]] = [
-        (Op.PUT_BATCH, wire.PutBatchRequest(pool, handles[i:i + batch], pages[i:i + batch]))
+    requests: list[wire.Request] = [
+        wire.PutBatchRequest(pool, handles[i:i + batch], pages[i:i + batch])
         for i in range(0, len(pages), batch)]
     for reply in client.pipeline(requests):
         if not isinstance(reply, wire.PutBatchReply) or any(reply.statuses):
@@ -155,9 +154,8 @@ def socket_put_batched(client: GuestClient, pool: int, handles: Sequence[Handle]
 
 def socket_get_batched(client: GuestClient, pool: int, handles: Sequence[Handle],
                        batch: int) -> list[bytes]:
-    requests: list[tuple[Op, wire.Request]] = [
-        (Op.GET_BATCH, wire.GetBatchRequest(pool, handles[i:i + batch]))
-        for i in range(0, len(handles), batch)]
+    requests: list[wire.Request] = [
+        wire.GetBatchRequest(pool, handles[i:i + batch]) for i in range(0, len(handles), batch)]
     out: list[bytes] = []
     for reply in client.pipeline(requests):
         if not isinstance(reply, wire.GetBatchReply) or any(reply.statuses):

@@ -50,12 +50,17 @@ _KEEP_IMAGES = 3  # older image directories are pruned after a build, unless a d
 _SYSTEM_DOMAIN_XML_DIRS = (Path("/etc/libvirt/qemu"), Path("/run/libvirt/qemu"))
 _BOOT_FILE = re.compile(r"<(kernel|initrd)>([^<]+)</\1>")
 
+#: The one list of the guest agent's files (vm-images/agent-files.txt): build.sh installs them,
+#: image_inputs hashes them.
+AGENT_FILES = "agent-files.txt"
 # Everything build.sh reads from the tree; a change to any of them means a new image.
-_BUILD_FILES = ("build.sh", "init", "inittab", "profile", "memd-port-links")
-# Files of the guest agent that go into the image (memd.guest may import only these modules).
-_AGENT_GLOBS = (
-    "memd/__init__.py", "memd/errors.py", "memd/vocab.py", "memd/wire.py", "memd/guest/*.py",
-)
+_BUILD_FILES = ("build.sh", "init", "inittab", "profile", "memd-port-links", AGENT_FILES)
+
+
+def agent_globs(src: Path) -> list[str]:
+    """The patterns of vm-images/agent-files.txt (relative to ``src``; comments skipped)."""
+    lines = (src / "vm-images" / AGENT_FILES).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def cache_dir() -> Path:
 def image_inputs(src: Path) -> list[Path]:
     """Every file whose content goes into the image, sorted (build scripts and agent sources)."""
     files = {src / "vm-images" / name for name in _BUILD_FILES}
-    for pattern in _AGENT_GLOBS:
+    for pattern in agent_globs(src):
         files.update(p for p in src.glob(pattern) if p.is_file())
     return sorted(files)
 

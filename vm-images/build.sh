@@ -172,16 +172,20 @@ printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
 printf 'root:x:0:\n' > "$root/etc/group"
 printf 'memd-guest\n' > "$root/etc/hostname"
 
-# The agent: memd/__init__.py, memd/errors.py, memd/vocab.py, memd/wire.py and memd/guest/ (stdlib-only by rule).
+# The agent (stdlib-only by rule): the files vm-images/agent-files.txt lists, the one list that
+# hypervisor/vmimage.py also hashes. A pattern that matches nothing is an error.
 agent=$root/usr/lib/memd
 mkdir -p "$agent/memd"
-for f in __init__.py errors.py vocab.py wire.py; do
-    [[ -f "$src/memd/$f" ]] && install -m 0644 "$src/memd/$f" "$agent/memd/$f"
-done
-if [[ -d "$src/memd/guest" ]]; then
-    mkdir -p "$agent/memd/guest"
-    find "$src/memd/guest" -maxdepth 1 -name '*.py' -exec install -m 0644 {} "$agent/memd/guest/" \;
-fi
+while read -r pattern; do
+    [[ -z "$pattern" || "$pattern" == \#* ]] && continue
+    found=0
+    for f in "$src"/$pattern; do
+        [[ -f "$f" ]] || continue
+        install -D -m 0644 "$f" "$agent/${f#"$src"/}"
+        found=1
+    done
+    ((found)) || { echo "build.sh: agent-files.txt: nothing matches $pattern" >&2; exit 1; }
+done < "$here/agent-files.txt"
 if [[ -f "$agent/memd/guest/__main__.py" ]]; then
     entry='exec python3 -m memd.guest "$@"'
 else   # no __main__ yet: call the console-script target named in pyproject.toml

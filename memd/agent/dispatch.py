@@ -130,7 +130,7 @@ class Dispatcher:
         return self._status_reply(guest, frame, status, message[:wire.MAX_MESSAGE])
 
     def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> bytes:
-        return wire.encode_reply(Op(frame.op), frame.request_id, msg,
+        return wire.encode_reply(frame.request_id, msg,
                                  version=guest.version or wire.PROTOCOL_VERSION)
 
     def _status_reply(self, guest: GuestState, frame: wire.Frame, status: Status,
@@ -202,7 +202,8 @@ class Dispatcher:
                 return self._sharing(guest, frame, req)
             case _:
                 return self._status_reply(guest, frame, Status.UNSUPPORTED_OP)
-        return self._reply(guest, frame, wire.EmptyReply())
+        # The op's own empty OK reply (PutReply, ...): the reply type names the op.
+        return self._reply(guest, frame, wire.spec_of(req).reply())
 
     def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest) -> bytes:
         version = wire.negotiate_version(req)
@@ -277,7 +278,7 @@ class Dispatcher:
             return self._reply(guest, frame, wire.ShareQueryReply(infos))
         assert isinstance(req, wire.AboutToWriteRequest)
         self.sharing.about_to_write(guest.name, req.gfn)
-        return self._reply(guest, frame, wire.EmptyReply())
+        return self._reply(guest, frame, wire.AboutToWriteReply())
 
 
 def _share_state(page: PageSharing) -> ShareState:

@@ -3,13 +3,13 @@
 :class:`GuestClient` (``memd.guest.client``) speaks :mod:`memd.wire` to the host agent
 over the virtio-serial port ``org.memd.0``; ``memd.guest.transport`` finds and opens
 that port; ``memd.guest.cli`` is the ``memd-guest`` command.  Imports only the standard
-library, ``memd.errors`` and ``memd.wire``.
+library, ``memd.errors``, ``memd.vocab`` and ``memd.wire`` (the guest image carries
+exactly these: vm-images/agent-files.txt).
 """
 
 from memd.guest.client import GuestClient, read_boot_id
 from memd.guest.transport import (
     CharDeviceTransport,
-    MockTransport,
     SocketTransport,
     Transport,
     find_port,
@@ -19,7 +19,6 @@ from memd.guest.transport import (
 __all__ = [
     "CharDeviceTransport",
     "GuestClient",
-    "MockTransport",
     "SocketTransport",
     "Transport",
     "find_port",

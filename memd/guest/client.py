@@ -35,17 +35,19 @@ from memd.wire import (
     MAX_REQUEST_ID,
     MAX_VERSION,
     MIN_VERSION,
-    OPS,
     PAGE_SIZE,
     PORT_NAME,
     RESYNC_MARKER,
     SYNC_RETRY_INTERVAL,
+    AboutToWriteReply,
     AboutToWriteRequest,
     Buffer,
+    DestroyPoolReply,
     DestroyPoolRequest,
-    EmptyReply,
     ErrorReply,
+    FlushObjectReply,
     FlushObjectRequest,
+    FlushPageReply,
     FlushPageRequest,
     Frame,
     FrameDecoder,
@@ -69,12 +71,14 @@ from memd.wire import (
     PoolInfo,
     PutBatchReply,
     PutBatchRequest,
+    PutReply,
     PutRequest,
     RangeNominateItem,
     RangeNominateReply,
+    RangeNominateRequest,
     RangeQueryItem,
     RangeQueryReply,
-    RangeRequest,
+    RangeQueryRequest,
     Reply,
     Request,
     ShareInfo,
@@ -87,8 +91,11 @@ from memd.wire import (
     SyncRequest,
     decode_reply,
     encode_request,
+    encode_request_parts,
     error_for_status,
     oid_from_int,
+    op_of,
+    spec_of,
 )
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
@@ -234,7 +241,7 @@ class GuestClient:
         transport = self._transport
         assert transport is not None
         nonce = int.from_bytes(os.urandom(8), "little")
-        sync = RESYNC_MARKER + encode_request(Op.SYNC, self._new_id(), SyncRequest(nonce),
+        sync = RESYNC_MARKER + encode_request(self._new_id(), SyncRequest(nonce),
                                               version=MIN_VERSION)
         next_send = 0.0
         while True:
@@ -269,7 +276,7 @@ class GuestClient:
         self._version = MIN_VERSION
         hello = HelloRequest(MIN_VERSION, MAX_VERSION, self.capabilities, self.boot_id)
         results: list[Reply | ErrorReply | None] = [None]
-        self._run([(Op.HELLO, hello)], results)
+        self._run([hello], results)
         reply = results[0]
         if isinstance(reply, ErrorReply):
             # Not retried: VersionError, or the host refusing this guest outright.
@@ -281,13 +288,13 @@ class GuestClient:
 
     # --- request/reply engine --------------------------------------------------------
 
-    def pipeline(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
+    def pipeline(self, requests: Sequence[Request]) -> list[Reply | ErrorReply]:
         """Send all requests (at most ``max_in_flight`` outstanding), return the replies in
         request order.  ErrorReply items are returned, not raised."""
         with self._lock:
             return self._exchange(requests)
 
-    def _exchange(self, requests: Sequence[tuple[Op, Request]]) -> list[Reply | ErrorReply]:
+    def _exchange(self, requests: Sequence[Request]) -> list[Reply | ErrorReply]:
         results: list[Reply | ErrorReply | None] = [None] * len(requests)
         attempt = 0
         resets = 0
@@ -305,14 +312,14 @@ class GuestClient:
                                       target="host agent") from None
             except (_ConnectionLost, OSError) as err:
                 self._drop()
-                left = [op for (op, _), r in zip(requests, results, strict=True) if r is None]
-                if attempt >= self.retries or not all(OPS[op].idempotent for op in left):
-                    names = ", ".join(sorted({op.name for op in left}))
+                left = [spec_of(m) for m, r in zip(requests, results, strict=True) if r is None]
+                if attempt >= self.retries or not all(spec.idempotent for spec in left):
+                    names = ", ".join(sorted({spec.op.name for spec in left}))
                     raise Unavailable(f"lost the connection to the host agent during {names}"
                                       f" ({err}); not retried", target="host agent") from None
                 attempt += 1
 
-    def _run(self, requests: Sequence[tuple[Op, Request]],
+    def _run(self, requests: Sequence[Request],
              results: list[Reply | ErrorReply | None]) -> None:
         transport = self._transport
         assert transport is not None
@@ -321,22 +328,24 @@ class GuestClient:
         sent = 0
         need_hello = False  # the host forgot the session: send no more, collect, then reset
         while (sent < len(todo) and not need_hello) or in_flight:
-            chunk = []
+            # Header and payload parts of every frame sent now, written with one vectored
+            # write: the caller's pages go to the kernel without a join.
+            parts: list[Buffer] = []
             while sent < len(todo) and len(in_flight) < self.max_in_flight and not need_hello:
                 index = todo[sent]
-                op, msg = requests[index]
                 request_id = self._new_id()
-                chunk.append(encode_request(op, request_id, msg, version=self._version))
+                parts += encode_request_parts(request_id, requests[index],
+                                              version=self._version)
                 in_flight[request_id] = index
                 sent += 1
-            if chunk:
-                transport.send(b"".join(chunk))
+            if parts:
+                transport.send_parts(parts)
             frame = self._next_frame(transport)
             index_or_none = in_flight.pop(frame.request_id, None)
             if not frame.is_reply or index_or_none is None:
                 self.stray_replies += 1
                 continue
-            if frame.op != requests[index_or_none][0]:
+            if frame.op != op_of(requests[index_or_none]):
                 raise _ConnectionLost(f"reply {frame.request_id} has the wrong opcode")
             try:
                 reply = decode_reply(frame)
@@ -368,17 +377,17 @@ class GuestClient:
                 self._ready.append(item)
         return self._ready.pop(0)
 
-    def _call(self, op: Op, msg: Request, want: type[R]) -> R | ErrorReply:
-        reply = self.pipeline([(op, msg)])[0]
+    def _call(self, msg: Request, want: type[R]) -> R | ErrorReply:
+        reply = self.pipeline([msg])[0]
         if isinstance(reply, ErrorReply | want):
             return reply
-        raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
+        raise Unavailable(f"{op_of(msg).name}: unexpected reply {type(reply).__name__}",
                           target="host agent")
 
-    def _ok(self, op: Op, msg: Request, want: type[R]) -> R:
-        reply = self._call(op, msg, want)
+    def _ok(self, msg: Request, want: type[R]) -> R:
+        reply = self._call(msg, want)
         if isinstance(reply, ErrorReply):
-            raise error_for_status(reply.status, reply.message, op=op)
+            raise error_for_status(reply.status, reply.message, op=op_of(msg))
         return reply
 
     # --- tmem ---------------------------------------------------------------------------
@@ -389,18 +398,18 @@ class GuestClient:
         flags = (PoolFlag.PERSISTENT if persistent else 0) | (
             PoolFlag.SHARED if shared_uuid is not None else 0)
         uuid = bytes(16) if shared_uuid is None else bytes(shared_uuid)
-        return self._ok(Op.NEW_POOL, NewPoolRequest(int(flags), uuid), NewPoolReply).pool
+        return self._ok(NewPoolRequest(int(flags), uuid), NewPoolReply).pool
 
     def destroy_pool(self, pool: int) -> None:
-        self._ok(Op.DESTROY_POOL, DestroyPoolRequest(pool), EmptyReply)
+        self._ok(DestroyPoolRequest(pool), DestroyPoolReply)
 
     def put(self, pool: int, oid: int | Oid, index: int, page: Buffer) -> None:
         """Store one 4096-byte page.  Any put may fail (NoSpace, ClientFrozen): cope."""
-        self._ok(Op.PUT, PutRequest(pool, as_oid(oid), index, page), EmptyReply)
+        self._ok(PutRequest(pool, as_oid(oid), index, page), PutReply)
 
     def get(self, pool: int, oid: int | Oid, index: int) -> bytes | None:
         """The page, or None if the host has none under that handle."""
-        reply = self._call(Op.GET, GetRequest(pool, as_oid(oid), index), GetReply)
+        reply = self._call(GetRequest(pool, as_oid(oid), index), GetReply)
         if isinstance(reply, ErrorReply):
             if reply.status == Status.NOT_FOUND:
                 return None
@@ -408,10 +417,10 @@ class GuestClient:
         return bytes(reply.page)
 
     def flush_page(self, pool: int, oid: int | Oid, index: int) -> None:
-        self._ok(Op.FLUSH_PAGE, FlushPageRequest(pool, as_oid(oid), index), EmptyReply)
+        self._ok(FlushPageRequest(pool, as_oid(oid), index), FlushPageReply)
 
     def flush_object(self, pool: int, oid: int | Oid) -> None:
-        self._ok(Op.FLUSH_OBJECT, FlushObjectRequest(pool, as_oid(oid)), EmptyReply)
+        self._ok(FlushObjectRequest(pool, as_oid(oid)), FlushObjectReply)
 
     def _batch_size(self) -> int:
         server = self.server
@@ -425,14 +434,13 @@ class GuestClient:
                   ) -> list[Status]:
         """Put many pages (split into pipelined frames); one Status per item, in order."""
         size = self._batch_size()
-        requests: list[tuple[Op, Request]] = []
+        requests: list[Request] = []
         for at in range(0, len(items), size):
             part = items[at:at + size]
             handles = [(as_oid(oid), index) for oid, index, _ in part]
-            requests.append((Op.PUT_BATCH, PutBatchRequest(pool, handles,
-                                                           [p for _, _, p in part])))
+            requests.append(PutBatchRequest(pool, handles, [p for _, _, p in part]))
         statuses: list[Status] = []
-        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+        for reply, msg in zip(self.pipeline(requests), requests, strict=True):
             replied = self._batch_reply(Op.PUT_BATCH, reply, PutBatchReply, msg)
             statuses.extend(Status(s) for s in replied.statuses)
         return statuses
@@ -442,11 +450,10 @@ class GuestClient:
         """Get many pages; a page or None (not found / failed) per handle, in order."""
         size = self._batch_size()
         norm: list[Handle] = [(as_oid(oid), index) for oid, index in handles]
-        requests: list[tuple[Op, Request]] = [
-            (Op.GET_BATCH, GetBatchRequest(pool, norm[at:at + size]))
-            for at in range(0, len(norm), size)]
+        requests: list[Request] = [
+            GetBatchRequest(pool, norm[at:at + size]) for at in range(0, len(norm), size)]
         pages: list[bytes | None] = []
-        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+        for reply, msg in zip(self.pipeline(requests), requests, strict=True):
             replied = self._batch_reply(Op.GET_BATCH, reply, GetBatchReply, msg)
             pages.extend(None if p is None else bytes(p) for p in replied.pages)
         return pages
@@ -473,7 +480,7 @@ class GuestClient:
         return reply
 
     def list_pools(self) -> list[PoolInfo]:
-        return list(self._ok(Op.LIST_POOLS, ListPoolsRequest(), ListPoolsReply).pools)
+        return list(self._ok(ListPoolsRequest(), ListPoolsReply).pools)
 
     # --- sharing -------------------------------------------------------------------------
 
@@ -486,57 +493,59 @@ class GuestClient:
 
     def nominate(self, gfns: Sequence[int]) -> list[NominateResult]:
         """Offer these gfns for sharing; per gfn a status and (if OK) a handle."""
-        requests: list[tuple[Op, Request]] = [
-            (Op.NOMINATE, NominateRequest(c)) for c in self._gfn_chunks(gfns)]
+        requests: list[Request] = [NominateRequest(c) for c in self._gfn_chunks(gfns)]
         out: list[NominateResult] = []
-        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+        for reply, msg in zip(self.pipeline(requests), requests, strict=True):
             out.extend(self._batch_reply(Op.NOMINATE, reply, NominateReply, msg).results)
         return out
 
     def share_query(self, gfns: Sequence[int]) -> list[ShareInfo]:
         """Sharing state and share count of each gfn."""
-        requests: list[tuple[Op, Request]] = [
-            (Op.SHARE_QUERY, ShareQueryRequest(c)) for c in self._gfn_chunks(gfns)]
+        requests: list[Request] = [ShareQueryRequest(c) for c in self._gfn_chunks(gfns)]
         out: list[ShareInfo] = []
-        for reply, (_, msg) in zip(self.pipeline(requests), requests, strict=True):
+        for reply, msg in zip(self.pipeline(requests), requests, strict=True):
             out.extend(self._batch_reply(Op.SHARE_QUERY, reply, ShareQueryReply, msg).results)
         return out
 
-    def _range(self, op: Op, pid: int, addr: int, length: int,
-               want: type[RangeNominateReply] | type[RangeQueryReply]) -> list[Any]:
-        """Split ``[addr, addr + length)`` into MAX_GFNS-page requests, one reply list."""
+    def _range(self, request: type[RangeNominateRequest] | type[RangeQueryRequest], pid: int,
+               addr: int, length: int) -> list[Reply | ErrorReply]:
+        """Split ``[addr, addr + length)`` into MAX_GFNS-page requests; their replies."""
+        name = request.__name__
         if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
             raise InvalidArgument(f"a range must be page-aligned and not empty (addr {addr:#x},"
-                                  f" length {length:#x})", op=op.name)
+                                  f" length {length:#x})", op=name)
         step = MAX_GFNS * PAGE_SIZE
-        requests: list[tuple[Op, Request]] = [
-            (op, RangeRequest(pid, at, min(step, addr + length - at)))
-            for at in range(addr, addr + length, step)]
-        out: list[Any] = []
-        for reply in self.pipeline(requests):
-            if isinstance(reply, ErrorReply):
-                raise error_for_status(reply.status, reply.message, op=op)
-            if not isinstance(reply, RangeNominateReply | RangeQueryReply) or not isinstance(
-                    reply, want):
-                raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
-                                  target="memd-guest daemon")
-            out.extend(reply.results)
-        return out
+        return self.pipeline([request(pid, at, min(step, addr + length - at))
+                              for at in range(addr, addr + length, step)])
+
+    def _range_results(self, op: Op, reply: Reply | ErrorReply, want: type[R]) -> R:
+        if isinstance(reply, ErrorReply):
+            raise error_for_status(reply.status, reply.message, op=op)
+        if not isinstance(reply, want):
+            raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
+                              target="memd-guest daemon")
+        return reply
 
     def nominate_range(self, addr: int, length: int, pid: int = 0) -> list[RangeNominateItem]:
         """Through the guest daemon only: nominate the pages of a virtual address range of
         this process (``pid`` 0) or, for root or the same user, of process ``pid``; the
         daemon resolves them to gfns (pagemap).  Per page: gfn (NO_GFN if it has no frame),
         status, handle."""
-        return self._range(Op.RANGE_NOMINATE, pid, addr, length, RangeNominateReply)
+        out: list[RangeNominateItem] = []
+        for reply in self._range(RangeNominateRequest, pid, addr, length):
+            out += self._range_results(Op.RANGE_NOMINATE, reply, RangeNominateReply).results
+        return out
 
     def query_range(self, addr: int, length: int, pid: int = 0) -> list[RangeQueryItem]:
         """Through the guest daemon only: sharing state of each page of a range."""
-        return self._range(Op.RANGE_QUERY, pid, addr, length, RangeQueryReply)
+        out: list[RangeQueryItem] = []
+        for reply in self._range(RangeQueryRequest, pid, addr, length):
+            out += self._range_results(Op.RANGE_QUERY, reply, RangeQueryReply).results
+        return out
 
     def about_to_write(self, gfn: int) -> None:
         """Tell the host this gfn is about to be written: it unshares it first."""
-        self._ok(Op.ABOUT_TO_WRITE, AboutToWriteRequest(gfn), EmptyReply)
+        self._ok(AboutToWriteRequest(gfn), AboutToWriteReply)
 
     def stats(self) -> dict[str, int | str]:
-        return dict(self._ok(Op.STATS, StatsRequest(), StatsReply).stats)
+        return dict(self._ok(StatsRequest(), StatsReply).stats)

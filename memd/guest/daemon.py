@@ -55,6 +55,7 @@ from memd.wire import (
     Op,
     RangeNominateItem,
     RangeNominateReply,
+    RangeNominateRequest,
     RangeQueryItem,
     RangeQueryReply,
     RangeRequest,
@@ -282,7 +283,7 @@ class GuestDaemon:
         server = self.client.connect()
         if not server.capabilities & Capability.MEM_REPORT:
             return False
-        reply = self.client.pipeline([(Op.MEM_REPORT, self._report())])[0]
+        reply = self.client.pipeline([self._report()])[0]
         if isinstance(reply, ErrorReply):
             raise MemdError(f"the host refused MEM_REPORT: {Status(reply.status).name}"
                             f"{': ' + reply.message if reply.message else ''}")
@@ -371,7 +372,7 @@ class LocalSession:
     def answer(self, frames: list[Frame]) -> bytes:
         """Reply bytes for a run of frames, in order (forwarded ones as one pipeline)."""
         out: list[bytes] = []
-        forward: list[tuple[Frame, Op, Request]] = []
+        forward: list[tuple[Frame, Request]] = []
         for frame in frames:
             if frame.is_reply:
                 continue  # a local client never sends replies
@@ -387,14 +388,14 @@ class LocalSession:
                 out.append(self._flush(forward) + self._local(frame, request))
                 forward = []
             else:
-                forward.append((frame, Op(frame.op), request))
+                forward.append((frame, request))
         out.append(self._flush(forward))
         return b"".join(out)
 
     def _local(self, frame: Frame, request: Request) -> bytes:
         if isinstance(request, SyncRequest):
             self.version = None
-            return encode_reply(Op.SYNC, frame.request_id, SyncReply(request.nonce),
+            return encode_reply(frame.request_id, SyncReply(request.nonce),
                                 version=MIN_VERSION)
         if isinstance(request, HelloRequest):
             return self._hello(frame, request)
@@ -420,7 +421,7 @@ class LocalSession:
         gfns = resolve_range(pid, request.addr, request.length)
         present = [g for g in gfns if g != NO_GFN]
         client = self.daemon.client
-        if frame.op == Op.RANGE_NOMINATE:
+        if isinstance(request, RangeNominateRequest):
             done = iter(client.nominate(present) if present else [])
             items = []
             for gfn in gfns:
@@ -429,7 +430,7 @@ class LocalSession:
                 else:
                     r = next(done)
                     items.append(RangeNominateItem(gfn, r.status, r.handle))
-            return encode_reply(Op.RANGE_NOMINATE, frame.request_id, RangeNominateReply(items),
+            return encode_reply(frame.request_id, RangeNominateReply(items),
                                 version=self.version or MIN_VERSION)
         infos = iter(client.share_query(present) if present else [])
         queried = []
@@ -439,7 +440,7 @@ class LocalSession:
             else:
                 info = next(infos)
                 queried.append(RangeQueryItem(gfn, info.state, info.share_count))
-        return encode_reply(Op.RANGE_QUERY, frame.request_id, RangeQueryReply(queried),
+        return encode_reply(frame.request_id, RangeQueryReply(queried),
                             version=self.version or MIN_VERSION)
 
     def _hello(self, frame: Frame, request: HelloRequest) -> bytes:
@@ -456,25 +457,25 @@ class LocalSession:
                                "consent to de-duplication: start it with --dedup")
         self.version = server.version
         granted = server.capabilities & request.capabilities & ~int(Capability.MEM_REPORT)
-        return encode_reply(Op.HELLO, frame.request_id, HelloReply(
+        return encode_reply(frame.request_id, HelloReply(
             server.version, granted, server.max_batch, server.max_payload, server.max_gfns,
             server.page_size), version=server.version)
 
-    def _flush(self, forward: list[tuple[Frame, Op, Request]]) -> bytes:
+    def _flush(self, forward: list[tuple[Frame, Request]]) -> bytes:
         if not forward:
             return b""
         try:
-            replies = self.daemon.client.pipeline([(op, req) for _, op, req in forward])
+            replies = self.daemon.client.pipeline([req for _, req in forward])
         except MemdError as err:
             return b"".join(self._error(f, Status.BUSY, f"memd-guest daemon: {err}")
-                            for f, _, _ in forward)
+                            for f, _ in forward)
         out = []
-        for (frame, op, _), reply in zip(forward, replies, strict=True):
+        for (frame, _), reply in zip(forward, replies, strict=True):
             if isinstance(reply, ErrorReply):
                 out.append(self._error(frame, reply.status, reply.message))
             else:
                 try:
-                    out.append(encode_reply(op, frame.request_id, reply,
+                    out.append(encode_reply(frame.request_id, reply,
                                             version=self.version or MIN_VERSION))
                 except FrameError as err:
                     out.append(self._error(frame, Status.INTERNAL, err.message))

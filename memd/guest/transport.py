@@ -1,11 +1,12 @@
-"""Byte streams from the guest to the host agent: the virtio-serial port, a unix socket,
-and an in-memory mock for tests.
+"""Byte streams from the guest to the host agent: the virtio-serial port and a unix socket.
 
 A :class:`Transport` moves bytes and nothing else; framing lives in :mod:`memd.wire`
 and retry policy in :mod:`memd.guest.client`.  Contract (the client relies on it):
 
 * ``send(data)`` writes all of ``data`` or raises ``OSError`` (``TimeoutError`` if the
-  peer did not accept it within the transport's send timeout);
+  peer did not accept it within the transport's send timeout); ``send_parts(parts)``
+  does the same for the concatenation of ``parts`` — a vectored write (``writev``), so
+  the pages of a PUT go from the caller's buffers to the kernel without a join;
 * ``recv(max_bytes, timeout)`` returns 1..max_bytes bytes, ``b""`` at end of stream,
   or raises ``TimeoutError`` when nothing arrived within ``timeout`` seconds;
 * ``close()`` is idempotent.
@@ -19,17 +20,18 @@ virtio-serial facts that shaped this: the guest end is ``/dev/vportNpM``, named 
 from __future__ import annotations
 
 import abc
-import collections
 import os
 import select
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Sequence
 
 from memd.errors import ChannelMissing, Unavailable
 from memd.wire import PORT_NAME, Buffer
 
 SYSFS_PORTS = "/sys/class/virtio-ports"
 DEFAULT_SEND_TIMEOUT = 10.0
+#: Buffers one writev() takes (Linux: 1024); a longer list is written in several calls.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class Transport(abc.ABC):
@@ -40,6 +42,11 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def send(self, data: Buffer) -> None: ...
+
+    def send_parts(self, parts: Sequence[Buffer]) -> None:
+        """Write the concatenation of ``parts`` (this default joins them; stream
+        transports override it with a vectored write)."""
+        self.send(b"".join(parts))
 
     @abc.abstractmethod
     def recv(self, max_bytes: int, timeout: float | None) -> bytes: ...
@@ -92,6 +99,25 @@ class _SelectTransport(Transport):
                 view = view[sent:]
             else:
                 self._wait(True, self.send_timeout)
+
+    def send_parts(self, parts: Sequence[Buffer]) -> None:
+        views = [v for v in (memoryview(p).cast("B") for p in parts) if v]
+        first = 0  # views[first:] are still to be written; views[first] maybe in part
+        while first < len(views):
+            try:
+                sent = os.writev(self._fd, views[first:first + _IOV_MAX])
+            except BlockingIOError:
+                sent = 0
+            if not sent:
+                self._wait(True, self.send_timeout)
+                continue
+            while sent:
+                head = views[first]
+                if sent < len(head):
+                    views[first] = head[sent:]
+                    break
+                sent -= len(head)
+                first += 1
 
     def recv(self, max_bytes: int, timeout: float | None) -> bytes:
         while True:
@@ -187,44 +213,3 @@ def find_port(name: str = PORT_NAME, sysfs: str = SYSFS_PORTS, dev: str = "/dev"
                              "is the VM configured with the memd channel and virtio_console "
                              "loaded?", target=name)
     return ports[name]
-
-
-class MockTransport(Transport):
-    """In-memory stream for tests.  Bytes from ``incoming`` (and whatever ``responder``
-    returns for each ``send``) are handed out by ``recv``; everything sent is kept in
-    ``sent``.  An exhausted mock times out at once, or reports EOF once ``eof`` is set."""
-
-    def __init__(self, incoming: Iterable[bytes] = (),
-                 responder: Callable[[bytes], bytes] | None = None, name: str = "mock") -> None:
-        self.name = name
-        self.sent = bytearray()
-        self.incoming: collections.deque[bytes] = collections.deque(incoming)
-        self.responder = responder
-        self.eof = False
-        self.closed = False
-
-    def send(self, data: Buffer) -> None:
-        if self.closed:
-            raise OSError("mock transport is closed")
-        chunk = bytes(data)
-        self.sent += chunk
-        if self.responder is not None:
-            reply = self.responder(chunk)
-            if reply:
-                self.incoming.append(reply)
-
-    def recv(self, max_bytes: int, timeout: float | None) -> bytes:
-        if self.closed:
-            raise OSError("mock transport is closed")
-        if not self.incoming:
-            if self.eof:
-                return b""
-            raise TimeoutError("mock transport has nothing to read")
-        chunk = self.incoming.popleft()
-        if len(chunk) > max_bytes:
-            self.incoming.appendleft(chunk[max_bytes:])
-            chunk = chunk[:max_bytes]
-        return chunk
-
-    def close(self) -> None:
-        self.closed = True

@@ -108,13 +108,13 @@ def _read_frames(sock: socket.socket, n: int) -> list[wire.Frame]:
 
 
 def _hello() -> bytes:
-    return wire.encode_request(Op.HELLO, 1, wire.HelloRequest(1, 1, 0, bytes(16)))
+    return wire.encode_request(1, wire.HelloRequest(1, 1, 0, bytes(16)))
 
 
 def test_requests_before_hello_are_refused(agent: RunningAgent) -> None:
     path = agent.add_guest("g")
     with _raw(path) as s:
-        s.sendall(wire.encode_request(Op.LIST_POOLS, 9, wire.ListPoolsRequest()))
+        s.sendall(wire.encode_request(9, wire.ListPoolsRequest()))
         (reply,) = _read_frames(s, 1)
         assert (reply.request_id, reply.status) == (9, Status.NEED_HELLO)
 
@@ -127,10 +127,10 @@ def test_garbage_and_malformed_frames_get_errors_not_a_dead_agent(agent: Running
         s.sendall(os.urandom(5000))  # line noise
         s.sendall(wire.encode_frame(0x7E, 2, b"?"))  # unknown opcode
         put = bytearray(wire.encode_request(
-            Op.PUT, 3, wire.PutRequest(0, (1, 2, 3), 0, bytes(wire.PAGE_SIZE))))
+            3, wire.PutRequest(0, (1, 2, 3), 0, bytes(wire.PAGE_SIZE))))
         s.sendall(wire.encode_frame(Op.GET, 4, b"\x00" * 5))  # payload too short for GET
         s.sendall(bytes(put[: wire.HEADER_SIZE + 100]))  # cut mid-frame ...
-        s.sendall(wire.encode_request(Op.SYNC, 5, wire.SyncRequest(0xABC)))
+        s.sendall(wire.encode_request(5, wire.SyncRequest(0xABC)))
         replies = {f.request_id: f for f in _read_frames(s, 2) if f.request_id in (2, 4, 5)}
         while 5 not in replies:
             replies.update({f.request_id: f for f in _read_frames(s, 1)})

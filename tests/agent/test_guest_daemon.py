@@ -121,7 +121,7 @@ def test_local_programs_cannot_send_memory_reports(daemon: GuestDaemon) -> None:
     client = daemon_client(daemon.path, timeout=5.0, reconnect_timeout=5.0)
     assert client is not None
     with client:
-        reply = client.pipeline([(Op.MEM_REPORT, MemReportRequest(1, 1, 0, 0, 0, 0, 0))])[0]
+        reply = client.pipeline([MemReportRequest(1, 1, 0, 0, 0, 0, 0)])[0]
     assert isinstance(reply, wire.ErrorReply) and reply.status == Status.DENIED
 
 
@@ -141,7 +141,7 @@ def test_second_daemon_refuses_a_live_socket(agent: RunningAgent, daemon: GuestD
 
 def _hello(d: Dispatcher, g: GuestState, caps: int) -> None:
     frame = wire.FrameDecoder().feed(wire.encode_request(
-        Op.HELLO, 1, wire.HelloRequest(1, 1, caps, bytes(16))))[0]
+        1, wire.HelloRequest(1, 1, caps, bytes(16))))[0]
     assert isinstance(frame, wire.Frame)
     d.handle(g, frame)
 
@@ -156,7 +156,7 @@ def _report(d: Dispatcher, g: GuestState, payload: bytes) -> wire.Reply | wire.E
 
 
 def _payload(*fields: int) -> bytes:
-    return wire._MEM_REPORT.pack(*fields)
+    return struct.pack("<QQQQIIII", *fields)  # docs/protocol.md, MEM_REPORT
 
 
 def test_host_validates_memory_reports() -> None:
@@ -252,7 +252,7 @@ def test_range_of_another_users_process_is_denied(daemon: GuestDaemon) -> None:
     session.version = 1
     frame = wire.Frame(Op.RANGE_NOMINATE, 9, 0, 0, 1, b"")
     reply = wire.decode_reply(wire.FrameDecoder().feed(
-        session._local(frame, wire.RangeRequest(1, 0x400000, 4096)))[0])  # type: ignore[arg-type]
+        session._local(frame, wire.RangeNominateRequest(1, 0x400000, 4096)))[0])  # type: ignore[arg-type]
     assert isinstance(reply, wire.ErrorReply) and reply.status == Status.DENIED
     assert "another user" in reply.message
     session.conn.close()
@@ -269,7 +269,7 @@ def test_range_must_be_page_aligned(daemon: GuestDaemon) -> None:
 def test_a_host_answers_the_local_range_ops_unsupported() -> None:
     d, g = Dispatcher(TmemHost(budget_bytes=1 << 20)), GuestState("g")
     _hello(d, g, int(wire.ALL_CAPABILITIES))
-    raw = wire.encode_request(Op.RANGE_NOMINATE, 3, wire.RangeRequest(0, 0x1000, 0x1000))
+    raw = wire.encode_request(3, wire.RangeNominateRequest(0, 0x1000, 0x1000))
     frame = wire.FrameDecoder().feed(raw)[0]
     assert isinstance(frame, wire.Frame)
     reply = wire.decode_reply(wire.FrameDecoder().feed(d.handle(g, frame))[0])  # type: ignore[arg-type]

@@ -259,7 +259,7 @@ def test_every_exported_metric_is_documented(magent: MetricsAgent) -> None:
 
 def test_a_guests_memory_report_is_exported(magent: MetricsAgent) -> None:
     """The guest daemon's MEM_REPORT (what the guest says of its memory) as gauges."""
-    from memd.wire import ALL_CAPABILITIES, Capability, MemReportFlag, MemReportRequest, Op
+    from memd.wire import ALL_CAPABILITIES, Capability, MemReportFlag, MemReportRequest
 
     def reporter(name: str) -> GuestClient:  # as the daemon connects: proposing MEM_REPORT
         client = magent.add_guest(name)
@@ -268,10 +268,9 @@ def test_a_guests_memory_report_is_exported(magent: MetricsAgent) -> None:
         return client
 
     a = reporter("vm-m")
-    a.pipeline([(Op.MEM_REPORT, MemReportRequest(262144, 200000, 1024, 512, 1234, 56, 0))])
+    a.pipeline([MemReportRequest(262144, 200000, 1024, 512, 1234, 56, 0)])
     b = reporter("vm-n")  # a kernel without PSI
-    b.pipeline([(Op.MEM_REPORT, MemReportRequest(4096, 100, 0, 0, 0, 0,
-                                                 int(MemReportFlag.NO_PSI)))])
+    b.pipeline([MemReportRequest(4096, 100, 0, 0, 0, 0, int(MemReportFlag.NO_PSI))])
     m = magent.scrape()
     vm = (("vm", "vm-m"),)
     assert m[("memd_guest_memory_total_bytes", vm)] == 262144 * 1024

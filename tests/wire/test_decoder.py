@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import struct
+import tracemalloc
 import zlib
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -34,18 +36,18 @@ from memd.wire import (
 
 PAGE = bytes((i * 7 + 3) % 251 for i in range(PAGE_SIZE))  # no 0xFF: unlike the marker
 FRAMES = [
-    encode_request(Op.SYNC, 1, SyncRequest(42)),
-    encode_request(Op.PUT, 2, PutRequest(3, (1, 2, 3), 4, PAGE)),
-    encode_request(Op.GET, 3, GetRequest(3, (1, 2, 3), 4)),
-    encode_reply(Op.STATS, 4, StatsReply({"a": 1})),
-    encode_request(Op.PUT_BATCH, 5, PutBatchRequest(3, [((0, 0, 1), 0), ((0, 0, 1), 1)],
+    encode_request(1, SyncRequest(42)),
+    encode_request(2, PutRequest(3, (1, 2, 3), 4, PAGE)),
+    encode_request(3, GetRequest(3, (1, 2, 3), 4)),
+    encode_reply(4, StatsReply({"a": 1})),
+    encode_request(5, PutBatchRequest(3, [((0, 0, 1), 0), ((0, 0, 1), 1)],
                                                     [PAGE, bytes(PAGE_SIZE)])),
 ]
 STREAM = b"".join(FRAMES)
 EXPECTED = [(f[3], struct.unpack_from("<I", f, 8)[0], f[HEADER_SIZE:]) for f in FRAMES]
 
 
-def summary(items: list[Frame | FrameError]) -> list[tuple[int, int, bytes]]:
+def summary(items: list[Frame | FrameError]) -> list[tuple[int, int, bytes | memoryview]]:
     assert all(isinstance(i, Frame) for i in items), items
     return [(f.op, f.request_id, f.payload) for f in items if isinstance(f, Frame)]
 
@@ -204,3 +206,85 @@ def test_reset_forgets_a_partial_frame() -> None:
     decoder.feed(FRAMES[1][:100])
     decoder.reset()
     assert summary(decoder.feed(FRAMES[0])) == [EXPECTED[0]]
+
+
+# --- copies: each payload byte is copied at most once, and never aliased to reused input ---
+
+BATCH = encode_request(9, PutBatchRequest(
+    3, [((0, 0, 1), i) for i in range(128)], [bytes([i]) * PAGE_SIZE for i in range(128)]))
+
+
+def _peak_while(fn: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_whole_frame_in_immutable_bytes_is_not_copied() -> None:
+    decoder = FrameDecoder()
+    items: list[Frame | FrameError] = []
+    peak = _peak_while(lambda: items.extend(decoder.feed(BATCH)))
+    assert summary(items) == [(Op.PUT_BATCH, 9, BATCH[HEADER_SIZE:])]
+    assert peak < len(BATCH) // 8, peak  # the old decoder copied it twice (buffer, payload)
+
+
+def test_a_frame_spanning_reads_of_a_reused_buffer_is_copied_once() -> None:
+    # The agent receives into one reusable buffer: the decoder must copy, but once.
+    buffer = bytearray(300_000)
+    decoder = FrameDecoder()
+    items: list[Frame | FrameError] = []
+
+    def feed_through_the_buffer() -> None:
+        for at in range(0, len(BATCH), len(buffer)):
+            chunk = memoryview(BATCH)[at:at + len(buffer)]
+            buffer[:len(chunk)] = chunk
+            items.extend(decoder.feed(memoryview(buffer)[:len(chunk)]))
+
+    peak = _peak_while(feed_through_the_buffer)
+    buffer[:] = bytes(len(buffer))  # the next read overwrites the buffer
+    assert summary(items) == [(Op.PUT_BATCH, 9, BATCH[HEADER_SIZE:])]
+    assert peak < 1.3 * len(BATCH), peak  # the old decoder held two copies at once
+
+
+def test_a_payload_never_aliases_a_buffer_the_caller_reuses() -> None:
+    buffer = bytearray(FRAMES[1] + FRAMES[2][:30])
+    decoder = FrameDecoder()
+    first = decoder.feed(memoryview(buffer))
+    buffer[:] = bytes(len(buffer))
+    second = decoder.feed(bytearray(FRAMES[2][30:]))
+    assert summary(first + second) == [EXPECTED[1], EXPECTED[2]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, len(STREAM)), max_size=30),
+       st.sampled_from([bytes, bytearray, memoryview]))
+def test_arbitrary_chunkings_of_any_buffer_type(cuts: list[int], kind: type) -> None:
+    decoder = FrameDecoder()
+    out: list[Frame | FrameError] = []
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(STREAM)), len(STREAM)]
+    for a, b in itertools.pairwise(bounds):
+        chunk = kind(bytearray(STREAM[a:b])) if kind is memoryview else kind(STREAM[a:b])
+        out += decoder.feed(chunk)
+    assert summary(out) == EXPECTED and decoder.buffered == 0
+
+
+def test_a_cut_frame_completed_in_a_later_read_fails_its_payload_checksum() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(FRAMES[1][:-10]) == []
+    items = decoder.feed(RESYNC_MARKER + FRAMES[0])
+    assert isinstance(items[0], FrameError) and items[0].request_id == 2
+    assert summary(items[1:]) == [EXPECTED[0]]
+    assert summary(decoder.feed(FRAMES[2])) == [EXPECTED[2]] and decoder.buffered == 0
+
+
+def test_a_header_cut_in_two_then_garbage_resyncs() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(FRAMES[2][:10]) == []
+    items = decoder.feed(b"\x00" * 40 + FRAMES[0])
+    assert isinstance(items[0], FrameError)
+    assert summary(items[1:]) == [EXPECTED[0]] and decoder.buffered == 0

@@ -1,5 +1,5 @@
-"""Hypothesis strategies for every request and reply of memd.wire, and a normaliser
-that makes decoded messages comparable with the ones that were encoded."""
+"""Hypothesis strategies for every request and reply of memd.wire (keyed by op), and a
+normaliser that makes decoded messages comparable with the ones that were encoded."""
 
 from __future__ import annotations
 
@@ -12,10 +12,13 @@ from memd.wire import (
     MAX_GFNS,
     MAX_PSI,
     PAGE_SIZE,
+    AboutToWriteReply,
     AboutToWriteRequest,
+    DestroyPoolReply,
     DestroyPoolRequest,
-    EmptyReply,
+    FlushObjectReply,
     FlushObjectRequest,
+    FlushPageReply,
     FlushPageRequest,
     GetBatchReply,
     GetBatchRequest,
@@ -26,6 +29,7 @@ from memd.wire import (
     ListPoolsReply,
     ListPoolsRequest,
     MemReportFlag,
+    MemReportReply,
     MemReportRequest,
     NewPoolReply,
     NewPoolRequest,
@@ -37,12 +41,14 @@ from memd.wire import (
     PoolInfo,
     PutBatchReply,
     PutBatchRequest,
+    PutReply,
     PutRequest,
     RangeNominateItem,
     RangeNominateReply,
+    RangeNominateRequest,
     RangeQueryItem,
     RangeQueryReply,
-    RangeRequest,
+    RangeQueryRequest,
     ShareInfo,
     ShareQueryReply,
     ShareQueryRequest,
@@ -118,8 +124,8 @@ REQUESTS: dict[Op, st.SearchStrategy[Any]] = {
             u64, u64, u64, u64, st.integers(0, MAX_PSI), st.integers(0, MAX_PSI)),
         st.builds(lambda total, avail: MemReportRequest(total, min(avail, total), 0, 0, 0, 0,
                                                         int(MemReportFlag.NO_PSI)), u64, u64)),
-    Op.RANGE_NOMINATE: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
-    Op.RANGE_QUERY: st.builds(RangeRequest, u32, _page_addrs, _range_lengths),
+    Op.RANGE_NOMINATE: st.builds(RangeNominateRequest, u32, _page_addrs, _range_lengths),
+    Op.RANGE_QUERY: st.builds(RangeQueryRequest, u32, _page_addrs, _range_lengths),
 }
 
 REPLIES: dict[Op, st.SearchStrategy[Any]] = {
@@ -128,11 +134,11 @@ REPLIES: dict[Op, st.SearchStrategy[Any]] = {
                         page_size=st.just(PAGE_SIZE)),
     Op.SYNC: st.builds(SyncReply, u64),
     Op.NEW_POOL: st.builds(NewPoolReply, u32),
-    Op.DESTROY_POOL: st.just(EmptyReply()),
-    Op.PUT: st.just(EmptyReply()),
+    Op.DESTROY_POOL: st.just(DestroyPoolReply()),
+    Op.PUT: st.just(PutReply()),
     Op.GET: st.builds(GetReply, pages),
-    Op.FLUSH_PAGE: st.just(EmptyReply()),
-    Op.FLUSH_OBJECT: st.just(EmptyReply()),
+    Op.FLUSH_PAGE: st.just(FlushPageReply()),
+    Op.FLUSH_OBJECT: st.just(FlushObjectReply()),
     Op.PUT_BATCH: st.builds(PutBatchReply, st.lists(statuses, min_size=1, max_size=MAX_BATCH)),
     Op.GET_BATCH: _get_batch_reply(),
     Op.LIST_POOLS: st.builds(ListPoolsReply, st.lists(
@@ -141,9 +147,9 @@ REPLIES: dict[Op, st.SearchStrategy[Any]] = {
                                                    min_size=1, max_size=16)),
     Op.SHARE_QUERY: st.builds(ShareQueryReply, st.lists(
         st.builds(ShareInfo, st.sampled_from(list(ShareState)), u32), min_size=1, max_size=16)),
-    Op.ABOUT_TO_WRITE: st.just(EmptyReply()),
+    Op.ABOUT_TO_WRITE: st.just(AboutToWriteReply()),
     Op.STATS: st.builds(StatsReply, st.dictionaries(stat_keys, stat_values, max_size=8)),
-    Op.MEM_REPORT: st.just(EmptyReply()),
+    Op.MEM_REPORT: st.just(MemReportReply()),
     Op.RANGE_NOMINATE: st.builds(RangeNominateReply, st.lists(
         st.builds(RangeNominateItem, u64, statuses, u64), min_size=1, max_size=16)),
     Op.RANGE_QUERY: st.builds(RangeQueryReply, st.lists(

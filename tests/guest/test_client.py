@@ -1,5 +1,6 @@
-"""memd.guest.client against a fake host: in memory (MockTransport), over a socketpair,
-and over a real unix socket whose server cuts replies mid-frame."""
+"""memd.guest.client against the real host core (decoder + dispatcher + TmemHost, see
+tests/support/fakehost.py): in memory (MockTransport), over a socketpair, a pty, and a real
+unix socket whose server cuts replies mid-frame."""
 
 from __future__ import annotations
 
@@ -7,23 +8,23 @@ import os
 import select
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
-from memd_fakehost import FakeHost, FakeHostServer
 
 from memd import errors
 from memd.guest.client import GuestClient, as_oid, read_boot_id
-from memd.guest.transport import MockTransport, SocketTransport, find_port, list_ports
+from memd.guest.transport import SocketTransport, find_port, list_ports
 from memd.wire import (
     MAX_BATCH,
     PAGE_SIZE,
     RESYNC_MARKER,
-    EmptyReply,
+    Buffer,
     FrameDecoder,
     GetRequest,
     Op,
+    PutReply,
     PutRequest,
     ShareState,
     Status,
@@ -32,6 +33,8 @@ from memd.wire import (
     encode_reply,
     encode_request,
 )
+from tests.support.fakehost import FakeHost, FakeHostServer
+from tests.support.mock_transport import MockTransport
 
 BOOT = bytes(range(16))
 
@@ -40,7 +43,8 @@ def page(seed: int) -> bytes:
     return bytes((seed + i) % 251 for i in range(PAGE_SIZE))
 
 
-def mock_client(host: FakeHost | None = None, **kwargs: object) -> tuple[GuestClient, FakeHost]:
+def mock_client(host: FakeHost | None = None, **kwargs: object
+                ) -> tuple[GuestClient, FakeHost]:
     host = host or FakeHost()
     transport = MockTransport(responder=host.feed)
     client = GuestClient(lambda: transport, boot_id=BOOT, reconnect_timeout=1.0,
@@ -67,11 +71,13 @@ def test_every_call_in_memory() -> None:
     assert client.get_batch(pool, [(9, 5)]) == [None]
     assert [p.pool for p in client.list_pools()] == [pool]
     results = client.nominate([5, 6])
-    assert [(r.status, r.handle) for r in results] == [(Status.OK, 1005), (Status.OK, 1006)]
+    assert [r.status for r in results] == [Status.OK, Status.OK]
+    assert 0 < results[0].handle != results[1].handle
     client.about_to_write(5)
     states = [s.state for s in client.share_query([5, 6, 7])]
     assert states == [ShareState.PRIVATE, ShareState.NOMINATED, ShareState.PRIVATE]
-    assert client.stats() == {"pools": 1, "pages": 1, "host": "fake host"}
+    stats = client.stats()
+    assert (stats["pools"], stats["persistent_pages"], stats["bad_frames"]) == (1, 1, 0)
     client.destroy_pool(pool)
     assert client.list_pools() == []
     assert host.corrupt == 0 and client.connects == 1
@@ -88,8 +94,12 @@ def test_error_statuses_raise_memd_errors() -> None:
         client.put(1, 1, 0, b"short")
 
 
-def test_version_refusal_is_not_retried() -> None:
-    client, host = mock_client(FakeHost(versions=(2, 3)))
+def test_version_refusal_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    from memd.guest import client as client_module
+
+    monkeypatch.setattr(client_module, "MIN_VERSION", 2)  # a guest from the future
+    monkeypatch.setattr(client_module, "MAX_VERSION", 3)
+    client, host = mock_client()
     with pytest.raises(errors.VersionError):
         client.connect()
     assert host.requests["HELLO"] == 1
@@ -97,8 +107,8 @@ def test_version_refusal_is_not_retried() -> None:
 
 def test_stale_bytes_before_the_sync_reply_are_discarded() -> None:
     host = FakeHost()
-    stale = (b"\x00garbage" + encode_reply(Op.SYNC, 1, SyncReply(1234))
-             + encode_reply(Op.PUT, 2, EmptyReply()) + page(3)[:100])
+    stale = (b"\x00garbage" + encode_reply(1, SyncReply(1234))
+             + encode_reply(2, PutReply()) + page(3)[:100])
     transport = MockTransport([stale], responder=host.feed)
     client = GuestClient(lambda: transport, boot_id=BOOT, sync_interval=0.01)
     pool = client.new_pool()
@@ -118,7 +128,7 @@ def test_replies_out_of_order_are_matched_by_id() -> None:
     client = GuestClient(lambda: transport, boot_id=BOOT, max_in_flight=8)
     pool = client.new_pool()
     client.put_batch(pool, [(1, i, page(i)) for i in range(4)])
-    replies = client.pipeline([(Op.GET, GetRequest(pool, as_oid(1), i)) for i in range(4)])
+    replies = client.pipeline([GetRequest(pool, as_oid(1), i) for i in range(4)])
     assert [bytes(r.page) for r in replies] == [page(i) for i in range(4)]  # type: ignore[union-attr]
 
 
@@ -168,7 +178,8 @@ def test_non_idempotent_call_is_not_retried(sock_path: str) -> None:
         server.cut_reply_of = Op.NEW_POOL
         with pytest.raises(errors.Unavailable, match="NEW_POOL"):
             client.new_pool()
-        assert client.new_pool() == 2  # the first one was created; the caller decides
+        assert len(client.list_pools()) == 1  # it was created; the caller decides
+        assert client.new_pool() == client.list_pools()[-1].pool
         assert server.connections == 2
 
 
@@ -186,7 +197,7 @@ def test_host_agent_restart(sock_path: str) -> None:
             with pytest.raises(errors.NoSuchPool):  # reached the new agent: it lost the pool
                 client.get(pool, 1, 0)
             assert client.connects == 2
-            assert client.new_pool() == 1
+            assert client.new_pool() == pool  # a fresh host: the same first pool id
         finally:
             starter.join()
             for server in servers:
@@ -202,7 +213,7 @@ def test_guest_restart_mid_frame_on_a_persistent_stream(sock_path: str) -> None:
             pool = first.new_pool()
         dying = socket.socket(socket.AF_UNIX)
         dying.connect(sock_path)
-        put = encode_request(Op.PUT, 77, PutRequest(pool, (1, 0, 0), 5, page(9)))
+        put = encode_request(77, PutRequest(pool, (1, 0, 0), 5, page(9)))
         dying.sendall(put[:2000])
         dying.close()
         with GuestClient.for_unix_socket(sock_path, boot_id=BOOT, sync_interval=0.1) as client:
@@ -281,10 +292,61 @@ def test_a_host_that_forgot_the_session_gets_a_new_hello_and_the_calls_again() -
                          reconnect_timeout=1.0)
     pool = client.new_pool(persistent=True)
     connects = client.connects
-    host.hello_done = False  # the agent restarted; the stream did not break
+    host.forget_session()  # the agent restarted; the stream did not break
     assert client.new_pool(persistent=True) == pool + 1  # once: not executed twice
     assert client.connects == connects + 1
-    host.hello_done = False
+    host.forget_session()
     assert client.put_batch(pool, [(3, i, page(i)) for i in range(200)]) == [Status.OK] * 200
     assert client.get_batch(pool, [(3, i) for i in range(200)]) == [page(i) for i in range(200)]
     assert client.connects == connects + 2
+
+
+class _PartsRecorder(MockTransport):
+    """Keeps the parts of every vectored write, to see which buffers reached it."""
+
+    def __init__(self, responder: Callable[[bytes], bytes]) -> None:
+        super().__init__(responder=responder)
+        self.writes: list[list[object]] = []
+
+    def send_parts(self, parts: Sequence[Buffer]) -> None:
+        self.writes.append(list(parts))
+        super().send_parts(parts)
+
+
+def test_pages_reach_the_transport_without_a_join() -> None:
+    host = FakeHost()
+    transport = _PartsRecorder(host.feed)
+    client = GuestClient(lambda: transport, boot_id=BOOT)
+    pool = client.new_pool()
+    pages = [bytearray(page(i)) for i in range(3)]
+    assert client.put_batch(pool, [(1, i, p) for i, p in enumerate(pages)]) == [Status.OK] * 3
+    client.put(pool, 2, 0, pages[0])
+    written = [part for write in transport.writes for part in write]
+    for p in pages:
+        assert any(part is p for part in written)  # the caller's buffer itself
+    assert client.get_batch(pool, [(1, i) for i in range(3)]) == [bytes(p) for p in pages]
+
+
+def test_socket_send_parts_survives_partial_writes_and_iov_max() -> None:
+    guest_end, host_end = socket.socketpair()
+    guest_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    parts: list[Buffer] = [bytes([i % 251]) * (1 + i % 7) for i in range(3000)]  # > IOV_MAX
+    parts += [memoryview(page(5)), bytearray(page(6)), b""]
+    expected = b"".join(parts)
+    received = bytearray()
+
+    def read() -> None:
+        while len(received) < len(expected):
+            chunk = host_end.recv(1000)  # slowly: the writer sees partial writes
+            if not chunk:
+                return
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    transport = SocketTransport(guest_end)
+    transport.send_parts(parts)
+    reader.join(10)
+    transport.close()
+    host_end.close()
+    assert bytes(received) == expected
