@@ -19,7 +19,7 @@ from memd.agent.dispatch import GuestState
 from memd.cli import main
 from memd.demo import _LoopThread
 from memd.errors import SharingDenied
-from memd.wire import Capability, Op, Status
+from memd.wire import Capability, Status
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
 
 pytestmark = needs_qemu_root
@@ -123,7 +123,7 @@ def _hello(agent: AgentApp, name: str, dedup_opt_in: bool) -> None:
     """A HELLO from the guest of VM ``name``, fed to the agent's dispatcher."""
     capabilities = int(Capability.SHARING) | (int(Capability.DEDUP_OPT_IN) if dedup_opt_in
                                               else 0)
-    request = wire.encode_request(Op.HELLO, 1, wire.HelloRequest(
+    request = wire.encode_request(1, wire.HelloRequest(
         wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16)))
     [frame] = wire.FrameDecoder().feed(request)
     assert isinstance(frame, wire.Frame)

@@ -17,7 +17,7 @@ from memd import wire
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import MergeNotConsented
-from memd.wire import Capability, Op, Status
+from memd.wire import Capability, Status
 from sharing.consent import ConsentBook, GuestWord, merges_across
 from sharing.manager import SharingManager
 from tmem.host import TmemHost
@@ -50,7 +50,7 @@ class Host:
 
     def hello(self, name: str, capabilities: int) -> None:
         guest = self.guests.setdefault(name, GuestState(name))
-        request = wire.encode_request(Op.HELLO, 1, wire.HelloRequest(
+        request = wire.encode_request(1, wire.HelloRequest(
             wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16)))
         [frame] = wire.FrameDecoder().feed(request)
         assert isinstance(frame, wire.Frame)
