@@ -10,15 +10,18 @@ modes, because the two kinds of guest differ in who listens:
   embedded default, tests).  A new connection replaces the old one, as a rebooted
   guest reopening its port would.
 
-Per session: bytes are received straight into one reusable buffer (a
-:class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies) and
-fed to a :class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and
-their replies written — after the tmem store commit that every session dispatching
-in the same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading
-pauses while decoded frames wait for dispatch and until the replies are drained, which
-applies backpressure to a guest that does not read its replies.  A partial frame older
-than ``PARTIAL_FRAME_TIMEOUT`` is abandoned (the writer was cut mid-frame); a connection
-producing more than ``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
+Per session: bytes are received straight into the agent's one receive buffer (a
+:class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies, no
+receive memory for an idle connection) and fed to the connection's
+:class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and their
+replies written — after the tmem store commit that every session dispatching in the
+same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading pauses
+while decoded frames wait for dispatch and until the replies are drained, which applies
+backpressure to a guest that does not read its replies.  An incomplete frame whose first
+byte came ``PARTIAL_FRAME_TIMEOUT`` ago is abandoned (the writer was cut mid-frame), and
+the bytes held in incomplete frames across all connections are capped
+(:class:`PartialFrames`); a connection producing more than ``MAX_BAD_FRAMES`` corrupt
+frames is closed — that guest only.
 
 Runstate: ``IDLE → RUNNING → STOPPING → STOPPED``; channels may be added in RUNNING only.
 """
@@ -40,7 +43,9 @@ from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
 
-READ_CHUNK = 512 * 1024  # the reusable receive buffer; a batch frame is ~258 KiB
+READ_CHUNK = 512 * 1024  # the agent's one receive buffer; a 128-page batch frame is ~516 KiB
+#: Bytes all connections together may hold in incomplete frames (see PartialFrames).
+MAX_PARTIAL_BYTES = 64 << 20
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -83,8 +88,12 @@ class Channel:
 class Agent:
     """Owns the channels; the Dispatcher owns the meaning of the bytes."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, *,
+                 max_partial_bytes: int = MAX_PARTIAL_BYTES) -> None:
         self.dispatcher = dispatcher
+        #: Bytes held in incomplete frames, all connections (loop thread).
+        self.partials = PartialFrames(max_partial_bytes)
+        self._scratch = _ScratchBuffer(READ_CHUNK)
         self.channels: dict[str, Channel] = {}
         self.guests: dict[str, GuestState] = {}  # outlives channels: boot ids, counters
         self.runstate = Runstate.IDLE
@@ -188,7 +197,8 @@ class Agent:
             loop = asyncio.get_running_loop()
             try:
                 channel.server = await loop.create_unix_server(
-                    lambda: _GuestConnection(lambda conn: self._accepted(channel, conn)),
+                    lambda: _GuestConnection(lambda conn: self._accepted(channel, conn),
+                                             self._scratch, self.partials),
                     path=path)
             except OSError as err:
                 del self.channels[name]
@@ -238,7 +248,8 @@ class Agent:
         while True:
             try:
                 _, conn = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: _GuestConnection(None), channel.path)
+                    lambda: _GuestConnection(None, self._scratch, self.partials),
+                    channel.path)
             except OSError as err:
                 channel.last_error = f"{type(err).__name__}: {err.strerror or err}"
                 channel.first_attempt.set()
@@ -265,16 +276,14 @@ class Agent:
         channel.last_error = None
         channel.first_attempt.set()
         log.info("guest %s connected", guest.name, extra={"event": "connect", "vm": guest.name})
-        decoder = conn.decoder
         # Corrupt stretches (one decoder episode each) plus frames the dispatcher
         # rejected as malformed: both count against this connection's allowance.
         bad_at_start = guest.bad_frames
         try:
             while True:
                 if not conn.items and not conn.eof:
-                    timeout = wire.PARTIAL_FRAME_TIMEOUT if decoder.buffered else None
-                    if not await conn.wait_input(timeout):
-                        conn.items.extend(decoder.abandon_partial())
+                    await conn.wait_input()
+                    conn.abandon_if_stalled()
                 if conn.error is not None and not conn.items:
                     channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
                     break
@@ -318,30 +327,112 @@ def _check_socket(name: str, path: str) -> None:
                            target=name)
 
 
+class _ScratchBuffer:
+    """The one receive buffer every connection of an agent reads into.
+
+    Why one is enough: the event loop calls ``get_buffer``, ``recv_into`` and
+    ``buffer_updated`` in one callback, with no other connection's read in between, and
+    ``buffer_updated`` hands the bytes to the connection's decoder, which copies what it
+    keeps.  So the buffer is scratch space for one read at a time, and a connection costs
+    no receive memory while it sends nothing (it used to cost 512 KiB from its accept).
+    :attr:`reader` records who was lent it last, so that an event loop that interleaved
+    two reads would be caught instead of mixing two guests' bytes.  Loop thread only.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytearray(size))
+        self.reader: _GuestConnection | None = None
+
+    def lend(self, reader: _GuestConnection) -> memoryview:
+        self.reader = reader
+        return self.view
+
+
+class PartialFrames:
+    """Bytes the agent holds in incomplete frames, per connection and in all, with a cap.
+
+    Each connection's decoder keeps at most one frame plus one read, but a thousand
+    connections that each send half a frame and then nothing would still hold a thousand
+    half frames (they go after PARTIAL_FRAME_TIMEOUT, and come back).  Past ``cap`` bytes,
+    the oldest incomplete frames are abandoned first — before their timeout — until the
+    total is under the cap: a legitimate frame arrives whole within milliseconds, so the
+    oldest are the dead or hostile ones.  Each abandoned frame counts as a bad frame of
+    its connection (the decoder reports the episode), so a connection that keeps doing
+    it is hung up on like any corrupt stream.  Loop thread only.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0  #: bytes held now
+        self.high_water = 0  #: the most ever held (the cap is checked after each read)
+        self.shed = 0  #: incomplete frames abandoned early to stay under the cap
+        #: Connections holding bytes → how many; insertion order is the age of each one's
+        #: incomplete frame (a connection is moved to the end when a new one begins).
+        self._held: dict[_GuestConnection, int] = {}
+        self._shedding = False
+
+    def account(self, conn: _GuestConnection, held: int, *, new_frame: bool) -> None:
+        """Record what ``conn`` holds after a decode; ``new_frame``: what it holds now
+        began after what it held before."""
+        old = self._held.pop(conn, 0) if new_frame or not held else self._held.get(conn, 0)
+        if held:
+            self._held[conn] = held
+        self.total += held - old
+        if self.total > self.high_water:
+            self.high_water = self.total
+        if self.total > self.cap and not self._shedding:
+            self._shed()
+
+    def forget(self, conn: _GuestConnection) -> None:
+        self.total -= self._held.pop(conn, 0)
+
+    def _shed(self) -> None:
+        self._shedding = True
+        try:
+            for victim in list(self._held):
+                if self.total <= self.cap:
+                    break
+                self.shed += 1
+                victim.abandon_partial()
+        finally:
+            self._shedding = False
+
+
 class _GuestConnection(asyncio.BufferedProtocol):
     """One guest connection's byte plumbing; :meth:`Agent._session` owns the meaning.
 
-    Receive: the transport ``recv_into``s :attr:`_view` (allocated once) and the bytes go
-    straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
+    Receive: the transport ``recv_into``s the agent's :class:`_ScratchBuffer` and the bytes
+    go straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
     and reading pauses while any wait (the session resumes it after dispatch and drain).
+    The incomplete frame the decoder holds is dated by its first byte
+    (:attr:`partial_since`), not by the last byte that arrived: bytes that do not complete
+    it — a guest's resync after a cut, garbage — must not keep a dead frame alive (see
+    the stall rule in docs/protocol.md).  The time reading was paused does not count: the
+    guest cannot send while the agent does not read.
     Send: ``pause_writing``/``resume_writing`` gate :meth:`drain`, as for a stream
     writer.  Everything runs on the event loop thread: no locks.
     """
 
-    def __init__(self, on_connect: Callable[[_GuestConnection], Awaitable[None]] | None
-                 ) -> None:
+    def __init__(self, on_connect: Callable[[_GuestConnection], Awaitable[None]] | None,
+                 scratch: _ScratchBuffer, partials: PartialFrames) -> None:
         self._on_connect = on_connect
-        self._view = memoryview(bytearray(READ_CHUNK))
+        self._scratch = scratch
+        self._partials = partials
+        self._loop = asyncio.get_running_loop()
         self.decoder = wire.FrameDecoder()
         self.items: list[wire.Frame | FrameError] = []
+        #: loop.time() when the first byte of the incomplete frame held by the decoder
+        #: arrived (moved on by the time reading was paused); None when it holds nothing.
+        self.partial_since: float | None = None
         self.transport: asyncio.Transport | None = None
         self.eof = False  #: no more bytes will arrive
         self.error: Exception | None = None  #: why the connection was lost, if not a clean EOF
         self._reading = True
+        self._paused_at = 0.0  # loop.time() when reading was last paused
         self._input: asyncio.Future[None] | None = None  # set while the session waits
         self._writable: asyncio.Future[None] | None = None  # set while the session drains
         self._write_paused = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None  # the session of an accepted peer
 
     # -- protocol callbacks (event loop) ---------------------------------------------------
@@ -353,14 +444,16 @@ class _GuestConnection(asyncio.BufferedProtocol):
             self._task = asyncio.ensure_future(self._on_connect(self))
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        return self._scratch.lend(self)
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.items.extend(self.decoder.feed(self._view[:nbytes]))
-        if self.items and self._reading and self.transport is not None:
-            self._reading = False
-            self.transport.pause_reading()
-        self._wake()
+        if self._scratch.reader is not self:  # see _ScratchBuffer: must never happen
+            log.critical("receive buffer shared by two reads at once: connection dropped")
+            self.items.append(FrameError("receive buffer reused during a read"))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._decoded(self.decoder.feed(self._scratch.view[:nbytes]), new_frame=False)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -370,6 +463,9 @@ class _GuestConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self.error = exc
+        self.decoder.reset()
+        self.partial_since = None
+        self._partials.forget(self)
         self._wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -384,22 +480,67 @@ class _GuestConnection(asyncio.BufferedProtocol):
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
 
+    # -- the incomplete frame --------------------------------------------------------------
+
+    def _decoded(self, items: list[wire.Frame | FrameError], *, new_frame: bool) -> None:
+        """Take what one decoder call returned.  ``new_frame``: whatever the decoder still
+        holds began after what it held before (it abandoned that); so does it when a
+        frame completed, since a decoder holds at most the bytes after its last frame."""
+        if any(not isinstance(item, FrameError) for item in items):
+            new_frame = True
+        held = self.decoder.buffered
+        if not held:
+            self.partial_since = None
+        elif new_frame or self.partial_since is None:
+            self.partial_since = self._loop.time()
+        if items:
+            self.items.extend(items)
+            if self._reading and self.transport is not None:
+                self._reading = False
+                self._paused_at = self._loop.time()
+                self.transport.pause_reading()
+        self._partials.account(self, held, new_frame=new_frame)
+        self._wake()
+
+    def partial_deadline(self) -> float | None:
+        """loop.time() at which the held incomplete frame is abandoned, if any is held."""
+        if self.partial_since is None:
+            return None
+        return self.partial_since + wire.PARTIAL_FRAME_TIMEOUT
+
+    def abandon_partial(self) -> None:
+        """Treat the incomplete frame as garbage (its writer is gone) and rescan after its
+        first byte; what that finds (a resync's SYNC, say) goes to the session."""
+        if self.decoder.buffered:
+            self._decoded(self.decoder.abandon_partial(), new_frame=True)
+
     # -- for the session -------------------------------------------------------------------
 
-    async def wait_input(self, timeout: float | None) -> bool:
-        """Wait until items or EOF arrive; False if ``timeout`` passed first."""
-        self._input = asyncio.get_running_loop().create_future()
+    async def wait_input(self) -> None:
+        """Wait until items or EOF arrive, or the incomplete frame's deadline passes (the
+        session then calls :meth:`abandon_if_stalled`)."""
+        self._input = self._loop.create_future()
+        deadline = self.partial_deadline()
+        timer = None if deadline is None else self._loop.call_at(deadline, self._wake)
         try:
-            await asyncio.wait_for(self._input, timeout)
-        except TimeoutError:
-            return False
+            await self._input
         finally:
             self._input = None
-        return True
+            if timer is not None:
+                timer.cancel()
+
+    def abandon_if_stalled(self) -> None:
+        """Apply the stall rule: abandon an incomplete frame older than
+        PARTIAL_FRAME_TIMEOUT (reading time only)."""
+        deadline = self.partial_deadline()
+        if deadline is not None and self._reading and self._loop.time() >= deadline:
+            self.abandon_partial()
 
     def resume_reading(self) -> None:
         if not self._reading and self.transport is not None and not self.eof:
             self._reading = True
+            if self.partial_since is not None:  # the guest could not send meanwhile
+                self.partial_since += self._loop.time() - self._paused_at
             self.transport.resume_reading()
 
     async def drain(self) -> None:
@@ -407,7 +548,7 @@ class _GuestConnection(asyncio.BufferedProtocol):
         if self.eof and self.error is not None:
             raise ConnectionResetError("connection lost")
         while self._write_paused and not self.closed.done():
-            self._writable = asyncio.get_running_loop().create_future()
+            self._writable = self._loop.create_future()
             await self._writable
         if self.closed.done() and self.error is not None:
             raise ConnectionResetError("connection lost")
