@@ -137,12 +137,7 @@ class Agent:
             self.dispatcher.tmem.hold_commits()
             self._outbox = []
             loop.call_soon(self._flush)
-        replies = []
-        for item in items:
-            if isinstance(item, FrameError):
-                guest.bad_frames += 1
-                continue
-            replies.append(self.dispatcher.handle(guest, item))
+        replies = self.dispatcher.handle_all(guest, items)
         written = loop.create_future()
         self._outbox.append((transport, replies, written))
         await written
@@ -163,8 +158,7 @@ class Agent:
         for transport, replies, written in outbox:
             if not transport.is_closing():
                 for reply in replies:
-                    if reply:
-                        transport.write(reply)
+                    transport.write(reply)
             if not written.done():
                 written.set_result(None)
 
