@@ -282,8 +282,10 @@ class Agent:
                     channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
                     break
                 items, conn.items = conn.items, []
-                if not items and conn.eof:
-                    break
+                if not items:  # woken by EOF, or by the stall timer
+                    if conn.eof:
+                        break
+                    continue
                 await self._dispatch(guest, items, transport)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
@@ -386,6 +388,8 @@ class PartialFrames:
             for victim in list(self._held):
                 if self.total <= self.cap:
                     break
+                if victim.items:  # not while its decoded frames wait (see _GuestConnection)
+                    continue
                 self.shed += 1
                 victim.abandon_partial()
         finally:
@@ -398,6 +402,8 @@ class _GuestConnection(asyncio.BufferedProtocol):
     Receive: the transport ``recv_into``s the agent's :class:`_ScratchBuffer` and the bytes
     go straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
     and reading pauses while any wait (the session resumes it after dispatch and drain).
+    So the decoder is never fed, nor made to abandon a frame, while frames it returned
+    wait: a frame's payload need not outlive the next call into its decoder.
     The incomplete frame the decoder holds is dated by its first byte
     (:attr:`partial_since`), not by the last byte that arrived: bytes that do not complete
     it — a guest's resync after a cut, garbage — must not keep a dead frame alive (see
@@ -457,9 +463,8 @@ class _GuestConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.eof = True
         self.error = exc
-        self.decoder.reset()
-        self.partial_since = None
-        self._partials.forget(self)
+        self.partial_since = None  # no stall rule for a closed connection
+        self._partials.forget(self)  # its bytes go with it (frames may still wait)
         self._wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
@@ -493,7 +498,8 @@ class _GuestConnection(asyncio.BufferedProtocol):
                 self._reading = False
                 self._paused_at = self._loop.time()
                 self.transport.pause_reading()
-        self._partials.account(self, held, new_frame=new_frame)
+        if not self.closed.done():  # connection_lost forgot it
+            self._partials.account(self, held, new_frame=new_frame)
         self._wake()
 
     def partial_deadline(self) -> float | None:
