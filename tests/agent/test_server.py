@@ -15,8 +15,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from memd import wire
-from memd.agent.dispatch import Dispatcher
+from memd.agent.dispatch import Dispatcher, GuestState
 from memd.agent.server import READ_CHUNK, Agent
 from memd.vocab import MAX_BATCH, PAGE_SIZE
 from memd.wire import Op
@@ -187,5 +189,71 @@ def test_connection_churn_on_one_channel_does_not_accumulate(tmp_path: Path) -> 
             assert agent.partials.total <= len(half) + READ_CHUNK
             for writer in writers:
                 writer.close()
+
+    run(test)
+
+
+def test_time_spent_not_reading_does_not_count_against_a_frame(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame that arrives whole behind a request the agent is slow to handle: reading
+    is paused meanwhile (the guest could not send), so that time is not the frame's."""
+    path = str(tmp_path / "g.sock")
+
+    async def test() -> None:
+        async with running_agent() as agent:
+            handle = agent.dispatcher.handle
+
+            def slow_first(guest: GuestState, frame: wire.Frame) -> bytes:
+                if frame.request_id == 1:
+                    time.sleep(wire.PARTIAL_FRAME_TIMEOUT + 0.3)  # blocks the loop
+                return handle(guest, frame)
+
+            monkeypatch.setattr(agent.dispatcher, "handle", slow_first)
+            await agent.add_channel("g", path, mode="listen")
+            reader, writer = await asyncio.open_unix_connection(path)
+            second = resync(2, 2)
+            writer.write(resync(1, 1) + second[:20])  # SYNC 1 whole, SYNC 2 begun
+            await writer.drain()
+            await asyncio.wait_for(sync_reply(reader, 1), timeout=3.0)
+            # SYNC 2 began more than the timeout ago, but the agent read for 0.3 s only.
+            await asyncio.sleep(0.3)
+            writer.write(second[20:])
+            await writer.drain()
+            await asyncio.wait_for(sync_reply(reader, 2), timeout=3.0)
+            assert agent.guests["g"].bad_frames == 0
+            writer.close()
+
+    run(test)
+
+
+def test_over_the_cap_the_oldest_incomplete_frame_goes_first(tmp_path: Path) -> None:
+    """Two guests each hold part of a frame and together pass the cap: the one that has
+    waited longer is abandoned, and the newer one completes and is answered."""
+    frame = wire.encode_request(Op.PUT_BATCH, 9, wire.PutBatchRequest(
+        0, [((1, 2, 3), i) for i in range(64)], [os.urandom(PAGE_SIZE)] * 64))
+    part = 200 * 1024
+
+    async def test() -> None:
+        async with running_agent(max_partial_bytes=300 * 1024) as agent:
+            paths = [str(tmp_path / f"g{i}.sock") for i in range(2)]
+            for i, path in enumerate(paths):
+                await agent.add_channel(f"g{i}", path, mode="listen")
+            _, old = await asyncio.open_unix_connection(paths[0])
+            old.write(frame[:part])  # and then nothing: a dead writer
+            await old.drain()
+            await asyncio.sleep(0.1)
+            reader, new = await asyncio.open_unix_connection(paths[1])
+            new.write(frame[:part])
+            await new.drain()
+            await asyncio.sleep(0.1)
+            assert agent.partials.shed == 1 and agent.partials.total <= 300 * 1024
+            assert (agent.guests["g0"].bad_frames, agent.guests["g1"].bad_frames) == (1, 0)
+            new.write(frame[part:])
+            await new.drain()
+            (reply,) = wire.FrameDecoder().feed(await reader.read(65536))
+            assert isinstance(reply, wire.Frame)
+            assert (reply.request_id, reply.status) == (9, wire.Status.NEED_HELLO)
+            old.close()
+            new.close()
 
     run(test)
