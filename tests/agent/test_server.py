@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 
 from memd import wire
+from memd.agent.connection import READ_CHUNK
 from memd.agent.dispatch import Dispatcher, GuestState
-from memd.agent.server import READ_CHUNK, Agent
+from memd.agent.server import Agent
 from memd.vocab import MAX_BATCH, PAGE_SIZE
 from memd.wire import Op
 from tmem.host import TmemHost
