@@ -1,10 +1,19 @@
-"""Sans-I/O request dispatch: one decoded frame from a guest in, reply bytes out.
+"""Sans-I/O request dispatch: what a guest's decoder produced in, reply bytes out.
+
+The seam between the agent's I/O and the protocol's meaning: :mod:`memd.agent.server`
+feeds a connection's bytes to a :class:`~memd.wire.FrameDecoder` and hands the decoder's
+output to :meth:`Dispatcher.handle_all`, which returns the bytes to write back.  Nothing
+here touches a socket or an event loop, so tests drive it with bytes alone
+(tests/agent/test_dispatch.py).
 
 The guest's identity is the channel its bytes arrived on (``GuestState.name``); no
 field of a request can name another guest.  Every request is decoded and validated
 by :mod:`memd.wire` and then again by the tmem/sharing layer; every failure becomes an
 error reply with a status, never an exception out of :meth:`Dispatcher.handle` — one
 malformed or hostile frame cannot take the agent down or touch another guest.
+
+``GuestState`` and the dispatcher are used by the event loop thread only, except
+``latency`` (its own lock; read by the metrics thread).
 """
 
 from __future__ import annotations
@@ -93,6 +102,21 @@ class Dispatcher:
         self.disk_pools: dict[str, int] = {}
         #: Time spent per op (memd serve --metrics reads it from another thread).
         self.latency = LatencyHistograms()
+
+    def handle_all(self, guest: GuestState, items: Sequence[wire.Frame | FrameError]
+                   ) -> list[bytes]:
+        """Replies, in order, for what a guest's decoder returned from one read: each
+        frame is handled; a corrupt stretch (FrameError) gets no reply — there is no
+        request id to answer — and counts as a bad frame of the guest."""
+        replies = []
+        for item in items:
+            if isinstance(item, FrameError):
+                guest.bad_frames += 1
+                continue
+            reply = self.handle(guest, item)
+            if reply:
+                replies.append(reply)
+        return replies
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""

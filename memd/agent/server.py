@@ -10,15 +10,18 @@ modes, because the two kinds of guest differ in who listens:
   embedded default, tests).  A new connection replaces the old one, as a rebooted
   guest reopening its port would.
 
-Per session: bytes are received straight into one reusable buffer (a
-:class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies) and
-fed to a :class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and
-their replies written — after the tmem store commit that every session dispatching
-in the same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading
-pauses while decoded frames wait for dispatch and until the replies are drained, which
-applies backpressure to a guest that does not read its replies.  A partial frame older
-than ``PARTIAL_FRAME_TIMEOUT`` is abandoned (the writer was cut mid-frame); a connection
-producing more than ``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
+Per session: bytes are received straight into the agent's one receive buffer (a
+:class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies, no
+receive memory for an idle connection) and fed to the connection's
+:class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and their
+replies written — after the tmem store commit that every session dispatching in the
+same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading pauses
+while decoded frames wait for dispatch and until the replies are drained, which applies
+backpressure to a guest that does not read its replies.  An incomplete frame whose first
+byte came ``PARTIAL_FRAME_TIMEOUT`` ago is abandoned (the writer was cut mid-frame), and
+the bytes held in incomplete frames across all connections are capped (the byte
+plumbing is :mod:`memd.agent.connection`); a connection producing more than
+``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
 
 Runstate: ``IDLE → RUNNING → STOPPING → STOPPED``; channels may be added in RUNNING only.
 """
@@ -31,16 +34,21 @@ import enum
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from memd import wire
+from memd.agent.connection import (
+    MAX_PARTIAL_BYTES,
+    READ_CHUNK,
+    GuestConnection,
+    PartialFrames,
+    ScratchBuffer,
+)
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
 
-READ_CHUNK = 512 * 1024  # the reusable receive buffer; a batch frame is ~258 KiB
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -83,8 +91,12 @@ class Channel:
 class Agent:
     """Owns the channels; the Dispatcher owns the meaning of the bytes."""
 
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, *,
+                 max_partial_bytes: int = MAX_PARTIAL_BYTES) -> None:
         self.dispatcher = dispatcher
+        #: Bytes held in incomplete frames, all connections (loop thread).
+        self.partials = PartialFrames(max_partial_bytes)
+        self._scratch = ScratchBuffer(READ_CHUNK)
         self.channels: dict[str, Channel] = {}
         self.guests: dict[str, GuestState] = {}  # outlives channels: boot ids, counters
         self.runstate = Runstate.IDLE
@@ -128,12 +140,7 @@ class Agent:
             self.dispatcher.tmem.hold_commits()
             self._outbox = []
             loop.call_soon(self._flush)
-        replies = []
-        for item in items:
-            if isinstance(item, FrameError):
-                guest.bad_frames += 1
-                continue
-            replies.append(self.dispatcher.handle(guest, item))
+        replies = self.dispatcher.handle_all(guest, items)
         written = loop.create_future()
         self._outbox.append((transport, replies, written))
         await written
@@ -154,8 +161,7 @@ class Agent:
         for transport, replies, written in outbox:
             if not transport.is_closing():
                 for reply in replies:
-                    if reply:
-                        transport.write(reply)
+                    transport.write(reply)
             if not written.done():
                 written.set_result(None)
 
@@ -188,7 +194,8 @@ class Agent:
             loop = asyncio.get_running_loop()
             try:
                 channel.server = await loop.create_unix_server(
-                    lambda: _GuestConnection(lambda conn: self._accepted(channel, conn)),
+                    lambda: GuestConnection(lambda conn: self._accepted(channel, conn),
+                                             self._scratch, self.partials),
                     path=path)
             except OSError as err:
                 del self.channels[name]
@@ -238,7 +245,8 @@ class Agent:
         while True:
             try:
                 _, conn = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: _GuestConnection(None), channel.path)
+                    lambda: GuestConnection(None, self._scratch, self.partials),
+                    channel.path)
             except OSError as err:
                 channel.last_error = f"{type(err).__name__}: {err.strerror or err}"
                 channel.first_attempt.set()
@@ -249,12 +257,12 @@ class Agent:
             await self._session(channel, conn)
             await asyncio.sleep(RECONNECT_MIN)
 
-    async def _accepted(self, channel: Channel, conn: _GuestConnection) -> None:
+    async def _accepted(self, channel: Channel, conn: GuestConnection) -> None:
         if channel.writer is not None:
             channel.writer.close()  # one peer per port: the newest wins
         await self._session(channel, conn)
 
-    async def _session(self, channel: Channel, conn: _GuestConnection) -> None:
+    async def _session(self, channel: Channel, conn: GuestConnection) -> None:
         guest = channel.guest
         guest.on_disconnect()  # a new connection must HELLO again
         guest.connected = True
@@ -265,22 +273,22 @@ class Agent:
         channel.last_error = None
         channel.first_attempt.set()
         log.info("guest %s connected", guest.name, extra={"event": "connect", "vm": guest.name})
-        decoder = conn.decoder
         # Corrupt stretches (one decoder episode each) plus frames the dispatcher
         # rejected as malformed: both count against this connection's allowance.
         bad_at_start = guest.bad_frames
         try:
             while True:
                 if not conn.items and not conn.eof:
-                    timeout = wire.PARTIAL_FRAME_TIMEOUT if decoder.buffered else None
-                    if not await conn.wait_input(timeout):
-                        conn.items.extend(decoder.abandon_partial())
+                    await conn.wait_input()
+                    conn.abandon_if_stalled()
                 if conn.error is not None and not conn.items:
                     channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
                     break
                 items, conn.items = conn.items, []
-                if not items and conn.eof:
-                    break
+                if not items:  # woken by EOF, or by the stall timer
+                    if conn.eof:
+                        break
+                    continue
                 await self._dispatch(guest, items, transport)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
@@ -316,102 +324,3 @@ def _check_socket(name: str, path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise BackendError(f"cannot attach {name!r}: {path} is not a unix socket",
                            target=name)
-
-
-class _GuestConnection(asyncio.BufferedProtocol):
-    """One guest connection's byte plumbing; :meth:`Agent._session` owns the meaning.
-
-    Receive: the transport ``recv_into``s :attr:`_view` (allocated once) and the bytes go
-    straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
-    and reading pauses while any wait (the session resumes it after dispatch and drain).
-    Send: ``pause_writing``/``resume_writing`` gate :meth:`drain`, as for a stream
-    writer.  Everything runs on the event loop thread: no locks.
-    """
-
-    def __init__(self, on_connect: Callable[[_GuestConnection], Awaitable[None]] | None
-                 ) -> None:
-        self._on_connect = on_connect
-        self._view = memoryview(bytearray(READ_CHUNK))
-        self.decoder = wire.FrameDecoder()
-        self.items: list[wire.Frame | FrameError] = []
-        self.transport: asyncio.Transport | None = None
-        self.eof = False  #: no more bytes will arrive
-        self.error: Exception | None = None  #: why the connection was lost, if not a clean EOF
-        self._reading = True
-        self._input: asyncio.Future[None] | None = None  # set while the session waits
-        self._writable: asyncio.Future[None] | None = None  # set while the session drains
-        self._write_paused = False
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task: asyncio.Task[None] | None = None  # the session of an accepted peer
-
-    # -- protocol callbacks (event loop) ---------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        if self._on_connect is not None:
-            self._task = asyncio.ensure_future(self._on_connect(self))
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.items.extend(self.decoder.feed(self._view[:nbytes]))
-        if self.items and self._reading and self.transport is not None:
-            self._reading = False
-            self.transport.pause_reading()
-        self._wake()
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        self._wake()
-        return False  # close the transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.eof = True
-        self.error = exc
-        self._wake()
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._writable is not None and not self._writable.done():
-            self._writable.set_result(None)
-
-    # -- for the session -------------------------------------------------------------------
-
-    async def wait_input(self, timeout: float | None) -> bool:
-        """Wait until items or EOF arrive; False if ``timeout`` passed first."""
-        self._input = asyncio.get_running_loop().create_future()
-        try:
-            await asyncio.wait_for(self._input, timeout)
-        except TimeoutError:
-            return False
-        finally:
-            self._input = None
-        return True
-
-    def resume_reading(self) -> None:
-        if not self._reading and self.transport is not None and not self.eof:
-            self._reading = True
-            self.transport.resume_reading()
-
-    async def drain(self) -> None:
-        """Return once the transport's write buffer is below its high-water mark."""
-        if self.eof and self.error is not None:
-            raise ConnectionResetError("connection lost")
-        while self._write_paused and not self.closed.done():
-            self._writable = asyncio.get_running_loop().create_future()
-            await self._writable
-        if self.closed.done() and self.error is not None:
-            raise ConnectionResetError("connection lost")
-
-    def _wake(self) -> None:
-        if self._input is not None and not self._input.done():
-            self._input.set_result(None)
