@@ -43,7 +43,7 @@ class Guest:
     def request_bytes(self, op: Op, msg: Any, request_id: int | None = None) -> bytes:
         if request_id is None:
             request_id, self.next_id = self.next_id, self.next_id + 1
-        return wire.encode_request(op, request_id, msg)
+        return wire.encode_request(request_id, msg)
 
     def send(self, data: bytes) -> list[wire.Frame]:
         """Feed bytes to the host; → the reply frames it wrote back, in order."""
@@ -303,7 +303,7 @@ def test_an_unknown_opcode_is_UNSUPPORTED_OP(guest: Guest) -> None:
 
 
 def test_host_only_and_local_ops_are_UNSUPPORTED_OP(guest: Guest) -> None:
-    request = wire.RangeRequest(0, 0x1000, 0x1000)
+    request = wire.RangeQueryRequest(0, 0x1000, 0x1000)
     assert guest.status(Op.RANGE_QUERY, request) == Status.UNSUPPORTED_OP
 
 
@@ -323,7 +323,7 @@ def test_a_frame_of_an_unspoken_version_is_VERSION(guest: Guest) -> None:
 
 
 def test_replies_from_the_guest_and_corrupt_bytes_get_no_reply(guest: Guest) -> None:
-    reply_frame = wire.encode_reply(Op.SYNC, 3, wire.SyncReply(1))
+    reply_frame = wire.encode_reply(3, wire.SyncReply(1))
     corrupt = bytearray(guest.request_bytes(Op.SYNC, wire.SyncRequest(1)))
     corrupt[10] ^= 0xFF  # the header checksum no longer matches
     assert guest.send(reply_frame + bytes(corrupt)) == []

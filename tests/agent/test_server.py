@@ -41,13 +41,13 @@ def cut_put_batch() -> bytes:
     died mid-write leaves it on the host's end of the port."""
     handles = [((1, 2, 3), i) for i in range(MAX_BATCH)]
     pages = [os.urandom(PAGE_SIZE)] * MAX_BATCH
-    frame = wire.encode_request(Op.PUT_BATCH, 77, wire.PutBatchRequest(0, handles, pages))
+    frame = wire.encode_request(77, wire.PutBatchRequest(0, handles, pages))
     return frame[:len(frame) // 3]
 
 
 def resync(nonce: int, request_id: int) -> bytes:
     """What a reopening guest sends (docs/protocol.md, Resync): FF×8 + SYNC(nonce)."""
-    return wire.RESYNC_MARKER + wire.encode_request(Op.SYNC, request_id,
+    return wire.RESYNC_MARKER + wire.encode_request(request_id,
                                                     wire.SyncRequest(nonce))
 
 
@@ -230,7 +230,7 @@ def test_time_spent_not_reading_does_not_count_against_a_frame(
 def test_over_the_cap_the_oldest_incomplete_frame_goes_first(tmp_path: Path) -> None:
     """Two guests each hold part of a frame and together pass the cap: the one that has
     waited longer is abandoned, and the newer one completes and is answered."""
-    frame = wire.encode_request(Op.PUT_BATCH, 9, wire.PutBatchRequest(
+    frame = wire.encode_request(9, wire.PutBatchRequest(
         0, [((1, 2, 3), i) for i in range(64)], [os.urandom(PAGE_SIZE)] * 64))
     part = 200 * 1024
 
