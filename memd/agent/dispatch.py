@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from memd import wire
@@ -61,7 +61,6 @@ class GuestState:
     #: Connections that ended (the guest hung up, or the agent did: corrupt frames, detach).
     disconnects: int = 0
     connected: bool = False
-    counters: dict[str, int] = field(default_factory=dict)
     #: The guest's last MEM_REPORT (validated by memd.wire) and when it came (time.time()).
     memory: wire.MemReportRequest | None = None
     memory_at: float | None = None
@@ -92,9 +91,14 @@ class Dispatcher:
     """Turns guest requests into TmemHost / sharing calls."""
 
     def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None, *,
-                 guest_cap_pages: int | None = None) -> None:
+                 guest_cap_pages: int | None = None,
+                 sharing_offered: Callable[[], bool] | None = None) -> None:
         self.tmem = tmem
         self.sharing = sharing
+        #: Whether HELLO grants SHARING now (default: whenever there is a ``sharing``);
+        #: the agent's router exists from the start, but has somewhere to send a guest's
+        #: nominations only once there are simulated guests or a QEMU is attached.
+        self._sharing_offered = sharing_offered or (lambda: sharing is not None)
         #: Cap given to each guest when it first appears, so that no guest can fill the
         #: store (persistent pages are never evicted) and starve the others.
         self.guest_cap_pages = guest_cap_pages
@@ -221,7 +225,7 @@ class Dispatcher:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
             return self._status_reply(guest, frame, Status.VERSION, speaks)
         capabilities = req.capabilities & HOST_CAPABILITIES
-        if self.sharing is None:
+        if self.sharing is None or not self._sharing_offered():
             capabilities &= ~int(Capability.SHARING)
         consent = bool(capabilities & Capability.DEDUP_OPT_IN) and guest.dedup_allowed
         # A new boot id means the guest rebooted: everything it stored belongs to a dead

@@ -14,9 +14,9 @@ from hypervisor import ksm
 from hypervisor.procmem import ProcessMemory, qemu_pid_for_socket
 from memd.agent.app import AgentApp
 from memd.cli import main
-from memd.demo import _LoopThread
 from memd.wire import Status
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
+from tests.support.loop_thread import LoopThread
 
 pytestmark = needs_qemu_root
 
@@ -26,7 +26,7 @@ NPAGES = 64
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[AgentApp, str]]:
-    loop = _LoopThread()
+    loop = LoopThread()
     agent = AgentApp(budget_bytes=16 << 20)
     control = str(tmp_path / "control.sock")
     loop.run(agent.start(control))
@@ -35,8 +35,8 @@ def app(tmp_path: Path) -> Iterator[tuple[AgentApp, str]]:
     finally:
         loop.run(agent.stop())
         loop.close()
-        if agent.qemu is not None:
-            agent.qemu.close()
+        if agent.real.machine is not None:
+            agent.real.machine.close()
 
 
 def _qmp_path(q: PlainQemu) -> str:
@@ -52,17 +52,17 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
     a, b = start_qemu("vm-a"), start_qemu("vm-b")
     assert qemu_pid_for_socket(_qmp_path(a)) == a.pid  # how `serve --qmp` finds the pid
     for q in (a, b):
-        agent.attach_qemu(q.name, q.pid, q.monitor)
-    assert agent.qemu is not None
+        agent.real.attach(q.name, q.pid, q.monitor)
+    assert agent.real.machine is not None
     data = np.random.default_rng(5).integers(0, 256, NPAGES * 4096, dtype=np.uint8).tobytes()
-    for guest in agent.qemu.guests():
+    for guest in agent.real.machine.guests():
         with ProcessMemory(guest.pid, writable=True) as mem:
             mem.write(int(guest.gfn_vaddr[BASE_GFN]), data)
     gfns = np.arange(BASE_GFN, BASE_GFN + NPAGES)
-    da, db = (agent.qemu.guest(n).domid for n in ("vm-a", "vm-b"))
+    da, db = (agent.real.machine.guest(n).domid for n in ("vm-a", "vm-b"))
 
     def merged() -> bool:
-        return bool((agent.qemu.p2m(da)[gfns] == agent.qemu.p2m(db)[gfns]).all())  # type: ignore[union-attr]
+        return bool((agent.real.machine.p2m(da)[gfns] == agent.real.machine.p2m(db)[gfns]).all())  # type: ignore[union-attr]
 
     with ksm.settings(pages_to_scan=20000, sleep_millisecs=10, run=1):
         assert ksm.wait_for(merged, timeout=30)
@@ -77,7 +77,7 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
 
         assert main(["--socket", control, "audit", "--gfn", f"vm-a:{BASE_GFN:#x}", "--json"]) == 0
         page = json.loads(capsys.readouterr().out)
-        assert page["mfn"] == int(agent.qemu.p2m(db)[BASE_GFN])
+        assert page["mfn"] == int(agent.real.machine.p2m(db)[BASE_GFN])
         assert {"vm": "vm-b", "gfn": BASE_GFN} in page["mapped_by"]
 
         assert page["mapped_by_count"] == page["refs"] - 1 >= 1
@@ -107,9 +107,9 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
         start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str]) -> None:
     agent, _ = app
     q = start_qemu("no-merge", "-m", "64", "-machine", "pc,mem-merge=off")
-    agent.attach_qemu(q.name, q.pid, q.monitor)
-    assert "no-merge" in agent.opted_out
+    agent.real.attach(q.name, q.pid, q.monitor)
+    assert "no-merge" in agent.real.opted_out()
     assert agent.qemu_sharing is not None
     [(status, handle)] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
     assert (status, handle) == (int(Status.DENIED), 0)  # the guest cannot undo it
-    assert all(not b.merge for b in agent.qemu.guest("no-merge").blocks)  # type: ignore[union-attr]
+    assert all(not b.merge for b in agent.real.machine.guest("no-merge").blocks)  # type: ignore[union-attr]
