@@ -136,7 +136,7 @@ def test_a_steering_start_racing_an_attach_steers_the_attached_guest(tmp_path: P
                   lambda: real.attach("vm-a", 1000, as_any(None)))
         assert len(made.machines) == 1 and len(made.steerings) == 1
         steering = made.steerings[0]
-        assert steering.machine is real.machine
+        assert real.machine is as_any(steering.machine)
         assert [g.name for g in made.machines[0].guests()] == ["vm-a"]
         assert loop.run(_mode(real)) in ("starting", "idle", "stalled", "boost")
     finally:
