@@ -4,6 +4,9 @@ Every command but ``serve`` and ``demo`` talks to a running agent through its co
 socket (``--socket``, ``$MEMD_SOCKET``, default /run/memd/memd.sock).  Output is a
 table for people and ``--json`` for programs; any operator mistake (agent not running,
 unknown guest, no permission, libvirtd down) is one sentence on stderr and exit 1.
+
+Requests are the typed argument objects of memd.agent.commands (the table the agent
+serves); the tables and summaries for people are memd.cli_render.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
     agent = rig.agent
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        step = agent.steering.last if agent.steering else None
+        step = agent.real.steering.last if agent.real.steering else None
         if step and step.potential_saved_frames and step.realized_saved_frames >= (
                 0.9 * step.potential_saved_frames):
             break
@@ -129,8 +129,8 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
 def test_guest_nominates_sees_shared_then_unshares_by_writing(
         rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     agent = rig.agent
-    if agent.steering is None:  # run alone: steering drives the merge
-        rig.loop.run(agent.start_steering())
+    if agent.real.steering is None:  # run alone: steering drives the merge
+        rig.loop.run(agent.real.start_steering())
     for vm in rig.vms:
         vm.write_file("/tmp/ksm.py", GUEST_SCRIPT.encode())
         vm.check("python3 /tmp/ksm.py > /tmp/ksm.log 2>&1 &")
@@ -141,7 +141,7 @@ def test_guest_nominates_sees_shared_then_unshares_by_writing(
         handles = [h for _, h in r["nominate"]]
         assert len(set(handles)) == NPAGES and min(handles) > 0
         assert all(state == 3 and count >= 2 for state, count in r["query"]), (
-            r["query"], agent.steering.last if agent.steering else None)
+            r["query"], agent.real.steering.last if agent.real.steering else None)
     assert agent.real.machine is not None
     da, db = (agent.real.machine.guest(n).domid for n in ("ksm-a", "ksm-b"))
     ga, gb = np.array(a["gfns"]), np.array(b["gfns"])

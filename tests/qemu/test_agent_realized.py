@@ -109,7 +109,6 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
     q = start_qemu("no-merge", "-m", "64", "-machine", "pc,mem-merge=off")
     agent.real.attach(q.name, q.pid, q.monitor)
     assert "no-merge" in agent.real.opted_out()
-    assert agent.qemu_sharing is not None
-    [(status, handle)] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
+    [(status, handle)] = agent.real.nominate("no-merge", [BASE_GFN])
     assert (status, handle) == (int(Status.DENIED), 0)  # the guest cannot undo it
     assert all(not b.merge for b in agent.real.machine.guest("no-merge").blocks)  # type: ignore[union-attr]
