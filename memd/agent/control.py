@@ -93,6 +93,9 @@ def handler_table(*components: object) -> dict[Command, Handler]:
 
 def _runner(method: Callable[[Any], Any], thread: bool) -> Handler:
     if asyncio.iscoroutinefunction(method):
+        if thread:
+            raise TypeError(f"{method.__qualname__} is async: it runs on the loop, not in a "
+                            "worker thread")
         return typing.cast(Handler, method)
     if thread:
         async def in_thread(args: CommandArgs) -> Any:

@@ -14,7 +14,7 @@ There is no other restart mechanism.  Threads: :meth:`AgentStore.reopen` runs on
 the constructor of the agent, before any thread or loop uses the tmem host; the
 store serialises its own writes (``LmdbStore._lock``), so :meth:`save_opted_out` may
 be called from any thread — its caller (memd.agent.real_guests) calls it under the lock
-that guards the opted-out set, so records are written in the order of the changes.
+that serialises changes of the opted-out set, so records are written in their order.
 """
 
 from __future__ import annotations
