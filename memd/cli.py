@@ -4,6 +4,9 @@ Every command but ``serve`` and ``demo`` talks to a running agent through its co
 socket (``--socket``, ``$MEMD_SOCKET``, default /run/memd/memd.sock).  Output is a
 table for people and ``--json`` for programs; any operator mistake (agent not running,
 unknown guest, no permission, libvirtd down) is one sentence on stderr and exit 1.
+
+Requests are the typed argument objects of memd.agent.commands (the table the agent
+serves); the tables and summaries for people are memd.cli_render.
 """
 
 from __future__ import annotations
@@ -13,14 +16,36 @@ import json
 import logging
 import os
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from memd import cli_render as render
 from memd import paths
 from memd.agent import control
+from memd.agent.commands import (
+    AttachArgs,
+    AuditArgs,
+    AuthorizeArgs,
+    BudgetArgs,
+    ClientsArgs,
+    CommandArgs,
+    DetachArgs,
+    DropArgs,
+    ExplainArgs,
+    GuestsArgs,
+    KsmArgs,
+    OptInArgs,
+    OptOutArgs,
+    PoolsArgs,
+    ScanArgs,
+    StatsArgs,
+    StatusArgs,
+    SteerArgs,
+    SwapArgs,
+    UnswapArgs,
+)
 from memd.errors import InvalidArgument, MemdError
 
 EXIT_ERROR = 1
@@ -37,15 +62,6 @@ def _size(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
     return value
-
-
-def human_size(n: int) -> str:
-    """Bytes as the CLI takes them back: 512M, 1.5G, 16K, 100B."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift:
-            value = n / (1 << shift)
-            return f"{value:.1f}{unit}".replace(".0" + unit, unit)
-    return f"{n}B"
 
 
 def _version() -> str:
@@ -195,171 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# -- output ------------------------------------------------------------------------------
-
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in columns]
-             for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
-def _kv(d: dict[str, Any], indent: str = "") -> str:
-    lines = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"{indent}{k}:")
-            lines.append(_kv(v, indent + "  "))
-        elif isinstance(v, list):  # people read "a, b, c", not a Python list
-            lines.append(f"{indent}{k:24} {', '.join(map(str, v)) or '-'}")
-        else:
-            lines.append(f"{indent}{k:24} {v}")
-    return "\n".join(lines)
-
-
 def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
     print(json.dumps(result, indent=2, default=str) if args.json else human(result))
 
-
-def _format_audit(r: dict[str, Any]) -> str:
-    out = [f"audit: {'clean' if r['clean'] else 'NOT CLEAN'} ({r['errors']} discrepancies)"]
-    t = r["tmem"]
-    out.append(f"  tmem     {'clean' if t['clean'] else str(t['errors']) + ' errors'}")
-    out += [f"    - {f}" for f in t["findings"]]
-    s = r.get("sharing")
-    if s:
-        out.append(f"  sharing  {'clean' if s['clean'] else str(s['errors']) + ' errors'}: "
-                   f"{s['nr_shared_mfns']} shared frames, {s['nr_saved_mfns']} saved, "
-                   f"{s['rmap_entries']} reverse-map entries")
-        for guest, n in s.get("guests", {}).items():
-            out.append(f"    {guest:20} {n} shared pages")
-        out += [f"    - {f['kind']}: {f['message']}" for f in s["findings"]]
-    if r.get("realized"):
-        out += _format_realized(r["realized"])
-    return "\n".join(out)
-
-
-def _format_status(r: dict[str, Any]) -> str:
-    t = r["tmem"]
-    budget = t["budget_bytes"]
-    used = f"{human_size(t['used_bytes'])} ({t['used_bytes'] / budget:.1%})" if budget else "-"
-    out = [f"agent     {r['runstate']}, up {r['uptime_s']} s, {r['guests']} guests attached "
-           f"({r['connected']} connected)",
-           f"tmem      budget {human_size(budget)}, used {used}; {t['pages']} pages "
-           f"({t['ephemeral_pages']} ephemeral, {t['persistent_pages']} persistent), "
-           f"{t['dedup_hits']} dedup hits"]
-    store = r.get("store")
-    out.append("store     none: persistent pages die with the agent" if store is None else
-               f"store     {store['path']}, {human_size(store['bytes_used'])} in use, file "
-               f"{human_size(store['file_bytes'])}"
-               f"{', durable (fsync per commit)' if store['durable'] else ''}")
-    if r.get("metrics"):
-        out.append(f"metrics   {r['metrics']}")
-    unattached = r.get("unattached_clients") or []
-    if unattached:
-        out.append(f"          {len(unattached)} clients not attached hold pages: "
-                   f"{', '.join(unattached)} (see memd clients; memd drop NAME)")
-    disks = r.get("swap_disks") or []
-    if disks:
-        out.append(f"swap      {len(disks)} NBD swap disks: " + ", ".join(
-            _swap_summary(d) for d in disks))
-    sim = r.get("sharing")
-    if sim:
-        out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
-                   f"{sim.get('nr_saved_mfns', 0)} saved (memd scan)")
-    k = r.get("ksm")
-    if k is None:
-        out.append("ksm       not available on this kernel")
-    else:
-        state = {0: "stopped", 1: "merging", 2: "unmerging"}.get(k["run"], str(k["run"]))
-        out.append(f"ksm       {state}: {k['pages_sharing']} pages sharing "
-                   f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
-                   f"(memd ksm)")
-    return "\n".join(out)
-
-
-def _swap_summary(d: dict[str, Any]) -> str:
-    lost = f", {d['lost_pages']} LOST" if d["lost_pages"] else ""
-    return (f"{d['name']} {human_size(d['size'])} ({d['pages']} pages in memory, "
-            f"{d['spilled_pages']} spilled{lost}, {d['connections']} conn)")
-
-
-def _format_explain(r: dict[str, Any]) -> str:
-    """One guest page (memd audit --gfn): scalars, then who else maps its frame."""
-    mapped = r.pop("mapped_by", None)
-    total = r.pop("mapped_by_count", None)
-    out = _kv(r)
-    if mapped is not None:
-        total = len(mapped) if total is None else total
-        shown = ", ".join(f"{m['vm']}:{m['gfn']:#x}" for m in mapped)
-        more = f" (first {len(mapped)} shown)" if total > len(mapped) else ""
-        out += f"\n{'mapped_by':24} {total} other guest pages{more}"
-        if shown:
-            out += "\n" + textwrap.fill(shown, width=96, initial_indent="  ",
-                                        subsequent_indent="  ")
-    return out
-
-
-def _format_realized(z: dict[str, Any]) -> list[str]:
-    """Real guests' RAM as pagemap shows it: frames, per VM, VM×VM matrix, top frames."""
-    f = z["frames"]
-    out = [f"  host frames (pagemap)  {f['mapped']} mapped, {f['shared']} shared, "
-           f"{f['saved']} saved, {f['ksm']} KSM pages"]
-    out.append(_indent(_table([{"vm": n, **{k: v for k, v in d.items() if k != "ksm_stat"}}
-                               for n, d in z["per_vm"].items()],
-                              ["vm", "gfns", "present", "shared_gfns", "private", "frames",
-                               "merge"]), "    "))
-    vms = z["matrix"]["vms"]
-    if vms:
-        out.append("    frames mapped by both (diagonal: shared within the VM)")
-        rows = [{"vm": a, **{b: z["matrix"]["frames"][i][j] for j, b in enumerate(vms)}}
-                for i, a in enumerate(vms)]
-        out.append(_indent(_table(rows, ["vm", *vms]), "    "))
-    if z["top_frames"]:
-        out.append("    most referenced frames")
-        out.append(_indent(_table(z["top_frames"], ["mfn", "refs", "zero", "ksm"]), "    "))
-    pot = z.get("potential")
-    if pot:
-        out.append(f"  potential  {pot['potential_saved_frames']} frames could be saved by "
-                   f"merging equal pages; {pot['realized_saved_frames']} are "
-                   f"({pot['realized_fraction']:.0%}), gap {pot['gap_frames']} "
-                   f"({pot['present_pages']} present pages scanned at "
-                   f"{pot['scan_gb_per_s']} GB/s)")
-    nom = z.get("nominated")
-    if nom and nom.get("entries"):
-        out.append(f"  nominated  {nom['entries']} guest pages: {nom['shared']} shared, "
-                   f"{nom['nominated']} waiting for ksmd, {nom['unshared']} written since")
-    for d in z["discrepancies"]:
-        out.append(f"    - {d['kind']}: {d['message']}")
-    return out
-
-
-def _format_ksm(r: dict[str, Any]) -> str:
-    k = r["knobs"]
-    out = [f"ksm: run={k['run']} pages_to_scan={k['pages_to_scan']} "
-           f"sleep_millisecs={k['sleep_millisecs']}  steering "
-           f"{'on' if r['steering'] else 'off'}  ksmd cpu {r['ksmd_cpu_seconds']} s"]
-    step = r.get("last_step")
-    if step:
-        out.append(f"  {step['mode']}: {step['reason']}")
-        out.append(f"  potential {step['potential_saved_frames']} frames, realized "
-                   f"{step['realized_saved_frames']} ({step['realized_fraction']:.0%})")
-    pot = r.get("potential")
-    if pot:
-        out.append(f"  last scan: {pot['present_pages']} pages, {pot['distinct_contents']} "
-                   f"distinct, {pot['zero_pages']} zero, {pot['scan_gb_per_s']} GB/s")
-    for vm, v in r.get("vms", {}).items():
-        out.append(f"    {vm:20} merge {'on' if v['merge'] else 'off'}")
-    return "\n".join(out)
-
-
-def _indent(text: str, prefix: str) -> str:
-    return "\n".join(prefix + line for line in text.splitlines())
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -390,8 +244,8 @@ def _with_progress(label: str, fn: Callable[[], Any]) -> Any:
 def _run(args: argparse.Namespace) -> int:
     path = args.socket
 
-    def call(cmd: str, **kw: Any) -> Any:
-        return control.call(cmd, {k: v for k, v in kw.items() if v is not None}, path=path)
+    def call(request: CommandArgs) -> Any:
+        return control.request(request, path=path)
 
     match args.command:
         case "serve":
@@ -409,60 +263,60 @@ def _run(args: argparse.Namespace) -> int:
             _emit(args, result, format_summary)
             return 0 if result["audit"]["clean"] and not result["byte_mismatches"] else 1
         case "status":
-            _emit(args, call("status"), _format_status)
+            _emit(args, call(StatusArgs()), render.format_status)
         case "guests":
             if args.libvirt:
                 from memd.libvirt_cli import list_domains
 
-                _emit(args, list_domains(args.libvirt), lambda r: _table(
+                _emit(args, list_domains(args.libvirt), lambda r: render.table(
                     r, ["name", "state", "channel"]))
             else:
-                _emit(args, call("guests"), _format_guests)
+                _emit(args, call(GuestsArgs()), render.format_guests)
         case "pools":
-            _emit(args, call("pools", guest=args.guest), lambda r: _table(
+            _emit(args, call(PoolsArgs(guest=args.guest)), lambda r: render.table(
                 r, ["client", "pool_id", "kind", "shared", "pages", "objects", "bytes_stored",
                     "puts", "gets", "found_gets", "evictions"]))
         case "stats":
-            _emit(args, call("stats", guest=args.guest), _format_stats)
+            _emit(args, call(StatsArgs(guest=args.guest)), render.format_stats)
         case "audit" if args.gfn:
-            _emit(args, call("explain", page=args.gfn), _format_explain)
+            _emit(args, call(ExplainArgs(page=args.gfn)), render.format_explain)
         case "audit":
-            result = _with_progress("auditing", lambda: call("audit"))
-            _emit(args, result, _format_audit)
+            result = _with_progress("auditing", lambda: call(AuditArgs()))
+            _emit(args, result, render.format_audit)
             return 0 if result["clean"] else 2
         case "scan":
-            _emit(args, _with_progress("scanning", lambda: call("scan")), lambda r: _kv(r))
+            _emit(args, _with_progress("scanning", lambda: call(ScanArgs())), render.kv)
         case "ksm":
             if args.steer:
-                result = call("steer", on=args.steer == "on")
+                result = call(SteerArgs(on=args.steer == "on"))
             else:
-                result = call("ksm", step=True if args.step else None)
-            _emit(args, result, _format_ksm)
+                result = call(KsmArgs(step=args.step))
+            _emit(args, result, render.format_ksm)
         case "optout":
-            result = call("optout", vm=args.vm)
+            result = call(OptOutArgs(vm=args.vm))
             if not args.json:
                 print(f"memd: warning: {result['warning']}", file=sys.stderr)
             _emit(args, result, lambda r: f"{r['vm']}: merging off")
         case "optin":
-            _emit(args, call("optin", vm=args.vm), lambda r: f"{r['vm']}: merging on")
+            _emit(args, call(OptInArgs(vm=args.vm)), lambda r: f"{r['vm']}: merging on")
         case "attach" if args.swap is not None:
             if args.swap <= 0 or args.swap % 4096:
                 raise InvalidArgument("a swap disk size is a positive multiple of 4K")
             if args.path:
-                result = call("swap", name=args.domain, path=os.path.abspath(args.path),
-                              size=args.swap)
+                result = call(SwapArgs(name=args.domain, path=os.path.abspath(args.path),
+                                           size=args.swap))
             else:
                 from memd.libvirt_cli import attach_swap
 
                 result = attach_swap(args.libvirt, args.domain, args.swap, call,
                                      nbd_dir=paths.nbd_dir())
             _emit(args, result, lambda r: (
-                f"{r['name']}: swap disk of {human_size(r['size'])} on {r['path']}"
+                f"{r['name']}: swap disk of {render.human_size(r['size'])} on {r['path']}"
                 + (f", hot-plugged as /dev/{r['target']}" if r.get("target") else "")))
         case "detach" if args.swap:
             if args.libvirt is None and args.domain not in {
-                    d["name"] for d in call("stats")["swap_disks"] if d.get("qemu_pid")}:
-                result = call("unswap", name=args.domain)  # a plain QEMU's disk
+                    d["name"] for d in call(StatsArgs())["swap_disks"] if d.get("qemu_pid")}:
+                result = call(UnswapArgs(name=args.domain))  # a plain QEMU's disk
             else:
                 from memd.libvirt_cli import detach_swap
 
@@ -474,10 +328,11 @@ def _run(args: argparse.Namespace) -> int:
                 from memd.libvirt_cli import channel_path
 
                 chan = channel_path(args.libvirt, args.domain)
-            _emit(args, call("attach", name=args.domain, path=chan, mode=args.mode),
+            _emit(args, call(AttachArgs(name=args.domain, path=chan, mode=args.mode)),
                   lambda r: f"attached {r['name']} ({r['mode']} {r['path']})")
         case "detach":
-            _emit(args, call("detach", name=args.domain), lambda r: f"detached {r['detached']}")
+            _emit(args, call(DetachArgs(name=args.domain)),
+                  lambda r: f"detached {r['detached']}")
         case "add-channel":
             from memd.libvirt_cli import add_channel
 
@@ -486,7 +341,7 @@ def _run(args: argparse.Namespace) -> int:
                   f"{'at ' + r['channel'] if r.get('channel') else 'in the saved config'}"
                   f"{'' if r.get('channel') else ' (takes effect at the next start)'}")
         case "clients":
-            _emit(args, call("clients"), lambda r: _table(
+            _emit(args, call(ClientsArgs()), lambda r: render.table(
                 r, ["client", "attached", "connected", "pools", "ephemeral_pages",
                     "persistent_pages", "bytes_stored"]))
         case "drop":
@@ -500,75 +355,16 @@ def _run(args: argparse.Namespace) -> int:
                 else "restored KSM knobs: " + " ".join(f"{k}={v}" for k, v in
                                                         sorted(r["restored"].items()))))
         case "budget":
-            _emit(args, call("budget", bytes=args.size), _format_budget)
+            _emit(args, call(BudgetArgs(bytes=args.size)), render.format_budget)
         case "authorize":
-            _emit(args, call("authorize", guest=args.guest, uuid=args.uuid),
+            _emit(args, call(AuthorizeArgs(guest=args.guest, uuid=args.uuid)),
                   lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")
     return 0
 
 
-def _swap_rows(disks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"name": d["name"], "size": human_size(d["size"]), "pages": d["pages"],
-             "held": human_size(d["bytes_stored"]), "ratio": f"{d['ratio']:.2f}",
-             "spilled": d.get("spilled_pages", 0),
-             "socket": d["path"], "conns": d["connections"], "reads": d["reads"],
-             "writes": d["writes"], "errors": d["errors"]} for d in disks]
-
-
-_SWAP_COLUMNS = ["name", "size", "pages", "held", "ratio", "spilled", "socket", "conns", "reads",
-                 "writes", "errors"]
-
-
-def _memory_columns(memory: dict[str, Any] | None) -> dict[str, Any]:
-    """The guest's last MEM_REPORT as table cells ("-" when it sent none)."""
-    if not memory:
-        return {"mem_avail": "-", "swap_free": "-", "psi_some": "-", "psi_full": "-",
-                "report_age": "-"}
-    def pct(value: float | None) -> str:
-        return "n/a" if value is None else f"{value:.2f}%"
-    return {"mem_avail": human_size(memory["mem_available_kib"] * 1024),
-            "swap_free": human_size(memory["swap_free_kib"] * 1024),
-            "psi_some": pct(memory["psi_some_avg10"]), "psi_full": pct(memory["psi_full_avg10"]),
-            "report_age": f"{memory['age_s']}s"}
-
-
-_MEMORY_COLUMNS = ["mem_avail", "swap_free", "psi_some", "psi_full", "report_age"]
-
-
-def _format_guests(rows: list[dict[str, Any]]) -> str:
-    rows = [{**r, **_memory_columns(r.get("memory"))} for r in rows]
-    out = _table(rows, ["name", "connected", "mode", "path", "pools", "tmem_pages", "requests",
-                        "errors", "reboots", *_MEMORY_COLUMNS, "last_error"])
-    disks = [r["swap"] for r in rows if r.get("swap")]
-    if disks:
-        out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(disks), _SWAP_COLUMNS)
-    return out
-
-
-def _format_stats(r: dict[str, Any]) -> str:
-    out = _kv(r["store"]) + "\n\n" + _table(
-        r["clients"], ["client", "pools", "ephemeral_pages", "persistent_pages", "bytes_stored",
-                       "puts", "good_puts", "gets", "found_gets", "evictions"])
-    if r.get("swap_disks"):
-        out += "\n\nswap disks (NBD)\n" + _table(_swap_rows(r["swap_disks"]), _SWAP_COLUMNS)
-    if r.get("guest_memory"):
-        rows = [{"guest": name, **_memory_columns(m)} for name, m in r["guest_memory"].items()]
-        out += "\n\nguest memory (MEM_REPORT)\n" + _table(rows, ["guest", *_MEMORY_COLUMNS])
-    return out
-
-
-def _format_budget(r: dict[str, Any]) -> str:
-    out = (f"budget set to {human_size(r['budget_bytes'])} (was "
-           f"{human_size(r['previous_bytes'])}); {r['evicted']} ephemeral pages evicted")
-    if r["used_bytes"] > r["budget_bytes"]:
-        out += (f"\nwarning: persistent pages hold {human_size(r['used_bytes'])}, above the "
-                "budget: every put is refused (NO_SPACE) until guests flush")
-    return out
-
-
-def _drop(args: argparse.Namespace, call: Callable[..., Any]) -> int:
+def _drop(args: argparse.Namespace, call: Callable[[CommandArgs], Any]) -> int:
     """Drop an unattached client after the operator confirmed it (--yes, or y at a prompt)."""
-    rows = {r["client"]: r for r in call("clients")}
+    rows = {r["client"]: r for r in call(ClientsArgs())}
     row = rows.get(args.guest)
     if row is None:
         raise InvalidArgument(f"the agent holds nothing for {args.guest!r} (see memd clients)")
@@ -581,7 +377,7 @@ def _drop(args: argparse.Namespace, call: Callable[..., Any]) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing dropped", file=sys.stderr)
             return EXIT_ERROR
-    result = call("drop", guest=args.guest, confirm=True)
+    result = call(DropArgs(guest=args.guest, confirm=True))
     _emit(args, result, lambda r: f"dropped {r['dropped']} ({r['pages']} pages)")
     return 0
 

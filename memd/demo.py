@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from memd.agent.app import AgentApp
+from memd.agent.commands import AuditArgs
 from memd.errors import MemdError
 from memd.guest.client import GuestClient
 from memd.wire import ALL_CAPABILITIES, Capability, ShareState, Status
@@ -184,7 +185,7 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
         for name in names[1:]:  # a plain write faults and unshares by itself
             machine.write(sharing.domid(name), cow_gfn + 2, b"copy on write")
         other = machine.read(sharing.domid(names[1]), cow_gfn)
-        audit = app.audit()
+        audit = app.handlers.audit(AuditArgs())
         sharing_stats = sharing.stats()
         tmem = app.tmem.store_stats().to_dict()
         summary = {

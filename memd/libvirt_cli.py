@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from hypervisor.libvirt_host import LibvirtHost
+from memd.agent.commands import CommandArgs, SwapArgs, UnswapArgs
 from memd.errors import BackendError, ChannelMissing, NotFound, Unavailable
 
 if TYPE_CHECKING:
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("memd.libvirt")
 
 DEFAULT_URI = "qemu:///system"
+#: Runs one control command on the agent (memd.agent.control.request, bound to a socket).
+Caller = Callable[[CommandArgs], Any]
 RECONNECT_DELAY = 2.0
 
 
@@ -49,7 +52,7 @@ def add_channel(uri: str | None, domain: str, *, live: bool = True) -> dict[str,
         return host.add_channel(domain, live=live).to_dict()
 
 
-def attach_swap(uri: str | None, domain: str, size: int, call: Callable[..., Any], *,
+def attach_swap(uri: str | None, domain: str, size: int, call: Caller, *,
                 nbd_dir: Path) -> dict[str, Any]:
     """`memd attach VM --swap SIZE`: the agent serves the disk on a socket only this
     domain's QEMU may use (owned by its uid/gid, mode 0600, its pid checked at accept),
@@ -58,12 +61,12 @@ def attach_swap(uri: str | None, domain: str, size: int, call: Callable[..., Any
         pid = host.qemu_pid(domain)
         uid, gid = host.qemu_ids(domain)
         path = str(nbd_dir / f"{quote(domain, safe='')}.swap")
-        served = call("swap", name=domain, path=path, size=size, uid=uid, gid=gid, pid=pid)
+        served = call(SwapArgs(name=domain, path=path, size=size, uid=uid, gid=gid, pid=pid))
         try:
             spec = host.attach_swap_disk(domain, path)
         except BackendError:
             with contextlib.suppress(BackendError):
-                call("unswap", name=domain)
+                call(UnswapArgs(name=domain))
             raise
         if spec.reconnect_delay is None:
             log.warning("libvirt dropped <reconnect delay> from the swap disk of %s (libvirt "
@@ -72,12 +75,12 @@ def attach_swap(uri: str | None, domain: str, size: int, call: Callable[..., Any
         return {**served, "target": spec.target, "reconnect_delay": spec.reconnect_delay}
 
 
-def detach_swap(uri: str | None, domain: str, call: Callable[..., Any]) -> dict[str, Any]:
+def detach_swap(uri: str | None, domain: str, call: Caller) -> dict[str, Any]:
     """`memd detach VM --swap`: unplug the disk (run swapoff in the guest first), then stop
     serving it.  Its pages stay with the guest's tmem client until `memd drop`."""
     with LibvirtHost(uri or DEFAULT_URI, events=False) as host:
         spec = host.detach_swap_disk(domain)
-    result: dict[str, Any] = call("unswap", name=domain)
+    result: dict[str, Any] = call(UnswapArgs(name=domain))
     result["target"] = spec.target if spec else None
     return result
 
@@ -178,19 +181,19 @@ class LibvirtFollower:
         try:  # also read its RAM for the audit (needs root: /proc/<pid>/pagemap)
             pid = await asyncio.to_thread(host.qemu_pid, name)
             monitor = await asyncio.to_thread(host.monitor, name)
-            await asyncio.to_thread(self.app.attach_qemu, name, pid, monitor)
+            await asyncio.to_thread(self.app.real.attach, name, pid, monitor)
         except BackendError as err:
             log.warning("guest %s: no RAM audit: %s", name, err)
 
     async def _detach(self, name: str, *, forget: bool) -> None:
         with contextlib.suppress(NotFound):
             await self.app.agent.remove_channel(name)
-        disk = self.app.disks.get(name)
+        disk = self.app.swap.disks.get(name)
         if disk is not None and disk.peer_pid is not None:
             # A hot-plugged swap disk lived as long as that QEMU: stop serving it (a new
             # start of the domain gets a new one with `memd attach --swap`).
-            await self.app.remove_swap(name)
-        await asyncio.to_thread(self.app.detach_qemu, name)
+            await self.app.swap.remove(name)
+        await asyncio.to_thread(self.app.real.detach, name)
         if forget:
             # The domain is gone: its RAM and every page it stored are meaningless now.
             self.app.agent.forget_guest(name)

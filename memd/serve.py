@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memd import paths
 from memd.agent.app import AgentApp
+from memd.agent.persistence import open_store
 
 if TYPE_CHECKING:
     from hypervisor.lmdb_store import LmdbStore
@@ -62,20 +62,9 @@ def _tune_malloc() -> None:
         log.debug("not glibc: malloc thresholds left alone")
 
 
-def open_store(args: argparse.Namespace, control_path: str) -> LmdbStore | None:
-    """The persistent tmem store of ``--store`` (default on tmpfs); None for ``''``."""
-    from hypervisor.lmdb_store import LmdbStore
-
-    path = paths.tmem_store() if args.store is None else args.store
-    if not path:
-        log.warning("no tmem store: persistent pages die with this process")
-        return None
-    return LmdbStore(path, budget_bytes=args.budget, durable=args.durable,
-                     control_path=control_path, host_boot_id=paths.host_boot_id())
-
-
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
-    store = open_store(args, control_path)
+    store = open_store(args.store, budget_bytes=args.budget, durable=args.durable,
+                       control_path=control_path)
     try:
         return await _serve_with(args, control_path, store)
     finally:
@@ -95,13 +84,13 @@ async def _serve_with(args: argparse.Namespace, control_path: str,
     for name, path in args.listen:
         await app.agent.add_channel(name, path, mode="listen")
     for name, path, size in getattr(args, "swap", []):
-        await app.add_swap(name, path, size)
+        await app.swap.add(name, path, size)
     for name, qmp_path in args.qmp:
         await asyncio.to_thread(_attach_plain_qemu, app, name, qmp_path)
     if getattr(args, "ksm_steer", False):
-        await app.start_steering()  # its first step adopts a crashed agent's ledger
+        await app.real.start_steering()  # its first step adopts a crashed agent's ledger
     else:
-        await asyncio.to_thread(_restore_leftover_ksm, app.ksm_ledger)
+        await asyncio.to_thread(_restore_leftover_ksm, app.real.ledger)
     follower = None
     if args.libvirt:
         from memd.libvirt_cli import LibvirtFollower
@@ -141,4 +130,4 @@ def _attach_plain_qemu(app: AgentApp, name: str, qmp_path: str) -> None:
     from hypervisor.qmp import QmpMonitor
 
     monitor = QmpMonitor.connect(qmp_path)
-    app.attach_qemu(name, qemu_pid_for_socket(qmp_path), monitor)
+    app.real.attach(name, qemu_pid_for_socket(qmp_path), monitor)

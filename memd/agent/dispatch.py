@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from memd import wire
 from memd.agent.latency import LatencyHistograms
@@ -55,7 +55,6 @@ class GuestState:
     #: Connections that ended (the guest hung up, or the agent did: corrupt frames, detach).
     disconnects: int = 0
     connected: bool = False
-    counters: dict[str, int] = field(default_factory=dict)
     #: The guest's last MEM_REPORT (validated by memd.wire) and when it came (time.time()).
     memory: wire.MemReportRequest | None = None
     memory_at: float | None = None
@@ -87,13 +86,18 @@ class Dispatcher:
 
     def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None, *,
                  guest_cap_pages: int | None = None,
-                 consent: ConsentBook | None = None) -> None:
+                 consent: ConsentBook | None = None,
+                 sharing_offered: Callable[[], bool] | None = None) -> None:
         self.tmem = tmem
         self.sharing = sharing
         #: Consent to cross-guest merging (sharing.consent): HELLO records the guest's
         #: word; tmem's dedup follows the book's answer whenever it changes.
         self.consent = consent or ConsentBook()
         self.consent.subscribe(self._consent_changed)
+        #: Whether HELLO grants SHARING now (default: whenever there is a ``sharing``);
+        #: the agent's router exists from the start, but has somewhere to send a guest's
+        #: nominations only once there are simulated guests or a QEMU is attached.
+        self._sharing_offered = sharing_offered or (lambda: sharing is not None)
         #: Cap given to each guest when it first appears, so that no guest can fill the
         #: store (persistent pages are never evicted) and starve the others.
         self.guest_cap_pages = guest_cap_pages
@@ -236,7 +240,7 @@ class Dispatcher:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
             return self._status_reply(guest, frame, Status.VERSION, speaks)
         capabilities = req.capabilities & HOST_CAPABILITIES
-        if self.sharing is None:
+        if self.sharing is None or not self._sharing_offered():
             capabilities &= ~int(Capability.SHARING)
         consent = self.consent.hello(guest.name, bool(capabilities & Capability.DEDUP_OPT_IN))
         # A new boot id means the guest rebooted: everything it stored belongs to a dead

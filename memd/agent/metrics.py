@@ -121,9 +121,9 @@ def snapshot_loop(app: AgentApp) -> LoopSnapshot:
         connected=sum(1 for c in agent.channels.values() if c.guest.connected),
         disk_pools=dict(app.dispatcher.disk_pools),
         disks=tuple((name, server.disk.stats(name), len(server.connections))
-                    for name, server in sorted(app.disks.items())),
-        steering_mode=app.steering_mode(),
-        qemu_pids={g.name: g.pid for g in app.qemu.guests()} if app.qemu else {},
+                    for name, server in sorted(app.swap.disks.items())),
+        steering_mode=app.real.steering_mode(),
+        qemu_pids=app.real.qemu_pids(),
     )
 
 
@@ -330,7 +330,7 @@ class AgentCollector(Collector):
             yield CounterMetricFamily("memd_ksmd_cpu_seconds", "CPU time of the ksmd thread",
                                       value=ksmd_cpu_seconds())
 
-        steering = self.app.steering
+        steering = self.app.real.steering
         last = steering.last if steering is not None else None
         if last is not None:
             yield GaugeMetricFamily("memd_ksm_steering_potential_saved_frames", "frames KSM "

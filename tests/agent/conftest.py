@@ -11,8 +11,8 @@ import pytest
 
 from hypervisor.lmdb_store import LmdbStore
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
 from memd.guest.client import GuestClient
+from tests.support.loop_thread import LoopThread
 
 
 class RunningAgent:
@@ -21,7 +21,7 @@ class RunningAgent:
         self.control = str(tmp / "control.sock")
         self.store = LmdbStore(tmp / "store", budget_bytes=32 << 20, control_path=self.control)
         self.app = AgentApp(budget_bytes=32 << 20, sim_frames=4096, store=self.store)
-        self.loop = _LoopThread()
+        self.loop = LoopThread()
         self.loop.run(self.app.start(self.control))
 
     def restart(self) -> AgentApp:

@@ -12,6 +12,7 @@ import uuid
 import pytest
 
 from memd import wire
+from memd.agent.commands import AuditArgs
 from memd.errors import AccessDenied, InvalidArgument, NoSuchPool
 from memd.guest.client import ALL_CAPABILITIES
 from memd.wire import Capability, Op, Status
@@ -47,7 +48,7 @@ def test_concurrent_guests_get_back_exactly_what_they_put(agent: RunningAgent) -
     for t in threads:
         t.join()
     assert failures == []
-    assert agent.app.audit()["clean"]
+    assert agent.app.handlers.audit(AuditArgs())["clean"]
     assert agent.app.tmem.store_stats().pages == 6 * 300
 
 
@@ -234,7 +235,7 @@ def test_guest_sharing_requests_touch_only_its_own_memory(agent: RunningAgent) -
             ca.about_to_write(1 << 40)
         assert err.value.fields["status"] == Status.INVALID
     assert machine.read(sharing.domid("b"), 3).startswith(b"same content")
-    assert agent.app.audit()["clean"]
+    assert agent.app.handlers.audit(AuditArgs())["clean"]
 
 
 def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> None:
@@ -252,7 +253,7 @@ def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> 
         assert m.put_batch(mp, [(1, i, _page(10_000 + i)) for i in range(100)]) == (
             [Status.OK] * 100)
         assert g.get(gp, 1, 0) == _page(0)  # acknowledged pages all still there
-    assert agent.app.audit()["clean"]
+    assert agent.app.handlers.audit(AuditArgs())["clean"]
 
 
 def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
@@ -266,13 +267,12 @@ def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
         eph = c.new_pool()
         c.put(pool, 1, 0, _page(6))
         c.put(eph, 1, 0, _page(7))
-    agent.app.opted_out.add("vm-x")  # an operator's `memd optout` (saved at once)
-    agent.app._save_opted_out()
+    agent.app.persistence.save_opted_out(["vm-x"])  # what an operator's `memd optout` saves
     fresh = agent.restart()
     guest = fresh.agent.guests["g"]
     assert (guest.boot_id, guest.reboots) == (b"B" * 16, 1)
-    assert fresh.opted_out == {"vm-x"}
-    assert fresh.audit()["clean"]
+    assert fresh.real.opted_out() == {"vm-x"}
+    assert fresh.handlers.audit(AuditArgs())["clean"]
     path = agent.add_guest("g")
     with agent.client(path, boot_id=b"B" * 16) as c:  # same boot: its pools are there
         c.connect()
@@ -306,4 +306,4 @@ def test_a_failed_store_commit_acknowledges_nothing(agent: RunningAgent,
         c.put(pool, 1, 0, _page(8))  # first answer lost with the connection; resent
         assert not failures and agent.app.agent.channels["g"].sessions == sessions + 1
         assert c.get(pool, 1, 0) == _page(8)
-    assert agent.app.audit()["clean"]
+    assert agent.app.handlers.audit(AuditArgs())["clean"]

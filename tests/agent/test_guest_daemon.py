@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from memd import wire
+from memd.agent.commands import GuestsArgs, StatsArgs
 from memd.agent.dispatch import Dispatcher, GuestState
 from memd.guest.cli import daemon_client
 from memd.guest.cli import main as guest_main
@@ -52,10 +53,10 @@ def test_host_keeps_the_daemons_memory_report(agent: RunningAgent, daemon: Guest
     guest = agent.app.agent.guests["g1"]
     _wait(lambda: guest.mem_reports >= 2)
     assert guest.memory == MemReportRequest(262144, 200000, 1024, 512, 1234, 56, 0)
-    (row,) = agent.app.guests()
+    (row,) = agent.app.handlers.guests(GuestsArgs())
     assert row["memory"]["mem_available_kib"] == 200000
     assert row["memory"]["psi_some_avg10"] == 12.34 and row["memory"]["psi_full_avg10"] == 0.56
-    stats = agent.app._stats({})
+    stats = agent.app.handlers.stats(StatsArgs())
     assert stats["guest_memory"]["g1"]["swap_free_kib"] == 512
 
 

@@ -22,11 +22,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from hypervisor import ksm
 from hypervisor.lmdb_store import LmdbStore
 from memd.agent.app import AgentApp
+from memd.agent.commands import StatusArgs
 from memd.agent.latency import BUCKETS, LatencyHistograms
 from memd.agent.metrics import AgentCollector, parse_address
-from memd.demo import _LoopThread
 from memd.errors import InvalidArgument, NoSpace
 from memd.guest.client import GuestClient
+from tests.support.loop_thread import LoopThread
 
 CAP_PAGES = 16
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +41,7 @@ class MetricsAgent:
                                control_path=str(tmp / "control.sock"))
         self.app = AgentApp(budget_bytes=32 << 20, guest_cap_bytes=CAP_PAGES * 4096,
                             store=self.store)
-        self.loop = _LoopThread()
+        self.loop = LoopThread()
         self.loop.run(self.app.start(None, metrics=("127.0.0.1", 0)))
         assert self.app.metrics is not None
         self.port = self.app.metrics.port
@@ -185,7 +186,7 @@ def test_the_endpoint_stops_with_the_agent(tmp_path: Path) -> None:
     running = MetricsAgent(tmp_path)
     port = running.port
     running.scrape()
-    assert running.app.status()["metrics"] == f"http://127.0.0.1:{port}/metrics"
+    assert running.app.handlers.status(StatusArgs())["metrics"] == f"http://127.0.0.1:{port}/metrics"
     running.close()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
@@ -229,7 +230,7 @@ def test_swap_disk_figures(magent: MetricsAgent) -> None:
     """A real NBD client writes 8 pages to a guest's swap disk: the disk's series and the
     guest's ``pool_kind="swap_disk"`` pages say so."""
     path = str(magent.tmp / "vm-s.nbd")
-    magent.loop.run(magent.app.add_swap("vm-s", path, 1 << 20))
+    magent.loop.run(magent.app.swap.add("vm-s", path, 1 << 20))
     data = magent.tmp / "pages"
     data.write_bytes(b"".join(_page(i) for i in range(8)))
     subprocess.run(["nbdcopy", str(data), f"nbd+unix:///?socket={path}"], check=True,
@@ -248,7 +249,7 @@ def test_every_exported_metric_is_documented(magent: MetricsAgent) -> None:
     """docs/operators.md §8 lists every series a scrape carries (with guests and a disk)."""
     a = magent.add_guest("vm-a")
     a.put(a.new_pool(), 1, 0, _page(0))
-    magent.loop.run(magent.app.add_swap("vm-a", str(magent.tmp / "vm-a.nbd"), 1 << 20))
+    magent.loop.run(magent.app.swap.add("vm-a", str(magent.tmp / "vm-a.nbd"), 1 << 20))
     exported = {re.sub(r"_(bucket|sum|count)$", "", name) for name, _ in magent.scrape()}
     text = (ROOT / "docs" / "operators.md").read_text()
     documented = set(re.findall(r"^\| `(memd_[a-z_]+)`", text, re.MULTILINE))

@@ -15,6 +15,7 @@ import pytest
 
 from memd import paths
 from memd.agent.app import AgentApp
+from memd.agent.commands import ScanArgs
 from memd.cli import main
 from tests.agent.conftest import RunningAgent
 from tmem.types import PoolFlag
@@ -264,5 +265,5 @@ def test_scan_on_an_agent_of_real_guests_points_to_ksm() -> None:
 
     app = AgentApp(budget_bytes=8 << 20)  # no simulated machine, as `memd serve` runs
     with pytest.raises(NotFound, match="memd ksm") as info:
-        app._sharing_or_fail()
+        app.handlers.scan(ScanArgs())
     assert "not enabled" not in str(info.value)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from hypervisor.libvirt_host import LibvirtHost
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
 from memd.libvirt_cli import LibvirtFollower
+from tests.support.loop_thread import LoopThread
 
 URI = "test:///default"
 
@@ -36,7 +36,7 @@ def test_follower_attaches_matching_domains_and_follows_their_lifecycle(tmp_path
     tag = f"f{os.getpid()}"
     web1, web2, db = f"{tag}-web-1", f"{tag}-web-2", f"{tag}-db-1"
     app = AgentApp(budget_bytes=16 << 20)
-    loop = _LoopThread()
+    loop = LoopThread()
     loop.run(app.start(None))
     with LibvirtHost(URI) as host:
         for name in (web1, web2, db):

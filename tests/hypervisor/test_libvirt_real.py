@@ -245,8 +245,8 @@ def _clients_of_this_process() -> list[int]:
 def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
         host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
     from memd.agent.app import AgentApp
-    from memd.demo import _LoopThread
     from memd.libvirt_cli import LibvirtFollower
+    from tests.support.loop_thread import LoopThread
 
     def wait(pred: Callable[[], bool], timeout: float = 20.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -255,7 +255,7 @@ def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
         return pred()
 
     app = AgentApp(budget_bytes=16 << 20)
-    loop = _LoopThread()
+    loop = LoopThread()
     loop.run(app.start(None))
     first, second = make_domain(MEMD_CHANNEL), make_domain(MEMD_CHANNEL)
     host._conn.lookupByName(first).create()
@@ -278,8 +278,8 @@ def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
         loop.run(follower.stop())
         loop.run(app.stop())
         loop.close()
-        if app.qemu is not None:
-            app.qemu.close()
+        if app.real.machine is not None:
+            app.real.machine.close()
 
 
 def test_a_user_libvirt_will_not_serve_is_told_so(host: LibvirtHost) -> None:

@@ -26,6 +26,7 @@ pytest.importorskip("libvirt")
 
 from hypervisor.libvirt_host import SWAP_SERIAL, LibvirtHost, find_swap_disk, swap_disk_xml
 from memd.agent import control
+from memd.agent.commands import CommandArgs, GuestsArgs
 from memd.errors import MemdError
 from memd.libvirt_cli import attach_swap, detach_swap
 from tests.nbd.conftest import SwapAgent
@@ -97,9 +98,8 @@ def test_attach_and_detach_swap_on_a_running_domain(
     name = running_domain
     agent = SwapAgent(tmp_path)
     try:
-        def call(cmd: str, **kw: Any) -> Any:
-            return control.call(cmd, {k: v for k, v in kw.items() if v is not None},
-                                path=str(tmp_path / "control.sock"))
+        def call(request: CommandArgs) -> Any:
+            return control.request(request, path=str(tmp_path / "control.sock"))
 
         result = attach_swap(None, name, 64 << 20, call, nbd_dir=nbd_dir)
         path = result["path"]
@@ -107,7 +107,7 @@ def test_attach_and_detach_swap_on_a_running_domain(
         st = os.stat(path)
         assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (uid, gid, 0o600)
         assert result["target"].startswith("vd") and result["qemu_pid"] == host.qemu_pid(name)
-        server = agent.app.disks[name]
+        server = agent.app.swap.disks[name]
         deadline = time.monotonic() + 30
         while server.sessions < 1:  # QEMU opens the NBD connection at hot-plug
             assert time.monotonic() < deadline
@@ -129,12 +129,12 @@ def test_attach_and_detach_swap_on_a_running_domain(
                       '"write -P 0x5a 0 64k"')
         assert "rror" not in out, out
         assert server.describe()["pages"] == 16
-        row = {r["name"]: r for r in agent.app.guests()}[name]
+        row = {r["name"]: r for r in agent.app.handlers.guests(GuestsArgs())}[name]
         assert row["swap"]["qemu_pid"] == host.qemu_pid(name)
 
         detached = detach_swap(None, name, call)
         assert detached["detached"] == name and detached["target"] == spec.target
-        assert name not in agent.app.disks and not os.path.exists(path)
+        assert name not in agent.app.swap.disks and not os.path.exists(path)
     finally:
         agent.close()
 
@@ -156,14 +156,14 @@ def test_attach_swap_to_a_domain_that_is_not_running(host: LibvirtHost, tmp_path
     agent = SwapAgent(tmp_path)
     calls: list[str] = []
 
-    def call(cmd: str, **kw: Any) -> Any:
-        calls.append(cmd)
-        return control.call(cmd, kw, path=str(tmp_path / "control.sock"))
+    def call(request: CommandArgs) -> Any:
+        calls.append(request.command)
+        return control.request(request, path=str(tmp_path / "control.sock"))
 
     try:
         with pytest.raises(MemdError, match="does not exist"):
             attach_swap(None, "memd-pytest-no-such-domain", 1 << 20, call, nbd_dir=nbd_dir)
-        assert calls == [] and agent.app.disks == {}
+        assert calls == [] and agent.app.swap.disks == {}
     finally:
         agent.close()
 

@@ -14,8 +14,8 @@ import pytest
 from hypervisor import ksm
 from hypervisor.vmimage import CHANNEL_NAME, ensure_image
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
 from tests.ksm.guests import VmMonitor, boot_many
+from tests.support.loop_thread import LoopThread
 from tests.vm.harness import GuestVM
 
 needs_vm_root = [
@@ -31,7 +31,7 @@ needs_vm_root = [
 @dataclass
 class Rig:
     agent: AgentApp
-    loop: _LoopThread
+    loop: LoopThread
     control: str
     vms: list[GuestVM]
 
@@ -43,21 +43,21 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     saved = ksm.snapshot()
     work = Path(tmp_path_factory.mktemp("ksm"))
     vms = boot_many(ensure_image(), work, ["ksm-a", "ksm-b"])
-    loop = _LoopThread()
+    loop = LoopThread()
     agent = AgentApp(budget_bytes=16 << 20)
     control = str(work / "control.sock")
     try:
         loop.run(agent.start(control))
         for vm in vms:
-            agent.attach_qemu(vm.name, vm.pid, VmMonitor(vm))
+            agent.real.attach(vm.name, vm.pid, VmMonitor(vm))
             loop.run(agent.agent.add_channel(vm.name, str(vm.channel_sockets[CHANNEL_NAME]),
                                              "connect"))
         yield Rig(agent, loop, control, vms)
     finally:
         loop.run(agent.stop())
         loop.close()
-        if agent.qemu is not None:
-            agent.qemu.close()
+        if agent.real.machine is not None:
+            agent.real.machine.close()
         for vm in vms:
             vm.stop()
         ksm.restore(saved)

@@ -63,7 +63,7 @@ class FakeGuest:
 
 
 class FakeMachine:
-    """What KsmSteering and AgentApp.detach_qemu use of a QemuMachine."""
+    """What KsmSteering and the agent's RealGuests use of a QemuMachine."""
 
     def __init__(self, pages: int = 4096) -> None:
         self.pages = pages

@@ -104,8 +104,9 @@ def consenting(rig: Rig) -> None:
     else:
         words = {vm.name: rig.agent.consent.word(vm.name) for vm in rig.vms}
         pytest.fail(f"the guests' daemons did not come back consenting: {words}")
-    assert rig.agent.qemu is not None
-    assert all(all(b.merge for b in g.blocks) for g in rig.agent.qemu.guests())
+    machine = rig.agent.real.machine
+    assert machine is not None
+    assert all(all(b.merge for b in g.blocks) for g in machine.guests())
 
 
 def _audit(rig: Rig, capsys: pytest.CaptureFixture[str]) -> dict:  # type: ignore[type-arg]
@@ -135,7 +136,7 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
     agent = rig.agent
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
-        step = agent.steering.last if agent.steering else None
+        step = agent.real.steering.last if agent.real.steering else None
         if step and step.potential_saved_frames and step.realized_saved_frames >= (
                 0.9 * step.potential_saved_frames):
             break
@@ -154,8 +155,8 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
     assert realized["potential"]["realized_saved_frames"] >= 0.8 * realized["potential"][
         "potential_saved_frames"]
     # Confirm by pagemap directly: frames both QEMUs map, at equal PFNs.
-    assert agent.qemu is not None
-    pa, pb = (agent.qemu.p2m(agent.qemu.guest(n).domid) for n in ("ksm-a", "ksm-b"))
+    assert agent.real.machine is not None
+    pa, pb = (agent.real.machine.p2m(agent.real.machine.guest(n).domid) for n in ("ksm-a", "ksm-b"))
     both = np.intersect1d(pa[pa >= 0], pb[pb >= 0])
     assert len(both) > 1000
     assert report["clean"], report
@@ -164,8 +165,8 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
 def test_guest_nominates_sees_shared_then_unshares_by_writing(
         rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     agent = rig.agent
-    if agent.steering is None:  # run alone: steering drives the merge
-        rig.loop.run(agent.start_steering())
+    if agent.real.steering is None:  # run alone: steering drives the merge
+        rig.loop.run(agent.real.start_steering())
     for vm in rig.vms:
         vm.write_file("/tmp/ksm.py", GUEST_SCRIPT.encode())
         vm.check("python3 /tmp/ksm.py > /tmp/ksm.log 2>&1 &")
@@ -176,11 +177,11 @@ def test_guest_nominates_sees_shared_then_unshares_by_writing(
         handles = [h for _, h in r["nominate"]]
         assert len(set(handles)) == NPAGES and min(handles) > 0
         assert all(state == 3 and count >= 2 for state, count in r["query"]), (
-            r["query"], agent.steering.last if agent.steering else None)
-    assert agent.qemu is not None
-    da, db = (agent.qemu.guest(n).domid for n in ("ksm-a", "ksm-b"))
+            r["query"], agent.real.steering.last if agent.real.steering else None)
+    assert agent.real.machine is not None
+    da, db = (agent.real.machine.guest(n).domid for n in ("ksm-a", "ksm-b"))
     ga, gb = np.array(a["gfns"]), np.array(b["gfns"])
-    assert (agent.qemu.p2m(da)[ga] == agent.qemu.p2m(db)[gb]).all()  # equal PFNs
+    assert (agent.real.machine.p2m(da)[ga] == agent.real.machine.p2m(db)[gb]).all()  # equal PFNs
     report = _audit(rig, capsys)
     nominated = report["realized"]["nominated"]
     assert nominated["entries"] == 2 * NPAGES and nominated["shared"] == 2 * NPAGES
@@ -190,7 +191,7 @@ def test_guest_nominates_sees_shared_then_unshares_by_writing(
     assert after[0] == [1, 1]  # PRIVATE: announced with about_to_write, then written
     assert after[1] == [2, 1]  # NOMINATED: written without notice, no longer merged
     assert after[2][0] == 3  # untouched: still SHARED
-    pa, pb = agent.qemu.p2m(da), agent.qemu.p2m(db)
+    pa, pb = agent.real.machine.p2m(da), agent.real.machine.p2m(db)
     assert pa[ga[0]] != pb[gb[0]] and pa[ga[1]] != pb[gb[1]] and pa[ga[2]] == pb[gb[2]]
     report = _audit(rig, capsys)
     nominated = report["realized"]["nominated"]
@@ -207,13 +208,13 @@ def test_guest_nominates_sees_shared_then_unshares_by_writing(
 
 def test_optout_warns_and_unmerges(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     agent = rig.agent
-    assert agent.qemu is not None
-    db = agent.qemu.guest("ksm-b").domid
+    assert agent.real.machine is not None
+    db = agent.real.machine.guest("ksm-b").domid
     assert main(["--socket", rig.control, "optout", "ksm-b"]) == 0
     captured = capsys.readouterr()
     assert "re-expands its memory by" in captured.err and captured.err.count("\n") == 1
-    pa = agent.qemu.p2m(agent.qemu.guest("ksm-a").domid)
-    pb = agent.qemu.p2m(db)
+    pa = agent.real.machine.p2m(agent.real.machine.guest("ksm-a").domid)
+    pb = agent.real.machine.p2m(db)
     assert len(np.intersect1d(pa[pa >= 0], pb[pb >= 0])) < 100  # pc.ram un-merged at once
     assert main(["--socket", rig.control, "ksm", "--step", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from hypervisor.ksm_steer import KsmSteering, SteerPolicy
-from memd.agent.app import AgentApp
+from memd.agent.persistence import AgentStore
+from memd.agent.real_guests import RealGuests
 from tests.ksm.fakes import FakeMachine, FakeScanner, as_any, fake_knob_dir, set_full_scans
 
 P = SteerPolicy()
@@ -72,18 +73,26 @@ def test_a_guest_replaced_by_another_ends_stalled(rig: Rig) -> None:
     assert rig.scanner.scans == scans + 1  # the potential of the new pair was measured
 
 
+def _real_guests(rig: Rig) -> RealGuests:
+    """The agent's real-guests component on the rig's machine and steering."""
+    real = RealGuests(ledger=rig.knobs.parent / "ledger.json", store=AgentStore(None),
+                      machine_factory=lambda _consent: as_any(rig.machine),
+                      steering_factory=lambda machine, pending: rig.steering)
+    assert real.steering is None and real.machine is None  # both made on demand
+    assert real.ensure_steering() is rig.steering  # as `memd ksm --steer on` makes it
+    return real
+
+
 @pytest.mark.parametrize("change", ["attach", "detach"])
 def test_guests_coming_or_going_through_the_agent_end_stalled(rig: Rig, change: str) -> None:
-    app = AgentApp(budget_bytes=1 << 20, ksm_ledger=rig.knobs.parent / "ledger.json")
-    app.qemu = as_any(rig.machine)
-    app.steering = rig.steering
+    real = _real_guests(rig)
     rig.stall()
     if change == "detach":
         rig.machine.attach("c", 1002)
         rig.stall()  # a, b, c: stalled again
-        app.detach_qemu("c")
+        real.detach("c")
     else:
-        assert app.attach_qemu("c", 1002, as_any(None)) == 3
+        assert real.attach("c", 1002, as_any(None)) == 3
     # No growth yet, but the guests changed: ksmd gets its full patience again.
     assert rig.step(8000) == "boost"
 
@@ -96,11 +105,9 @@ def test_a_guest_rebooted_in_place_ends_stalled(rig: Rig) -> None:
 
 
 def test_an_operator_step_ends_stalled(rig: Rig) -> None:
-    app = AgentApp(budget_bytes=1 << 20, ksm_ledger=rig.knobs.parent / "ledger.json")
-    app.qemu = as_any(rig.machine)
-    app.steering = rig.steering
+    real = _real_guests(rig)
     rig.stall()
     rig.full_scans += 1
     set_full_scans(rig.knobs, rig.full_scans)
-    assert app._ksm({"step": True})["last_step"]["mode"] == "boost"
+    assert real.ksm_report(step=True, looping=True)["last_step"]["mode"] == "boost"
     assert rig.step(8000) == "boost"  # and it stalls again only after the full patience

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
+from tests.support.loop_thread import LoopThread
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, where python3-libnbd installs the binding
 
@@ -21,12 +21,12 @@ class SwapAgent:
         self.tmp = tmp
         # guest cap: half the budget, plus each disk
         self.app = AgentApp(budget_bytes=budget, swap_markers=tmp / "swap-markers")
-        self.loop = _LoopThread()
+        self.loop = LoopThread()
         self.loop.run(self.app.start(str(tmp / "control.sock")))
 
     def add_disk(self, name: str, size: int = 64 << 20) -> str:
         path = str(self.tmp / f"{name}.nbd")
-        self.loop.run(self.app.add_swap(name, path, size))
+        self.loop.run(self.app.swap.add(name, path, size))
         return path
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from memd.agent.commands import GuestsArgs
 from memd.errors import NoSuchPool
 from memd.guest.client import GuestClient
 from memd.nbd import server as nbd_server
@@ -54,7 +55,7 @@ def test_handshake_garbage_closes_that_connection_only(swap_agent: SwapAgent,
     assert c.closed_by_peer()
     healthy(bad)
     healthy(good)
-    assert swap_agent.app.disks["bad"].protocol_errors == 1
+    assert swap_agent.app.swap.disks["bad"].protocol_errors == 1
 
 
 def test_transmission_garbage_and_oversize_write_close_the_connection(
@@ -97,7 +98,7 @@ def test_bad_requests_get_errors_and_the_connection_goes_on(swap_agent: SwapAgen
     c.send_request(6, size - PAGE, 2 * PAGE, cookie=4)  # WRITE_ZEROES past the end
     assert c.reply()[:2] == (ENOSPC, 4)
     assert c.write(0, b"\x42" * 100) == 0 and c.read(0, 100) == (0, b"\x42" * 100)
-    assert swap_agent.app.disks["vm1"].describe()["errors"] == 11
+    assert swap_agent.app.swap.disks["vm1"].describe()["errors"] == 11
 
 
 def test_disconnect_mid_request_stores_nothing(swap_agent: SwapAgent) -> None:
@@ -111,12 +112,12 @@ def test_disconnect_mid_request_stores_nothing(swap_agent: SwapAgent) -> None:
     c.sock.sendall(struct.pack(">IHH", 0x25609513, 0, 0))  # half a header
     c.close()
     time.sleep(0.2)
-    assert swap_agent.app.disks["vm1"].disk.stats("vm1").pages == 0
+    assert swap_agent.app.swap.disks["vm1"].disk.stats("vm1").pages == 0
     healthy(path)
     deadline = time.monotonic() + 5
-    while swap_agent.app.disks["vm1"].connections and time.monotonic() < deadline:
+    while swap_agent.app.swap.disks["vm1"].connections and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert swap_agent.app.disks["vm1"].connections == set()
+    assert swap_agent.app.swap.disks["vm1"].connections == set()
 
 
 def test_client_that_does_not_read_replies_is_throttled_not_buffered(
@@ -203,7 +204,7 @@ def test_the_guests_channel_cannot_name_its_disk_pool_and_a_reboot_keeps_the_dis
     c = RawNbd(disk)
     c.connect()
     assert c.read(0, PAGE) == (0, b"\x5c" * PAGE)
-    rows = {r["name"]: r for r in swap_agent.app.guests()}
+    rows = {r["name"]: r for r in swap_agent.app.handlers.guests(GuestsArgs())}
     assert rows["vm1"]["swap"]["pages"] == 1 and rows["vm1"]["pools"] == 0
 
 
@@ -212,9 +213,9 @@ def test_stale_socket_file_is_replaced_but_a_live_one_is_not(swap_agent: SwapAge
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     s.close()  # a socket file nobody serves (an agent killed with -9)
-    swap_agent.loop.run(swap_agent.app.add_swap("vm1", path, 1 << 20))
+    swap_agent.loop.run(swap_agent.app.swap.add("vm1", path, 1 << 20))
     healthy(path)
     from memd.errors import BackendError
     with pytest.raises(BackendError, match="already serves"):
-        swap_agent.loop.run(swap_agent.app.add_swap("vm2", path, 1 << 20))
+        swap_agent.loop.run(swap_agent.app.swap.add("vm2", path, 1 << 20))
     healthy(path)

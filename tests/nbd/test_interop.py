@@ -49,7 +49,7 @@ def test_qemu_img_convert_compare_and_back(swap_agent: SwapAgent, tmp_path: Path
     back = tmp_path / "back.raw"
     run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(back))
     assert back.read_bytes() == padded.read_bytes()
-    stats = swap_agent.app.disks["vm1"].describe()
+    stats = swap_agent.app.swap.disks["vm1"].describe()
     # qemu-img skips zero pages (write-zeroes / sparse): what is stored is the non-zero mix
     nonzero = sum(1 for i in range(0, len(data), PAGE) if any(data[i:i + PAGE]))
     assert 0 < stats["pages"] <= 2048 and stats["pages"] >= nonzero
@@ -77,7 +77,7 @@ def test_qemu_io_patterns_discard_zeroes_and_pipelined_aio(swap_agent: SwapAgent
     out = run("qemu-io", "-f", "raw", *args, uri).stdout
     assert "Pattern verification failed" not in out and "error" not in out.lower()
     assert out.count("read ") >= 10
-    assert swap_agent.app.disks["vm1"].describe()["errors"] == 0
+    assert swap_agent.app.swap.disks["vm1"].describe()["errors"] == 0
 
 
 def test_nbdinfo_and_nbdcopy(swap_agent: SwapAgent, tmp_path: Path) -> None:
@@ -135,7 +135,7 @@ def test_libnbd_python_binding_pipelined(swap_agent: SwapAgent) -> None:
     uri = nbd_uri(swap_agent.add_disk("vm3", 8 << 20))
     out = run(SYSTEM_PYTHON, "-c", _LIBNBD_SCRIPT, uri).stdout.split()
     assert out[-1] == "ok"
-    assert swap_agent.app.disks["vm3"].describe()["pages"] == 255
+    assert swap_agent.app.swap.disks["vm3"].describe()["pages"] == 255
 
 
 def _serve(tmp: Path, control: Path, disk: Path, store: Path | str, *extra: str,

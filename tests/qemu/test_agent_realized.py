@@ -17,10 +17,10 @@ from memd import wire
 from memd.agent.app import AgentApp
 from memd.agent.dispatch import GuestState
 from memd.cli import main
-from memd.demo import _LoopThread
 from memd.errors import SharingDenied
 from memd.wire import Capability, Status
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
+from tests.support.loop_thread import LoopThread
 
 pytestmark = needs_qemu_root
 
@@ -30,7 +30,7 @@ NPAGES = 64
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[tuple[AgentApp, str]]:
-    loop = _LoopThread()
+    loop = LoopThread()
     agent = AgentApp(budget_bytes=16 << 20)
     control = str(tmp_path / "control.sock")
     loop.run(agent.start(control))
@@ -39,8 +39,8 @@ def app(tmp_path: Path) -> Iterator[tuple[AgentApp, str]]:
     finally:
         loop.run(agent.stop())
         loop.close()
-        if agent.qemu is not None:
-            agent.qemu.close()
+        if agent.real.machine is not None:
+            agent.real.machine.close()
 
 
 def _qmp_path(q: PlainQemu) -> str:
@@ -56,17 +56,17 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
     a, b = start_qemu("vm-a"), start_qemu("vm-b")
     assert qemu_pid_for_socket(_qmp_path(a)) == a.pid  # how `serve --qmp` finds the pid
     for q in (a, b):
-        agent.attach_qemu(q.name, q.pid, q.monitor)
-    assert agent.qemu is not None
+        agent.real.attach(q.name, q.pid, q.monitor)
+    assert agent.real.machine is not None
     data = np.random.default_rng(5).integers(0, 256, NPAGES * 4096, dtype=np.uint8).tobytes()
-    for guest in agent.qemu.guests():
+    for guest in agent.real.machine.guests():
         with ProcessMemory(guest.pid, writable=True) as mem:
             mem.write(int(guest.gfn_vaddr[BASE_GFN]), data)
     gfns = np.arange(BASE_GFN, BASE_GFN + NPAGES)
-    da, db = (agent.qemu.guest(n).domid for n in ("vm-a", "vm-b"))
+    da, db = (agent.real.machine.guest(n).domid for n in ("vm-a", "vm-b"))
 
     def merged() -> bool:
-        return bool((agent.qemu.p2m(da)[gfns] == agent.qemu.p2m(db)[gfns]).all())  # type: ignore[union-attr]
+        return bool((agent.real.machine.p2m(da)[gfns] == agent.real.machine.p2m(db)[gfns]).all())  # type: ignore[union-attr]
 
     with ksm.settings(pages_to_scan=20000, sleep_millisecs=10, run=1):
         assert ksm.wait_for(merged, timeout=30)
@@ -81,7 +81,7 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
 
         assert main(["--socket", control, "audit", "--gfn", f"vm-a:{BASE_GFN:#x}", "--json"]) == 0
         page = json.loads(capsys.readouterr().out)
-        assert page["mfn"] == int(agent.qemu.p2m(db)[BASE_GFN])
+        assert page["mfn"] == int(agent.real.machine.p2m(db)[BASE_GFN])
         assert {"vm": "vm-b", "gfn": BASE_GFN} in page["mapped_by"]
 
         assert page["mapped_by_count"] == page["refs"] - 1 >= 1
@@ -111,12 +111,11 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
         start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str]) -> None:
     agent, _ = app
     q = start_qemu("no-merge", "-m", "64", "-machine", "pc,mem-merge=off")
-    agent.attach_qemu(q.name, q.pid, q.monitor)
-    assert "no-merge" in agent.opted_out
-    assert agent.qemu_sharing is not None
-    [denied] = agent.qemu_sharing.nominate("no-merge", [BASE_GFN])
+    agent.real.attach(q.name, q.pid, q.monitor)
+    assert "no-merge" in agent.real.opted_out()
+    [denied] = agent.real.nominate("no-merge", [BASE_GFN])
     assert isinstance(denied, SharingDenied)  # the guest cannot undo it (DENIED on the wire)
-    assert all(not b.merge for b in agent.qemu.guest("no-merge").blocks)  # type: ignore[union-attr]
+    assert all(not b.merge for b in agent.real.machine.guest("no-merge").blocks)  # type: ignore[union-attr]
 
 
 def _hello(agent: AgentApp, name: str, dedup_opt_in: bool) -> None:
@@ -140,19 +139,20 @@ def test_a_real_guest_that_does_not_consent_is_not_merged(
     nominate switches it back on; its consent does."""
     agent, control = app
     q = start_qemu("vm-c", "-m", "64")
-    agent.attach_qemu(q.name, q.pid, q.monitor)
-    assert agent.qemu is not None and agent.qemu_sharing is not None
+    agent.real.attach(q.name, q.pid, q.monitor)
+    machine = agent.real.machine
+    assert machine is not None
 
     def merging() -> bool:
         memdevs = query_memdev(q.monitor)
-        on = all(b.merge for b in agent.qemu.guest("vm-c").blocks)  # type: ignore[union-attr]
+        on = all(b.merge for b in machine.guest("vm-c").blocks)
         assert not memdevs or all(m.merge for m in memdevs) == on  # QEMU agrees
         return on
 
     assert merging()  # attached by the operator, the guest has not spoken: KSM may merge
     _hello(agent, "vm-c", dedup_opt_in=False)
     assert not merging()
-    [denied] = agent.qemu_sharing.nominate("vm-c", [BASE_GFN])
+    [denied] = agent.real.nominate("vm-c", [BASE_GFN])
     assert isinstance(denied, SharingDenied)
     assert main(["--socket", control, "optin", "vm-c"]) == 1  # the guest's no wins
     assert "did not consent" in capsys.readouterr().err

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hypervisor.procmem import ProcessMemory
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
 from tests.qemu.conftest import PlainQemu, needs_qemu_root
+from tests.support.loop_thread import LoopThread
 
 pytestmark = needs_qemu_root
 
@@ -34,7 +34,7 @@ def _scrape(port: int) -> dict[tuple[str, str], float]:
 def test_potential_and_realized_saved_frames_per_guest(
         start_qemu: Callable[..., PlainQemu], ksm_restored: dict[str, int | str],
         tmp_path: Path) -> None:
-    loop = _LoopThread()
+    loop = LoopThread()
     app = AgentApp(budget_bytes=16 << 20, ksm_ledger=tmp_path / "ksm-originals.json")
     loop.run(app.start(None, metrics=("127.0.0.1", 0)))
     try:
@@ -42,15 +42,15 @@ def test_potential_and_realized_saved_frames_per_guest(
         port = app.metrics.port
         a, b = start_qemu("vm-a", "-m", "64"), start_qemu("vm-b", "-m", "64")
         for q in (a, b):
-            app.attach_qemu(q.name, q.pid, q.monitor)
-        assert app.qemu is not None
+            app.real.attach(q.name, q.pid, q.monitor)
+        assert app.real.machine is not None
         data = np.random.default_rng(13).integers(0, 256, NPAGES * 4096,
                                                   dtype=np.uint8).tobytes()
-        for guest in app.qemu.guests():
+        for guest in app.real.machine.guests():
             with ProcessMemory(guest.pid, writable=True) as mem:
                 mem.write(int(guest.gfn_vaddr[BASE_GFN]), data)
         assert _scrape(port)[("memd_ksm_steering_mode", "off")] == 1
-        loop.run(app.start_steering())
+        loop.run(app.real.start_steering())
 
         deadline = time.monotonic() + 90
         while True:
@@ -68,7 +68,7 @@ def test_potential_and_realized_saved_frames_per_guest(
         assert min(potential) >= NPAGES / 2
         assert sum(potential) >= sum(realized) - 16
         # The guests' shares add up to the host's figures of the same scan.
-        scan = app.steering.potential if app.steering else None
+        scan = app.real.steering.potential if app.real.steering else None
         assert scan is not None
         assert sum(v.potential_saved for v in scan.vms) == pytest.approx(
             scan.potential_saved_frames)
@@ -84,5 +84,5 @@ def test_potential_and_realized_saved_frames_per_guest(
     finally:
         loop.run(app.stop())
         loop.close()
-        if app.qemu is not None:
-            app.qemu.close()
+        if app.real.machine is not None:
+            app.real.machine.close()

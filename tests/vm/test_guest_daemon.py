@@ -16,8 +16,8 @@ import pytest
 
 from hypervisor.vmimage import CHANNEL_NAME
 from memd.agent.app import AgentApp
-from memd.demo import _LoopThread
 from memd.wire import MAX_PSI, MemReportFlag
+from tests.support.loop_thread import LoopThread
 
 from .harness import GuestVM
 
@@ -55,7 +55,7 @@ class _Agent:
     def __init__(self, tmp: Path) -> None:
         self.control = tmp / "control.sock"
         self.app = AgentApp(budget_bytes=64 << 20)
-        self.loop = _LoopThread()
+        self.loop = LoopThread()
         self.loop.run(self.app.start(str(self.control)))
 
     def cli(self, *args: str) -> str:

@@ -66,7 +66,7 @@ def test_guest_swaps_2_5x_its_ram_to_memd(boot_guest: Callable[..., GuestVM],
         assert (pages, bad) == (workload_mib * 256, 0)
         # With all pages touched, the kernel had swapped out more than the RAM it lacked.
         assert swapped_kib > (workload_mib - RAM_MIB) * 1024
-        stats = agent.app.disks["swapvm"].describe()
+        stats = agent.app.swap.disks["swapvm"].describe()
         assert stats["errors"] == 0 and stats["reads"] > 0
         (pool,) = [p for p in agent.app.tmem.pool_stats("swapvm") if p.pool_id == 15]
         assert pool.ops.good_puts * 4 >= swapped_kib  # every swapped page went through memd
