@@ -89,6 +89,7 @@ class HostState:
         #: Wiring, fixed at construction: the store of persistent state, if any.
         self.log = log
         self.store = PageStore(log)
+        # ``pages`` and ``pools`` are never rebound: the journal reads the same objects.
         self.pages = PageTable()
         self.clients: dict[str, Client] = {}
         self.pools: dict[int, Pool] = {}
