@@ -4,6 +4,7 @@ log) behaves exactly like one without."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Sequence
 
@@ -108,3 +109,30 @@ def test_listeners_change_no_outcome() -> None:
     assert heard.client_stats() == plain.client_stats()
     assert heard.pool_stats() == plain.pool_stats()
     assert heard.audit() == []
+
+
+def test_a_listener_agrees_with_the_log_under_concurrent_guests() -> None:
+    log, sink = FakeLog(), RecordingSink()
+    host = TmemHost(log=log, listeners=[sink])
+    errors: list[BaseException] = []
+
+    def guest(name: str) -> None:
+        try:
+            host.add_client(name)
+            pool = host.new_pool(name, P)
+            for i in range(40):
+                host.put(name, pool, OID, i, text_page(i % 7))
+                if i % 3 == 0:
+                    host.flush_page(name, pool, OID, i // 2)
+        except BaseException as err:  # reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=guest, args=(f"g{n}",)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sink.chunks == log.chunks and sink.pools == log.pools
+    assert sink.clients == log.clients
+    assert host.audit() == []
