@@ -484,8 +484,9 @@ class TmemHost:
             try:
                 yield state
             finally:
-                if state.journal.commit_due():
-                    state.journal.commit()
+                journal = state.journal
+                if journal.tracking and journal.commit_due():
+                    journal.commit()
 
     def _put_pages(
         self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]], pages: list[bytes],
