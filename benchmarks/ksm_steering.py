@@ -43,7 +43,7 @@ run takes 2 scenarios × 5 modes × (window + a few seconds): ~25 minutes at the
 defaults; ``--quick`` (20 s window, short warm-up) is for tests.
 
 Run as root from a checkout: ``python3 benchmarks/ksm_steering.py --json`` (the guests
-come from benchmarks/_guests.py, which uses product modules only).
+are booted by the product's launcher, hypervisor/vmlaunch.py).
 """
 
 from __future__ import annotations
@@ -61,9 +61,8 @@ from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # _guests; the repo if not installed
+sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # _ksm_peers; the repo if not installed
 
-from _guests import boot_many  # noqa: E402
 from _ksm_peers import (  # noqa: E402
     MODES,
     Churn,
@@ -82,6 +81,7 @@ from hypervisor.potential import PotentialScanner  # noqa: E402
 from hypervisor.procmem import PAGE_SIZE  # noqa: E402
 from hypervisor.qemu_machine import QemuMachine  # noqa: E402
 from hypervisor.vmimage import ensure_image  # noqa: E402
+from hypervisor.vmlaunch import boot_many  # noqa: E402
 from sharing.ground_truth import compute  # noqa: E402
 
 TARGET = 0.9

@@ -75,30 +75,23 @@ def guest_ram_pages(which: str, settle_s: float = 8.0) -> tuple[list[bytes], dic
     /proc/<pid>/mem after it settles.  ``which="all"``: every gfn, never-touched pages
     reading as zero (the "idle guest, ~60% zero pages" of the design notes);
     ``"present"``: only pages the guest has touched.  Needs root and QEMU."""
-    import subprocess
     import tempfile
 
     import numpy as np
 
     from hypervisor.qemu_machine import QemuMachine
-    from hypervisor.qmp import QmpMonitor
-    from hypervisor.vmimage import ensure_image, qemu_argv
+    from hypervisor.vmimage import ensure_image
+    from hypervisor.vmlaunch import LaunchedVm
 
     image = ensure_image()
     with tempfile.TemporaryDirectory(prefix="memd-bench-") as tmp:
-        argv = qemu_argv(image, name="bench", console_socket=Path(tmp) / "console.sock",
-                         qmp_socket=Path(tmp) / "qmp.sock")
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        vm = LaunchedVm(image, Path(tmp), name="bench")
         machine = QemuMachine()
-        monitor: QmpMonitor | None = None
         try:
-            deadline = time.monotonic() + 30
-            while not (Path(tmp) / "qmp.sock").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(settle_s)  # boot to the shell takes ~4 s under TCG
-            monitor = QmpMonitor.connect(str(Path(tmp) / "qmp.sock"))
-            domid = machine.attach("bench", proc.pid, monitor)
+            launched = time.monotonic()
+            vm.boot()  # to the shell: ~4 s under TCG
+            time.sleep(max(0.0, settle_s - (time.monotonic() - launched)))  # then idle
+            domid = machine.attach("bench", vm.pid, vm.monitor)
             if which == "present":
                 gfns = np.flatnonzero(machine.p2m(domid) >= 0)
             else:  # every RAM gfn of the layout QEMU reports (holes excluded)
@@ -108,10 +101,7 @@ def guest_ram_pages(which: str, settle_s: float = 8.0) -> tuple[list[bytes], dic
             pages = [rows[i].tobytes() for i in range(len(rows))]
         finally:
             machine.close()
-            if monitor is not None:
-                monitor.close()
-            proc.kill()
-            proc.wait(10)
+            vm.stop()
     zero = sum(1 for p in pages if p == bytes(PAGE_SIZE))
     return pages, {"source": f"guest RAM, {which} pages (memd image, 256 MiB, TCG, idle)",
                    "present_pages": len(pages), "zero": round(zero / max(1, len(pages)), 3),

@@ -23,6 +23,9 @@ Errors.  Every libvirt error is translated at this boundary into memd's BackendE
 with a one-sentence message: NotFound (unknown domain), ChannelMissing (no memd channel),
 Unavailable (libvirtd unreachable, domain not running, no QEMU monitor), PermissionDenied.
 ``libvirt`` is imported lazily so that memd runs without libvirt-python installed.
+
+What a domain's XML says about memd (its channel, its swap disk) is read and written by
+the pure functions of :mod:`hypervisor.domain_xml`.
 """
 
 from __future__ import annotations
@@ -33,16 +36,24 @@ import itertools
 import logging
 import os
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 from urllib.parse import urlsplit
-from xml.sax.saxutils import quoteattr
 
-from hypervisor.guests import MEMD_CHANNEL, GuestInfo, LifecycleEvent
+from hypervisor.domain_xml import (
+    CHANNEL_XML,
+    MISSING_HINT,
+    SwapDiskSpec,
+    find_memd_channel,
+    find_swap_disk,
+    free_disk_target,
+    has_virtio_serial,
+    swap_disk_element,
+    swap_disk_xml,
+)
+from hypervisor.guests import GuestInfo, LifecycleEvent
 from hypervisor.qmp import encode_command, parse_reply
 from memd.errors import (
     BackendError,
@@ -55,17 +66,6 @@ from memd.errors import (
 log = logging.getLogger("memd.libvirt")
 
 DEFAULT_URI = "qemu:///system"
-
-#: The serial memd gives the swap disks it hot-plugs (the guest sees
-#: /dev/disk/by-id/virtio-memd-swap); it is also how memd finds them again.
-SWAP_SERIAL = "memd-swap"
-
-#: What an operator adds to a domain (``virsh attach-device DOMAIN FILE --live --config``).
-CHANNEL_XML = (f"<channel type='unix'><source mode='bind'/>"
-               f"<target type='virtio' name='{MEMD_CHANNEL}'/></channel>")
-
-_MISSING_HINT = (f"add <channel type='unix'> with <source mode='bind'/> and target name "
-                 f"{MEMD_CHANNEL}")
 
 # virDomainState → virsh's words.
 _STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
@@ -96,77 +96,6 @@ def lifecycle_event(name: str, uuid: str, event: int, detail: int) -> LifecycleE
     details = _EVENT_DETAILS.get(kind, ())
     return LifecycleEvent(name=name, uuid=uuid, kind=kind,
                           detail=details[detail] if 0 <= detail < len(details) else str(detail))
-
-
-@dataclass(frozen=True, slots=True)
-class SwapDiskSpec:
-    """A memd swap disk in a domain's XML."""
-
-    target: str  #: vdX
-    socket: str
-    #: whether libvirt kept <reconnect delay> (libvirt 9.0 does not know the element for
-    #: NBD disks: a memd restart is then I/O errors in the guest, not a pause)
-    reconnect_delay: int | None
-
-
-def swap_disk_xml(socket_path: str, target: str, reconnect_delay: int) -> str:
-    """The disk element memd hot-plugs (discard=unmap: the guest's TRIM reaches memd)."""
-    return (
-        "<disk type='network' device='disk'>"
-        "<driver name='qemu' type='raw' discard='unmap'/>"
-        f"<source protocol='nbd'><host transport='unix' socket={quoteattr(socket_path)}/>"
-        f"<reconnect delay='{int(reconnect_delay)}'/></source>"
-        f"<target dev='{target}' bus='virtio'/><serial>{SWAP_SERIAL}</serial></disk>")
-
-
-def find_swap_disk(domain_xml: str) -> SwapDiskSpec | None:
-    for disk in ET.fromstring(domain_xml).iterfind("devices/disk"):
-        if disk.findtext("serial") == SWAP_SERIAL:
-            return _swap_spec(disk)
-    return None
-
-
-def _swap_spec(disk: ET.Element) -> SwapDiskSpec:
-    host = disk.find("source/host")
-    reconnect = disk.find("source/reconnect")
-    target = disk.find("target")  # (an Element without children is false: test for None)
-    delay = reconnect.get("delay") if reconnect is not None else None
-    return SwapDiskSpec(
-        target=target.get("dev", "?") if target is not None else "?",
-        socket=host.get("socket", "") if host is not None else "",
-        reconnect_delay=int(delay) if delay and delay.isdigit() else None)
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelSpec:
-    """The domain XML's ``<channel>`` whose target name is org.memd.0."""
-
-    source_type: str        # 'unix' is the only one memd can use
-    mode: str | None        # 'bind': QEMU listens and memd connects
-    path: str | None        # set by libvirt in the live XML of a running domain
-
-    @property
-    def usable(self) -> bool:
-        return self.source_type == "unix" and self.mode in (None, "bind")
-
-
-def find_memd_channel(domain_xml: str) -> ChannelSpec | None:
-    """The memd channel of a domain XML document, or None when it has none."""
-    root = ET.fromstring(domain_xml)
-    for chan in root.iterfind("./devices/channel"):
-        target = chan.find("target")
-        if target is None or target.get("name") != MEMD_CHANNEL:
-            continue
-        source = chan.find("source")
-        return ChannelSpec(source_type=chan.get("type", ""),
-                           mode=None if source is None else source.get("mode"),
-                           path=None if source is None else source.get("path"))
-    return None
-
-
-def _has_virtio_serial(domain_xml: str) -> bool:
-    root = ET.fromstring(domain_xml)
-    return any(c.get("type") == "virtio-serial" for c in root.iterfind("./devices/controller"))
 
 
 # --- the libvirt module and its event loop -----------------------------------------------
@@ -330,7 +259,7 @@ class LibvirtHost:
         dom = self._lookup(name)
         spec = find_memd_channel(self._query(dom.XMLDesc, 0, domain=name))
         if spec is None:
-            raise ChannelMissing(f"domain '{name}' has no memd channel ({_MISSING_HINT})",
+            raise ChannelMissing(f"domain '{name}' has no memd channel ({MISSING_HINT})",
                                  target=name)
         if not spec.usable:
             raise ChannelMissing(
@@ -374,7 +303,7 @@ class LibvirtHost:
         if live and active:
             live_xml = self._query(dom.XMLDesc, 0, domain=name)
             if find_memd_channel(live_xml) is None:
-                if not _has_virtio_serial(live_xml):
+                if not has_virtio_serial(live_xml):
                     raise ChannelMissing(
                         f"domain '{name}' has no virtio-serial controller, which libvirt "
                         "cannot hot-plug: add the channel to its config (memd add-channel "
@@ -422,9 +351,7 @@ class LibvirtHost:
                 raise BackendError(f"domain '{name}' already has a memd swap disk, on "
                                    f"{present.socket}", target=name)
             return present
-        used = {t.get("dev") for t in ET.fromstring(live).iterfind("devices/disk/target")}
-        target = next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used),
-                      None)
+        target = free_disk_target(live)
         if target is None:
             raise BackendError(f"domain '{name}' has no free vdX name for a swap disk",
                                target=name)
@@ -441,14 +368,13 @@ class LibvirtHost:
         """Ask QEMU to unplug the memd swap disk (the guest must have run swapoff); the
         guest finishes the unplug in its own time.  → the disk, or None if it had none."""
         dom = self._lookup(name)
-        root = ET.fromstring(self._query(dom.XMLDesc, 0, domain=name))
-        for disk in root.iterfind("devices/disk"):
-            if disk.findtext("serial") == SWAP_SERIAL:
-                spec = _swap_spec(disk)
-                self._query(dom.detachDeviceFlags, ET.tostring(disk, encoding="unicode"),
-                            self._libvirt.VIR_DOMAIN_AFFECT_LIVE, domain=name)
-                return spec
-        return None
+        found = swap_disk_element(self._query(dom.XMLDesc, 0, domain=name))
+        if found is None:
+            return None
+        spec, element = found
+        self._query(dom.detachDeviceFlags, element, self._libvirt.VIR_DOMAIN_AFFECT_LIVE,
+                    domain=name)
+        return spec
 
     # -- events --
 

@@ -17,16 +17,17 @@ import itertools
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from tmem.budget import used_bytes
 from tmem.durable import StoredState
 from tmem.journal import client_record, pool_record
 from tmem.store import ZERO_BLOB, decode_payload, hash_pages
 
 if TYPE_CHECKING:
-    from tmem.host import TmemHost
+    from tmem.state import HostState
 
 
-def audit_host(host: TmemHost) -> list[str]:
-    pages, store = host._pages, host._store
+def audit_host(host: HostState) -> list[str]:
+    pages, store = host.pages, host.store
     issues: list[str] = []
     live = pages.live_slot_ids()
     if len(live) != pages.live_slots:
@@ -43,14 +44,14 @@ def audit_host(host: TmemHost) -> list[str]:
         refs[blob] += 1
         per_obj[objno] += 1
         gid = pages.obj_pool[objno]
-        if gid < 0 or gid not in host._pools:
+        if gid < 0 or gid not in host.pools:
             issues.append(f"slot {slot} belongs to dead object {objno} / pool {gid}")
             continue
         per_pool_pages[gid] += 1
         per_pool_bytes[gid] += store.payload_length(blob)
         if pages.lookup(objno, pages.index[slot]) != slot:
             issues.append(f"slot {slot} is not found by its own handle")
-        pool = host._pools[gid]
+        pool = host.pools[gid]
         if pool.persistent == pages.on_lru(slot):
             issues.append(f"slot {slot}: LRU membership does not match pool kind")
 
@@ -66,21 +67,21 @@ def audit_host(host: TmemHost) -> list[str]:
             )
         if not listed:
             issues.append(f"object {objno} is empty but still allocated")
-        owner_pool = host._pools.get(pages.obj_pool[objno])
+        owner_pool = host.pools.get(pages.obj_pool[objno])
         if owner_pool is None or owner_pool.objects.get(pages.oid_of(objno)) != objno:
             issues.append(f"object {objno} is not in its pool's object map")
-    for gid, pool in host._pools.items():
+    for gid, pool in host.pools.items():
         if pool.pages != per_pool_pages[gid] or pool.bytes_stored != per_pool_bytes[gid]:
             issues.append(
                 f"pool {gid}: pages {pool.pages}/{per_pool_pages[gid]}, "
                 f"bytes {pool.bytes_stored}/{per_pool_bytes[gid]} (counter/recount)"
             )
         for cname, local in pool.members.items():
-            member = host._clients.get(cname)
+            member = host.clients.get(cname)
             if member is None or member.pools[local] != gid:
                 issues.append(f"pool {gid}: member {cname} does not map it at {local}")
 
-    refs.update(host._pins)  # references held by puts in flight (between their phases)
+    refs.update(host.pins)  # references held by puts in flight (between their phases)
     blobs = store.live_blob_ids()
     if len(blobs) != store.live_blobs:
         issues.append(f"live_blobs counter {store.live_blobs} != {len(blobs)}")
@@ -95,7 +96,7 @@ def audit_host(host: TmemHost) -> list[str]:
     if data != store.data_bytes:
         issues.append(f"data_bytes {store.data_bytes} != {data}")
 
-    for client in host._clients.values():
+    for client in host.clients.values():
         walk = pages.lru_walk(client.lru, client.lru.count + 1)
         if len(walk) != client.lru.count or (walk and walk[-1] != client.lru.tail):
             issues.append(f"client {client.name}: LRU list length/tail mismatch")
@@ -104,10 +105,10 @@ def audit_host(host: TmemHost) -> list[str]:
                 issues.append(f"client {client.name}: broken LRU back link at slot {slot}")
                 break
         owned_eph = sum(
-            p.pages for p in host._pools.values() if p.owner == client.name and not p.persistent
+            p.pages for p in host.pools.values() if p.owner == client.name and not p.persistent
         )
         owned_pers = sum(
-            p.pages for p in host._pools.values() if p.owner == client.name and p.persistent
+            p.pages for p in host.pools.values() if p.owner == client.name and p.persistent
         )
         if owned_eph != client.lru.count:
             issues.append(f"client {client.name}: {owned_eph} ephemeral pages, LRU has "
@@ -115,32 +116,32 @@ def audit_host(host: TmemHost) -> list[str]:
         if owned_pers != client.persistent_pages:
             issues.append(f"client {client.name}: persistent_pages {client.persistent_pages} "
                           f"!= {owned_pers}")
-    if host._used_bytes() > host._budget and any(c.lru.count for c in host._clients.values()):
+    if used_bytes(host) > host.budget and any(c.lru.count for c in host.clients.values()):
         issues.append("over budget while ephemeral pages remain evictable")
     return issues
 
 
-def audit_log(host: TmemHost, state: StoredState) -> list[str]:
+def audit_log(host: HostState, state: StoredState) -> list[str]:
     """Memory against the committed log (the caller committed it, under the lock)."""
     issues: list[str] = []
     stored_clients = {c.name: c for c in state.clients}
-    for name, c in host._clients.items():
+    for name, c in host.clients.items():
         want = client_record(c)
         if stored_clients.get(name) != want:
             issues.append(f"store: client {name} is {stored_clients.get(name)}, memory {want}")
-    for name in stored_clients.keys() - host._clients.keys():
+    for name in stored_clients.keys() - host.clients.keys():
         issues.append(f"store: client {name} is not in memory")
     stored_pools = {p.gid: p for p in state.pools}
-    for gid, p in host._pools.items():
+    for gid, p in host.pools.items():
         want_pool = pool_record(p)
         if stored_pools.get(gid) != want_pool:
             issues.append(f"store: pool {gid} is {stored_pools.get(gid)}, memory {want_pool}")
-    for gid in stored_pools.keys() - host._pools.keys():
+    for gid in stored_pools.keys() - host.pools.keys():
         issues.append(f"store: pool {gid} is not in memory")
 
-    pages, store = host._pages, host._store
+    pages, store = host.pages, host.store
     memory_pages: set[tuple[int, int, int, int, int, int]] = set()
-    for gid, pool in host._pools.items():
+    for gid, pool in host.pools.items():
         if pool.persistent:
             for oid, objno in pool.objects.items():
                 for slot in pages.object_slots(objno):
@@ -159,7 +160,7 @@ def audit_log(host: TmemHost, state: StoredState) -> list[str]:
     for rec in sorted(memory_blobs ^ stored_blobs)[:20]:
         where = "missing from the store" if rec in memory_blobs else "not in memory"
         issues.append(f"store: blob {rec} (id, hash, scope, length) is {where}")
-    log = host._log
+    log = host.log
     assert log is not None
     for blob, h, _scope, length in sorted(stored_blobs & memory_blobs):
         payload = log.payload(blob)

@@ -99,11 +99,14 @@ class StoredState:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class PersistentLog(Protocol):
-    """Writes are buffered by the implementation and made durable by :meth:`commit`.
+class RecordSink(Protocol):
+    """Receives the records of persistent state as they change: the write half of a
+    :class:`PersistentLog`, and all an observer of changes needs (``TmemHost(...,
+    listeners=...)``: a migration tracking what a guest changes while it is copied).
 
-    Called only under the TmemHost lock (the agent's own meta writes take the
-    implementation's lock); no method may call back into TmemHost.
+    Called only under the TmemHost lock, in the order the changes happened, page
+    records just before each commit (:class:`tmem.journal.Journal`); no method may
+    call back into TmemHost.
     """
 
     def put_client(self, record: ClientRecord) -> None: ...
@@ -116,10 +119,6 @@ class PersistentLog(Protocol):
         """Forget the pool record (its pages are dropped one by one before this)."""
         ...
 
-    def put_blob(self, blob: int, h: int, scope: int, payload: bytes) -> None: ...
-
-    def drop_blob(self, blob: int) -> None: ...
-
     def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
                   entries: Sequence[tuple[int, int]]) -> None:
         """The persistent pages of one radix chunk — indexes ``chunk * CHUNK_PAGES`` up
@@ -130,6 +129,19 @@ class PersistentLog(Protocol):
     def drop_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int) -> None:
         """The chunk holds no page any more."""
         ...
+
+
+class PersistentLog(RecordSink, Protocol):
+    """Writes are buffered by the implementation and made durable by :meth:`commit`.
+
+    Called only under the TmemHost lock (the agent's own meta writes take the
+    implementation's lock); no method may call back into TmemHost.  Blob payloads of
+    persistent pages are written here by the host's PageStore, and live only here.
+    """
+
+    def put_blob(self, blob: int, h: int, scope: int, payload: bytes) -> None: ...
+
+    def drop_blob(self, blob: int) -> None: ...
 
     def payload(self, blob: int) -> bytes:
         """The payload of a stored blob, including one written but not yet committed."""

@@ -9,6 +9,7 @@ structure (Xen's tmem had a security advisory for missing exactly these checks).
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -53,6 +54,25 @@ def check_page(page: Any, op: str) -> bytes:
     if isinstance(page, bytes | bytearray | memoryview) and len(page) == PAGE_SIZE:
         return bytes(page)
     raise InvalidArgument(f"{op}: a page must be exactly {PAGE_SIZE} bytes", op=op)
+
+
+def check_weight(weight: object) -> None:
+    if type(weight) is not int or not 1 <= weight <= 1_000_000:
+        raise InvalidArgument("weight must be an integer in 1..1000000", op="set_weight")
+
+
+def check_cap(cap: object) -> None:
+    if cap is not None and (type(cap) is not int or cap < 0):
+        raise InvalidArgument("cap must be a non-negative page count or None", op="set_cap")
+
+
+def uuid_bytes(value: object, op: str) -> bytes:
+    """A shared pool's UUID as 16 bytes, from bytes or a ``uuid.UUID``."""
+    if isinstance(value, uuidlib.UUID):
+        return value.bytes
+    if isinstance(value, bytes) and len(value) == 16:
+        return value
+    raise InvalidArgument("a shared pool needs a 16-byte UUID", op=op)
 
 
 @dataclass(slots=True)
@@ -143,3 +163,4 @@ class StoreStats:
 
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+

@@ -24,7 +24,8 @@ import pytest
 
 pytest.importorskip("libvirt")
 
-from hypervisor.libvirt_host import SWAP_SERIAL, LibvirtHost, find_swap_disk, swap_disk_xml
+from hypervisor.domain_xml import SWAP_SERIAL, find_swap_disk, swap_disk_xml
+from hypervisor.libvirt_host import LibvirtHost
 from memd.agent import control
 from memd.agent.commands import CommandArgs, GuestsArgs
 from memd.errors import MemdError

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from hypervisor.libvirt_host import find_memd_channel, lifecycle_event
+from hypervisor.domain_xml import find_memd_channel
+from hypervisor.libvirt_host import lifecycle_event
 from hypervisor.qmp import (
     Memdev,
     encode_command,

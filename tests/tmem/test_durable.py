@@ -135,7 +135,7 @@ def test_persistent_blobs_live_only_in_the_log_and_count_toward_the_budget() -> 
     host.put("g", pool, OID, 0, page)
     host.put("g", eph, OID, 0, page)  # same bytes, but never the same blob
     assert host.store_stats().unique_blobs == 2
-    assert host._store.arena.used_bytes < PAGE_SIZE  # only the ephemeral copy is in RAM
+    assert host._state.store.arena.used_bytes < PAGE_SIZE  # only the ephemeral copy is in RAM
     assert all(scope & EXTERNAL_SCOPE for _, _, scope, _ in log.load().blobs.tolist())
     with pytest.raises(NoSpace):
         for i in range(1, 1000):
@@ -173,7 +173,7 @@ def test_audit_reports_a_store_that_differs_from_memory() -> None:
     key = next(iter(log.chunks))
     del log.chunks[key]
     with host._lock:
-        issues = audit_log(host, log.load())
+        issues = audit_log(host._state, log.load())
     assert any("is missing" in i for i in issues)
 
 
