@@ -38,8 +38,9 @@ import numpy as np
 
 from hypervisor import ksm
 from hypervisor.ksm_steer import KsmSteering
-from hypervisor.procmem import PAGE_SIZE, ProcessMemory
+from hypervisor.procmem import ProcessMemory
 from hypervisor.qemu_machine import QemuMachine
+from memd.vocab import PAGE_SIZE
 
 MODES = ("memd", "advisor", "ksmtuned", "boost", "ksm_default")
 

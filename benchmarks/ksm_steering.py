@@ -61,9 +61,9 @@ from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # _ksm_peers; the repo if not installed
+sys.path.insert(0, str(_HERE.parent))  # benchmarks.*; the repo's product if not installed
 
-from _ksm_peers import (  # noqa: E402
+from benchmarks._ksm_peers import (  # noqa: E402
     MODES,
     Churn,
     Fixed,
@@ -74,14 +74,13 @@ from _ksm_peers import (  # noqa: E402
     knob_state,
     make_modes,
 )
-
 from hypervisor import ksm  # noqa: E402
 from hypervisor.ksm_steer import ksmd_cpu_seconds  # noqa: E402
 from hypervisor.potential import PotentialScanner  # noqa: E402
-from hypervisor.procmem import PAGE_SIZE  # noqa: E402
 from hypervisor.qemu_machine import QemuMachine  # noqa: E402
 from hypervisor.vmimage import ensure_image  # noqa: E402
 from hypervisor.vmlaunch import boot_many  # noqa: E402
+from memd.vocab import PAGE_SIZE  # noqa: E402
 from sharing.ground_truth import compute  # noqa: E402
 
 TARGET = 0.9

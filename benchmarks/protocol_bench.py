@@ -34,6 +34,7 @@ load-insensitive view of the agent's cost.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing as mp
 import os
@@ -41,22 +42,23 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tmem_bench import make_mix
-
+from benchmarks.tmem_bench import make_mix
 from memd import wire
 from memd.guest.client import GuestClient
 from tmem.host import TmemHost
 from tmem.types import PoolFlag
+
+T = TypeVar("T")
 
 BUDGET = 1 << 40  # never the limit: this measures the path, not eviction
 CAPABILITIES = wire.ALL_CAPABILITIES | int(wire.Capability.DEDUP_OPT_IN)
@@ -341,14 +343,34 @@ def agent_process(tmp: str, guests: int) -> Iterator[tuple[list[str], int]]:
             proc.wait()
 
 
+class _AgentLoop:
+    """An asyncio loop in a daemon thread; ``run`` waits (60 s at most) for a coroutine on it.
+
+    The benchmark's own copy: memd.demo's loop thread is private to the demo, and benchmarks
+    never import the test tree (tests/support/loop_thread.py), so neither is borrowed.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
 @contextmanager
 def agent_thread(tmp: str) -> Iterator[str]:
     """The agent on an asyncio loop in a background thread of this process."""
     from memd.agent.app import AgentApp
-    from memd.demo import _LoopThread
 
     app = AgentApp(budget_bytes=BUDGET)
-    loop = _LoopThread()
+    loop = _AgentLoop()
     path = os.path.join(tmp, "thread.sock")
     try:
         loop.run(app.start(None))

@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 
 _HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(_HERE), str(_HERE.parent)]  # the baseline module; the repo if not installed
+sys.path.insert(0, str(_HERE.parent))  # benchmarks.*; the repo's product if not installed
 
-from hashtable_baseline import SHR_HASH_LENGTH, HashtableSharing  # noqa: E402
-
+from benchmarks.hashtable_baseline import SHR_HASH_LENGTH, HashtableSharing  # noqa: E402
 from hypervisor.simmachine import SimMachine  # noqa: E402
 from sharing.manager import SharingManager  # noqa: E402
 

@@ -47,7 +47,7 @@ class RunningAgent:
         kw.setdefault("boot_id", os.urandom(16))
         kw.setdefault("timeout", 5.0)
         kw.setdefault("reconnect_timeout", 5.0)
-        return GuestClient.for_unix_socket(path, **kw)  # type: ignore[arg-type]
+        return GuestClient.for_unix_socket(path, **kw)
 
     def close(self) -> None:
         self.loop.run(self.app.stop())

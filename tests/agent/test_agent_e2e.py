@@ -14,8 +14,7 @@ import pytest
 from memd import wire
 from memd.agent.commands import AuditArgs
 from memd.errors import AccessDenied, InvalidArgument, NoSuchPool
-from memd.guest.client import ALL_CAPABILITIES
-from memd.wire import Capability, Op, Status
+from memd.wire import ALL_CAPABILITIES, Capability, Op, Status
 from tests.agent.conftest import RunningAgent
 
 

@@ -226,7 +226,7 @@ def test_steps_racing_close_never_write_after_it(
         s = steering(knobs, ledger)
         go = threading.Event()
         delays = (rng.random() * 0.002, rng.random() * 0.002)
-        reports = []
+        reports: list[dict[str, int]] = []
 
         def run(
             s: KsmSteering = s,

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -149,7 +149,7 @@ def agents(tmp_path: Path) -> Iterator[list[Serve]]:
             a.proc.wait(10)
 
 
-def knobs(names: dict[str, object]) -> dict[str, int | str]:
+def knobs(names: Mapping[str, object]) -> dict[str, int | str]:
     return {k: ksm.get(k) for k in names}
 
 

@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from memd.errors import NbdProtocolError
 from memd.nbd.handshake import Closed, ExportInfo, Negotiated, ServerHandshake, State
 from memd.nbd.proto import MAX_OPTIONS, MAX_PAYLOAD, Cmd, CmdFlag, Errno
-from memd.nbd.transmission import NEED_DATA, Rejected, Request, RequestParser, simple_reply
+from memd.nbd.transmission import (
+    NEED_DATA,
+    NeedData,
+    Rejected,
+    Request,
+    RequestParser,
+    simple_reply,
+)
 
 SIZE = 1 << 20
 EXPORT = ExportInfo("vm1", SIZE, 0b1_0110_1101, "swap of vm1")
@@ -174,7 +181,7 @@ def test_handshake_any_chunking_same_outcome(cuts: list[int]) -> None:
 def drain(parser: RequestParser) -> list[Request | Rejected]:
     out: list[Request | Rejected] = []
     while (event := parser.next_event()) is not NEED_DATA:
-        assert not isinstance(event, type(NEED_DATA))
+        assert not isinstance(event, NeedData)
         out.append(event)
     return out
 

@@ -26,8 +26,9 @@ from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import ContentMismatch, OutOfFrames, SharingError
+from sharing.batch import SharePair
 from sharing.machine import BatchMachine, Int64Array, LockLike, Machine, PageType, Uint8Array
-from sharing.manager import SharePair, SharingManager
+from sharing.manager import SharingManager
 
 PAGES = 6
 DOMAINS = 3

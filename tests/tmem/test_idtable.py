@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +14,11 @@ from tmem.idtable import IdTable
 
 def _table(keys: dict[int, int]) -> IdTable:
     return IdTable(lambda ident: keys[ident])
+
+
+def _is(want: int) -> Callable[[int], bool]:
+    """The match predicate for one id (a named closure: a defaulted lambda has no type)."""
+    return lambda ident: ident == want
 
 
 @settings(max_examples=200, deadline=None)
@@ -30,7 +38,7 @@ def test_matches_a_set_under_heavy_collisions(ops: list[tuple[bool, int, int]]) 
         assert len(table) == len(model)
     assert set(table) == model
     for ident in range(301):
-        found = table.find(keys.get(ident, 0), lambda i, want=ident: i == want)
+        found = table.find(keys.get(ident, 0), _is(ident))
         assert (found == ident) == (ident in model)
 
 
@@ -68,12 +76,12 @@ def test_resize_places_runs_that_wrap_past_the_end() -> None:
         for i in range(300):
             table.insert(keys[i], i)
         for i in range(300):
-            assert table.find(keys[i], lambda got, want=i: got == want) == i
+            assert table.find(keys[i], _is(i)) == i
         for i in range(0, 300, 2):
             table.remove(keys[i], i)
         assert sorted(table) == list(range(1, 300, 2))
         for i in range(1, 300, 2):
-            assert table.find(keys[i], lambda got, want=i: got == want) == i
+            assert table.find(keys[i], _is(i)) == i
 
 
 @settings(max_examples=100, deadline=None)
@@ -85,7 +93,7 @@ def test_insert_many_equals_inserting_one_by_one(first: set[int], bulk: set[int]
     bulk -= first
     keys = {i: (i * 40503) % spread for i in first | bulk}  # few hashes: long runs
 
-    def hash_many(ids: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    def hash_many(ids: npt.NDArray[np.int32]) -> npt.NDArray[np.uint64]:
         return np.array([keys[int(i)] for i in ids], dtype=np.uint64)
 
     table = IdTable(lambda ident: keys[ident], hash_many=hash_many)
@@ -94,7 +102,7 @@ def test_insert_many_equals_inserting_one_by_one(first: set[int], bulk: set[int]
     table.insert_many(np.array(sorted(bulk), dtype=np.int32))
     assert len(table) == len(first | bulk) and set(table) == first | bulk
     for ident in first | bulk:
-        assert table.find(keys[ident], lambda i, want=ident: i == want) == ident
+        assert table.find(keys[ident], _is(ident)) == ident
     for ident in sorted(bulk)[::2]:
         table.remove(keys[ident], ident)
     assert set(table) == first | set(sorted(bulk)[1::2])
