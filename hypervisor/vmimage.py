@@ -344,7 +344,8 @@ def render_domain_xml(
 
     The console (``virsh console NAME``) is serial port 0, a pty, ttyS0 in the guest.
     ``console_socket`` is serial port 1 (ttyS1), a unix socket QEMU listens on: the test harness's
-    own shell (:class:`tests.vm.console.GuestShell`); its directory must be writable by the user
+    own shell (:class:`tests.hypervisor.vm.console.GuestShell`); its directory must be writable
+    by the user
     libvirt runs QEMU as. The memd channel has no path: libvirt chooses it; read it back from the
     live domain XML. The kernel and initrd are named where the image cache holds them: pruning
     skips images a defined or running domain uses.

@@ -5,7 +5,7 @@ Overview.  A :class:`LaunchedVm` is one QEMU process started from
 directory: the serial console, the QMP socket (held by one
 :class:`hypervisor.qmp.QmpMonitor`, its only client — the monitor
 :class:`~hypervisor.qemu_machine.QemuMachine` attaches through), and the host end of
-each virtio-serial port.  The benchmarks and the real-VM tests (tests/vm/harness.py,
+each virtio-serial port.  The benchmarks and the real-VM tests (tests/hypervisor/vm/harness.py,
 which adds a shell on the console) both launch their guests here.
 
 Boot order.  QEMU starts paused (``-S``): :meth:`LaunchedVm.launch` waits for its

@@ -15,7 +15,7 @@ want_all=0
 
 # QEMU + libvirt for the real-VM tests; libvirt-dev, pkg-config, gcc, python3-dev so pip can build
 # libvirt-python; busybox-static, cpio, zstd, xz-utils, kmod for the guest image (vm-images/build.sh);
-# libxml2-utils for xmllint, which virt-xml-validate runs (tests/vm/test_domain_template.py);
+# libxml2-utils for xmllint, which virt-xml-validate runs (tests/hypervisor/vm/test_domain_template.py);
 # systemd for systemd-analyze, which checks the installed unit (tests/install);
 # libnbd-bin (nbdinfo, nbdcopy), python3-libnbd (for /usr/bin/python3) and nbdkit: independent
 # NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py);

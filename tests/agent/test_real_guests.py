@@ -27,7 +27,7 @@ from memd.agent.persistence import AgentStore
 from memd.agent.real_guests import RealGuests
 from memd.guest.client import GuestClient
 from memd.wire import Capability
-from tests.ksm.fakes import Block, FakeMachine, as_any
+from tests.hypervisor.ksm.fakes import Block, FakeMachine, as_any
 from tests.support.loop_thread import LoopThread
 
 

@@ -4,9 +4,9 @@ guests from the vm-images template, driven through their serial consoles.
 :class:`AgentProcess` runs the agent as a separate process exactly as an operator would
 (``python3 -m memd.cli --socket S serve --libvirt URI --store DIR``) and talks to it only
 through the ``memd`` CLI (``--json``).  :class:`LibvirtGuest` is one transient libvirt domain
-(``createXML``, started paused so the console is attached before the first byte of output) with a
-:class:`~tests.vm.console.GuestShell` on its console; the agent finds the guest's memd channel in
-the live domain XML by itself.
+(``createXML``, started paused so the console is attached before the first byte of output)
+with a :class:`~tests.hypervisor.vm.console.GuestShell` on its console; the agent finds the
+guest's memd channel in the live domain XML by itself.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hypervisor.vmimage import CHANNEL_NAME, ImagePaths, render_domain_xml
-from tests.vm.console import CommandResult, GuestShell
+from tests.hypervisor.vm.console import CommandResult, GuestShell
 
 T = TypeVar("T")
 G = TypeVar("G")

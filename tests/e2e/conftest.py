@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from hypervisor.vmimage import ensure_image
-from tests.vm.harness import qemu_available
+from tests.hypervisor.vm.harness import qemu_available
 
 from .cluster import URI, AgentProcess, LibvirtGuest, both, is_root
 

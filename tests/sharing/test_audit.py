@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from sharing.audit import AuditReport
 from sharing.machine import PageType
 from sharing.manager import SharingManager
+from tests.sharing.sharing_helpers import page
 
 
 @pytest.fixture

@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import ContentMismatch, OutOfFrames, SharingError
 from sharing.batch import SharePair
 from sharing.machine import BatchMachine, Int64Array, LockLike, Machine, PageType, Uint8Array
 from sharing.manager import SharingManager
+from tests.sharing.sharing_helpers import page
 
 PAGES = 6
 DOMAINS = 3

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import (
@@ -18,6 +17,7 @@ from memd.errors import (
 )
 from sharing.machine import DOMID_COW, PageType
 from sharing.manager import SharingManager
+from tests.sharing.sharing_helpers import page
 
 
 def counters(mgr: SharingManager) -> dict[str, Any]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from sharing.manager import SharingManager
 from sharing.scanner import Scanner
+from tests.sharing.sharing_helpers import page
 
 
 def setup(n: int = 64) -> tuple[SimMachine, SharingManager, Scanner, list[int]]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import NoSuchDomain, OutOfFrames, SharingError
 from sharing.machine import DOMID_COW, DOMID_FREE, Machine, PageType
+from tests.sharing.sharing_helpers import page
 
 
 def test_is_a_machine() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import (
@@ -23,6 +22,7 @@ from memd.errors import (
 )
 from sharing.machine import PageType
 from sharing.manager import SharingManager
+from tests.sharing.sharing_helpers import page
 
 PAGES = 6
 DOMAINS = 3

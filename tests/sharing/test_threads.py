@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from sharing_helpers import page
 
 from hypervisor.simmachine import SimMachine
 from memd.errors import OutOfFrames, SharingError
 from sharing.manager import SharingManager
 from sharing.scanner import Scanner
+from tests.sharing.sharing_helpers import page
 
 CONTENTS = [page(bytes([v])) for v in range(4)]
 PAGES = 64

@@ -16,7 +16,13 @@ import pytest
 from hypervisor.ksm_steer import KsmSteering, SteerPolicy
 from memd.agent.persistence import AgentStore
 from memd.agent.real_guests import RealGuests
-from tests.ksm.fakes import FakeMachine, FakeScanner, as_any, fake_knob_dir, set_full_scans
+from tests.hypervisor.ksm.fakes import (
+    FakeMachine,
+    FakeScanner,
+    as_any,
+    fake_knob_dir,
+    set_full_scans,
+)
 
 P = SteerPolicy()
 POTENTIAL = 10_000

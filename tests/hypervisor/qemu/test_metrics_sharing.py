@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hypervisor.procmem import ProcessMemory
 from memd.agent.app import AgentApp
-from tests.qemu.conftest import PlainQemu, needs_qemu_root
+from tests.hypervisor.qemu.conftest import PlainQemu, needs_qemu_root
 from tests.support.loop_thread import LoopThread
 
 pytestmark = needs_qemu_root

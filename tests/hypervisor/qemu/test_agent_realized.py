@@ -19,7 +19,7 @@ from memd.agent.dispatch import GuestState
 from memd.cli import main
 from memd.errors import SharingDenied
 from memd.wire import Capability, Status
-from tests.qemu.conftest import PlainQemu, needs_qemu_root
+from tests.hypervisor.qemu.conftest import PlainQemu, needs_qemu_root
 from tests.support.loop_thread import LoopThread
 
 pytestmark = needs_qemu_root

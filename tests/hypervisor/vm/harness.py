@@ -2,7 +2,8 @@
 
 A :class:`GuestVM` is the product's launcher (:class:`hypervisor.vmlaunch.LaunchedVm`: one
 QEMU process, its sockets in a work directory, its QMP monitor) plus a shell on the serial
-console (:class:`GuestShell`, see tests/vm/console.py), attached before the guest runs so no
+console (:class:`GuestShell`, see tests/hypervisor/vm/console.py), attached before the guest
+runs so no
 boot output is lost.  The host end of each virtio-serial port (``org.memd.0`` by default) is
 ``<workdir>/<name>.<port>.sock``.  The guest reboots in place, so a reboot keeps the QEMU
 process, its pid and its sockets.

@@ -24,7 +24,7 @@ from types import ModuleType
 import pytest
 
 from hypervisor import ksm
-from tests.ksm.conftest import needs_vm_root
+from tests.hypervisor.ksm.conftest import needs_vm_root
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -228,7 +228,7 @@ def real_knobs() -> Iterator[dict[str, int | str]]:
 
 
 def _needs_vm_root(test: Callable[..., None]) -> Callable[..., None]:
-    """The marks of tests/ksm/conftest.py's ``needs_vm_root`` on one test."""
+    """The marks of tests/hypervisor/ksm/conftest.py's ``needs_vm_root`` on one test."""
     for mark in needs_vm_root:
         test = mark(test)
     return test

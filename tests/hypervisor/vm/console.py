@@ -1,7 +1,8 @@
 """Runs shell commands in a memd test guest through a serial port's shell (a unix socket).
 
 Works for any guest booted from the vm-images image, whoever started its QEMU: the plain-QEMU
-harness (tests/vm/harness.py: ttyS0, the only serial port) or libvirt (vm-images/domain.xml.in:
+harness (tests/hypervisor/vm/harness.py: ttyS0, the only serial port) or libvirt
+(vm-images/domain.xml.in:
 ttyS1, ``<serial type='unix'>`` port 1, while ttyS0 is the pty ``virsh console`` opens).
 
 The console is a login shell on ttyS0 (vm-images/inittab), so nothing about the tty is trusted:

@@ -14,9 +14,9 @@ import pytest
 from hypervisor import ksm
 from hypervisor.vmimage import CHANNEL_NAME, ensure_image
 from memd.agent.app import AgentApp
-from tests.ksm.guests import VmMonitor, boot_many
+from tests.hypervisor.ksm.guests import VmMonitor, boot_many
+from tests.hypervisor.vm.harness import GuestVM
 from tests.support.loop_thread import LoopThread
-from tests.vm.harness import GuestVM
 
 needs_vm_root = [
     pytest.mark.vm,

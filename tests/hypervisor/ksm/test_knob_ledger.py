@@ -21,7 +21,7 @@ import pytest
 from hypervisor import ksm
 from hypervisor.ksm_steer import KsmSteering
 from memd.errors import BackendError
-from tests.ksm.fakes import FakeMachine, FakeScanner, as_any, fake_knob_dir
+from tests.hypervisor.ksm.fakes import FakeMachine, FakeScanner, as_any, fake_knob_dir
 
 ORIGINALS: dict[str, int | str] = {
     "advisor_mode": "none",

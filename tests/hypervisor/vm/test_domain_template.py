@@ -1,6 +1,7 @@
 """The libvirt domain template (vm-images/domain.xml.in) on a real libvirtd: a TCG guest with the
 memd channel at a libvirt-chosen socket and a harness serial port (ttyS1, a unix socket) the shell
-helper can drive. ``virsh console`` and ``virsh shutdown``: tests/vm/test_virsh_habits.py."""
+helper can drive. ``virsh console`` and ``virsh shutdown``:
+tests/hypervisor/vm/test_virsh_habits.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 benchmarks/_guests.py: benchmarks never import tests).
 
 :class:`VmMonitor` lets :class:`~hypervisor.qemu_machine.QemuMachine` use the QMP
-connection a :class:`~tests.vm.harness.GuestVM` already holds (a QMP socket takes one
+connection a :class:`~tests.hypervisor.vm.harness.GuestVM` already holds (a QMP socket takes one
 client at a time).  :func:`boot_many` boots several guests at once (TCG boots are
 CPU-bound, but their waits overlap).
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from hypervisor.vmimage import ImagePaths
 from memd.errors import CommandFailed
-from tests.vm.harness import GuestError, GuestVM
+from tests.hypervisor.vm.harness import GuestError, GuestVM
 
 
 class VmMonitor:

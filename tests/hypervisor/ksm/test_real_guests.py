@@ -18,7 +18,7 @@ import pytest
 
 from memd.cli import main
 from sharing.consent import GuestWord
-from tests.ksm.conftest import Rig, needs_vm_root
+from tests.hypervisor.ksm.conftest import Rig, needs_vm_root
 
 pytestmark = needs_vm_root
 

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tests.hypervisor.vm.harness import GuestError, GuestVM
 from tests.nbd.conftest import SwapAgent, accepts
-from tests.vm.harness import GuestError, GuestVM
 
 RAM_MIB = 128
 SWAP_MIB = 512
