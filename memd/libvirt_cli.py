@@ -177,13 +177,16 @@ class LibvirtFollower:
     async def _attach(self, host: LibvirtHost, name: str, path: str | None) -> None:
         if not path:
             return
-        await self.app.agent.add_channel(name, path, mode="connect")
-        try:  # also read its RAM for the audit (needs root: /proc/<pid>/pagemap)
+        # Its RAM first (the audit, KSM; needs root: /proc/<pid>/pagemap), then its channel:
+        # a HELLO is granted SHARING only once the QEMU's RAM is read, and the guest's
+        # daemon says HELLO as soon as the channel connects.
+        try:
             pid = await asyncio.to_thread(host.qemu_pid, name)
             monitor = await asyncio.to_thread(host.monitor, name)
             await asyncio.to_thread(self.app.real.attach, name, pid, monitor)
         except BackendError as err:
             log.warning("guest %s: no RAM audit: %s", name, err)
+        await self.app.agent.add_channel(name, path, mode="connect")
 
     async def _detach(self, name: str, *, forget: bool) -> None:
         with contextlib.suppress(NotFound):

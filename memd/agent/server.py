@@ -84,6 +84,9 @@ class Channel:
             "sessions": self.sessions, "requests": g.requests, "errors": g.errors,
             "bad_frames": g.bad_frames, "reboots": g.reboots,
             "boot_id": g.boot_id.hex() if g.boot_id else None, "last_error": self.last_error,
+            # What the last HELLO was granted (names of wire.Capability bits).
+            "capabilities": [c.name.lower() for c in wire.Capability
+                             if c.name and g.capabilities & c],
             "memory": g.memory_dict(),
         }
 

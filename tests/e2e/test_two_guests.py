@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from .cluster import LibvirtGuest, Step, both
+from .cluster import LibvirtGuest, Step, both, is_root
 from .conftest import Cluster
 
 pytestmark = [pytest.mark.vm, pytest.mark.libvirt]
@@ -112,6 +112,10 @@ def test_agent_attaches_both_guests_through_libvirt(cluster: Cluster) -> None:
         assert results["pools"].output == ""
     rows = cluster.agent.guest_rows()
     assert all(rows[g.name]["boot_id"] for g in cluster.guests), rows
+    if is_root():
+        # The follower reads a guest's RAM before it connects the guest's channel, so the
+        # daemon's HELLO at boot is already offered page sharing.
+        assert all("sharing" in rows[g.name]["capabilities"] for g in cluster.guests), rows
 
 
 def test_private_pools_round_trip_every_byte(cluster: Cluster, story: Story) -> None:
