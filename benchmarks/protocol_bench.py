@@ -33,9 +33,10 @@ pool, destroyed afterwards, on both sides, so no run overwrites the previous run
 pages.  The guest consents to dedup (as ``tmem_bench`` enables it).  The 8-guest
 figures on a 2-core machine measure contention more than scaling: the agent is one
 thread.  Wall-clock ratios suffer when other work shares the cores (``loadavg_1min`` is
-recorded); ``agent_cpu_us_per_page_*`` beside ``inprocess_cpu_us_per_page_*`` (both
-including the untimed pool destroy/create between runs, both with a store) is the
-load-insensitive view of the agent's cost.
+recorded, and the guest client in this process needs a core too); ``agent_cpu_us_per_page_*``
+beside ``inprocess_cpu_us_per_page_*`` (both including the untimed pool destroy/create
+between runs, both with a store) is the load-insensitive view of the agent's cost, and
+``batched_*_cpu_ratio`` their quotient (in-process ÷ agent).
 
 ``--json`` prints one object.
 """
@@ -426,6 +427,10 @@ def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
         # The agent with its store against a ceiling without one: protocol path + store.
         "batched_put_ratio_vs_no_store": round(bare["put"] / one["put"], 3),
         "batched_get_ratio_vs_no_store": round(bare["get"] / one["get"], 3),
+        # CPU seconds per page, in-process ÷ agent: the load-insensitive form of the
+        # batched ratios (the guest client's own CPU is not counted on either side).
+        "batched_put_cpu_ratio": round(base["cpu_put"] / one["cpu_put"], 3),
+        "batched_get_cpu_ratio": round(base["cpu_get"] / one["cpu_get"], 3),
         "agent_cpu_us_per_page_put": round(one["cpu_put"] * 1e6, 2),
         "agent_cpu_us_per_page_get": round(one["cpu_get"] * 1e6, 2),
         "inprocess_cpu_us_per_page_put": round(base["cpu_put"] * 1e6, 2),
