@@ -1,32 +1,42 @@
 """Guest → host agent → tmem throughput over real unix sockets, beside tmem called in-process.
 
+The question (issue 11): what does the protocol path — codec, socket, event loop,
+dispatch — cost over calling ``TmemHost`` directly?  So the headline ratios compare like
+with like: the agent runs as deployed, its persistent pages written through its LMDB
+store (``memd serve --store``, committed before each reply), and the in-process ceiling
+has the same store behind it (``LmdbStore``, not durable, as the agent's default),
+committed after every call.  What the store itself costs is a separate, deliberate cost,
+measured by ``tmem_bench`` (``persistent_vs_memory_put_ratio``); it is shown here too,
+not hidden: the ``*_vs_no_store`` ratios and ``inprocess_no_store_*`` figures put the
+agent with its store beside a ceiling without one.
+
 What one run measures, on the page mix of ``tmem_bench.make_mix`` (35% zero, 20%
 duplicates, 35% text-like, 10% random) with the same handles and batch size:
 
 * **in-process**: ``TmemHost.put_batch/get_batch`` (and ``put/get``) called directly —
-  the ceiling: no codec, no socket, no event loop;
-* **socket, agent in a separate process** (``memd serve --listen NAME=PATH``, as it is
-  deployed): one guest (``GuestClient`` in this process) batched — PUT_BATCH/GET_BATCH
-  frames of ``--batch`` pages, pipelined (32 in flight) — and unbatched (one PUT/GET per
-  page, one round trip each); then 8 guests at once, each a separate process with its
-  own channel, aggregate pages/s;
+  the ceiling: no codec, no socket, no event loop; with the agent's kind of store
+  (``inprocess_*``) and without any (``inprocess_no_store_*``);
+* **socket, agent in a separate process** (``memd serve --listen NAME=PATH --store``, as
+  it is deployed): one guest (``GuestClient`` in this process) batched — PUT_BATCH/
+  GET_BATCH frames of ``--batch`` pages, pipelined (32 in flight) — and unbatched (one
+  PUT/GET per page, one round trip each); then 8 guests at once, each a separate
+  process with its own channel, aggregate pages/s;
 * **socket, agent in this process** (asyncio loop in a background thread, as the tests
-  and ``memd demo`` run it): one guest batched, for comparison — client and agent then
-  share one GIL.
+  and ``memd demo`` run it, with a store too): one guest batched, for comparison —
+  client and agent then share one GIL.
 
-``batched_put_ratio`` = separate-process batched socket put ÷ in-process batched put
-(``batched_get_ratio`` likewise).  The agent keeps persistent pages in its LMDB store
-(``--store``, committed before each reply) and the in-process ceiling does not, so the
-ratio also charges the store to the socket path; ``inprocess_store_put_pages_per_s`` is
-``TmemHost.put_batch`` on such a store (one commit per batch, as the agent commits about
-once per frame) and ``batched_put_ratio_same_store`` the socket put against it: the
-cost of the codec, socket and event loop alone.  Every put run uses a fresh pool,
-destroyed afterwards, on both sides, so no run overwrites the previous run's pages.
-The guest consents to dedup (as ``tmem_bench`` enables it).  The 8-guest figures on a
-2-core machine measure contention more than scaling: the agent is one thread.
-Wall-clock ratios suffer when other work shares the cores (``loadavg_1min`` is
-recorded); ``agent_cpu_us_per_page_*`` beside ``inprocess_cpu_us_per_page_*`` is the
-load-insensitive view of the agent's cost.
+``batched_put_ratio`` = separate-process batched socket put ÷ in-process batched put,
+both with a store (``batched_get_ratio``, the unbatched and the many-guest ratios
+likewise); ``batched_put_ratio_vs_no_store`` = the same socket put ÷ in-process put
+without a store (the protocol path and the store together).  Every put run uses a fresh
+pool, destroyed afterwards, on both sides, so no run overwrites the previous run's
+pages.  The guest consents to dedup (as ``tmem_bench`` enables it).  The 8-guest
+figures on a 2-core machine measure contention more than scaling: the agent is one
+thread.  Wall-clock ratios suffer when other work shares the cores (``loadavg_1min`` is
+recorded, and the guest client in this process needs a core too); ``agent_cpu_us_per_page_*``
+beside ``inprocess_cpu_us_per_page_*`` (both including the untimed pool destroy/create
+between runs, both with a store) is the load-insensitive view of the agent's cost, and
+``batched_*_cpu_ratio`` their quotient (in-process ÷ agent).
 
 ``--json`` prints one object.
 """
@@ -86,36 +96,34 @@ def best_of(runs: int, fn: Callable[[], object],
 # --- in-process baseline -------------------------------------------------------------
 
 
-def in_process_with_store(pages: list[bytes], batch: int, runs: int, tmp: str) -> float:
-    """Seconds for the batched puts, TmemHost called directly with an LMDB store behind
-    it as ``memd serve --store`` has (a fresh store per run)."""
+@contextmanager
+def tmem_host(store_dir: str | None) -> Iterator[TmemHost]:
+    """A TmemHost for the in-process runs: with an LMDB store in ``store_dir`` as
+    ``memd serve --store`` has (not durable: the agent's default), or none (None)."""
+    if store_dir is None:
+        yield TmemHost(budget_bytes=BUDGET)
+        return
     from hypervisor.lmdb_store import LmdbStore
 
-    n = len(pages)
-    handles = handles_for(n)
-    best = float("inf")
-    for run_no in range(runs):
-        store = LmdbStore(os.path.join(tmp, f"inprocess-store-{run_no}"), budget_bytes=BUDGET)
-        try:
-            host = TmemHost(budget_bytes=BUDGET, log=store)
-            host.add_client("bench", dedup=True)
-            pool = host.new_pool("bench", PoolFlag.PERSISTENT)
-            t0 = time.perf_counter()
-            for i in range(0, n, batch):
-                results = host.put_batch("bench", pool, handles[i:i + batch],
-                                         pages[i:i + batch])
-                assert not any(results)
-            best = min(best, time.perf_counter() - t0)
-        finally:
-            store.close()
-    return best
+    store = LmdbStore(store_dir, budget_bytes=BUDGET)
+    try:
+        yield TmemHost(budget_bytes=BUDGET, log=store)
+    finally:
+        store.close()
 
 
-def in_process(pages: list[bytes], batch: int, runs: int, unbatched: int) -> dict[str, float]:
-    """Seconds for each operation, TmemHost called directly."""
+def in_process(pages: list[bytes], batch: int, runs: int, unbatched: int,
+               store_dir: str | None) -> dict[str, float]:
+    """Seconds for each operation, TmemHost called directly (with a store in
+    ``store_dir``, committed after every call as the agent commits after every read)."""
+    with tmem_host(store_dir) as host:
+        return _in_process(host, pages, batch, runs, unbatched)
+
+
+def _in_process(host: TmemHost, pages: list[bytes], batch: int, runs: int,
+                unbatched: int) -> dict[str, float]:
     n = len(pages)
     handles = handles_for(n)
-    host = TmemHost(budget_bytes=BUDGET)
     host.add_client("bench", dedup=True)
     pools: list[int] = []
 
@@ -366,10 +374,13 @@ class _AgentLoop:
 
 @contextmanager
 def agent_thread(tmp: str) -> Iterator[str]:
-    """The agent on an asyncio loop in a background thread of this process."""
+    """The agent on an asyncio loop in a background thread of this process, with a
+    store as ``memd serve`` has."""
+    from hypervisor.lmdb_store import LmdbStore
     from memd.agent.app import AgentApp
 
-    app = AgentApp(budget_bytes=BUDGET)
+    store = LmdbStore(os.path.join(tmp, "thread-store"), budget_bytes=BUDGET)
+    app = AgentApp(budget_bytes=BUDGET, store=store)
     loop = _AgentLoop()
     path = os.path.join(tmp, "thread.sock")
     try:
@@ -379,6 +390,7 @@ def agent_thread(tmp: str) -> Iterator[str]:
     finally:
         loop.run(app.stop())
         loop.close()
+        store.close()
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -388,9 +400,10 @@ def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
         guest_pages: int, thread_agent: bool) -> dict[str, object]:
     pages = make_mix(n_pages)
     rate = _rates
-    base = in_process(pages, batch, runs, unbatched)
     with tempfile.TemporaryDirectory(prefix="memd-pbench-") as tmp:
-        base_store_put = in_process_with_store(pages, batch, runs, tmp)
+        # The ceiling as the agent runs (its store behind tmem), and without any store.
+        base = in_process(pages, batch, runs, unbatched, os.path.join(tmp, "inprocess-store"))
+        bare = in_process(pages, batch, runs, unbatched, None)
         with agent_process(tmp, 1) as (paths, pid):
             one = one_guest(paths[0], pages, batch, runs, unbatched, pid)
         with agent_process(tmp, guests) as (paths, _):
@@ -405,21 +418,31 @@ def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
         "in_flight": IN_FLIGHT,
         "unbatched_pages": unbatched,
         "mix": {"zero": 0.35, "duplicate": 0.20, "compressible": 0.35, "random": 0.10},
-        "agent": "separate process (memd serve --listen), guests over unix sockets",
+        "agent": "separate process (memd serve --listen --store), guests over unix sockets",
+        "ceiling": "TmemHost in-process with an LMDB store as the agent's (no codec/socket)",
         "batched_put_ratio": round(base["put"] / one["put"], 3),
         "batched_get_ratio": round(base["get"] / one["get"], 3),
-        "batched_put_ratio_same_store": round(base_store_put / one["put"], 3),
         "unbatched_put_ratio": round(base["put1"] / one["put1"], 3),
         "unbatched_get_ratio": round(base["get1"] / one["get1"], 3),
+        # The agent with its store against a ceiling without one: protocol path + store.
+        "batched_put_ratio_vs_no_store": round(bare["put"] / one["put"], 3),
+        "batched_get_ratio_vs_no_store": round(bare["get"] / one["get"], 3),
+        # CPU seconds per page, in-process ÷ agent: the load-insensitive form of the
+        # batched ratios (the guest client's own CPU is not counted on either side).
+        "batched_put_cpu_ratio": round(base["cpu_put"] / one["cpu_put"], 3),
+        "batched_get_cpu_ratio": round(base["cpu_get"] / one["cpu_get"], 3),
         "agent_cpu_us_per_page_put": round(one["cpu_put"] * 1e6, 2),
         "agent_cpu_us_per_page_get": round(one["cpu_get"] * 1e6, 2),
         "inprocess_cpu_us_per_page_put": round(base["cpu_put"] * 1e6, 2),
         "inprocess_cpu_us_per_page_get": round(base["cpu_get"] * 1e6, 2),
+        "inprocess_no_store_cpu_us_per_page_put": round(bare["cpu_put"] * 1e6, 2),
+        "inprocess_no_store_cpu_us_per_page_get": round(bare["cpu_get"] * 1e6, 2),
         "inprocess_put_pages_per_s": rate(n_pages, base["put"]),
-        "inprocess_store_put_pages_per_s": rate(n_pages, base_store_put),
         "inprocess_get_pages_per_s": rate(n_pages, base["get"]),
         "inprocess_put_unbatched_pages_per_s": rate(unbatched, base["put1"]),
         "inprocess_get_unbatched_pages_per_s": rate(unbatched, base["get1"]),
+        "inprocess_no_store_put_pages_per_s": rate(n_pages, bare["put"]),
+        "inprocess_no_store_get_pages_per_s": rate(n_pages, bare["get"]),
         "socket_put_pages_per_s": rate(n_pages, one["put"]),
         "socket_get_pages_per_s": rate(n_pages, one["get"]),
         "socket_put_unbatched_pages_per_s": rate(unbatched, one["put1"]),

@@ -86,6 +86,7 @@ from tmem.types import (
     MAX_POOLS_PER_CLIENT,
     ClientStats,
     Oid,
+    PageBuffer,
     PoolFlag,
     PoolStats,
     StoreStats,
@@ -410,6 +411,28 @@ class TmemHost:
             check_index(index, op)
         return self._put_pages(name, pool_id, handles, [check_page(p, op) for p in pages], op)
 
+    # -- entries for input a decoder already validated ------------------------------------
+    # The guest protocol's decoder (memd.wire) proves every argument's shape on the way
+    # in: oid words and indexes are unpacked from u64/u32 fields, a page is exactly
+    # PAGE_SIZE bytes, a batch holds 1..MAX_BATCH handles with one page each.  These
+    # entries skip checking it all again (and copying each page into ``bytes``, which
+    # check_page does for a buffer); everything else (client, pool, caps, budget, frozen)
+    # is checked exactly as by put/put_batch.  Anything not proven so must use those.
+
+    def put_prevalidated(self, name: str, pool_id: int, oid: Oid, index: int,
+                         page: PageBuffer) -> None:
+        """:meth:`put` of arguments already validated as described above."""
+        error = self._put_pages(name, pool_id, [(oid, index)], [page], "put")[0]
+        if error is not None:
+            raise error
+
+    def put_batch_prevalidated(
+        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
+        pages: Sequence[PageBuffer],
+    ) -> list[TmemError | None]:
+        """:meth:`put_batch` of arguments already validated as described above."""
+        return self._put_pages(name, pool_id, handles, pages, "put_batch")
+
     def get_batch(
         self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]]
     ) -> list[bytes | None]:
@@ -489,8 +512,8 @@ class TmemHost:
                     journal.commit()
 
     def _put_pages(
-        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]], pages: list[bytes],
-        op: str,
+        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
+        pages: Sequence[PageBuffer], op: str,
     ) -> list[TmemError | None]:
         """The put pipeline (see docs/tmem.md): hash, pin duplicates, compress, insert."""
         hashes = hash_pages(pages)  # no lock

@@ -26,6 +26,11 @@ MAX_INDEX = (1 << 32) - 1
 MAX_OID_WORD = (1 << 64) - 1
 DEFAULT_WEIGHT = 100
 
+#: A page's contents as tmem's put pipeline takes them: PAGE_SIZE bytes, or a buffer of
+#: them (the agent passes views of the frame it decoded, not copies).  Nobody may write
+#: to a buffer while a put runs, and tmem keeps no reference to it after the call: what
+#: it stores is a compressed copy, or ``bytes`` of the page.
+PageBuffer = bytes | bytearray | memoryview
 
 
 def check_oid(oid: Any, op: str) -> Oid:

@@ -2,14 +2,19 @@
 
 The seam between the agent's I/O and the protocol's meaning: :mod:`memd.agent.server`
 feeds a connection's bytes to a :class:`~memd.wire.FrameDecoder` and hands the decoder's
-output to :meth:`Dispatcher.handle_all`, which returns the bytes to write back.  Nothing
+output to :meth:`Dispatcher.handle_all`, which returns the bytes to write back (as
+parts, in order, for one vectored write: a GET_BATCH reply's pages are not joined).  Nothing
 here touches a socket or an event loop, so tests drive it with bytes alone
 (tests/agent/test_dispatch.py).
 
 The guest's identity is the channel its bytes arrived on (``GuestState.name``); no
 field of a request can name another guest.  Every request is decoded and validated
-by :mod:`memd.wire` and then again by the tmem/sharing layer; every failure becomes an
-error reply with a status, never an exception out of :meth:`Dispatcher.handle` — one
+by :mod:`memd.wire`; the tmem/sharing layer then checks what only it can know (the
+client, the pool, caps, budget).  A PUT's or PUT_BATCH's shape — oid words, indexes,
+page lengths, batch size — is proven by the decoder's unpacking and length checks, so
+those go to tmem's ``put*_prevalidated`` entries, which do not check it again nor copy
+the pages (they are views of the frame's payload).  Every failure becomes an error
+reply with a status, never an exception out of :meth:`Dispatcher.handle` — one
 malformed or hostile frame cannot take the agent down or touch another guest.
 
 ``GuestState`` and the dispatcher are used by the event loop thread only, except
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 from memd import wire
 from memd.agent.latency import LatencyHistograms
 from memd.errors import FrameError, MemdError, NoSuchClient, NoSuchPool
-from memd.wire import Capability, Op, ShareState, Status
+from memd.wire import Buffer, Capability, Op, ShareState, Status
 from sharing.consent import ConsentBook
 from sharing.guest import GuestSharing, PageSharing
 from tmem.host import TmemHost
@@ -109,22 +114,24 @@ class Dispatcher:
         self.latency = LatencyHistograms()
 
     def handle_all(self, guest: GuestState, items: Sequence[wire.Frame | FrameError]
-                   ) -> list[bytes]:
-        """Replies, in order, for what a guest's decoder returned from one read: each
-        frame is handled; a corrupt stretch (FrameError) gets no reply — there is no
+                   ) -> list[Buffer]:
+        """Replies for what a guest's decoder returned from one read, as the parts of
+        their bytes in order (write them as one vectored write: ``transport.writelines``):
+        each frame is handled; a corrupt stretch (FrameError) gets no reply — there is no
         request id to answer — and counts as a bad frame of the guest."""
-        replies = []
+        parts: list[Buffer] = []
         for item in items:
             if isinstance(item, FrameError):
                 guest.bad_frames += 1
                 continue
-            reply = self.handle(guest, item)
-            if reply:
-                replies.append(reply)
-        return replies
+            parts += self._timed(guest, item)
+        return parts
 
     def handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
         """Reply bytes for one frame (b"" when no reply is due)."""
+        return b"".join(self._timed(guest, frame))
+
+    def _timed(self, guest: GuestState, frame: wire.Frame) -> list[Buffer]:
         t0 = time.perf_counter()
         reply = self._handle(guest, frame)
         # Op names from the enum only: a hostile guest's opcodes must not make labels.
@@ -132,10 +139,10 @@ class Dispatcher:
         self.latency.observe(op, time.perf_counter() - t0)
         return reply
 
-    def _handle(self, guest: GuestState, frame: wire.Frame) -> bytes:
+    def _handle(self, guest: GuestState, frame: wire.Frame) -> list[Buffer]:
         if frame.is_reply:
             guest.bad_frames += 1
-            return b""  # guests never send replies: ignore, do not echo
+            return []  # guests never send replies: ignore, do not echo
         guest.requests += 1
         try:
             request = wire.decode_request(frame)
@@ -152,22 +159,24 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------------------
 
-    def _error(self, guest: GuestState, frame: wire.Frame, err: BaseException) -> bytes:
+    def _error(self, guest: GuestState, frame: wire.Frame, err: BaseException
+               ) -> list[Buffer]:
         guest.errors += 1
         status = wire.status_for_exception(err)
         message = str(err) if isinstance(err, MemdError) else "internal error"
         return self._status_reply(guest, frame, status, message[:wire.MAX_MESSAGE])
 
-    def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> bytes:
-        return wire.encode_reply(frame.request_id, msg,
-                                 version=guest.version or wire.PROTOCOL_VERSION)
+    def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> list[Buffer]:
+        return wire.encode_reply_parts(frame.request_id, msg,
+                                       version=guest.version or wire.PROTOCOL_VERSION)
 
     def _status_reply(self, guest: GuestState, frame: wire.Frame, status: Status,
-                      message: str = "") -> bytes:
-        return wire.encode_error(frame.op, frame.request_id, status, message,
-                                 version=guest.version or wire.PROTOCOL_VERSION)
+                      message: str = "") -> list[Buffer]:
+        return [wire.encode_error(frame.op, frame.request_id, status, message,
+                                  version=guest.version or wire.PROTOCOL_VERSION)]
 
-    def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> bytes:
+    def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request
+                  ) -> list[Buffer]:
         name, tmem = guest.name, self.tmem
         if isinstance(req, wire.SyncRequest):
             # docs/protocol.md: a SYNC starts the conversation over; HELLO comes next.
@@ -194,8 +203,8 @@ class Dispatcher:
                 return self._reply(guest, frame, wire.NewPoolReply(pool))
             case wire.DestroyPoolRequest():
                 tmem.destroy_pool(name, req.pool)
-            case wire.PutRequest():
-                tmem.put(name, req.pool, req.oid, req.index, bytes(req.page))
+            case wire.PutRequest():  # shape proven by the decoder (module docstring)
+                tmem.put_prevalidated(name, req.pool, req.oid, req.index, req.page)
             case wire.GetRequest():
                 page = tmem.get(name, req.pool, req.oid, req.index)
                 if page is None:
@@ -205,11 +214,11 @@ class Dispatcher:
                 tmem.flush_page(name, req.pool, req.oid, req.index)
             case wire.FlushObjectRequest():
                 tmem.flush_object(name, req.pool, req.oid)
-            case wire.PutBatchRequest():
-                results = tmem.put_batch(name, req.pool, list(req.handles),
-                                         [bytes(p) for p in req.pages])
-                statuses = [Status.OK if r is None else wire.status_for_exception(r)
-                            for r in results]
+            case wire.PutBatchRequest():  # shape proven by the decoder (module docstring)
+                results = tmem.put_batch_prevalidated(name, req.pool, req.handles, req.pages)
+                statuses = ([Status.OK] * len(results) if not any(results) else
+                            [Status.OK if r is None else wire.status_for_exception(r)
+                             for r in results])
                 return self._reply(guest, frame, wire.PutBatchReply(statuses))
             case wire.GetBatchRequest():
                 pages = tmem.get_batch(name, req.pool, list(req.handles))
@@ -234,7 +243,8 @@ class Dispatcher:
         # The op's own empty OK reply (PutReply, ...): the reply type names the op.
         return self._reply(guest, frame, wire.spec_of(req).reply())
 
-    def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest) -> bytes:
+    def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest
+               ) -> list[Buffer]:
         version = wire.negotiate_version(req)
         if version is None:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
@@ -292,7 +302,8 @@ class Dispatcher:
         out["bad_frames"] = guest.bad_frames
         return out
 
-    def _sharing(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> bytes:
+    def _sharing(self, guest: GuestState, frame: wire.Frame, req: wire.Request
+                 ) -> list[Buffer]:
         if self.sharing is None or not guest.capabilities & Capability.SHARING:
             return self._status_reply(guest, frame, Status.DENIED,
                                       "page sharing is not enabled for this guest")

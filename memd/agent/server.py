@@ -49,6 +49,10 @@ from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
 
+#: One session's share of a group commit: its transport, the parts of its replies, and
+#: the future its session waits on until they are written.
+_Held = tuple[asyncio.Transport, list[wire.Buffer], asyncio.Future[None]]
+
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 2.0
@@ -106,8 +110,7 @@ class Agent:
         self._stopped = asyncio.Event()
         #: Replies held for this event-loop turn's store commit (None: nothing held).
         #: Loop thread only, like everything here.
-        self._outbox: list[tuple[asyncio.Transport, list[bytes], asyncio.Future[None]]] | (
-            None) = None
+        self._outbox: list[_Held] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -143,9 +146,9 @@ class Agent:
             self.dispatcher.tmem.hold_commits()
             self._outbox = []
             loop.call_soon(self._flush)
-        replies = self.dispatcher.handle_all(guest, items)
+        parts = self.dispatcher.handle_all(guest, items)
         written = loop.create_future()
-        self._outbox.append((transport, replies, written))
+        self._outbox.append((transport, parts, written))
         await written
 
     def _flush(self) -> None:
@@ -161,10 +164,9 @@ class Agent:
                 if not written.done():  # its session may have been cancelled meanwhile
                     written.set_result(None)
             return
-        for transport, replies, written in outbox:
-            if not transport.is_closing():
-                for reply in replies:
-                    transport.write(reply)
+        for transport, parts, written in outbox:
+            if parts and not transport.is_closing():
+                transport.writelines(parts)  # one send for all of a read's replies
             if not written.done():
                 written.set_result(None)
 

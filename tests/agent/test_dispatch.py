@@ -235,6 +235,54 @@ def test_pipelined_requests_get_replies_in_order(guest: Guest) -> None:
     assert bytes(wire.decode_reply(frames[-1]).page) == page(3)  # type: ignore[union-attr]
 
 
+def test_pages_put_from_a_reused_receive_buffer_are_stored_byte_exact(
+        guest: Guest, tmem: TmemHost) -> None:
+    """The agent decodes frames out of one receive buffer it reuses for every read, and
+    the dispatcher hands tmem views of the payload, not copies: what is stored must not
+    change when that memory is overwritten.  Zero, compressible, duplicate and
+    incompressible (stored raw) pages."""
+    pool = guest.new_pool()
+    contents = [bytes(PAGE_SIZE), page(7), page(7), os.urandom(PAGE_SIZE),
+                b"memd " * 819 + b"!"]
+    handles = [(OID, i) for i in range(len(contents))]
+    frames = [guest.request_bytes(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, contents)),
+              guest.request_bytes(Op.PUT, wire.PutRequest(pool, OID, 99, contents[3]))]
+    scratch = bytearray(len(frames[0]) + 64)  # as memd.agent.connection.ScratchBuffer
+    replies: list[bytes] = []
+    for data in frames:
+        scratch[:len(data)] = data
+        replies.append(b"".join(guest.dispatcher.handle_all(
+            guest.state, guest.decoder.feed(memoryview(scratch)[:len(data)]))))
+        scratch[:] = b"\xa5" * len(scratch)  # the next read lands in the same memory
+    frames_back = [f for r in replies for f in wire.FrameDecoder().feed(r)
+                   if isinstance(f, wire.Frame)]
+    assert [wire.decode_reply(f) for f in frames_back] == [
+        wire.PutBatchReply([Status.OK] * len(contents)), wire.PutReply()]
+    assert tmem.get_batch("vm1", pool, handles) == contents
+    assert tmem.get("vm1", pool, OID, 99) == contents[3]
+    assert tmem.audit() == []
+
+
+def test_handle_all_returns_the_replies_as_parts_of_one_write(guest: Guest) -> None:
+    """handle_all gives the reply bytes as parts (a GET_BATCH reply's pages unjoined);
+    written in order they are exactly the replies handle() gives frame by frame."""
+    pool = guest.new_pool()
+    handles = [(OID, i) for i in range(3)]
+    guest.ok(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, [page(i) for i in range(3)]))
+    data = (guest.request_bytes(Op.GET_BATCH, wire.GetBatchRequest(pool, handles))
+            + guest.request_bytes(Op.GET, wire.GetRequest(pool, OID, 9))
+            + guest.request_bytes(Op.LIST_POOLS, wire.ListPoolsRequest()))
+    items = wire.FrameDecoder().feed(data)
+    parts = guest.dispatcher.handle_all(guest.state, items)
+    assert len(parts) > 3  # header, statuses and pages of GET_BATCH are separate parts
+    one_by_one = [guest.dispatcher.handle(guest.state, f) for f in items
+                  if isinstance(f, wire.Frame)]
+    assert b"".join(parts) == b"".join(one_by_one)
+    got = wire.decode_reply(wire.FrameDecoder().feed(one_by_one[0])[0])  # type: ignore[arg-type]
+    assert isinstance(got, wire.GetBatchReply)
+    assert [bytes(p) for p in got.pages if p is not None] == [page(i) for i in range(3)]
+
+
 # --- errors become statuses ---------------------------------------------------------------
 
 
