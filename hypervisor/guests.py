@@ -1,7 +1,8 @@
 """Backend-neutral descriptions of guests and their lifecycle: plain data, no I/O.
 
 :class:`GuestInfo` is what discovery returns (libvirt today, a bare QEMU tomorrow) and what
-``memd guests --json`` prints; :class:`LifecycleEvent` is what event following delivers.
+``memd guests --json`` prints; :class:`LifecycleEvent` is what event following delivers
+(:func:`lifecycle_event` translates libvirt's event integers into one).
 Neither holds a live connection or monitor: those are fetched on demand from the backend
 (``LibvirtHost.monitor(name)``), so these objects can be logged, compared and serialised.
 """
@@ -81,3 +82,36 @@ class LifecycleEvent:
 
     def to_dict(self) -> dict[str, str]:
         return {"name": self.name, "uuid": self.uuid, "kind": self.kind, "detail": self.detail}
+
+
+#: virDomainState → virsh's words.
+DOMAIN_STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
+                 5: "shut off", 6: "crashed", 7: "pmsuspended"}
+
+# virDomainEventType → kind, and per kind its detail enum → detail (libvirt-domain.h):
+# libvirt's integers, translated here so that events are plain data everywhere else.
+_EVENT_KINDS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
+                5: "stopped", 6: "shutdown", 7: "pmsuspended", 8: "crashed"}
+_EVENT_DETAILS: dict[str, tuple[str, ...]] = {
+    "defined": ("added", "updated", "renamed", "from_snapshot"),
+    "undefined": ("removed", "renamed"),
+    "started": ("booted", "migrated", "restored", "from_snapshot", "wakeup"),
+    "suspended": ("paused", "migrated", "ioerror", "watchdog", "restored", "from_snapshot",
+                  "api_error", "postcopy", "postcopy_failed"),
+    "resumed": ("unpaused", "migrated", "from_snapshot", "postcopy", "postcopy_failed"),
+    "stopped": ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
+                "from_snapshot"),
+    "shutdown": ("finished", "guest", "host"),
+    "pmsuspended": ("memory", "disk"),
+    "crashed": ("panicked", "crashloaded"),
+}
+#: virConnectCloseReason → word.
+CLOSE_REASONS = ("error", "eof", "keepalive", "client")
+
+
+def lifecycle_event(name: str, uuid: str, event: int, detail: int) -> LifecycleEvent:
+    """Translate libvirt's (event, detail) integers; unknown values keep their number."""
+    kind = _EVENT_KINDS.get(event, str(event))
+    details = _EVENT_DETAILS.get(kind, ())
+    return LifecycleEvent(name=name, uuid=uuid, kind=kind,
+                          detail=details[detail] if 0 <= detail < len(details) else str(detail))

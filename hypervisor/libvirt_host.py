@@ -53,7 +53,13 @@ from hypervisor.domain_xml import (
     swap_disk_element,
     swap_disk_xml,
 )
-from hypervisor.guests import GuestInfo, LifecycleEvent
+from hypervisor.guests import (
+    CLOSE_REASONS,
+    DOMAIN_STATES,
+    GuestInfo,
+    LifecycleEvent,
+    lifecycle_event,
+)
 from hypervisor.qmp import encode_command, parse_reply
 from memd.errors import (
     BackendError,
@@ -66,37 +72,6 @@ from memd.errors import (
 log = logging.getLogger("memd.libvirt")
 
 DEFAULT_URI = "qemu:///system"
-
-# virDomainState → virsh's words.
-_STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
-           5: "shut off", 6: "crashed", 7: "pmsuspended"}
-
-# virDomainEventType → kind, and per kind its detail enum → detail (libvirt-domain.h).
-_EVENT_KINDS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
-                5: "stopped", 6: "shutdown", 7: "pmsuspended", 8: "crashed"}
-_EVENT_DETAILS: dict[str, tuple[str, ...]] = {
-    "defined": ("added", "updated", "renamed", "from_snapshot"),
-    "undefined": ("removed", "renamed"),
-    "started": ("booted", "migrated", "restored", "from_snapshot", "wakeup"),
-    "suspended": ("paused", "migrated", "ioerror", "watchdog", "restored", "from_snapshot",
-                  "api_error", "postcopy", "postcopy_failed"),
-    "resumed": ("unpaused", "migrated", "from_snapshot", "postcopy", "postcopy_failed"),
-    "stopped": ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
-                "from_snapshot"),
-    "shutdown": ("finished", "guest", "host"),
-    "pmsuspended": ("memory", "disk"),
-    "crashed": ("panicked", "crashloaded"),
-}
-_CLOSE_REASONS = ("error", "eof", "keepalive", "client")
-
-
-def lifecycle_event(name: str, uuid: str, event: int, detail: int) -> LifecycleEvent:
-    """Translate libvirt's (event, detail) integers; unknown values keep their number."""
-    kind = _EVENT_KINDS.get(event, str(event))
-    details = _EVENT_DETAILS.get(kind, ())
-    return LifecycleEvent(name=name, uuid=uuid, kind=kind,
-                          detail=details[detail] if 0 <= detail < len(details) else str(detail))
-
 
 # --- the libvirt module and its event loop -----------------------------------------------
 
@@ -434,7 +409,7 @@ class LibvirtHost:
 
         def relay(_conn: Any, reason: int, _opaque: Any) -> None:
             try:
-                callback(_CLOSE_REASONS[reason] if 0 <= reason < 4 else str(reason))
+                callback(CLOSE_REASONS[reason] if 0 <= reason < 4 else str(reason))
             except Exception:
                 log.exception("libvirt disconnect callback failed")
 
@@ -453,7 +428,7 @@ class LibvirtHost:
         if active and self._driver == "QEMU" and self.local:
             pid = self._find_qemu_pid(name, uuid)
         return GuestInfo(
-            name=name, uuid=uuid, state=_STATES.get(state, str(state)),
+            name=name, uuid=uuid, state=DOMAIN_STATES.get(state, str(state)),
             has_channel=spec is not None,
             channel=spec.path if spec is not None and spec.usable and active else None,
             qemu_pid=pid, domain_id=self._query(dom.ID, domain=name) if active else None,

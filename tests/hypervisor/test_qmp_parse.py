@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from hypervisor.domain_xml import find_memd_channel
-from hypervisor.libvirt_host import lifecycle_event
+from hypervisor.guests import lifecycle_event
 from hypervisor.qmp import (
     Memdev,
     encode_command,
