@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--durable", action="store_true",
                    help="fsync every store commit, so acknowledged pages survive a power loss "
                    "(use with --store on disk)")
+    c.add_argument("--migrate-listen", metavar="HOST:PORT", default=None,
+                   help="accept guests migrating here from other agents (mutual TLS)")
+    c.add_argument("--tls-dir", metavar="DIR", default=None,
+                   help="migration certificates: DIR/cacert.pem, DIR/{server,client}cert.pem, "
+                   "DIR/private/{server,client}key.pem (default: libvirt's /etc/pki layout)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")
@@ -189,6 +194,13 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("authorize", "allow a guest to join a shared tmem pool")
     c.add_argument("guest")
     c.add_argument("uuid")
+    c = cmd("migrate", "move a guest's tmem pages and swap disk to the agent at HOST:PORT")
+    c.add_argument("guest")
+    c.add_argument("--to", required=True, metavar="HOST:PORT")
+    c.add_argument("--qmp", metavar="SOCKET",
+                   help="follow the QEMU migration started on this QEMU (memd arms "
+                   "pause-before-switchover and returns; progress in memd status); without "
+                   "it the guest must be paused or stopped and the move happens now")
     c = cmd("demo", "run the embedded demo: agent + simulated guests over unix sockets")
     c.add_argument("--guests", type=int, default=4)
     c.add_argument("--guest-mib", type=int, default=16)
@@ -268,6 +280,11 @@ def _format_status(r: dict[str, Any]) -> str:
     if disks:
         out.append(f"swap      {len(disks)} NBD swap disks: " + ", ".join(
             _swap_summary(d) for d in disks))
+    mig = r.get("migrations") or {}
+    if mig.get("listening"):
+        out.append(f"migrate   accepting guests on {mig['listening']} (TLS)")
+    for m in mig.get("active", []) + mig.get("finished", [])[-3:]:
+        out.append(f"migrate   {_format_migration(m)}")
     sim = r.get("sharing")
     if sim:
         out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
@@ -281,6 +298,16 @@ def _format_status(r: dict[str, Any]) -> str:
                    f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
                    f"(memd ksm)")
     return "\n".join(out)
+
+
+def _format_migration(m: dict[str, Any]) -> str:
+    where = "to" if m["direction"] == "out" else "from"
+    line = (f"{m['guest']} {where} {m['peer']}: {m.get('outcome', m['phase'])}, "
+            f"{m['pages']} pages ({human_size(m['bytes'])}) in {m['elapsed_s']} s, "
+            f"{m['pages_per_s']:.0f} pages/s, {m['chunks_remaining']} chunks to go")
+    if m.get("switchover_ms") is not None:
+        line += f", switch-over {m['switchover_ms']} ms"
+    return line + (f" ({m['error']})" if m.get("error") else "")
 
 
 def _swap_summary(d: dict[str, Any]) -> str:
@@ -501,6 +528,10 @@ def _run(args: argparse.Namespace) -> int:
                                                         sorted(r["restored"].items()))))
         case "budget":
             _emit(args, call("budget", bytes=args.size), _format_budget)
+        case "migrate":
+            _emit(args, call("migrate", guest=args.guest, to=args.to,
+                             qmp=os.path.abspath(args.qmp) if args.qmp else None),
+                  _format_migration)
         case "authorize":
             _emit(args, call("authorize", guest=args.guest, uuid=args.uuid),
                   lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")

@@ -90,6 +90,9 @@ async def _serve_with(args: argparse.Namespace, control_path: str,
                    spill_dir=Path(spill_dir) if spill_dir else None)
     app.catch_signals()
     await app.start(control_path, metrics=getattr(args, "metrics", None))
+    app.migration.tls_dir = getattr(args, "tls_dir", None)  # both roles' certificates
+    if getattr(args, "migrate_listen", None):
+        await app.migration.listen(args.migrate_listen)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
     for name, path in args.listen:

@@ -28,6 +28,7 @@ from hypervisor.simmachine import SimMachine
 from memd import paths
 from memd.agent.control import ControlServer, Handler
 from memd.agent.dispatch import Dispatcher, GuestState
+from memd.agent.migration import MigrationService
 from memd.agent.server import Agent
 from memd.agent.sharing_service import SharingRouter, SharingService
 from memd.errors import InvalidArgument, MemdError, NotFound
@@ -36,6 +37,7 @@ from memd.nbd.server import NbdServer
 from memd.nbd.spill import FileSpill
 from sharing.manager import SharingManager
 from tmem.host import TmemHost
+from tmem.migration import ChangeFeed
 
 if TYPE_CHECKING:
     from hypervisor.ksm_steer import KsmSteering
@@ -70,7 +72,9 @@ class AgentApp:
         self.started = time.time()
         #: Where persistent tmem state lives (None: in memory only, lost with the process).
         self.store = store
-        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store)
+        #: The store as TmemHost writes it, telling migrations which chunks changed.
+        self.feed = ChangeFeed(store) if store is not None else None
+        self.tmem = TmemHost(budget_bytes=budget_bytes, log=self.feed)
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
         self.sharing: SharingService | None = (
             SharingService(SharingManager(self.machine)) if self.machine else None)
@@ -107,6 +111,9 @@ class AgentApp:
         self._stop_requested: asyncio.Event | None = None
         if store is not None:
             self._reopen(store)
+        #: Guests moving to or from other agents (issue 14); registers its commands.
+        self.migration = MigrationService(self, self.feed)
+        self.control.commands.update(self.migration.commands())
 
     def _reopen(self, store: LmdbStore) -> None:
         """Rebuild tmem from the store and the guests' boot ids from their records."""
@@ -149,6 +156,7 @@ class AgentApp:
         # The control socket first: a `memd ksm --step` arriving later would make a
         # steering object that nobody closes.
         await self.control.close()
+        await self.migration.close()
         await self.stop_steering()
         for name in list(self.disks):
             await self.remove_swap(name)
@@ -448,6 +456,8 @@ class AgentApp:
             "ksm": self._ksm_summary(),
             #: Where Prometheus scrapes this agent (serve --metrics); None: nowhere.
             "metrics": self.metrics.url if self.metrics is not None else None,
+            #: Transfers to and from other agents (memd migrate), and the TLS listener.
+            "migrations": self.migration.status(),
         }
 
     def _ksm_summary(self) -> dict[str, Any] | None:

@@ -18,8 +18,10 @@ CHUNK      src → dst  binary: one radix chunk (64 indexes) of one persistent p
                       source has it now — every page there: index, xxh3-64, the *stored*
                       (lz4 or raw) payload; no page: the chunk is empty
 COMMIT     src → dst  JSON: the number of persistent pages the destination must now hold
-CONFIRM    dst → src  JSON: pages installed; the guest is the destination's from now on
-ABORT      either     JSON: one sentence; both sides forget the transfer
+CONFIRM    dst → src  JSON: pages installed under the guest's name
+DONE       src → dst  JSON: QEMU completed (or no QEMU drives it): the source drops its copy
+ABORT      either     JSON: one sentence; both sides forget the transfer (after CONFIRM:
+                      QEMU failed at the very end, the guest stays on the source)
 =========  =========  ======================================================================
 
 A CHUNK replaces the destination's copy of that chunk entirely, so sending a chunk again
@@ -65,6 +67,7 @@ class Kind(IntEnum):
     COMMIT = 5
     CONFIRM = 6
     ABORT = 7
+    DONE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +127,16 @@ class Confirm:
 
 
 @dataclass(frozen=True, slots=True)
+class Done:
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
 class Abort:
     reason: str
 
 
-Message = Begin | Ready | Pools | Chunk | Commit | Confirm | Abort
+Message = Begin | Ready | Pools | Chunk | Commit | Confirm | Done | Abort
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -160,6 +168,8 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
         return Kind.COMMIT, {"pages": msg.pages}
     if isinstance(msg, Confirm):
         return Kind.CONFIRM, {"pages": msg.pages}
+    if isinstance(msg, Done):
+        return Kind.DONE, {"pages": msg.pages}
     if isinstance(msg, Abort):
         return Kind.ABORT, {"reason": msg.reason}
     raise TypeError(f"not a migration message: {msg!r}")
@@ -255,6 +265,8 @@ def _from_json(kind: int, obj: dict[str, Any]) -> Message:
         return Commit(_int(obj["pages"]))
     if kind == Kind.CONFIRM:
         return Confirm(_int(obj["pages"]))
+    if kind == Kind.DONE:
+        return Done(_int(obj["pages"]))
     if kind == Kind.ABORT:
         return Abort(_str(obj["reason"]))
     raise ValueError(f"unknown kind {kind}")

@@ -28,7 +28,7 @@ def contents(host: TmemHost, name: str) -> dict[tuple[int, tuple[int, int, int],
     """Every persistent page of a client, by (local pool, oid, index)."""
     out = {}
     exp = Exporter(host, host._log, name)  # type: ignore[arg-type]
-    settings_, keys = exp.start()
+    _, keys = exp.start()
     for ch in exp.read(keys):
         for index, _, _ in ch.pages:
             page = host.get(name, ch.pool, ch.oid, index)
@@ -123,7 +123,7 @@ def test_changes_during_precopy_arrive_and_flushes_are_not_resurrected() -> None
 
 
 def test_abort_leaves_the_destination_with_nothing_and_the_source_untouched() -> None:
-    src, _, slog = logged_host()
+    src, _, _ = logged_host()
     dst, _, dlog = logged_host()
     populate(src)
     before = contents(src, "vm1")
