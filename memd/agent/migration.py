@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,6 +211,10 @@ class MigrationService:
         """The destination holds the guest: nothing of it stays here."""
         if guest in self.app.disks:
             await self.app.remove_swap(guest)
+        # Its disk's marker goes too: the guest took the disk's pages along, none were lost
+        # here (a later disk for the same name, e.g. migrating back, starts clean).
+        marker = self.app.swap_markers / f"{urllib.parse.quote(guest, safe='')}.served"
+        marker.unlink(missing_ok=True)
         self.app.dispatcher.disk_pools.pop(guest, None)
         await asyncio.to_thread(self.app.tmem.remove_client, guest)
         state = self.app.agent.guests.get(guest)

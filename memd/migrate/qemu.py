@@ -1,7 +1,7 @@
 """Following a plain QEMU's live migration on its QMP monitor (asyncio, source side).
 
 Owns the order of memd's transfer relative to QEMU's: memd switches on the migration
-capability ``pause-before-switchover`` before the operator runs ``migrate``, so QEMU stops
+capabilities ``pause-before-switchover`` (and ``events``) before the operator runs ``migrate``, so QEMU stops
 the guest in state ``pre-switchover`` and waits for ``migrate-continue``.  Then:
 
 =================== ===================================================================
@@ -44,7 +44,9 @@ FAILED = frozenset({"failed", "cancelled"})
 async def arm(monitor: AsyncQmpMonitor) -> Any:
     """Make QEMU wait for us at switch-over; → the MIGRATION event listener."""
     listener = monitor.event_listener("MIGRATION")
+    # QEMU sends MIGRATION events only with the "events" capability on.
     await monitor.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True},
         {"capability": "pause-before-switchover", "state": True}]})
     return listener
 

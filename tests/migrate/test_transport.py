@@ -230,7 +230,7 @@ def test_a_destination_with_a_certificate_for_another_address_is_refused(
         async with agent(tmp_path, "src", pki) as src, \
                 agent(tmp_path, "dst", pki, listen=True) as dst:
             want = populate(src, 50)
-            with pytest.raises(MigrationFailed, match="TLS|certificate"):
+            with pytest.raises(MigrationFailed, match=r"TLS|certificate"):
                 await src.migration.migrate("vm1", dest_of(dst))
             assert holds(src, want) and dst.tmem.client_names() == []
     run(main())
@@ -268,7 +268,7 @@ def test_without_a_client_certificate_the_handshake_fails(tmp_path: Path, pki: P
 
 
 def test_missing_certificates_are_named(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="cacert.pem does not exist"):
+    with pytest.raises(Exception, match=r"cacert\.pem does not exist"):
         transport.client_context(tmp_path)
 
 
