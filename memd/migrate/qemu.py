@@ -1,8 +1,9 @@
 """Following a plain QEMU's live migration on its QMP monitor (asyncio, source side).
 
 Owns the order of memd's transfer relative to QEMU's: memd switches on the migration
-capabilities ``pause-before-switchover`` (and ``events``) before the operator runs ``migrate``, so QEMU stops
-the guest in state ``pre-switchover`` and waits for ``migrate-continue``.  Then:
+capabilities ``pause-before-switchover`` (and ``events``) before the operator runs
+``migrate``, so QEMU stops the guest in state ``pre-switchover`` and waits for
+``migrate-continue``.  Then:
 
 =================== ===================================================================
 MIGRATION status    memd

@@ -156,7 +156,7 @@ def test_the_guest_moves_with_its_pages_and_swap_disk(world: World) -> None:
 
 
 def test_a_cancelled_migration_leaves_everything_on_the_source(world: World) -> None:
-    src, dst = world.start()
+    src, _ = world.start()
     world.fill()
     src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 4096})  # crawl
     world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
@@ -176,7 +176,7 @@ def test_a_cancelled_migration_leaves_everything_on_the_source(world: World) -> 
 
 def test_a_destination_agent_killed_half_way_cancels_and_the_source_keeps_all(
         world: World) -> None:
-    src, dst = world.start()
+    src, _ = world.start()
     world.fill()
     src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 4096})
     world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
