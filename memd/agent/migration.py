@@ -175,17 +175,23 @@ class MigrationService:
         return {"outcome": "moved", **transfer.progress.to_dict()}
 
     async def follow_qemu(self, guest: str, dest: str, qmp_path: str) -> dict[str, Any]:
-        """Arm QEMU (pause-before-switchover) and follow the migration the operator
-        starts there; → at once, the transfer runs in the background (memd status)."""
+        """Arm QEMU (pause-before-switchover), connect to the destination and pre-copy,
+        and follow the migration the operator starts there; → once connected, the
+        transfer runs in the background (memd status)."""
         from hypervisor.qmp import AsyncQmpMonitor
         from memd.migrate import qemu
 
         transfer = self._source(guest, dest)
+        monitor: AsyncQmpMonitor | None = None
         try:
             monitor = await AsyncQmpMonitor.connect(qmp_path)
             listener = await qemu.arm(monitor)
-        except MemdError:
+            await transfer.connect()  # a TLS or address problem is the operator's answer
+        except (MemdError, OSError) as err:
             self.outgoing.pop(guest, None)
+            await transfer.abort(str(err))
+            if monitor is not None:
+                await monitor.close()
             raise
 
         async def drive() -> None:
@@ -202,9 +208,17 @@ class MigrationService:
         task = asyncio.ensure_future(drive())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        transfer.progress.phase = "armed"
         log.info("migration of %s armed: QEMU at %s stops at switch-over for memd",
                  guest, qmp_path, extra={"event": "migrate-armed", "vm": guest})
+        # Answer once the bulk is across: the operator's `migrate` then finds memd only
+        # keeping the destination up to date, and the switch-over short.
+        ready = asyncio.ensure_future(transfer.first_pass.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done() and transfer.progress.phase == "aborted":
+            raise MigrationFailed(f"migration of {guest} to {dest} failed: "
+                                  f"{transfer.progress.error}; its pages stay here",
+                                  target=guest)
         return {"outcome": "armed", **transfer.progress.to_dict()}
 
     async def _drop_moved(self, guest: str) -> None:

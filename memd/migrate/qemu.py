@@ -8,7 +8,9 @@ capabilities ``pause-before-switchover`` (and ``events``) before the operator ru
 =================== ===================================================================
 MIGRATION status    memd
 =================== ===================================================================
-setup / active      connect to the destination agent, pre-copy while the guest runs
+(armed)             connected to the destination agent, pre-copy while the guest runs,
+                    then keeps the destination up to date (every 0.2 s)
+setup / active      (the same: QEMU copies RAM meanwhile)
 pre-switchover      guest paused: final delta + COMMIT, wait for CONFIRM, then
                     ``migrate-continue`` (memd's share of the downtime is this step)
 completed           DONE to the destination; the caller drops the guest here
@@ -54,10 +56,11 @@ async def arm(monitor: AsyncQmpMonitor) -> Any:
 
 async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransfer,
                  drop_guest: Callable[[], Awaitable[None]]) -> dict[str, Any]:
-    """Drive *transfer* by QEMU's MIGRATION events until QEMU completes or gives up.
-    → a summary (``outcome``: ``moved`` | ``aborted``, figures)."""
+    """Drive *transfer* (connected) by QEMU's MIGRATION events until QEMU completes or
+    gives up; pre-copy starts at once, so that memd is done with the bulk before QEMU
+    pauses the guest.  → a summary (``outcome``: ``moved`` | ``aborted``, figures)."""
     switch = asyncio.Event()
-    precopy: asyncio.Task[None] | None = None
+    precopy: asyncio.Task[None] | None = asyncio.ensure_future(transfer.precopy(until=switch))
     qemu_paused_at: float | None = None
     event: asyncio.Task[Any] | None = None
     try:
@@ -74,15 +77,10 @@ async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransf
             status = str(event.result()["data"]["status"])
             event = None
             log.debug("QEMU migration of %s: %s", transfer.guest, status)
-            if status in ("setup", "active") and precopy is None:
-                await transfer.connect()
-                precopy = asyncio.ensure_future(transfer.precopy(until=switch))
-            elif status == "pre-switchover":
+            if status == "pre-switchover":
                 qemu_paused_at = time.monotonic()
                 switch.set()
-                if precopy is None:  # no pre-copy happened (events came too fast)
-                    await transfer.connect()
-                    precopy = asyncio.ensure_future(transfer.precopy(until=switch))
+                assert precopy is not None
                 await precopy
                 await transfer.switchover()
                 await monitor.execute("migrate-continue", {"state": "pre-switchover"})

@@ -196,6 +196,9 @@ class Progress:
     chunks_remaining: int = 0
     rounds: int = 0
     switchover_ms: float | None = None
+    #: Seconds the first full pass took (connect excluded): the transfer rate's basis.
+    first_round_s: float | None = None
+    first_round_pages: int = 0
     error: str | None = None
     finished: float | None = None
 
@@ -207,6 +210,8 @@ class Progress:
                 "chunks_remaining": self.chunks_remaining, "rounds": self.rounds,
                 "pages_per_s": round(self.pages_sent / elapsed, 1),
                 "elapsed_s": round(elapsed, 3), "switchover_ms": self.switchover_ms,
+                "first_round_s": self.first_round_s,
+                "first_round_pages": self.first_round_pages,
                 "error": self.error}
 
 
@@ -235,6 +240,8 @@ class SourceTransfer:
         self._settings: ClientSettings | None = None
         self._pages_committed = 0
         self._inbox: list[proto.Message] = []
+        #: Set once the first full pass has been sent (memd is then ready for QEMU).
+        self.first_pass = asyncio.Event()
         #: A read of the destination's next message, pending while we send (ABORT watch).
         self._reader: asyncio.Future[proto.Message] | None = None
 
@@ -331,8 +338,12 @@ class SourceTransfer:
         sending changes until it is set, and stop as soon as it is (the final delta
         takes the rest while the guest is paused)."""
         keys, self._pending = self._pending, []
+        t0 = time.monotonic()
+        await self._send_round(keys)
+        self.progress.first_round_s = round(time.monotonic() - t0, 4)
+        self.progress.first_round_pages = self.progress.pages_sent
+        self.first_pass.set()
         while True:
-            await self._send_round(keys)
             keys = await asyncio.to_thread(self.exporter.take_changed)
             if until is not None and until.is_set():
                 break
@@ -347,6 +358,7 @@ class SourceTransfer:
                     break
                 keys = sorted(set(keys) | set(
                     await asyncio.to_thread(self.exporter.take_changed)))
+            await self._send_round(keys)
         self._pending = keys
         _phase(self.progress, "converged")
 
@@ -407,8 +419,7 @@ def _pools_message(table: list[PoolInfo]) -> proto.Pools:
 
 
 def _chunk_message(c: ChunkPages) -> proto.Chunk:
-    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk,
-                       tuple(proto.ChunkPage(i, h, p) for i, h, p in c.pages))
+    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk, c.pages)
 
 
 # --- destination -----------------------------------------------------------------------------
@@ -445,6 +456,12 @@ class IncomingTransfer:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(5):
                         await self.link.send([proto.Abort(reason)])
+                    # Read (and drop) what the source still sends until it hangs up:
+                    # closing with unread bytes would reset the connection, and the
+                    # source could lose the ABORT that says why.
+                    async with asyncio.timeout(3):
+                        while await self.link.reader.read(1 << 20):
+                            pass
             log.warning("incoming migration from %s failed: %s", self.link.peer, reason,
                         extra={"event": "migrate-aborted", "vm": self.progress.guest})
             self.progress.phase = "aborted"
@@ -480,10 +497,9 @@ class IncomingTransfer:
             for msg in msgs:
                 if isinstance(msg, proto.Chunk):
                     chunks.append(ChunkPages(msg.pool, msg.generation, msg.oid, msg.chunk,
-                                             tuple((p.index, p.hash, p.payload)
-                                                   for p in msg.pages)))
+                                             msg.pages))
                     self.progress.pages_sent += len(msg.pages)
-                    self.progress.bytes_sent += sum(len(p.payload) for p in msg.pages)
+                    self.progress.bytes_sent += sum(len(p) for _, _, p in msg.pages)
                     continue
                 if chunks:
                     await asyncio.to_thread(importer.apply_chunks, chunks)

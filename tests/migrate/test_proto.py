@@ -14,7 +14,6 @@ from memd.migrate.proto import (
     Abort,
     Begin,
     Chunk,
-    ChunkPage,
     Commit,
     Confirm,
     Decoder,
@@ -32,9 +31,9 @@ u64 = st.integers(0, (1 << 64) - 1)
 def chunks(draw: st.DrawFn) -> Chunk:
     chunk = draw(st.integers(0, (1 << 26) - 1))
     positions = sorted(draw(st.sets(st.integers(0, 63), max_size=64)))
-    pages = tuple(ChunkPage(chunk * 64 + p, draw(u64),
-                            draw(st.binary(max_size=64)) if draw(st.booleans())
-                            else draw(st.sampled_from([b"", bytes(4096)])))
+    pages = tuple((chunk * 64 + p, draw(u64),
+                   draw(st.binary(max_size=64)) if draw(st.booleans())
+                   else draw(st.sampled_from([b"", bytes(4096)])))
                   for p in positions)
     return Chunk(draw(st.integers(0, 15)), draw(st.integers(0, (1 << 32) - 1)),
                  (draw(u64), draw(u64), draw(u64)), chunk, pages)
@@ -91,13 +90,13 @@ def test_a_corrupted_chunk_is_refused_or_decodes_to_a_well_formed_chunk(
     for m in out:
         if isinstance(m, Chunk):  # whatever got through still obeys the format's rules
             assert len(m.pages) <= 64 and m.pool < 16
-            indexes = [p.index for p in m.pages]
+            indexes = [index for index, _, _ in m.pages]
             assert indexes == sorted(set(indexes))
-            assert all(len(p.payload) <= 4096 for p in m.pages)
+            assert all(len(payload) <= 4096 for _, _, payload in m.pages)
 
 
 def test_a_full_chunk_of_raw_pages_fits_in_a_frame() -> None:
-    msg = Chunk(3, 9, (1, 2, 3), 5, tuple(ChunkPage(5 * 64 + i, i, bytes([i]) * 4096)
+    msg = Chunk(3, 9, (1, 2, 3), 5, tuple((5 * 64 + i, i, bytes([i]) * 4096)
                                           for i in range(64)))
     frame = proto.encode(msg)
     assert len(frame) < proto.MAX_FRAME
@@ -111,9 +110,9 @@ def test_frame_length_over_the_limit_is_refused_before_buffering_it() -> None:
 
 @pytest.mark.parametrize("bad", [
     Chunk(16, 0, (0, 0, 0), 0, ()),
-    Chunk(0, 0, (0, 0, 0), 1, (ChunkPage(3, 0, b""),)),                    # not in chunk 1
-    Chunk(0, 0, (0, 0, 0), 0, (ChunkPage(2, 0, b""), ChunkPage(1, 0, b""))),  # order
-    Chunk(0, 0, (0, 0, 0), 0, (ChunkPage(0, 0, bytes(4097)),)),
+    Chunk(0, 0, (0, 0, 0), 1, ((3, 0, b""),)),                    # not in chunk 1
+    Chunk(0, 0, (0, 0, 0), 0, ((2, 0, b""), (1, 0, b""))),        # order
+    Chunk(0, 0, (0, 0, 0), 0, ((0, 0, bytes(4097)),)),
 ])
 def test_the_encoder_refuses_what_no_decoder_accepts(bad: Chunk) -> None:
     with pytest.raises(ValueError):
