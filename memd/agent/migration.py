@@ -20,9 +20,12 @@ import asyncio
 import contextlib
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from memd.agent.dispatch import GuestState
 from memd.errors import InvalidArgument, MemdError, MigrationFailed
@@ -54,6 +57,8 @@ class MigrationService:
         self.outgoing: dict[str, SourceTransfer] = {}
         self.incoming: dict[str, IncomingTransfer] = {}
         self._finished: list[Progress] = []
+        #: Finished transfers by (direction, final phase): done, aborted, revoked.
+        self._outcomes: Counter[tuple[str, str]] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         for guest in drop_leftovers(app.tmem):
             log.warning("dropped the pages of %s that an interrupted incoming migration "
@@ -241,6 +246,7 @@ class MigrationService:
 
     def _retire(self, progress: Progress) -> None:
         self._finished = [*self._finished, progress][-KEEP_FINISHED:]
+        self._outcomes[(progress.direction, progress.phase)] += 1
 
     def status(self) -> dict[str, Any]:
         active = [t.progress for t in self.outgoing.values()] + [
@@ -248,7 +254,9 @@ class MigrationService:
         return {"listening": None if self.listening is None else
                 f"{self.listening[0]}:{self.listening[1]}",
                 "active": [p.to_dict() for p in active],
-                "finished": [p.to_dict() for p in self._finished]}
+                "finished": [p.to_dict() for p in self._finished],
+                "outcomes": [{"direction": d, "phase": p, "count": n}
+                             for (d, p), n in sorted(self._outcomes.items())]}
 
     def commands(self) -> dict[str, Handler]:
         async def migrate(args: dict[str, Any]) -> dict[str, Any]:
@@ -276,3 +284,31 @@ class MigrationService:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
+
+
+def migration_metrics(status: dict[str, Any]) -> Iterator[Metric]:
+    """Prometheus families from :meth:`MigrationService.status` (a scrape's copy)."""
+    labels = ["vm", "direction"]
+    families = {
+        "pages": GaugeMetricFamily("memd_migration_pages", "pages a running transfer has "
+                                   "sent (out) or received (in), resent ones included",
+                                   labels=labels),
+        "bytes": GaugeMetricFamily("memd_migration_bytes", "their stored (compressed) bytes",
+                                   labels=labels),
+        "chunks_remaining": GaugeMetricFamily(
+            "memd_migration_chunks_remaining", "radix chunks (64 pages) left in the current "
+            "pre-copy round", labels=labels),
+        "pages_per_s": GaugeMetricFamily("memd_migration_pages_per_second",
+                                         "pages moved per second since the transfer began",
+                                         labels=labels),
+    }
+    for row in status.get("active", []):
+        for key, family in families.items():
+            family.add_metric([row["guest"], row["direction"]], float(row[key] or 0))
+    yield from families.values()
+    done = CounterMetricFamily("memd_migrations", "transfers that ended, by direction and "
+                               "outcome (done, aborted, revoked)",
+                               labels=["direction", "outcome"])
+    for row in status.get("outcomes", []):
+        done.add_metric([row["direction"], row["phase"]], row["count"])
+    yield done

@@ -16,6 +16,7 @@ import pytest
 
 from hypervisor.lmdb_store import LmdbStore
 from memd.agent.app import AgentApp
+from memd.agent.migration import migration_metrics
 from memd.errors import MigrationFailed
 from memd.migrate import proto, transport
 from memd.migrate.transport import SourceTransfer
@@ -104,6 +105,10 @@ def test_a_guest_moves_by_hand_and_the_source_keeps_nothing(tmp_path: Path, pki:
             await asyncio.sleep(0.1)
             assert [m["phase"] for m in dst.status()["migrations"]["finished"]] == ["done"]
             assert src.status()["migrations"]["finished"][0]["phase"] == "done"
+            families = {f.name: f for f in migration_metrics(src.migration.status())}
+            assert [s.value for s in families["memd_migrations"].samples
+                    if s.name == "memd_migrations_total"
+                    and s.labels == {"direction": "out", "outcome": "done"}] == [1.0]
     run(main())
 
 
