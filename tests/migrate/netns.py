@@ -94,12 +94,16 @@ class Agent:
     def address(self) -> str:
         return f"{self.addr}:{PORT}"
 
-    def start(self) -> None:
+    def start(self, *, qemu_channel: Path | None = None, swap_mib: int = 64) -> None:
+        """``qemu_channel``: a real guest's port, where QEMU listens (``--channel``);
+        without it the agent listens on :attr:`channel` for a simulated guest."""
+        channel = (["--channel", f"vm1={qemu_channel}"] if qemu_channel is not None
+                   else ["--listen", f"vm1={self.channel}"])
         argv = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "memd.cli",
                 "--socket", str(self.socket), "serve", "--store", str(self.dir / "store"),
-                "--budget", "256M", "--spill-dir", "", "--migrate-listen", self.address,
-                "--tls-dir", str(self.tls), "--listen", f"vm1={self.channel}",
-                "--swap", f"vm1={self.swap}:64M", "--log-json", "--log-level", "debug"]
+                "--budget", "512M", "--spill-dir", "", "--migrate-listen", self.address,
+                "--tls-dir", str(self.tls), *channel,
+                "--swap", f"vm1={self.swap}:{swap_mib}M", "--log-json", "--log-level", "debug"]
         # Each host has its own run and state directories (swap-disk markers live there).
         env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMD_RUN_DIR": str(self.dir / "run"),
                "MEMD_STATE_DIR": str(self.dir / "state")}
