@@ -7,6 +7,7 @@ byte; the source agent holds nothing; both audits are clean."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -38,22 +39,22 @@ def page(i):
 #: Puts (argv[1] == "put") or verifies ("check POOL") persistent pages via the guest daemon.
 PERSIST = "import sys\nsys.path.insert(0, '/usr/lib/memd')\n" + PAGE + r"""
 from memd.guest.cli import daemon_client
-n = %d
+n = __PAGES__
 c = daemon_client()
 with c:
     if sys.argv[1] == "put":
         pool = c.new_pool(persistent=True)
         for s in range(0, n, 64):
             c.put_batch(pool, [(5, i, page(i)) for i in range(s, min(n, s + 64))])
-        print("POOL=%%d" %% pool)
+        print("POOL=%d" % pool)
     else:
         pool = int(sys.argv[2])
         bad = 0
         for s in range(0, n, 64):
             got = c.get_batch(pool, [(5, i) for i in range(s, min(n, s + 64))])
             bad += sum(1 for i, g in zip(range(s, n), got) if g != page(i))
-        print("PERSIST pages=%%d bad=%%d" %% (n, bad))
-""" % PERSISTENT_PAGES
+        print("PERSIST pages=%d bad=%d" % (n, bad))
+""".replace("__PAGES__", str(PERSISTENT_PAGES))
 
 #: Fills HOLD_MIB (the kernel swaps the excess to memd), waits for /tmp/go, verifies.
 HOLD = "import os, sys, time\n" + PAGE + r"""
@@ -100,8 +101,22 @@ def wait(what: Any, timeout: float, message: str) -> Any:
         time.sleep(0.5)
 
 
+def verify(shell: GuestShell | GuestVM, pool: int) -> None:
+    """Let the guest's workload check its memory, then check the persistent pages."""
+    shell.check("touch /tmp/go")
+    out = wait(lambda: "rc=" in (o := shell.run("cat /tmp/hold.out", timeout=300).stdout)
+               and o, 1800, "the guest verified its memory")
+    assert f"HOLD pages={HOLD_MIB * 256} bad=0" in out and "rc=0" in out, out
+    out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
+    assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
+    dmesg = shell.check("dmesg", timeout=120)
+    assert "I/O error" not in dmesg and "Read-error" not in dmesg, dmesg[-2000:]
+
+
+@pytest.mark.parametrize("scenario", ["moved", "cancelled", "destination-killed"])
 def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
-        vm_image: ImagePaths, net: Net, tmp_path_factory: pytest.TempPathFactory) -> None:
+        vm_image: ImagePaths, net: Net, tmp_path_factory: pytest.TempPathFactory,
+        scenario: str) -> None:
     root = Path(tmp_path_factory.mktemp("mg", numbered=True))
     tls = make_pki(root / "pki", server_addresses=[net.addr_a, net.addr_b])
     a = Agent(net.ns_a, net.addr_a, root / "a", tls)
@@ -144,33 +159,47 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
 
         armed = a.cli("migrate", "vm1", "--to", b.address, "--qmp", str(src.memd_qmp))
         assert armed["outcome"] == "armed"
+        if scenario != "moved":  # QEMU crawls: memd is done long before, and waits
+            src.qmp("migrate-set-parameters", **{"max-bandwidth": 64 << 10})
         src.qmp("migrate", uri=f"unix:{mig}")
-        done = wait(lambda: a.cli("status")["migrations"]["finished"], 900, "memd's transfer")
-        assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
-        wait(lambda: dst_qmp.execute("query-status")["status"] == "running", 120,
-             "the guest runs on the destination")
-        assert a.cli("status")["tmem"]["persistent_pages"] == 0
-        assert "vm1" not in {c["client"] for c in a.cli("clients")}
-
-        shell.attach(timeout=120)
-        shell.check("touch /tmp/go")
-        out = wait(lambda: "rc=" in (o := shell.run("cat /tmp/hold.out", timeout=300).stdout)
-                   and o, 1800, "the guest verified its memory")
-        assert f"HOLD pages={HOLD_MIB * 256} bad=0" in out and "rc=0" in out, out
-        out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
-        assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
-        dmesg = shell.check("dmesg", timeout=120)
-        assert "I/O error" not in dmesg and "Read-error" not in dmesg, dmesg[-2000:]
+        if scenario == "moved":
+            done = wait(lambda: a.cli("status")["migrations"]["finished"], 900,
+                        "memd's transfer")
+            assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
+            wait(lambda: dst_qmp.execute("query-status")["status"] == "running", 120,
+                 "the guest runs on the destination")
+            assert a.cli("status")["tmem"]["persistent_pages"] == 0
+            assert "vm1" not in {c["client"] for c in a.cli("clients")}
+            shell.attach(timeout=120)
+            verify(shell, pool)
+            assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
+            print("migration", done[-1])
+            return
+        wait(lambda: b.cli("status")["tmem"]["persistent_pages"] >= PERSISTENT_PAGES, 300,
+             "the destination staged the guest's pages")
+        time.sleep(1)  # half way: QEMU is still copying RAM
+        assert src.qmp("query-migrate")["status"] == "active"
+        if scenario == "cancelled":
+            src.qmp("migrate_cancel")
+        else:
+            b.kill()
+        done = wait(lambda: a.cli("status")["migrations"]["finished"], 300, "memd gave up")
+        assert done[-1]["phase"] == "aborted", done
+        wait(lambda: src.qmp("query-migrate")["status"] == "cancelled", 120,
+             "QEMU's migration cancelled")
+        assert src.qmp("query-status")["status"] == "running"
+        verify(src, pool)
+        if scenario == "destination-killed":
+            b.start(qemu_channel=b_channel, swap_mib=512)  # back: nothing of vm1 there
+        wait(lambda: b.cli("status")["tmem"]["persistent_pages"] == 0, 60,
+             "the destination holds nothing")
         assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
-        print("migration", done[-1])
     finally:
         if shell is not None:
             shell.close()
         if dst_qmp is not None:
-            try:
+            with contextlib.suppress(Exception):
                 dst_qmp.execute("quit")
-            except Exception:  # noqa: BLE001 - tear down whatever is left
-                pass
             dst_qmp.close()
         if dst is not None:
             try:
