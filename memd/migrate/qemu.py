@@ -42,6 +42,9 @@ log = logging.getLogger("memd.migrate")
 
 #: QEMU states that end a migration without the guest moving.
 FAILED = frozenset({"failed", "cancelled"})
+#: QEMU states of a migration still under way.
+BUSY = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active",
+                  "wait-unplug"})
 
 
 async def arm(monitor: AsyncQmpMonitor) -> Any:
@@ -105,9 +108,29 @@ async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransf
                   "cancelled, the guest stays here", transfer.guest, err,
                   extra={"event": "migrate-cancelled", "vm": transfer.guest})
         return {"outcome": "aborted", **transfer.progress.to_dict()}
+    except asyncio.CancelledError:  # the agent is stopping: the pages cannot follow
+        with contextlib.suppress(MemdError):
+            await monitor.execute("migrate_cancel")
+        raise
     finally:
         for task in (precopy, event):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+        await _disarm(monitor)
+
+
+async def _disarm(monitor: AsyncQmpMonitor) -> None:
+    """Switch pause-before-switchover off again once QEMU's migration is over, so that a
+    later migration without memd does not wait at pre-switchover for nobody (best effort:
+    QEMU refuses capability changes while a migration runs)."""
+    with contextlib.suppress(MemdError, OSError):
+        async with asyncio.timeout(10):
+            while True:
+                state = await monitor.execute("query-migrate")
+                if str(state.get("status", "none")) not in BUSY:
+                    break
+                await asyncio.sleep(0.1)
+            await monitor.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "pause-before-switchover", "state": False}]})

@@ -131,6 +131,11 @@ def wait(what: Callable[[], Any], timeout: float = 120, message: str = "") -> An
         time.sleep(0.1)
 
 
+def paused_before_switchover(qemu: Qemu) -> bool:
+    caps = qemu.qmp.execute("query-migrate-capabilities")
+    return any(c["capability"] == "pause-before-switchover" and c["state"] for c in caps)
+
+
 def finished(agent: Agent) -> dict[str, Any] | None:
     done = agent.cli("status")["migrations"]["finished"]
     return done[-1] if done else None
@@ -168,6 +173,7 @@ def test_a_cancelled_migration_leaves_everything_on_the_source(world: World) -> 
     assert result["phase"] == "aborted"
     wait(lambda: src.migration() == "cancelled", 30, "QEMU cancelled")
     assert src.status() == "running"
+    assert not paused_before_switchover(src)  # disarmed: a later migration need not wait
     wait(lambda: world.b.cli("status")["tmem"]["persistent_pages"] == 0, 30,
          "the destination dropped what it staged")
     world.holds_everything(world.a)
@@ -188,6 +194,7 @@ def test_a_destination_agent_killed_half_way_cancels_and_the_source_keeps_all(
     assert result["phase"] == "aborted"
     wait(lambda: src.migration() == "cancelled", 30, "memd cancelled QEMU's migration")
     assert src.status() == "running"
+    assert not paused_before_switchover(src)
     world.holds_everything(world.a)
     world.b.start()  # the killed agent comes back: nothing of the guest is left there
     world.holds_nothing(world.b)
