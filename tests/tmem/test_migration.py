@@ -257,3 +257,53 @@ def test_any_interleaving_of_guest_changes_and_rounds_ends_equal(ops: list[tuple
     exp.close()
     assert contents(dst, "vm1") == contents(src, "vm1")
     assert dst.audit() == []
+
+
+def test_rounds_against_a_guest_writing_from_other_threads_end_equal() -> None:
+    """Two guest threads put and flush while pre-copy rounds run; after they stop (the
+    guest paused), one final round makes the destination equal to the source."""
+    import threading
+
+    src, _, _ = logged_host()
+    dst, _, _ = logged_host()
+    src.add_client("vm1")
+    src.new_pool("vm1", PoolFlag.PERSISTENT)
+    src.new_pool_at("vm1", 15, PoolFlag.PERSISTENT)
+    stop = threading.Event()
+
+    def guest(pool: int, seed: int) -> None:
+        rng = random.Random(seed)
+        n = 0
+        while not stop.is_set():
+            oid, index = OIDS[rng.randrange(3)], rng.randrange(500)
+            if rng.random() < 0.25:
+                src.flush_page("vm1", pool, oid, index)
+            elif rng.random() < 0.02:
+                src.flush_object("vm1", pool, oid)
+            else:
+                src.put_batch("vm1", pool, [(oid, index), (oid, index + 500)],
+                              [text_page(seed * 100_000 + n), bytes(4096)])
+            n += 1
+
+    threads = [threading.Thread(target=guest, args=(pool, seed))
+               for pool, seed in ((0, 1), (15, 2), (0, 3))]
+    for t in threads:
+        t.start()
+    exp = Exporter(src, src._log, "vm1")  # type: ignore[arg-type]
+    s, keys = exp.start()
+    imp = Importer(dst, "vm1", s)
+    imp.begin()
+    imp.apply_pools(exp.pool_table())
+    imp.apply_chunks(exp.read(keys))
+    for _ in range(20):
+        imp.apply_pools(exp.pool_table())
+        imp.apply_chunks(exp.read(exp.take_changed()))
+    stop.set()
+    for t in threads:
+        t.join()
+    imp.apply_pools(exp.pool_table())
+    imp.apply_chunks(exp.read(exp.take_changed()))
+    imp.commit(exp.persistent_pages())
+    exp.close()
+    assert contents(dst, "vm1") == contents(src, "vm1")
+    assert src.audit() == [] and dst.audit() == []
