@@ -285,6 +285,15 @@ class AsyncQmpMonitor:
         out = await self.execute("human-monitor-command", {"command-line": command_line})
         return str(out).replace("\r\n", "\n")
 
+    def event_listener(self, *names: str) -> Any:
+        """A qemu.qmp ``EventListener`` for these events (``await listener.get()`` gives
+        each event as a dict with ``event`` and ``data``), registered from now on."""
+        from qemu.qmp import EventListener
+
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        return listener
+
     async def close(self) -> None:
         # disconnect() re-raises whatever killed the connection; a dying peer is not news.
         with contextlib.suppress(Exception):

@@ -36,6 +36,7 @@ from memd.agent.commands import (
     ExplainArgs,
     GuestsArgs,
     KsmArgs,
+    MigrateArgs,
     OptInArgs,
     OptOutArgs,
     PoolsArgs,
@@ -156,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--durable", action="store_true",
                    help="fsync every store commit, so acknowledged pages survive a power loss "
                    "(use with --store on disk)")
+    c.add_argument("--migrate-listen", metavar="HOST:PORT", default=None,
+                   help="accept guests migrating here from other agents (mutual TLS)")
+    c.add_argument("--tls-dir", metavar="DIR", default=None,
+                   help="migration certificates: DIR/cacert.pem, DIR/{server,client}cert.pem, "
+                   "DIR/private/{server,client}key.pem (default: libvirt's /etc/pki layout)")
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")
@@ -205,6 +211,13 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("authorize", "allow a guest to join a shared tmem pool")
     c.add_argument("guest")
     c.add_argument("uuid")
+    c = cmd("migrate", "move a guest's tmem pages and swap disk to the agent at HOST:PORT")
+    c.add_argument("guest")
+    c.add_argument("--to", required=True, metavar="HOST:PORT")
+    c.add_argument("--qmp", metavar="SOCKET",
+                   help="follow the QEMU migration started on this QEMU (memd arms "
+                   "pause-before-switchover and returns; progress in memd status); without "
+                   "it the guest must be paused or stopped and the move happens now")
     c = cmd("demo", "run the embedded demo: agent + simulated guests over unix sockets")
     c.add_argument("--guests", type=int, default=4)
     c.add_argument("--guest-mib", type=int, default=16)
@@ -356,6 +369,10 @@ def _run(args: argparse.Namespace) -> int:
                                                         sorted(r["restored"].items()))))
         case "budget":
             _emit(args, call(BudgetArgs(bytes=args.size)), render.format_budget)
+        case "migrate":
+            qmp = os.path.abspath(args.qmp) if args.qmp else None
+            _emit(args, call(MigrateArgs(guest=args.guest, to=args.to, qmp=qmp)),
+                  render.format_migration)
         case "authorize":
             _emit(args, call(AuthorizeArgs(guest=args.guest, uuid=args.uuid)),
                   lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")

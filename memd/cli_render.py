@@ -86,6 +86,11 @@ def format_status(r: dict[str, Any]) -> str:
     if disks:
         out.append(f"swap      {len(disks)} NBD swap disks: " + ", ".join(
             _swap_summary(d) for d in disks))
+    migrations = r.get("migrations") or {}
+    if migrations.get("listening"):
+        out.append(f"migrate   accepting guests on {migrations['listening']} (TLS)")
+    for m in migrations.get("active", []) + migrations.get("finished", [])[-3:]:
+        out.append(f"migrate   {format_migration(m)}")
     sim = r.get("sharing")
     if sim:
         out.append(f"sharing   simulated guests: {sim.get('nr_shared_mfns', 0)} shared frames, "
@@ -99,6 +104,17 @@ def format_status(r: dict[str, Any]) -> str:
                    f"{k['pages_shared']} frames (host-wide); steering {k['steering']} "
                    f"(memd ksm)")
     return "\n".join(out)
+
+
+def format_migration(m: dict[str, Any]) -> str:
+    """One transfer (``memd migrate``, a line of ``memd status``)."""
+    where = "to" if m["direction"] == "out" else "from"
+    line = (f"{m['guest']} {where} {m['peer']}: {m.get('outcome', m['phase'])}, "
+            f"{m['pages']} pages ({human_size(m['bytes'])}) in {m['elapsed_s']} s, "
+            f"{m['pages_per_s']:.0f} pages/s, {m['chunks_remaining']} chunks to go")
+    if m.get("switchover_ms") is not None:
+        line += f", switch-over {m['switchover_ms']} ms"
+    return line + (f" ({m['error']})" if m.get("error") else "")
 
 
 def _swap_summary(d: dict[str, Any]) -> str:

@@ -33,7 +33,8 @@ Every error memd raises on purpose derives from :class:`MemdError`::
         ├── AgentNotRunning          nothing listens on the control socket
         ├── PermissionDenied         the OS refused (not root, socket mode)
         ├── Unavailable              a service (libvirtd, QMP, KSM) is not reachable
-        └── CommandFailed            QEMU's monitor refused a command (carries command, error class)
+        ├── CommandFailed            QEMU's monitor refused a command (carries command, error class)
+        └── MigrationFailed          a guest's tmem transfer to another agent did not complete
 
 Errors are translated only at boundaries (``raise NoSuchPool(...) from err``);
 ``str(error)`` is one sentence fit for an operator.  This module is standard
@@ -248,3 +249,8 @@ class CommandFailed(BackendError):
         super().__init__(message, command=command, error_class=error_class, **fields)
         self.command = command
         self.error_class = error_class
+
+
+class MigrationFailed(BackendError):
+    """A guest's tmem transfer to another agent was aborted (by either side, a cancelled
+    QEMU migration, a lost connection); the source still holds everything."""

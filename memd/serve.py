@@ -76,9 +76,12 @@ async def _serve_with(args: argparse.Namespace, control_path: str,
                       store: LmdbStore | None) -> int:
     spill_dir = getattr(args, "spill_dir", "")
     app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store,
-                   spill_dir=Path(spill_dir) if spill_dir else None)
+                   spill_dir=Path(spill_dir) if spill_dir else None,
+                   tls_dir=getattr(args, "tls_dir", None))
     app.catch_signals()
     await app.start(control_path, metrics=getattr(args, "metrics", None))
+    if getattr(args, "migrate_listen", None):
+        await app.migration.listen(args.migrate_listen)
     for name, path in args.channel:
         await app.agent.add_channel(name, path, mode="connect")
     for name, path in args.listen:

@@ -21,10 +21,11 @@ want_all=0
 # NBD clients and the memory-plugin baseline of the swap disk (tests/nbd, benchmarks/swap_bench.py);
 # prometheus (and its promtool) for the metrics tests (tests/agent/test_metrics_*), which run a
 # Prometheus of their own on a free loopback port with its config and storage in a tmp dir; the
-# package's own service (started by systemd where there is one, on :9090) is left alone.
+# package's own service (started by systemd where there is one, on :9090) is left alone;
+# openssl and iproute2 for the migration tests (tests/migrate: certificates, network namespaces).
 DEBS_ALL=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           gcc python3-dev busybox-static cpio zstd xz-utils kmod libxml2-utils systemd
-          nbdkit libnbd-bin python3-libnbd prometheus ksmtuned)
+          nbdkit libnbd-bin python3-libnbd prometheus ksmtuned openssl iproute2)
 
 apt_install() {
     local missing=()

@@ -12,6 +12,8 @@ PROJECT = ("memd", "tmem", "sharing", "hypervisor")
 #: memd.nbd modules that are sans-I/O like memd.wire (memd.nbd.server is the I/O shell).
 PURE_NBD = ("memd.nbd.proto", "memd.nbd.handshake", "memd.nbd.transmission", "memd.nbd.pages",
             "memd.nbd.export")
+#: The migration stream codec is sans-I/O too (memd.migrate.transport and .qemu do the I/O).
+PURE_MIGRATE = ("memd.migrate.proto",)
 IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvirt_qemu",
               "qemu", "mmap", "threading_io", "lmdb", "fcntl"}
 
@@ -28,8 +30,12 @@ ALLOWED = {
     "sharing": ("memd.errors", "memd.vocab", "sharing"),
     # No memd.wire: sharing backends raise memd.errors; only the agent maps statuses.
     "hypervisor": ("memd.errors", "memd.vocab", "memd.paths", "tmem", "sharing", "hypervisor"),
+    # Migration between agents: codec, TLS sessions, QEMU driver; below the agent.
+    "memd.migrate.proto": ("memd.errors", "memd.vocab"),
+    "memd.migrate": ("memd.errors", "memd.vocab", "memd.paths", "memd.migrate", "tmem",
+                     "hypervisor"),
     "memd.agent": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "memd.agent",
-                   "memd.nbd", "tmem", "sharing", "hypervisor"),
+                   "memd.nbd", "memd.migrate", "tmem", "sharing", "hypervisor"),
 }
 
 
@@ -73,5 +79,5 @@ def test_imports_point_down(module: str, path: Path) -> None:
             assert any(name == a or name.startswith(a + ".") for a in allowed), (
                 f"{module} imports {name}: against the layering")
         if (module.split(".")[0] in ("tmem", "sharing") or module.startswith("memd.wire")
-                or module in PURE_NBD):
+                or module in PURE_NBD or module in PURE_MIGRATE):
             assert name.split(".")[0] not in IO_MODULES, f"{module} (pure) imports {name}"

@@ -14,13 +14,18 @@ made by :meth:`AgentApp.start`, as the port is the operator's to give then).
     dispatcher  guest requests → tmem and the router (sans-I/O)           .dispatch
     agent       the guests' channels (asyncio)                            .server
     swap        the guests' NBD swap disks                                .swap_disks
+    migration   guests moving to and from other agents (TLS); its own     .migration
+                control commands
     handlers    the control commands, bound to the components above       .handlers
     control     the control socket that serves them                       .control
     metrics     /metrics (``serve --metrics``); None without one          .metrics
 
 With a store (:class:`~hypervisor.lmdb_store.LmdbStore`, always for ``memd serve``) the
 tmem host is rebuilt from it at start (memd.agent.persistence); there is no other
-restart mechanism.  Threads: construction, start and stop happen on the thread that
+restart mechanism.  With a store the tmem host also has a
+:class:`~tmem.migration.ChangeFeed` listener, which tells migrations what a guest changes
+while it is copied (without a store the agent cannot migrate, and puts skip the
+change tracking).  Threads: construction, start and stop happen on the thread that
 runs the event loop (or before it runs); each component says who owns what in it.
 """
 
@@ -38,6 +43,7 @@ from memd import paths
 from memd.agent.control import ControlServer, handler_table
 from memd.agent.dispatch import Dispatcher
 from memd.agent.handlers import ControlHandlers
+from memd.agent.migration import MigrationService
 from memd.agent.persistence import AgentStore
 from memd.agent.real_guests import RealGuests
 from memd.agent.server import Agent
@@ -46,6 +52,7 @@ from memd.agent.swap_disks import SwapDisks
 from memd.vocab import PAGE_SIZE
 from sharing.manager import SharingManager
 from tmem.host import TmemHost
+from tmem.migration import ChangeFeed
 
 if TYPE_CHECKING:
     from hypervisor.lmdb_store import LmdbStore
@@ -67,9 +74,13 @@ class AgentApp:
         store: LmdbStore | None = None,
         swap_markers: Path | None = None,
         spill_dir: Path | None = None,
+        tls_dir: Path | str | None = None,
     ) -> None:
         self.started = time.time()
-        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store)
+        #: What migrations watch to learn which chunks a guest changed (with a store).
+        self.feed = ChangeFeed() if store is not None else None
+        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store,
+                             listeners=[self.feed] if self.feed is not None else [])
         #: The crash-safe store (None: in memory only, lost with the process).
         self.store = store
         self.persistence = AgentStore(store)
@@ -94,11 +105,14 @@ class AgentApp:
         self.swap = SwapDisks(self.tmem, self.dispatcher,
                               markers=swap_markers or paths.run_dir() / "swap",
                               spill_dir=spill_dir)
+        self.migration = MigrationService(tmem=self.tmem, feed=self.feed, agent=self.agent,
+                                          swap=self.swap, tls_dir=tls_dir)
         self.handlers = ControlHandlers(tmem=self.tmem, agent=self.agent, swap=self.swap,
                                         real=self.real, sharing=self.sharing,
                                         persistence=self.persistence,
+                                        migration=self.migration,
                                         started=self.started, metrics_url=self._metrics_url)
-        self.control = ControlServer(handler_table(self.handlers))
+        self.control = ControlServer(handler_table(self.handlers, self.migration))
         #: The /metrics endpoint (``serve --metrics``); None without one.  Loop thread.
         self.metrics: MetricsServer | None = None
         #: Set by SIGINT/SIGTERM once catch_signals() ran (event loop thread only).
@@ -130,6 +144,7 @@ class AgentApp:
         # The control socket first: a `memd ksm --step` arriving later would make a
         # steering object that nobody closes.
         await self.control.close()
+        await self.migration.close()  # before the swap disks: a transfer may drop one
         await self.real.stop_steering()
         await self.swap.close()
         await self.agent.stop()

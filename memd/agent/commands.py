@@ -54,6 +54,8 @@ class Command(StrEnum):
     AUTHORIZE = "authorize"
     FREEZE = "freeze"
     THAW = "thaw"
+    MIGRATE = "migrate"
+    MIGRATIONS = "migrations"
 
 
 class UnknownCommand(ValueError):
@@ -222,6 +224,23 @@ class FreezeArgs(CommandArgs):
 class ThawArgs(CommandArgs):
     command: ClassVar[Command] = Command.THAW
     guest: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrateArgs(CommandArgs):
+    command: ClassVar[Command] = Command.MIGRATE
+    guest: str
+    #: The destination agent's migration listener, ``HOST:PORT``.
+    to: str
+    #: The source QEMU's QMP socket (absolute): follow the migration started there (memd
+    #: arms pause-before-switchover and answers once the bulk is across).  None: move the
+    #: (paused or stopped) guest now.
+    qmp: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationsArgs(CommandArgs):
+    command: ClassVar[Command] = Command.MIGRATIONS
 
 
 # -- wire ------------------------------------------------------------------------------------

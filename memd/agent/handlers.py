@@ -3,7 +3,8 @@
 Owns no state: each handler turns one command's typed arguments
 (memd.agent.commands) into calls on the tmem host, the guest server
 (:class:`~memd.agent.server.Agent`), the swap disks, the real guests or the simulated
-machine's sharing, and their results into the JSON the CLI prints.  Which thread a
+machine's sharing, and their results into the JSON the CLI prints (the migration
+component serves its own two commands: memd.agent.migration).  Which thread a
 handler runs in is part of its mark (memd.agent.control.handles): plain handlers run
 on the event loop and must not block; ``thread=True`` ones (QMP, /proc, a scan) run in
 a worker thread and touch only what locks itself (TmemHost, the sharing service, the
@@ -45,6 +46,7 @@ from memd.agent.commands import (
     UnswapArgs,
 )
 from memd.agent.control import handles
+from memd.agent.migration import MigrationService
 from memd.agent.persistence import AgentStore
 from memd.agent.real_guests import RealGuests
 from memd.agent.server import Agent
@@ -65,11 +67,13 @@ class ControlHandlers:
     """One handler per control command (see the module docstring)."""
 
     def __init__(self, *, tmem: TmemHost, agent: Agent, swap: SwapDisks, real: RealGuests,
-                 sharing: SharingService | None, persistence: AgentStore, started: float,
+                 sharing: SharingService | None, persistence: AgentStore,
+                 migration: MigrationService, started: float,
                  metrics_url: Callable[[], str | None]) -> None:
         self.tmem = tmem
         self.agent = agent
         self.swap = swap
+        self.migration = migration
         self.real = real
         self.sharing = sharing
         self.persistence = persistence
@@ -97,6 +101,8 @@ class ControlHandlers:
             "ksm": self._ksm_summary(),
             #: Where Prometheus scrapes this agent (serve --metrics); None: nowhere.
             "metrics": self.metrics_url(),
+            #: Transfers to and from other agents (memd migrate), and the TLS listener.
+            "migrations": self.migration.status(),
         }
 
     def _ksm_summary(self) -> dict[str, Any] | None:

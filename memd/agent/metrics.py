@@ -37,7 +37,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -50,6 +50,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from memd.agent.latency import HistogramSnapshot, LatencyHistograms
+from memd.agent.migration import migration_metrics
 from memd.errors import BackendError, InvalidArgument, MemdError
 from memd.nbd.export import DiskStats
 from tmem.types import PAGE_SIZE
@@ -104,6 +105,7 @@ class LoopSnapshot:
     disks: tuple[tuple[str, DiskStats, int], ...]  # (vm, stats, connections)
     steering_mode: str
     qemu_pids: dict[str, int]  # attached QEMU guests: vm → QEMU's pid
+    migrations: dict[str, Any]  # MigrationService.status() (issue 14)
 
 
 def snapshot_loop(app: AgentApp) -> LoopSnapshot:
@@ -124,6 +126,7 @@ def snapshot_loop(app: AgentApp) -> LoopSnapshot:
                     for name, server in sorted(app.swap.disks.items())),
         steering_mode=app.real.steering_mode(),
         qemu_pids=app.real.qemu_pids(),
+        migrations=app.migration.status(),
     )
 
 
@@ -145,6 +148,7 @@ class AgentCollector(Collector):
         if snap is not None:
             yield from self._agent(snap)
             yield from self._disks(snap)
+            yield from migration_metrics(snap.migrations)
         yield from _latency(self.app.dispatcher.latency)
         yield from self._sharing(snap)
 

@@ -117,6 +117,16 @@ class SwapDisks:
             # the next agent takes both.
             spill.close(keep=True)
 
+    async def moved_away(self, name: str) -> None:
+        """The guest migrated to another agent, its disk's pages with it (memd.agent.
+        migration): stop serving its disk, and forget the disk's pool and marker — no
+        page was lost here, so a later disk of the same name (the guest migrating back)
+        starts clean rather than as a lost one."""
+        if name in self.disks:
+            await self.remove(name)
+        (self.markers / f"{urllib.parse.quote(name, safe='')}.served").unlink(missing_ok=True)
+        self.dispatcher.disk_pools.pop(name, None)
+
     async def close(self) -> None:
         """Stop serving every disk (agent shutdown)."""
         for name in list(self.disks):

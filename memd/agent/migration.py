@@ -1,0 +1,312 @@
+"""The agent's migration component: a TLS listener for incoming guests, outgoing
+transfers (``memd migrate``, by hand or following QEMU), their progress.
+
+Owns the transfers this agent runs, both directions, and what the agent does around
+them: refusing a guest whose swap disk has pages outside tmem (spilled or lost), setting
+the installed guest's boot id so its next HELLO is not taken for a reboot, and dropping a
+guest that moved away (its swap disk first, then its client).  It serves the control
+commands ``migrate`` and ``migrations`` (``@handles``) and gives ``memd status`` and the
+metrics its :meth:`MigrationService.status`.
+
+Wiring (memd.agent.app, once, at construction): built with the tmem host, the host's
+:class:`~tmem.migration.ChangeFeed` (None without a store: migration then refuses), the
+guest server (boot ids), the swap disks and the TLS directory; it drops, at
+construction, clients a transfer that died with this agent left staged.  ``memd serve
+--migrate-listen HOST:PORT`` calls :meth:`MigrationService.listen` after start;
+``AgentApp.stop`` awaits :meth:`MigrationService.close`.
+
+Thread: the event loop's, for everything here; the tmem work goes to worker threads
+inside the sessions (memd.migrate.transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from memd.agent.commands import Command, MigrateArgs, MigrationsArgs
+from memd.agent.control import handles
+from memd.agent.dispatch import GuestState
+from memd.agent.server import Agent
+from memd.agent.swap_disks import SwapDisks
+from memd.errors import InvalidArgument, MemdError, MigrationFailed
+from memd.migrate import transport
+from memd.migrate.transport import IncomingTransfer, Link, Progress, SourceTransfer
+from tmem.host import TmemHost
+from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
+
+log = logging.getLogger("memd.migrate")
+
+#: Finished transfers kept for ``memd status``.
+KEEP_FINISHED = 16
+
+
+class MigrationService:
+    """Loop thread only (see the module docstring)."""
+
+    def __init__(self, *, tmem: TmemHost, feed: ChangeFeed | None, agent: Agent,
+                 swap: SwapDisks, tls_dir: str | Path | None = None) -> None:
+        self.tmem = tmem
+        self.feed = feed
+        self.agent = agent
+        self.swap = swap
+        #: Both roles' certificates (None: libvirt's /etc/pki layout).
+        self.tls_dir = tls_dir
+        self.listening: tuple[str, int] | None = None
+        self._server: asyncio.Server | None = None
+        #: guest → the transfer moving it (out) or bringing it (in) now.
+        self.outgoing: dict[str, SourceTransfer] = {}
+        self.incoming: dict[str, IncomingTransfer] = {}
+        self._finished: list[Progress] = []
+        #: Finished transfers by (direction, final phase): done, aborted, revoked.
+        self._outcomes: Counter[tuple[str, str]] = Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        for guest in drop_leftovers(tmem):
+            log.warning("dropped the pages of %s that an interrupted incoming migration "
+                        "had left here", guest, extra={"event": "migrate-leftover",
+                                                       "vm": guest})
+
+    # -- destination -------------------------------------------------------------------------
+
+    async def listen(self, address: str) -> tuple[str, int]:
+        """Accept migrations on HOST:PORT (mutual TLS only).  → the bound address."""
+        try:
+            host, port = transport.parse_address(address, any_port=True)
+        except ValueError as err:
+            raise InvalidArgument(f"--migrate-listen: {err}", op="migrate") from None
+        context = transport.server_context(self.tls_dir)
+        self._server = await asyncio.start_server(self._accept, host, port, ssl=context,
+                                                  ssl_handshake_timeout=10)
+        bound = self._server.sockets[0].getsockname()
+        self.listening = (str(bound[0]), int(bound[1]))
+        log.info("accepting guest migrations on %s:%d (TLS, client certificates signed by "
+                 "%s)", *self.listening, transport.tls_files(self.tls_dir, "server").ca,
+                 extra={"event": "migrate-listen"})
+        return self.listening
+
+    async def _accept(self, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        session = IncomingTransfer(self.tmem, Link(reader, writer, who),
+                                   busy=self._busy, installed=self._installed,
+                                   revoked=self._revoked)
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            await self._track_incoming(session)
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def _track_incoming(self, session: IncomingTransfer) -> None:
+        run = asyncio.ensure_future(session.run())
+        self._tasks.add(run)  # close() waits for it: it drops what it staged
+        run.add_done_callback(self._tasks.discard)
+        while not run.done() and session.progress.guest == "?":
+            await asyncio.wait({run}, timeout=0.05)
+        guest = session.progress.guest
+        if guest != "?" and guest not in self.incoming:
+            self.incoming[guest] = session
+        try:
+            await asyncio.shield(run)
+        finally:
+            if self.incoming.get(guest) is session:
+                del self.incoming[guest]
+            self._retire(session.progress)
+
+    def _busy(self, guest: str) -> bool:
+        return guest in self.incoming or guest in self.outgoing
+
+    async def _installed(self, guest: str, settings: ClientSettings) -> None:
+        """The guest is ours now: its next HELLO with the same boot id keeps its pools."""
+        meta = settings.meta
+        if "boot_id" in meta:
+            state = self.agent.guests.setdefault(guest, GuestState(guest))
+            state.boot_id = bytes.fromhex(str(meta["boot_id"]))
+            state.reboots = int(meta.get("reboots", 0))
+
+    async def _revoked(self, guest: str) -> None:
+        await asyncio.to_thread(self.tmem.remove_client, guest)
+        state = self.agent.guests.get(guest)
+        if state is not None:
+            state.boot_id = None
+
+    # -- source ------------------------------------------------------------------------------
+
+    def _source(self, guest: str, dest: str) -> SourceTransfer:
+        if self.feed is None:
+            raise InvalidArgument("migration needs the tmem store (memd serve without "
+                                  "--store '')", op="migrate")
+        if self._busy(guest):
+            raise InvalidArgument(f"{guest} is already migrating", op="migrate")
+        if not self.tmem.has_client(guest):
+            raise InvalidArgument(f"this agent holds nothing of {guest}", op="migrate")
+        disk = self.swap.disks.get(guest)
+        if disk is not None:
+            pages = disk.disk.pages
+            outside = (pages.spill.used if pages.spill is not None else 0) + pages.lost_pages
+            if outside:
+                raise InvalidArgument(
+                    f"{guest}'s swap disk has {outside} pages outside tmem (spilled to its "
+                    "file or lost); migrating those is not supported", op="migrate")
+        try:
+            transport.parse_address(dest)
+        except ValueError as err:
+            raise InvalidArgument(str(err), op="migrate") from None
+        transfer = SourceTransfer(self.tmem, self.feed, guest, dest,
+                                  transport.client_context(self.tls_dir))
+        self.outgoing[guest] = transfer
+        return transfer
+
+    async def migrate(self, guest: str, dest: str) -> dict[str, Any]:
+        """By hand: pre-copy, then the final delta at once — for a guest that is paused
+        or stopped (nothing drives a switch-over).  → a summary; the guest is gone from
+        here when it returns."""
+        transfer = self._source(guest, dest)
+        try:
+            await transfer.connect()
+            await transfer.precopy()
+            await transfer.switchover()
+            await transfer.finish()
+        except (MemdError, OSError) as err:
+            await transfer.abort(str(err))
+            raise MigrationFailed(f"migration of {guest} to {dest} failed: {err}; its "
+                                  "pages stay here", target=guest) from None
+        finally:
+            self.outgoing.pop(guest, None)
+            self._retire(transfer.progress)
+        await self._drop_moved(guest)
+        return {"outcome": "moved", **transfer.progress.to_dict()}
+
+    async def follow_qemu(self, guest: str, dest: str, qmp_path: str) -> dict[str, Any]:
+        """Arm QEMU (pause-before-switchover), connect to the destination and pre-copy,
+        and follow the migration the operator starts there; → once connected, the
+        transfer runs in the background (memd status)."""
+        from hypervisor.qmp import AsyncQmpMonitor
+        from memd.migrate import qemu
+
+        transfer = self._source(guest, dest)
+        monitor: AsyncQmpMonitor | None = None
+        try:
+            monitor = await AsyncQmpMonitor.connect(qmp_path)
+            listener = await qemu.arm(monitor)
+            await transfer.connect()  # a TLS or address problem is the operator's answer
+        except (MemdError, OSError) as err:
+            self.outgoing.pop(guest, None)
+            await transfer.abort(str(err))
+            if monitor is not None:
+                await monitor.close()
+            raise
+
+        async def drive() -> None:
+            try:
+                summary = await qemu.follow(monitor, listener, transfer,
+                                            lambda: self._drop_moved(guest))
+                log.info("migration of %s: %s", guest, summary["outcome"],
+                         extra={"event": f"migrate-{summary['outcome']}", "vm": guest})
+            finally:
+                self.outgoing.pop(guest, None)
+                self._retire(transfer.progress)
+                await monitor.close()
+
+        task = asyncio.ensure_future(drive())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info("migration of %s armed: QEMU at %s stops at switch-over for memd",
+                 guest, qmp_path, extra={"event": "migrate-armed", "vm": guest})
+        # Answer once the bulk is across: the operator's `migrate` then finds memd only
+        # keeping the destination up to date, and the switch-over short.
+        ready = asyncio.ensure_future(transfer.first_pass.wait())
+        await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+        ready.cancel()
+        if task.done() and transfer.progress.phase == "aborted":
+            raise MigrationFailed(f"migration of {guest} to {dest} failed: "
+                                  f"{transfer.progress.error}; its pages stay here",
+                                  target=guest)
+        return {"outcome": "armed", **transfer.progress.to_dict()}
+
+    async def _drop_moved(self, guest: str) -> None:
+        """The destination holds the guest: nothing of it stays here."""
+        await self.swap.moved_away(guest)
+        await asyncio.to_thread(self.tmem.remove_client, guest)
+        state = self.agent.guests.get(guest)
+        if state is not None:
+            state.boot_id = None
+        log.info("%s moved away: its pages are dropped here", guest,
+                 extra={"event": "migrate-dropped", "vm": guest})
+
+    # -- operator view -------------------------------------------------------------------------
+
+    def _retire(self, progress: Progress) -> None:
+        self._finished = [*self._finished, progress][-KEEP_FINISHED:]
+        self._outcomes[(progress.direction, progress.phase)] += 1
+
+    def status(self) -> dict[str, Any]:
+        active = [t.progress for t in self.outgoing.values()] + [
+            t.progress for t in self.incoming.values()]
+        return {"listening": None if self.listening is None else
+                f"{self.listening[0]}:{self.listening[1]}",
+                "active": [p.to_dict() for p in active],
+                "finished": [p.to_dict() for p in self._finished],
+                "outcomes": [{"direction": d, "phase": p, "count": n}
+                             for (d, p), n in sorted(self._outcomes.items())]}
+
+    @handles(Command.MIGRATE)
+    async def migrate_command(self, args: MigrateArgs) -> dict[str, Any]:
+        """``memd migrate GUEST --to HOST:PORT [--qmp SOCKET]``."""
+        if args.qmp is not None:
+            return await self.follow_qemu(args.guest, args.to, args.qmp)
+        return await self.migrate(args.guest, args.to)
+
+    @handles(Command.MIGRATIONS)
+    def migrations(self, args: MigrationsArgs) -> dict[str, Any]:
+        return self.status()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self._server.wait_closed()
+
+
+def migration_metrics(status: dict[str, Any]) -> Iterator[Metric]:
+    """Prometheus families from :meth:`MigrationService.status` (a scrape's copy)."""
+    labels = ["vm", "direction"]
+    families = {
+        "pages": GaugeMetricFamily("memd_migration_pages", "pages a running transfer has "
+                                   "sent (out) or received (in), resent ones included",
+                                   labels=labels),
+        "bytes": GaugeMetricFamily("memd_migration_bytes", "their stored (compressed) bytes",
+                                   labels=labels),
+        "chunks_remaining": GaugeMetricFamily(
+            "memd_migration_chunks_remaining", "radix chunks (64 pages) left in the current "
+            "pre-copy round", labels=labels),
+        "pages_per_s": GaugeMetricFamily("memd_migration_pages_per_second",
+                                         "pages moved per second since the transfer began",
+                                         labels=labels),
+    }
+    for row in status.get("active", []):
+        for key, family in families.items():
+            family.add_metric([row["guest"], row["direction"]], float(row[key] or 0))
+    yield from families.values()
+    done = CounterMetricFamily("memd_migrations", "transfers that ended, by direction and "
+                               "outcome (done, aborted, revoked)",
+                               labels=["direction", "outcome"])
+    for row in status.get("outcomes", []):
+        done.add_metric([row["direction"], row["phase"]], row["count"])
+    yield done

@@ -1,0 +1,1 @@
+"""memd-to-memd migration of a guest's tmem (issue 14)."""

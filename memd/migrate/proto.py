@@ -1,0 +1,312 @@
+"""The memd-to-memd migration stream: framed messages, bytes in and bytes out (no I/O).
+
+Owns the wire format two agents speak while one guest's tmem state moves from the source
+agent to the destination agent (``memd.migrate.transport`` moves the bytes, over mutual
+TLS: authentication is the transport's, so there is no hello/auth message here).
+
+Every frame is a 5-byte header — ``u32`` length of what follows the length field
+(kind byte + body), ``u8`` kind — then the body.  Integers are big-endian.
+
+=========  =========  ======================================================================
+kind       direction  body
+=========  =========  ======================================================================
+BEGIN      src → dst  JSON: protocol version, guest name, the client's settings and the
+                      agent's meta (the guest's boot id)
+READY      dst → src  JSON: the staging name the destination holds the guest under
+POOLS      src → dst  JSON: the client's whole pool table (local id, kind, uuid, generation)
+CHUNK      src → dst  binary: one radix chunk (64 indexes) of one persistent pool, as the
+                      source has it now — every page there: index, xxh3-64, the *stored*
+                      (lz4 or raw) payload; no page: the chunk is empty
+COMMIT     src → dst  JSON: the number of persistent pages the destination must now hold
+CONFIRM    dst → src  JSON: pages installed under the guest's name
+DONE       src → dst  JSON: QEMU completed (or no QEMU drives it): the source drops its copy
+ABORT      either     JSON: one sentence; both sides forget the transfer (after CONFIRM:
+                      QEMU failed at the very end, the guest stays on the source)
+=========  =========  ======================================================================
+
+A CHUNK replaces the destination's copy of that chunk entirely, so sending a chunk again
+(because the guest changed it meanwhile) is always correct, whatever was sent before.
+
+CHUNK body: ``u8`` local pool id, ``u32`` pool generation, ``3 × u64`` object id, ``u32``
+chunk number, ``u8`` page count; then per page ``u8`` index within the chunk (strictly
+increasing), ``u64`` hash, ``u16`` payload length (0: the zero page; at most 4096), the
+payload.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+from memd.errors import FrameError
+from memd.vocab import PAGE_SIZE, Oid
+
+#: Bumped on any incompatible change; BEGIN carries it and the destination refuses others.
+VERSION = 1
+#: Indexes per CHUNK: tmem's radix chunk (tmem.durable.CHUNK_PAGES), fixed by the format.
+CHUNK_PAGES = 64
+#: The largest frame either side accepts: a full chunk of raw pages fits with room.
+MAX_FRAME = 1 << 20
+#: Local pool ids a client has (tmem.types.MAX_POOLS_PER_CLIENT).
+MAX_POOLS = 16
+
+_HEADER = struct.Struct(">IB")
+_CHUNK = struct.Struct(">BIQQQIB")
+_PAGE = struct.Struct(">BQH")
+_U64 = (1 << 64) - 1
+
+
+class Kind(IntEnum):
+    BEGIN = 1
+    READY = 2
+    POOLS = 3
+    CHUNK = 4
+    COMMIT = 5
+    CONFIRM = 6
+    ABORT = 7
+    DONE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Begin:
+    guest: str
+    #: The client's settings (weight, cap_pages, dedup, frozen, authorised as hex UUIDs)
+    #: and ``meta`` (the agent's: the guest's boot id and reboot count).
+    client: dict[str, Any]
+    version: int = VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    staged: str
+
+
+@dataclass(frozen=True, slots=True)
+class PoolEntry:
+    local: int
+    persistent: bool
+    shared: bool
+    uuid: bytes | None
+    #: The source's identity of this pool (its gid): a pool destroyed and created again
+    #: at the same local id gets another one, and the destination starts it afresh.
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pools:
+    pools: tuple[PoolEntry, ...]
+
+
+#: One page of a CHUNK: (tmem index — chunk * 64 + position, xxh3-64 of the page (ignored
+#: for the zero page), payload as stored: lz4 block, raw page, or b"" for the zero page).
+#: A plain tuple: a migration moves hundreds of thousands of them a second.
+ChunkPage = tuple[int, int, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    pool: int
+    generation: int
+    oid: Oid
+    chunk: int
+    pages: tuple[ChunkPage, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    pages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    reason: str
+
+
+Message = Begin | Ready | Pools | Chunk | Commit | Confirm | Done | Abort
+
+
+# --- encoding ----------------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """One frame.  Raises ValueError for a message no decoder would accept."""
+    if isinstance(msg, Chunk):
+        kind, body = Kind.CHUNK, _encode_chunk(msg)
+    else:
+        kind, obj = _json_of(msg)
+        body = json.dumps(obj, separators=(",", ":")).encode()
+    if len(body) + 1 > MAX_FRAME:
+        raise ValueError(f"a {kind.name} frame of {len(body)} bytes is over the limit")
+    return _HEADER.pack(len(body) + 1, kind) + body
+
+
+def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
+    if isinstance(msg, Begin):
+        return Kind.BEGIN, {"version": msg.version, "guest": msg.guest, "client": msg.client}
+    if isinstance(msg, Ready):
+        return Kind.READY, {"staged": msg.staged}
+    if isinstance(msg, Pools):
+        return Kind.POOLS, {"pools": [
+            {"local": p.local, "persistent": p.persistent, "shared": p.shared,
+             "uuid": None if p.uuid is None else p.uuid.hex(), "generation": p.generation}
+            for p in msg.pools]}
+    if isinstance(msg, Commit):
+        return Kind.COMMIT, {"pages": msg.pages}
+    if isinstance(msg, Confirm):
+        return Kind.CONFIRM, {"pages": msg.pages}
+    if isinstance(msg, Done):
+        return Kind.DONE, {"pages": msg.pages}
+    if isinstance(msg, Abort):
+        return Kind.ABORT, {"reason": msg.reason}
+    raise TypeError(f"not a migration message: {msg!r}")
+
+
+def _encode_chunk(msg: Chunk) -> bytes:
+    if not 0 <= msg.pool < MAX_POOLS or len(msg.pages) > CHUNK_PAGES:
+        raise ValueError("chunk pool id or page count out of range")
+    parts = [_CHUNK.pack(msg.pool, msg.generation, *msg.oid, msg.chunk, len(msg.pages))]
+    base = msg.chunk * CHUNK_PAGES
+    last = -1
+    pack = _PAGE.pack
+    for index, h, payload in msg.pages:
+        pos = index - base
+        n = len(payload)
+        if not last < pos < CHUNK_PAGES or n > PAGE_SIZE:
+            raise ValueError(f"page {index} does not belong in chunk {msg.chunk} "
+                             "in this order, or its payload is too long")
+        last = pos
+        parts.append(pack(pos, h & _U64, n))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+# --- decoding ----------------------------------------------------------------------------
+
+
+class Decoder:
+    """Feed bytes as they arrive, get whole messages out.  Any malformed frame raises
+    :class:`memd.errors.FrameError`; the stream cannot be resynchronised after that, so
+    the caller closes the connection.  Owned by the one task reading the connection."""
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= _HEADER.size:
+            length, kind = _HEADER.unpack_from(buf, pos)
+            if not 1 <= length <= self._max:
+                raise FrameError(f"migration frame length {length} out of range")
+            if len(buf) - pos < 4 + length:
+                break
+            body = bytes(buf[pos + _HEADER.size:pos + 4 + length])
+            pos += 4 + length
+            out.append(_decode(kind, body))
+        del buf[:pos]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held."""
+        return len(self._buf)
+
+
+def _decode(kind: int, body: bytes) -> Message:
+    if kind == Kind.CHUNK:
+        return _decode_chunk(body)
+    try:
+        obj = json.loads(body)
+        if not isinstance(obj, dict):
+            raise TypeError("not an object")
+        return _from_json(kind, obj)
+    except (ValueError, TypeError, KeyError) as err:
+        raise FrameError(f"malformed migration frame of kind {kind}: {err}") from None
+
+
+def _from_json(kind: int, obj: dict[str, Any]) -> Message:
+    if kind == Kind.BEGIN:
+        guest, client, version = obj["guest"], obj["client"], obj["version"]
+        if not isinstance(guest, str) or not guest or not isinstance(client, dict):
+            raise TypeError("BEGIN needs a guest name and a client object")
+        return Begin(guest, client, _int(version))
+    if kind == Kind.READY:
+        return Ready(_str(obj["staged"]))
+    if kind == Kind.POOLS:
+        entries = []
+        for p in obj["pools"]:
+            local = _int(p["local"])
+            uuid = p["uuid"]
+            if not 0 <= local < MAX_POOLS or not isinstance(p["persistent"], bool) \
+                    or not isinstance(p["shared"], bool):
+                raise ValueError("bad pool entry")
+            entries.append(PoolEntry(local, p["persistent"], p["shared"],
+                                     None if uuid is None else bytes.fromhex(_str(uuid)),
+                                     _int(p["generation"])))
+        if len({e.local for e in entries}) != len(entries):
+            raise ValueError("a local pool id appears twice")
+        return Pools(tuple(entries))
+    if kind == Kind.COMMIT:
+        return Commit(_int(obj["pages"]))
+    if kind == Kind.CONFIRM:
+        return Confirm(_int(obj["pages"]))
+    if kind == Kind.DONE:
+        return Done(_int(obj["pages"]))
+    if kind == Kind.ABORT:
+        return Abort(_str(obj["reason"]))
+    raise ValueError(f"unknown kind {kind}")
+
+
+def _int(value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise TypeError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value
+
+
+def _decode_chunk(body: bytes) -> Chunk:
+    if len(body) < _CHUNK.size:
+        raise FrameError("short CHUNK frame")
+    pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(body)
+    if pool >= MAX_POOLS or count > CHUNK_PAGES:
+        raise FrameError(f"CHUNK pool {pool} or page count {count} out of range")
+    pos = _CHUNK.size
+    pages: list[ChunkPage] = []
+    last = -1
+    base = chunk * CHUNK_PAGES
+    size = len(body)
+    unpack, header = _PAGE.unpack_from, _PAGE.size
+    for _ in range(count):
+        if size - pos < header:
+            raise FrameError("CHUNK frame ends inside a page header")
+        offset, h, length = unpack(body, pos)
+        pos += header
+        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
+            raise FrameError("CHUNK page index out of order, or payload length bad")
+        last = offset
+        pages.append((base + offset, h, body[pos:pos + length]))
+        pos += length
+    if pos != len(body):
+        raise FrameError("CHUNK frame has trailing bytes")
+    return Chunk(pool, generation, (o0, o1, o2), chunk, tuple(pages))
