@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from memd.errors import InvalidArgument, NoSpace, TmemError
-from tmem.budget import MAX_LOGGED_PUT_COST, MAX_PUT_COST, used_bytes
 from tmem.durable import ClientRecord, PoolRecord
 from tmem.pages import RADIX_BITS, RADIX_FANOUT
 from tmem.put import PutItem, put_many
@@ -312,6 +311,7 @@ class Importer:
         the transfer then aborts."""
         with self.host._writing() as state:
             client = state.client(self.staged, "migrate")
+            store, pages = state.store, state.pages
             for ch in chunks:
                 gid = client.pools[ch.pool]
                 if gid is None or self._generation.get(ch.pool) != ch.generation:
@@ -319,37 +319,30 @@ class Importer:
                 pool = state.pools[gid]
                 if not pool.persistent:
                     continue
-                _check_indexes(ch)
-                if not _install_fresh(state, client, pool, ch):
-                    self._replace_chunk(state, client, pool, ch)
-
-    def _replace_chunk(self, state: HostState, client: Client, pool: Pool,
-                       ch: ChunkPages) -> None:
-        """A chunk the staged pool already holds pages of (a later pre-copy round), or
-        one the budget may not take: the pages that went or changed go, the new ones
-        take the put path (page by page against the budget when it is tight)."""
-        store, pages = state.store, state.pages
-        incoming = {index: (h, payload) for index, h, payload in ch.pages}
-        objno = pool.objects.get(ch.oid)
-        radix = None if objno is None else pages.radix[objno]
-        held = None if radix is None else radix.get(ch.chunk)
-        for slot in list(held) if held is not None else []:
-            if slot < 0:
-                continue
-            index = pages.index[slot]
-            new = incoming.get(index)
-            if new is None:
-                state.drop_slot(pool, slot)
-            elif store.payload(pages.blob[slot]) == new[1]:
-                del incoming[index]  # unchanged: lz4 is deterministic
-        items: list[PutItem] = [(ch.oid, index, (h, payload, -1))
-                                for index, (h, payload) in sorted(incoming.items())]
-        if items:
-            errors = put_many(state, client, pool, items)
-            failed = next((e for e in errors if e is not None), None)
-            if failed is not None:
-                raise NoSpace(f"this agent cannot take {self.name}'s pages: "
-                              f"{failed}", op="migrate", client=self.name)
+                base = ch.chunk << RADIX_BITS
+                incoming = {index: (h, payload) for index, h, payload in ch.pages}
+                if any(not base <= i < base + RADIX_FANOUT for i in incoming):
+                    raise InvalidArgument("a page outside its chunk", op="migrate")
+                objno = pool.objects.get(ch.oid)
+                radix = None if objno is None else pages.radix[objno]
+                held = None if radix is None else radix.get(ch.chunk)
+                for slot in list(held) if held is not None else []:
+                    if slot < 0:
+                        continue
+                    index = pages.index[slot]
+                    new = incoming.get(index)
+                    if new is None:
+                        state.drop_slot(pool, slot)
+                    elif store.payload(pages.blob[slot]) == new[1]:
+                        del incoming[index]  # unchanged: lz4 is deterministic
+                items: list[PutItem] = [(ch.oid, index, (h, payload, -1))
+                                        for index, (h, payload) in sorted(incoming.items())]
+                if items:
+                    errors = put_many(state, client, pool, items)
+                    failed = next((e for e in errors if e is not None), None)
+                    if failed is not None:
+                        raise NoSpace(f"this agent cannot take {self.name}'s pages: "
+                                      f"{failed}", op="migrate", client=self.name)
 
     def staged_pages(self) -> int:
         with self.host._lock:
@@ -406,57 +399,6 @@ class Importer:
             staged = state.clients.get(self.staged)
             if staged is not None:
                 state.remove_client(staged)
-
-
-def _check_indexes(ch: ChunkPages) -> None:
-    """The pages of a chunk are distinct, in index order and inside the chunk (the
-    codec enforces it on the wire; the install relies on it)."""
-    last = (ch.chunk << RADIX_BITS) - 1
-    end = last + RADIX_FANOUT
-    for index, _, _ in ch.pages:
-        if not last < index <= end:
-            raise InvalidArgument("a page outside its chunk or out of order", op="migrate")
-        last = index
-
-
-def _install_fresh(state: HostState, client: Client, pool: Pool, ch: ChunkPages) -> bool:
-    """Install a chunk the staged pool holds nothing of yet (a first pre-copy round):
-    the pages arrive compressed and hashed as the source stored them, in index order,
-    so they go straight into the blob store (de-duplicated like any put) and the page
-    table, with the checks and counters of the put path hoisted to once per chunk.
-    → False (nothing done) when the chunk is not fresh or the budget might not take
-    it: the caller then takes the page-by-page path, which refuses what does not fit.
-
-    The staged client has no cap and is not frozen (its settings are applied at
-    commit), so the budget is the one limit, as for ``tmem.put``'s batch fast path."""
-    n = len(ch.pages)
-    pages = state.pages
-    objno = pool.objects.get(ch.oid)
-    if objno is not None:
-        radix = pages.radix[objno]
-        if radix is not None and ch.chunk in radix:
-            return False
-    if not n:
-        return True
-    cost = MAX_LOGGED_PUT_COST if state.log is not None else MAX_PUT_COST
-    if state.budget - used_bytes(state) < n * cost:
-        return False
-    if objno is None:
-        objno = pool.objects[ch.oid] = pages.new_object(pool.gid, ch.oid)
-    intern = state.store.intern
-    scope = state.scope(client, pool)
-    blobs = [intern(h, payload, scope) for _, h, payload in ch.pages]
-    pages.add_many([objno] * n, [index for index, _, _ in ch.pages], blobs, None)
-    if state.journal.tracking:
-        state.journal.dirty.add((pool.gid, ch.oid, ch.chunk))
-    pool.pages += n
-    # A blob found by de-duplication has the payload's length (find compares it).
-    pool.bytes_stored += sum(len(payload) for _, _, payload in ch.pages)
-    state.clients[pool.owner].persistent_pages += n
-    ops = pool.ops
-    ops.puts += n
-    ops.good_puts += n
-    return True
 
 
 def drop_leftovers(host: TmemHost) -> list[str]:
