@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 from memd import wire
 from memd.errors import FrameError
@@ -28,6 +30,13 @@ log = logging.getLogger("memd.agent")
 READ_CHUNK = 512 * 1024  # the agent's one receive buffer; a 128-page batch frame is ~516 KiB
 #: Bytes all connections together may hold in incomplete frames (see PartialFrames).
 MAX_PARTIAL_BYTES = 64 << 20
+#: Kernel send buffer asked for each connection (Linux caps it at net.core.wmem_max and
+#: doubles it).  The default (~208 KiB) is less than one 128-page GET_BATCH reply (~516
+#: KiB), so each such reply took several sends, loop turns and guest reads, and asyncio
+#: copied the part the kernel did not take twice.  Kernel memory is used only while the
+#: guest has not read its replies, and reading stays paused meanwhile (backpressure).
+SEND_BUFFER = 2 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class ScratchBuffer:
@@ -141,12 +150,20 @@ class GuestConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None  # the session of an accepted peer
+        self._fd = -1  # the socket's descriptor, for send() (-1: not a socket)
 
     # -- protocol callbacks (event loop) ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self._fd = -1 if sock is None else sock.fileno()
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError as err:  # not a socket we may tune: its default then
+                log.debug("cannot enlarge the send buffer: %s", err)
         if self._on_connect is not None:
             self._task = asyncio.ensure_future(self._on_connect(self))
 
@@ -249,6 +266,42 @@ class GuestConnection(asyncio.BufferedProtocol):
             if self.partial_since is not None:  # the guest could not send meanwhile
                 self.partial_since += self._loop.time() - self._paused_at
             self.transport.resume_reading()
+
+    def send(self, parts: Sequence[wire.Buffer]) -> None:
+        """Write ``parts`` in order, as one vectored send where the kernel takes them.
+
+        asyncio 3.11's ``writelines`` joins the parts (a copy of every page of a
+        GET_BATCH reply) and, if the kernel takes only some, copies the rest twice more
+        (a slice, then into its buffer).  So when the transport holds nothing yet, the
+        parts go to the socket with ``writev`` first — safe behind the transport's back
+        exactly then, as that is what its own ``write`` does — and only what the kernel
+        did not take is handed to the transport, part by part (one copy, into its
+        buffer), to be sent when the socket is writable again."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        rest: Sequence[wire.Buffer] = parts
+        at = 0  # rest[:at] are written
+        if self._fd >= 0 and not transport.get_write_buffer_size():
+            try:
+                while at < len(rest):
+                    end = min(at + _IOV_MAX, len(rest))
+                    sent = os.writev(self._fd, rest[at:end])
+                    while at < end and sent >= len(rest[at]):
+                        sent -= len(rest[at])
+                        at += 1
+                    if at < end:  # the kernel took no more: the rest waits
+                        if sent:
+                            rest = [memoryview(rest[at]).cast("B")[sent:], *rest[at + 1:]]
+                            at = 0
+                        break
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:  # the transport meets the same error and reports it its way
+                pass
+        for part in rest[at:]:
+            if len(part):
+                transport.write(part)
 
     async def drain(self) -> None:
         """Return once the transport's write buffer is below its high-water mark."""

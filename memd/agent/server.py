@@ -51,7 +51,7 @@ log = logging.getLogger("memd.agent")
 
 #: One session's share of a group commit: its transport, the parts of its replies, and
 #: the future its session waits on until they are written.
-_Held = tuple[asyncio.Transport, list[wire.Buffer], asyncio.Future[None]]
+_Held = tuple[GuestConnection, list[wire.Buffer], asyncio.Future[None]]
 
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
@@ -134,7 +134,7 @@ class Agent:
     # -- group commit ----------------------------------------------------------------------
 
     async def _dispatch(self, guest: GuestState, items: list[wire.Frame | FrameError],
-                        transport: asyncio.Transport) -> None:
+                        conn: GuestConnection) -> None:
         """Dispatch frames that arrived together; return once their replies are written.
 
         Group commit across requests and guests: every session that dispatches in the
@@ -148,7 +148,7 @@ class Agent:
             loop.call_soon(self._flush)
         parts = self.dispatcher.handle_all(guest, items)
         written = loop.create_future()
-        self._outbox.append((transport, parts, written))
+        self._outbox.append((conn, parts, written))
         await written
 
     def _flush(self) -> None:
@@ -159,14 +159,15 @@ class Agent:
         except Exception:  # nothing may be acknowledged: those guests reconnect and retry
             log.critical("tmem store commit failed: %d connections dropped unanswered",
                          len(outbox), exc_info=True)
-            for transport, _, written in outbox:
-                transport.abort()
+            for conn, _, written in outbox:
+                if conn.transport is not None:
+                    conn.transport.abort()
                 if not written.done():  # its session may have been cancelled meanwhile
                     written.set_result(None)
             return
-        for transport, parts, written in outbox:
-            if parts and not transport.is_closing():
-                transport.writelines(parts)  # one send for all of a read's replies
+        for conn, parts, written in outbox:
+            if parts:
+                conn.send(parts)  # one vectored send for all of a read's replies
             if not written.done():
                 written.set_result(None)
 
@@ -294,7 +295,7 @@ class Agent:
                     if conn.eof:
                         break
                     continue
-                await self._dispatch(guest, items, transport)
+                await self._dispatch(guest, items, conn)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
                     log.warning("guest %s: %d corrupt frames, hanging up", guest.name, bad)
