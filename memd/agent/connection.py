@@ -307,40 +307,42 @@ class GuestConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def send(self, parts: Sequence[wire.Buffer]) -> None:
-        """Write ``parts`` in order, as one vectored send where the kernel takes them.
+        """Write ``parts`` in order, as few vectored sends as the kernel allows.
 
         asyncio 3.11's ``writelines`` joins the parts (a copy of every page of a
         GET_BATCH reply) and, if the kernel takes only some, copies the rest twice more
-        (a slice, then into its buffer).  So when the transport holds nothing yet, the
-        parts go to the socket with ``writev`` first — safe behind the transport's back
-        exactly then, as that is what its own ``write`` does — and only what the kernel
-        did not take is handed to the transport, part by part (one copy, into its
-        buffer), to be sent when the socket is writable again."""
+        (a slice, then into its buffer).  So while the transport holds nothing, parts go
+        to the socket with ``writev`` — safe behind the transport's back exactly then,
+        as that is what its own ``write`` does.  Where the kernel stops taking them, the
+        part it stopped in goes to the transport's ``write`` (which tries once more,
+        then buffers); if that left bytes buffered the rest are appended behind them
+        (one copy each, sent when the socket is writable again), else ``writev``
+        resumes.  Part by part into an empty transport instead would cost one send
+        system call per page while a fast reader keeps the socket draining."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        rest: Sequence[wire.Buffer] = parts
-        at = 0  # rest[:at] are written
-        if self._fd >= 0 and not transport.get_write_buffer_size():
+        at = 0  # parts[:at] are written or with the transport
+        while at < len(parts):
+            if self._fd < 0 or transport.get_write_buffer_size():
+                for part in parts[at:]:  # behind what the transport holds: appended
+                    if len(part):
+                        transport.write(part)
+                return
+            end = min(at + _IOV_MAX, len(parts))
             try:
-                while at < len(rest):
-                    end = min(at + _IOV_MAX, len(rest))
-                    sent = os.writev(self._fd, rest[at:end])
-                    while at < end and sent >= len(rest[at]):
-                        sent -= len(rest[at])
-                        at += 1
-                    if at < end:  # the kernel took no more: the rest waits
-                        if sent:
-                            rest = [memoryview(rest[at]).cast("B")[sent:], *rest[at + 1:]]
-                            at = 0
-                        break
+                sent = os.writev(self._fd, parts[at:end])
             except (BlockingIOError, InterruptedError):
-                pass
+                sent = 0
             except OSError:  # the transport meets the same error and reports it its way
-                pass
-        for part in rest[at:]:
-            if len(part):
-                transport.write(part)
+                self._fd = -1
+                continue
+            while at < end and sent >= len(parts[at]):
+                sent -= len(parts[at])
+                at += 1
+            if at < end:  # the kernel is full: the transport takes the part it stopped in
+                transport.write(memoryview(parts[at]).cast("B")[sent:])
+                at += 1
 
     async def drain(self) -> None:
         """Return once the transport's write buffer is below its high-water mark."""
