@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 
 from memd import wire
 from memd.errors import FrameError
@@ -28,6 +30,13 @@ log = logging.getLogger("memd.agent")
 READ_CHUNK = 512 * 1024  # the agent's one receive buffer; a 128-page batch frame is ~516 KiB
 #: Bytes all connections together may hold in incomplete frames (see PartialFrames).
 MAX_PARTIAL_BYTES = 64 << 20
+#: Kernel send buffer asked for each connection (Linux caps it at net.core.wmem_max and
+#: doubles it).  The default (~208 KiB) is less than one 128-page GET_BATCH reply (~516
+#: KiB), so each such reply took several sends, loop turns and guest reads, and asyncio
+#: copied the part the kernel did not take twice.  Kernel memory is used only while the
+#: guest has not read its replies, and reading stays paused meanwhile (backpressure).
+SEND_BUFFER = 2 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class ScratchBuffer:
@@ -107,17 +116,21 @@ class GuestConnection(asyncio.BufferedProtocol):
     """One guest connection's byte plumbing; :meth:`Agent._session` owns the meaning.
 
     Receive: the transport ``recv_into``s the agent's :class:`ScratchBuffer` and the bytes
-    go straight into :attr:`decoder`; decoded items wait in :attr:`items` for the session,
-    and reading pauses while any wait (the session resumes it after dispatch and drain).
-    So the decoder is never fed, nor made to abandon a frame, while frames it returned
-    wait: a frame's payload need not outlive the next call into its decoder.
+    go straight into :attr:`decoder`.  While the session waits with nothing queued it
+    sets :attr:`deliver`, and decoded items go to it within the read's callback (it
+    dispatches them at once); otherwise they wait in :attr:`items` and reading pauses
+    while any wait (the session resumes it after dispatch and drain).  Either way the
+    decoder is never fed, nor made to abandon a frame, while frames it returned wait: a
+    frame's payload need not outlive the next call into its decoder.
     The incomplete frame the decoder holds is dated by its first byte
     (:attr:`partial_since`), not by the last byte that arrived: bytes that do not complete
     it — a guest's resync after a cut, garbage — must not keep a dead frame alive (see
     the stall rule in docs/protocol.md).  The time reading was paused does not count: the
     guest cannot send while the agent does not read.
-    Send: ``pause_writing``/``resume_writing`` gate :meth:`drain`, as for a stream
-    writer.  Everything runs on the event loop thread: no locks.
+    Send: :meth:`send` writes reply parts with one ``writev``;
+    ``pause_writing``/``resume_writing`` gate :meth:`drain`, as for a stream writer, and
+    pause reading meanwhile (backpressure on a guest that does not read its replies).
+    Everything runs on the event loop thread: no locks.
     """
 
     def __init__(self, on_connect: Callable[[GuestConnection], Awaitable[None]] | None,
@@ -128,6 +141,12 @@ class GuestConnection(asyncio.BufferedProtocol):
         self._loop = asyncio.get_running_loop()
         self.decoder = wire.FrameDecoder()
         self.items: list[wire.Frame | FrameError] = []
+        #: Set by the session while it waits with nothing queued: what the decoder
+        #: returns then is handed to it at once, in the read's own callback (no queue,
+        #: no pause of reading, no task wake-up per read).  None: queue and pause.
+        self.deliver: Callable[[list[wire.Frame | FrameError]], None] | None = None
+        #: Why the session must end, set by ``deliver`` (e.g. too many corrupt frames).
+        self.hangup: str | None = None
         #: loop.time() when the first byte of the incomplete frame held by the decoder
         #: arrived (moved on by the time reading was paused); None when it holds nothing.
         self.partial_since: float | None = None
@@ -137,16 +156,26 @@ class GuestConnection(asyncio.BufferedProtocol):
         self._reading = True
         self._paused_at = 0.0  # loop.time() when reading was last paused
         self._input: asyncio.Future[None] | None = None  # set while the session waits
+        self._timer_armed = False  # wait_input armed a stall timer for this wait
+        self._write_paused_reading = False  # reading was paused by pause_writing
         self._writable: asyncio.Future[None] | None = None  # set while the session drains
         self._write_paused = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._task: asyncio.Task[None] | None = None  # the session of an accepted peer
+        self._fd = -1  # the socket's descriptor, for send() (-1: not a socket)
 
     # -- protocol callbacks (event loop) ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        self._fd = -1 if sock is None else sock.fileno()
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+            except OSError as err:  # not a socket we may tune: its default then
+                log.debug("cannot enlarge the send buffer: %s", err)
         if self._on_connect is not None:
             self._task = asyncio.ensure_future(self._on_connect(self))
 
@@ -164,7 +193,7 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        self._wake()
+        self.wake()
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,7 +201,7 @@ class GuestConnection(asyncio.BufferedProtocol):
         self.error = exc
         self.partial_since = None  # no stall rule for a closed connection
         self._partials.forget(self)  # its bytes go with it (frames may still wait)
-        self._wake()
+        self.wake()
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
         if not self.closed.done():
@@ -180,11 +209,20 @@ class GuestConnection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        # A guest that does not read its replies gets no more requests read: with
+        # frames delivered straight to the session, this is where backpressure starts.
+        if self._reading:
+            self._write_paused_reading = True
+            self.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         if self._writable is not None and not self._writable.done():
             self._writable.set_result(None)
+        if self._write_paused_reading:
+            self._write_paused_reading = False
+            if not self.items and self.hangup is None:  # else the session resumes it
+                self.resume_reading()
 
     # -- the incomplete frame --------------------------------------------------------------
 
@@ -199,15 +237,28 @@ class GuestConnection(asyncio.BufferedProtocol):
             self.partial_since = None
         elif new_frame or self.partial_since is None:
             self.partial_since = self._loop.time()
+        queued = False
         if items:
-            self.items.extend(items)
-            if self._reading and self.transport is not None:
-                self._reading = False
-                self._paused_at = self._loop.time()
-                self.transport.pause_reading()
+            if self.deliver is not None and not self.items and not self._write_paused:
+                self.deliver(items)
+            else:
+                queued = True
+                self.items.extend(items)
+                self.pause_reading()
         if not self.closed.done():  # connection_lost forgot it
             self._partials.account(self, held, new_frame=new_frame)
-        self._wake()
+        # Wake the session for queued items, or to arm the stall timer for an incomplete
+        # frame that began while it waited without one (a timer armed for an earlier
+        # deadline wakes it early, and it re-arms: harmless).
+        if queued or (self.partial_since is not None and not self._timer_armed):
+            self.wake()
+
+    def pause_reading(self) -> None:
+        """Read nothing more until :meth:`resume_reading`."""
+        if self._reading and self.transport is not None:
+            self._reading = False
+            self._paused_at = self._loop.time()
+            self.transport.pause_reading()
 
     def partial_deadline(self) -> float | None:
         """loop.time() at which the held incomplete frame is abandoned, if any is held."""
@@ -227,12 +278,16 @@ class GuestConnection(asyncio.BufferedProtocol):
         """Wait until items or EOF arrive, or the incomplete frame's deadline passes (the
         session then calls :meth:`abandon_if_stalled`)."""
         self._input = self._loop.create_future()
-        deadline = self.partial_deadline()
-        timer = None if deadline is None else self._loop.call_at(deadline, self._wake)
+        # No timer while reading is paused (that time does not count; resume_reading
+        # wakes the session to arm it): a deadline already past would only spin.
+        deadline = self.partial_deadline() if self._reading else None
+        timer = None if deadline is None else self._loop.call_at(deadline, self.wake)
+        self._timer_armed = timer is not None
         try:
             await self._input
         finally:
             self._input = None
+            self._timer_armed = False
             if timer is not None:
                 timer.cancel()
 
@@ -248,7 +303,46 @@ class GuestConnection(asyncio.BufferedProtocol):
             self._reading = True
             if self.partial_since is not None:  # the guest could not send meanwhile
                 self.partial_since += self._loop.time() - self._paused_at
+                self.wake()  # a waiting session arms the stall timer again
             self.transport.resume_reading()
+
+    def send(self, parts: Sequence[wire.Buffer]) -> None:
+        """Write ``parts`` in order, as few vectored sends as the kernel allows.
+
+        asyncio 3.11's ``writelines`` joins the parts (a copy of every page of a
+        GET_BATCH reply) and, if the kernel takes only some, copies the rest twice more
+        (a slice, then into its buffer).  So while the transport holds nothing, parts go
+        to the socket with ``writev`` — safe behind the transport's back exactly then,
+        as that is what its own ``write`` does.  Where the kernel stops taking them, the
+        part it stopped in goes to the transport's ``write`` (which tries once more,
+        then buffers); if that left bytes buffered the rest are appended behind them
+        (one copy each, sent when the socket is writable again), else ``writev``
+        resumes.  Part by part into an empty transport instead would cost one send
+        system call per page while a fast reader keeps the socket draining."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        at = 0  # parts[:at] are written or with the transport
+        while at < len(parts):
+            if self._fd < 0 or transport.get_write_buffer_size():
+                for part in parts[at:]:  # behind what the transport holds: appended
+                    if len(part):
+                        transport.write(part)
+                return
+            end = min(at + _IOV_MAX, len(parts))
+            try:
+                sent = os.writev(self._fd, parts[at:end])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:  # the transport meets the same error and reports it its way
+                self._fd = -1
+                continue
+            while at < end and sent >= len(parts[at]):
+                sent -= len(parts[at])
+                at += 1
+            if at < end:  # the kernel is full: the transport takes the part it stopped in
+                transport.write(memoryview(parts[at]).cast("B")[sent:])
+                at += 1
 
     async def drain(self) -> None:
         """Return once the transport's write buffer is below its high-water mark."""
@@ -260,6 +354,7 @@ class GuestConnection(asyncio.BufferedProtocol):
         if self.closed.done() and self.error is not None:
             raise ConnectionResetError("connection lost")
 
-    def _wake(self) -> None:
+    def wake(self) -> None:
+        """Wake the waiting session (for input, EOF, its stall timer, a hangup)."""
         if self._input is not None and not self._input.done():
             self._input.set_result(None)

@@ -14,12 +14,15 @@ Per session: bytes are received straight into the agent's one receive buffer (a
 :class:`asyncio.BufferedProtocol`: no allocation per read, no stream-reader copies, no
 receive memory for an idle connection) and fed to the connection's
 :class:`~memd.wire.FrameDecoder`; complete frames are dispatched in order and their
-replies written — after the tmem store commit that every session dispatching in the
-same event-loop turn shares (group commit, :meth:`Agent._dispatch`).  Reading pauses
-while decoded frames wait for dispatch and until the replies are drained, which applies
-backpressure to a guest that does not read its replies.  An incomplete frame whose first
-byte came ``PARTIAL_FRAME_TIMEOUT`` ago is abandoned (the writer was cut mid-frame), and
-the bytes held in incomplete frames across all connections are capped (the byte
+replies written — after the tmem store commit that every read dispatched in the same
+event-loop turn shares (group commit, :meth:`Agent._hold`).  While the session waits,
+frames are dispatched in the read's own callback (one loop turn per read, then one for
+the commit and the replies); frames that arrive while it is busy are queued and reading
+pauses.  Reading also pauses while the replies are not drained (the transport's
+``pause_writing``), which applies backpressure to a guest that does not read them.
+An incomplete frame whose first byte came ``PARTIAL_FRAME_TIMEOUT`` ago is abandoned
+(the writer was cut mid-frame), and the bytes held in incomplete frames across all
+connections are capped (the byte
 plumbing is :mod:`memd.agent.connection`); a connection producing more than
 ``MAX_BAD_FRAMES`` corrupt frames is closed — that guest only.
 
@@ -49,9 +52,9 @@ from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
 
-#: One session's share of a group commit: its transport, the parts of its replies, and
-#: the future its session waits on until they are written.
-_Held = tuple[asyncio.Transport, list[wire.Buffer], asyncio.Future[None]]
+#: One read's share of a group commit: its connection, the parts of its replies, and the
+#: future its session waits on until they are written (None: nobody waits).
+_Held = tuple[GuestConnection, list[wire.Buffer], asyncio.Future[None] | None]
 
 MAX_BAD_FRAMES = 64  # per connection, before the agent hangs up on that guest
 RECONNECT_MIN = 0.1
@@ -133,22 +136,27 @@ class Agent:
 
     # -- group commit ----------------------------------------------------------------------
 
-    async def _dispatch(self, guest: GuestState, items: list[wire.Frame | FrameError],
-                        transport: asyncio.Transport) -> None:
-        """Dispatch frames that arrived together; return once their replies are written.
+    def _hold(self, guest: GuestState, items: list[wire.Frame | FrameError],
+              conn: GuestConnection, written: asyncio.Future[None] | None = None) -> None:
+        """Dispatch frames that arrived together; their replies wait for :meth:`_flush`.
 
-        Group commit across requests and guests: every session that dispatches in the
-        same event-loop turn shares one store commit (the first holds commits and
-        schedules :meth:`_flush`, which runs after the others), and no reply leaves
-        before that commit — an acknowledged put is a committed put."""
-        loop = asyncio.get_running_loop()
+        Group commit across requests and guests: every read dispatched in the same
+        event-loop turn shares one store commit (the first holds commits and schedules
+        :meth:`_flush`, which runs after the others), and no reply leaves before that
+        commit — an acknowledged put is a committed put.  Replies are written in the
+        order their reads were dispatched, so a connection's replies stay in order."""
         if self._outbox is None:
             self.dispatcher.tmem.hold_commits()
             self._outbox = []
-            loop.call_soon(self._flush)
+            asyncio.get_running_loop().call_soon(self._flush)
         parts = self.dispatcher.handle_all(guest, items)
-        written = loop.create_future()
-        self._outbox.append((transport, parts, written))
+        self._outbox.append((conn, parts, written))
+
+    async def _dispatch(self, guest: GuestState, items: list[wire.Frame | FrameError],
+                        conn: GuestConnection) -> None:
+        """:meth:`_hold`, then return once the replies are written."""
+        written = asyncio.get_running_loop().create_future()
+        self._hold(guest, items, conn, written)
         await written
 
     def _flush(self) -> None:
@@ -159,15 +167,17 @@ class Agent:
         except Exception:  # nothing may be acknowledged: those guests reconnect and retry
             log.critical("tmem store commit failed: %d connections dropped unanswered",
                          len(outbox), exc_info=True)
-            for transport, _, written in outbox:
-                transport.abort()
-                if not written.done():  # its session may have been cancelled meanwhile
+            for conn, _, written in outbox:
+                if conn.transport is not None:
+                    conn.transport.abort()
+                # (its session may have been cancelled meanwhile)
+                if written is not None and not written.done():
                     written.set_result(None)
             return
-        for transport, parts, written in outbox:
-            if parts and not transport.is_closing():
-                transport.writelines(parts)  # one send for all of a read's replies
-            if not written.done():
+        for conn, parts, written in outbox:
+            if parts:
+                conn.send(parts)  # one vectored send for all of a read's replies
+            if written is not None and not written.done():
                 written.set_result(None)
 
     # -- channels --------------------------------------------------------------------------
@@ -281,11 +291,32 @@ class Agent:
         # Corrupt stretches (one decoder episode each) plus frames the dispatcher
         # rejected as malformed: both count against this connection's allowance.
         bad_at_start = guest.bad_frames
+
+        def deliver(items: list[wire.Frame | FrameError]) -> None:
+            """Frames read while the session waits: dispatched in the read's callback."""
+            self._hold(guest, items, conn)
+            if guest.bad_frames - bad_at_start > MAX_BAD_FRAMES:
+                conn.hangup = "too many corrupt frames"
+                conn.deliver = None
+                conn.pause_reading()
+                # After the _flush already scheduled (FIFO): this read's replies go first.
+                asyncio.get_running_loop().call_soon(conn.wake)
+
         try:
             while True:
-                if not conn.items and not conn.eof:
-                    await conn.wait_input()
+                if not conn.items and not conn.eof and conn.hangup is None:
+                    # Frames go straight to deliver() while we wait: one loop turn per
+                    # read instead of a queue, a pause of reading and a task wake-up.
+                    conn.deliver = deliver
+                    try:
+                        await conn.wait_input()
+                    finally:
+                        conn.deliver = None
                     conn.abandon_if_stalled()
+                if conn.hangup is not None:
+                    log.warning("guest %s: %s, hanging up", guest.name, conn.hangup)
+                    channel.last_error = conn.hangup
+                    break
                 if conn.error is not None and not conn.items:
                     channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
                     break
@@ -294,7 +325,7 @@ class Agent:
                     if conn.eof:
                         break
                     continue
-                await self._dispatch(guest, items, transport)
+                await self._dispatch(guest, items, conn)
                 bad = guest.bad_frames - bad_at_start
                 if bad > MAX_BAD_FRAMES:
                     log.warning("guest %s: %d corrupt frames, hanging up", guest.name, bad)

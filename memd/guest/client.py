@@ -99,7 +99,7 @@ from memd.wire import (
 )
 
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
-_RECV_SIZE = 256 * 1024
+_RECV_SIZE = 1 << 20
 _BATCH_ITEM_BYTES = 32 + PAGE_SIZE
 
 R = TypeVar("R")
