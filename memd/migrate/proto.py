@@ -206,20 +206,30 @@ class Decoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
+        # Frames are parsed in place (a memoryview of the bytes given, or of the held
+        # partial frame with them appended); only each page's payload and the unparsed
+        # tail are copied.  A migration moves ~100 MB of frames, and copying a frame's
+        # body out first cost as much as the rest of the decoding.
+        if self._buf:
+            self._buf += data
+            source: bytes | bytearray = self._buf
+        else:
+            source = data
         out: list[Message] = []
-        buf = self._buf
         pos = 0
-        while len(buf) - pos >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(buf, pos)
-            if not 1 <= length <= self._max:
-                raise FrameError(f"migration frame length {length} out of range")
-            if len(buf) - pos < 4 + length:
-                break
-            body = bytes(buf[pos + _HEADER.size:pos + 4 + length])
-            pos += 4 + length
-            out.append(_decode(kind, body))
-        del buf[:pos]
+        end = len(source)
+        with memoryview(source) as view:
+            while end - pos >= _HEADER.size:
+                length, kind = _HEADER.unpack_from(view, pos)
+                if not 1 <= length <= self._max:
+                    raise FrameError(f"migration frame length {length} out of range")
+                if end - pos < 4 + length:
+                    break
+                out.append(_decode(kind, view[pos + _HEADER.size:pos + 4 + length]))
+                pos += 4 + length
+            tail = view[pos:].tobytes() if pos < end else b""
+        # The views are released: the held buffer may be resized again.
+        self._buf = bytearray(tail)
         return out
 
     @property
@@ -228,11 +238,11 @@ class Decoder:
         return len(self._buf)
 
 
-def _decode(kind: int, body: bytes) -> Message:
+def _decode(kind: int, body: memoryview) -> Message:
     if kind == Kind.CHUNK:
         return _decode_chunk(body)
     try:
-        obj = json.loads(body)
+        obj = json.loads(body.tobytes())
         if not isinstance(obj, dict):
             raise TypeError("not an object")
         return _from_json(kind, obj)
@@ -285,7 +295,7 @@ def _str(value: object) -> str:
     return value
 
 
-def _decode_chunk(body: bytes) -> Chunk:
+def _decode_chunk(body: memoryview) -> Chunk:
     if len(body) < _CHUNK.size:
         raise FrameError("short CHUNK frame")
     pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(body)
@@ -305,7 +315,7 @@ def _decode_chunk(body: bytes) -> Chunk:
         if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
             raise FrameError("CHUNK page index out of order, or payload length bad")
         last = offset
-        pages.append((base + offset, h, body[pos:pos + length]))
+        pages.append((base + offset, h, body[pos:pos + length].tobytes()))
         pos += length
     if pos != len(body):
         raise FrameError("CHUNK frame has trailing bytes")

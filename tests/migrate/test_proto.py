@@ -68,6 +68,9 @@ def test_any_stream_in_any_chunking_decodes_to_the_messages_sent(
         out += decoder.feed(stream[a:b])
     assert out == msgs
     assert decoder.pending == 0
+    # Payloads are bytes of their own, never views of the decoder's buffers.
+    assert all(type(payload) is bytes
+               for m in out if isinstance(m, Chunk) for _, _, payload in m.pages)
 
 
 @settings(max_examples=300, deadline=None)
