@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -143,14 +144,24 @@ Message = Begin | Ready | Pools | Chunk | Commit | Confirm | Done | Abort
 
 def encode(msg: Message) -> bytes:
     """One frame.  Raises ValueError for a message no decoder would accept."""
-    if isinstance(msg, Chunk):
-        kind, body = Kind.CHUNK, _encode_chunk(msg)
-    else:
+    return encode_many((msg,))
+
+
+def encode_many(msgs: Sequence[Message]) -> bytes:
+    """The frames of *msgs*, back to back, built with one copy of the payloads (one
+    ``bytes.join`` over every header and payload).  Raises ValueError as :func:`encode`."""
+    parts: list[bytes] = []
+    for msg in msgs:
+        if isinstance(msg, Chunk):
+            _chunk_parts(msg, parts)
+            continue
         kind, obj = _json_of(msg)
         body = json.dumps(obj, separators=(",", ":")).encode()
-    if len(body) + 1 > MAX_FRAME:
-        raise ValueError(f"a {kind.name} frame of {len(body)} bytes is over the limit")
-    return _HEADER.pack(len(body) + 1, kind) + body
+        if len(body) + 1 > MAX_FRAME:
+            raise ValueError(f"a {kind.name} frame of {len(body)} bytes is over the limit")
+        parts.append(_HEADER.pack(len(body) + 1, kind))
+        parts.append(body)
+    return b"".join(parts)
 
 
 def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
@@ -174,10 +185,14 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
     raise TypeError(f"not a migration message: {msg!r}")
 
 
-def _encode_chunk(msg: Chunk) -> bytes:
+def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
+    """Append a CHUNK frame's pieces (header, chunk head, per page its head and payload)."""
     if not 0 <= msg.pool < MAX_POOLS or len(msg.pages) > CHUNK_PAGES:
         raise ValueError("chunk pool id or page count out of range")
-    parts = [_CHUNK.pack(msg.pool, msg.generation, *msg.oid, msg.chunk, len(msg.pages))]
+    header_at = len(parts)
+    parts.append(b"")  # the frame header, once the body's length is known
+    parts.append(_CHUNK.pack(msg.pool, msg.generation, *msg.oid, msg.chunk, len(msg.pages)))
+    size = _CHUNK.size + len(msg.pages) * _PAGE.size
     base = msg.chunk * CHUNK_PAGES
     last = -1
     pack = _PAGE.pack
@@ -188,9 +203,12 @@ def _encode_chunk(msg: Chunk) -> bytes:
             raise ValueError(f"page {index} does not belong in chunk {msg.chunk} "
                              "in this order, or its payload is too long")
         last = pos
+        size += n
         parts.append(pack(pos, h & _U64, n))
         parts.append(payload)
-    return b"".join(parts)
+    if size + 1 > MAX_FRAME:  # never: a full chunk of raw pages fits
+        raise ValueError(f"a CHUNK frame of {size} bytes is over the limit")
+    parts[header_at] = _HEADER.pack(size + 1, Kind.CHUNK)
 
 
 # --- decoding ----------------------------------------------------------------------------

@@ -152,7 +152,10 @@ class Link:
         self.bytes_sent = 0
 
     async def send(self, msgs: Sequence[proto.Message]) -> None:
-        data = b"".join(proto.encode(m) for m in msgs)
+        await self.send_frames(proto.encode_many(msgs))
+
+    async def send_frames(self, data: bytes) -> None:
+        """Send encoded frames: one write, so TLS cuts them into full-size records."""
         self.bytes_sent += len(data)
         self.writer.write(data)
         await self.writer.drain()

@@ -73,6 +73,12 @@ def test_any_stream_in_any_chunking_decodes_to_the_messages_sent(
                for m in out if isinstance(m, Chunk) for _, _, payload in m.pages)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(messages, max_size=8))
+def test_encode_many_is_the_frames_back_to_back(msgs: list[Message]) -> None:
+    assert proto.encode_many(msgs) == b"".join(proto.encode(m) for m in msgs)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400))
 def test_garbage_raises_frame_error_or_waits_never_anything_else(junk: bytes) -> None:
