@@ -58,7 +58,7 @@ from array import array
 from collections.abc import Sequence
 from itertools import groupby, pairwise
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lmdb
 import numpy as np
@@ -172,14 +172,16 @@ class LmdbStore:
         # in the database: it only grows (deletes leave it), so an append is never refused.
         self._top: dict[Any, bytes] = {}
         #: A read transaction kept for payload reads, replaced after every commit (a
-        #: fresh one per read costs more than the read); None while a commit runs.
+        #: fresh one per read costs more than the read); None while a commit runs.  It
+        #: hands out buffers into the map, valid only until its next use: each read copies
+        #: its payload out (once) before letting go of ``_lock``.
         self._reader: lmdb.Transaction | None = None
         try:
             self._check_owner(control_path, host_boot_id)
         except BaseException:
             self.close()
             raise
-        self._reader = self.env.begin(db=self._blobs)
+        self._reader = self._begin_reader()
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -215,6 +217,9 @@ class LmdbStore:
                 self._top[db] = cursor.key() if cursor.last() else b""
             self._db_pages = {db: self._pages_of(txn, db) for db in self._dbs}
             self._committed_bytes = sum(self._db_pages.values()) * PSIZE
+
+    def _begin_reader(self) -> lmdb.Transaction:
+        return self.env.begin(db=self._blobs, buffers=True)
 
     def _end_reader(self) -> bool:
         reader, self._reader = self._reader, None
@@ -283,9 +288,30 @@ class LmdbStore:
         with self._lock:
             assert self._reader is not None
             value = self._reader.get(_BLOB_KEY.pack(blob))
-        if value is None:
-            raise BackendError(f"tmem store: blob {blob} is missing", target=str(self.path))
-        return bytes(value[_BLOB_HEAD.size:])
+            if value is None:
+                raise BackendError(f"tmem store: blob {blob} is missing",
+                                   target=str(self.path))
+            return cast(memoryview, value)[_BLOB_HEAD.size:].tobytes()  # buffers=True
+
+    def payloads(self, blobs: Sequence[int]) -> list[bytes]:
+        """:meth:`payload` of each blob, in one hold of the lock (a migration reads a
+        few thousand at a time)."""
+        pending = self._pending_blobs
+        key, head = _BLOB_KEY.pack, _BLOB_HEAD.size
+        out: list[bytes] = []
+        with self._lock:
+            assert self._reader is not None
+            get = self._reader.get
+            for blob in blobs:
+                data = pending.get(blob)
+                if not data:
+                    value = get(key(blob))
+                    if value is None:
+                        raise BackendError(f"tmem store: blob {blob} is missing",
+                                           target=str(self.path))
+                    data = cast(memoryview, value)[head:].tobytes()
+                out.append(data)
+        return out
 
     def commit(self) -> None:
         with self._lock:
@@ -300,7 +326,7 @@ class LmdbStore:
                     except lmdb.MapFullError:
                         self._grow()
             finally:
-                self._reader = self.env.begin(db=self._blobs)
+                self._reader = self._begin_reader()
             self._pending = []
             self._pending_blobs.clear()
             self._pending_bytes = 0
@@ -362,7 +388,7 @@ class LmdbStore:
             had_reader = self._end_reader()
             self.env.set_mapsize(max(map_size_for(budget_bytes), used))
             if had_reader:
-                self._reader = self.env.begin(db=self._blobs)
+                self._reader = self._begin_reader()
 
     def file_bytes(self) -> int:
         """Bytes of the data file the database spans (its high-water mark)."""

@@ -147,6 +147,10 @@ class PersistentLog(RecordSink, Protocol):
         """The payload of a stored blob, including one written but not yet committed."""
         ...
 
+    def payloads(self, blobs: Sequence[int]) -> list[bytes]:
+        """:meth:`payload` of each of *blobs*, in order (one call for many reads)."""
+        ...
+
     def commit(self) -> None:
         """Make every buffered write durable (crash-consistent) at once, or raise."""
         ...

@@ -213,13 +213,18 @@ class Exporter:
             return out
 
     def read(self, keys: Iterable[ChunkKey]) -> list[ChunkPages]:
-        """The chunks as they are now (a chunk of a pool that is gone is left out)."""
-        out: list[ChunkPages] = []
+        """The chunks as they are now (a chunk of a pool that is gone is left out).
+
+        Payloads kept in the host's persistent log are read from it in one call, each
+        blob once (a duplicate page is one blob for many pages)."""
+        found: list[tuple[int, int, Oid, int, list[tuple[int, int]]]] = []
         with self.host._lock:
             state = self.host._state
             client = state.client(self.name, "migrate")
             local_of = {g: lc for lc, g in enumerate(client.pools) if g is not None}
             pages, store = state.pages, state.store
+            index_of, blob_of, external = pages.index, pages.blob, store.is_external
+            logged: dict[int, bytes] = {}  # blob → its payload, read below
             for gid, oid, chunk_no in keys:
                 local = local_of.get(gid)
                 if local is None:
@@ -227,15 +232,21 @@ class Exporter:
                 objno = state.pools[gid].objects.get(oid)
                 radix = None if objno is None else pages.radix[objno]
                 chunk = None if radix is None else radix.get(chunk_no)
-                found: list[tuple[int, int, bytes]] = []
-                for slot in chunk if chunk is not None else ():
-                    if slot >= 0:
-                        blob = pages.blob[slot]
-                        found.append((pages.index[slot], store.blob_hash(blob) if blob else 0,
-                                      store.payload(blob)))
-                found.sort()
-                out.append(ChunkPages(local, gid, oid, chunk_no, tuple(found)))
-        return out
+                held = sorted((index_of[slot], blob_of[slot])
+                              for slot in (chunk if chunk is not None else ()) if slot >= 0)
+                for _, blob in held:
+                    if external(blob):
+                        logged[blob] = b""
+                found.append((local, gid, oid, chunk_no, held))
+            if logged:
+                assert store.log is not None  # external blobs live in the log
+                logged = dict(zip(logged, store.log.payloads(list(logged)), strict=True))
+            payload, blob_hash = store.payload, store.blob_hash
+            return [ChunkPages(local, gid, oid, chunk_no, tuple(
+                        (index, blob_hash(blob) if blob else 0,
+                         logged[blob] if blob in logged else payload(blob))
+                        for index, blob in held))
+                    for local, gid, oid, chunk_no, held in found]
 
     def persistent_pages(self) -> int:
         with self.host._lock:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -143,14 +144,24 @@ Message = Begin | Ready | Pools | Chunk | Commit | Confirm | Done | Abort
 
 def encode(msg: Message) -> bytes:
     """One frame.  Raises ValueError for a message no decoder would accept."""
-    if isinstance(msg, Chunk):
-        kind, body = Kind.CHUNK, _encode_chunk(msg)
-    else:
+    return encode_many((msg,))
+
+
+def encode_many(msgs: Sequence[Message]) -> bytes:
+    """The frames of *msgs*, back to back, built with one copy of the payloads (one
+    ``bytes.join`` over every header and payload).  Raises ValueError as :func:`encode`."""
+    parts: list[bytes] = []
+    for msg in msgs:
+        if isinstance(msg, Chunk):
+            _chunk_parts(msg, parts)
+            continue
         kind, obj = _json_of(msg)
         body = json.dumps(obj, separators=(",", ":")).encode()
-    if len(body) + 1 > MAX_FRAME:
-        raise ValueError(f"a {kind.name} frame of {len(body)} bytes is over the limit")
-    return _HEADER.pack(len(body) + 1, kind) + body
+        if len(body) + 1 > MAX_FRAME:
+            raise ValueError(f"a {kind.name} frame of {len(body)} bytes is over the limit")
+        parts.append(_HEADER.pack(len(body) + 1, kind))
+        parts.append(body)
+    return b"".join(parts)
 
 
 def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
@@ -174,10 +185,14 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
     raise TypeError(f"not a migration message: {msg!r}")
 
 
-def _encode_chunk(msg: Chunk) -> bytes:
+def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
+    """Append a CHUNK frame's pieces (header, chunk head, per page its head and payload)."""
     if not 0 <= msg.pool < MAX_POOLS or len(msg.pages) > CHUNK_PAGES:
         raise ValueError("chunk pool id or page count out of range")
-    parts = [_CHUNK.pack(msg.pool, msg.generation, *msg.oid, msg.chunk, len(msg.pages))]
+    header_at = len(parts)
+    parts.append(b"")  # the frame header, once the body's length is known
+    parts.append(_CHUNK.pack(msg.pool, msg.generation, *msg.oid, msg.chunk, len(msg.pages)))
+    size = _CHUNK.size + len(msg.pages) * _PAGE.size
     base = msg.chunk * CHUNK_PAGES
     last = -1
     pack = _PAGE.pack
@@ -188,9 +203,12 @@ def _encode_chunk(msg: Chunk) -> bytes:
             raise ValueError(f"page {index} does not belong in chunk {msg.chunk} "
                              "in this order, or its payload is too long")
         last = pos
+        size += n
         parts.append(pack(pos, h & _U64, n))
         parts.append(payload)
-    return b"".join(parts)
+    if size + 1 > MAX_FRAME:  # never: a full chunk of raw pages fits
+        raise ValueError(f"a CHUNK frame of {size} bytes is over the limit")
+    parts[header_at] = _HEADER.pack(size + 1, Kind.CHUNK)
 
 
 # --- decoding ----------------------------------------------------------------------------
@@ -206,20 +224,30 @@ class Decoder:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
+        # Frames are parsed in place (a memoryview of the bytes given, or of the held
+        # partial frame with them appended); only each page's payload and the unparsed
+        # tail are copied.  A migration moves ~100 MB of frames, and copying a frame's
+        # body out first cost as much as the rest of the decoding.
+        if self._buf:
+            self._buf += data
+            source: bytes | bytearray = self._buf
+        else:
+            source = data
         out: list[Message] = []
-        buf = self._buf
         pos = 0
-        while len(buf) - pos >= _HEADER.size:
-            length, kind = _HEADER.unpack_from(buf, pos)
-            if not 1 <= length <= self._max:
-                raise FrameError(f"migration frame length {length} out of range")
-            if len(buf) - pos < 4 + length:
-                break
-            body = bytes(buf[pos + _HEADER.size:pos + 4 + length])
-            pos += 4 + length
-            out.append(_decode(kind, body))
-        del buf[:pos]
+        end = len(source)
+        with memoryview(source) as view:
+            while end - pos >= _HEADER.size:
+                length, kind = _HEADER.unpack_from(view, pos)
+                if not 1 <= length <= self._max:
+                    raise FrameError(f"migration frame length {length} out of range")
+                if end - pos < 4 + length:
+                    break
+                out.append(_decode(kind, view[pos + _HEADER.size:pos + 4 + length]))
+                pos += 4 + length
+            tail = view[pos:].tobytes() if pos < end else b""
+        # The views are released: the held buffer may be resized again.
+        self._buf = bytearray(tail)
         return out
 
     @property
@@ -228,11 +256,11 @@ class Decoder:
         return len(self._buf)
 
 
-def _decode(kind: int, body: bytes) -> Message:
+def _decode(kind: int, body: memoryview) -> Message:
     if kind == Kind.CHUNK:
         return _decode_chunk(body)
     try:
-        obj = json.loads(body)
+        obj = json.loads(body.tobytes())
         if not isinstance(obj, dict):
             raise TypeError("not an object")
         return _from_json(kind, obj)
@@ -285,7 +313,7 @@ def _str(value: object) -> str:
     return value
 
 
-def _decode_chunk(body: bytes) -> Chunk:
+def _decode_chunk(body: memoryview) -> Chunk:
     if len(body) < _CHUNK.size:
         raise FrameError("short CHUNK frame")
     pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(body)
@@ -305,7 +333,7 @@ def _decode_chunk(body: bytes) -> Chunk:
         if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
             raise FrameError("CHUNK page index out of order, or payload length bad")
         last = offset
-        pages.append((base + offset, h, body[pos:pos + length]))
+        pages.append((base + offset, h, body[pos:pos + length].tobytes()))
         pos += length
     if pos != len(body):
         raise FrameError("CHUNK frame has trailing bytes")

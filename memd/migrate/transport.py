@@ -3,8 +3,13 @@
 Owns the connection between a source agent and a destination agent and the order of
 the transfer; the bytes are :mod:`memd.migrate.proto`'s, the pages
 :mod:`tmem.migration`'s.  All of it runs on the agent's event loop thread; the tmem work
-(reading and installing chunks, which takes the TmemHost lock and writes the store) runs
-in worker threads (``asyncio.to_thread``), one at a time per session.
+(reading chunks, staging and installing the guest, which take the TmemHost lock and
+write the store) runs in worker threads (``asyncio.to_thread``), one at a time per
+session — except the destination's chunk installs, which run on the loop thread like a
+guest's put batch: one received read (at most 1 MiB of frames, ~650 pages, ~1 ms) at a
+time.  In a worker thread they cost twice as much, because the loop thread, decrypting
+the next bytes meanwhile, keeps taking the GIL from the installing thread (measured:
+0.59 s → 0.25 s of installs per 256 MiB, 0.44 → 0.70 GB/s end to end).
 
 Authentication: TLS both ways, certificates signed by the operator's CA (libvirt's PKI
 layout, :func:`tls_files`): the destination accepts only clients whose certificate the
@@ -147,7 +152,10 @@ class Link:
         self.bytes_sent = 0
 
     async def send(self, msgs: Sequence[proto.Message]) -> None:
-        data = b"".join(proto.encode(m) for m in msgs)
+        await self.send_frames(proto.encode_many(msgs))
+
+    async def send_frames(self, data: bytes) -> None:
+        """Send encoded frames: one write, so TLS cuts them into full-size records."""
         self.bytes_sent += len(data)
         self.writer.write(data)
         await self.writer.drain()
@@ -502,7 +510,7 @@ class IncomingTransfer:
                     self.progress.bytes_sent += sum(len(p) for _, _, p in msg.pages)
                     continue
                 if chunks:
-                    await asyncio.to_thread(importer.apply_chunks, chunks)
+                    importer.apply_chunks(chunks)  # on the loop: see the module docstring
                     chunks = []
                 if isinstance(msg, proto.Pools):
                     table = [PoolInfo(p.local, p.persistent, p.shared, p.uuid, p.generation)
@@ -522,7 +530,7 @@ class IncomingTransfer:
                     raise MigrationFailed(f"{type(msg).__name__} out of turn",
                                           target=link.peer)
             if chunks:
-                await asyncio.to_thread(importer.apply_chunks, chunks)
+                importer.apply_chunks(chunks)  # on the loop: see the module docstring
 
     async def _after_confirm(self) -> None:
         guest = self.progress.guest

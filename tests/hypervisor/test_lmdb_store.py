@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 from hypervisor.lmdb_store import LmdbStore, blob_cost, map_size_for
-from memd.errors import NoSpace
+from memd.errors import BackendError, NoSpace
 from tests.tmem.conftest import OID, random_page, text_page
 from tests.tmem.test_durable import DurableMachine
 from tmem.host import TmemHost
@@ -193,6 +193,26 @@ def test_a_key_below_one_stored_out_of_order_is_never_lost(tmp_path: Path) -> No
     store.commit()
     assert sorted(b for b, *_ in store.load().blobs.tolist()) == [197, 250]
     assert store.payload(197) == b"c" * 100
+    store.close()
+
+
+def test_payloads_reads_committed_and_buffered_blobs_like_payload(tmp_path: Path) -> None:
+    store = LmdbStore(tmp_path, budget_bytes=8 << 20)
+    committed = {b: os.urandom(b * 37 % 4096 + 1) for b in range(1, 40)}
+    for blob, data in committed.items():
+        store.put_blob(blob, blob, 1 << 31, data)
+    store.commit()
+    store.put_blob(40, 40, 1 << 31, b"pending" * 10)  # not committed yet
+    store.drop_blob(3)  # dropped but not committed: still readable until then
+    wanted = [5, 40, 5, 1, 39, 3]
+    got = store.payloads(wanted)
+    assert got == [store.payload(b) for b in wanted]
+    assert got[:2] == [committed[5], b"pending" * 10]
+    assert all(type(p) is bytes for p in got)  # copies, not views into the map
+    store.commit()
+    assert got[0] == committed[5]  # and they outlive the read transaction
+    with pytest.raises(BackendError):
+        store.payloads([1, 3])
     store.close()
 
 

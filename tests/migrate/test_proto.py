@@ -68,6 +68,15 @@ def test_any_stream_in_any_chunking_decodes_to_the_messages_sent(
         out += decoder.feed(stream[a:b])
     assert out == msgs
     assert decoder.pending == 0
+    # Payloads are bytes of their own, never views of the decoder's buffers.
+    assert all(type(payload) is bytes
+               for m in out if isinstance(m, Chunk) for _, _, payload in m.pages)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(messages, max_size=8))
+def test_encode_many_is_the_frames_back_to_back(msgs: list[Message]) -> None:
+    assert proto.encode_many(msgs) == b"".join(proto.encode(m) for m in msgs)
 
 
 @settings(max_examples=300, deadline=None)

@@ -77,6 +77,9 @@ class FakeLog:
             return data
         return self.blobs[blob][2]
 
+    def payloads(self, blobs: Sequence[int]) -> list[bytes]:
+        return [self.payload(b) for b in blobs]
+
     def commit(self) -> None:
         if self.fail_next_commit:
             self.fail_next_commit = False
