@@ -24,6 +24,7 @@ demo: setup
 
 lint:
 	$(PY) -m ruff check memd tmem sharing hypervisor tests benchmarks
+	$(PY) -m ruff format --check memd tmem sharing hypervisor tests benchmarks
 	$(PY) -m mypy
 
 test: setup-all

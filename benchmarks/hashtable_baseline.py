@@ -49,8 +49,17 @@ class HashtableSharing:
         self.nr_saved_mfns = 0
 
     def metadata_bytes(self) -> int:
-        arrays = [self._buckets, self._h_handle, self._h_mfn, self._h_next, self._h_gfns,
-                  self._g_dom, self._g_gfn, self._g_next, self._shr_handle]
+        arrays = [
+            self._buckets,
+            self._h_handle,
+            self._h_mfn,
+            self._h_next,
+            self._h_gfns,
+            self._g_dom,
+            self._g_gfn,
+            self._g_next,
+            self._shr_handle,
+        ]
         return sum(sys.getsizeof(a) for a in arrays)
 
     # --- the hashtable ------------------------------------------------------------------

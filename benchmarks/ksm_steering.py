@@ -265,9 +265,7 @@ def warm_up(machine: QemuMachine, scanner: PotentialScanner, cap: float) -> floa
     return time.monotonic() - t0
 
 
-def flatten(
-    scenario_runs: dict[str, dict[str, dict[str, Any]]], window: float
-) -> dict[str, Any]:
+def flatten(scenario_runs: dict[str, dict[str, dict[str, Any]]], window: float) -> dict[str, Any]:
     """The figures under their stable keys (``churn_`` prefix for the churn scenario)."""
     out: dict[str, Any] = {}
     w = f"{window:g}"
@@ -388,9 +386,7 @@ def main() -> int:
             churn = None
             if scenario == "churn":
                 domid = machine.domains()[0]
-                churn = Churn(
-                    machine, domid, churn_start_mib * 256, churn_pages, args.churn_period
-                )
+                churn = Churn(machine, domid, churn_start_mib * 256, churn_pages, args.churn_period)
                 churn.start()
             runs: dict[str, dict[str, Any]] = {}
             try:

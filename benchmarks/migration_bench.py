@@ -52,18 +52,62 @@ def _openssl(*args: str, cwd: Path) -> None:
 def make_certs(where: Path) -> Path:
     """CA + server (127.0.0.1) + client, in the --tls-dir layout."""
     (where / "private").mkdir(parents=True)
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", "cakey.pem", "-out", "cacert.pem", "-days", "1",
-             "-subj", "/CN=bench CA", cwd=where)
-    for role, ext in (("server", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1"),
-                      ("client", "extendedKeyUsage=clientAuth")):
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "cakey.pem",
+        "-out",
+        "cacert.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=bench CA",
+        cwd=where,
+    )
+    for role, ext in (
+        ("server", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
         (where / f"{role}.ext").write_text(ext + "\n")
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"private/{role}key.pem", "-out", f"{role}.csr",
-                 "-subj", f"/CN={role}", cwd=where)
-        _openssl("x509", "-req", "-in", f"{role}.csr", "-CA", "cacert.pem", "-CAkey",
-                 "cakey.pem", "-CAcreateserial", "-out", f"{role}cert.pem", "-days", "1",
-                 "-extfile", f"{role}.ext", cwd=where)
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"private/{role}key.pem",
+            "-out",
+            f"{role}.csr",
+            "-subj",
+            f"/CN={role}",
+            cwd=where,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{role}.csr",
+            "-CA",
+            "cacert.pem",
+            "-CAkey",
+            "cakey.pem",
+            "-CAcreateserial",
+            "-out",
+            f"{role}cert.pem",
+            "-days",
+            "1",
+            "-extfile",
+            f"{role}.ext",
+            cwd=where,
+        )
     return where
 
 
@@ -74,17 +118,41 @@ class Agent:
         self.socket, self.channel = workdir / "memd.sock", workdir / "vm1.sock"
         self.swap = workdir / "vm1.swap"
         self.address = f"127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMD_RUN_DIR": str(workdir / "run"),
-               "MEMD_STATE_DIR": str(workdir / "state")}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "MEMD_RUN_DIR": str(workdir / "run"),
+            "MEMD_STATE_DIR": str(workdir / "state"),
+        }
         self.env = env
-        argv = [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), "serve",
-                "--store", str(workdir / "store"), "--budget", budget, "--spill-dir", "",
-                "--migrate-listen", self.address, "--tls-dir", str(tls),
-                "--listen", f"vm1={self.channel}", "--swap", f"vm1={self.swap}:64M",
-                "--log-level", "warning"]
+        argv = [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(self.socket),
+            "serve",
+            "--store",
+            str(workdir / "store"),
+            "--budget",
+            budget,
+            "--spill-dir",
+            "",
+            "--migrate-listen",
+            self.address,
+            "--tls-dir",
+            str(tls),
+            "--listen",
+            f"vm1={self.channel}",
+            "--swap",
+            f"vm1={self.swap}:64M",
+            "--log-level",
+            "warning",
+        ]
         self.log = open(workdir / "agent.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=self.log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT
+        )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -97,9 +165,13 @@ class Agent:
             time.sleep(0.1)
 
     def cli(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(self.socket),
-                              *args, "--json"], cwd=ROOT, env=self.env, check=True,
-                             capture_output=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), *args, "--json"],
+            cwd=ROOT,
+            env=self.env,
+            check=True,
+            capture_output=True,
+        )
         return json.loads(out.stdout)
 
     def stop(self) -> None:
@@ -115,17 +187,29 @@ class Qemu:
     def __init__(self, workdir: Path, swap: Path, incoming: str | None = None) -> None:
         workdir.mkdir(parents=True)
         self.memd_qmp, self.op_qmp = workdir / "memd.qmp", workdir / "op.qmp"
-        argv = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "128",
-                "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{self.memd_qmp},server=on,wait=off",
-                "-qmp", f"unix:{self.op_qmp},server=on,wait=off",
-                "-blockdev", f"driver=nbd,node-name=swap0,server.type=unix,"
-                f"server.path={swap},discard=unmap",
-                "-device", "virtio-blk-pci,drive=swap0"]
+        argv = [
+            "qemu-system-x86_64",
+            "-M",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{self.memd_qmp},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.op_qmp},server=on,wait=off",
+            "-blockdev",
+            f"driver=nbd,node-name=swap0,server.type=unix,server.path={swap},discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=swap0",
+        ]
         if incoming:
             argv += ["-incoming", incoming]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not self.op_qmp.exists():
             if time.monotonic() > deadline:
@@ -169,8 +253,9 @@ def run(mib: int) -> dict[str, Any]:
             g.connect()
             pool = g.new_pool(persistent=True)
             for start in range(0, npages, 128):
-                g.put_batch(pool, [(1, i, pages[i]) for i in range(start,
-                                                                  min(npages, start + 128))])
+                g.put_batch(
+                    pool, [(1, i, pages[i]) for i in range(start, min(npages, start + 128))]
+                )
         t0 = time.monotonic()
         a.cli("migrate", "vm1", "--to", b.address, "--qmp", str(src.memd_qmp))
         src.qmp.execute("migrate", {"uri": f"unix:{mig}"})

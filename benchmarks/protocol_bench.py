@@ -80,8 +80,9 @@ def handles_for(n: int) -> list[Handle]:
     return [((i // 64, 7, 9), i % 64) for i in range(n)]
 
 
-def best_of(runs: int, fn: Callable[[], object],
-            setup: Callable[[], object] | None = None) -> float:
+def best_of(
+    runs: int, fn: Callable[[], object], setup: Callable[[], object] | None = None
+) -> float:
     """Fastest of ``runs`` timed calls of ``fn``; ``setup`` runs untimed before each."""
     best = float("inf")
     for _ in range(runs):
@@ -112,16 +113,18 @@ def tmem_host(store_dir: str | None) -> Iterator[TmemHost]:
         store.close()
 
 
-def in_process(pages: list[bytes], batch: int, runs: int, unbatched: int,
-               store_dir: str | None) -> dict[str, float]:
+def in_process(
+    pages: list[bytes], batch: int, runs: int, unbatched: int, store_dir: str | None
+) -> dict[str, float]:
     """Seconds for each operation, TmemHost called directly (with a store in
     ``store_dir``, committed after every call as the agent commits after every read)."""
     with tmem_host(store_dir) as host:
         return _in_process(host, pages, batch, runs, unbatched)
 
 
-def _in_process(host: TmemHost, pages: list[bytes], batch: int, runs: int,
-                unbatched: int) -> dict[str, float]:
+def _in_process(
+    host: TmemHost, pages: list[bytes], batch: int, runs: int, unbatched: int
+) -> dict[str, float]:
     n = len(pages)
     handles = handles_for(n)
     host.add_client("bench", dedup=True)
@@ -135,13 +138,13 @@ def _in_process(host: TmemHost, pages: list[bytes], batch: int, runs: int,
     def put_batched() -> None:
         pool = pools[0]
         for i in range(0, n, batch):
-            results = host.put_batch("bench", pool, handles[i:i + batch], pages[i:i + batch])
+            results = host.put_batch("bench", pool, handles[i : i + batch], pages[i : i + batch])
             assert not any(results)
 
     def get_batched() -> None:
         pool = pools[0]
         for i in range(0, n, batch):
-            got = host.get_batch("bench", pool, handles[i:i + batch])
+            got = host.get_batch("bench", pool, handles[i : i + batch])
             assert got[0] == pages[i]
 
     def put_single() -> None:
@@ -177,27 +180,36 @@ def _in_process(host: TmemHost, pages: list[bytes], batch: int, runs: int,
 
 
 def connect(path: str) -> GuestClient:
-    client = GuestClient.for_unix_socket(path, boot_id=os.urandom(16), timeout=30.0,
-                                         reconnect_timeout=10.0, capabilities=CAPABILITIES,
-                                         max_in_flight=IN_FLIGHT)
+    client = GuestClient.for_unix_socket(
+        path,
+        boot_id=os.urandom(16),
+        timeout=30.0,
+        reconnect_timeout=10.0,
+        capabilities=CAPABILITIES,
+        max_in_flight=IN_FLIGHT,
+    )
     client.connect()
     return client
 
 
-def socket_put_batched(client: GuestClient, pool: int, handles: Sequence[Handle],
-                       pages: Sequence[bytes], batch: int) -> None:
+def socket_put_batched(
+    client: GuestClient, pool: int, handles: Sequence[Handle], pages: Sequence[bytes], batch: int
+) -> None:
     requests: list[wire.Request] = [
-        wire.PutBatchRequest(pool, handles[i:i + batch], pages[i:i + batch])
-        for i in range(0, len(pages), batch)]
+        wire.PutBatchRequest(pool, handles[i : i + batch], pages[i : i + batch])
+        for i in range(0, len(pages), batch)
+    ]
     for reply in client.pipeline(requests):
         if not isinstance(reply, wire.PutBatchReply) or any(reply.statuses):
             raise RuntimeError(f"PUT_BATCH failed: {reply}")
 
 
-def socket_get_batched(client: GuestClient, pool: int, handles: Sequence[Handle],
-                       batch: int) -> list[bytes]:
+def socket_get_batched(
+    client: GuestClient, pool: int, handles: Sequence[Handle], batch: int
+) -> list[bytes]:
     requests: list[wire.Request] = [
-        wire.GetBatchRequest(pool, handles[i:i + batch]) for i in range(0, len(handles), batch)]
+        wire.GetBatchRequest(pool, handles[i : i + batch]) for i in range(0, len(handles), batch)
+    ]
     out: list[bytes] = []
     for reply in client.pipeline(requests):
         if not isinstance(reply, wire.GetBatchReply) or any(reply.statuses):
@@ -213,8 +225,14 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_guest(path: str, pages: list[bytes], batch: int, runs: int, unbatched: int,
-              agent_pid: int | None = None) -> dict[str, float]:
+def one_guest(
+    path: str,
+    pages: list[bytes],
+    batch: int,
+    runs: int,
+    unbatched: int,
+    agent_pid: int | None = None,
+) -> dict[str, float]:
     """Seconds for each operation through the agent at ``path`` (unbatched: 0 to skip);
     with ``agent_pid``, also the agent's CPU seconds per batched put/get page."""
     n = len(pages)
@@ -244,6 +262,7 @@ def one_guest(path: str, pages: list[bytes], batch: int, runs: int, unbatched: i
     if pages != socket_get_batched(client, pools[0], handles, batch):
         raise RuntimeError("pages came back different")
     if unbatched:
+
         def fresh_single_pool() -> None:
             if len(pools) > 1:
                 client.destroy_pool(pools.pop())
@@ -267,8 +286,9 @@ def one_guest(path: str, pages: list[bytes], batch: int, runs: int, unbatched: i
 # --- many guests, one process each -----------------------------------------------------
 
 
-def _guest_proc(path: str, seed: int, n: int, batch: int, runs: int, barrier: Barrier,
-                results: Any) -> None:
+def _guest_proc(
+    path: str, seed: int, n: int, batch: int, runs: int, barrier: Barrier, results: Any
+) -> None:
     pages = make_mix(n, seed)
     handles = handles_for(n)
     client = connect(path)
@@ -301,8 +321,10 @@ def many_guests(paths: list[str], n: int, batch: int, runs: int) -> dict[str, fl
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(paths))
     results = ctx.Queue()
-    procs = [ctx.Process(target=_guest_proc, args=(p, 1 + g, n, batch, runs, barrier, results))
-             for g, p in enumerate(paths)]
+    procs = [
+        ctx.Process(target=_guest_proc, args=(p, 1 + g, n, batch, runs, barrier, results))
+        for g, p in enumerate(paths)
+    ]
     for proc in procs:
         proc.start()
     spans = [results.get(timeout=120) for _ in procs]
@@ -312,8 +334,9 @@ def many_guests(paths: list[str], n: int, batch: int, runs: int) -> dict[str, fl
             raise RuntimeError(f"guest process exited with {proc.exitcode}")
     out = {}
     for op in ("put", "get"):
-        out[op] = min(max(s[op][r][1] for s in spans) - min(s[op][r][0] for s in spans)
-                      for r in range(runs))
+        out[op] = min(
+            max(s[op][r][1] for s in spans) - min(s[op][r][0] for s in spans) for r in range(runs)
+        )
     return out
 
 
@@ -324,8 +347,18 @@ def many_guests(paths: list[str], n: int, batch: int, runs: int) -> dict[str, fl
 def agent_process(tmp: str, guests: int) -> Iterator[tuple[list[str], int]]:
     """`memd serve` in its own process, listening on one socket per guest → (paths, pid)."""
     paths = [os.path.join(tmp, f"g{i}.sock") for i in range(guests)]
-    cmd = [sys.executable, "-m", "memd.cli", "--socket", os.path.join(tmp, "control.sock"),
-           "serve", "--budget", str(BUDGET), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memd.cli",
+        "--socket",
+        os.path.join(tmp, "control.sock"),
+        "serve",
+        "--budget",
+        str(BUDGET),
+        "--log-level",
+        "warning",
+    ]
     for i, path in enumerate(paths):
         cmd += ["--listen", f"g{i}={path}"]
     # Every path the agent might use lives in tmp: a benchmark never touches a production
@@ -360,8 +393,7 @@ class _AgentLoop:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent", daemon=True)
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -396,8 +428,15 @@ def agent_thread(tmp: str) -> Iterator[str]:
 # --- the run ------------------------------------------------------------------------------
 
 
-def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
-        guest_pages: int, thread_agent: bool) -> dict[str, object]:
+def run(
+    n_pages: int,
+    batch: int,
+    runs: int,
+    unbatched: int,
+    guests: int,
+    guest_pages: int,
+    thread_agent: bool,
+) -> dict[str, object]:
     pages = make_mix(n_pages)
     rate = _rates
     with tempfile.TemporaryDirectory(prefix="memd-pbench-") as tmp:
@@ -452,9 +491,11 @@ def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
         f"socket_{guests}guests_put_pages_per_s": rate(guests * guest_pages, many["put"]),
         f"socket_{guests}guests_get_pages_per_s": rate(guests * guest_pages, many["get"]),
         f"{guests}guests_put_ratio": round(
-            rate(guests * guest_pages, many["put"]) / rate(n_pages, base["put"]), 3),
+            rate(guests * guest_pages, many["put"]) / rate(n_pages, base["put"]), 3
+        ),
         f"{guests}guests_get_ratio": round(
-            rate(guests * guest_pages, many["get"]) / rate(n_pages, base["get"]), 3),
+            rate(guests * guest_pages, many["get"]) / rate(n_pages, base["get"]), 3
+        ),
     }
     if threaded is not None:
         result["thread_agent_put_pages_per_s"] = rate(n_pages, threaded["put"])
@@ -463,8 +504,10 @@ def run(n_pages: int, batch: int, runs: int, unbatched: int, guests: int,
         result["thread_agent_batched_get_ratio"] = round(base["get"] / threaded["get"], 3)
     result["cpu"] = os.cpu_count()
     result["loadavg_1min"] = round(os.getloadavg()[0], 2)
-    result["note"] = (f"{os.cpu_count()} cores: agent, guest client(s) and bench share them;"
-                      " the agent is one asyncio thread")
+    result["note"] = (
+        f"{os.cpu_count()} cores: agent, guest client(s) and bench share them;"
+        " the agent is one asyncio thread"
+    )
     return result
 
 
@@ -477,18 +520,30 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=20_000, help="pages, one guest (20000)")
     ap.add_argument("--batch", type=int, default=64, help="pages per batch (64)")
     ap.add_argument("--runs", type=int, default=3, help="best of N runs (3)")
-    ap.add_argument("--unbatched", type=int, default=4_000,
-                    help="pages for the one-page-per-request figures (4000)")
+    ap.add_argument(
+        "--unbatched",
+        type=int,
+        default=4_000,
+        help="pages for the one-page-per-request figures (4000)",
+    )
     ap.add_argument("--guests", type=int, default=8, help="concurrent guests (8)")
     ap.add_argument("--guest-pages", type=int, default=5_000, help="pages per guest (5000)")
-    ap.add_argument("--no-thread-agent", action="store_true",
-                    help="skip the agent-in-a-thread comparison")
+    ap.add_argument(
+        "--no-thread-agent", action="store_true", help="skip the agent-in-a-thread comparison"
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
     if not 1 <= args.batch <= wire.MAX_BATCH:
         ap.error(f"--batch must be 1..{wire.MAX_BATCH}")
-    result = run(args.pages, args.batch, args.runs, args.unbatched, args.guests,
-                 args.guest_pages, not args.no_thread_agent)
+    result = run(
+        args.pages,
+        args.batch,
+        args.runs,
+        args.unbatched,
+        args.guests,
+        args.guest_pages,
+        not args.no_thread_agent,
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -45,8 +45,12 @@ from hypervisor.simmachine import SimMachine  # noqa: E402
 from sharing.manager import SharingManager  # noqa: E402
 
 SIZES = [10_000, 100_000, 1_000_000, 4_000_000]
-TARGETS = {"flatness_max": 1.3, "speedup_min": 10.0, "share_ops_per_s_min": 300_000,
-           "metadata_bytes_per_page_max": 48}
+TARGETS = {
+    "flatness_max": 1.3,
+    "speedup_min": 10.0,
+    "share_ops_per_s_min": 300_000,
+    "metadata_bytes_per_page_max": 48,
+}
 
 
 def fill_pairs(m: SimMachine, domid: int, nr_pages: int) -> None:
@@ -185,12 +189,15 @@ def main() -> int:
         results["hashtable"][str(n)] = run("hashtable", n, k_base, args.rounds)
         if not args.json:
             a, b = results["mfn_keyed"][str(n)], results["hashtable"][str(n)]
-            print(f"N={n:>9,}  mfn-keyed nominate/share/unshare "
-                  f"{a['nominate_us']:6.2f}/{a['share_us']:6.2f}/{a['unshare_us']:6.2f} us"
-                  f" (share_many {a['share_many_us']:5.2f})"
-                  f"  hashtable {b['nominate_us']:6.2f}/{b['share_us']:8.2f}/"
-                  f"{b['unshare_us']:8.2f} us  bytes/page {a['metadata_bytes_per_page']:.1f}"
-                  f" vs {b['metadata_bytes_per_page']:.1f}", flush=True)
+            print(
+                f"N={n:>9,}  mfn-keyed nominate/share/unshare "
+                f"{a['nominate_us']:6.2f}/{a['share_us']:6.2f}/{a['unshare_us']:6.2f} us"
+                f" (share_many {a['share_many_us']:5.2f})"
+                f"  hashtable {b['nominate_us']:6.2f}/{b['share_us']:8.2f}/"
+                f"{b['unshare_us']:8.2f} us  bytes/page {a['metadata_bytes_per_page']:.1f}"
+                f" vs {b['metadata_bytes_per_page']:.1f}",
+                flush=True,
+            )
     small, large = str(args.sizes[0]), str(args.sizes[-1])
     mk, ht = results["mfn_keyed"], results["hashtable"]
     out: dict[str, Any] = {
@@ -215,8 +222,8 @@ def main() -> int:
         "flatness": out["flatness"] <= TARGETS["flatness_max"],
         "speedup": out["speedup_vs_hashtable"] >= TARGETS["speedup_min"],
         "share_ops_per_s": out["share_ops_per_s"] >= TARGETS["share_ops_per_s_min"],
-        "metadata_bytes_per_page":
-            out["metadata_bytes_per_page"] <= TARGETS["metadata_bytes_per_page_max"],
+        "metadata_bytes_per_page": out["metadata_bytes_per_page"]
+        <= TARGETS["metadata_bytes_per_page_max"],
     }
     out["elapsed_s"] = time.perf_counter() - t0
     print(json.dumps(out, indent=None if args.json else 2))

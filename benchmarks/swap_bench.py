@@ -115,10 +115,14 @@ def _wait_socket(proc: subprocess.Popen[bytes], path: Path) -> None:
         time.sleep(0.05)
 
 
-def _client(script: Path, uri: str, mix: Path, seed: int, qd: int, mode: str
-            ) -> subprocess.Popen[str]:
-    return subprocess.Popen([SYSTEM_PYTHON, str(script), uri, str(mix), str(seed), str(qd),
-                             mode], stdout=subprocess.PIPE, text=True)
+def _client(
+    script: Path, uri: str, mix: Path, seed: int, qd: int, mode: str
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [SYSTEM_PYTHON, str(script), uri, str(mix), str(seed), str(qd), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _finish(proc: subprocess.Popen[str]) -> dict[str, float]:
@@ -138,17 +142,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def _memd(tmp: Path, disks: list[str], size: int, budget: str = "4G"
-          ) -> tuple[subprocess.Popen[bytes], list[Path]]:
+def _memd(
+    tmp: Path, disks: list[str], size: int, budget: str = "4G"
+) -> tuple[subprocess.Popen[bytes], list[Path]]:
     socks = [tmp / f"{d}.nbd" for d in disks]
-    cmd = [sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"), "serve",
-           "--store", str(tmp / "store"), "--budget", budget, "--guest-cap", "4G",
-           "--log-level", "warning",
-           "--spill-dir", str(tmp / "spill")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "memd.cli",
+        "--socket",
+        str(tmp / "control.sock"),
+        "serve",
+        "--store",
+        str(tmp / "store"),
+        "--budget",
+        budget,
+        "--guest-cap",
+        "4G",
+        "--log-level",
+        "warning",
+        "--spill-dir",
+        str(tmp / "spill"),
+    ]
     for d, s in zip(disks, socks, strict=True):
         cmd += ["--swap", f"{d}={s}:{size}"]
-    env = {**os.environ, "MEMD_RUN_DIR": str(tmp), "MEMD_STATE_DIR": str(tmp),
-           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env = {
+        **os.environ,
+        "MEMD_RUN_DIR": str(tmp),
+        "MEMD_STATE_DIR": str(tmp),
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+    }
     proc = subprocess.Popen(cmd, env=env, cwd=tmp)
     for s in socks:
         _wait_socket(proc, s)
@@ -156,10 +179,21 @@ def _memd(tmp: Path, disks: list[str], size: int, budget: str = "4G"
 
 
 def _memd_cli(tmp: Path, command: str) -> Any:
-    out = subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"),
-                          command, "--json"], capture_output=True, text=True, check=True,
-                         env={**os.environ,
-                              "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(tmp / "control.sock"),
+            command,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     return json.loads(out.stdout)
 
 
@@ -176,8 +210,15 @@ def _qemu_img_bench(sock: Path, pages: int, write: bool) -> float:
     return pages / (time.perf_counter() - t0)
 
 
-def _measure(server: subprocess.Popen[bytes], script: Path, sock: Path, mix: Path,
-             pages: int, qd: int, store: Callable[[], int] | None = None) -> dict[str, float]:
+def _measure(
+    server: subprocess.Popen[bytes],
+    script: Path,
+    sock: Path,
+    mix: Path,
+    pages: int,
+    qd: int,
+    store: Callable[[], int] | None = None,
+) -> dict[str, float]:
     uri = f"nbd+unix:///?socket={sock}"
     before = _rss(server.pid)
     result = _finish(_client(script, uri, mix, 1, qd, "w"))
@@ -205,14 +246,25 @@ def run(pages: int, qd: int) -> dict[str, object]:
         (tmp / "m1").mkdir()
         memd, (sock,) = _memd(tmp / "m1", ["bench"], size)
         try:
-            m = _measure(memd, script, sock, mix, pages, qd,
-                         store=lambda: _memd_store_bytes(tmp / "m1"))
+            m = _measure(
+                memd, script, sock, mix, pages, qd, store=lambda: _memd_store_bytes(tmp / "m1")
+            )
         finally:
             _stop(memd)
 
         nsock = tmp / "nbdkit.sock"
-        nbdkit = subprocess.Popen(["nbdkit", "-f", "-U", str(nsock), "--exit-with-parent",
-                                   "memory", f"size={size}", "allocator=zstd"])
+        nbdkit = subprocess.Popen(
+            [
+                "nbdkit",
+                "-f",
+                "-U",
+                str(nsock),
+                "--exit-with-parent",
+                "memory",
+                f"size={size}",
+                "allocator=zstd",
+            ]
+        )
         try:
             _wait_socket(nbdkit, nsock)
             k = _measure(nbdkit, script, nsock, mix, pages, qd)
@@ -222,10 +274,12 @@ def run(pages: int, qd: int) -> dict[str, object]:
         (tmp / "m4").mkdir()
         memd4, socks = _memd(tmp / "m4", [f"g{i}" for i in range(4)], size // 4)
         quarter = tmp / "mix4.raw"
-        quarter.write_bytes(mix.read_bytes()[:(pages // 4) * PAGE])
+        quarter.write_bytes(mix.read_bytes()[: (pages // 4) * PAGE])
         try:
-            clients = [_client(script, f"nbd+unix:///?socket={s}", quarter, 10 + i, qd, "w")
-                       for i, s in enumerate(socks)]
+            clients = [
+                _client(script, f"nbd+unix:///?socket={s}", quarter, 10 + i, qd, "w")
+                for i, s in enumerate(socks)
+            ]
             t0 = time.perf_counter()
             for c in clients:
                 _finish(c)
@@ -246,9 +300,13 @@ def run(pages: int, qd: int) -> dict[str, object]:
             _stop(memds)
 
     return {
-        "pages": pages, "queue_depth": qd, "cpu": os.cpu_count(),
-        "memd_write_iops": round(m["write_iops"]), "memd_read_iops": round(m["read_iops"]),
-        "nbdkit_write_iops": round(k["write_iops"]), "nbdkit_read_iops": round(k["read_iops"]),
+        "pages": pages,
+        "queue_depth": qd,
+        "cpu": os.cpu_count(),
+        "memd_write_iops": round(m["write_iops"]),
+        "memd_read_iops": round(m["read_iops"]),
+        "nbdkit_write_iops": round(k["write_iops"]),
+        "nbdkit_read_iops": round(k["read_iops"]),
         "write_ratio": round(m["write_iops"] / k["write_iops"], 3),
         "read_ratio": round(m["read_iops"] / k["read_iops"], 3),
         "memd_host_bytes_per_page": round(m["bytes_per_page"], 1),
@@ -259,11 +317,13 @@ def run(pages: int, qd: int) -> dict[str, object]:
         "memd_spill_read_iops": round(sp["read_iops"]),
         "memd_spill_budget_bytes": budget,
         "memd_spilled_fraction": round(spilled / pages, 3),
-        "read_mismatches": int(m["read_mismatches"] + k["read_mismatches"]
-                               + sp["read_mismatches"]),
-        **{f"qemu_img_const_{who}_{rw}_iops": round(r[f"qemu_img_{rw}_iops"])
-           for who, r in (("memd", m), ("nbdkit", k)) for rw in ("write", "read")
-           if f"qemu_img_{rw}_iops" in r},
+        "read_mismatches": int(m["read_mismatches"] + k["read_mismatches"] + sp["read_mismatches"]),
+        **{
+            f"qemu_img_const_{who}_{rw}_iops": round(r[f"qemu_img_{rw}_iops"])
+            for who, r in (("memd", m), ("nbdkit", k))
+            for rw in ("write", "read")
+            if f"qemu_img_{rw}_iops" in r
+        },
     }
 
 

@@ -39,9 +39,31 @@ from tmem.host import TmemHost
 from tmem.types import PAGE_SIZE, PoolFlag
 
 _WORDS = [
-    b"the", b"kernel", b"page", b"memory", b"guest", b"host", b"virtio", b"struct",
-    b"return", b"static", b"int", b"void", b"if", b"else", b"0x0000", b"ffff", b"lock",
-    b"unlock", b"tmem", b"pool", b"object", b"index", b"\x00\x00\x00\x00", b"\n", b"    ",
+    b"the",
+    b"kernel",
+    b"page",
+    b"memory",
+    b"guest",
+    b"host",
+    b"virtio",
+    b"struct",
+    b"return",
+    b"static",
+    b"int",
+    b"void",
+    b"if",
+    b"else",
+    b"0x0000",
+    b"ffff",
+    b"lock",
+    b"unlock",
+    b"tmem",
+    b"pool",
+    b"object",
+    b"index",
+    b"\x00\x00\x00\x00",
+    b"\n",
+    b"    ",
 ]
 
 
@@ -95,17 +117,24 @@ def guest_ram_pages(which: str, settle_s: float = 8.0) -> tuple[list[bytes], dic
             if which == "present":
                 gfns = np.flatnonzero(machine.p2m(domid) >= 0)
             else:  # every RAM gfn of the layout QEMU reports (holes excluded)
-                gfns = np.concatenate([np.arange(r.gfn, r.gfn + r.pages, dtype=np.int64)
-                                       for r in machine.guest(domid).layout.ranges])
+                gfns = np.concatenate(
+                    [
+                        np.arange(r.gfn, r.gfn + r.pages, dtype=np.int64)
+                        for r in machine.guest(domid).layout.ranges
+                    ]
+                )
             rows = machine.read_gfns(domid, gfns)
             pages = [rows[i].tobytes() for i in range(len(rows))]
         finally:
             machine.close()
             vm.stop()
     zero = sum(1 for p in pages if p == bytes(PAGE_SIZE))
-    return pages, {"source": f"guest RAM, {which} pages (memd image, 256 MiB, TCG, idle)",
-                   "present_pages": len(pages), "zero": round(zero / max(1, len(pages)), 3),
-                   "distinct": round(len(set(pages)) / max(1, len(pages)), 3)}
+    return pages, {
+        "source": f"guest RAM, {which} pages (memd image, 256 MiB, TCG, idle)",
+        "present_pages": len(pages),
+        "zero": round(zero / max(1, len(pages)), 3),
+        "distinct": round(len(set(pages)) / max(1, len(pages)), 3),
+    }
 
 
 def best_of(runs: int, fn: Callable[[], object]) -> float:
@@ -117,14 +146,21 @@ def best_of(runs: int, fn: Callable[[], object]) -> float:
     return best
 
 
-def persistent(pages: list[bytes], handles: list[tuple[tuple[int, int, int], int]], batch: int,
-               runs: int, store_dir: str, durable_dir: str) -> dict[str, object]:
+def persistent(
+    pages: list[bytes],
+    handles: list[tuple[tuple[int, int, int], int]],
+    batch: int,
+    runs: int,
+    store_dir: str,
+    durable_dir: str,
+) -> dict[str, object]:
     """Put/get through the LMDB store on tmpfs, reopen, and put with --durable on disk."""
     n = len(pages)
     budget = 1 << 36
 
-    def fill(where: str, durable: bool, count: int = n,
-             batched: bool = True) -> tuple[float, TmemHost, LmdbStore]:
+    def fill(
+        where: str, durable: bool, count: int = n, batched: bool = True
+    ) -> tuple[float, TmemHost, LmdbStore]:
         shutil.rmtree(where, ignore_errors=True)
         gc.collect()
         store = LmdbStore(where, budget_bytes=budget, durable=durable)
@@ -192,10 +228,15 @@ def persistent(pages: list[bytes], handles: list[tuple[tuple[int, int, int], int
     }
 
 
-def run(n_pages: int, batch: int, runs: int, guest_ram: str | None = None,
-        store_dir: str = "/dev/shm", durable_dir: str = "/var/tmp") -> dict[str, object]:
-    mix: dict[str, object] = {"zero": 0.35, "duplicate": 0.20, "compressible": 0.35,
-                              "random": 0.10}
+def run(
+    n_pages: int,
+    batch: int,
+    runs: int,
+    guest_ram: str | None = None,
+    store_dir: str = "/dev/shm",
+    durable_dir: str = "/var/tmp",
+) -> dict[str, object]:
+    mix: dict[str, object] = {"zero": 0.35, "duplicate": 0.20, "compressible": 0.35, "random": 0.10}
     if guest_ram:
         pages, mix = guest_ram_pages(guest_ram)
         n_pages = len(pages)
@@ -283,17 +324,34 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--guest-ram", nargs="?", const="all", choices=["all", "present"],
-                    help="use the pages of a real booted guest instead of the synthetic mix: "
-                         "all of its RAM (default) or the pages it touched (root, QEMU)")
-    ap.add_argument("--store-dir", default="/dev/shm",
-                    help="where the persistent store is measured (tmpfs, as memd serve runs)")
-    ap.add_argument("--durable-dir", default="/var/tmp",
-                    help="a directory on disk for the --durable measurement")
+    ap.add_argument(
+        "--guest-ram",
+        nargs="?",
+        const="all",
+        choices=["all", "present"],
+        help="use the pages of a real booted guest instead of the synthetic mix: "
+        "all of its RAM (default) or the pages it touched (root, QEMU)",
+    )
+    ap.add_argument(
+        "--store-dir",
+        default="/dev/shm",
+        help="where the persistent store is measured (tmpfs, as memd serve runs)",
+    )
+    ap.add_argument(
+        "--durable-dir",
+        default="/var/tmp",
+        help="a directory on disk for the --durable measurement",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args()
-    result = run(args.pages, args.batch, args.runs, guest_ram=args.guest_ram,
-                 store_dir=args.store_dir, durable_dir=args.durable_dir)
+    result = run(
+        args.pages,
+        args.batch,
+        args.runs,
+        guest_ram=args.guest_ram,
+        store_dir=args.store_dir,
+        durable_dir=args.durable_dir,
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -20,12 +20,15 @@ from hypervisor.guests import MEMD_CHANNEL
 SWAP_SERIAL = "memd-swap"
 
 #: What an operator adds to a domain (``virsh attach-device DOMAIN FILE --live --config``).
-CHANNEL_XML = (f"<channel type='unix'><source mode='bind'/>"
-               f"<target type='virtio' name='{MEMD_CHANNEL}'/></channel>")
+CHANNEL_XML = (
+    f"<channel type='unix'><source mode='bind'/>"
+    f"<target type='virtio' name='{MEMD_CHANNEL}'/></channel>"
+)
 
 #: The fix for a domain without a usable memd channel, in one clause.
-MISSING_HINT = (f"add <channel type='unix'> with <source mode='bind'/> and target name "
-                f"{MEMD_CHANNEL}")
+MISSING_HINT = (
+    f"add <channel type='unix'> with <source mode='bind'/> and target name {MEMD_CHANNEL}"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +49,8 @@ def swap_disk_xml(socket_path: str, target: str, reconnect_delay: int) -> str:
         "<driver name='qemu' type='raw' discard='unmap'/>"
         f"<source protocol='nbd'><host transport='unix' socket={quoteattr(socket_path)}/>"
         f"<reconnect delay='{int(reconnect_delay)}'/></source>"
-        f"<target dev='{target}' bus='virtio'/><serial>{SWAP_SERIAL}</serial></disk>")
+        f"<target dev='{target}' bus='virtio'/><serial>{SWAP_SERIAL}</serial></disk>"
+    )
 
 
 def find_swap_disk(domain_xml: str) -> SwapDiskSpec | None:
@@ -71,23 +75,23 @@ def _swap_spec(disk: ET.Element) -> SwapDiskSpec:
     return SwapDiskSpec(
         target=target.get("dev", "?") if target is not None else "?",
         socket=host.get("socket", "") if host is not None else "",
-        reconnect_delay=int(delay) if delay and delay.isdigit() else None)
+        reconnect_delay=int(delay) if delay and delay.isdigit() else None,
+    )
 
 
 def free_disk_target(domain_xml: str) -> str | None:
     """The first virtio disk name (vdb..vdz) the domain does not use, or None."""
     used = {t.get("dev") for t in ET.fromstring(domain_xml).iterfind("devices/disk/target")}
-    return next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used),
-                None)
+    return next((f"vd{c}" for c in "bcdefghijklmnopqrstuvwxyz" if f"vd{c}" not in used), None)
 
 
 @dataclass(frozen=True, slots=True)
 class ChannelSpec:
     """The domain XML's ``<channel>`` whose target name is org.memd.0."""
 
-    source_type: str        # 'unix' is the only one memd can use
-    mode: str | None        # 'bind': QEMU listens and memd connects
-    path: str | None        # set by libvirt in the live XML of a running domain
+    source_type: str  # 'unix' is the only one memd can use
+    mode: str | None  # 'bind': QEMU listens and memd connects
+    path: str | None  # set by libvirt in the live XML of a running domain
 
     @property
     def usable(self) -> bool:
@@ -102,9 +106,11 @@ def find_memd_channel(domain_xml: str) -> ChannelSpec | None:
         if target is None or target.get("name") != MEMD_CHANNEL:
             continue
         source = chan.find("source")
-        return ChannelSpec(source_type=chan.get("type", ""),
-                           mode=None if source is None else source.get("mode"),
-                           path=None if source is None else source.get("path"))
+        return ChannelSpec(
+            source_type=chan.get("type", ""),
+            mode=None if source is None else source.get("mode"),
+            path=None if source is None else source.get("path"),
+        )
     return None
 
 

@@ -50,9 +50,14 @@ class GuestInfo:
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``name``, ``state``, ``channel`` are the keys ``memd guests`` promises."""
         return {
-            "name": self.name, "state": self.state, "channel": self.channel,
-            "uuid": self.uuid, "has_channel": self.has_channel, "qemu_pid": self.qemu_pid,
-            "id": self.domain_id, "persistent": self.persistent,
+            "name": self.name,
+            "state": self.state,
+            "channel": self.channel,
+            "uuid": self.uuid,
+            "has_channel": self.has_channel,
+            "qemu_pid": self.qemu_pid,
+            "id": self.domain_id,
+            "persistent": self.persistent,
         }
 
 
@@ -85,22 +90,47 @@ class LifecycleEvent:
 
 
 #: virDomainState → virsh's words.
-DOMAIN_STATES = {0: "no state", 1: "running", 2: "blocked", 3: "paused", 4: "shutting down",
-                 5: "shut off", 6: "crashed", 7: "pmsuspended"}
+DOMAIN_STATES = {
+    0: "no state",
+    1: "running",
+    2: "blocked",
+    3: "paused",
+    4: "shutting down",
+    5: "shut off",
+    6: "crashed",
+    7: "pmsuspended",
+}
 
 # virDomainEventType → kind, and per kind its detail enum → detail (libvirt-domain.h):
 # libvirt's integers, translated here so that events are plain data everywhere else.
-_EVENT_KINDS = {0: "defined", 1: "undefined", 2: "started", 3: "suspended", 4: "resumed",
-                5: "stopped", 6: "shutdown", 7: "pmsuspended", 8: "crashed"}
+_EVENT_KINDS = {
+    0: "defined",
+    1: "undefined",
+    2: "started",
+    3: "suspended",
+    4: "resumed",
+    5: "stopped",
+    6: "shutdown",
+    7: "pmsuspended",
+    8: "crashed",
+}
 _EVENT_DETAILS: dict[str, tuple[str, ...]] = {
     "defined": ("added", "updated", "renamed", "from_snapshot"),
     "undefined": ("removed", "renamed"),
     "started": ("booted", "migrated", "restored", "from_snapshot", "wakeup"),
-    "suspended": ("paused", "migrated", "ioerror", "watchdog", "restored", "from_snapshot",
-                  "api_error", "postcopy", "postcopy_failed"),
+    "suspended": (
+        "paused",
+        "migrated",
+        "ioerror",
+        "watchdog",
+        "restored",
+        "from_snapshot",
+        "api_error",
+        "postcopy",
+        "postcopy_failed",
+    ),
     "resumed": ("unpaused", "migrated", "from_snapshot", "postcopy", "postcopy_failed"),
-    "stopped": ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed",
-                "from_snapshot"),
+    "stopped": ("shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from_snapshot"),
     "shutdown": ("finished", "guest", "host"),
     "pmsuspended": ("memory", "disk"),
     "crashed": ("panicked", "crashloaded"),
@@ -113,5 +143,9 @@ def lifecycle_event(name: str, uuid: str, event: int, detail: int) -> LifecycleE
     """Translate libvirt's (event, detail) integers; unknown values keep their number."""
     kind = _EVENT_KINDS.get(event, str(event))
     details = _EVENT_DETAILS.get(kind, ())
-    return LifecycleEvent(name=name, uuid=uuid, kind=kind,
-                          detail=details[detail] if 0 <= detail < len(details) else str(detail))
+    return LifecycleEvent(
+        name=name,
+        uuid=uuid,
+        kind=kind,
+        detail=details[detail] if 0 <= detail < len(details) else str(detail),
+    )

@@ -214,7 +214,7 @@ class LibvirtHost:
             try:
                 infos.append(self._info(dom))
             except NotFound:
-                continue            # undefined between the listing and the lookup
+                continue  # undefined between the listing and the lookup
         return sorted(infos, key=lambda g: g.name)
 
     def attachable(self) -> list[GuestInfo]:
@@ -234,19 +234,25 @@ class LibvirtHost:
         dom = self._lookup(name)
         spec = find_memd_channel(self._query(dom.XMLDesc, 0, domain=name))
         if spec is None:
-            raise ChannelMissing(f"domain '{name}' has no memd channel ({MISSING_HINT})",
-                                 target=name)
+            raise ChannelMissing(
+                f"domain '{name}' has no memd channel ({MISSING_HINT})", target=name
+            )
         if not spec.usable:
             raise ChannelMissing(
                 f"domain '{name}' has a memd channel of type '{spec.source_type}' in mode "
                 f"'{spec.mode}'; memd needs <channel type='unix'> with <source mode='bind'/>",
-                target=name)
+                target=name,
+            )
         if not self._query(dom.isActive, domain=name):
-            raise Unavailable(f"domain '{name}' is not running, so its memd channel has no "
-                              "socket yet", target=name)
+            raise Unavailable(
+                f"domain '{name}' is not running, so its memd channel has no socket yet",
+                target=name,
+            )
         if spec.path is None:
-            raise Unavailable(f"libvirt reports no socket path for the memd channel of "
-                              f"domain '{name}'", target=name)
+            raise Unavailable(
+                f"libvirt reports no socket path for the memd channel of domain '{name}'",
+                target=name,
+            )
         return spec.path
 
     def qemu_pid(self, name: str) -> int:
@@ -283,7 +289,8 @@ class LibvirtHost:
                         f"domain '{name}' has no virtio-serial controller, which libvirt "
                         "cannot hot-plug: add the channel to its config (memd add-channel "
                         "--config-only) and restart it",
-                        target=name)
+                        target=name,
+                    )
                 flags |= lv.VIR_DOMAIN_AFFECT_LIVE
         if persistent and self._query(dom.isPersistent, domain=name):
             config_xml = self._query(dom.XMLDesc, lv.VIR_DOMAIN_XML_INACTIVE, domain=name)
@@ -305,16 +312,18 @@ class LibvirtHost:
                 if key in ("Uid", "Gid"):
                     ids[key] = int(value.split()[0])  # the real id
         except (OSError, ValueError) as err:
-            raise Unavailable(f"cannot read the ids of domain '{name}''s QEMU: {err}",
-                              target=name) from err
+            raise Unavailable(
+                f"cannot read the ids of domain '{name}''s QEMU: {err}", target=name
+            ) from err
         return ids["Uid"], ids["Gid"]
 
     def swap_disk(self, name: str) -> SwapDiskSpec | None:
         """The memd swap disk in the domain's live XML, if it has one."""
         return find_swap_disk(self._query(self._lookup(name).XMLDesc, 0, domain=name))
 
-    def attach_swap_disk(self, name: str, socket_path: str, *,
-                         reconnect_delay: int = 30) -> SwapDiskSpec:
+    def attach_swap_disk(
+        self, name: str, socket_path: str, *, reconnect_delay: int = 30
+    ) -> SwapDiskSpec:
         """Hot-plug a virtio disk that QEMU reads from memd's NBD socket (live only: the
         disk lives as long as this QEMU).  Idempotent for the same socket."""
         dom = self._lookup(name)
@@ -323,20 +332,22 @@ class LibvirtHost:
         present = find_swap_disk(live)
         if present is not None:
             if present.socket != socket_path:
-                raise BackendError(f"domain '{name}' already has a memd swap disk, on "
-                                   f"{present.socket}", target=name)
+                raise BackendError(
+                    f"domain '{name}' already has a memd swap disk, on {present.socket}",
+                    target=name,
+                )
             return present
         target = free_disk_target(live)
         if target is None:
-            raise BackendError(f"domain '{name}' has no free vdX name for a swap disk",
-                               target=name)
+            raise BackendError(f"domain '{name}' has no free vdX name for a swap disk", target=name)
         xml = swap_disk_xml(socket_path, target, reconnect_delay)
-        self._query(dom.attachDeviceFlags, xml, self._libvirt.VIR_DOMAIN_AFFECT_LIVE,
-                    domain=name)
+        self._query(dom.attachDeviceFlags, xml, self._libvirt.VIR_DOMAIN_AFFECT_LIVE, domain=name)
         spec = find_swap_disk(self._query(dom.XMLDesc, 0, domain=name))
         if spec is None:
-            raise BackendError(f"libvirt accepted the swap disk of '{name}' but its live XML "
-                               "does not show it", target=name)
+            raise BackendError(
+                f"libvirt accepted the swap disk of '{name}' but its live XML does not show it",
+                target=name,
+            )
         return spec
 
     def detach_swap_disk(self, name: str) -> SwapDiskSpec | None:
@@ -347,8 +358,9 @@ class LibvirtHost:
         if found is None:
             return None
         spec, element = found
-        self._query(dom.detachDeviceFlags, element, self._libvirt.VIR_DOMAIN_AFFECT_LIVE,
-                    domain=name)
+        self._query(
+            dom.detachDeviceFlags, element, self._libvirt.VIR_DOMAIN_AFFECT_LIVE, domain=name
+        )
         return spec
 
     # -- events --
@@ -364,15 +376,22 @@ class LibvirtHost:
         with self._lock:
             # libvirt takes one lifecycle registration per connection; we fan it out.
             if self._libvirt_watch is None:
-                self._libvirt_watch = int(self._query(
-                    self._conn.domainEventRegisterAny, None,
-                    self._libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._dispatch, None))
+                self._libvirt_watch = int(
+                    self._query(
+                        self._conn.domainEventRegisterAny,
+                        None,
+                        self._libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                        self._dispatch,
+                        None,
+                    )
+                )
             watch_id = next(self._watch_ids)
             self._watches[watch_id] = callback
         return watch_id
 
     def watch_queue(
-        self, loop: asyncio.AbstractEventLoop,
+        self,
+        loop: asyncio.AbstractEventLoop,
     ) -> tuple[int, asyncio.Queue[LifecycleEvent]]:
         """Lifecycle events delivered into an asyncio queue on ``loop`` (thread-safe handoff)."""
         queue: asyncio.Queue[LifecycleEvent] = asyncio.Queue()
@@ -428,22 +447,32 @@ class LibvirtHost:
         if active and self._driver == "QEMU" and self.local:
             pid = self._find_qemu_pid(name, uuid)
         return GuestInfo(
-            name=name, uuid=uuid, state=DOMAIN_STATES.get(state, str(state)),
+            name=name,
+            uuid=uuid,
+            state=DOMAIN_STATES.get(state, str(state)),
             has_channel=spec is not None,
             channel=spec.path if spec is not None and spec.usable and active else None,
-            qemu_pid=pid, domain_id=self._query(dom.ID, domain=name) if active else None,
-            persistent=bool(self._query(dom.isPersistent, domain=name)))
+            qemu_pid=pid,
+            domain_id=self._query(dom.ID, domain=name) if active else None,
+            persistent=bool(self._query(dom.isPersistent, domain=name)),
+        )
 
     def _lookup(self, name: str) -> Any:
         return self._query(self._conn.lookupByName, name, domain=name)
 
     def _require_qemu(self, dom: Any, name: str) -> None:
         if self._driver != "QEMU":
-            raise Unavailable(f"domain '{name}' is not a QEMU domain (libvirt driver "
-                              f"{self._driver}), so it has no QEMU process", target=name)
+            raise Unavailable(
+                f"domain '{name}' is not a QEMU domain (libvirt driver "
+                f"{self._driver}), so it has no QEMU process",
+                target=name,
+            )
         if not self.local:
-            raise Unavailable(f"domain '{name}' runs on a remote host ({self.uri}); memd "
-                              "must run on the hypervisor host itself", target=name)
+            raise Unavailable(
+                f"domain '{name}' runs on a remote host ({self.uri}); memd "
+                "must run on the hypervisor host itself",
+                target=name,
+            )
         if not self._query(dom.isActive, domain=name):
             raise Unavailable(f"domain '{name}' is not running", target=name)
 
@@ -452,8 +481,10 @@ class LibvirtHost:
         """libvirt's pid file, checked against ``-uuid`` on the command line; else scan /proc."""
         marker = f"-uuid\0{uuid}\0".encode()
         runtime = os.environ.get("XDG_RUNTIME_DIR") or str(Path.home() / ".cache")
-        for pidfile in (Path("/run/libvirt/qemu") / f"{name}.pid",
-                        Path(runtime) / "libvirt/qemu/run" / f"{name}.pid"):
+        for pidfile in (
+            Path("/run/libvirt/qemu") / f"{name}.pid",
+            Path(runtime) / "libvirt/qemu/run" / f"{name}.pid",
+        ):
             try:
                 pid = int(pidfile.read_text().strip())
                 if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -475,8 +506,9 @@ class LibvirtHost:
         except self._libvirt.libvirtError as err:
             raise self._translate(err, domain=domain) from err
 
-    def _translate(self, err: Any, *, domain: str | None = None,
-                   opening: bool = False) -> BackendError:
+    def _translate(
+        self, err: Any, *, domain: str | None = None, opening: bool = False
+    ) -> BackendError:
         """One libvirtError → one memd error with an operator sentence."""
         lv = self._libvirt
         code = err.get_error_code()
@@ -484,31 +516,52 @@ class LibvirtHost:
         fields = {"target": domain or self.uri, "detail": detail, "libvirt_code": code}
         if code == lv.VIR_ERR_NO_DOMAIN:
             return NotFound(f"libvirt domain '{domain}' does not exist", **fields)
-        denied = (lv.VIR_ERR_AUTH_FAILED, lv.VIR_ERR_AUTH_CANCELLED, lv.VIR_ERR_AUTH_UNAVAILABLE,
-                  lv.VIR_ERR_ACCESS_DENIED, lv.VIR_ERR_OPERATION_DENIED)
+        denied = (
+            lv.VIR_ERR_AUTH_FAILED,
+            lv.VIR_ERR_AUTH_CANCELLED,
+            lv.VIR_ERR_AUTH_UNAVAILABLE,
+            lv.VIR_ERR_ACCESS_DENIED,
+            lv.VIR_ERR_OPERATION_DENIED,
+        )
         if code in denied or "Permission denied" in detail:
-            return PermissionDenied(f"libvirt at {self.uri} denied access: run memd as root "
-                                    "or as a member of the libvirt group", **fields)
-        if opening and os.geteuid() != 0 and any(
-                word in detail for word in ("system bus", "D-Bus", "polkit", "authenticat")):
+            return PermissionDenied(
+                f"libvirt at {self.uri} denied access: run memd as root "
+                "or as a member of the libvirt group",
+                **fields,
+            )
+        if (
+            opening
+            and os.geteuid() != 0
+            and any(word in detail for word in ("system bus", "D-Bus", "polkit", "authenticat"))
+        ):
             # A non-root user of qemu:///system is authorised through polkit over D-Bus;
             # without them libvirt reports a D-Bus failure, which is an access problem to
             # the operator, not a libvirtd that is down.
-            return PermissionDenied(f"libvirt at {self.uri} cannot authorise this user "
-                                    f"(uid {os.geteuid()}): no D-Bus/polkit to ask; run memd "
-                                    "as root", **fields)
+            return PermissionDenied(
+                f"libvirt at {self.uri} cannot authorise this user "
+                f"(uid {os.geteuid()}): no D-Bus/polkit to ask; run memd "
+                "as root",
+                **fields,
+            )
         if "no virtio-serial controllers are available" in detail:
-            return ChannelMissing(f"domain '{domain}' has no virtio-serial controller, which "
-                                  "libvirt cannot hot-plug: add the channel to its config "
-                                  "(memd add-channel --config-only) and restart it", **fields)
+            return ChannelMissing(
+                f"domain '{domain}' has no virtio-serial controller, which "
+                "libvirt cannot hot-plug: add the channel to its config "
+                "(memd add-channel --config-only) and restart it",
+                **fields,
+            )
         if code == lv.VIR_ERR_NO_CONNECT and "no connection driver" in detail:
             return Unavailable(f"libvirt has no driver for the URI {self.uri}", **fields)
         if "socket is closed" in detail:
-            return Unavailable(f"lost the connection to libvirtd at {self.uri}: is libvirtd "
-                               "running? (open a new connection)", **fields)
+            return Unavailable(
+                f"lost the connection to libvirtd at {self.uri}: is libvirtd "
+                "running? (open a new connection)",
+                **fields,
+            )
         if opening or code in (lv.VIR_ERR_NO_CONNECT, lv.VIR_ERR_SYSTEM_ERROR, lv.VIR_ERR_RPC):
-            return Unavailable(f"cannot reach libvirtd at {self.uri}: is libvirtd running?",
-                               **fields)
+            return Unavailable(
+                f"cannot reach libvirtd at {self.uri}: is libvirtd running?", **fields
+            )
         if domain is not None and "not running" in detail:
             return Unavailable(f"domain '{domain}' is not running", **fields)
         what = f"domain '{domain}'" if domain else self.uri

@@ -41,8 +41,10 @@ def _start_daemon(binary: str, sock: str, timeout: float) -> bool:
         if paths.socket_accepts(sock):
             return True
         time.sleep(0.05)
-    raise Unavailable(f"{binary} did not start within {timeout:g} s: "
-                      f"{(result.stderr or result.stdout).strip() or 'no output'}")
+    raise Unavailable(
+        f"{binary} did not start within {timeout:g} s: "
+        f"{(result.stderr or result.stdout).strip() or 'no output'}"
+    )
 
 
 def ensure_libvirtd(timeout: float = 15.0) -> bool:

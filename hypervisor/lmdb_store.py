@@ -89,8 +89,9 @@ _U64 = struct.Struct("<Q")
 #: Largest node LMDB keeps inside a 4 KiB leaf page; bigger values go to overflow pages.
 _NODE_MAX = ((PSIZE - 16) // 2 & -2) - 2
 _CHUNK_RECORD_COST = 8 + _PAGE_KEY.size + 8 + 2
-_KEY_DTYPE = np.dtype([("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"),
-                       ("chunk", ">u4")])
+_KEY_DTYPE = np.dtype(
+    [("gid", ">u4"), ("o0", ">u8"), ("o1", ">u8"), ("o2", ">u8"), ("chunk", ">u4")]
+)
 _HEAD_DTYPE = np.dtype([("hash", "<u8"), ("scope", "<u4")])
 
 
@@ -137,8 +138,15 @@ def blob_cost(length: int) -> int:
 class LmdbStore:
     """A PersistentLog on LMDB (see the module docstring for the layout and locking)."""
 
-    def __init__(self, path: str | Path, *, budget_bytes: int, durable: bool = False,
-                 control_path: str | None = None, host_boot_id: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        budget_bytes: int,
+        durable: bool = False,
+        control_path: str | None = None,
+        host_boot_id: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.durable = durable
         if host_boot_id is None:
@@ -149,16 +157,28 @@ class LmdbStore:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lockfd)
-            raise BackendError(f"tmem store {self.path} is in use by another memd agent; "
-                               "give this one its own --store", target=str(self.path)) from None
+            raise BackendError(
+                f"tmem store {self.path} is in use by another memd agent; "
+                "give this one its own --store",
+                target=str(self.path),
+            ) from None
         self._lock = threading.Lock()
         self._budget = budget_bytes
         self.env = lmdb.open(
-            str(self.path), map_size=map_size_for(budget_bytes), max_dbs=8, writemap=False,
-            sync=durable, metasync=durable, readahead=False, meminit=False, lock=True)
+            str(self.path),
+            map_size=map_size_for(budget_bytes),
+            max_dbs=8,
+            writemap=False,
+            sync=durable,
+            metasync=durable,
+            readahead=False,
+            meminit=False,
+            lock=True,
+        )
         names = ("meta", "clients", "pools", "pages", "blobs")
         self._meta, self._clients, self._pools, self._pages, self._blobs = (
-            self.env.open_db(n.encode()) for n in names)
+            self.env.open_db(n.encode()) for n in names
+        )
         self._dbs = (self._meta, self._clients, self._pools, self._pages, self._blobs)
         # Buffered writes: (database, key, value or None for a delete), in order.
         self._pending: list[tuple[Any, bytes, bytes | None]] = []
@@ -192,24 +212,38 @@ class LmdbStore:
         meta = self.meta()
         writer = dict(meta.get("writer") or {})
         if meta and meta.get("format") != FORMAT:
-            raise BackendError(f"tmem store {self.path} has format {meta.get('format')}, "
-                               f"this memd reads {FORMAT}", target=str(self.path))
-        if writer and writer.get("control") and control_path and (
-                writer["control"] != control_path):
+            raise BackendError(
+                f"tmem store {self.path} has format {meta.get('format')}, this memd reads {FORMAT}",
+                target=str(self.path),
+            )
+        if (
+            writer
+            and writer.get("control")
+            and control_path
+            and (writer["control"] != control_path)
+        ):
             raise BackendError(
                 f"tmem store {self.path} belongs to the agent serving {writer['control']}, "
                 f"not to this one ({control_path}): give this agent its own --store",
-                target=str(self.path))
+                target=str(self.path),
+            )
         with self._lock, self.env.begin(write=True) as txn:
             durable = bool(writer.get("durable")) and self.durable
             if writer and writer.get("host_boot_id") != host_boot_id and not durable:
-                log.warning("tmem store %s was written before the host rebooted: its guests "
-                            "are gone, starting empty", self.path,
-                            extra={"event": "store-discarded"})
+                log.warning(
+                    "tmem store %s was written before the host rebooted: its guests "
+                    "are gone, starting empty",
+                    self.path,
+                    extra={"event": "store-discarded"},
+                )
                 for db in self._dbs:
                     txn.drop(db, delete=False)
-            record = {"host_boot_id": host_boot_id, "control": control_path,
-                      "pid": os.getpid(), "durable": self.durable}
+            record = {
+                "host_boot_id": host_boot_id,
+                "control": control_path,
+                "pid": os.getpid(),
+                "durable": self.durable,
+            }
             txn.put(b"format", json.dumps(FORMAT).encode(), db=self._meta)
             txn.put(b"writer", json.dumps(record).encode(), db=self._meta)
             for db in (self._pages, self._blobs):
@@ -236,38 +270,50 @@ class LmdbStore:
     # -- PersistentLog: writes (buffered) --------------------------------------------------
 
     def put_client(self, record: ClientRecord) -> None:
-        value = {"scope": record.scope, "weight": record.weight, "cap": record.cap_pages,
-                 "dedup": record.dedup, "frozen": record.frozen,
-                 "authorised": [u.hex() for u in record.authorised], "meta": record.meta}
+        value = {
+            "scope": record.scope,
+            "weight": record.weight,
+            "cap": record.cap_pages,
+            "dedup": record.dedup,
+            "frozen": record.frozen,
+            "authorised": [u.hex() for u in record.authorised],
+            "meta": record.meta,
+        }
         self._pending.append((self._clients, record.name.encode(), json.dumps(value).encode()))
 
     def drop_client(self, name: str) -> None:
         self._pending.append((self._clients, name.encode(), None))
 
     def put_pool(self, record: PoolRecord) -> None:
-        value = {"persistent": record.persistent, "shared": record.shared,
-                 "uuid": record.uuid.hex() if record.uuid else None, "owner": record.owner,
-                 "members": record.members}
-        self._pending.append((self._pools, _BLOB_KEY.pack(record.gid),
-                              json.dumps(value).encode()))
+        value = {
+            "persistent": record.persistent,
+            "shared": record.shared,
+            "uuid": record.uuid.hex() if record.uuid else None,
+            "owner": record.owner,
+            "members": record.members,
+        }
+        self._pending.append((self._pools, _BLOB_KEY.pack(record.gid), json.dumps(value).encode()))
 
     def drop_pool(self, gid: int) -> None:
         self._pending.append((self._pools, _BLOB_KEY.pack(gid), None))
 
     def put_blob(self, blob: int, h: int, scope: int, payload: bytes) -> None:
-        self._pending.append((self._blobs, _BLOB_KEY.pack(blob),
-                              _BLOB_HEAD.pack(h, scope) + payload))
+        self._pending.append(
+            (self._blobs, _BLOB_KEY.pack(blob), _BLOB_HEAD.pack(h, scope) + payload)
+        )
         self._pending_blobs[blob] = payload
         n = len(payload)  # blob_cost(n), inline: this is the put path
-        self._pending_bytes += n + _INLINE_EXTRA if n <= _INLINE_MAX else (
-            n + _OVERFLOW_EXTRA + PSIZE - 1) & -PSIZE
+        self._pending_bytes += (
+            n + _INLINE_EXTRA if n <= _INLINE_MAX else (n + _OVERFLOW_EXTRA + PSIZE - 1) & -PSIZE
+        )
 
     def drop_blob(self, blob: int) -> None:
         self._pending.append((self._blobs, _BLOB_KEY.pack(blob), None))
         self._pending_blobs[blob] = None
 
-    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
-                  entries: Sequence[tuple[int, int]]) -> None:
+    def put_chunk(
+        self, gid: int, oid: tuple[int, int, int], chunk: int, entries: Sequence[tuple[int, int]]
+    ) -> None:
         bitmap = 0
         base = chunk * CHUNK_PAGES
         for index, _ in entries:
@@ -289,9 +335,8 @@ class LmdbStore:
             assert self._reader is not None
             value = self._reader.get(_BLOB_KEY.pack(blob))
             if value is None:
-                raise BackendError(f"tmem store: blob {blob} is missing",
-                                   target=str(self.path))
-            return cast(memoryview, value)[_BLOB_HEAD.size:].tobytes()  # buffers=True
+                raise BackendError(f"tmem store: blob {blob} is missing", target=str(self.path))
+            return cast(memoryview, value)[_BLOB_HEAD.size :].tobytes()  # buffers=True
 
     def payloads(self, blobs: Sequence[int]) -> list[bytes]:
         """:meth:`payload` of each blob, in one hold of the lock (a migration reads a
@@ -307,8 +352,9 @@ class LmdbStore:
                 if not data:
                     value = get(key(blob))
                     if value is None:
-                        raise BackendError(f"tmem store: blob {blob} is missing",
-                                           target=str(self.path))
+                        raise BackendError(
+                            f"tmem store: blob {blob} is missing", target=str(self.path)
+                        )
                     data = cast(memoryview, value)[head:].tobytes()
                 out.append(data)
         return out
@@ -355,8 +401,11 @@ class LmdbStore:
                 if added != len(items):
                     # MDB_APPEND skips (silently) a key that is not above the last one:
                     # never expected, since ``top`` only grows, but never a lost write.
-                    log.error("tmem store: append refused %d of %d keys; rewritten",
-                              len(items) - added, len(items))
+                    log.error(
+                        "tmem store: append refused %d of %d keys; rewritten",
+                        len(items) - added,
+                        len(items),
+                    )
                     txn.cursor(db=db).putmulti(items)
                 top[db] = max(top[db], max(keys))  # every put, appended or not
             for db in touched:
@@ -367,10 +416,13 @@ class LmdbStore:
         current = self.env.info()["map_size"]
         ceiling = 2 * self._budget + map_size_for(0)
         if current >= ceiling:
-            log.critical("tmem store %s is full at %d bytes: persistent state in memory is "
-                         "ahead of the store until guests flush", self.path, current)
-            raise NoSpace(f"tmem store {self.path} is full ({current >> 20} MiB)",
-                          op="commit")
+            log.critical(
+                "tmem store %s is full at %d bytes: persistent state in memory is "
+                "ahead of the store until guests flush",
+                self.path,
+                current,
+            )
+            raise NoSpace(f"tmem store {self.path} is full ({current >> 20} MiB)", op="commit")
         self.env.set_mapsize(min(ceiling, current + current // 4 + (16 << 20)))
 
     @staticmethod
@@ -405,20 +457,35 @@ class LmdbStore:
         page_keys: list[bytes] = []
         page_values: list[bytes] = []
         with self._lock, self.env.begin(buffers=True) as txn:
-            state.meta = {bytes(k).decode(): json.loads(bytes(v))
-                          for k, v in txn.cursor(db=self._meta)}
+            state.meta = {
+                bytes(k).decode(): json.loads(bytes(v)) for k, v in txn.cursor(db=self._meta)
+            }
             for k, v in txn.cursor(db=self._clients):
                 c = json.loads(bytes(v))
-                state.clients.append(ClientRecord(
-                    bytes(k).decode(), int(c["scope"]), int(c["weight"]), c["cap"],
-                    bool(c["dedup"]), bool(c["frozen"]),
-                    [bytes.fromhex(u) for u in c["authorised"]], dict(c["meta"])))
+                state.clients.append(
+                    ClientRecord(
+                        bytes(k).decode(),
+                        int(c["scope"]),
+                        int(c["weight"]),
+                        c["cap"],
+                        bool(c["dedup"]),
+                        bool(c["frozen"]),
+                        [bytes.fromhex(u) for u in c["authorised"]],
+                        dict(c["meta"]),
+                    )
+                )
             for k, v in txn.cursor(db=self._pools):
                 p = json.loads(bytes(v))
-                state.pools.append(PoolRecord(
-                    _BLOB_KEY.unpack(k)[0], bool(p["persistent"]), bool(p["shared"]),
-                    bytes.fromhex(p["uuid"]) if p["uuid"] else None, str(p["owner"]),
-                    {str(m): int(i) for m, i in p["members"].items()}))
+                state.pools.append(
+                    PoolRecord(
+                        _BLOB_KEY.unpack(k)[0],
+                        bool(p["persistent"]),
+                        bool(p["shared"]),
+                        bytes.fromhex(p["uuid"]) if p["uuid"] else None,
+                        str(p["owner"]),
+                        {str(m): int(i) for m, i in p["members"].items()},
+                    )
+                )
             # Blobs: only the key and the 12-byte head of each value are copied out.
             head = _BLOB_HEAD.size
             for k, v in txn.cursor(db=self._blobs):

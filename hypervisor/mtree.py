@@ -70,8 +70,8 @@ class RamLayout:
         page = np.full(n, -1, dtype=np.int64)
         index = {name: i for i, name in enumerate(order)}
         for r in self.ranges:
-            block[r.gfn:r.gfn + r.pages] = index[r.block]
-            page[r.gfn:r.gfn + r.pages] = np.arange(r.block_page, r.block_page + r.pages)
+            block[r.gfn : r.gfn + r.pages] = index[r.block]
+            page[r.gfn : r.gfn + r.pages] = np.arange(r.block_page, r.block_page + r.pages)
         return block, page
 
 
@@ -82,20 +82,34 @@ def layout_from_ranges(flat: list[FlatRange], block_sizes: Mapping[str, int]) ->
         if fr.region not in block_sizes or fr.kind not in _RAM_KINDS:
             continue
         if fr.start % PAGE_SIZE or fr.size % PAGE_SIZE or fr.offset % PAGE_SIZE:
-            raise CommandFailed(f"RAM range {fr.start:#x}-{fr.last:#x} of {fr.region} is not "
-                                "page aligned", command="info mtree -f",
-                                error_class="UnalignedRam")
+            raise CommandFailed(
+                f"RAM range {fr.start:#x}-{fr.last:#x} of {fr.region} is not page aligned",
+                command="info mtree -f",
+                error_class="UnalignedRam",
+            )
         if fr.offset + fr.size > block_sizes[fr.region]:
-            raise CommandFailed(f"RAM range {fr.start:#x}-{fr.last:#x} runs past the end of "
-                                f"{fr.region}", command="info mtree -f",
-                                error_class="RangeOutsideBlock")
-        ranges.append(RamRange(fr.start >> PAGE_SHIFT, fr.size >> PAGE_SHIFT, fr.region,
-                               fr.offset >> PAGE_SHIFT, fr.kind == "rom"))
+            raise CommandFailed(
+                f"RAM range {fr.start:#x}-{fr.last:#x} runs past the end of {fr.region}",
+                command="info mtree -f",
+                error_class="RangeOutsideBlock",
+            )
+        ranges.append(
+            RamRange(
+                fr.start >> PAGE_SHIFT,
+                fr.size >> PAGE_SHIFT,
+                fr.region,
+                fr.offset >> PAGE_SHIFT,
+                fr.kind == "rom",
+            )
+        )
     ranges.sort(key=lambda r: r.gfn)
     for a, b in itertools.pairwise(ranges):
         if a.gfn + a.pages > b.gfn:
-            raise CommandFailed(f"RAM ranges overlap at gfn {b.gfn:#x}", command="info mtree -f",
-                                error_class="OverlappingRam")
+            raise CommandFailed(
+                f"RAM ranges overlap at gfn {b.gfn:#x}",
+                command="info mtree -f",
+                error_class="OverlappingRam",
+            )
     return RamLayout(tuple(_merge_adjacent(ranges)), dict(block_sizes))
 
 
@@ -105,25 +119,36 @@ def _merge_adjacent(ranges: list[RamRange]) -> list[RamRange]:
     for r in ranges:
         if out:
             p = out[-1]
-            if (p.block == r.block and p.gfn + p.pages == r.gfn
-                    and p.block_page + p.pages == r.block_page):
-                out[-1] = RamRange(p.gfn, p.pages + r.pages, p.block, p.block_page,
-                                   p.readonly and r.readonly)
+            if (
+                p.block == r.block
+                and p.gfn + p.pages == r.gfn
+                and p.block_page + p.pages == r.block_page
+            ):
+                out[-1] = RamRange(
+                    p.gfn, p.pages + r.pages, p.block, p.block_page, p.readonly and r.readonly
+                )
                 continue
         out.append(r)
     return out
 
 
-def parse_ram_layout(text: str, block_sizes: Mapping[str, int],
-                     address_space: str = "memory") -> RamLayout:
+def parse_ram_layout(
+    text: str, block_sizes: Mapping[str, int], address_space: str = "memory"
+) -> RamLayout:
     """``info mtree -f`` text + RAM block sizes → :class:`RamLayout`."""
     views = parse_mtree_flat(text)
     if address_space not in views:
-        raise CommandFailed(f"'info mtree -f' shows no address space '{address_space}'",
-                            command="info mtree -f", error_class="NoAddressSpace")
+        raise CommandFailed(
+            f"'info mtree -f' shows no address space '{address_space}'",
+            command="info mtree -f",
+            error_class="NoAddressSpace",
+        )
     layout = layout_from_ranges(views[address_space], block_sizes)
     if not layout.ranges:
-        raise CommandFailed(f"'info mtree -f' maps none of the RAM blocks "
-                            f"{', '.join(sorted(block_sizes))} into guest memory",
-                            command="info mtree -f", error_class="NoRam")
+        raise CommandFailed(
+            f"'info mtree -f' maps none of the RAM blocks "
+            f"{', '.join(sorted(block_sizes))} into guest memory",
+            command="info mtree -f",
+            error_class="NoRam",
+        )
     return layout

@@ -115,11 +115,18 @@ class Potential:
             "realized_shared_frames": self.realized_shared_frames,
             "gap_frames": self.gap,
             "realized_fraction": round(self.realized_fraction, 4),
-            "per_vm": {v.name: {"domid": v.domid, "present": v.present, "zero": v.zero,
-                                "duplicate": v.duplicate, "cross_vm": v.cross_vm,
-                                "potential_saved": round(v.potential_saved, 1),
-                                "realized_saved": round(v.realized_saved, 1)}
-                       for v in self.vms},
+            "per_vm": {
+                v.name: {
+                    "domid": v.domid,
+                    "present": v.present,
+                    "zero": v.zero,
+                    "duplicate": v.duplicate,
+                    "cross_vm": v.cross_vm,
+                    "potential_saved": round(v.potential_saved, 1),
+                    "realized_saved": round(v.realized_saved, 1),
+                }
+                for v in self.vms
+            },
             "bytes_read": self.bytes_read,
             "scan_gb_per_s": round(self.scan_gb_per_s, 3),
             "seconds": round(self.seconds, 4),
@@ -149,8 +156,10 @@ class PotentialScanner:
     def scan(self, domids: Sequence[int] | None = None) -> Potential:
         """Hash every present page of ``domids`` (default: all attached guests)."""
         t0 = time.perf_counter()
-        guests = [self.machine.guest(d) for d in (
-            domids if domids is not None else self.machine.domains())]
+        guests = [
+            self.machine.guest(d)
+            for d in (domids if domids is not None else self.machine.domains())
+        ]
         p2m = {g.domid: self.machine.p2m(g.domid) for g in guests}
         truth = compute(p2m)
         # One read per distinct frame: pages KSM already merged share their frame's hash.
@@ -173,32 +182,50 @@ class PotentialScanner:
             refs = truth.refs[rows].astype(np.float64)  # gfns mapping each page's frame
             realized_share.append(float(((refs - 1) / refs).sum()))
         all_h = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
-        owner = np.concatenate([np.full(len(h), i, dtype=np.int64)
-                                for i, h in enumerate(hashes)]) if hashes else np.zeros(0,
-                                                                                        np.int64)
+        owner = (
+            np.concatenate([np.full(len(h), i, dtype=np.int64) for i, h in enumerate(hashes)])
+            if hashes
+            else np.zeros(0, np.int64)
+        )
         uniq, inverse, counts = np.unique(all_h, return_inverse=True, return_counts=True)
         inverse = inverse.reshape(-1)
         # Contents seen in more than one guest: count distinct guests per content.
-        pairs = np.unique(np.stack([inverse, owner]), axis=1) if len(all_h) else np.zeros(
-            (2, 0), np.int64)
+        pairs = (
+            np.unique(np.stack([inverse, owner]), axis=1)
+            if len(all_h)
+            else np.zeros((2, 0), np.int64)
+        )
         vms_per_content = np.bincount(pairs[0], minlength=len(uniq)) if len(all_h) else counts
         vms = []
         for i, g in enumerate(guests):
             mine = inverse[owner == i]
             h = hashes[i]
             n = counts[mine].astype(np.float64)  # pages with each page's content
-            vms.append(VmPotential(g.name, g.domid, len(h), int(np.count_nonzero(
-                h == np.uint64(_ZERO_HASH))), int(np.count_nonzero(counts[mine] >= 2)),
-                int(np.count_nonzero(vms_per_content[mine] >= 2)),
-                potential_saved=float(((n - 1) / n).sum()), realized_saved=realized_share[i]))
+            vms.append(
+                VmPotential(
+                    g.name,
+                    g.domid,
+                    len(h),
+                    int(np.count_nonzero(h == np.uint64(_ZERO_HASH))),
+                    int(np.count_nonzero(counts[mine] >= 2)),
+                    int(np.count_nonzero(vms_per_content[mine] >= 2)),
+                    potential_saved=float(((n - 1) / n).sum()),
+                    realized_saved=realized_share[i],
+                )
+            )
         result = Potential(
-            vms=tuple(vms), present_pages=len(all_h), distinct_contents=len(uniq),
+            vms=tuple(vms),
+            present_pages=len(all_h),
+            distinct_contents=len(uniq),
             zero_pages=int(np.count_nonzero(all_h == np.uint64(_ZERO_HASH))),
             potential_saved_frames=len(all_h) - len(uniq),
             realized_saved_frames=truth.nr_saved_mfns,
             realized_shared_frames=truth.nr_shared_mfns,
-            bytes_read=truth.nr_frames * PAGE_SIZE, read_seconds=read_s, hash_seconds=hash_s,
-            seconds=time.perf_counter() - t0)
+            bytes_read=truth.nr_frames * PAGE_SIZE,
+            read_seconds=read_s,
+            hash_seconds=hash_s,
+            seconds=time.perf_counter() - t0,
+        )
         self.last = result
         return result
 
@@ -215,15 +242,17 @@ class PotentialScanner:
         digest = xxhash.xxh3_64_intdigest
         read_s = hash_s = 0.0
         for lo in range(0, len(vaddr), self.batch_pages):
-            chunk = vaddr[lo:lo + self.batch_pages]
+            chunk = vaddr[lo : lo + self.batch_pages]
             starts, lengths = page_runs(chunk >> PAGE_SHIFT)
             t = time.perf_counter()
             g.mem.read_runs_into(chunk[starts], lengths << PAGE_SHIFT, buf)
             t1 = time.perf_counter()
             n = len(chunk)
-            out[order[lo:lo + n]] = np.fromiter(
-                (digest(view[o:o + PAGE_SIZE]) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)),
-                dtype=np.uint64, count=n)
+            out[order[lo : lo + n]] = np.fromiter(
+                (digest(view[o : o + PAGE_SIZE]) for o in range(0, n * PAGE_SIZE, PAGE_SIZE)),
+                dtype=np.uint64,
+                count=n,
+            )
             read_s += t1 - t
             hash_s += time.perf_counter() - t1
         return out, read_s, hash_s

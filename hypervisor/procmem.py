@@ -43,9 +43,24 @@ KPF_THP = 22
 KPF_ZERO_PAGE = 24
 
 #: kpageflags bits worth naming in an explanation.
-KPF_NAMES = {2: "referenced", 3: "uptodate", 4: "dirty", 5: "lru", 6: "active", 10: "buddy",
-             11: "mmap", 12: "anon", 13: "swapcache", 14: "swapbacked", 15: "compound_head",
-             16: "compound_tail", 17: "huge", 21: "ksm", 22: "thp", 24: "zero_page"}
+KPF_NAMES = {
+    2: "referenced",
+    3: "uptodate",
+    4: "dirty",
+    5: "lru",
+    6: "active",
+    10: "buddy",
+    11: "mmap",
+    12: "anon",
+    13: "swapcache",
+    14: "swapbacked",
+    15: "compound_head",
+    16: "compound_tail",
+    17: "huge",
+    21: "ksm",
+    22: "thp",
+    24: "zero_page",
+}
 
 U64Array = npt.NDArray[np.uint64]
 I64Array = npt.NDArray[np.int64]
@@ -83,8 +98,16 @@ def parse_maps(text: str) -> list[VmArea]:
         if len(fields) < 5:
             continue
         start, _, end = fields[0].partition("-")
-        areas.append(VmArea(int(start, 16), int(end, 16), fields[1], int(fields[2], 16),
-                            int(fields[4]), fields[5].strip() if len(fields) > 5 else ""))
+        areas.append(
+            VmArea(
+                int(start, 16),
+                int(end, 16),
+                fields[1],
+                int(fields[2], 16),
+                int(fields[4]),
+                fields[5].strip() if len(fields) > 5 else "",
+            )
+        )
     return areas
 
 
@@ -123,18 +146,25 @@ class _os_errors:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if exc is None or not isinstance(exc, OSError):
             return
         if isinstance(exc, PermissionError):
-            raise PermissionDenied(f"no permission to read {self.path} (memd must run as root)",
-                                   target=self.path) from exc
+            raise PermissionDenied(
+                f"no permission to read {self.path} (memd must run as root)", target=self.path
+            ) from exc
         if isinstance(exc, (FileNotFoundError, ProcessLookupError)):
-            raise NotFound(f"{self.path} does not exist (has the process exited?)",
-                           target=self.path) from exc
-        raise BackendError(f"reading {self.path} failed: {exc.strerror or exc}",
-                           target=self.path) from exc
+            raise NotFound(
+                f"{self.path} does not exist (has the process exited?)", target=self.path
+            ) from exc
+        raise BackendError(
+            f"reading {self.path} failed: {exc.strerror or exc}", target=self.path
+        ) from exc
 
 
 def page_runs(pages: I64Array) -> tuple[I64Array, I64Array]:
@@ -204,8 +234,9 @@ class ProcessMemory:
         flat = out.reshape(-1).data
         starts, lengths = page_runs(vaddrs >> PAGE_SHIFT)
         for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-            _pread_into(self._mem, flat[s * PAGE_SIZE:(s + n) * PAGE_SIZE], int(vaddrs[s]),
-                        self._mem_path)
+            _pread_into(
+                self._mem, flat[s * PAGE_SIZE : (s + n) * PAGE_SIZE], int(vaddrs[s]), self._mem_path
+            )
         return out
 
     def read_into(self, addr: int, out: memoryview) -> None:
@@ -228,23 +259,23 @@ class ProcessMemory:
             raise ValueError("read_runs_into: output buffer too small or not contiguous")
         view, done = out.reshape(-1).data.cast("B"), 0
         for a, n in zip(addrs.tolist(), nbytes.tolist(), strict=True):
-            _pread_into(self._mem, view[done:done + n], a, self._mem_path)
+            _pread_into(self._mem, view[done : done + n], a, self._mem_path)
             done += n
 
     def write(self, addr: int, data: bytes) -> None:
         """Store bytes into the process (as a write fault would: KSM pages are copied)."""
         with _os_errors(self._mem_path):
             if os.pwrite(self._mem, data, addr) != len(data):
-                raise BackendError(f"{self._mem_path}: short write at {addr:#x}",
-                                   target=self._mem_path)
+                raise BackendError(
+                    f"{self._mem_path}: short write at {addr:#x}", target=self._mem_path
+                )
 
     # --- pagemap --------------------------------------------------------------------------
 
     def pagemap(self, addr: int, npages: int) -> U64Array:
         """Raw pagemap entries of ``npages`` pages from ``addr`` (one pread)."""
         out = np.empty(npages, dtype=_U64)
-        _pread_into(self._pagemap, out.data.cast("B"), (addr >> PAGE_SHIFT) * 8,
-                    self._pagemap_path)
+        _pread_into(self._pagemap, out.data.cast("B"), (addr >> PAGE_SHIFT) * 8, self._pagemap_path)
         return out
 
     def pagemap_at(self, vaddrs: I64Array) -> U64Array:
@@ -254,8 +285,9 @@ class ProcessMemory:
         raw = out.data.cast("B")
         starts, lengths = page_runs(vpns)
         for s, n in zip(starts.tolist(), lengths.tolist(), strict=True):
-            _pread_into(self._pagemap, raw[s * 8:(s + n) * 8], int(vpns[s]) * 8,
-                        self._pagemap_path)
+            _pread_into(
+                self._pagemap, raw[s * 8 : (s + n) * 8], int(vpns[s]) * 8, self._pagemap_path
+            )
         return out
 
 
@@ -366,6 +398,5 @@ def qemu_pid_for_socket(path: str, proc: str = "/proc") -> int:
         if argv and b"qemu" in os.path.basename(argv[0]) and any(want in a for a in argv):
             found.append(int(entry))
     if len(found) != 1:
-        raise NotFound(f"no single QEMU process serves {path} ({len(found)} found)",
-                       target=path)
+        raise NotFound(f"no single QEMU process serves {path} ({len(found)} found)", target=path)
     return found[0]

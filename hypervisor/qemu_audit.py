@@ -59,8 +59,9 @@ def ledger_of(manager: Any) -> Ledger:
     return dict(manager.records())
 
 
-def audit_report(machine: QemuMachine, manager: Any | None = None, *,
-                 top: int = TOP_FRAMES) -> dict[str, Any]:
+def audit_report(
+    machine: QemuMachine, manager: Any | None = None, *, top: int = TOP_FRAMES
+) -> dict[str, Any]:
     """Ground truth of sharing across the attached guests; see docs/real-guests.md."""
     t0 = time.perf_counter()
     truth = machine.ground_truth()
@@ -71,8 +72,12 @@ def audit_report(machine: QemuMachine, manager: Any | None = None, *,
     per_dom = truth.per_domain()
     per_vm: dict[str, Any] = {}
     for g in guests:
-        entry: dict[str, Any] = {"domid": g.domid, "pid": g.pid, **per_dom[g.domid],
-                                 "merge": all(b.merge for b in g.blocks)}
+        entry: dict[str, Any] = {
+            "domid": g.domid,
+            "pid": g.pid,
+            **per_dom[g.domid],
+            "merge": all(b.merge for b in g.blocks),
+        }
         try:
             stat = machine.ksm_stat(g.domid)
             entry["ksm_stat"] = {k: v for k, v in stat.items() if isinstance(v, int)}
@@ -81,11 +86,14 @@ def audit_report(machine: QemuMachine, manager: Any | None = None, *,
         per_vm[g.name] = entry
     report: dict[str, Any] = {
         "source": "pagemap",
-        "frames": {"mapped": truth.nr_frames, "shared": truth.nr_shared_mfns,
-                   "saved": truth.nr_saved_mfns, "ksm": ksm_frames},
+        "frames": {
+            "mapped": truth.nr_frames,
+            "shared": truth.nr_shared_mfns,
+            "saved": truth.nr_saved_mfns,
+            "ksm": ksm_frames,
+        },
         "per_vm": per_vm,
-        "matrix": {"vms": [names[d] for d in truth.domids],
-                   "frames": truth.matrix().tolist()},
+        "matrix": {"vms": [names[d] for d in truth.domids], "frames": truth.matrix().tolist()},
         "top_frames": _top_frames(machine, truth, names, top),
         "ksm": _ksm_counters(),
         "ledger": None,
@@ -106,8 +114,9 @@ def _ksm_counters() -> dict[str, Any] | None:
         return None
 
 
-def _top_frames(machine: QemuMachine, truth: GroundTruth, names: dict[int, str],
-                k: int) -> list[dict[str, Any]]:
+def _top_frames(
+    machine: QemuMachine, truth: GroundTruth, names: dict[int, str], k: int
+) -> list[dict[str, Any]]:
     rows = truth.top(k)
     if len(rows) == 0:
         return []
@@ -123,16 +132,18 @@ def _top_frames(machine: QemuMachine, truth: GroundTruth, names: dict[int, str],
         zero = [False] * len(rows)
     out = []
     for i, row in enumerate(rows.tolist()):
-        out.append({
-            "mfn": int(mfns[i]),
-            "refs": int(truth.refs[row]),
-            "zero": zero[i],
-            "ksm": bool(flags[i] >> np.uint64(KPF_KSM) & np.uint64(1)),
-            "zero_page_flag": bool(flags[i] >> np.uint64(KPF_ZERO_PAGE) & np.uint64(1)),
-            "kpagecount": int(counts[i]),
-            "vms": {names[d]: n for d, n in truth.refs_by_domain(row).items()},
-            "sample": [[names[d], g] for d, g in truth.gfns_of(int(mfns[i]), SAMPLE_GFNS)],
-        })
+        out.append(
+            {
+                "mfn": int(mfns[i]),
+                "refs": int(truth.refs[row]),
+                "zero": zero[i],
+                "ksm": bool(flags[i] >> np.uint64(KPF_KSM) & np.uint64(1)),
+                "zero_page_flag": bool(flags[i] >> np.uint64(KPF_ZERO_PAGE) & np.uint64(1)),
+                "kpagecount": int(counts[i]),
+                "vms": {names[d]: n for d, n in truth.refs_by_domain(row).items()},
+                "sample": [[names[d], g] for d, g in truth.gfns_of(int(mfns[i]), SAMPLE_GFNS)],
+            }
+        )
     return out
 
 
@@ -146,37 +157,62 @@ def _ledger_section(truth: GroundTruth, ledger: Ledger, manager: Any) -> dict[st
     for name, want in (("nr_shared_mfns", want_shared), ("nr_saved_mfns", want_saved)):
         have = stats.get(name)
         if have is not None and have != want:
-            findings.append({"kind": f"counter_{name}", "message": f"the ledger's {name} is "
-                             f"{have}, the host shows {want} on the ledger's frames",
-                             "expected": want, "found": have})
-    return {"records": len(ledger), "entries": sum(len(v) for v in ledger.values()),
-            "counters": {k: v for k, v in stats.items() if k in (
-                "nr_shared_mfns", "nr_saved_mfns", "shr_pages")},
-            "truth_on_ledger_frames": {"nr_shared_mfns": want_shared,
-                                       "nr_saved_mfns": want_saved},
-            "untracked_shared_frames": untracked_shared(truth, ledger),
-            "findings": findings, "truncated": truncated,
-            "clean": not findings and not truncated}
+            findings.append(
+                {
+                    "kind": f"counter_{name}",
+                    "message": f"the ledger's {name} is "
+                    f"{have}, the host shows {want} on the ledger's frames",
+                    "expected": want,
+                    "found": have,
+                }
+            )
+    return {
+        "records": len(ledger),
+        "entries": sum(len(v) for v in ledger.values()),
+        "counters": {
+            k: v for k, v in stats.items() if k in ("nr_shared_mfns", "nr_saved_mfns", "shr_pages")
+        },
+        "truth_on_ledger_frames": {"nr_shared_mfns": want_shared, "nr_saved_mfns": want_saved},
+        "untracked_shared_frames": untracked_shared(truth, ledger),
+        "findings": findings,
+        "truncated": truncated,
+        "clean": not findings and not truncated,
+    }
 
 
-def explain_gfn(machine: QemuMachine, vm: int | str, gfn: int,
-                manager: Any | None = None) -> dict[str, Any]:
+def explain_gfn(
+    machine: QemuMachine, vm: int | str, gfn: int, manager: Any | None = None
+) -> dict[str, Any]:
     """Everything about one guest page: where it lives, its frame, who else maps it."""
     g = machine.guest(vm)
     if not 0 <= gfn < g.nr_gfns or g.gfn_vaddr[gfn] < 0:
-        raise NoSuchDomain(f"gfn {gfn:#x} is not RAM of guest {g.name} (RAM gfns end at "
-                           f"{g.nr_gfns:#x}; holes are PCI/firmware)", domain=g.name, gfn=gfn)
+        raise NoSuchDomain(
+            f"gfn {gfn:#x} is not RAM of guest {g.name} (RAM gfns end at "
+            f"{g.nr_gfns:#x}; holes are PCI/firmware)",
+            domain=g.name,
+            gfn=gfn,
+        )
     block, page = g.layout.locate(gfn) or ("", -1)
     vaddr = int(g.gfn_vaddr[gfn])
     raw = int(g.mem.pagemap(vaddr, 1)[0])
     present = bool(raw & PM_PRESENT)
     out: dict[str, Any] = {
-        "vm": g.name, "domid": g.domid, "gfn": gfn, "gpa": gfn << PAGE_SHIFT,
-        "block": block, "block_offset": page << PAGE_SHIFT, "hva": vaddr,
-        "pagemap": {"raw": f"{raw:#018x}", "present": present,
-                    "swapped": bool(raw & PM_SWAPPED), "exclusive": bool(raw & PM_EXCLUSIVE),
-                    "soft_dirty": bool(raw & PM_SOFT_DIRTY)},
-        "mfn": None, "state": "swapped" if raw & PM_SWAPPED else "not present",
+        "vm": g.name,
+        "domid": g.domid,
+        "gfn": gfn,
+        "gpa": gfn << PAGE_SHIFT,
+        "block": block,
+        "block_offset": page << PAGE_SHIFT,
+        "hva": vaddr,
+        "pagemap": {
+            "raw": f"{raw:#018x}",
+            "present": present,
+            "swapped": bool(raw & PM_SWAPPED),
+            "exclusive": bool(raw & PM_EXCLUSIVE),
+            "soft_dirty": bool(raw & PM_SOFT_DIRTY),
+        },
+        "mfn": None,
+        "state": "swapped" if raw & PM_SWAPPED else "not present",
     }
     if present:
         mfn = raw & PM_PFN_MASK
@@ -186,17 +222,24 @@ def explain_gfn(machine: QemuMachine, vm: int | str, gfn: int,
         names = {x.domid: x.name for x in machine.guests()}
         page_bytes = machine.read_gfns(g.domid, np.array([gfn], dtype=np.int64))[0]
         refs = int(truth.refs_of(arr)[0])
-        out.update({
-            "mfn": mfn,
-            "kpagecount": int(machine.kpages.counts(arr)[0]),
-            "kpageflags": flag_names(flags),
-            "refs": refs,
-            "mapped_by": [{"vm": names[d], "gfn": x}
-                          for d, x in truth.gfns_of(mfn, 64) if (d, x) != (g.domid, gfn)],
-            "mapped_by_count": max(0, refs - 1),
-            "content": {"zero": bool(not page_bytes.any()),
-                        "xxh3_64": f"{xxhash.xxh3_64_intdigest(page_bytes.tobytes()):#018x}"},
-        })
+        out.update(
+            {
+                "mfn": mfn,
+                "kpagecount": int(machine.kpages.counts(arr)[0]),
+                "kpageflags": flag_names(flags),
+                "refs": refs,
+                "mapped_by": [
+                    {"vm": names[d], "gfn": x}
+                    for d, x in truth.gfns_of(mfn, 64)
+                    if (d, x) != (g.domid, gfn)
+                ],
+                "mapped_by_count": max(0, refs - 1),
+                "content": {
+                    "zero": bool(not page_bytes.any()),
+                    "xxh3_64": f"{xxhash.xxh3_64_intdigest(page_bytes.tobytes()):#018x}",
+                },
+            }
+        )
         if flags >> KPF_ZERO_PAGE & 1:
             out["state"] = "zero page"
         elif flags >> KPF_KSM & 1:
@@ -208,7 +251,11 @@ def explain_gfn(machine: QemuMachine, vm: int | str, gfn: int,
     if manager is not None:
         ledger = ledger_of(manager)
         where = [m for m, gfns in ledger.items() if (g.domid, gfn) in gfns]
-        out["ledger"] = {"listed": bool(where), "mfn": where[0] if where else None,
-                         "agrees": (where[0] == out["mfn"]) if where else out["state"] in (
-                             "private", "not present", "swapped")}
+        out["ledger"] = {
+            "listed": bool(where),
+            "mfn": where[0] if where else None,
+            "agrees": (where[0] == out["mfn"])
+            if where
+            else out["state"] in ("private", "not present", "swapped"),
+        }
     return out

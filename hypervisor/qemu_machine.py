@@ -112,16 +112,20 @@ def hmp_read(monitor: Monitor, gpa: int, length: int) -> bytes:
         if m:
             out.extend(int(b, 16) for b in m.group(1).split())
     if len(out) != length:
-        raise CommandFailed(f"xp of {gpa:#x} on {monitor.target} returned {len(out)} of "
-                            f"{length} bytes", command="xp", error_class="BadHmpOutput")
+        raise CommandFailed(
+            f"xp of {gpa:#x} on {monitor.target} returned {len(out)} of {length} bytes",
+            command="xp",
+            error_class="BadHmpOutput",
+        )
     return bytes(out)
 
 
 class QemuMachine:
     """The FrameView protocol over attached QEMU guests (see the module docstring)."""
 
-    def __init__(self, *, nr_frames: int | None = None,
-                 may_merge: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, *, nr_frames: int | None = None, may_merge: Callable[[str], bool] | None = None
+    ) -> None:
         self._guests: dict[int, QemuGuest] = {}
         #: Consent to cross-guest merging by VM name (sharing.consent, given by the agent):
         #: checked whenever merging is switched on, whoever asks.  None: anyone may.
@@ -163,8 +167,9 @@ class QemuMachine:
             bidx, bpage = layout.block_pages(order)
             hvas = np.array([index[n].hva for n in order] + [-1], dtype=np.int64)
             vaddr = np.where(bidx >= 0, hvas[bidx] + (bpage << PAGE_SHIFT), -1)
-            guest = QemuGuest(domid, name, pid, monitor, layout, blocks, mem,
-                              vaddr.astype(np.int64))
+            guest = QemuGuest(
+                domid, name, pid, monitor, layout, blocks, mem, vaddr.astype(np.int64)
+            )
         except BaseException:
             mem.close()
             raise
@@ -172,23 +177,41 @@ class QemuMachine:
             self._guests[domid] = guest
         return domid
 
-    def _choose_mapping(self, name: str, monitor: Monitor, mem: ProcessMemory,
-                        layout: RamLayout, block: str, candidates: list[tuple[int, int]]) -> int:
+    def _choose_mapping(
+        self,
+        name: str,
+        monitor: Monitor,
+        mem: ProcessMemory,
+        layout: RamLayout,
+        block: str,
+        candidates: list[tuple[int, int]],
+    ) -> int:
         if not candidates:
-            raise BackendError(f"no anonymous mapping of RAM block {block} of {name} in "
-                               f"/proc/{mem.pid}/maps", target=name)
+            raise BackendError(
+                f"no anonymous mapping of RAM block {block} of {name} in /proc/{mem.pid}/maps",
+                target=name,
+            )
         if len(candidates) == 1:
             return candidates[0][0]
-        matching = [hva for hva, _ in candidates
-                    if self._matches(monitor, mem, layout, block, hva) is True]
+        matching = [
+            hva for hva, _ in candidates if self._matches(monitor, mem, layout, block, hva) is True
+        ]
         if len(matching) != 1:
-            raise BackendError(f"cannot tell which of {len(candidates)} mappings is RAM block "
-                               f"{block} of {name}", target=name)
+            raise BackendError(
+                f"cannot tell which of {len(candidates)} mappings is RAM block {block} of {name}",
+                target=name,
+            )
         return matching[0]
 
     @staticmethod
-    def _matches(monitor: Monitor, mem: ProcessMemory, layout: RamLayout, block: str,
-                 hva: int, samples: int = 4) -> bool | None:
+    def _matches(
+        monitor: Monitor,
+        mem: ProcessMemory,
+        layout: RamLayout,
+        block: str,
+        hva: int,
+        samples: int = 4,
+    ) -> bool | None:
         """Compare up to ``samples`` non-zero present pages of a candidate mapping with
         the monitor's view; None when there is nothing non-zero to compare."""
         checked = 0
@@ -201,8 +224,15 @@ class QemuMachine:
             first = max(0, _LOW_MEMORY_GFNS - r.gfn)
             present = first + np.flatnonzero(pfn[first:] >= 0)
             # Spread the probes: runs of present pages are often all zero (THP-sized).
-            probes = present[np.unique(np.linspace(0, len(present) - 1, min(len(present), 256)
-                                                   ).astype(np.int64))] if len(present) else present
+            probes = (
+                present[
+                    np.unique(
+                        np.linspace(0, len(present) - 1, min(len(present), 256)).astype(np.int64)
+                    )
+                ]
+                if len(present)
+                else present
+            )
             for i in probes.tolist():
                 addr = base + (i << PAGE_SHIFT)
                 ours = mem.read(addr, 32).tobytes()
@@ -259,9 +289,13 @@ class QemuMachine:
         it on raises SharingDenied when consent (``may_merge``) rules merging out."""
         g = self.guest(domid)
         if merge and self._may_merge is not None and not self._may_merge(g.name):
-            raise SharingDenied(f"{g.name} may not be merged with other guests: the operator "
-                                "opted it out, or its guest did not consent (HELLO without "
-                                "DEDUP_OPT_IN)", op="merge", domain=g.name)
+            raise SharingDenied(
+                f"{g.name} may not be merged with other guests: the operator "
+                "opted it out, or its guest did not consent (HELLO without "
+                "DEDUP_OPT_IN)",
+                op="merge",
+                domain=g.name,
+            )
         for b in g.blocks:
             qom_set_merge(g.monitor, b.name, merge)
             b.merge = merge
@@ -318,8 +352,9 @@ class QemuMachine:
     def lookup_range(self, domid: int, start: int, count: int) -> tuple[Int64Array, Uint8Array]:
         g = self._domain(domid)
         if start < 0 or count < 0 or start + count > g.nr_gfns:
-            raise NoSuchDomain(f"gfns {start:#x}+{count} are outside guest {g.name}",
-                               domain=domid, gfn=start)
+            raise NoSuchDomain(
+                f"gfns {start:#x}+{count} are outside guest {g.name}", domain=domid, gfn=start
+            )
         pfns = self._pfns(g, np.arange(start, start + count, dtype=np.int64))
         types = np.full(count, int(PageType.INVALID), dtype=np.uint8)
         present = pfns >= 0
@@ -351,8 +386,11 @@ class QemuMachine:
         refs = np.where(found, truth.refs[np.maximum(idx, 0)], 0).astype(np.int32)
         owner = np.full(len(mfns), DOMID_FREE, dtype=np.int32)
         if found.any():
-            first_dom = truth.entry_dom[truth.starts[np.maximum(idx, 0)]] if len(
-                truth.entry_dom) else np.zeros(len(mfns), np.int64)
+            first_dom = (
+                truth.entry_dom[truth.starts[np.maximum(idx, 0)]]
+                if len(truth.entry_dom)
+                else np.zeros(len(mfns), np.int64)
+            )
             ksm = has_flag(self._kpages.flags(np.where(found, mfns, -1)), KPF_KSM)
             shared = found & ((refs > 1) | ksm)
             owner = np.where(shared, DOMID_COW, np.where(found, first_dom, DOMID_FREE))
@@ -380,8 +418,9 @@ class QemuMachine:
             idx = truth.index_of(mfns[todo])
             if (idx < 0).any():
                 bad = int(mfns[todo][idx < 0][0])
-                raise SharingError(f"frame {bad:#x} is not mapped by any attached guest",
-                                   op="read_frame", mfn=bad)
+                raise SharingError(
+                    f"frame {bad:#x} is not mapped by any attached guest", op="read_frame", mfn=bad
+                )
             doms = truth.entry_dom[truth.starts[idx]]
             gfns = truth.entry_gfn[truth.starts[idx]]
             retry = []
@@ -396,8 +435,11 @@ class QemuMachine:
                 retry.extend(todo[sel[order]][after != mfns[todo[sel[order]]]].tolist())
             todo = np.array(sorted(retry), dtype=np.int64)
         if len(todo):
-            raise SharingError(f"frame {int(mfns[todo[0]]):#x} keeps moving while read",
-                               op="read_frame", mfn=int(mfns[todo[0]]))
+            raise SharingError(
+                f"frame {int(mfns[todo[0]]):#x} keeps moving while read",
+                op="read_frame",
+                mfn=int(mfns[todo[0]]),
+            )
         return out
 
     def read_gfns(self, domid: int, gfns: Int64Array) -> Uint8Array:
@@ -405,8 +447,9 @@ class QemuMachine:
         zero without being populated."""
         g = self._domain(domid)
         gfns = np.asarray(gfns, dtype=np.int64)
-        if len(gfns) and (gfns.min() < 0 or gfns.max() >= g.nr_gfns
-                          or (g.gfn_vaddr[gfns] < 0).any()):
+        if len(gfns) and (
+            gfns.min() < 0 or gfns.max() >= g.nr_gfns or (g.gfn_vaddr[gfns] < 0).any()
+        ):
             raise NoSuchDomain(f"a gfn is outside the RAM of guest {g.name}", domain=domid)
         out = np.zeros((len(gfns), PAGE_SIZE), dtype=np.uint8)
         present = np.flatnonzero(self._pfns(g, gfns) >= 0)

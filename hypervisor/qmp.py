@@ -69,16 +69,25 @@ def parse_reply(command: str, raw: str | Mapping[str, Any], target: str) -> Any:
     try:
         reply = json.loads(raw) if isinstance(raw, str) else raw
     except ValueError as err:
-        raise Unavailable(f"QEMU monitor of {target} sent a reply that is not JSON",
-                          target=target, command=command) from err
+        raise Unavailable(
+            f"QEMU monitor of {target} sent a reply that is not JSON",
+            target=target,
+            command=command,
+        ) from err
     if not isinstance(reply, Mapping):
-        raise Unavailable(f"QEMU monitor of {target} sent a reply that is not a JSON object",
-                          target=target, command=command)
+        raise Unavailable(
+            f"QEMU monitor of {target} sent a reply that is not a JSON object",
+            target=target,
+            command=command,
+        )
     if "error" in reply:
         error = reply["error"] if isinstance(reply["error"], Mapping) else {}
         raise CommandFailed(
             f"QEMU refused {command} on {target}: {error.get('desc', 'no description')}",
-            target=target, command=command, error_class=str(error.get("class", "GenericError")))
+            target=target,
+            command=command,
+            error_class=str(error.get("class", "GenericError")),
+        )
     return reply.get("return", {})
 
 
@@ -111,10 +120,18 @@ class Memdev:
     def from_reply(cls, reply: Any) -> list[Memdev]:
         if not isinstance(reply, list):
             raise Unavailable("query-memdev did not return a list", command="query-memdev")
-        return [cls(id=str(d.get("id", "")), size=int(d["size"]), merge=bool(d["merge"]),
-                    share=bool(d.get("share", False)), dump=bool(d.get("dump", True)),
-                    prealloc=bool(d.get("prealloc", False)), policy=str(d.get("policy", "")))
-                for d in reply]
+        return [
+            cls(
+                id=str(d.get("id", "")),
+                size=int(d["size"]),
+                merge=bool(d["merge"]),
+                share=bool(d.get("share", False)),
+                dump=bool(d.get("dump", True)),
+                prealloc=bool(d.get("prealloc", False)),
+                policy=str(d.get("policy", "")),
+            )
+            for d in reply
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +157,8 @@ class FlatRange:
 
 _RANGE = re.compile(
     r"^\s+(?P<start>[0-9a-f]+)-(?P<last>[0-9a-f]+) \(prio (?P<prio>-?\d+), (?P<kind>[^)]+)\): "
-    r"(?P<rest>.*)$")
+    r"(?P<rest>.*)$"
+)
 _OFFSET = re.compile(r" @(?P<off>[0-9a-f]+)")
 # Annotations QEMU may append after the region name (owner, accelerator, read-only marks).
 _TRAILER = re.compile(r"(?:\s+(?:\[[^\]]*\]|owner:.*|KVM|HVF|WHPX|NVMM|TCG))+$")
@@ -163,7 +181,7 @@ def parse_mtree_flat(text: str) -> dict[str, list[FlatRange]]:
             continue
         as_match = _ADDRESS_SPACE.match(line)
         if as_match:
-            if not in_header:          # an AS line after ranges starts a new view
+            if not in_header:  # an AS line after ranges starts a new view
                 names, ranges, in_header = [], [], True
             names.append(as_match["name"])
             views[as_match["name"]] = ranges
@@ -177,11 +195,18 @@ def parse_mtree_flat(text: str) -> dict[str, list[FlatRange]]:
         off_match = _OFFSET.search(rest)
         if off_match:
             offset = int(off_match["off"], 16)
-            rest = rest[:off_match.start()]
+            rest = rest[: off_match.start()]
         region = _TRAILER.sub("", rest).strip()
-        ranges.append(FlatRange(start=int(m["start"], 16), last=int(m["last"], 16),
-                                priority=int(m["prio"]), kind=m["kind"], region=region,
-                                offset=offset))
+        ranges.append(
+            FlatRange(
+                start=int(m["start"], 16),
+                last=int(m["last"], 16),
+                priority=int(m["prio"]),
+                kind=m["kind"],
+                region=region,
+                offset=offset,
+            )
+        )
     return views
 
 
@@ -193,8 +218,11 @@ _QOM_ID = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,127}$")
 def _memdev_path(memdev: str) -> str:
     ident = memdev.removeprefix("/objects/")
     if not _QOM_ID.match(ident):
-        raise CommandFailed(f"'{memdev}' is not a memory backend id (like pc.ram)",
-                            command="qom-set", error_class="InvalidId")
+        raise CommandFailed(
+            f"'{memdev}' is not a memory backend id (like pc.ram)",
+            command="qom-set",
+            error_class="InvalidId",
+        )
     return f"/objects/{ident}"
 
 
@@ -214,8 +242,9 @@ def qom_set_merge(monitor: Monitor, memdev: str, merge: bool) -> None:
         monitor.execute("qom-set", {"path": path, "property": "merge", "value": bool(merge)})
     except CommandFailed as err:
         if err.error_class == "DeviceNotFound":
-            raise NotFound(f"guest {monitor.target} has no memory backend '{path}'",
-                           target=monitor.target) from err
+            raise NotFound(
+                f"guest {monitor.target} has no memory backend '{path}'", target=monitor.target
+            ) from err
         raise
 
 
@@ -225,7 +254,10 @@ def info_mtree_flat(monitor: Monitor, address_space: str = "memory") -> list[Fla
     if address_space not in views:
         raise CommandFailed(
             f"'info mtree -f' of {monitor.target} shows no address space '{address_space}'",
-            target=monitor.target, command="info mtree -f", error_class="NoAddressSpace")
+            target=monitor.target,
+            command="info mtree -f",
+            error_class="NoAddressSpace",
+        )
     return views[address_space]
 
 
@@ -235,8 +267,9 @@ def info_mtree_flat(monitor: Monitor, address_space: str = "memory") -> list[Fla
 class AsyncQmpMonitor:
     """qemu.qmp's QMPClient on a unix socket, errors translated to memd's.  asyncio only."""
 
-    def __init__(self, path: str, *, client_name: str = "memd",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, path: str, *, client_name: str = "memd", timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         from qemu.qmp import QMPClient
 
         self.target = path
@@ -254,14 +287,21 @@ class AsyncQmpMonitor:
         except ConnectError as err:
             cause = err.exc
             if isinstance(cause, PermissionError):
-                raise PermissionDenied(f"no permission to open the QMP socket {path}",
-                                       target=path) from err
-            raise Unavailable(f"cannot connect to the QMP monitor at {path}: is QEMU running "
-                              "with -qmp unix:PATH,server=on?", target=path) from err
+                raise PermissionDenied(
+                    f"no permission to open the QMP socket {path}", target=path
+                ) from err
+            raise Unavailable(
+                f"cannot connect to the QMP monitor at {path}: is QEMU running "
+                "with -qmp unix:PATH,server=on?",
+                target=path,
+            ) from err
         except TimeoutError as err:
             await monitor.close()
-            raise Unavailable(f"the QMP monitor at {path} did not greet within {timeout:g} s "
-                              "(another client, e.g. libvirt, may hold it)", target=path) from err
+            raise Unavailable(
+                f"the QMP monitor at {path} did not greet within {timeout:g} s "
+                "(another client, e.g. libvirt, may hold it)",
+                target=path,
+            ) from err
         return monitor
 
     async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
@@ -269,17 +309,23 @@ class AsyncQmpMonitor:
 
         try:
             return await asyncio.wait_for(
-                self._client.execute(command, dict(arguments) if arguments else None),
-                self.timeout)
+                self._client.execute(command, dict(arguments) if arguments else None), self.timeout
+            )
         except ExecuteError as err:
-            raise CommandFailed(f"QEMU refused {command} on {self.target}: {err}",
-                                target=self.target, command=command,
-                                error_class=err.error_class) from err
+            raise CommandFailed(
+                f"QEMU refused {command} on {self.target}: {err}",
+                target=self.target,
+                command=command,
+                error_class=err.error_class,
+            ) from err
         except (QMPError, OSError, EOFError, TimeoutError) as err:
-            if command == "quit":      # QEMU may close the socket before the reply is read
+            if command == "quit":  # QEMU may close the socket before the reply is read
                 return {}
-            raise Unavailable(f"the QMP monitor at {self.target} went away during {command}",
-                              target=self.target, command=command) from err
+            raise Unavailable(
+                f"the QMP monitor at {self.target} went away during {command}",
+                target=self.target,
+                command=command,
+            ) from err
 
     async def hmp(self, command_line: str) -> str:
         out = await self.execute("human-monitor-command", {"command-line": command_line})
@@ -312,8 +358,9 @@ class QmpMonitor:
         self.target = path
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name=f"qmp:{path}")
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name=f"qmp:{path}"
+        )
         self._thread.start()
         try:
             self._async = self._run(AsyncQmpMonitor.connect(path, timeout=timeout))

@@ -64,8 +64,13 @@ class Nomination:
 class QemuSharing:
     """GuestSharing for guests attached to a QemuMachine (see the module docstring)."""
 
-    def __init__(self, machine: QemuMachine, *, on_nominate: Callable[[], None] | None = None,
-                 consent: ConsentBook | None = None) -> None:
+    def __init__(
+        self,
+        machine: QemuMachine,
+        *,
+        on_nominate: Callable[[], None] | None = None,
+        consent: ConsentBook | None = None,
+    ) -> None:
         self.machine = machine
         self._on_nominate = on_nominate
         #: The guests' words and the operator's opt-outs (sharing.consent).
@@ -117,8 +122,11 @@ class QemuSharing:
     def nominate(self, guest: str, gfns: Sequence[int]) -> list[int | MemdError]:
         g = self._guest(guest)
         if g is None or not self.merges(g.name):
-            denied = SharingDenied("merging is off for this guest (the operator opted it out, "
-                                   "or it did not consent)", op="nominate", domain=guest)
+            denied = SharingDenied(
+                "merging is off for this guest (the operator opted it out, or it did not consent)",
+                op="nominate",
+                domain=guest,
+            )
             return [denied] * len(gfns)
         valid = self._valid(g, gfns)
         arr = np.asarray(gfns, dtype=np.int64)
@@ -129,18 +137,21 @@ class QemuSharing:
             try:
                 self.machine.set_merge(g.domid, True)
             except MemdError as err:
-                busy = SharingBusy(f"cannot switch merging on: {err}", op="nominate",
-                                   domain=guest)
+                busy = SharingBusy(f"cannot switch merging on: {err}", op="nominate", domain=guest)
                 return [busy] * len(gfns)
         out: list[int | MemdError] = []
         with self._lock:
             for gfn, ok, pfn in zip(arr.tolist(), valid.tolist(), pfns.tolist(), strict=True):
                 if not ok:
-                    out.append(NoSuchDomain("gfn is not RAM of this guest", op="nominate",
-                                            domain=guest, gfn=gfn))
+                    out.append(
+                        NoSuchDomain(
+                            "gfn is not RAM of this guest", op="nominate", domain=guest, gfn=gfn
+                        )
+                    )
                 elif pfn < 0:  # no frame: nothing to merge
-                    out.append(NotShareable("the page has no frame", op="nominate",
-                                            domain=guest, gfn=gfn))
+                    out.append(
+                        NotShareable("the page has no frame", op="nominate", domain=guest, gfn=gfn)
+                    )
                 else:
                     version = self._next_version
                     self._next_version += 1
@@ -171,14 +182,22 @@ class QemuSharing:
             refs[present] = np.maximum(refs[present], np.where(ksm_page, kcount, 0))
         with self._lock:
             nominated = [(g.domid, x) in self._ledger for x in arr.tolist()]
-        return [PageSharing(True, nominated=nominated[i], count=max(1, int(refs[i])))
-                if present[i] else UNMAPPED for i in range(len(arr))]
+        return [
+            PageSharing(True, nominated=nominated[i], count=max(1, int(refs[i])))
+            if present[i]
+            else UNMAPPED
+            for i in range(len(arr))
+        ]
 
     def about_to_write(self, guest: str, gfn: int) -> None:
         g = self._guest(guest)
         if g is None:
-            raise SharingDenied("this guest has no memory registered for sharing",
-                                op="about_to_write", domain=guest, gfn=gfn)
+            raise SharingDenied(
+                "this guest has no memory registered for sharing",
+                op="about_to_write",
+                domain=guest,
+                gfn=gfn,
+            )
         if not bool(self._valid(g, [gfn])[0]):
             raise NoSuchDomain("gfn out of range", op="about_to_write", domain=guest, gfn=gfn)
         # The write itself unshares (kernel copy-on-write); retire the handle.
@@ -216,9 +235,17 @@ class QemuSharing:
         for (domid, gfn), nom in items:
             pfn = int(truth.p2m[domid][gfn]) if domid in truth.p2m else -1
             refs = int(truth.refs_of(np.array([pfn], dtype=np.int64))[0]) if pfn >= 0 else 0
-            state = ("shared" if refs >= 2 else "nominated" if pfn == nom.mfn else "unshared")
+            state = "shared" if refs >= 2 else "nominated" if pfn == nom.mfn else "unshared"
             counts[state] += 1
             if len(sample) < limit:
-                sample.append({"vm": names[domid], "gfn": gfn, "handle": nom.version,
-                               "mfn": pfn, "refs": refs, "state": state})
+                sample.append(
+                    {
+                        "vm": names[domid],
+                        "gfn": gfn,
+                        "handle": nom.version,
+                        "mfn": pfn,
+                        "refs": refs,
+                        "state": state,
+                    }
+                )
         return {"entries": len(items), **counts, "sample": sample}

@@ -92,7 +92,8 @@ class SimMachine:
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         self._mem = mmap.mmap(-1, nr_frames * page_size, flags=flags)
         self._arena: Uint8Array = np.frombuffer(self._mem, dtype=np.uint8).reshape(
-            nr_frames, page_size)
+            nr_frames, page_size
+        )
         self._owner = array("i", [DOMID_FREE]) * nr_frames
         self._mapcount = array("i", [0]) * nr_frames
         self._scrub = bytearray(nr_frames)
@@ -150,8 +151,10 @@ class SimMachine:
                 raise ValueError(f"domid {domid} is taken or out of range")
             if nr_pages > len(self._free):
                 raise OutOfFrames(
-                    f"cannot create a domain of {nr_pages} pages: "
-                    f"{len(self._free)} frames free", op="create_domain", domain=domid)
+                    f"cannot create a domain of {nr_pages} pages: {len(self._free)} frames free",
+                    op="create_domain",
+                    domain=domid,
+                )
             cut = len(self._free) - nr_pages
             mfns = np.frombuffer(self._free[cut:], dtype=np.int64)[::-1].copy()
             del self._free[cut:]
@@ -164,8 +167,9 @@ class SimMachine:
             p2m = array("q")
             p2m.frombytes(mfns.tobytes())
             ptype = array("B", [_RAM]) * nr_pages
-            self._domains[domid] = _SimDomain(domid, nr_pages, p2m, ptype,
-                                              bytearray(b"\x01") * nr_pages)
+            self._domains[domid] = _SimDomain(
+                domid, nr_pages, p2m, ptype, bytearray(b"\x01") * nr_pages
+            )
             return domid
 
     def destroy_domain(self, domid: int) -> None:
@@ -174,7 +178,9 @@ class SimMachine:
             if np.any(dom.ptype_np == _SHARED):
                 raise SharingError(
                     f"domain {domid} still maps shared frames; release them first",
-                    op="destroy_domain", domain=domid)
+                    op="destroy_domain",
+                    domain=domid,
+                )
             mfns = dom.p2m_np[dom.ptype_np == _RAM]
             self._release_frames(mfns)
             del self._domains[domid]
@@ -185,8 +191,12 @@ class SimMachine:
             dom = self._domain(domid)
             self._check_gfn(dom, gfn)
             if dom.ptype[gfn] != _RAM:
-                raise SharingError(f"gfn {gfn:#x} of domain {domid} is not a private page",
-                                   op="balloon_out", domain=domid, gfn=gfn)
+                raise SharingError(
+                    f"gfn {gfn:#x} of domain {domid} is not a private page",
+                    op="balloon_out",
+                    domain=domid,
+                    gfn=gfn,
+                )
             mfn = dom.p2m[gfn]
             dom.p2m[gfn] = INVALID_MFN
             dom.ptype[gfn] = _INVALID
@@ -205,8 +215,10 @@ class SimMachine:
         dom = self._domain(domid)
         if start < 0 or count < 0 or start + count > dom.nr:
             raise self._no_such(domid, start + count - 1, "lookup_range")
-        return (dom.p2m_np[start:start + count].copy(),
-                dom.ptype_np[start:start + count].copy())
+        return (
+            dom.p2m_np[start : start + count].copy(),
+            dom.ptype_np[start : start + count].copy(),
+        )
 
     def lookup_many(self, domid: int, gfns: Int64Array) -> tuple[Int64Array, Uint8Array]:
         dom = self._domain(domid)
@@ -273,7 +285,7 @@ class SimMachine:
     def read_frame(self, mfn: int) -> bytes:
         self._check_mfn(mfn)
         ps = self._page_size
-        return self._mem[mfn * ps:(mfn + 1) * ps]
+        return self._mem[mfn * ps : (mfn + 1) * ps]
 
     def read_frames(self, mfns: Int64Array) -> Uint8Array:
         return self._arena[mfns]
@@ -283,7 +295,7 @@ class SimMachine:
         # (which walks item by item) and than NumPy per pair.
         ps = self._page_size
         mem = self._mem
-        return mem[mfn_a * ps:(mfn_a + 1) * ps] == mem[mfn_b * ps:(mfn_b + 1) * ps]
+        return mem[mfn_a * ps : (mfn_a + 1) * ps] == mem[mfn_b * ps : (mfn_b + 1) * ps]
 
     def alloc_frame(self, owner: int) -> int:
         if not self._free:
@@ -297,8 +309,9 @@ class SimMachine:
         if not 0 <= mfn < self._nr_frames:
             raise SharingError(f"no frame {mfn:#x}", mfn=mfn)
         if self._mapcount[mfn] != 0 or self._owner[mfn] == DOMID_FREE:
-            raise SharingError(f"frame {mfn:#x} is still mapped or already free",
-                               op="free_frame", mfn=mfn)
+            raise SharingError(
+                f"frame {mfn:#x} is still mapped or already free", op="free_frame", mfn=mfn
+            )
         self._owner[mfn] = DOMID_FREE
         self._scrub[mfn] = 1
         self._free.append(mfn)
@@ -310,17 +323,22 @@ class SimMachine:
             return
         if int(f.min()) < 0 or int(f.max()) >= self._nr_frames:
             raise SharingError("free_frames: mfn out of range", op="free_frames")
-        if (len(np.unique(f)) != len(f) or (self._mapcount_np[f] != 0).any()
-                or (self._owner_np[f] == DOMID_FREE).any()):
-            raise SharingError("free_frames: a frame is still mapped, already free or "
-                               "listed twice", op="free_frames")
+        if (
+            len(np.unique(f)) != len(f)
+            or (self._mapcount_np[f] != 0).any()
+            or (self._owner_np[f] == DOMID_FREE).any()
+        ):
+            raise SharingError(
+                "free_frames: a frame is still mapped, already free or listed twice",
+                op="free_frames",
+            )
         self._owner_np[f] = DOMID_FREE
         self._scrub_np[f] = 1
         self._free.frombytes(f.tobytes())
 
     def copy_frame(self, src: int, dst: int) -> None:
         ps = self._page_size
-        self._mem[dst * ps:(dst + 1) * ps] = self._mem[src * ps:(src + 1) * ps]
+        self._mem[dst * ps : (dst + 1) * ps] = self._mem[src * ps : (src + 1) * ps]
 
     # --- Machine protocol: guest activity -----------------------------------------------
 
@@ -354,16 +372,24 @@ class SimMachine:
                 ptype = dom.ptype[gfn]
                 if ptype == _RAM:
                     base = dom.p2m[gfn] * ps + offset
-                    self._mem[base:base + len(data)] = data
+                    self._mem[base : base + len(data)] = data
                     dom.dirty[gfn] = 1
                     return
                 handler = self._fault
             if ptype != _SHARED:
-                raise NoSuchDomain(f"gfn {gfn:#x} of domain {domid} is not mapped",
-                                   op="write", domain=domid, gfn=gfn)
+                raise NoSuchDomain(
+                    f"gfn {gfn:#x} of domain {domid} is not mapped",
+                    op="write",
+                    domain=domid,
+                    gfn=gfn,
+                )
             if handler is None:
-                raise SharingError("write to a shared page and no fault handler is set",
-                                   op="write", domain=domid, gfn=gfn)
+                raise SharingError(
+                    "write to a shared page and no fault handler is set",
+                    op="write",
+                    domain=domid,
+                    gfn=gfn,
+                )
             handler(domid, gfn)
 
     def read(self, domid: int, gfn: int) -> bytes:
@@ -374,7 +400,7 @@ class SimMachine:
             if dom is None or not 0 <= gfn < dom.nr or dom.ptype[gfn] == _INVALID:
                 raise self._no_such(domid, gfn, "read")
             base = dom.p2m[gfn] * ps
-            return self._mem[base:base + ps]
+            return self._mem[base : base + ps]
 
     def fill(self, domid: int, start: int, pages: Uint8Array) -> None:
         """Batch write of ``len(pages)`` whole pages from gfn ``start`` (setup helper).
@@ -385,7 +411,7 @@ class SimMachine:
             dom = self._domain(domid)
             if start < 0 or start + n > dom.nr or pages.shape[1:] != (self._page_size,):
                 raise ValueError("pages do not fit the domain")
-            types = dom.ptype_np[start:start + n]
+            types = dom.ptype_np[start : start + n]
             private = np.flatnonzero(types == _RAM)
             self._arena[dom.p2m_np[start + private]] = pages[private]
             dom.dirty_np[start + private] = 1
@@ -404,8 +430,9 @@ class SimMachine:
     @staticmethod
     def _check_gfn(dom: _SimDomain, gfn: int) -> None:
         if not 0 <= gfn < dom.nr:
-            raise NoSuchDomain(f"gfn {gfn:#x} is outside domain {dom.domid}",
-                               domain=dom.domid, gfn=gfn)
+            raise NoSuchDomain(
+                f"gfn {gfn:#x} is outside domain {dom.domid}", domain=dom.domid, gfn=gfn
+            )
 
     def _check_mfn(self, mfn: int) -> None:
         if not 0 <= mfn < self._nr_frames:
@@ -414,8 +441,7 @@ class SimMachine:
     def _no_such(self, domid: int, gfn: int, op: str) -> NoSuchDomain:
         if domid not in self._domains:
             return NoSuchDomain(f"no domain {domid}", op=op, domain=domid)
-        return NoSuchDomain(f"gfn {gfn:#x} is outside domain {domid}", op=op,
-                            domain=domid, gfn=gfn)
+        return NoSuchDomain(f"gfn {gfn:#x} is outside domain {domid}", op=op, domain=domid, gfn=gfn)
 
     def _release_frames(self, mfns: Int64Array) -> None:
         """Free frames (caller holds _lock and has dropped their mappings)."""

@@ -51,9 +51,17 @@ class LaunchedVm:
     NBD on those sockets; ``append`` extends the kernel command line.
     """
 
-    def __init__(self, image: ImagePaths, workdir: Path, *, name: str, memory_mib: int = 256,
-                 append: str = "", channels: Mapping[str, Path] | None = None,
-                 nbd_disks: Sequence[Path] = ()) -> None:
+    def __init__(
+        self,
+        image: ImagePaths,
+        workdir: Path,
+        *,
+        name: str,
+        memory_mib: int = 256,
+        append: str = "",
+        channels: Mapping[str, Path] | None = None,
+        nbd_disks: Sequence[Path] = (),
+    ) -> None:
         self.image = image
         self.name = name
         self.memory_mib = memory_mib
@@ -65,17 +73,24 @@ class LaunchedVm:
         self.console_log = workdir / f"{name}.console.log"
         self.qemu_log = workdir / f"{name}.qemu.log"
         self.channel_sockets: dict[str, Path] = dict(
-            channels if channels is not None
-            else {CHANNEL_NAME: workdir / f"{name}.memd.sock"})
+            channels if channels is not None else {CHANNEL_NAME: workdir / f"{name}.memd.sock"}
+        )
         self.nbd_disks = tuple(nbd_disks)
         self._process: subprocess.Popen[bytes] | None = None
         self._monitor: QmpMonitor | None = None
 
     def argv(self) -> list[str]:
-        return qemu_argv(self.image, name=self.name, memory_mib=self.memory_mib,
-                         console_socket=self.console_socket, qmp_socket=self.qmp_socket,
-                         channels=self.channel_sockets, append=self.append,
-                         start_paused=True, nbd_disks=self.nbd_disks)
+        return qemu_argv(
+            self.image,
+            name=self.name,
+            memory_mib=self.memory_mib,
+            console_socket=self.console_socket,
+            qmp_socket=self.qmp_socket,
+            channels=self.channel_sockets,
+            append=self.append,
+            start_paused=True,
+            nbd_disks=self.nbd_disks,
+        )
 
     # -- lifetime ------------------------------------------------------------------------
 
@@ -86,8 +101,9 @@ class LaunchedVm:
         for path in (self.console_socket, self.qmp_socket, *self.channel_sockets.values()):
             path.unlink(missing_ok=True)
         with open(self.qemu_log, "wb") as log:
-            self._process = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT)
+            self._process = subprocess.Popen(
+                self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         try:
             self._wait_for_sockets(SOCKET_TIMEOUT)
             try:
@@ -159,15 +175,19 @@ class LaunchedVm:
         if self._process.returncode is not None:
             raise BackendError(
                 f"QEMU for {self.name} exited with {self._process.returncode}: "
-                f"{self.qemu_log.read_text(errors='replace').strip()}", target=self.name)
+                f"{self.qemu_log.read_text(errors='replace').strip()}",
+                target=self.name,
+            )
 
     def _wait_for_sockets(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not (self.qmp_socket.exists() and self.console_socket.exists()):
             self._raise_if_exited()
             if time.monotonic() > deadline:
-                raise BackendError(f"QEMU for {self.name} created no sockets within "
-                                   f"{timeout:g} s", target=self.name)
+                raise BackendError(
+                    f"QEMU for {self.name} created no sockets within {timeout:g} s",
+                    target=self.name,
+                )
             time.sleep(0.02)
 
     def _wait_for_marker(self, console: socket.socket, timeout: float) -> None:
@@ -178,27 +198,36 @@ class LaunchedVm:
             while marker not in seen:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise BackendError(f"{self.name} printed no {READY_MARKER} within "
-                                       f"{timeout:g} s (see {self.console_log})",
-                                       target=self.name)
+                    raise BackendError(
+                        f"{self.name} printed no {READY_MARKER} within "
+                        f"{timeout:g} s (see {self.console_log})",
+                        target=self.name,
+                    )
                 console.settimeout(min(remaining, 1.0))
                 try:
                     chunk = console.recv(65536)
                 except TimeoutError:
                     continue
                 if not chunk:
-                    raise BackendError(f"the console of {self.name} closed during boot "
-                                       f"(see {self.qemu_log})", target=self.name)
+                    raise BackendError(
+                        f"the console of {self.name} closed during boot (see {self.qemu_log})",
+                        target=self.name,
+                    )
                 log.write(chunk)
                 # The marker may straddle two reads; keep just enough of the tail.
-                seen = seen[-len(marker):] + chunk
+                seen = seen[-len(marker) :] + chunk
 
 
-def boot_many(image: ImagePaths, workdir: Path, names: Sequence[str], *,
-              memory_mib: int = 256, append: str = "") -> list[LaunchedVm]:
+def boot_many(
+    image: ImagePaths,
+    workdir: Path,
+    names: Sequence[str],
+    *,
+    memory_mib: int = 256,
+    append: str = "",
+) -> list[LaunchedVm]:
     """Boot guests in parallel threads; on any failure stop them all and re-raise."""
-    vms = [LaunchedVm(image, workdir, name=n, memory_mib=memory_mib, append=append)
-           for n in names]
+    vms = [LaunchedVm(image, workdir, name=n, memory_mib=memory_mib, append=append) for n in names]
     errors: list[BaseException] = []
 
     def boot(vm: LaunchedVm) -> None:
@@ -207,8 +236,7 @@ def boot_many(image: ImagePaths, workdir: Path, names: Sequence[str], *,
         except BaseException as err:  # re-raised below, in the caller's thread
             errors.append(err)
 
-    threads = [threading.Thread(target=boot, args=(vm,), name=f"boot:{vm.name}")
-               for vm in vms]
+    threads = [threading.Thread(target=boot, args=(vm,), name=f"boot:{vm.name}") for vm in vms]
     for t in threads:
         t.start()
     for t in threads:

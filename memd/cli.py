@@ -99,8 +99,9 @@ def _swap(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(f"expected NAME=SOCKET:SIZE, got {text!r}")
     nbytes = _size(size)
     if nbytes <= 0 or nbytes % 4096:
-        raise argparse.ArgumentTypeError(f"a swap disk size is a positive multiple of 4K, "
-                                         f"got {size!r}")
+        raise argparse.ArgumentTypeError(
+            f"a swap disk size is a positive multiple of 4K, got {size!r}"
+        )
     return name, path, nbytes
 
 
@@ -113,8 +114,11 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="memd", description="memd: tmem and page sharing for QEMU/KVM guests")
-    p.add_argument("--socket", help="agent control socket (default $MEMD_SOCKET, else "
-                   f"$MEMD_RUN_DIR/memd.sock, else {control.DEFAULT_CONTROL_PATH})")
+    p.add_argument(
+        "--socket",
+        help="agent control socket (default $MEMD_SOCKET, else "
+        f"$MEMD_RUN_DIR/memd.sock, else {control.DEFAULT_CONTROL_PATH})",
+    )
     p.add_argument("--version", action="version", version=f"memd {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,43 +129,102 @@ def _parser() -> argparse.ArgumentParser:
 
     c = cmd("serve", "run the host agent")
     c.add_argument("--budget", type=_size, default=256 << 20, help="tmem memory budget (256M)")
-    c.add_argument("--guest-cap", type=_size, default=None, metavar="SIZE",
-                   help="most any one guest may store, in raw page bytes (half the budget)")
-    c.add_argument("--channel", type=_pair, action="append", default=[], metavar="NAME=PATH",
-                   help="a guest whose QEMU serves its memd port on PATH (repeatable)")
-    c.add_argument("--listen", type=_pair, action="append", default=[], metavar="NAME=PATH",
-                   help="listen on PATH for a guest's channel (repeatable)")
-    c.add_argument("--swap", type=_swap, action="append", default=[],
-                   metavar="NAME=SOCKET:SIZE",
-                   help="serve guest NAME a swap disk of SIZE over NBD on the unix socket "
-                   "SOCKET (mode 0600; QEMU: nbd+unix:///?socket=SOCKET) (repeatable)")
-    c.add_argument("--spill-dir", default=str(paths.state_dir() / "spill"), metavar="DIR",
-                   help="swap disks move their coldest pages to a sparse file here when "
-                   "memory runs out ('' = never: ENOSPC at once; default "
-                   "$MEMD_STATE_DIR/spill, else /var/lib/memd/spill)")
-    c.add_argument("--metrics", type=_address, default=None, metavar="HOST:PORT",
-                   help="serve Prometheus metrics on http://HOST:PORT/metrics (bind only "
-                   "there: 127.0.0.1:9643 for a local Prometheus)")
-    c.add_argument("--qmp", type=_pair, action="append", default=[], metavar="NAME=PATH",
-                   help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH")
+    c.add_argument(
+        "--guest-cap",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="most any one guest may store, in raw page bytes (half the budget)",
+    )
+    c.add_argument(
+        "--channel",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a guest whose QEMU serves its memd port on PATH (repeatable)",
+    )
+    c.add_argument(
+        "--listen",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="listen on PATH for a guest's channel (repeatable)",
+    )
+    c.add_argument(
+        "--swap",
+        type=_swap,
+        action="append",
+        default=[],
+        metavar="NAME=SOCKET:SIZE",
+        help="serve guest NAME a swap disk of SIZE over NBD on the unix socket "
+        "SOCKET (mode 0600; QEMU: nbd+unix:///?socket=SOCKET) (repeatable)",
+    )
+    c.add_argument(
+        "--spill-dir",
+        default=str(paths.state_dir() / "spill"),
+        metavar="DIR",
+        help="swap disks move their coldest pages to a sparse file here when "
+        "memory runs out ('' = never: ENOSPC at once; default "
+        "$MEMD_STATE_DIR/spill, else /var/lib/memd/spill)",
+    )
+    c.add_argument(
+        "--metrics",
+        type=_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (bind only "
+        "there: 127.0.0.1:9643 for a local Prometheus)",
+    )
+    c.add_argument(
+        "--qmp",
+        type=_pair,
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="audit the RAM of a QEMU (started without libvirt) with QMP at PATH",
+    )
     c.add_argument("--libvirt", metavar="URI", help="follow libvirt domains (qemu:///system)")
-    c.add_argument("--libvirt-match", default="*", metavar="GLOB",
-                   help="with --libvirt: attach only domains whose name matches (default: all)")
-    c.add_argument("--ksm-steer", action="store_true",
-                   help="drive KSM by the gap between potential and realized sharing of the "
-                   "attached QEMUs (knobs are restored on exit)")
-    c.add_argument("--store", default=None, metavar="DIR",
-                   help="crash-safe store of persistent tmem pages (default $MEMD_RUN_DIR/store, "
-                   "else /run/memd/store, on tmpfs: survives the agent, not the host; "
-                   "'' = none, pages die with the agent)")
-    c.add_argument("--durable", action="store_true",
-                   help="fsync every store commit, so acknowledged pages survive a power loss "
-                   "(use with --store on disk)")
-    c.add_argument("--migrate-listen", metavar="HOST:PORT", default=None,
-                   help="accept guests migrating here from other agents (mutual TLS)")
-    c.add_argument("--tls-dir", metavar="DIR", default=None,
-                   help="migration certificates: DIR/cacert.pem, DIR/{server,client}cert.pem, "
-                   "DIR/private/{server,client}key.pem (default: libvirt's /etc/pki layout)")
+    c.add_argument(
+        "--libvirt-match",
+        default="*",
+        metavar="GLOB",
+        help="with --libvirt: attach only domains whose name matches (default: all)",
+    )
+    c.add_argument(
+        "--ksm-steer",
+        action="store_true",
+        help="drive KSM by the gap between potential and realized sharing of the "
+        "attached QEMUs (knobs are restored on exit)",
+    )
+    c.add_argument(
+        "--store",
+        default=None,
+        metavar="DIR",
+        help="crash-safe store of persistent tmem pages (default $MEMD_RUN_DIR/store, "
+        "else /run/memd/store, on tmpfs: survives the agent, not the host; "
+        "'' = none, pages die with the agent)",
+    )
+    c.add_argument(
+        "--durable",
+        action="store_true",
+        help="fsync every store commit, so acknowledged pages survive a power loss "
+        "(use with --store on disk)",
+    )
+    c.add_argument(
+        "--migrate-listen",
+        metavar="HOST:PORT",
+        default=None,
+        help="accept guests migrating here from other agents (mutual TLS)",
+    )
+    c.add_argument(
+        "--tls-dir",
+        metavar="DIR",
+        default=None,
+        help="migration certificates: DIR/cacert.pem, DIR/{server,client}cert.pem, "
+        "DIR/private/{server,client}key.pem (default: libvirt's /etc/pki layout)",
+    )
     c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     c.add_argument("--log-json", action="store_true", help="structured JSON log lines")
     cmd("status", "agent state and headline figures")
@@ -183,24 +246,35 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("vm")
     c = cmd("attach", "attach a guest channel, or (--swap) give it a swap disk")
     c.add_argument("domain")
-    c.add_argument("--swap", type=_size, metavar="SIZE",
-                   help="serve the VM a swap disk of SIZE over NBD and hot-plug it through "
-                   "libvirt (with --path: only serve it there, for a plain QEMU)")
+    c.add_argument(
+        "--swap",
+        type=_size,
+        metavar="SIZE",
+        help="serve the VM a swap disk of SIZE over NBD and hot-plug it through "
+        "libvirt (with --path: only serve it there, for a plain QEMU)",
+    )
     c.add_argument("--path", help="channel socket (default: read from libvirt)")
     c.add_argument("--mode", choices=["connect", "listen"], default="connect")
     c.add_argument("--libvirt", metavar="URI", default=None)
     c = cmd("detach", "detach a guest channel, or (--swap) its swap disk")
     c.add_argument("domain")
-    c.add_argument("--swap", action="store_true",
-                   help="unplug and stop serving the VM's swap disk (swapoff in the guest "
-                   "first)")
+    c.add_argument(
+        "--swap",
+        action="store_true",
+        help="unplug and stop serving the VM's swap disk (swapoff in the guest first)",
+    )
     c.add_argument("--libvirt", metavar="URI", default=None)
-    c = cmd("add-channel", "give a libvirt domain a memd channel (live if it runs, and in "
-            "its saved config)")
+    c = cmd(
+        "add-channel",
+        "give a libvirt domain a memd channel (live if it runs, and in its saved config)",
+    )
     c.add_argument("domain")
     c.add_argument("--libvirt", metavar="URI", default=None)
-    c.add_argument("--config-only", action="store_true",
-                   help="only the saved config (takes effect at the next start)")
+    c.add_argument(
+        "--config-only",
+        action="store_true",
+        help="only the saved config (takes effect at the next start)",
+    )
     cmd("clients", "every tmem client the agent holds pages for, attached or not")
     c = cmd("drop", "drop a tmem client that is not attached, and every page it stored")
     c.add_argument("guest")
@@ -214,10 +288,13 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("migrate", "move a guest's tmem pages and swap disk to the agent at HOST:PORT")
     c.add_argument("guest")
     c.add_argument("--to", required=True, metavar="HOST:PORT")
-    c.add_argument("--qmp", metavar="SOCKET",
-                   help="follow the QEMU migration started on this QEMU (memd arms "
-                   "pause-before-switchover and returns; progress in memd status); without "
-                   "it the guest must be paused or stopped and the move happens now")
+    c.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="follow the QEMU migration started on this QEMU (memd arms "
+        "pause-before-switchover and returns; progress in memd status); without "
+        "it the guest must be paused or stopped and the move happens now",
+    )
     c = cmd("demo", "run the embedded demo: agent + simulated guests over unix sockets")
     c.add_argument("--guests", type=int, default=4)
     c.add_argument("--guest-mib", type=int, default=16)
@@ -226,7 +303,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _emit(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
     print(json.dumps(result, indent=2, default=str) if args.json else human(result))
-
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -281,14 +357,34 @@ def _run(args: argparse.Namespace) -> int:
             if args.libvirt:
                 from memd.libvirt_cli import list_domains
 
-                _emit(args, list_domains(args.libvirt), lambda r: render.table(
-                    r, ["name", "state", "channel"]))
+                _emit(
+                    args,
+                    list_domains(args.libvirt),
+                    lambda r: render.table(r, ["name", "state", "channel"]),
+                )
             else:
                 _emit(args, call(GuestsArgs()), render.format_guests)
         case "pools":
-            _emit(args, call(PoolsArgs(guest=args.guest)), lambda r: render.table(
-                r, ["client", "pool_id", "kind", "shared", "pages", "objects", "bytes_stored",
-                    "puts", "gets", "found_gets", "evictions"]))
+            _emit(
+                args,
+                call(PoolsArgs(guest=args.guest)),
+                lambda r: render.table(
+                    r,
+                    [
+                        "client",
+                        "pool_id",
+                        "kind",
+                        "shared",
+                        "pages",
+                        "objects",
+                        "bytes_stored",
+                        "puts",
+                        "gets",
+                        "found_gets",
+                        "evictions",
+                    ],
+                ),
+            )
         case "stats":
             _emit(args, call(StatsArgs(guest=args.guest)), render.format_stats)
         case "audit" if args.gfn:
@@ -316,19 +412,27 @@ def _run(args: argparse.Namespace) -> int:
             if args.swap <= 0 or args.swap % 4096:
                 raise InvalidArgument("a swap disk size is a positive multiple of 4K")
             if args.path:
-                result = call(SwapArgs(name=args.domain, path=os.path.abspath(args.path),
-                                           size=args.swap))
+                result = call(
+                    SwapArgs(name=args.domain, path=os.path.abspath(args.path), size=args.swap)
+                )
             else:
                 from memd.libvirt_cli import attach_swap
 
-                result = attach_swap(args.libvirt, args.domain, args.swap, call,
-                                     nbd_dir=paths.nbd_dir())
-            _emit(args, result, lambda r: (
-                f"{r['name']}: swap disk of {render.human_size(r['size'])} on {r['path']}"
-                + (f", hot-plugged as /dev/{r['target']}" if r.get("target") else "")))
+                result = attach_swap(
+                    args.libvirt, args.domain, args.swap, call, nbd_dir=paths.nbd_dir()
+                )
+            _emit(
+                args,
+                result,
+                lambda r: (
+                    f"{r['name']}: swap disk of {render.human_size(r['size'])} on {r['path']}"
+                    + (f", hot-plugged as /dev/{r['target']}" if r.get("target") else "")
+                ),
+            )
         case "detach" if args.swap:
             if args.libvirt is None and args.domain not in {
-                    d["name"] for d in call(StatsArgs())["swap_disks"] if d.get("qemu_pid")}:
+                d["name"] for d in call(StatsArgs())["swap_disks"] if d.get("qemu_pid")
+            }:
                 result = call(UnswapArgs(name=args.domain))  # a plain QEMU's disk
             else:
                 from memd.libvirt_cli import detach_swap
@@ -341,41 +445,74 @@ def _run(args: argparse.Namespace) -> int:
                 from memd.libvirt_cli import channel_path
 
                 chan = channel_path(args.libvirt, args.domain)
-            _emit(args, call(AttachArgs(name=args.domain, path=chan, mode=args.mode)),
-                  lambda r: f"attached {r['name']} ({r['mode']} {r['path']})")
+            _emit(
+                args,
+                call(AttachArgs(name=args.domain, path=chan, mode=args.mode)),
+                lambda r: f"attached {r['name']} ({r['mode']} {r['path']})",
+            )
         case "detach":
-            _emit(args, call(DetachArgs(name=args.domain)),
-                  lambda r: f"detached {r['detached']}")
+            _emit(args, call(DetachArgs(name=args.domain)), lambda r: f"detached {r['detached']}")
         case "add-channel":
             from memd.libvirt_cli import add_channel
 
             result = add_channel(args.libvirt, args.domain, live=not args.config_only)
-            _emit(args, result, lambda r: f"{r['name']}: memd channel "
-                  f"{'at ' + r['channel'] if r.get('channel') else 'in the saved config'}"
-                  f"{'' if r.get('channel') else ' (takes effect at the next start)'}")
+            _emit(
+                args,
+                result,
+                lambda r: (
+                    f"{r['name']}: memd channel "
+                    f"{'at ' + r['channel'] if r.get('channel') else 'in the saved config'}"
+                    f"{'' if r.get('channel') else ' (takes effect at the next start)'}"
+                ),
+            )
         case "clients":
-            _emit(args, call(ClientsArgs()), lambda r: render.table(
-                r, ["client", "attached", "connected", "pools", "ephemeral_pages",
-                    "persistent_pages", "bytes_stored"]))
+            _emit(
+                args,
+                call(ClientsArgs()),
+                lambda r: render.table(
+                    r,
+                    [
+                        "client",
+                        "attached",
+                        "connected",
+                        "pools",
+                        "ephemeral_pages",
+                        "persistent_pages",
+                        "bytes_stored",
+                    ],
+                ),
+            )
         case "drop":
             return _drop(args, call)
         case "ksm-restore":
             from hypervisor.ksm import restore_originals
 
             restored = restore_originals(paths.ksm_originals())
-            _emit(args, {"restored": restored}, lambda r: (
-                "nothing to restore: no agent left KSM knobs changed" if r["restored"] is None
-                else "restored KSM knobs: " + " ".join(f"{k}={v}" for k, v in
-                                                        sorted(r["restored"].items()))))
+            _emit(
+                args,
+                {"restored": restored},
+                lambda r: (
+                    "nothing to restore: no agent left KSM knobs changed"
+                    if r["restored"] is None
+                    else "restored KSM knobs: "
+                    + " ".join(f"{k}={v}" for k, v in sorted(r["restored"].items()))
+                ),
+            )
         case "budget":
             _emit(args, call(BudgetArgs(bytes=args.size)), render.format_budget)
         case "migrate":
             qmp = os.path.abspath(args.qmp) if args.qmp else None
-            _emit(args, call(MigrateArgs(guest=args.guest, to=args.to, qmp=qmp)),
-                  render.format_migration)
+            _emit(
+                args,
+                call(MigrateArgs(guest=args.guest, to=args.to, qmp=qmp)),
+                render.format_migration,
+            )
         case "authorize":
-            _emit(args, call(AuthorizeArgs(guest=args.guest, uuid=args.uuid)),
-                  lambda r: f"{r['guest']} may now join shared pool {r['uuid']}")
+            _emit(
+                args,
+                call(AuthorizeArgs(guest=args.guest, uuid=args.uuid)),
+                lambda r: f"{r['guest']} may now join shared pool {r['uuid']}",
+            )
     return 0
 
 
@@ -385,8 +522,10 @@ def _drop(args: argparse.Namespace, call: Callable[[CommandArgs], Any]) -> int:
     row = rows.get(args.guest)
     if row is None:
         raise InvalidArgument(f"the agent holds nothing for {args.guest!r} (see memd clients)")
-    what = (f"{args.guest}: {row['pools']} pools, {row['persistent_pages']} persistent and "
-            f"{row['ephemeral_pages']} ephemeral pages")
+    what = (
+        f"{args.guest}: {row['pools']} pools, {row['persistent_pages']} persistent and "
+        f"{row['ephemeral_pages']} ephemeral pages"
+    )
     if not args.yes:
         if not sys.stdin.isatty():
             raise InvalidArgument(f"dropping {what} cannot be undone: add --yes to confirm")
@@ -438,10 +577,14 @@ class _JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         extra = {k: v for k, v in vars(record).items() if k not in _RECORD_FIELDS}
-        line: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname,
-                                "logger": record.name,
-                                "event": extra.pop("event", record.name.rsplit(".", 1)[-1]),
-                                "vm": extra.pop("vm", None), "msg": record.getMessage()}
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": extra.pop("event", record.name.rsplit(".", 1)[-1]),
+            "vm": extra.pop("vm", None),
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps({**line, **extra}, default=str)

@@ -46,8 +46,7 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent", daemon=True)
         self.thread.start()
 
     def run(self, coro: Any) -> Any:
@@ -82,38 +81,47 @@ def _page(seed: int) -> bytes:
     return body[:PAGE].ljust(PAGE, b"\x00")
 
 
-def _guest_workload(name: str, path: str, cfg: DemoConfig, common: list[bytes],
-                    ram_pages: int) -> dict[str, Any]:
+def _guest_workload(
+    name: str, path: str, cfg: DemoConfig, common: list[bytes], ram_pages: int
+) -> dict[str, Any]:
     """What one simulated guest does over its channel; returns its own checks."""
     seed = sum(name.encode())
     client = GuestClient.for_unix_socket(
-        path, boot_id=os.urandom(16),
-        capabilities=ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN))
+        path, boot_id=os.urandom(16), capabilities=ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN)
+    )
     with client:
         client.connect()
         eph = client.new_pool()
         pers = client.new_pool(persistent=True)
         # A page cache where a third of the pages are the same in every guest.
-        pages = [common[i % len(common)] if i % 3 == 0 else _page(seed * 100_000 + i)
-                 for i in range(cfg.tmem_pages)]
+        pages = [
+            common[i % len(common)] if i % 3 == 0 else _page(seed * 100_000 + i)
+            for i in range(cfg.tmem_pages)
+        ]
         pages[::7] = [bytes(PAGE)] * len(pages[::7])
         items = [(i // 64, i % 64, p) for i, p in enumerate(pages)]
         put = client.put_batch(pers, items)
         stored = sum(1 for s in put if s == Status.OK)
         got = client.get_batch(pers, [(o, i) for o, i, _ in items])
-        mismatches = sum(1 for g, (_, _, p), s in zip(got, items, put, strict=True)
-                         if s == Status.OK and g != p)
+        mismatches = sum(
+            1 for g, (_, _, p), s in zip(got, items, put, strict=True) if s == Status.OK and g != p
+        )
         client.put_batch(eph, items[: cfg.tmem_pages // 2])
-        eph_hits = sum(1 for g in client.get_batch(eph, [(o, i) for o, i, _ in items[:256]])
-                       if g is not None)
+        eph_hits = sum(
+            1 for g in client.get_batch(eph, [(o, i) for o, i, _ in items[:256]]) if g is not None
+        )
         client.flush_object(pers, 0)
         flushed_gone = client.get(pers, 0, 1) is None
         # Sharing: nominate a few of our own kernel pages, query their state.
         nominated = client.nominate(list(range(ram_pages // 4, ram_pages // 4 + 16)))
         stats = client.stats()
         return {
-            "guest": name, "puts": len(items), "stored": stored, "mismatches": mismatches,
-            "ephemeral_hits": eph_hits, "flush_verified": flushed_gone,
+            "guest": name,
+            "puts": len(items),
+            "stored": stored,
+            "mismatches": mismatches,
+            "ephemeral_hits": eph_hits,
+            "flush_verified": flushed_gone,
             "nominated": sum(1 for r in nominated if r.status == Status.OK),
             "host_requests": stats.get("requests"),
         }
@@ -137,8 +145,10 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
         kernel[:, 3000:] = 0
         names = [f"guest{i}" for i in range(cfg.guests)]
         paths = {}
-        say(f"starting {cfg.guests} simulated guests with {cfg.guest_pages * PAGE >> 20} MiB "
-            "RAM each")
+        say(
+            f"starting {cfg.guests} simulated guests with {cfg.guest_pages * PAGE >> 20} MiB "
+            "RAM each"
+        )
         for i, name in enumerate(names):
             domid = machine.create_domain(cfg.guest_pages)
             machine.fill(domid, 0, _guest_ram(rng, i, cfg.guest_pages, kernel))
@@ -153,8 +163,7 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
 
         def guest_thread(name: str) -> None:
             try:
-                results[name] = _guest_workload(name, paths[name], cfg, common,
-                                                 cfg.guest_pages)
+                results[name] = _guest_workload(name, paths[name], cfg, common, cfg.guest_pages)
             except (MemdError, OSError, AssertionError) as err:
                 errors.append(f"{name}: {err}")
 
@@ -174,8 +183,10 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
         # Still consenting to cross-guest merging: a HELLO without DEDUP_OPT_IN would
         # give guest0's merged pages private copies at once (sharing.consent).
         client = GuestClient.for_unix_socket(
-            paths[names[0]], boot_id=os.urandom(16),
-            capabilities=ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN))
+            paths[names[0]],
+            boot_id=os.urandom(16),
+            capabilities=ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN),
+        )
         with client:
             client.connect()
             state_before = client.share_query([cow_gfn])[0]
@@ -223,11 +234,14 @@ def run_demo(cfg: DemoConfig | None = None, *, progress: Any = None) -> dict[str
 def format_summary(s: dict[str, Any]) -> str:
     t, sh, audit = s["tmem"], s["sharing"], s["audit"]
     lines = [f"memd demo: {s['guests']} guests in {s['seconds']} s", ""]
-    lines.append(f"{'guest':8} {'puts':>6} {'stored':>6} {'bad bytes':>9} {'eph hits':>8} "
-                 f"{'nominated':>9}")
+    lines.append(
+        f"{'guest':8} {'puts':>6} {'stored':>6} {'bad bytes':>9} {'eph hits':>8} {'nominated':>9}"
+    )
     for r in s["guest_results"]:
-        lines.append(f"{r['guest']:8} {r['puts']:6} {r['stored']:6} {r['mismatches']:9} "
-                     f"{r['ephemeral_hits']:8} {r['nominated']:9}")
+        lines.append(
+            f"{r['guest']:8} {r['puts']:6} {r['stored']:6} {r['mismatches']:9} "
+            f"{r['ephemeral_hits']:8} {r['nominated']:9}"
+        )
     for err in s["guest_errors"]:
         lines.append(f"  error: {err}")
     ratio = t["used_bytes"] / max(1, t["pages"] * PAGE)

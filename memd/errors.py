@@ -69,7 +69,11 @@ class ProtocolError(MemdError):
     """A frame on the wire is malformed, too large, or not allowed in this state."""
 
     def __init__(
-        self, message: str, *, op: int | str | None = None, request_id: int | None = None,
+        self,
+        message: str,
+        *,
+        op: int | str | None = None,
+        request_id: int | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(message, op=op, request_id=request_id, **fields)
@@ -105,9 +109,15 @@ class TmemError(MemdError):
     """A tmem operation failed; carries the op and the handle parts that were known."""
 
     def __init__(
-        self, message: str, *, op: str | None = None, client: str | None = None,
-        pool: int | None = None, oid: tuple[int, int, int] | None = None,
-        index: int | None = None, **fields: Any,
+        self,
+        message: str,
+        *,
+        op: str | None = None,
+        client: str | None = None,
+        pool: int | None = None,
+        oid: tuple[int, int, int] | None = None,
+        index: int | None = None,
+        **fields: Any,
     ) -> None:
         super().__init__(message, op=op, client=client, pool=pool, oid=oid, index=index, **fields)
         self.op = op
@@ -153,8 +163,14 @@ class SharingError(MemdError):
     """A sharing operation failed; carries op, domain, gfn, mfn and handle where known."""
 
     def __init__(
-        self, message: str, *, op: str | None = None, domain: int | str | None = None,
-        gfn: int | None = None, mfn: int | None = None, handle: int | None = None,
+        self,
+        message: str,
+        *,
+        op: str | None = None,
+        domain: int | str | None = None,
+        gfn: int | None = None,
+        mfn: int | None = None,
+        handle: int | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(message, op=op, domain=domain, gfn=gfn, mfn=mfn, handle=handle, **fields)
@@ -243,7 +259,11 @@ class CommandFailed(BackendError):
     """QEMU's monitor answered a command with an error (bad path, property, argument)."""
 
     def __init__(
-        self, message: str, *, command: str | None = None, error_class: str | None = None,
+        self,
+        message: str,
+        *,
+        command: str | None = None,
+        error_class: str | None = None,
         **fields: Any,
     ) -> None:
         super().__init__(message, command=command, error_class=error_class, **fields)

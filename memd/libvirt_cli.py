@@ -52,8 +52,9 @@ def add_channel(uri: str | None, domain: str, *, live: bool = True) -> dict[str,
         return host.add_channel(domain, live=live).to_dict()
 
 
-def attach_swap(uri: str | None, domain: str, size: int, call: Caller, *,
-                nbd_dir: Path) -> dict[str, Any]:
+def attach_swap(
+    uri: str | None, domain: str, size: int, call: Caller, *, nbd_dir: Path
+) -> dict[str, Any]:
     """`memd attach VM --swap SIZE`: the agent serves the disk on a socket only this
     domain's QEMU may use (owned by its uid/gid, mode 0600, its pid checked at accept),
     then libvirt hot-plugs it (live: the disk lives as long as this QEMU)."""
@@ -69,9 +70,12 @@ def attach_swap(uri: str | None, domain: str, size: int, call: Caller, *,
                 call(UnswapArgs(name=domain))
             raise
         if spec.reconnect_delay is None:
-            log.warning("libvirt dropped <reconnect delay> from the swap disk of %s (libvirt "
-                        "before 9.2 does not know it for NBD disks): a memd restart will show "
-                        "in the guest as I/O errors, not as a pause", domain)
+            log.warning(
+                "libvirt dropped <reconnect delay> from the swap disk of %s (libvirt "
+                "before 9.2 does not know it for NBD disks): a memd restart will show "
+                "in the guest as I/O errors, not as a pause",
+                domain,
+            )
         return {**served, "target": spec.target, "reconnect_delay": spec.reconnect_delay}
 
 
@@ -146,8 +150,7 @@ class LibvirtFollower:
         try:
             while not lost.is_set():
                 get = asyncio.create_task(queue.get())
-                done, _ = await asyncio.wait({get, lost_wait},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait({get, lost_wait}, return_when=asyncio.FIRST_COMPLETED)
                 if get not in done:
                     break
                 event = get.result()

@@ -63,8 +63,9 @@ def _tune_malloc() -> None:
 
 
 async def _serve(args: argparse.Namespace, control_path: str) -> int:
-    store = open_store(args.store, budget_bytes=args.budget, durable=args.durable,
-                       control_path=control_path)
+    store = open_store(
+        args.store, budget_bytes=args.budget, durable=args.durable, control_path=control_path
+    )
     try:
         return await _serve_with(args, control_path, store)
     finally:
@@ -72,12 +73,15 @@ async def _serve(args: argparse.Namespace, control_path: str) -> int:
             store.close()
 
 
-async def _serve_with(args: argparse.Namespace, control_path: str,
-                      store: LmdbStore | None) -> int:
+async def _serve_with(args: argparse.Namespace, control_path: str, store: LmdbStore | None) -> int:
     spill_dir = getattr(args, "spill_dir", "")
-    app = AgentApp(budget_bytes=args.budget, guest_cap_bytes=args.guest_cap, store=store,
-                   spill_dir=Path(spill_dir) if spill_dir else None,
-                   tls_dir=getattr(args, "tls_dir", None))
+    app = AgentApp(
+        budget_bytes=args.budget,
+        guest_cap_bytes=args.guest_cap,
+        store=store,
+        spill_dir=Path(spill_dir) if spill_dir else None,
+        tls_dir=getattr(args, "tls_dir", None),
+    )
     app.catch_signals()
     await app.start(control_path, metrics=getattr(args, "metrics", None))
     if getattr(args, "migrate_listen", None):

@@ -50,26 +50,46 @@ MIXED = -1
 def stale_source(domain: int, gfn: int, mfn: int, handle: int) -> StaleSourceHandle:
     return StaleSourceHandle(
         f"source handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
-        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
+        op="share",
+        domain=domain,
+        gfn=gfn,
+        mfn=mfn,
+        handle=handle,
+    )
 
 
 def stale_client(domain: int, gfn: int, mfn: int, handle: int) -> StaleClientHandle:
     return StaleClientHandle(
         f"client handle {handle:#x} is stale for gfn {gfn:#x} of domain {domain}",
-        op="share", domain=domain, gfn=gfn, mfn=mfn, handle=handle)
+        op="share",
+        domain=domain,
+        gfn=gfn,
+        mfn=mfn,
+        handle=handle,
+    )
 
 
 def mismatch(smfn: int, cmfn: int, domain: int, gfn: int, handle: int) -> ContentMismatch:
-    return ContentMismatch(f"frames {smfn:#x} and {cmfn:#x} hold different bytes",
-                           op="share", domain=domain, gfn=gfn, mfn=cmfn, handle=handle)
+    return ContentMismatch(
+        f"frames {smfn:#x} and {cmfn:#x} hold different bytes",
+        op="share",
+        domain=domain,
+        gfn=gfn,
+        mfn=cmfn,
+        handle=handle,
+    )
 
 
-def not_consented(smfn: int, cmfn: int, domain: int, gfn: int,
-                  handle: int) -> MergeNotConsented:
+def not_consented(smfn: int, cmfn: int, domain: int, gfn: int, handle: int) -> MergeNotConsented:
     return MergeNotConsented(
         f"frames {smfn:#x} and {cmfn:#x} belong to different guests that have not both "
-        "consented to cross-guest merging", op="share", domain=domain, gfn=gfn, mfn=cmfn,
-        handle=handle)
+        "consented to cross-guest merging",
+        op="share",
+        domain=domain,
+        gfn=gfn,
+        mfn=cmfn,
+        handle=handle,
+    )
 
 
 @dataclass(eq=False)
@@ -103,20 +123,22 @@ class MergeQueue:
 # --- nominate ----------------------------------------------------------------------------
 
 
-def nominate_many(mgr: SharingManager, domid: int, gfns: Iterable[int],
-                  chunk: int) -> list[int | SharingError]:
+def nominate_many(
+    mgr: SharingManager, domid: int, gfns: Iterable[int], chunk: int
+) -> list[int | SharingError]:
     """See :meth:`SharingManager.nominate_many`."""
     todo = list(gfns)
     results: list[int | SharingError] = []
     step = max(chunk, 1)
     for start in range(0, len(todo), step):
         with mgr._lock:
-            _nominate_chunk_locked(mgr, domid, todo[start:start + step], results)
+            _nominate_chunk_locked(mgr, domid, todo[start : start + step], results)
     return results
 
 
-def _nominate_chunk_locked(mgr: SharingManager, domid: int, gfns: list[int],
-                           results: list[int | SharingError]) -> None:
+def _nominate_chunk_locked(
+    mgr: SharingManager, domid: int, gfns: list[int], results: list[int | SharingError]
+) -> None:
     """The batch fast path.  Exact because within a chunk only the nominated
     gfn's own entry changes: a gfn seen SHARED stays on its frame with its
     version, and a RAM gfn whose frame has a version was nominated earlier in
@@ -152,8 +174,9 @@ def _nominate_chunk_locked(mgr: SharingManager, domid: int, gfns: list[int],
 # --- share -------------------------------------------------------------------------------
 
 
-def share_many(mgr: SharingManager, pairs: Iterable[SharePair],
-               chunk: int) -> list[SharingError | None]:
+def share_many(
+    mgr: SharingManager, pairs: Iterable[SharePair], chunk: int
+) -> list[SharingError | None]:
     """See :meth:`SharingManager.share_many`."""
     todo = list(pairs)
     results: list[SharingError | None] = []
@@ -162,14 +185,15 @@ def share_many(mgr: SharingManager, pairs: Iterable[SharePair],
     for start in range(0, len(todo), step):
         lock.acquire()
         try:
-            _share_chunk_locked(mgr, todo[start:start + step], results)
+            _share_chunk_locked(mgr, todo[start : start + step], results)
         finally:
             lock.release()
     return results
 
 
-def _share_chunk_locked(mgr: SharingManager, pairs: list[SharePair],
-                        results: list[SharingError | None]) -> None:
+def _share_chunk_locked(
+    mgr: SharingManager, pairs: list[SharePair], results: list[SharingError | None]
+) -> None:
     """The batch fast path, with the single-pair code for what it cannot decide.
 
     Why the lookups done up front stay exact through the chunk: a merge changes
@@ -233,8 +257,10 @@ def _share_chunk_locked(mgr: SharingManager, pairs: list[SharePair],
                             # Two domains' gfns would meet: both must merge across
                             # (a MIXED frame holds only such domains' gfns);
                             # SharingManager.merges_across, inline.
-                            if not ((hs == MIXED or cross(hs, cross_default))
-                                    and (hc == MIXED or cross(hc, cross_default))):
+                            if not (
+                                (hs == MIXED or cross(hs, cross_default))
+                                and (hc == MIXED or cross(hc, cross_default))
+                            ):
                                 append(not_consented(smfn, cmfn, cds[i], cgs[i], ch))
                                 continue
                             home[smfn] = MIXED
@@ -283,8 +309,9 @@ def _flush_locked(mgr: SharingManager, queue: MergeQueue) -> None:
 # --- lookups -----------------------------------------------------------------------------
 
 
-def lookup_batch(mgr: SharingManager, doms: Sequence[int], gfns: Sequence[int]
-                 ) -> tuple[list[int], list[int]]:
+def lookup_batch(
+    mgr: SharingManager, doms: Sequence[int], gfns: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """Mfn and type of each (domain, gfn), one batch lookup per domain; type -1
     where :meth:`Machine.lookup` would raise (unknown domain, gfn out of range,
     a value that is no index at all)."""

@@ -90,8 +90,7 @@ class ConsentBook:
     def allows(self, guest: str, *, attached: bool = False) -> bool:
         """:func:`merges_across` for this guest now (``attached``: a real QEMU the
         operator attached with merging on)."""
-        return merges_across(self.word(guest), opted_out=self._opted_out(guest),
-                             attached=attached)
+        return merges_across(self.word(guest), opted_out=self._opted_out(guest), attached=attached)
 
     def hello(self, guest: str, dedup_opt_in: bool) -> bool:
         """Record the guest's word from a HELLO; returns whether it now merges across

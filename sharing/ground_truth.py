@@ -82,8 +82,9 @@ class GroundTruth:
         lo, hi = int(self.starts[i]), int(self.starts[i + 1])
         if limit is not None:
             hi = min(hi, lo + limit)
-        return list(zip(self.entry_dom[lo:hi].tolist(), self.entry_gfn[lo:hi].tolist(),
-                        strict=True))
+        return list(
+            zip(self.entry_dom[lo:hi].tolist(), self.entry_gfn[lo:hi].tolist(), strict=True)
+        )
 
     def top(self, k: int) -> I64:
         """Rows of the ``k`` most-referenced frames, most first (ties: lower mfn first)."""
@@ -107,9 +108,13 @@ class GroundTruth:
             present = p2m >= 0
             refs = self.refs_of(p2m[present])
             shared = int(np.count_nonzero(refs >= 2))
-            out[d] = {"gfns": len(p2m), "present": int(present.sum()), "shared_gfns": shared,
-                      "private": int(present.sum()) - shared,
-                      "frames": len(np.unique(p2m[present]))}
+            out[d] = {
+                "gfns": len(p2m),
+                "present": int(present.sum()),
+                "shared_gfns": shared,
+                "private": int(present.sum()) - shared,
+                "frames": len(np.unique(p2m[present])),
+            }
         return out
 
     def matrix(self) -> I64:
@@ -144,17 +149,24 @@ def compute(p2m: Mapping[int, I64]) -> GroundTruth:
     sorted_mfns = mfn_a[order]
     uniq, first, refs = np.unique(sorted_mfns, return_index=True, return_counts=True)
     starts = np.concatenate((first, [len(sorted_mfns)])).astype(np.int64)
-    return GroundTruth(domids, uniq.astype(np.int64), refs.astype(np.int64), starts,
-                       dom_a[order], gfn_a[order],
-                       {d: np.asarray(p2m[d], dtype=np.int64) for d in domids})
+    return GroundTruth(
+        domids,
+        uniq.astype(np.int64),
+        refs.astype(np.int64),
+        starts,
+        dom_a[order],
+        gfn_a[order],
+        {d: np.asarray(p2m[d], dtype=np.int64) for d in domids},
+    )
 
 
 #: A ledger: mfn the manager believes shared → the (domain, gfn) it lists on it.
 Ledger = Mapping[int, Sequence[tuple[int, int]]]
 
 
-def compare_ledger(truth: GroundTruth, ledger: Ledger, *,
-                   limit: int = 1000) -> tuple[list[dict[str, Any]], int]:
+def compare_ledger(
+    truth: GroundTruth, ledger: Ledger, *, limit: int = 1000
+) -> tuple[list[dict[str, Any]], int]:
     """Every way the ledger disagrees with the truth; returns (findings, truncated).
 
     Kinds: ``gfn_moved`` (the ledger lists a gfn on a frame it no longer maps: written
@@ -179,26 +191,54 @@ def compare_ledger(truth: GroundTruth, ledger: Ledger, *,
         listed = list(ledger[mfn])
         for d, g in listed:
             if (d, g) in seen:
-                add("gfn_listed_twice", f"gfn {g:#x} of domain {d} is on more than one "
-                    "ledger frame (or twice on one)", domain=d, gfn=g, mfn=mfn)
+                add(
+                    "gfn_listed_twice",
+                    f"gfn {g:#x} of domain {d} is on more than one ledger frame (or twice on one)",
+                    domain=d,
+                    gfn=g,
+                    mfn=mfn,
+                )
             seen.add((d, g))
             p2m = truth.p2m.get(d)
             if p2m is None:
-                add("gfn_unknown_domain", f"ledger frame {mfn:#x} lists gfn {g:#x} of "
-                    f"domain {d}, which is not attached", domain=d, gfn=g, mfn=mfn)
+                add(
+                    "gfn_unknown_domain",
+                    f"ledger frame {mfn:#x} lists gfn {g:#x} of domain {d}, which is not attached",
+                    domain=d,
+                    gfn=g,
+                    mfn=mfn,
+                )
                 continue
             now = int(p2m[g]) if 0 <= g < len(p2m) else -1
             if now != mfn:
-                add("gfn_moved", f"ledger has gfn {g:#x} of domain {d} on frame {mfn:#x}, "
+                add(
+                    "gfn_moved",
+                    f"ledger has gfn {g:#x} of domain {d} on frame {mfn:#x}, "
                     f"the host maps it to {'no frame' if now < 0 else hex(now)}",
-                    domain=d, gfn=g, mfn=mfn, expected=mfn, found=now)
+                    domain=d,
+                    gfn=g,
+                    mfn=mfn,
+                    expected=mfn,
+                    found=now,
+                )
         actual = truth.gfns_of(mfn)
         if len(listed) >= 2 and len(actual) < 2:
-            add("frame_not_shared", f"ledger frame {mfn:#x} is mapped by {len(actual)} "
-                "gfn(s) on the host", mfn=mfn, expected=len(listed), found=len(actual))
+            add(
+                "frame_not_shared",
+                f"ledger frame {mfn:#x} is mapped by {len(actual)} gfn(s) on the host",
+                mfn=mfn,
+                expected=len(listed),
+                found=len(actual),
+            )
         for d, g in sorted(set(actual) - set(listed)):
-            add("gfn_missing_from_ledger", f"frame {mfn:#x} is also mapped by gfn {g:#x} "
-                f"of domain {d}, which the ledger does not list", domain=d, gfn=g, mfn=mfn)
+            add(
+                "gfn_missing_from_ledger",
+                f"frame {mfn:#x} is also mapped by gfn {g:#x} "
+                f"of domain {d}, which the ledger does not list",
+                domain=d,
+                gfn=g,
+                mfn=mfn,
+            )
     return findings, truncated
 
 

@@ -94,7 +94,9 @@ class LockLike(Protocol):
     def __enter__(self) -> bool: ...
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None: ...
 
@@ -247,8 +249,9 @@ def lookup_many(machine: Machine, domid: int, gfns: Int64Array) -> tuple[Int64Ar
     return mfns, types
 
 
-def set_entries(machine: Machine, domid: int, gfns: Int64Array, mfns: Int64Array,
-                ptype: int) -> None:
+def set_entries(
+    machine: Machine, domid: int, gfns: Int64Array, mfns: Int64Array, ptype: int
+) -> None:
     """:meth:`BatchMachine.set_entries` on any machine (one ``set_entry`` per gfn
     if the machine has no batch form)."""
     if isinstance(machine, BatchMachine):

@@ -233,8 +233,9 @@ class SharingManager:
         with self._lock:
             return self._nominate_locked(domid, gfn)
 
-    def nominate_many(self, domid: int, gfns: Iterable[int],
-                      chunk: int = BATCH_CHUNK) -> list[int | SharingError]:
+    def nominate_many(
+        self, domid: int, gfns: Iterable[int], chunk: int = BATCH_CHUNK
+    ) -> list[int | SharingError]:
         """:meth:`nominate` of each gfn of one domain, in order: per gfn its handle
         or the exception nominate would have raised (NoSuchDomain, NotShareable).
 
@@ -248,16 +249,25 @@ class SharingManager:
         if ptype == _SHARED:
             return self._version[mfn]
         if domid in self._dying:
-            raise NotShareable(f"domain {domid} is being torn down", op="nominate",
-                               domain=domid, gfn=gfn)
+            raise NotShareable(
+                f"domain {domid} is being torn down", op="nominate", domain=domid, gfn=gfn
+            )
         if ptype != _RAM:
-            raise NotShareable(f"gfn {gfn:#x} of domain {domid} is not mapped",
-                               op="nominate", domain=domid, gfn=gfn)
+            raise NotShareable(
+                f"gfn {gfn:#x} of domain {domid} is not mapped",
+                op="nominate",
+                domain=domid,
+                gfn=gfn,
+            )
         owner, mapcount = self._machine.frame_info(mfn)
         if owner != domid or mapcount != 1:
             raise NotShareable(
                 f"frame {mfn:#x} has other references (owner {owner}, {mapcount} maps)",
-                op="nominate", domain=domid, gfn=gfn, mfn=mfn)
+                op="nominate",
+                domain=domid,
+                gfn=gfn,
+                mfn=mfn,
+            )
         return self._new_record_locked(domid, gfn, mfn)
 
     def _new_record_locked(self, domid: int, gfn: int, mfn: int) -> int:
@@ -285,8 +295,15 @@ class SharingManager:
 
     # --- share --------------------------------------------------------------------------
 
-    def share(self, source_domain: int, source_gfn: int, source_handle: int,
-              client_domain: int, client_gfn: int, client_handle: int) -> None:
+    def share(
+        self,
+        source_domain: int,
+        source_gfn: int,
+        source_handle: int,
+        client_domain: int,
+        client_gfn: int,
+        client_handle: int,
+    ) -> None:
         """Merge the client page into the source page.
 
         Both handles must name the records their gfns map now.  Raises
@@ -296,13 +313,15 @@ class SharingManager:
         lock = self._lock
         lock.acquire()  # explicit acquire/release: half the cost of ``with`` here
         try:
-            self._share_locked(source_domain, source_gfn, source_handle,
-                               client_domain, client_gfn, client_handle)
+            self._share_locked(
+                source_domain, source_gfn, source_handle, client_domain, client_gfn, client_handle
+            )
         finally:
             lock.release()
 
-    def share_many(self, pairs: Iterable[SharePair],
-                   chunk: int = BATCH_CHUNK) -> list[SharingError | None]:
+    def share_many(
+        self, pairs: Iterable[SharePair], chunk: int = BATCH_CHUNK
+    ) -> list[SharingError | None]:
         """:meth:`share` of each ``(source_domain, source_gfn, source_handle,
         client_domain, client_gfn, client_handle)``, in order: per pair None or the
         exception share would have raised (StaleSourceHandle, StaleClientHandle,
@@ -314,8 +333,15 @@ class SharingManager:
         chunk are looked up in one batch per domain (:mod:`sharing.batch`)."""
         return batch.share_many(self, pairs, chunk)
 
-    def _share_locked(self, source_domain: int, source_gfn: int, source_handle: int,
-                      client_domain: int, client_gfn: int, client_handle: int) -> None:
+    def _share_locked(
+        self,
+        source_domain: int,
+        source_gfn: int,
+        source_handle: int,
+        client_domain: int,
+        client_gfn: int,
+        client_handle: int,
+    ) -> None:
         lookup = self._lookup
         version = self._version
         smfn, stype = lookup(source_domain, source_gfn)
@@ -338,8 +364,7 @@ class SharingManager:
         hs, hc = self._home[smfn], self._home[cmfn]
         if hs == hc and hs != MIXED:
             return True  # one domain's own duplicates
-        return ((hs == MIXED or self.merges_across(hs))
-                and (hc == MIXED or self.merges_across(hc)))
+        return (hs == MIXED or self.merges_across(hs)) and (hc == MIXED or self.merges_across(hc))
 
     def _merge_locked(self, smfn: int, cmfn: int, client_domain: int, client_gfn: int) -> None:
         """Move every gfn of the client frame onto the source frame; free the client."""
@@ -417,11 +442,14 @@ class SharingManager:
                 m.nr_gfns(domid)  # NoSuchDomain if unknown
                 self._dying.add(domid)
                 slot = self._rmap.slot.get(domid)
-                pending = (np.flatnonzero(np.frombuffer(slot, dtype=np.int32) >= 0)
-                           if slot is not None else np.zeros(0, dtype=np.int64))
+                pending = (
+                    np.flatnonzero(np.frombuffer(slot, dtype=np.int32) >= 0)
+                    if slot is not None
+                    else np.zeros(0, dtype=np.int64)
+                )
                 td = self._teardowns[domid] = _Teardown(pending.astype(np.int64))
             end = min(td.pos + max(budget, 1), len(td.pending))
-            for gfn in td.pending[td.pos:end].tolist():
+            for gfn in td.pending[td.pos : end].tolist():
                 self._release_locked(domid, gfn)
             td.pos = end
             remaining = len(td.pending) - end
@@ -475,7 +503,11 @@ class SharingManager:
         if e == NO_ENTRY:
             raise SharingError(
                 f"gfn {gfn:#x} of domain {domid} is SHARED but has no reverse-map entry",
-                op="unshare", domain=domid, gfn=gfn, mfn=mfn)
+                op="unshare",
+                domain=domid,
+                gfn=gfn,
+                mfn=mfn,
+            )
         return e
 
     def _grow(self, nr_frames: int) -> None:

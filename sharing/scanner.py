@@ -91,8 +91,9 @@ class Scanner:
         """Opt a domain in.  Raises NoSuchDomain for an unknown domain."""
         if domid not in self._domains:
             n = self._machine.nr_gfns(domid)
-            self._domains[domid] = _DomainHashes(np.zeros(n, dtype=np.uint64),
-                                                 np.zeros(n, dtype=bool))
+            self._domains[domid] = _DomainHashes(
+                np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
+            )
 
     def disable(self, domid: int) -> None:
         """Opt a domain out: it is no longer hashed nor used as a share partner.
@@ -113,8 +114,15 @@ class Scanner:
         live = set(self._machine.domains())
         for domid in [d for d in self._domains if d not in live]:
             del self._domains[domid]  # gone: forget its hashes
-        parts: list[tuple[int, npt.NDArray[np.int64], npt.NDArray[np.int64],
-                          npt.NDArray[np.uint8], npt.NDArray[np.bool_]]] = []
+        parts: list[
+            tuple[
+                int,
+                npt.NDArray[np.int64],
+                npt.NDArray[np.int64],
+                npt.NDArray[np.uint8],
+                npt.NDArray[np.bool_],
+            ]
+        ] = []
         for domid, state in self._domains.items():
             fresh = self._rehash(domid, state, report)
             across = self._mgr.merges_across(domid)
@@ -130,8 +138,9 @@ class Scanner:
         report.seconds = time.perf_counter() - t0
         return report
 
-    def _rehash(self, domid: int, state: _DomainHashes,
-                report: ScanReport) -> npt.NDArray[np.bool_]:
+    def _rehash(
+        self, domid: int, state: _DomainHashes, report: ScanReport
+    ) -> npt.NDArray[np.bool_]:
         """Re-hash the domain's dirty pages; returns a per-gfn 'fresh' mask."""
         m = self._machine
         dirty = m.collect_dirty(domid)
@@ -149,9 +158,9 @@ class Scanner:
         hash_page = xxhash.xxh3_64_intdigest
         ps = m.page_size
         for start in range(0, len(dirty), self._batch):
-            gfns = dirty[start:start + self._batch]
+            gfns = dirty[start : start + self._batch]
             buf = m.read_frames(mfns[gfns]).data.cast("B")
-            state.hashes[gfns] = [hash_page(buf[i * ps:(i + 1) * ps]) for i in range(len(gfns))]
+            state.hashes[gfns] = [hash_page(buf[i * ps : (i + 1) * ps]) for i in range(len(gfns))]
         state.known[dirty] = True
         fresh[dirty] = True
         report.pages_scanned += len(dirty)
@@ -169,8 +178,12 @@ class Scanner:
         if len(hashes) < 2:
             return
         # Consent scope: 0 for the domains that merge across guests, else one of its own.
-        scope = np.concatenate([np.full(len(p[1]), 0 if self._domains[p[0]].across
-                                        else p[0] + 1, dtype=np.int64) for p in parts])
+        scope = np.concatenate(
+            [
+                np.full(len(p[1]), 0 if self._domains[p[0]].across else p[0] + 1, dtype=np.int64)
+                for p in parts
+            ]
+        )
         # Sort by hash and scope, shared pages first within a group (representatives).
         order = np.lexsort((~shared, scope, hashes))
         h = hashes[order]
@@ -180,13 +193,20 @@ class Scanner:
         fresh_sorted = fresh[order].astype(np.int64)
         fresh_count = np.add.reduceat(fresh_sorted, starts)
         worth = (ends - starts >= 2) & (fresh_count > 0)
-        groups = [order[s:e] for s, e in zip(starts[worth].tolist(), ends[worth].tolist(),
-                                              strict=True)]
+        groups = [
+            order[s:e] for s, e in zip(starts[worth].tolist(), ends[worth].tolist(), strict=True)
+        ]
         self._share_all(groups, doms, gfns, mfns, shared, report)
 
-    def _share_all(self, groups: list[npt.NDArray[np.intp]], doms: npt.NDArray[np.int64],
-                   gfns: npt.NDArray[np.int64], mfns: npt.NDArray[np.int64],
-                   shared: npt.NDArray[np.bool_], report: ScanReport) -> None:
+    def _share_all(
+        self,
+        groups: list[npt.NDArray[np.intp]],
+        doms: npt.NDArray[np.int64],
+        gfns: npt.NDArray[np.int64],
+        mfns: npt.NDArray[np.int64],
+        shared: npt.NDArray[np.bool_],
+        report: ScanReport,
+    ) -> None:
         """Nominate every group's representative, then its other pages, then share
         them all into their representatives with one ``share_many`` (types and mfns
         as this pass saw them: share re-checks everything under the lock)."""
@@ -203,8 +223,12 @@ class Scanner:
                 report.skipped += len(idx) - 1
                 continue
             rest = idx[1:][mfns[idx[1:]] != rep_mfn[k]]  # not yet on the rep's frame
-            members.extend((k, d, g, not s) for d, g, s in zip(
-                doms[rest].tolist(), gfns[rest].tolist(), shared[rest].tolist(), strict=True))
+            members.extend(
+                (k, d, g, not s)
+                for d, g, s in zip(
+                    doms[rest].tolist(), gfns[rest].tolist(), shared[rest].tolist(), strict=True
+                )
+            )
         report.candidates += len(members)
         handles = self._nominate_all([m[1] for m in members], [m[2] for m in members])
         pairs: list[SharePair] = []
@@ -245,7 +269,6 @@ class Scanner:
             by_domain.setdefault(d, []).append(i)
         out: list[int | SharingError] = [0] * len(doms)
         for d, idx in by_domain.items():
-            for i, r in zip(idx, self._mgr.nominate_many(d, [gfns[i] for i in idx]),
-                            strict=True):
+            for i, r in zip(idx, self._mgr.nominate_many(d, [gfns[i] for i in idx]), strict=True):
                 out[i] = r
         return out

@@ -27,8 +27,7 @@ os.environ["MEMD_STATE_DIR"] = str(_SANDBOX / "state")
 os.environ["MEMD_NBD_DIR"] = str(_SANDBOX / "nbd")
 os.environ.pop("MEMD_SOCKET", None)
 
-PRODUCTION_DIRS = (paths.PRODUCTION_RUN_DIR, paths.PRODUCTION_STATE_DIR,
-                   paths.PRODUCTION_NBD_DIR)
+PRODUCTION_DIRS = (paths.PRODUCTION_RUN_DIR, paths.PRODUCTION_STATE_DIR, paths.PRODUCTION_NBD_DIR)
 
 
 def fingerprint(root: Path) -> dict[str, tuple[int, int]]:
@@ -65,8 +64,11 @@ _KSM_BEFORE = _ksm_knobs()
 def ksm_changes() -> list[str]:
     """KSM knobs whose value differs from the session's start, as "knob: before -> now"."""
     now = _ksm_knobs()
-    return [f"{k}: {_KSM_BEFORE.get(k)} -> {now.get(k)}"
-            for k in sorted(_KSM_BEFORE.keys() | now.keys()) if _KSM_BEFORE.get(k) != now.get(k)]
+    return [
+        f"{k}: {_KSM_BEFORE.get(k)} -> {now.get(k)}"
+        for k in sorted(_KSM_BEFORE.keys() | now.keys())
+        if _KSM_BEFORE.get(k) != now.get(k)
+    ]
 
 
 def production_changes() -> list[str]:
@@ -82,8 +84,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     changed = production_changes()
     if changed:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-        message = ("tests wrote under production paths (they must use $MEMD_RUN_DIR / "
-                   f"$MEMD_STATE_DIR): {', '.join(changed[:10])}")
+        message = (
+            "tests wrote under production paths (they must use $MEMD_RUN_DIR / "
+            f"$MEMD_STATE_DIR): {', '.join(changed[:10])}"
+        )
         if reporter is not None:
             reporter.write_line(message, red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -10,12 +10,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = ("memd", "tmem", "sharing", "hypervisor")
 #: memd.nbd modules that are sans-I/O like memd.wire (memd.nbd.server is the I/O shell).
-PURE_NBD = ("memd.nbd.proto", "memd.nbd.handshake", "memd.nbd.transmission", "memd.nbd.pages",
-            "memd.nbd.export")
+PURE_NBD = (
+    "memd.nbd.proto",
+    "memd.nbd.handshake",
+    "memd.nbd.transmission",
+    "memd.nbd.pages",
+    "memd.nbd.export",
+)
 #: The migration stream codec is sans-I/O too (memd.migrate.transport and .qemu do the I/O).
 PURE_MIGRATE = ("memd.migrate.proto",)
-IO_MODULES = {"socket", "asyncio", "subprocess", "selectors", "libvirt", "libvirt_qemu",
-              "qemu", "mmap", "threading_io", "lmdb", "fcntl"}
+IO_MODULES = {
+    "socket",
+    "asyncio",
+    "subprocess",
+    "selectors",
+    "libvirt",
+    "libvirt_qemu",
+    "qemu",
+    "mmap",
+    "threading_io",
+    "lmdb",
+    "fcntl",
+}
 
 # package prefix -> project modules it may import (by prefix)
 ALLOWED = {
@@ -32,10 +48,26 @@ ALLOWED = {
     "hypervisor": ("memd.errors", "memd.vocab", "memd.paths", "tmem", "sharing", "hypervisor"),
     # Migration between agents: codec, TLS sessions, QEMU driver; below the agent.
     "memd.migrate.proto": ("memd.errors", "memd.vocab"),
-    "memd.migrate": ("memd.errors", "memd.vocab", "memd.paths", "memd.migrate", "tmem",
-                     "hypervisor"),
-    "memd.agent": ("memd.errors", "memd.vocab", "memd.paths", "memd.wire", "memd.agent",
-                   "memd.nbd", "memd.migrate", "tmem", "sharing", "hypervisor"),
+    "memd.migrate": (
+        "memd.errors",
+        "memd.vocab",
+        "memd.paths",
+        "memd.migrate",
+        "tmem",
+        "hypervisor",
+    ),
+    "memd.agent": (
+        "memd.errors",
+        "memd.vocab",
+        "memd.paths",
+        "memd.wire",
+        "memd.agent",
+        "memd.nbd",
+        "memd.migrate",
+        "tmem",
+        "sharing",
+        "hypervisor",
+    ),
 }
 
 
@@ -77,7 +109,12 @@ def test_imports_point_down(module: str, path: Path) -> None:
     for name in _imports(path):
         if name.split(".")[0] in PROJECT and name != "memd":
             assert any(name == a or name.startswith(a + ".") for a in allowed), (
-                f"{module} imports {name}: against the layering")
-        if (module.split(".")[0] in ("tmem", "sharing") or module.startswith("memd.wire")
-                or module in PURE_NBD or module in PURE_MIGRATE):
+                f"{module} imports {name}: against the layering"
+            )
+        if (
+            module.split(".")[0] in ("tmem", "sharing")
+            or module.startswith("memd.wire")
+            or module in PURE_NBD
+            or module in PURE_MIGRATE
+        ):
             assert name.split(".")[0] not in IO_MODULES, f"{module} (pure) imports {name}"

@@ -111,11 +111,13 @@ def audit_host(host: HostState) -> list[str]:
             p.pages for p in host.pools.values() if p.owner == client.name and p.persistent
         )
         if owned_eph != client.lru.count:
-            issues.append(f"client {client.name}: {owned_eph} ephemeral pages, LRU has "
-                          f"{client.lru.count}")
+            issues.append(
+                f"client {client.name}: {owned_eph} ephemeral pages, LRU has {client.lru.count}"
+            )
         if owned_pers != client.persistent_pages:
-            issues.append(f"client {client.name}: persistent_pages {client.persistent_pages} "
-                          f"!= {owned_pers}")
+            issues.append(
+                f"client {client.name}: persistent_pages {client.persistent_pages} != {owned_pers}"
+            )
     if used_bytes(host) > host.budget and any(c.lru.count for c in host.clients.values()):
         issues.append("over budget while ephemeral pages remain evictable")
     return issues
@@ -154,8 +156,11 @@ def audit_log(host: HostState, state: StoredState) -> list[str]:
     if len(stored_pages) != len(state.pages):
         issues.append("store: a page handle is stored twice")
 
-    memory_blobs = {(b, store.blob_hash(b), store.blob_scope(b), store.payload_length(b))
-                    for b in store.live_blob_ids() if store.is_external(b)}
+    memory_blobs = {
+        (b, store.blob_hash(b), store.blob_scope(b), store.payload_length(b))
+        for b in store.live_blob_ids()
+        if store.is_external(b)
+    }
     stored_blobs: set[tuple[int, int, int, int]] = set(state.blobs.tolist())
     for rec in sorted(memory_blobs ^ stored_blobs)[:20]:
         where = "missing from the store" if rec in memory_blobs else "not in memory"

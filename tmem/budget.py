@@ -30,9 +30,7 @@ if TYPE_CHECKING:
     from tmem.state import Client, HostState
 
 #: Most budget one put can add: a raw page, its blob, slot, object and radix chunk.
-MAX_PUT_COST = (
-    PAGE_SIZE + BLOB_META_BYTES + SLOT_META_BYTES + OBJ_META_BYTES + CHUNK_META_BYTES
-)
+MAX_PUT_COST = PAGE_SIZE + BLOB_META_BYTES + SLOT_META_BYTES + OBJ_META_BYTES + CHUNK_META_BYTES
 #: The same for a persistent page kept in the log: a raw page there takes two database
 #: pages (a 4 KiB value plus its header overflows one), plus its page record.
 MAX_LOGGED_PUT_COST = MAX_PUT_COST + 2 * PAGE_SIZE + 256
@@ -77,8 +75,9 @@ def evict_one(state: HostState, client: Client) -> None:
     state.evictions += 1
 
 
-def evict_client_to(state: HostState, client: Client, *, pages: int | None = None,
-                    used: int | None = None) -> int:
+def evict_client_to(
+    state: HostState, client: Client, *, pages: int | None = None, used: int | None = None
+) -> int:
     """Evict *client*'s LRU pages while it holds more than *pages* pages or the host is
     charged more than *used* bytes, as long as it has any.  → pages evicted."""
     evicted = 0

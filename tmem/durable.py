@@ -73,8 +73,9 @@ class PoolRecord:
 #: One stored blob: id, xxh3-64 of its page, dedup scope, payload length.
 BLOB_DTYPE = np.dtype([("blob", "<u4"), ("hash", "<u8"), ("scope", "<u4"), ("length", "<u4")])
 #: One persistent page: pool gid, the three oid words, index, blob id.
-PAGE_DTYPE = np.dtype([("gid", "<u4"), ("o0", "<u8"), ("o1", "<u8"), ("o2", "<u8"),
-                       ("index", "<u4"), ("blob", "<u4")])
+PAGE_DTYPE = np.dtype(
+    [("gid", "<u4"), ("o0", "<u8"), ("o1", "<u8"), ("o2", "<u8"), ("index", "<u4"), ("blob", "<u4")]
+)
 
 
 def _empty(dtype: np.dtype[Any]) -> Any:
@@ -119,8 +120,9 @@ class RecordSink(Protocol):
         """Forget the pool record (its pages are dropped one by one before this)."""
         ...
 
-    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
-                  entries: Sequence[tuple[int, int]]) -> None:
+    def put_chunk(
+        self, gid: int, oid: tuple[int, int, int], chunk: int, entries: Sequence[tuple[int, int]]
+    ) -> None:
         """The persistent pages of one radix chunk — indexes ``chunk * CHUNK_PAGES`` up
         to the next chunk — as (index, blob) pairs in index order (at least one): the
         whole chunk's record, replacing the previous one."""

@@ -102,8 +102,12 @@ from tmem.types import (
 class TmemHost:
     """The tmem core of the host agent; safe for concurrent callers."""
 
-    def __init__(self, budget_bytes: int = 256 << 20, log: PersistentLog | None = None,
-                 listeners: Collection[RecordSink] = ()) -> None:
+    def __init__(
+        self,
+        budget_bytes: int = 256 << 20,
+        log: PersistentLog | None = None,
+        listeners: Collection[RecordSink] = (),
+    ) -> None:
         if budget_bytes < 0:
             raise InvalidArgument("budget must be non-negative", op="set_budget")
         self._lock = threading.Lock()
@@ -117,7 +121,11 @@ class TmemHost:
     # =====================================================================================
 
     def add_client(
-        self, name: str, *, weight: int = DEFAULT_WEIGHT, cap_pages: int | None = None,
+        self,
+        name: str,
+        *,
+        weight: int = DEFAULT_WEIGHT,
+        cap_pages: int | None = None,
         dedup: bool = False,
     ) -> None:
         """Register a guest.  Idempotent for an existing client (settings unchanged)."""
@@ -139,8 +147,16 @@ class TmemHost:
         with self._writing() as state:
             return state.drop_all_pools(state.client(name, "reset_client"), keep)
 
-    def open_session(self, name: str, *, cap_pages: int | None, dedup: bool,
-                     meta: dict[str, Any], reset: bool, keep: Collection[int] = ()) -> int:
+    def open_session(
+        self,
+        name: str,
+        *,
+        cap_pages: int | None,
+        dedup: bool,
+        meta: dict[str, Any],
+        reset: bool,
+        keep: Collection[int] = (),
+    ) -> int:
         """A guest said HELLO: register it if new (with *cap_pages*), drop all its pools
         but those in *keep* (a swap disk the host serves it) if *reset* (it rebooted),
         set its dedup consent and the agent's *meta* (its boot id) — one transaction, so
@@ -288,9 +304,7 @@ class TmemHost:
     # guest operations
     # =====================================================================================
 
-    def new_pool(
-        self, name: str, flags: int, pool_uuid: bytes | uuidlib.UUID | None = None
-    ) -> int:
+    def new_pool(self, name: str, flags: int, pool_uuid: bytes | uuidlib.UUID | None = None) -> int:
         """Create (or, for a shared pool, join) a pool; return the client's pool id."""
         op = "new_pool"
         # A plain-int mask: ~ of an IntFlag only complements within the enum's own bits.
@@ -323,10 +337,10 @@ class TmemHost:
         with self._writing() as state:
             client = state.client(name, op)
             if client.pools[pool_id] is not None:
-                raise InvalidArgument("pool id already in use", op=op, client=name,
-                                      pool=pool_id)
+                raise InvalidArgument("pool id already in use", op=op, client=name, pool=pool_id)
             return state.new_pool(
-                client, pool_id, bool(flags & PoolFlag.PERSISTENT), False, None, op)
+                client, pool_id, bool(flags & PoolFlag.PERSISTENT), False, None, op
+            )
 
     def destroy_pool(self, name: str, pool_id: int) -> None:
         """Destroy a private pool, or leave a shared one (destroyed with its last member)."""
@@ -393,7 +407,10 @@ class TmemHost:
             return removed
 
     def put_batch(
-        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
+        self,
+        name: str,
+        pool_id: int,
+        handles: Sequence[tuple[Oid, int]],
         pages: Sequence[bytes],
     ) -> list[TmemError | None]:
         """Put many pages of one pool; one result per page (None = stored).
@@ -419,15 +436,19 @@ class TmemHost:
     # check_page does for a buffer); everything else (client, pool, caps, budget, frozen)
     # is checked exactly as by put/put_batch.  Anything not proven so must use those.
 
-    def put_prevalidated(self, name: str, pool_id: int, oid: Oid, index: int,
-                         page: PageBuffer) -> None:
+    def put_prevalidated(
+        self, name: str, pool_id: int, oid: Oid, index: int, page: PageBuffer
+    ) -> None:
         """:meth:`put` of arguments already validated as described above."""
         error = self._put_pages(name, pool_id, [(oid, index)], [page], "put")[0]
         if error is not None:
             raise error
 
     def put_batch_prevalidated(
-        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
+        self,
+        name: str,
+        pool_id: int,
+        handles: Sequence[tuple[Oid, int]],
         pages: Sequence[PageBuffer],
     ) -> list[TmemError | None]:
         """:meth:`put_batch` of arguments already validated as described above."""
@@ -462,8 +483,11 @@ class TmemHost:
         with self._lock:
             state = self._state
             client = state.client(name, "list_pools")
-            return [(local, state.pools[gid].flags)
-                    for local, gid in enumerate(client.pools) if gid is not None]
+            return [
+                (local, state.pools[gid].flags)
+                for local, gid in enumerate(client.pools)
+                if gid is not None
+            ]
 
     def pool_stats(self, name: str | None = None) -> list[PoolStats]:
         with self._lock:
@@ -471,8 +495,11 @@ class TmemHost:
             out = []
             for cname in [name] if name is not None else sorted(state.clients):
                 client = state.client(cname, "pool_stats")
-                out += [pool_stats(cname, local, state.pools[gid])
-                        for local, gid in enumerate(client.pools) if gid is not None]
+                out += [
+                    pool_stats(cname, local, state.pools[gid])
+                    for local, gid in enumerate(client.pools)
+                    if gid is not None
+                ]
             return out
 
     def client_stats(self, name: str | None = None) -> list[ClientStats]:
@@ -512,8 +539,12 @@ class TmemHost:
                     journal.commit()
 
     def _put_pages(
-        self, name: str, pool_id: int, handles: Sequence[tuple[Oid, int]],
-        pages: Sequence[PageBuffer], op: str,
+        self,
+        name: str,
+        pool_id: int,
+        handles: Sequence[tuple[Oid, int]],
+        pages: Sequence[PageBuffer],
+        op: str,
     ) -> list[TmemError | None]:
         """The put pipeline (see docs/tmem.md): hash, pin duplicates, compress, insert."""
         hashes = hash_pages(pages)  # no lock
@@ -543,8 +574,9 @@ class TmemHost:
             if state.scope(client, pool) != scope:
                 # Dedup consent changed in between: the pins were for the old scope.
                 unpin(state, encoded)
-                encoded = [(h, b"" if h < 0 else compress_page(p), -1)
-                           for h, p in zip(hashes, pages, strict=True)]
-            items = [(oid, index, enc) for (oid, index), enc in zip(handles, encoded,
-                                                                  strict=True)]
+                encoded = [
+                    (h, b"" if h < 0 else compress_page(p), -1)
+                    for h, p in zip(hashes, pages, strict=True)
+                ]
+            items = [(oid, index, enc) for (oid, index), enc in zip(handles, encoded, strict=True)]
             return put_many(state, client, pool, items)

@@ -31,9 +31,13 @@ class IdTable:
 
     __slots__ = ("_count", "_hash_many", "_hash_of", "mask", "slots")
 
-    def __init__(self, hash_of: Callable[[int], int], capacity: int = _MIN_CAPACITY, *,
-                 hash_many: Callable[[npt.NDArray[np.int32]], npt.NDArray[np.uint64]]
-                 | None = None) -> None:
+    def __init__(
+        self,
+        hash_of: Callable[[int], int],
+        capacity: int = _MIN_CAPACITY,
+        *,
+        hash_many: Callable[[npt.NDArray[np.int32]], npt.NDArray[np.uint64]] | None = None,
+    ) -> None:
         size = _MIN_CAPACITY
         while size < capacity:
             size *= 2
@@ -89,7 +93,7 @@ class IdTable:
         while len(merged) * 2 > size:
             size *= 2
         unplaced = np.full(size, _EMPTY, dtype=np.int32)
-        unplaced[:len(merged)] = merged
+        unplaced[: len(merged)] = merged
         self.slots = array("i", unplaced.tobytes())  # not a valid table until re-laid:
         self._resize(size)
 

@@ -40,27 +40,39 @@ if TYPE_CHECKING:
 
 
 def client_record(client: Client) -> ClientRecord:
-    return ClientRecord(client.name, client.scope, client.weight, client.cap_pages,
-                        client.dedup, client.frozen, sorted(client.authorised),
-                        dict(client.meta))
+    return ClientRecord(
+        client.name,
+        client.scope,
+        client.weight,
+        client.cap_pages,
+        client.dedup,
+        client.frozen,
+        sorted(client.authorised),
+        dict(client.meta),
+    )
 
 
 def pool_record(pool: Pool) -> PoolRecord:
-    return PoolRecord(pool.gid, pool.persistent, pool.shared, pool.uuid, pool.owner,
-                      dict(pool.members))
+    return PoolRecord(
+        pool.gid, pool.persistent, pool.shared, pool.uuid, pool.owner, dict(pool.members)
+    )
 
 
 class Journal:
     """Records of persistent state, fanned out to the log and the listeners."""
 
-    def __init__(self, log: PersistentLog | None, listeners: Collection[RecordSink],
-                 pages: PageTable, pools: dict[int, Pool]) -> None:
+    def __init__(
+        self,
+        log: PersistentLog | None,
+        listeners: Collection[RecordSink],
+        pages: PageTable,
+        pools: dict[int, Pool],
+    ) -> None:
         # Wiring, fixed here.  Sinks hear each change in order, the log first; page
         # records come just before the log's commit (a failed commit raises to the
         # operation's caller, after the listeners heard it).
         self._log = log
-        self._sinks: tuple[RecordSink, ...] = (
-            (() if log is None else (log,)) + tuple(listeners))
+        self._sinks: tuple[RecordSink, ...] = (() if log is None else (log,)) + tuple(listeners)
         #: Whether anything records changes; when False every method is a no-op.
         self.tracking = bool(self._sinks)
         self._pages = pages

@@ -75,8 +75,7 @@ class ChangeFeed:
 
     # RecordSink ---------------------------------------------------------------------------
 
-    def put_chunk(self, gid: int, oid: Oid, chunk: int,
-                  entries: Sequence[tuple[int, int]]) -> None:
+    def put_chunk(self, gid: int, oid: Oid, chunk: int, entries: Sequence[tuple[int, int]]) -> None:
         self._note(gid, oid, chunk)
 
     def drop_chunk(self, gid: int, oid: Oid, chunk: int) -> None:
@@ -135,17 +134,27 @@ class ClientSettings:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"weight": self.weight, "cap_pages": self.cap_pages, "dedup": self.dedup,
-                "frozen": self.frozen, "authorised": [a.hex() for a in self.authorised],
-                "meta": self.meta}
+        return {
+            "weight": self.weight,
+            "cap_pages": self.cap_pages,
+            "dedup": self.dedup,
+            "frozen": self.frozen,
+            "authorised": [a.hex() for a in self.authorised],
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> ClientSettings:
         try:
             cap = obj["cap_pages"]
-            return cls(int(obj["weight"]), None if cap is None else int(cap),
-                       bool(obj["dedup"]), bool(obj["frozen"]),
-                       [bytes.fromhex(a) for a in obj["authorised"]], dict(obj["meta"]))
+            return cls(
+                int(obj["weight"]),
+                None if cap is None else int(cap),
+                bool(obj["dedup"]),
+                bool(obj["frozen"]),
+                [bytes.fromhex(a) for a in obj["authorised"]],
+                dict(obj["meta"]),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise InvalidArgument(f"malformed client settings: {err}", op="migrate") from None
 
@@ -161,8 +170,11 @@ class Exporter:
 
     def __init__(self, host: TmemHost, feed: ChangeFeed, name: str) -> None:
         if not _listens(host, feed):
-            raise InvalidArgument("migration needs the host built with its ChangeFeed "
-                                  "as a listener", op="migrate", client=name)
+            raise InvalidArgument(
+                "migration needs the host built with its ChangeFeed as a listener",
+                op="migrate",
+                client=name,
+            )
         self.host = host
         self.feed = feed
         self.name = name
@@ -174,9 +186,14 @@ class Exporter:
         with self.host._writing() as state:
             client = state.client(self.name, "migrate")
             self._changed = self.feed.watch()
-            settings = ClientSettings(client.weight, client.cap_pages, client.dedup,
-                                      client.frozen, sorted(client.authorised),
-                                      dict(client.meta))
+            settings = ClientSettings(
+                client.weight,
+                client.cap_pages,
+                client.dedup,
+                client.frozen,
+                sorted(client.authorised),
+                dict(client.meta),
+            )
             keys: list[ChunkKey] = []
             radix = state.pages.radix
             for pool in _pools(state, client):
@@ -197,9 +214,12 @@ class Exporter:
         with self.host._lock:
             state = self.host._state
             client = state.client(self.name, "migrate")
-            return [PoolInfo(local, p.persistent, p.shared, p.uuid, p.gid)
-                    for local, p in ((lc, state.pools[g]) for lc, g in
-                                     enumerate(client.pools) if g is not None)]
+            return [
+                PoolInfo(local, p.persistent, p.shared, p.uuid, p.gid)
+                for local, p in (
+                    (lc, state.pools[g]) for lc, g in enumerate(client.pools) if g is not None
+                )
+            ]
 
     def take_changed(self) -> list[ChunkKey]:
         """Chunks of this client's persistent pools changed since the last call (or
@@ -232,8 +252,11 @@ class Exporter:
                 objno = state.pools[gid].objects.get(oid)
                 radix = None if objno is None else pages.radix[objno]
                 chunk = None if radix is None else radix.get(chunk_no)
-                held = sorted((index_of[slot], blob_of[slot])
-                              for slot in (chunk if chunk is not None else ()) if slot >= 0)
+                held = sorted(
+                    (index_of[slot], blob_of[slot])
+                    for slot in (chunk if chunk is not None else ())
+                    if slot >= 0
+                )
                 for _, blob in held:
                     if external(blob):
                         logged[blob] = b""
@@ -242,11 +265,23 @@ class Exporter:
                 assert store.log is not None  # external blobs live in the log
                 logged = dict(zip(logged, store.log.payloads(list(logged)), strict=True))
             payload, blob_hash = store.payload, store.blob_hash
-            return [ChunkPages(local, gid, oid, chunk_no, tuple(
-                        (index, blob_hash(blob) if blob else 0,
-                         logged[blob] if blob in logged else payload(blob))
-                        for index, blob in held))
-                    for local, gid, oid, chunk_no, held in found]
+            return [
+                ChunkPages(
+                    local,
+                    gid,
+                    oid,
+                    chunk_no,
+                    tuple(
+                        (
+                            index,
+                            blob_hash(blob) if blob else 0,
+                            logged[blob] if blob in logged else payload(blob),
+                        )
+                        for index, blob in held
+                    ),
+                )
+                for local, gid, oid, chunk_no, held in found
+            ]
 
     def persistent_pages(self) -> int:
         with self.host._lock:
@@ -288,7 +323,9 @@ class Importer:
             if existing is not None and existing.pages:
                 raise InvalidArgument(
                     f"this agent already holds {existing.pages} pages of {self.name}",
-                    op="migrate", client=self.name)
+                    op="migrate",
+                    client=self.name,
+                )
             leftover = state.clients.get(self.staged)
             if leftover is not None:
                 state.remove_client(leftover)
@@ -306,8 +343,12 @@ class Importer:
                 if gid is None:
                     continue
                 pool, want = state.pools[gid], wanted.get(local)
-                if (want is None or want.generation != self._generation.get(local)
-                        or want.persistent != pool.persistent or want.shared != pool.shared):
+                if (
+                    want is None
+                    or want.generation != self._generation.get(local)
+                    or want.persistent != pool.persistent
+                    or want.shared != pool.shared
+                ):
                     state.leave_pool(client, pool)
                     self._generation.pop(local, None)
             for local, p in sorted(wanted.items()):
@@ -346,14 +387,19 @@ class Importer:
                         state.drop_slot(pool, slot)
                     elif store.payload(pages.blob[slot]) == new[1]:
                         del incoming[index]  # unchanged: lz4 is deterministic
-                items: list[PutItem] = [(ch.oid, index, (h, payload, -1))
-                                        for index, (h, payload) in sorted(incoming.items())]
+                items: list[PutItem] = [
+                    (ch.oid, index, (h, payload, -1))
+                    for index, (h, payload) in sorted(incoming.items())
+                ]
                 if items:
                     errors = put_many(state, client, pool, items)
                     failed = next((e for e in errors if e is not None), None)
                     if failed is not None:
-                        raise NoSpace(f"this agent cannot take {self.name}'s pages: "
-                                      f"{failed}", op="migrate", client=self.name)
+                        raise NoSpace(
+                            f"this agent cannot take {self.name}'s pages: {failed}",
+                            op="migrate",
+                            client=self.name,
+                        )
 
     def staged_pages(self) -> int:
         with self.host._lock:
@@ -369,13 +415,19 @@ class Importer:
             if staged.persistent_pages != expected_pages:
                 raise InvalidArgument(
                     f"{self.name}: {staged.persistent_pages} pages arrived, the source "
-                    f"holds {expected_pages}", op="migrate", client=self.name)
+                    f"holds {expected_pages}",
+                    op="migrate",
+                    client=self.name,
+                )
             cap = s.cap_pages
             existing = state.clients.get(self.name)
             if existing is not None:
                 if existing.pages:
-                    raise InvalidArgument(f"this agent already holds pages of {self.name}",
-                                          op="migrate", client=self.name)
+                    raise InvalidArgument(
+                        f"this agent already holds pages of {self.name}",
+                        op="migrate",
+                        client=self.name,
+                    )
                 cap = existing.cap_pages
                 for local, gid in enumerate(existing.pools):
                     if gid is None:
@@ -422,5 +474,5 @@ def drop_leftovers(host: TmemHost) -> list[str]:
                 host.remove_client(name)
             except TmemError:
                 continue
-            dropped.append(name[len(STAGING_PREFIX):])
+            dropped.append(name[len(STAGING_PREFIX) :])
     return dropped

@@ -85,7 +85,11 @@ class PageTable:
         self.obj_oid1 = array("Q")
         self.obj_oid2 = array("Q")
         self._obj_columns = (
-            self.obj_pool, self.obj_count, self.obj_oid0, self.obj_oid1, self.obj_oid2,
+            self.obj_pool,
+            self.obj_count,
+            self.obj_oid0,
+            self.obj_oid1,
+            self.obj_oid2,
         )
         self.radix: list[dict[int, array[int]] | None] = []
         self._free_objs = array("i")
@@ -159,8 +163,9 @@ class PageTable:
         self.live_slots += 1
         return slot
 
-    def add_many(self, objnos: list[int], indexes: list[int], blobs: list[int],
-                 lru: LruList | None) -> None:
+    def add_many(
+        self, objnos: list[int], indexes: list[int], blobs: list[int], lru: LruList | None
+    ) -> None:
         """:meth:`add` for a batch of absent, distinct handles, with lookups hoisted."""
         n = len(blobs)
         free = self._free_slots
@@ -169,8 +174,12 @@ class PageTable:
             end = _grow_to(self._slot_columns, start + n)
             free.extend(range(end - 1, start - 1, -1))
         blob_col, obj_col, index_col = self.blob, self.obj, self.index
-        prev_col, next_col, radix_of, count = self.lru_prev, self.lru_next, self.radix, (
-            self.obj_count)
+        prev_col, next_col, radix_of, count = (
+            self.lru_prev,
+            self.lru_next,
+            self.radix,
+            (self.obj_count),
+        )
         last_objno = last_key = -1
         radix: dict[int, array[int]] = {}
         chunk = _EMPTY_CHUNK
@@ -217,6 +226,7 @@ class PageTable:
         self._free_slots.append(slot)
         self.live_slots -= 1
         return blob
+
     def on_lru(self, slot: int) -> bool:
         return self.lru_prev[slot] != NOT_ON_LRU
 

@@ -55,8 +55,12 @@ def put_many(
     # With room for the whole batch at worst-case cost, skip per-page budget checks.
     cost = MAX_LOGGED_PUT_COST if pool.persistent and state.log is not None else MAX_PUT_COST
     headroom = state.budget - used_bytes(state) >= len(items) * cost
-    if (headroom and len(items) > 1 and not client.frozen
-            and (owner.cap_pages is None or owner.pages + len(items) <= owner.cap_pages)):
+    if (
+        headroom
+        and len(items) > 1
+        and not client.frozen
+        and (owner.cap_pages is None or owner.pages + len(items) <= owner.cap_pages)
+    ):
         done = _put_batch_fast(state, pool, items, scope, lru)
         if done is not None:
             return done
@@ -113,7 +117,11 @@ def put_many(
 
 
 def _put_batch_fast(
-    state: HostState, pool: Pool, items: list[PutItem], scope: int, lru: LruList | None,
+    state: HostState,
+    pool: Pool,
+    items: list[PutItem],
+    scope: int,
+    lru: LruList | None,
 ) -> list[TmemError | None] | None:
     """All-or-nothing fast path when every page is sure to fit (the caller checked
     budget headroom, cap and frozen).  Same outcome as putting the pages one by one;

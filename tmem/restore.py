@@ -31,14 +31,25 @@ def restore_host(host: HostState, state: StoredState) -> list[str]:
     findings: list[str] = []
     for c in state.clients:
         host.clients[c.name] = Client(
-            c.name, c.scope, weight=c.weight, cap_pages=c.cap_pages, dedup=c.dedup,
-            frozen=c.frozen, authorised=set(c.authorised), meta=dict(c.meta))
+            c.name,
+            c.scope,
+            weight=c.weight,
+            cap_pages=c.cap_pages,
+            dedup=c.dedup,
+            frozen=c.frozen,
+            authorised=set(c.authorised),
+            meta=dict(c.meta),
+        )
         host.next_scope = max(host.next_scope, c.scope + 1)
     for p in state.pools:
         host.next_gid = max(host.next_gid, p.gid + 1)
-        members = {m: local for m, local in p.members.items()
-                   if m in host.clients and 0 <= local < MAX_POOLS_PER_CLIENT
-                   and host.clients[m].pools[local] is None}
+        members = {
+            m: local
+            for m, local in p.members.items()
+            if m in host.clients
+            and 0 <= local < MAX_POOLS_PER_CLIENT
+            and host.clients[m].pools[local] is None
+        }
         if p.owner not in members or (p.persistent and p.shared):
             findings.append(f"pool {p.gid}: owner {p.owner!r} or members unusable; dropped")
             log.drop_pool(p.gid)
@@ -64,10 +75,14 @@ def restore_host(host: HostState, state: StoredState) -> list[str]:
     blob_ok = (pages["blob"] == 0) | np.isin(pages["blob"], blobs["blob"])
     for gid, o0, o1, o2, index, blob in pages[~(pool_ok & blob_ok)].tolist():
         found = host.pools.get(gid)
-        why = ("its pool is gone" if found is None else "its pool is ephemeral"
-               if not found.persistent else "its blob is gone")
-        findings.append(f"page {gid}/{o0:x}.{o1:x}.{o2:x}/{index} -> blob {blob}: {why}; "
-                        "dropped")
+        why = (
+            "its pool is gone"
+            if found is None
+            else "its pool is ephemeral"
+            if not found.persistent
+            else "its blob is gone"
+        )
+        findings.append(f"page {gid}/{o0:x}.{o1:x}.{o2:x}/{index} -> blob {blob}: {why}; dropped")
         host.journal.dirty.add((gid, (o0, o1, o2), index >> RADIX_BITS))  # rewritten at commit
     good = pages[pool_ok & blob_ok]
     top = int(max(blobs["blob"].max(initial=0), good["blob"].max(initial=0))) + 1
@@ -88,24 +103,35 @@ def _rebuild_objects(host: HostState, good: npt.NDArray[np.void]) -> None:
     n = len(good)
     gid, o0, o1, o2 = good["gid"], good["o0"], good["o1"], good["o2"]
     change = np.ones(n, dtype=bool)
-    change[1:] = ((gid[1:] != gid[:-1]) | (o0[1:] != o0[:-1]) | (o1[1:] != o1[:-1])
-                  | (o2[1:] != o2[:-1]))
+    change[1:] = (
+        (gid[1:] != gid[:-1]) | (o0[1:] != o0[:-1]) | (o1[1:] != o1[:-1]) | (o2[1:] != o2[:-1])
+    )
     starts = np.flatnonzero(change)
     table = host.pages
     objnos = []
-    for g, a, b, c in zip(gid[starts].tolist(), o0[starts].tolist(), o1[starts].tolist(),
-                          o2[starts].tolist(), strict=True):
+    for g, a, b, c in zip(
+        gid[starts].tolist(),
+        o0[starts].tolist(),
+        o1[starts].tolist(),
+        o2[starts].tolist(),
+        strict=True,
+    ):
         oid = (a, b, c)
         objno = host.pools[g].objects[oid] = table.new_object(g, oid)
         objnos.append(objno)
     counts = np.diff(np.append(starts, n))
-    table.add_many(np.repeat(np.array(objnos, dtype=np.int64), counts).tolist(),
-                   good["index"].tolist(), good["blob"].tolist(), None)
+    table.add_many(
+        np.repeat(np.array(objnos, dtype=np.int64), counts).tolist(),
+        good["index"].tolist(),
+        good["blob"].tolist(),
+        None,
+    )
     lengths = host.store.payload_lengths(good["blob"])
     gids, inverse, per_pool = np.unique(gid, return_inverse=True, return_counts=True)
     stored = np.bincount(inverse, weights=lengths)
-    for g, pages_in_pool, nbytes in zip(gids.tolist(), per_pool.tolist(), stored.tolist(),
-                                        strict=True):
+    for g, pages_in_pool, nbytes in zip(
+        gids.tolist(), per_pool.tolist(), stored.tolist(), strict=True
+    ):
         pool = host.pools[g]
         pool.pages += pages_in_pool
         pool.bytes_stored += int(nbytes)

@@ -110,7 +110,8 @@ class SlabArena:
         # Popped from the end: the chunk fills in address order.  (NumPy builds the run
         # in C: a Python range would create a Python int per element, up to 2048.)
         cls.free.frombytes(
-            np.arange(first + cls.per_chunk - 1, first - 1, -1, dtype=np.int32).tobytes())
+            np.arange(first + cls.per_chunk - 1, first - 1, -1, dtype=np.int32).tobytes()
+        )
         self.reserved_bytes += CHUNK_BYTES
 
     def _release(self, cls: _SizeClass, chunk_no: int) -> None:

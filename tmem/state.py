@@ -54,8 +54,10 @@ class Pool:
 
     @property
     def flags(self) -> int:
-        return int((PoolFlag.PERSISTENT if self.persistent else 0)
-                   | (PoolFlag.SHARED if self.shared else 0))
+        return int(
+            (PoolFlag.PERSISTENT if self.persistent else 0)
+            | (PoolFlag.SHARED if self.shared else 0)
+        )
 
 
 @dataclass(slots=True, eq=False)
@@ -83,8 +85,9 @@ class Client:
 class HostState:
     """Everything a TmemHost holds; every field guarded by ``TmemHost._lock``."""
 
-    def __init__(self, budget_bytes: int, log: PersistentLog | None,
-                 listeners: Collection[RecordSink] = ()) -> None:
+    def __init__(
+        self, budget_bytes: int, log: PersistentLog | None, listeners: Collection[RecordSink] = ()
+    ) -> None:
         self.budget = budget_bytes
         #: Wiring, fixed at construction: the store of persistent state, if any.
         self.log = log
@@ -118,7 +121,9 @@ class HostState:
         )
         if gid is None:
             raise NoSuchPool(
-                f"pool {pool_id!r} does not exist", op=op, client=client.name,
+                f"pool {pool_id!r} does not exist",
+                op=op,
+                client=client.name,
                 pool=pool_id if type(pool_id) is int else None,
             )
         return self.pools[gid]
@@ -136,8 +141,7 @@ class HostState:
 
     # -- clients and pools -----------------------------------------------------------------
 
-    def add_client(self, name: str, weight: int, cap_pages: int | None,
-                   dedup: bool) -> Client:
+    def add_client(self, name: str, weight: int, cap_pages: int | None, dedup: bool) -> Client:
         client = self.clients[name] = Client(
             name, self.next_scope, weight=weight, cap_pages=cap_pages, dedup=dedup
         )
@@ -150,15 +154,17 @@ class HostState:
         del self.clients[client.name]
         self.journal.client_dropped(client.name)
 
-    def new_pool(self, client: Client, local: int, persistent: bool, shared: bool,
-                 key: bytes | None, op: str) -> int:
+    def new_pool(
+        self, client: Client, local: int, persistent: bool, shared: bool, key: bytes | None, op: str
+    ) -> int:
         """Create a pool at *local*, or join the shared pool *key* names.  → local id."""
         name = client.name
         if shared:
             if key is None or key not in client.authorised:
                 raise AccessDenied(
                     "the host has not authorised this client for that shared pool",
-                    op=op, client=name,
+                    op=op,
+                    client=name,
                 )
             gid = self.shared_by_uuid.get(key)
             if gid is not None:
@@ -192,8 +198,7 @@ class HostState:
             self.journal.pool_dropped(pool.gid)
         else:
             if pool.owner == client.name:
-                self._transfer_ownership(pool, client,
-                                         self.clients[next(iter(pool.members))])
+                self._transfer_ownership(pool, client, self.clients[next(iter(pool.members))])
             self.journal.pool_changed(pool)
 
     def _transfer_ownership(self, pool: Pool, old: Client, new: Client) -> None:
@@ -253,8 +258,7 @@ class HostState:
         objno = pages.obj[slot]
         lru = self.owner_lru(pool)
         if pool.persistent and self.journal.tracking:
-            self.journal.dirty.add((pool.gid, pages.oid_of(objno),
-                                    pages.index[slot] >> RADIX_BITS))
+            self.journal.dirty.add((pool.gid, pages.oid_of(objno), pages.index[slot] >> RADIX_BITS))
         blob = pages.remove(slot, lru)
         pool.pages -= 1
         pool.bytes_stored -= self.store.payload_length(blob)

@@ -95,7 +95,6 @@ def store_stats(state: HostState) -> StoreStats:
 def metadata_bytes(state: HostState) -> int:
     # Object ids live in per-pool dicts: the dict tables plus one 3-tuple of ints each.
     dicts = sum(
-        sys.getsizeof(p.objects) + len(p.objects) * _OID_TUPLE_BYTES
-        for p in state.pools.values()
+        sys.getsizeof(p.objects) + len(p.objects) * _OID_TUPLE_BYTES for p in state.pools.values()
     )
     return state.store.metadata_bytes() + state.pages.metadata_bytes() + dicts

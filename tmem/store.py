@@ -82,8 +82,10 @@ def hash_pages(pages: Sequence[PageBuffer]) -> list[int]:
     back to memoryview's item-by-item comparison, ~100x slower than memcmp on a match."""
     zero = ZERO_PAGE
     starts_zero = zero.startswith
-    return [ZERO_HASH if (page == zero if type(page) is bytes else starts_zero(page))
-            else _xxh3(page) for page in pages]
+    return [
+        ZERO_HASH if (page == zero if type(page) is bytes else starts_zero(page)) else _xxh3(page)
+        for page in pages
+    ]
 
 
 def same_page(stored: bytes, page: PageBuffer) -> bool:
@@ -176,8 +178,7 @@ class PageStore:
 
     # -- updates ---------------------------------------------------------------------------
 
-    def pin_matches(self, hashes: list[int], pages: Sequence[PageBuffer], scope: int
-                    ) -> list[int]:
+    def pin_matches(self, hashes: list[int], pages: Sequence[PageBuffer], scope: int) -> list[int]:
         """Per page: a live blob of this scope holding exactly these bytes, pinned (its
         reference taken for the caller), or -1.  Zero pages always get -1."""
         out: list[int] = []
@@ -197,8 +198,11 @@ class PageStore:
                         where = loc[blob]
                         data = view(where, n) if where >= 0 else self._data(blob)
                         same = same_page(
-                            bytes(data) if n == PAGE_SIZE
-                            else _decompress(data, uncompressed_size=PAGE_SIZE), page)
+                            bytes(data)
+                            if n == PAGE_SIZE
+                            else _decompress(data, uncompressed_size=PAGE_SIZE),
+                            page,
+                        )
                         if same:
                             refs[blob] += 1
                             found = blob
@@ -247,8 +251,9 @@ class PageStore:
     def intern_many(self, encoded: list[EncodedPage], scope: int) -> list[int]:
         """:meth:`intern` for a batch; pinned pages pass through (already referenced)."""
         intern = self.intern
-        return [pinned if pinned >= 0 else intern(h, payload, scope)
-                for h, payload, pinned in encoded]
+        return [
+            pinned if pinned >= 0 else intern(h, payload, scope) for h, payload, pinned in encoded
+        ]
 
     def release(self, blob: int) -> None:
         """Drop one reference; free the blob when it was the last."""
@@ -298,7 +303,7 @@ class PageStore:
         np.frombuffer(self._length, dtype=np.uint16)[ids] = blobs["length"]
         np.frombuffer(self._hash, dtype=np.uint64)[ids] = blobs["hash"]
         np.frombuffer(self._scope, dtype=np.uint32)[ids] = blobs["scope"]
-        np.frombuffer(self._refs, dtype=np.uint32)[:len(refs)] = refs
+        np.frombuffer(self._refs, dtype=np.uint32)[: len(refs)] = refs
         self._dedup.insert_many(ids.astype(np.int32))
         self.data_bytes = int(blobs["length"].sum())
         self.live_blobs = len(ids)

@@ -168,4 +168,3 @@ class StoreStats:
 
     def to_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-

@@ -79,39 +79,60 @@ class AgentApp:
         self.started = time.time()
         #: What migrations watch to learn which chunks a guest changed (with a store).
         self.feed = ChangeFeed() if store is not None else None
-        self.tmem = TmemHost(budget_bytes=budget_bytes, log=store,
-                             listeners=[self.feed] if self.feed is not None else [])
+        self.tmem = TmemHost(
+            budget_bytes=budget_bytes,
+            log=store,
+            listeners=[self.feed] if self.feed is not None else [],
+        )
         #: The crash-safe store (None: in memory only, lost with the process).
         self.store = store
         self.persistence = AgentStore(store)
         reopened = self.persistence.reopen(self.tmem)
-        self.real = RealGuests(ledger=ksm_ledger or paths.ksm_originals(),
-                               store=self.persistence,
-                               opted_out=reopened.opted_out)
+        self.real = RealGuests(
+            ledger=ksm_ledger or paths.ksm_originals(),
+            store=self.persistence,
+            opted_out=reopened.opted_out,
+        )
         #: Consent to cross-guest merging (sharing.consent): tmem, sim and KSM obey it.
         self.consent = self.real.consent
         self.machine: SimMachine | None = SimMachine(sim_frames) if sim_frames else None
         self.sharing: SharingService | None = (
             SharingService(SharingManager(self.machine), consent=self.consent)
-            if self.machine else None)
+            if self.machine
+            else None
+        )
         self.router = SharingRouter(self.sharing, self.real)
         # Default per-guest cap: half the budget, counted in raw pages.
         cap = budget_bytes // 2 if guest_cap_bytes is None else guest_cap_bytes
-        self.dispatcher = Dispatcher(self.tmem, self.router, guest_cap_pages=cap // PAGE_SIZE,
-                                     consent=self.consent,
-                                     sharing_offered=self._sharing_offered)
+        self.dispatcher = Dispatcher(
+            self.tmem,
+            self.router,
+            guest_cap_pages=cap // PAGE_SIZE,
+            consent=self.consent,
+            sharing_offered=self._sharing_offered,
+        )
         self.agent = Agent(self.dispatcher)
         self.agent.guests.update(reopened.guests)
-        self.swap = SwapDisks(self.tmem, self.dispatcher,
-                              markers=swap_markers or paths.run_dir() / "swap",
-                              spill_dir=spill_dir)
-        self.migration = MigrationService(tmem=self.tmem, feed=self.feed, agent=self.agent,
-                                          swap=self.swap, tls_dir=tls_dir)
-        self.handlers = ControlHandlers(tmem=self.tmem, agent=self.agent, swap=self.swap,
-                                        real=self.real, sharing=self.sharing,
-                                        persistence=self.persistence,
-                                        migration=self.migration,
-                                        started=self.started, metrics_url=self._metrics_url)
+        self.swap = SwapDisks(
+            self.tmem,
+            self.dispatcher,
+            markers=swap_markers or paths.run_dir() / "swap",
+            spill_dir=spill_dir,
+        )
+        self.migration = MigrationService(
+            tmem=self.tmem, feed=self.feed, agent=self.agent, swap=self.swap, tls_dir=tls_dir
+        )
+        self.handlers = ControlHandlers(
+            tmem=self.tmem,
+            agent=self.agent,
+            swap=self.swap,
+            real=self.real,
+            sharing=self.sharing,
+            persistence=self.persistence,
+            migration=self.migration,
+            started=self.started,
+            metrics_url=self._metrics_url,
+        )
         self.control = ControlServer(handler_table(self.handlers, self.migration))
         #: The /metrics endpoint (``serve --metrics``); None without one.  Loop thread.
         self.metrics: MetricsServer | None = None
@@ -126,8 +147,9 @@ class AgentApp:
     def _metrics_url(self) -> str | None:
         return self.metrics.url if self.metrics is not None else None
 
-    async def start(self, control_path: str | None, *,
-                    metrics: tuple[str, int] | None = None) -> None:
+    async def start(
+        self, control_path: str | None, *, metrics: tuple[str, int] | None = None
+    ) -> None:
         """Start the agent; ``metrics``: (host, port) to serve ``/metrics`` on
         (memd.agent.metrics; port 0 picks a free one, see ``self.metrics.port``)."""
         if metrics is not None:

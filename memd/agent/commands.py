@@ -267,13 +267,16 @@ def parse(name: str, raw: dict[str, Any]) -> CommandArgs:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         takes = ", ".join(fields) or "no arguments"
-        raise InvalidArgument(f"{command} does not take {unknown[0]!r} (it takes {takes})",
-                              op=str(command))
+        raise InvalidArgument(
+            f"{command} does not take {unknown[0]!r} (it takes {takes})", op=str(command)
+        )
     values: dict[str, Any] = {}
     for field_name, field in fields.items():
         if field_name not in raw or raw[field_name] is None:
-            required = (field.default is dataclasses.MISSING
-                        and field.default_factory is dataclasses.MISSING)
+            required = (
+                field.default is dataclasses.MISSING
+                and field.default_factory is dataclasses.MISSING
+            )
             if required:
                 raise InvalidArgument(f"missing argument {field_name!r}", op=str(command))
             continue
@@ -291,8 +294,7 @@ def _checked(command: Command, name: str, value: object, hint: object) -> object
             raise InvalidArgument(f"argument {name!r} must be an integer", op=str(command))
     elif kind is str:
         if not isinstance(value, str) or not value:
-            raise InvalidArgument(f"argument {name!r} must be a non-empty string",
-                                  op=str(command))
+            raise InvalidArgument(f"argument {name!r} must be a non-empty string", op=str(command))
     else:  # a shape with a field type this parser does not know: a bug, caught by tests
         raise TypeError(f"{command}.{name}: unsupported argument type {hint!r}")
     return value

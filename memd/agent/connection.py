@@ -133,8 +133,12 @@ class GuestConnection(asyncio.BufferedProtocol):
     Everything runs on the event loop thread: no locks.
     """
 
-    def __init__(self, on_connect: Callable[[GuestConnection], Awaitable[None]] | None,
-                 scratch: ScratchBuffer, partials: PartialFrames) -> None:
+    def __init__(
+        self,
+        on_connect: Callable[[GuestConnection], Awaitable[None]] | None,
+        scratch: ScratchBuffer,
+        partials: PartialFrames,
+    ) -> None:
         self._on_connect = on_connect
         self._scratch = scratch
         self._partials = partials

@@ -58,9 +58,11 @@ def handles(command: Command, *, thread: bool = False) -> Callable[[_F], _F]:
     """Mark a method as the handler of *command*; its one parameter is the command's
     argument shape.  A plain method runs on the event loop (it must not block), or with
     ``thread=True`` in a worker thread; an ``async`` method is awaited on the loop."""
+
     def mark(fn: _F) -> _F:
         vars(fn)[_MARK] = _Mark(command, thread)
         return fn
+
     return mark
 
 
@@ -82,8 +84,10 @@ def handler_table(*components: object) -> dict[Command, Handler]:
             hints = typing.get_type_hints(method)
             params = [v for k, v in hints.items() if k != "return"]
             if params != [SHAPES[mark.command]]:
-                raise TypeError(f"{type(component).__name__}.{attr} handles {mark.command}: "
-                                f"its parameter must be {SHAPES[mark.command].__name__}")
+                raise TypeError(
+                    f"{type(component).__name__}.{attr} handles {mark.command}: "
+                    f"its parameter must be {SHAPES[mark.command].__name__}"
+                )
             table[mark.command] = _runner(method, mark.thread)
     missing = [str(c) for c in Command if c not in table]
     if missing:
@@ -94,16 +98,20 @@ def handler_table(*components: object) -> dict[Command, Handler]:
 def _runner(method: Callable[[Any], Any], thread: bool) -> Handler:
     if asyncio.iscoroutinefunction(method):
         if thread:
-            raise TypeError(f"{method.__qualname__} is async: it runs on the loop, not in a "
-                            "worker thread")
+            raise TypeError(
+                f"{method.__qualname__} is async: it runs on the loop, not in a worker thread"
+            )
         return typing.cast(Handler, method)
     if thread:
+
         async def in_thread(args: CommandArgs) -> Any:
             return await asyncio.to_thread(method, args)
+
         return in_thread
 
     async def on_loop(args: CommandArgs) -> Any:
         return method(args)
+
     return on_loop
 
 
@@ -128,8 +136,9 @@ class ControlServer:
             os.unlink(path)
         old_umask = os.umask(0o177)  # the socket is born 0600: no window for others
         try:
-            self._server = await asyncio.start_unix_server(self._client, path=path,
-                                                           limit=MAX_REQUEST)
+            self._server = await asyncio.start_unix_server(
+                self._client, path=path, limit=MAX_REQUEST
+            )
         finally:
             os.umask(old_umask)
         self.path = path
@@ -145,8 +154,15 @@ class ControlServer:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if not _peer_allowed(writer.get_extra_info("socket")):
-                await _send(writer, {"ok": False, "error": PermissionDenied(
-                    "only root or the agent's user may use the control socket").to_dict()})
+                await _send(
+                    writer,
+                    {
+                        "ok": False,
+                        "error": PermissionDenied(
+                            "only root or the agent's user may use the control socket"
+                        ).to_dict(),
+                    },
+                )
                 return
             while line := await reader.readline():
                 await _send(writer, await self._run(line))
@@ -162,14 +178,18 @@ class ControlServer:
             if not isinstance(cmd, str) or not isinstance(raw, dict):
                 raise TypeError
         except (ValueError, KeyError, TypeError):
-            return {"ok": False, "error": {"error": "BadRequest",
-                                           "message": "malformed control request"}}
+            return {
+                "ok": False,
+                "error": {"error": "BadRequest", "message": "malformed control request"},
+            }
         try:
             args = parse(cmd, raw)
             handler = self.commands[args.command]
         except (UnknownCommand, KeyError):
-            return {"ok": False, "error": {"error": "BadRequest",
-                                           "message": f"unknown command {cmd!r}"}}
+            return {
+                "ok": False,
+                "error": {"error": "BadRequest", "message": f"unknown command {cmd!r}"},
+            }
         except MemdError as err:
             return {"ok": False, "error": err.to_dict()}
         try:
@@ -201,8 +221,9 @@ def request(args: CommandArgs, *, path: str | None = None, timeout: float = 600.
     return call(cmd, raw, path=path, timeout=timeout)
 
 
-def call(cmd: str, args: dict[str, Any] | None = None, *, path: str | None = None,
-         timeout: float = 600.0) -> Any:
+def call(
+    cmd: str, args: dict[str, Any] | None = None, *, path: str | None = None, timeout: float = 600.0
+) -> Any:
     """:func:`request` with the command and arguments as they go on the wire (JSON),
     unchecked: what a script or a test that speaks the socket's raw format uses."""
     path = path or control_path()
@@ -214,15 +235,19 @@ def call(cmd: str, args: dict[str, Any] | None = None, *, path: str | None = Non
         except FileNotFoundError:
             raise AgentNotRunning(
                 f"the memd agent is not running (no control socket at {path}); "
-                "start it with 'memd serve'", target=path) from None
+                "start it with 'memd serve'",
+                target=path,
+            ) from None
         except ConnectionRefusedError:
             raise AgentNotRunning(
                 f"the memd agent is not running (stale control socket at {path}); "
-                "start it with 'memd serve'", target=path) from None
+                "start it with 'memd serve'",
+                target=path,
+            ) from None
         except PermissionError:
             raise PermissionDenied(
-                f"permission denied on {path}: run memd as root or as the agent's user",
-                target=path) from None
+                f"permission denied on {path}: run memd as root or as the agent's user", target=path
+            ) from None
         except OSError as err:
             if err.errno == errno.ENOTSOCK:
                 raise AgentNotRunning(f"{path} is not a memd control socket", target=path) from err
@@ -232,8 +257,7 @@ def call(cmd: str, args: dict[str, Any] | None = None, *, path: str | None = Non
         while not buf.endswith(b"\n"):
             chunk = sock.recv(1 << 16)
             if not chunk:
-                raise AgentNotRunning("the memd agent closed the control connection",
-                                      target=path)
+                raise AgentNotRunning("the memd agent closed the control connection", target=path)
             buf += chunk
     finally:
         sock.close()

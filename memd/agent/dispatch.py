@@ -41,8 +41,13 @@ from tmem.types import PoolFlag
 log = logging.getLogger("memd.agent")
 
 #: What this host grants when asked (dedup consent is the guest's, see GuestState).
-HOST_CAPABILITIES = int(Capability.BATCH | Capability.SHARING | Capability.STATS
-                        | Capability.DEDUP_OPT_IN | Capability.MEM_REPORT)
+HOST_CAPABILITIES = int(
+    Capability.BATCH
+    | Capability.SHARING
+    | Capability.STATS
+    | Capability.DEDUP_OPT_IN
+    | Capability.MEM_REPORT
+)
 
 
 @dataclass
@@ -76,8 +81,10 @@ class GuestState:
             return None
         psi = not m.flags & wire.MemReportFlag.NO_PSI
         return {
-            "mem_total_kib": m.mem_total_kib, "mem_available_kib": m.mem_available_kib,
-            "swap_total_kib": m.swap_total_kib, "swap_free_kib": m.swap_free_kib,
+            "mem_total_kib": m.mem_total_kib,
+            "mem_available_kib": m.mem_available_kib,
+            "swap_total_kib": m.swap_total_kib,
+            "swap_free_kib": m.swap_free_kib,
             "psi_some_avg10": m.psi_some_avg10 / 100 if psi else None,
             "psi_full_avg10": m.psi_full_avg10 / 100 if psi else None,
             "reported_at": round(at, 3),
@@ -89,10 +96,15 @@ class GuestState:
 class Dispatcher:
     """Turns guest requests into TmemHost / sharing calls."""
 
-    def __init__(self, tmem: TmemHost, sharing: GuestSharing | None = None, *,
-                 guest_cap_pages: int | None = None,
-                 consent: ConsentBook | None = None,
-                 sharing_offered: Callable[[], bool] | None = None) -> None:
+    def __init__(
+        self,
+        tmem: TmemHost,
+        sharing: GuestSharing | None = None,
+        *,
+        guest_cap_pages: int | None = None,
+        consent: ConsentBook | None = None,
+        sharing_offered: Callable[[], bool] | None = None,
+    ) -> None:
         self.tmem = tmem
         self.sharing = sharing
         #: Consent to cross-guest merging (sharing.consent): HELLO records the guest's
@@ -113,8 +125,9 @@ class Dispatcher:
         #: Time spent per op (memd serve --metrics reads it from another thread).
         self.latency = LatencyHistograms()
 
-    def handle_all(self, guest: GuestState, items: Sequence[wire.Frame | FrameError]
-                   ) -> list[Buffer]:
+    def handle_all(
+        self, guest: GuestState, items: Sequence[wire.Frame | FrameError]
+    ) -> list[Buffer]:
         """Replies for what a guest's decoder returned from one read, as the parts of
         their bytes in order (write them as one vectored write: ``transport.writelines``):
         each frame is handled; a corrupt stretch (FrameError) gets no reply — there is no
@@ -159,24 +172,31 @@ class Dispatcher:
 
     # -------------------------------------------------------------------------------------
 
-    def _error(self, guest: GuestState, frame: wire.Frame, err: BaseException
-               ) -> list[Buffer]:
+    def _error(self, guest: GuestState, frame: wire.Frame, err: BaseException) -> list[Buffer]:
         guest.errors += 1
         status = wire.status_for_exception(err)
         message = str(err) if isinstance(err, MemdError) else "internal error"
-        return self._status_reply(guest, frame, status, message[:wire.MAX_MESSAGE])
+        return self._status_reply(guest, frame, status, message[: wire.MAX_MESSAGE])
 
     def _reply(self, guest: GuestState, frame: wire.Frame, msg: wire.Reply) -> list[Buffer]:
-        return wire.encode_reply_parts(frame.request_id, msg,
-                                       version=guest.version or wire.PROTOCOL_VERSION)
+        return wire.encode_reply_parts(
+            frame.request_id, msg, version=guest.version or wire.PROTOCOL_VERSION
+        )
 
-    def _status_reply(self, guest: GuestState, frame: wire.Frame, status: Status,
-                      message: str = "") -> list[Buffer]:
-        return [wire.encode_error(frame.op, frame.request_id, status, message,
-                                  version=guest.version or wire.PROTOCOL_VERSION)]
+    def _status_reply(
+        self, guest: GuestState, frame: wire.Frame, status: Status, message: str = ""
+    ) -> list[Buffer]:
+        return [
+            wire.encode_error(
+                frame.op,
+                frame.request_id,
+                status,
+                message,
+                version=guest.version or wire.PROTOCOL_VERSION,
+            )
+        ]
 
-    def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request
-                  ) -> list[Buffer]:
+    def _dispatch(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> list[Buffer]:
         name, tmem = guest.name, self.tmem
         if isinstance(req, wire.SyncRequest):
             # docs/protocol.md: a SYNC starts the conversation over; HELLO comes next.
@@ -189,17 +209,21 @@ class Dispatcher:
             return self._status_reply(guest, frame, Status.NEED_HELLO)
         pool_id = getattr(req, "pool", None)
         if pool_id is not None and pool_id == self.disk_pools.get(name):
-            raise NoSuchPool("that pool id is not one of this guest's pools", client=name,
-                             pool=pool_id)
+            raise NoSuchPool(
+                "that pool id is not one of this guest's pools", client=name, pool=pool_id
+            )
         match req:
             case wire.NewPoolRequest():
                 if req.page_size != wire.PAGE_SIZE:
-                    return self._status_reply(guest, frame, Status.INVALID,
-                                              f"page size must be {wire.PAGE_SIZE}")
+                    return self._status_reply(
+                        guest, frame, Status.INVALID, f"page size must be {wire.PAGE_SIZE}"
+                    )
                 flags = (PoolFlag.PERSISTENT if req.flags & wire.PoolFlag.PERSISTENT else 0) | (
-                    PoolFlag.SHARED if req.flags & wire.PoolFlag.SHARED else 0)
-                pool = tmem.new_pool(name, int(flags),
-                                     req.uuid if req.flags & wire.PoolFlag.SHARED else None)
+                    PoolFlag.SHARED if req.flags & wire.PoolFlag.SHARED else 0
+                )
+                pool = tmem.new_pool(
+                    name, int(flags), req.uuid if req.flags & wire.PoolFlag.SHARED else None
+                )
                 return self._reply(guest, frame, wire.NewPoolReply(pool))
             case wire.DestroyPoolRequest():
                 tmem.destroy_pool(name, req.pool)
@@ -216,9 +240,11 @@ class Dispatcher:
                 tmem.flush_object(name, req.pool, req.oid)
             case wire.PutBatchRequest():  # shape proven by the decoder (module docstring)
                 results = tmem.put_batch_prevalidated(name, req.pool, req.handles, req.pages)
-                statuses = ([Status.OK] * len(results) if not any(results) else
-                            [Status.OK if r is None else wire.status_for_exception(r)
-                             for r in results])
+                statuses = (
+                    [Status.OK] * len(results)
+                    if not any(results)
+                    else [Status.OK if r is None else wire.status_for_exception(r) for r in results]
+                )
                 return self._reply(guest, frame, wire.PutBatchReply(statuses))
             case wire.GetBatchRequest():
                 pages = tmem.get_batch(name, req.pool, list(req.handles))
@@ -230,8 +256,12 @@ class Dispatcher:
                 return self._reply(guest, frame, wire.StatsReply(self._stats(guest)))
             case wire.MemReportRequest():
                 if not guest.capabilities & Capability.MEM_REPORT:
-                    return self._status_reply(guest, frame, Status.UNSUPPORTED_OP,
-                                              "MEM_REPORT was not negotiated in HELLO")
+                    return self._status_reply(
+                        guest,
+                        frame,
+                        Status.UNSUPPORTED_OP,
+                        "MEM_REPORT was not negotiated in HELLO",
+                    )
                 # memd.wire validated the ranges (available <= total, PSI 0..100 %).
                 guest.memory = req
                 guest.memory_at = time.time()
@@ -243,8 +273,7 @@ class Dispatcher:
         # The op's own empty OK reply (PutReply, ...): the reply type names the op.
         return self._reply(guest, frame, wire.spec_of(req).reply())
 
-    def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest
-               ) -> list[Buffer]:
+    def _hello(self, guest: GuestState, frame: wire.Frame, req: wire.HelloRequest) -> list[Buffer]:
         version = wire.negotiate_version(req)
         if version is None:
             speaks = f"host speaks versions {wire.MIN_VERSION}..{wire.MAX_VERSION}"
@@ -261,19 +290,35 @@ class Dispatcher:
         reboots = guest.reboots + rebooted
         disk = self.disk_pools.get(guest.name)
         dropped = self.tmem.open_session(
-            guest.name, cap_pages=self.guest_cap_pages, dedup=consent, reset=rebooted,
+            guest.name,
+            cap_pages=self.guest_cap_pages,
+            dedup=consent,
+            reset=rebooted,
             meta={"boot_id": req.boot_id.hex(), "reboots": reboots},
-            keep=() if disk is None else (disk,))
+            keep=() if disk is None else (disk,),
+        )
         if rebooted:
-            log.info("guest %s rebooted: dropped %d pools", guest.name, dropped,
-                     extra={"event": "reboot", "vm": guest.name})
+            log.info(
+                "guest %s rebooted: dropped %d pools",
+                guest.name,
+                dropped,
+                extra={"event": "reboot", "vm": guest.name},
+            )
         guest.reboots = reboots
         guest.boot_id = req.boot_id
         guest.version = version
         guest.capabilities = capabilities
-        return self._reply(guest, frame, wire.HelloReply(
-            version=version, capabilities=guest.capabilities, max_batch=wire.MAX_BATCH,
-            max_payload=wire.MAX_PAYLOAD, max_gfns=wire.MAX_GFNS))
+        return self._reply(
+            guest,
+            frame,
+            wire.HelloReply(
+                version=version,
+                capabilities=guest.capabilities,
+                max_batch=wire.MAX_BATCH,
+                max_payload=wire.MAX_PAYLOAD,
+                max_gfns=wire.MAX_GFNS,
+            ),
+        )
 
     def _consent_changed(self, name: str) -> None:
         """tmem de-duplicates across guests exactly as merging does (one rule)."""
@@ -286,7 +331,8 @@ class Dispatcher:
             if stats.pool_id == self.disk_pools.get(name):
                 continue
             flags = (wire.PoolFlag.PERSISTENT if stats.kind == "persistent" else 0) | (
-                wire.PoolFlag.SHARED if stats.shared else 0)
+                wire.PoolFlag.SHARED if stats.shared else 0
+            )
             uuid = bytes.fromhex(stats.uuid.replace("-", "")) if stats.uuid else bytes(16)
             out.append(wire.PoolInfo(stats.pool_id, int(flags), uuid, stats.pages))
         return out
@@ -294,7 +340,8 @@ class Dispatcher:
     def _stats(self, guest: GuestState) -> dict[str, int | str]:
         client = self.tmem.client_stats(guest.name)[0].to_dict()
         out: dict[str, int | str] = {
-            k: (int(v) if isinstance(v, bool) else v) for k, v in client.items()
+            k: (int(v) if isinstance(v, bool) else v)
+            for k, v in client.items()
             if isinstance(v, int | str)
         }
         out["requests"] = guest.requests
@@ -302,19 +349,24 @@ class Dispatcher:
         out["bad_frames"] = guest.bad_frames
         return out
 
-    def _sharing(self, guest: GuestState, frame: wire.Frame, req: wire.Request
-                 ) -> list[Buffer]:
+    def _sharing(self, guest: GuestState, frame: wire.Frame, req: wire.Request) -> list[Buffer]:
         if self.sharing is None or not guest.capabilities & Capability.SHARING:
-            return self._status_reply(guest, frame, Status.DENIED,
-                                      "page sharing is not enabled for this guest")
+            return self._status_reply(
+                guest, frame, Status.DENIED, "page sharing is not enabled for this guest"
+            )
         if isinstance(req, wire.NominateRequest):
-            results = [wire.NominateResult(Status.OK, r) if isinstance(r, int)
-                       else wire.NominateResult(wire.status_for_exception(r), 0)
-                       for r in self.sharing.nominate(guest.name, req.gfns)]
+            results = [
+                wire.NominateResult(Status.OK, r)
+                if isinstance(r, int)
+                else wire.NominateResult(wire.status_for_exception(r), 0)
+                for r in self.sharing.nominate(guest.name, req.gfns)
+            ]
             return self._reply(guest, frame, wire.NominateReply(results))
         if isinstance(req, wire.ShareQueryRequest):
-            infos = [wire.ShareInfo(_share_state(p), p.count)
-                     for p in self.sharing.query(guest.name, req.gfns)]
+            infos = [
+                wire.ShareInfo(_share_state(p), p.count)
+                for p in self.sharing.query(guest.name, req.gfns)
+            ]
             return self._reply(guest, frame, wire.ShareQueryReply(infos))
         assert isinstance(req, wire.AboutToWriteRequest)
         self.sharing.about_to_write(guest.name, req.gfn)

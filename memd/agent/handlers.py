@@ -66,10 +66,19 @@ ATTACH_CONNECT_SECONDS = 5.0
 class ControlHandlers:
     """One handler per control command (see the module docstring)."""
 
-    def __init__(self, *, tmem: TmemHost, agent: Agent, swap: SwapDisks, real: RealGuests,
-                 sharing: SharingService | None, persistence: AgentStore,
-                 migration: MigrationService, started: float,
-                 metrics_url: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        *,
+        tmem: TmemHost,
+        agent: Agent,
+        swap: SwapDisks,
+        real: RealGuests,
+        sharing: SharingService | None,
+        persistence: AgentStore,
+        migration: MigrationService,
+        started: float,
+        metrics_url: Callable[[], str | None],
+    ) -> None:
         self.tmem = tmem
         self.agent = agent
         self.swap = swap
@@ -91,8 +100,11 @@ class ControlHandlers:
             "guests": len(channels),
             "connected": sum(1 for c in channels.values() if c.guest.connected),
             "tmem": self.tmem.store_stats().to_dict(),
-            "unattached_clients": [n for n in self.tmem.client_names()
-                                   if n not in channels and n not in self.swap.disks],
+            "unattached_clients": [
+                n
+                for n in self.tmem.client_names()
+                if n not in channels and n not in self.swap.disks
+            ],
             "swap_disks": self.swap.summary(),
             "store": self.persistence.describe(),
             #: Simulated guests' sharing manager (memd demo / memd scan); None without one.
@@ -115,9 +127,12 @@ class ControlHandlers:
             run = ksm.get("run")
         except MemdError:
             return None
-        return {"run": run, "pages_sharing": counters.get("pages_sharing", 0),
-                "pages_shared": counters.get("pages_shared", 0),
-                "steering": self.real.steering_mode()}
+        return {
+            "run": run,
+            "pages_sharing": counters.get("pages_sharing", 0),
+            "pages_shared": counters.get("pages_shared", 0),
+            "steering": self.real.steering_mode(),
+        }
 
     @handles(Command.GUESTS)
     def guests(self, args: GuestsArgs) -> list[dict[str, Any]]:
@@ -126,17 +141,21 @@ class ControlHandlers:
         disks = self.swap.disks
         for name in sorted(set(self.agent.channels) | set(disks)):
             channel = self.agent.channels.get(name)
-            row: dict[str, Any] = (channel.describe() if channel else
-                                   {"name": name, "path": None, "mode": "swap only",
-                                    "connected": None})
-            stats = (self.tmem.client_stats(name)[0].to_dict()
-                     if self.tmem.has_client(name) else None)
+            row: dict[str, Any] = (
+                channel.describe()
+                if channel
+                else {"name": name, "path": None, "mode": "swap only", "connected": None}
+            )
+            stats = (
+                self.tmem.client_stats(name)[0].to_dict() if self.tmem.has_client(name) else None
+            )
             disk = disks.get(name)
             row["swap"] = disk.describe() if disk else None
             # tmem_pages and pools: what the guest's channel stored (the disk apart)
             disk_pages = row["swap"]["pages"] if disk else 0
-            row["tmem_pages"] = (stats["ephemeral_pages"] + stats["persistent_pages"]
-                                 - disk_pages if stats else 0)
+            row["tmem_pages"] = (
+                stats["ephemeral_pages"] + stats["persistent_pages"] - disk_pages if stats else 0
+            )
             row["pools"] = (stats["pools"] - (1 if disk else 0)) if stats else 0
             out.append(row)
         return out
@@ -152,10 +171,16 @@ class ControlHandlers:
             "store": self.tmem.store_stats().to_dict(),
             "clients": [c.to_dict() for c in self.tmem.client_stats(guest)],
             #: Each guest's last MEM_REPORT (the guest daemon sends one every few seconds).
-            "guest_memory": {n: g.memory_dict() for n, g in sorted(self.agent.guests.items())
-                             if (guest is None or n == guest) and g.memory is not None},
-            "swap_disks": [d.describe() for n, d in sorted(self.swap.disks.items())
-                           if guest is None or n == guest],
+            "guest_memory": {
+                n: g.memory_dict()
+                for n, g in sorted(self.agent.guests.items())
+                if (guest is None or n == guest) and g.memory is not None
+            },
+            "swap_disks": [
+                d.describe()
+                for n, d in sorted(self.swap.disks.items())
+                if guest is None or n == guest
+            ],
         }
 
     @handles(Command.CLIENTS)
@@ -176,8 +201,7 @@ class ControlHandlers:
     def audit(self, args: AuditArgs) -> dict[str, Any]:
         tmem_issues = self.tmem.audit()
         result: dict[str, Any] = {
-            "tmem": {"clean": not tmem_issues, "errors": len(tmem_issues),
-                     "findings": tmem_issues},
+            "tmem": {"clean": not tmem_issues, "errors": len(tmem_issues), "findings": tmem_issues},
             "sharing": self.sharing.audit() if self.sharing else None,
         }
         sharing_errors = result["sharing"]["errors"] if result["sharing"] else 0
@@ -196,9 +220,11 @@ class ControlHandlers:
     @handles(Command.SCAN, thread=True)
     def scan(self, args: ScanArgs) -> dict[str, Any]:
         if self.sharing is None:
-            raise NotFound("memd scan merges the pages of simulated guests (the embedded "
-                           "default of memd demo), and this agent has none; real QEMU guests' "
-                           "pages are merged by KSM: see memd ksm and memd audit")
+            raise NotFound(
+                "memd scan merges the pages of simulated guests (the embedded "
+                "default of memd demo), and this agent has none; real QEMU guests' "
+                "pages are merged by KSM: see memd ksm and memd audit"
+            )
         return self.sharing.scan()
 
     # -- KSM -------------------------------------------------------------------------------
@@ -230,8 +256,9 @@ class ControlHandlers:
     async def attach(self, args: AttachArgs) -> dict[str, Any]:
         # An operator's attach fails loudly when nothing listens on the path (the
         # follower's attach keeps retrying instead: a starting QEMU may not listen yet).
-        channel = await self.agent.add_channel(args.name, args.path, args.mode,
-                                               require_peer=ATTACH_CONNECT_SECONDS)
+        channel = await self.agent.add_channel(
+            args.name, args.path, args.mode, require_peer=ATTACH_CONNECT_SECONDS
+        )
         return channel.describe()
 
     @handles(Command.DETACH)
@@ -250,8 +277,9 @@ class ControlHandlers:
         if not os.path.isabs(args.path):
             raise InvalidArgument("the swap socket path must be absolute", op="swap")
         os.makedirs(os.path.dirname(args.path), mode=0o711, exist_ok=True)
-        server = await self.swap.add(args.name, args.path, args.size, owner=owner,
-                                     peer_pid=args.pid)
+        server = await self.swap.add(
+            args.name, args.path, args.size, owner=owner, peer_pid=args.pid
+        )
         return server.describe()
 
     @handles(Command.UNSWAP)
@@ -265,46 +293,71 @@ class ControlHandlers:
     def budget(self, args: BudgetArgs) -> dict[str, Any]:
         size = args.bytes
         if size < MIN_BUDGET_BYTES:
-            raise InvalidArgument(f"a budget of {size} bytes is too small: the least is "
-                                  f"{MIN_BUDGET_BYTES >> 20} MiB", op="budget")
+            raise InvalidArgument(
+                f"a budget of {size} bytes is too small: the least is {MIN_BUDGET_BYTES >> 20} MiB",
+                op="budget",
+            )
         previous = self.tmem.store_stats().budget_bytes
         evicted = self.tmem.set_budget(size)
         used = self.tmem.store_stats().used_bytes
-        log.info("budget %d -> %d bytes, %d pages evicted", previous, size, evicted,
-                 extra={"event": "budget"})
-        return {"budget_bytes": size, "previous_bytes": previous, "evicted": evicted,
-                "used_bytes": used}
+        log.info(
+            "budget %d -> %d bytes, %d pages evicted",
+            previous,
+            size,
+            evicted,
+            extra={"event": "budget"},
+        )
+        return {
+            "budget_bytes": size,
+            "previous_bytes": previous,
+            "evicted": evicted,
+            "used_bytes": used,
+        }
 
     @handles(Command.DROP)
     def drop(self, args: DropArgs) -> dict[str, Any]:
         name = args.guest
         if not args.confirm:
-            raise InvalidArgument("drop removes every page of the client: it needs "
-                                  "confirm=true", op="drop")
+            raise InvalidArgument(
+                "drop removes every page of the client: it needs confirm=true", op="drop"
+            )
         if name in self.agent.channels:
-            raise InvalidArgument(f"{name} is attached: detach it first (memd detach {name}); "
-                                  "a connected guest's pages are still in use", op="drop")
+            raise InvalidArgument(
+                f"{name} is attached: detach it first (memd detach {name}); "
+                "a connected guest's pages are still in use",
+                op="drop",
+            )
         if name in self.swap.disks:
-            raise InvalidArgument(f"{name} has a swap disk on {self.swap.disks[name].path}: "
-                                  "its pages are the guest's swapped-out memory", op="drop")
+            raise InvalidArgument(
+                f"{name} has a swap disk on {self.swap.disks[name].path}: "
+                "its pages are the guest's swapped-out memory",
+                op="drop",
+            )
         if not self.tmem.has_client(name):
             raise NotFound(f"the agent holds nothing for {name!r}", target=name)
         stats = self.tmem.client_stats(name)[0]
         self.tmem.remove_client(name)
         self.agent.guests.pop(name, None)
-        log.warning("dropped client %s (%d pages) at the operator's request", name,
-                    stats.ephemeral_pages + stats.persistent_pages,
-                    extra={"event": "drop", "vm": name})
-        return {"dropped": name, "pools": stats.pools,
-                "pages": stats.ephemeral_pages + stats.persistent_pages}
+        log.warning(
+            "dropped client %s (%d pages) at the operator's request",
+            name,
+            stats.ephemeral_pages + stats.persistent_pages,
+            extra={"event": "drop", "vm": name},
+        )
+        return {
+            "dropped": name,
+            "pools": stats.pools,
+            "pages": stats.ephemeral_pages + stats.persistent_pages,
+        }
 
     @handles(Command.AUTHORIZE)
     def authorize(self, args: AuthorizeArgs) -> dict[str, Any]:
         try:
             key = uuid.UUID(args.uuid)
         except ValueError:
-            raise InvalidArgument("uuid must look like 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
-                                  op="authorize") from None
+            raise InvalidArgument(
+                "uuid must look like 1b4e28ba-2fa1-11d2-883f-0016d3cca427", op="authorize"
+            ) from None
         self.tmem.add_client(args.guest)
         self.tmem.authorize_shared(args.guest, key)
         return {"guest": args.guest, "uuid": str(key)}

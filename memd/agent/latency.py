@@ -22,8 +22,21 @@ from dataclasses import dataclass
 #: Upper bounds in seconds.  A single put or get is tens of microseconds, a 256-page
 #: batch a few milliseconds, a put that makes the store evict or spill more.
 BUCKETS: tuple[float, ...] = (
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
-    0.025, 0.05, 0.1, 0.25, 1.0,
+    0.00001,
+    0.000025,
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
 )
 
 
@@ -63,5 +76,6 @@ class LatencyHistograms:
 
     def snapshot(self) -> dict[str, HistogramSnapshot]:
         with self._lock:
-            return {op: HistogramSnapshot(tuple(c), self._sums[op])
-                    for op, c in self._counts.items()}
+            return {
+                op: HistogramSnapshot(tuple(c), self._sums[op]) for op, c in self._counts.items()
+            }

@@ -73,8 +73,9 @@ def parse_address(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"--metrics wants HOST:PORT, e.g. 127.0.0.1:9643, not {text!r}",
-                              op="metrics")
+        raise InvalidArgument(
+            f"--metrics wants HOST:PORT, e.g. 127.0.0.1:9643, not {text!r}", op="metrics"
+        )
     return host, int(port)
 
 
@@ -114,16 +115,28 @@ def snapshot_loop(app: AgentApp) -> LoopSnapshot:
     rows = []
     for name, guest in sorted(agent.guests.items()):
         channel = agent.channels.get(name)
-        rows.append(GuestRow(name, channel is not None, guest.connected, guest.requests,
-                             guest.errors, guest.bad_frames, guest.disconnects,
-                             guest.reboots, guest.memory_dict()))
+        rows.append(
+            GuestRow(
+                name,
+                channel is not None,
+                guest.connected,
+                guest.requests,
+                guest.errors,
+                guest.bad_frames,
+                guest.disconnects,
+                guest.reboots,
+                guest.memory_dict(),
+            )
+        )
     return LoopSnapshot(
         guests=tuple(rows),
         attached=len(agent.channels),
         connected=sum(1 for c in agent.channels.values() if c.guest.connected),
         disk_pools=dict(app.dispatcher.disk_pools),
-        disks=tuple((name, server.disk.stats(name), len(server.connections))
-                    for name, server in sorted(app.swap.disks.items())),
+        disks=tuple(
+            (name, server.disk.stats(name), len(server.connections))
+            for name, server in sorted(app.swap.disks.items())
+        ),
         steering_mode=app.real.steering_mode(),
         qemu_pids=app.real.qemu_pids(),
         migrations=app.migration.status(),
@@ -133,17 +146,20 @@ def snapshot_loop(app: AgentApp) -> LoopSnapshot:
 class AgentCollector(Collector):
     """Yields the agent's metrics at scrape time (see the module docstring)."""
 
-    def __init__(self, app: AgentApp, loop: asyncio.AbstractEventLoop, *,
-                 loop_timeout: float = LOOP_TIMEOUT) -> None:
+    def __init__(
+        self, app: AgentApp, loop: asyncio.AbstractEventLoop, *, loop_timeout: float = LOOP_TIMEOUT
+    ) -> None:
         self.app = app
         self.loop = loop
         self.loop_timeout = loop_timeout
 
     def collect(self) -> Iterable[Metric]:
         snap = self._loop_snapshot()
-        yield GaugeMetricFamily("memd_agent_loop_responsive",
-                                "1 if the event loop answered this scrape in time",
-                                value=1 if snap is not None else 0)
+        yield GaugeMetricFamily(
+            "memd_agent_loop_responsive",
+            "1 if the event loop answered this scrape in time",
+            value=1 if snap is not None else 0,
+        )
         yield from self._tmem(snap)
         if snap is not None:
             yield from self._agent(snap)
@@ -163,8 +179,7 @@ class AgentCollector(Collector):
             return future.result(self.loop_timeout)
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
             future.cancel()
-            log.warning("metrics: the event loop did not answer within %.1f s",
-                        self.loop_timeout)
+            log.warning("metrics: the event loop did not answer within %.1f s", self.loop_timeout)
             return None
 
     # -- tmem ------------------------------------------------------------------------------
@@ -174,33 +189,58 @@ class AgentCollector(Collector):
         store = tmem.store_stats()
         for name, doc, value in (
             ("memd_tmem_budget_bytes", "the tmem store's memory budget", store.budget_bytes),
-            ("memd_tmem_used_bytes", "what the budget is charged (data and metadata)",
-             store.used_bytes),
-            ("memd_tmem_data_bytes", "stored page payloads (compressed, de-duplicated)",
-             store.data_bytes),
+            (
+                "memd_tmem_used_bytes",
+                "what the budget is charged (data and metadata)",
+                store.used_bytes,
+            ),
+            (
+                "memd_tmem_data_bytes",
+                "stored page payloads (compressed, de-duplicated)",
+                store.data_bytes,
+            ),
             ("memd_tmem_metadata_bytes", "metadata of the stored pages", store.metadata_bytes),
             ("memd_tmem_unique_blobs", "distinct stored page contents", store.unique_blobs),
             ("memd_tmem_zero_pages", "pages stored as the zero page", store.zero_pages),
         ):
             yield GaugeMetricFamily(name, doc, value=value)
-        yield CounterMetricFamily("memd_tmem_dedup_hits", "puts that found their content "
-                                  "already stored", value=store.dedup_hits)
+        yield CounterMetricFamily(
+            "memd_tmem_dedup_hits",
+            "puts that found their content already stored",
+            value=store.dedup_hits,
+        )
         if self.app.store is not None:
-            yield GaugeMetricFamily("memd_store_file_bytes", "size of the crash-safe store's "
-                                    "data file", value=self.app.store.file_bytes())
+            yield GaugeMetricFamily(
+                "memd_store_file_bytes",
+                "size of the crash-safe store's data file",
+                value=self.app.store.file_bytes(),
+            )
 
         disk_pools = snap.disk_pools if snap is not None else {}
-        pages = GaugeMetricFamily("memd_tmem_pages", "pages a guest's pools hold (a shared "
-                                  "pool's under each member)", labels=["vm", "pool_kind"])
-        raw = GaugeMetricFamily("memd_tmem_bytes", "uncompressed size of those pages",
-                                labels=["vm", "pool_kind"])
-        stored = GaugeMetricFamily("memd_tmem_stored_bytes", "what those pages take in the "
-                                   "store (compressed; de-duplicated content counted per "
-                                   "page)", labels=["vm", "pool_kind"])
+        pages = GaugeMetricFamily(
+            "memd_tmem_pages",
+            "pages a guest's pools hold (a shared pool's under each member)",
+            labels=["vm", "pool_kind"],
+        )
+        raw = GaugeMetricFamily(
+            "memd_tmem_bytes", "uncompressed size of those pages", labels=["vm", "pool_kind"]
+        )
+        stored = GaugeMetricFamily(
+            "memd_tmem_stored_bytes",
+            "what those pages take in the "
+            "store (compressed; de-duplicated content counted per "
+            "page)",
+            labels=["vm", "pool_kind"],
+        )
         by_kind: dict[tuple[str, str], list[int]] = {}
         for pool in tmem.pool_stats(None):
-            kind = ("swap_disk" if disk_pools.get(pool.client) == pool.pool_id
-                    else "shared" if pool.shared else pool.kind)
+            kind = (
+                "swap_disk"
+                if disk_pools.get(pool.client) == pool.pool_id
+                else "shared"
+                if pool.shared
+                else pool.kind
+            )
             acc = by_kind.setdefault((pool.client, kind), [0, 0, 0])
             acc[0] += pool.pages
             acc[1] += pool.bytes_raw
@@ -218,19 +258,29 @@ class AgentCollector(Collector):
             "get_hits": ("gets that returned a page", "found_gets"),
             "flushes": ("pages removed by flush page/object/pool", "flushes"),
             "evictions": ("ephemeral pages the host reclaimed", "evictions"),
-            "no_space": ("puts refused with NO_SPACE (the guest's cap or the store full)",
-                         "no_space"),
+            "no_space": (
+                "puts refused with NO_SPACE (the guest's cap or the store full)",
+                "no_space",
+            ),
         }
-        families = {k: CounterMetricFamily(f"memd_tmem_{k}", doc, labels=["vm"])
-                    for k, (doc, _) in counters.items()}
-        misses = CounterMetricFamily("memd_tmem_get_misses", "gets that found no page",
-                                     labels=["vm"])
-        cap = GaugeMetricFamily("memd_tmem_cap_bytes", "the guest's cap (pages × 4 KiB; "
-                                "absent: no cap)", labels=["vm"])
-        charged = GaugeMetricFamily("memd_tmem_charged_bytes", "what counts against the "
-                                    "cap: pages the guest owns × 4 KiB", labels=["vm"])
-        frozen = GaugeMetricFamily("memd_tmem_frozen", "1 while the host refuses the guest's "
-                                   "puts", labels=["vm"])
+        families = {
+            k: CounterMetricFamily(f"memd_tmem_{k}", doc, labels=["vm"])
+            for k, (doc, _) in counters.items()
+        }
+        misses = CounterMetricFamily(
+            "memd_tmem_get_misses", "gets that found no page", labels=["vm"]
+        )
+        cap = GaugeMetricFamily(
+            "memd_tmem_cap_bytes", "the guest's cap (pages × 4 KiB; absent: no cap)", labels=["vm"]
+        )
+        charged = GaugeMetricFamily(
+            "memd_tmem_charged_bytes",
+            "what counts against the cap: pages the guest owns × 4 KiB",
+            labels=["vm"],
+        )
+        frozen = GaugeMetricFamily(
+            "memd_tmem_frozen", "1 while the host refuses the guest's puts", labels=["vm"]
+        )
         for client in tmem.client_stats(None):
             vm = [client.client]
             ops = client.ops
@@ -239,8 +289,7 @@ class AgentCollector(Collector):
             misses.add_metric(vm, ops.gets - ops.found_gets)
             if client.cap_pages is not None:
                 cap.add_metric(vm, client.cap_pages * PAGE_SIZE)
-            charged.add_metric(vm, (client.ephemeral_pages + client.persistent_pages)
-                               * PAGE_SIZE)
+            charged.add_metric(vm, (client.ephemeral_pages + client.persistent_pages) * PAGE_SIZE)
             frozen.add_metric(vm, int(client.frozen))
         yield from families.values()
         yield from (misses, cap, charged, frozen)
@@ -248,23 +297,31 @@ class AgentCollector(Collector):
     # -- agent -----------------------------------------------------------------------------
 
     def _agent(self, snap: LoopSnapshot) -> Iterator[Metric]:
-        yield GaugeMetricFamily("memd_agent_guests", "guest channels attached",
-                                value=snap.attached)
-        yield GaugeMetricFamily("memd_agent_connected_guests", "guest channels with a "
-                                "connected guest", value=snap.connected)
-        connected = GaugeMetricFamily("memd_agent_guest_connected", "1 while the guest's "
-                                      "channel is connected", labels=["vm"])
+        yield GaugeMetricFamily("memd_agent_guests", "guest channels attached", value=snap.attached)
+        yield GaugeMetricFamily(
+            "memd_agent_connected_guests",
+            "guest channels with a connected guest",
+            value=snap.connected,
+        )
+        connected = GaugeMetricFamily(
+            "memd_agent_guest_connected", "1 while the guest's channel is connected", labels=["vm"]
+        )
         families = {
-            "requests": CounterMetricFamily("memd_agent_requests", "frames the guest sent",
-                                            labels=["vm"]),
-            "errors": CounterMetricFamily("memd_agent_request_errors", "requests answered "
-                                          "with an error status", labels=["vm"]),
-            "bad_frames": CounterMetricFamily("memd_agent_bad_frames", "corrupt or malformed "
-                                              "frames", labels=["vm"]),
-            "disconnects": CounterMetricFamily("memd_agent_disconnects", "connections that "
-                                               "ended", labels=["vm"]),
-            "reboots": CounterMetricFamily("memd_agent_guest_reboots", "reboots seen (a new "
-                                           "boot id in HELLO)", labels=["vm"]),
+            "requests": CounterMetricFamily(
+                "memd_agent_requests", "frames the guest sent", labels=["vm"]
+            ),
+            "errors": CounterMetricFamily(
+                "memd_agent_request_errors", "requests answered with an error status", labels=["vm"]
+            ),
+            "bad_frames": CounterMetricFamily(
+                "memd_agent_bad_frames", "corrupt or malformed frames", labels=["vm"]
+            ),
+            "disconnects": CounterMetricFamily(
+                "memd_agent_disconnects", "connections that ended", labels=["vm"]
+            ),
+            "reboots": CounterMetricFamily(
+                "memd_agent_guest_reboots", "reboots seen (a new boot id in HELLO)", labels=["vm"]
+            ),
         }
         for row in snap.guests:
             if row.attached:
@@ -291,8 +348,9 @@ class AgentCollector(Collector):
         }
         gfam = {k: GaugeMetricFamily(n, d, labels=["vm"]) for k, (n, d) in gauges.items()}
         cfam = {k: CounterMetricFamily(n, d, labels=["vm"]) for k, (n, d) in counters.items()}
-        conns = GaugeMetricFamily("memd_swap_disk_connections", "NBD connections open",
-                                  labels=["vm"])
+        conns = GaugeMetricFamily(
+            "memd_swap_disk_connections", "NBD connections open", labels=["vm"]
+        )
         for name, stats, connections in snap.disks:
             for key, gauge in gfam.items():
                 gauge.add_metric([name], getattr(stats, key))
@@ -310,8 +368,9 @@ class AgentCollector(Collector):
         from hypervisor.ksm_steer import ksmd_cpu_seconds
 
         if snap is not None:
-            mode = GaugeMetricFamily("memd_ksm_steering_mode", "1 for the KSM steering mode "
-                                     "in force", labels=["mode"])
+            mode = GaugeMetricFamily(
+                "memd_ksm_steering_mode", "1 for the KSM steering mode in force", labels=["mode"]
+            )
             for m in STEERING_MODES:
                 mode.add_metric([m], int(m == snap.steering_mode))
             yield mode
@@ -323,44 +382,62 @@ class AgentCollector(Collector):
                 counters, run = {}, None
             for key in KSM_GAUGES:
                 if key in counters:
-                    yield GaugeMetricFamily(f"memd_ksm_{key}", f"KSM's {key} (host-wide)",
-                                            value=counters[key])
+                    yield GaugeMetricFamily(
+                        f"memd_ksm_{key}", f"KSM's {key} (host-wide)", value=counters[key]
+                    )
             if "full_scans" in counters:
-                yield CounterMetricFamily("memd_ksm_full_scans", "ksmd's passes over the "
-                                          "mergeable memory", value=counters["full_scans"])
+                yield CounterMetricFamily(
+                    "memd_ksm_full_scans",
+                    "ksmd's passes over the mergeable memory",
+                    value=counters["full_scans"],
+                )
             if isinstance(run, int):
-                yield GaugeMetricFamily("memd_ksm_run", "KSM's run knob (0 stop, 1 merge, "
-                                        "2 unmerge)", value=run)
-            yield CounterMetricFamily("memd_ksmd_cpu_seconds", "CPU time of the ksmd thread",
-                                      value=ksmd_cpu_seconds())
+                yield GaugeMetricFamily(
+                    "memd_ksm_run", "KSM's run knob (0 stop, 1 merge, 2 unmerge)", value=run
+                )
+            yield CounterMetricFamily(
+                "memd_ksmd_cpu_seconds", "CPU time of the ksmd thread", value=ksmd_cpu_seconds()
+            )
 
         steering = self.app.real.steering
         last = steering.last if steering is not None else None
         if last is not None:
-            yield GaugeMetricFamily("memd_ksm_steering_potential_saved_frames", "frames KSM "
-                                    "would save merging every duplicate of the opted-in "
-                                    "guests (steering's last scan)",
-                                    value=last.potential_saved_frames)
-            yield GaugeMetricFamily("memd_ksm_steering_realized_saved_frames", "frames their "
-                                    "merged pages save (pagemap, steering's last step)",
-                                    value=last.realized_saved_frames)
+            yield GaugeMetricFamily(
+                "memd_ksm_steering_potential_saved_frames",
+                "frames KSM "
+                "would save merging every duplicate of the opted-in "
+                "guests (steering's last scan)",
+                value=last.potential_saved_frames,
+            )
+            yield GaugeMetricFamily(
+                "memd_ksm_steering_realized_saved_frames",
+                "frames their merged pages save (pagemap, steering's last step)",
+                value=last.realized_saved_frames,
+            )
         potential = steering.potential if steering is not None else None
         if potential is not None:
-            pot = GaugeMetricFamily("memd_sharing_potential_saved_frames", "the guest's share "
-                                    "of the frames merging every duplicate would save (last "
-                                    "scan; the guests' shares add up to the host's)",
-                                    labels=["vm"])
-            real = GaugeMetricFamily("memd_sharing_realized_saved_frames", "the guest's share "
-                                     "of the frames merged pages save (pagemap, last scan)",
-                                     labels=["vm"])
+            pot = GaugeMetricFamily(
+                "memd_sharing_potential_saved_frames",
+                "the guest's share "
+                "of the frames merging every duplicate would save (last "
+                "scan; the guests' shares add up to the host's)",
+                labels=["vm"],
+            )
+            real = GaugeMetricFamily(
+                "memd_sharing_realized_saved_frames",
+                "the guest's share of the frames merged pages save (pagemap, last scan)",
+                labels=["vm"],
+            )
             for v in potential.vms:
                 pot.add_metric([v.name], v.potential_saved)
                 real.add_metric([v.name], v.realized_saved)
             yield from (pot, real)
         if snap is not None and snap.qemu_pids:
-            merged = GaugeMetricFamily("memd_ksm_merging_pages", "the guest's pages KSM has "
-                                       "merged now (/proc/PID/ksm_merging_pages)",
-                                       labels=["vm"])
+            merged = GaugeMetricFamily(
+                "memd_ksm_merging_pages",
+                "the guest's pages KSM has merged now (/proc/PID/ksm_merging_pages)",
+                labels=["vm"],
+            )
             for vm, pid in sorted(snap.qemu_pids.items()):
                 try:
                     merged.add_metric([vm], ksm.process_merging_pages(pid))
@@ -371,8 +448,11 @@ class AgentCollector(Collector):
             # The manager's own stats (under machine.lock), not SharingService.stats(),
             # which also walks the service's loop-owned guest table.
             stats = self.app.sharing.manager.stats()
-            yield GaugeMetricFamily("memd_sharing_sim_saved_frames", "frames the simulated "
-                                    "guests' sharing manager saves", value=stats["nr_saved_mfns"])
+            yield GaugeMetricFamily(
+                "memd_sharing_sim_saved_frames",
+                "frames the simulated guests' sharing manager saves",
+                value=stats["nr_saved_mfns"],
+            )
 
 
 def _guest_memory(snap: LoopSnapshot) -> Iterator[Metric]:
@@ -384,13 +464,19 @@ def _guest_memory(snap: LoopSnapshot) -> Iterator[Metric]:
         "swap_total_kib": ("memd_guest_swap_total_bytes", "the guest's SwapTotal"),
         "swap_free_kib": ("memd_guest_swap_free_bytes", "the guest's SwapFree"),
     }
-    gauges = {key: GaugeMetricFamily(name, text, labels=["vm"])
-              for key, (name, text) in kib.items()}
-    psi = GaugeMetricFamily("memd_guest_memory_pressure_ratio", "the guest's PSI memory "
-                            "avg10 (0..1; kind some or full), when its kernel has PSI",
-                            labels=["vm", "kind"])
-    age = GaugeMetricFamily("memd_guest_memory_report_age_seconds", "seconds since the "
-                            "guest's last memory report", labels=["vm"])
+    gauges = {
+        key: GaugeMetricFamily(name, text, labels=["vm"]) for key, (name, text) in kib.items()
+    }
+    psi = GaugeMetricFamily(
+        "memd_guest_memory_pressure_ratio",
+        "the guest's PSI memory avg10 (0..1; kind some or full), when its kernel has PSI",
+        labels=["vm", "kind"],
+    )
+    age = GaugeMetricFamily(
+        "memd_guest_memory_report_age_seconds",
+        "seconds since the guest's last memory report",
+        labels=["vm"],
+    )
     for row in snap.guests:
         m = row.memory
         if m is None:
@@ -408,9 +494,11 @@ def _guest_memory(snap: LoopSnapshot) -> Iterator[Metric]:
 
 
 def _latency(histograms: LatencyHistograms) -> Iterator[Metric]:
-    family = HistogramMetricFamily("memd_agent_request_duration_seconds", "time to handle "
-                                   "one guest request, per op (dispatch; not the shared "
-                                   "store commit)", labels=["op"])
+    family = HistogramMetricFamily(
+        "memd_agent_request_duration_seconds",
+        "time to handle one guest request, per op (dispatch; not the shared store commit)",
+        labels=["op"],
+    )
     for op, snap in sorted(histograms.snapshot().items()):
         family.add_metric([op], _buckets(histograms.buckets, snap), snap.total_seconds)
     yield family
@@ -437,8 +525,10 @@ class MetricsServer:
         try:
             self._server, self._thread = _start(port, host, self.registry)
         except OSError as err:
-            raise BackendError(f"cannot serve metrics on {host}:{port}: "
-                               f"{err.strerror or err}", target=f"{host}:{port}") from None
+            raise BackendError(
+                f"cannot serve metrics on {host}:{port}: {err.strerror or err}",
+                target=f"{host}:{port}",
+            ) from None
         self.host, self.port = host, int(self._server.server_address[1])
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{self.port}/metrics"
@@ -451,6 +541,7 @@ class MetricsServer:
         self._thread.join(5)
 
 
-def _start(port: int, host: str, registry: CollectorRegistry) -> tuple[WSGIServer,
-                                                                       threading.Thread]:
+def _start(
+    port: int, host: str, registry: CollectorRegistry
+) -> tuple[WSGIServer, threading.Thread]:
     return start_http_server(port, host, registry=registry)

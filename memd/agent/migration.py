@@ -37,7 +37,7 @@ from memd.agent.dispatch import GuestState
 from memd.agent.server import Agent
 from memd.agent.swap_disks import SwapDisks
 from memd.errors import InvalidArgument, MemdError, MigrationFailed
-from memd.migrate import transport
+from memd.migrate import tls
 from memd.migrate.transport import IncomingTransfer, Link, Progress, SourceTransfer
 from tmem.host import TmemHost
 from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
@@ -51,8 +51,15 @@ KEEP_FINISHED = 16
 class MigrationService:
     """Loop thread only (see the module docstring)."""
 
-    def __init__(self, *, tmem: TmemHost, feed: ChangeFeed | None, agent: Agent,
-                 swap: SwapDisks, tls_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        tmem: TmemHost,
+        feed: ChangeFeed | None,
+        agent: Agent,
+        swap: SwapDisks,
+        tls_dir: str | Path | None = None,
+    ) -> None:
         self.tmem = tmem
         self.feed = feed
         self.agent = agent
@@ -69,35 +76,44 @@ class MigrationService:
         self._outcomes: Counter[tuple[str, str]] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
         for guest in drop_leftovers(tmem):
-            log.warning("dropped the pages of %s that an interrupted incoming migration "
-                        "had left here", guest, extra={"event": "migrate-leftover",
-                                                       "vm": guest})
+            log.warning(
+                "dropped the pages of %s that an interrupted incoming migration had left here",
+                guest,
+                extra={"event": "migrate-leftover", "vm": guest},
+            )
 
     # -- destination -------------------------------------------------------------------------
 
     async def listen(self, address: str) -> tuple[str, int]:
         """Accept migrations on HOST:PORT (mutual TLS only).  → the bound address."""
         try:
-            host, port = transport.parse_address(address, any_port=True)
+            host, port = tls.parse_address(address, any_port=True)
         except ValueError as err:
             raise InvalidArgument(f"--migrate-listen: {err}", op="migrate") from None
-        context = transport.server_context(self.tls_dir)
-        self._server = await asyncio.start_server(self._accept, host, port, ssl=context,
-                                                  ssl_handshake_timeout=10)
+        context = tls.server_context(self.tls_dir)
+        self._server = await asyncio.start_server(
+            self._accept, host, port, ssl=context, ssl_handshake_timeout=10
+        )
         bound = self._server.sockets[0].getsockname()
         self.listening = (str(bound[0]), int(bound[1]))
-        log.info("accepting guest migrations on %s:%d (TLS, client certificates signed by "
-                 "%s)", *self.listening, transport.tls_files(self.tls_dir, "server").ca,
-                 extra={"event": "migrate-listen"})
+        log.info(
+            "accepting guest migrations on %s:%d (TLS, client certificates signed by %s)",
+            *self.listening,
+            tls.tls_files(self.tls_dir, "server").ca,
+            extra={"event": "migrate-listen"},
+        )
         return self.listening
 
-    async def _accept(self, reader: asyncio.StreamReader,
-                      writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        session = IncomingTransfer(self.tmem, Link(reader, writer, who),
-                                   busy=self._busy, installed=self._installed,
-                                   revoked=self._revoked)
+        session = IncomingTransfer(
+            self.tmem,
+            Link(reader, writer, who),
+            busy=self._busy,
+            installed=self._installed,
+            revoked=self._revoked,
+        )
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
@@ -144,8 +160,9 @@ class MigrationService:
 
     def _source(self, guest: str, dest: str) -> SourceTransfer:
         if self.feed is None:
-            raise InvalidArgument("migration needs the tmem store (memd serve without "
-                                  "--store '')", op="migrate")
+            raise InvalidArgument(
+                "migration needs the tmem store (memd serve without --store '')", op="migrate"
+            )
         if self._busy(guest):
             raise InvalidArgument(f"{guest} is already migrating", op="migrate")
         if not self.tmem.has_client(guest):
@@ -157,13 +174,16 @@ class MigrationService:
             if outside:
                 raise InvalidArgument(
                     f"{guest}'s swap disk has {outside} pages outside tmem (spilled to its "
-                    "file or lost); migrating those is not supported", op="migrate")
+                    "file or lost); migrating those is not supported",
+                    op="migrate",
+                )
         try:
-            transport.parse_address(dest)
+            tls.parse_address(dest)
         except ValueError as err:
             raise InvalidArgument(str(err), op="migrate") from None
-        transfer = SourceTransfer(self.tmem, self.feed, guest, dest,
-                                  transport.client_context(self.tls_dir))
+        transfer = SourceTransfer(
+            self.tmem, self.feed, guest, dest, tls.client_context(self.tls_dir)
+        )
         self.outgoing[guest] = transfer
         return transfer
 
@@ -179,8 +199,9 @@ class MigrationService:
             await transfer.finish()
         except (MemdError, OSError) as err:
             await transfer.abort(str(err))
-            raise MigrationFailed(f"migration of {guest} to {dest} failed: {err}; its "
-                                  "pages stay here", target=guest) from None
+            raise MigrationFailed(
+                f"migration of {guest} to {dest} failed: {err}; its pages stay here", target=guest
+            ) from None
         finally:
             self.outgoing.pop(guest, None)
             self._retire(transfer.progress)
@@ -209,10 +230,15 @@ class MigrationService:
 
         async def drive() -> None:
             try:
-                summary = await qemu.follow(monitor, listener, transfer,
-                                            lambda: self._drop_moved(guest))
-                log.info("migration of %s: %s", guest, summary["outcome"],
-                         extra={"event": f"migrate-{summary['outcome']}", "vm": guest})
+                summary = await qemu.follow(
+                    monitor, listener, transfer, lambda: self._drop_moved(guest)
+                )
+                log.info(
+                    "migration of %s: %s",
+                    guest,
+                    summary["outcome"],
+                    extra={"event": f"migrate-{summary['outcome']}", "vm": guest},
+                )
             finally:
                 self.outgoing.pop(guest, None)
                 self._retire(transfer.progress)
@@ -221,17 +247,23 @@ class MigrationService:
         task = asyncio.ensure_future(drive())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info("migration of %s armed: QEMU at %s stops at switch-over for memd",
-                 guest, qmp_path, extra={"event": "migrate-armed", "vm": guest})
+        log.info(
+            "migration of %s armed: QEMU at %s stops at switch-over for memd",
+            guest,
+            qmp_path,
+            extra={"event": "migrate-armed", "vm": guest},
+        )
         # Answer once the bulk is across: the operator's `migrate` then finds memd only
         # keeping the destination up to date, and the switch-over short.
         ready = asyncio.ensure_future(transfer.first_pass.wait())
         await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if task.done() and transfer.progress.phase == "aborted":
-            raise MigrationFailed(f"migration of {guest} to {dest} failed: "
-                                  f"{transfer.progress.error}; its pages stay here",
-                                  target=guest)
+            raise MigrationFailed(
+                f"migration of {guest} to {dest} failed: "
+                f"{transfer.progress.error}; its pages stay here",
+                target=guest,
+            )
         return {"outcome": "armed", **transfer.progress.to_dict()}
 
     async def _drop_moved(self, guest: str) -> None:
@@ -241,8 +273,11 @@ class MigrationService:
         state = self.agent.guests.get(guest)
         if state is not None:
             state.boot_id = None
-        log.info("%s moved away: its pages are dropped here", guest,
-                 extra={"event": "migrate-dropped", "vm": guest})
+        log.info(
+            "%s moved away: its pages are dropped here",
+            guest,
+            extra={"event": "migrate-dropped", "vm": guest},
+        )
 
     # -- operator view -------------------------------------------------------------------------
 
@@ -252,13 +287,19 @@ class MigrationService:
 
     def status(self) -> dict[str, Any]:
         active = [t.progress for t in self.outgoing.values()] + [
-            t.progress for t in self.incoming.values()]
-        return {"listening": None if self.listening is None else
-                f"{self.listening[0]}:{self.listening[1]}",
-                "active": [p.to_dict() for p in active],
-                "finished": [p.to_dict() for p in self._finished],
-                "outcomes": [{"direction": d, "phase": p, "count": n}
-                             for (d, p), n in sorted(self._outcomes.items())]}
+            t.progress for t in self.incoming.values()
+        ]
+        return {
+            "listening": None
+            if self.listening is None
+            else f"{self.listening[0]}:{self.listening[1]}",
+            "active": [p.to_dict() for p in active],
+            "finished": [p.to_dict() for p in self._finished],
+            "outcomes": [
+                {"direction": d, "phase": p, "count": n}
+                for (d, p), n in sorted(self._outcomes.items())
+            ],
+        }
 
     @handles(Command.MIGRATE)
     async def migrate_command(self, args: MigrateArgs) -> dict[str, Any]:
@@ -288,25 +329,34 @@ def migration_metrics(status: dict[str, Any]) -> Iterator[Metric]:
     """Prometheus families from :meth:`MigrationService.status` (a scrape's copy)."""
     labels = ["vm", "direction"]
     families = {
-        "pages": GaugeMetricFamily("memd_migration_pages", "pages a running transfer has "
-                                   "sent (out) or received (in), resent ones included",
-                                   labels=labels),
-        "bytes": GaugeMetricFamily("memd_migration_bytes", "their stored (compressed) bytes",
-                                   labels=labels),
+        "pages": GaugeMetricFamily(
+            "memd_migration_pages",
+            "pages a running transfer has sent (out) or received (in), resent ones included",
+            labels=labels,
+        ),
+        "bytes": GaugeMetricFamily(
+            "memd_migration_bytes", "their stored (compressed) bytes", labels=labels
+        ),
         "chunks_remaining": GaugeMetricFamily(
-            "memd_migration_chunks_remaining", "radix chunks (64 pages) left in the current "
-            "pre-copy round", labels=labels),
-        "pages_per_s": GaugeMetricFamily("memd_migration_pages_per_second",
-                                         "pages moved per second since the transfer began",
-                                         labels=labels),
+            "memd_migration_chunks_remaining",
+            "radix chunks (64 pages) left in the current pre-copy round",
+            labels=labels,
+        ),
+        "pages_per_s": GaugeMetricFamily(
+            "memd_migration_pages_per_second",
+            "pages moved per second since the transfer began",
+            labels=labels,
+        ),
     }
     for row in status.get("active", []):
         for key, family in families.items():
             family.add_metric([row["guest"], row["direction"]], float(row[key] or 0))
     yield from families.values()
-    done = CounterMetricFamily("memd_migrations", "transfers that ended, by direction and "
-                               "outcome (done, aborted, revoked)",
-                               labels=["direction", "outcome"])
+    done = CounterMetricFamily(
+        "memd_migrations",
+        "transfers that ended, by direction and outcome (done, aborted, revoked)",
+        labels=["direction", "outcome"],
+    )
     for row in status.get("outcomes", []):
         done.add_metric([row["direction"], row["phase"]], row["count"])
     yield done

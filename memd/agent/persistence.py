@@ -38,8 +38,9 @@ log = logging.getLogger("memd.agent")
 OPTED_OUT_KEY = "opted_out"
 
 
-def open_store(path: str | None, *, budget_bytes: int, durable: bool,
-               control_path: str) -> LmdbStore | None:
+def open_store(
+    path: str | None, *, budget_bytes: int, durable: bool, control_path: str
+) -> LmdbStore | None:
     """The persistent tmem store at *path* (None: the default, on tmpfs); None for ``''``
     (``serve --store ''``: pages die with the agent)."""
     from hypervisor.lmdb_store import LmdbStore
@@ -48,8 +49,13 @@ def open_store(path: str | None, *, budget_bytes: int, durable: bool,
     if not where:
         log.warning("no tmem store: persistent pages die with this process")
         return None
-    return LmdbStore(where, budget_bytes=budget_bytes, durable=durable,
-                     control_path=control_path, host_boot_id=paths.host_boot_id())
+    return LmdbStore(
+        where,
+        budget_bytes=budget_bytes,
+        durable=durable,
+        control_path=control_path,
+        host_boot_id=paths.host_boot_id(),
+    )
 
 
 @dataclass
@@ -81,13 +87,21 @@ class AgentStore:
         for name in tmem.client_names():
             meta = tmem.client_meta(name)
             if "boot_id" in meta:
-                out.guests[name] = GuestState(name, boot_id=bytes.fromhex(str(meta["boot_id"])),
-                                              reboots=int(meta.get("reboots", 0)))
+                out.guests[name] = GuestState(
+                    name,
+                    boot_id=bytes.fromhex(str(meta["boot_id"])),
+                    reboots=int(meta.get("reboots", 0)),
+                )
         out.opted_out = {str(vm) for vm in state.meta.get(OPTED_OUT_KEY, [])}
         stats = tmem.store_stats()
-        log.info("tmem store %s: %d guests, %d persistent pages back in %.2f s",
-                 self.store.path, len(tmem.client_names()), stats.persistent_pages,
-                 time.monotonic() - t0, extra={"event": "store-reopened"})
+        log.info(
+            "tmem store %s: %d guests, %d persistent pages back in %.2f s",
+            self.store.path,
+            len(tmem.client_names()),
+            stats.persistent_pages,
+            time.monotonic() - t0,
+            extra={"event": "store-reopened"},
+        )
         return out
 
     def save_opted_out(self, vms: Iterable[str]) -> None:
@@ -99,5 +113,9 @@ class AgentStore:
         """The store as `memd status` shows it; None without one."""
         if self.store is None:
             return None
-        return {"path": str(self.store.path), "durable": self.store.durable,
-                "bytes_used": self.store.bytes_used(), "file_bytes": self.store.file_bytes()}
+        return {
+            "path": str(self.store.path),
+            "durable": self.store.durable,
+            "bytes_used": self.store.bytes_used(),
+            "file_bytes": self.store.file_bytes(),
+        }

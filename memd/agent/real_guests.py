@@ -62,9 +62,15 @@ SteeringFactory = Callable[["QemuMachine", Callable[[], int]], "KsmSteering"]
 class RealGuests:
     """The real guests' component (see the module docstring)."""
 
-    def __init__(self, *, ledger: Path, store: AgentStore, opted_out: set[str] | None = None,
-                 machine_factory: Callable[[ConsentBook], QemuMachine] | None = None,
-                 steering_factory: SteeringFactory | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        ledger: Path,
+        store: AgentStore,
+        opted_out: set[str] | None = None,
+        machine_factory: Callable[[ConsentBook], QemuMachine] | None = None,
+        steering_factory: SteeringFactory | None = None,
+    ) -> None:
         #: Where steering records the host's KSM knobs before changing them (survives a
         #: crash of this agent; see hypervisor.ksm.record_originals).
         self.ledger = ledger
@@ -120,8 +126,9 @@ class RealGuests:
             from hypervisor.real_sharing import QemuSharing
 
             machine = self._machine_factory(self.consent)
-            self._sharing = QemuSharing(machine, on_nominate=self._poke_steering,
-                                        consent=self.consent)
+            self._sharing = QemuSharing(
+                machine, on_nominate=self._poke_steering, consent=self.consent
+            )
             self._machine = machine
         return self._machine, self._sharing
 
@@ -306,8 +313,10 @@ class RealGuests:
                 "knobs": knobs,
                 "last_step": None,
                 "potential": None,
-                "vms": {g.name: {"merge": all(b.merge for b in g.blocks)}
-                        for g in (machine.guests() if machine else [])},
+                "vms": {
+                    g.name: {"merge": all(b.merge for b in g.blocks)}
+                    for g in (machine.guests() if machine else [])
+                },
                 "ksmd_cpu_seconds": round(ksmd_cpu_seconds(), 2),
             }
         return {"steering": looping, **steering.status()}

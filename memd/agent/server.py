@@ -87,13 +87,21 @@ class Channel:
     def describe(self) -> dict[str, object]:
         g = self.guest
         return {
-            "name": self.name, "path": self.path, "mode": self.mode, "connected": g.connected,
-            "sessions": self.sessions, "requests": g.requests, "errors": g.errors,
-            "bad_frames": g.bad_frames, "reboots": g.reboots,
-            "boot_id": g.boot_id.hex() if g.boot_id else None, "last_error": self.last_error,
+            "name": self.name,
+            "path": self.path,
+            "mode": self.mode,
+            "connected": g.connected,
+            "sessions": self.sessions,
+            "requests": g.requests,
+            "errors": g.errors,
+            "bad_frames": g.bad_frames,
+            "reboots": g.reboots,
+            "boot_id": g.boot_id.hex() if g.boot_id else None,
+            "last_error": self.last_error,
             # What the last HELLO was granted (names of wire.Capability bits).
-            "capabilities": [c.name.lower() for c in wire.Capability
-                             if c.name and g.capabilities & c],
+            "capabilities": [
+                c.name.lower() for c in wire.Capability if c.name and g.capabilities & c
+            ],
             "memory": g.memory_dict(),
         }
 
@@ -101,8 +109,9 @@ class Channel:
 class Agent:
     """Owns the channels; the Dispatcher owns the meaning of the bytes."""
 
-    def __init__(self, dispatcher: Dispatcher, *,
-                 max_partial_bytes: int = MAX_PARTIAL_BYTES) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, *, max_partial_bytes: int = MAX_PARTIAL_BYTES
+    ) -> None:
         self.dispatcher = dispatcher
         #: Bytes held in incomplete frames, all connections (loop thread).
         self.partials = PartialFrames(max_partial_bytes)
@@ -136,8 +145,13 @@ class Agent:
 
     # -- group commit ----------------------------------------------------------------------
 
-    def _hold(self, guest: GuestState, items: list[wire.Frame | FrameError],
-              conn: GuestConnection, written: asyncio.Future[None] | None = None) -> None:
+    def _hold(
+        self,
+        guest: GuestState,
+        items: list[wire.Frame | FrameError],
+        conn: GuestConnection,
+        written: asyncio.Future[None] | None = None,
+    ) -> None:
         """Dispatch frames that arrived together; their replies wait for :meth:`_flush`.
 
         Group commit across requests and guests: every read dispatched in the same
@@ -152,8 +166,9 @@ class Agent:
         parts = self.dispatcher.handle_all(guest, items)
         self._outbox.append((conn, parts, written))
 
-    async def _dispatch(self, guest: GuestState, items: list[wire.Frame | FrameError],
-                        conn: GuestConnection) -> None:
+    async def _dispatch(
+        self, guest: GuestState, items: list[wire.Frame | FrameError], conn: GuestConnection
+    ) -> None:
         """:meth:`_hold`, then return once the replies are written."""
         written = asyncio.get_running_loop().create_future()
         self._hold(guest, items, conn, written)
@@ -165,8 +180,11 @@ class Agent:
         try:
             self.dispatcher.tmem.release_commits()
         except Exception:  # nothing may be acknowledged: those guests reconnect and retry
-            log.critical("tmem store commit failed: %d connections dropped unanswered",
-                         len(outbox), exc_info=True)
+            log.critical(
+                "tmem store commit failed: %d connections dropped unanswered",
+                len(outbox),
+                exc_info=True,
+            )
             for conn, _, written in outbox:
                 if conn.transport is not None:
                     conn.transport.abort()
@@ -182,15 +200,17 @@ class Agent:
 
     # -- channels --------------------------------------------------------------------------
 
-    async def add_channel(self, name: str, path: str, mode: str = "connect", *,
-                          require_peer: float | None = None) -> Channel:
+    async def add_channel(
+        self, name: str, path: str, mode: str = "connect", *, require_peer: float | None = None
+    ) -> Channel:
         """Attach a guest channel.  ``require_peer``: for an operator's attach, wait up to
         that many seconds for the first connection and fail with one sentence (leaving
         nothing attached) if the socket is missing or nobody listens on it; the libvirt
         follower passes None, since a starting QEMU may not listen yet."""
         if self.runstate is not Runstate.RUNNING:
-            raise BackendError(f"agent is {self.runstate.value}: cannot attach {name!r}",
-                               target=name)
+            raise BackendError(
+                f"agent is {self.runstate.value}: cannot attach {name!r}", target=name
+            )
         if mode not in ("connect", "listen"):
             raise BackendError(f"unknown channel mode {mode!r}", target=name)
         if name in self.channels:
@@ -209,13 +229,17 @@ class Agent:
             loop = asyncio.get_running_loop()
             try:
                 channel.server = await loop.create_unix_server(
-                    lambda: GuestConnection(lambda conn: self._accepted(channel, conn),
-                                             self._scratch, self.partials),
-                    path=path)
+                    lambda: GuestConnection(
+                        lambda conn: self._accepted(channel, conn), self._scratch, self.partials
+                    ),
+                    path=path,
+                )
             except OSError as err:
                 del self.channels[name]
-                raise BackendError(f"cannot listen for guest {name!r} on {path}: "
-                                   f"{err.strerror or err}", target=name) from None
+                raise BackendError(
+                    f"cannot listen for guest {name!r} on {path}: {err.strerror or err}",
+                    target=name,
+                ) from None
             os.chmod(path, 0o600)
         else:
             channel.task = asyncio.create_task(self._connect_loop(channel), name=f"chan-{name}")
@@ -225,11 +249,15 @@ class Agent:
                 if not channel.guest.connected:
                     why = channel.last_error or f"no answer within {require_peer:g} s"
                     await self.remove_channel(name)
-                    raise BackendError(f"cannot attach {name!r}: connecting to {path} failed "
-                                       f"({why}); is the VM running with its memd channel "
-                                       "on that socket?", target=name)
-        log.info("attached guest %s (%s %s)", name, mode, path,
-                 extra={"event": "attach", "vm": name})
+                    raise BackendError(
+                        f"cannot attach {name!r}: connecting to {path} failed "
+                        f"({why}); is the VM running with its memd channel "
+                        "on that socket?",
+                        target=name,
+                    )
+        log.info(
+            "attached guest %s (%s %s)", name, mode, path, extra={"event": "attach", "vm": name}
+        )
         return channel
 
     async def remove_channel(self, name: str) -> None:
@@ -260,8 +288,8 @@ class Agent:
         while True:
             try:
                 _, conn = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: GuestConnection(None, self._scratch, self.partials),
-                    channel.path)
+                    lambda: GuestConnection(None, self._scratch, self.partials), channel.path
+                )
             except OSError as err:
                 channel.last_error = f"{type(err).__name__}: {err.strerror or err}"
                 channel.first_attempt.set()
@@ -342,9 +370,12 @@ class Agent:
             guest.disconnects += 1
             transport.close()
             await conn.closed
-            log.info("guest %s disconnected%s", guest.name,
-                     f" ({channel.last_error})" if channel.last_error else "",
-                     extra={"event": "disconnect", "vm": guest.name})
+            log.info(
+                "guest %s disconnected%s",
+                guest.name,
+                f" ({channel.last_error})" if channel.last_error else "",
+                extra={"event": "disconnect", "vm": guest.name},
+            )
 
 
 def _check_socket(name: str, path: str) -> None:
@@ -352,11 +383,14 @@ def _check_socket(name: str, path: str) -> None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise NotFound(f"cannot attach {name!r}: {path} does not exist (is the VM running, "
-                       "and is that its memd channel socket?)", target=name) from None
+        raise NotFound(
+            f"cannot attach {name!r}: {path} does not exist (is the VM running, "
+            "and is that its memd channel socket?)",
+            target=name,
+        ) from None
     except OSError as err:
-        raise BackendError(f"cannot attach {name!r}: {path}: {err.strerror or err}",
-                           target=name) from None
+        raise BackendError(
+            f"cannot attach {name!r}: {path}: {err.strerror or err}", target=name
+        ) from None
     if not stat.S_ISSOCK(st.st_mode):
-        raise BackendError(f"cannot attach {name!r}: {path} is not a unix socket",
-                           target=name)
+        raise BackendError(f"cannot attach {name!r}: {path} is not a unix socket", target=name)

@@ -32,15 +32,21 @@ from sharing.scanner import Scanner
 
 
 def _unregistered(guest: str, op: str, gfn: int | None = None) -> SharingDenied:
-    return SharingDenied("this guest has no memory registered for sharing", op=op,
-                         domain=guest, gfn=gfn)
+    return SharingDenied(
+        "this guest has no memory registered for sharing", op=op, domain=guest, gfn=gfn
+    )
 
 
 class SharingService:
     """The :class:`~sharing.guest.GuestSharing` of simulated guests, over a SharingManager."""
 
-    def __init__(self, manager: SharingManager, scanner: Scanner | None = None, *,
-                 consent: ConsentBook | None = None) -> None:
+    def __init__(
+        self,
+        manager: SharingManager,
+        scanner: Scanner | None = None,
+        *,
+        consent: ConsentBook | None = None,
+    ) -> None:
         self.manager = manager
         self.scanner = scanner or Scanner(manager)
         #: Whose pages may merge with other guests' (no consent given: nobody's).
@@ -75,8 +81,9 @@ class SharingService:
         try:
             return self._domids[guest]
         except KeyError:
-            raise NotFound(f"guest {guest!r} has no memory registered for sharing",
-                           target=guest) from None
+            raise NotFound(
+                f"guest {guest!r} has no memory registered for sharing", target=guest
+            ) from None
 
     def guests(self) -> dict[str, int]:
         return dict(self._domids)
@@ -113,8 +120,7 @@ class SharingService:
                 continue
             mfn, ptype = machine.lookup(domid, gfn)
             if ptype == PageType.SHARED:
-                out.append(PageSharing(True, nominated=True,
-                                       count=len(self.manager.gfns_of(mfn))))
+                out.append(PageSharing(True, nominated=True, count=len(self.manager.gfns_of(mfn))))
             elif ptype == PageType.RAM:
                 out.append(PageSharing(True, count=1))
             else:
@@ -138,8 +144,9 @@ class SharingService:
     def audit(self) -> dict[str, Any]:
         report = self.manager.audit().to_dict()
         names = {d: g for g, d in self._domids.items()}
-        report["guests"] = {names.get(int(d), f"domain {d}"): n
-                            for d, n in report["shr_pages"].items()}
+        report["guests"] = {
+            names.get(int(d), f"domain {d}"): n for d, n in report["shr_pages"].items()
+        }
         return report
 
     def stats(self) -> dict[str, Any]:
@@ -153,8 +160,7 @@ class SharingRouter:
     """The agent's one GuestSharing: a guest whose QEMU is attached goes to the real
     (KSM) backend, any other guest to the simulated machine's SharingService."""
 
-    def __init__(self, sim: GuestSharing | None = None,
-                 real: GuestSharing | None = None) -> None:
+    def __init__(self, sim: GuestSharing | None = None, real: GuestSharing | None = None) -> None:
         self.sim = sim
         self.real = real
 

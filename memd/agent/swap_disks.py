@@ -35,8 +35,9 @@ STATUS_FIELDS = ("name", "size", "pages", "spilled_pages", "lost_pages", "connec
 class SwapDisks:
     """Every swap disk this agent serves (see the module docstring)."""
 
-    def __init__(self, tmem: TmemHost, dispatcher: Dispatcher, *, markers: Path,
-                 spill_dir: Path | None) -> None:
+    def __init__(
+        self, tmem: TmemHost, dispatcher: Dispatcher, *, markers: Path, spill_dir: Path | None
+    ) -> None:
         self.tmem = tmem
         self.dispatcher = dispatcher
         #: guest → the NBD server of its swap disk (``serve --swap``, ``memd attach --swap``).
@@ -48,40 +49,54 @@ class SwapDisks:
         #: spill; a full store answers ENOSPC at once).
         self.spill_dir = spill_dir
 
-    async def add(self, name: str, path: str, size: int, *,
-                  owner: tuple[int, int] | None = None,
-                  peer_pid: int | None = None) -> NbdServer:
+    async def add(
+        self,
+        name: str,
+        path: str,
+        size: int,
+        *,
+        owner: tuple[int, int] | None = None,
+        peer_pid: int | None = None,
+    ) -> NbdServer:
         """Serve ``name`` a swap disk of ``size`` bytes over NBD on the unix socket
         ``path``, backed by a persistent pool of its own tmem client (memd.nbd.export)."""
         if name in self.disks:
-            raise InvalidArgument(f"{name} already has a swap disk on {self.disks[name].path}",
-                                  op="swap")
+            raise InvalidArgument(
+                f"{name} already has a swap disk on {self.disks[name].path}", op="swap"
+            )
         quoted = urllib.parse.quote(name, safe="")
         marker = self.markers / f"{quoted}.served"
-        restored = (self.tmem.has_client(name)
-                    and DISK_POOL_ID in dict(self.tmem.pool_ids(name)))
+        restored = self.tmem.has_client(name) and DISK_POOL_ID in dict(self.tmem.pool_ids(name))
         lost = marker.exists() and not restored
         if size <= 0 or size % PAGE_SIZE or size > MAX_DISK_SIZE:
-            raise InvalidArgument(f"{name}: a disk size is a positive multiple of 4096 bytes "
-                                  f"up to {MAX_DISK_SIZE}", op="swap")
+            raise InvalidArgument(
+                f"{name}: a disk size is a positive multiple of 4096 bytes up to {MAX_DISK_SIZE}",
+                op="swap",
+            )
         spill = None
         if self.spill_dir is not None:
             # As large as the disk (the file is sparse: it takes only what is spilled).
-            spill = FileSpill(self.spill_dir / f"{quoted}.spill", size // PAGE_SIZE,
-                              size // PAGE_SIZE, restore=restored)
+            spill = FileSpill(
+                self.spill_dir / f"{quoted}.spill",
+                size // PAGE_SIZE,
+                size // PAGE_SIZE,
+                restore=restored,
+            )
         cap = self.dispatcher.guest_cap_pages
         try:
-            disk = SwapDisk(self.tmem, name, size, cap_pages=cap, contents_lost=lost,
-                            spill=spill)
+            disk = SwapDisk(self.tmem, name, size, cap_pages=cap, contents_lost=lost, spill=spill)
         except ValueError as err:
             if spill is not None:
                 spill.close(keep=False)
             raise InvalidArgument(f"{name}: {err}", op="swap") from None
         if lost:
-            log.error("the swap disk of %s was served by an agent that kept no store "
-                      "(--store ''): its pages are lost; reads of pages not written "
-                      "since fail with EIO (restart the guest)", name,
-                      extra={"event": "swap-lost", "vm": name})
+            log.error(
+                "the swap disk of %s was served by an agent that kept no store "
+                "(--store ''): its pages are lost; reads of pages not written "
+                "since fail with EIO (restart the guest)",
+                name,
+                extra={"event": "swap-lost", "vm": name},
+            )
         if cap is not None:
             # The cap bounds raw pages; the operator sized the disk, so the disk's pages come
             # on top of what the guest may put over its channel (the budget still bounds
@@ -109,8 +124,12 @@ class SwapDisks:
             raise NotFound(f"{name} has no swap disk", target=name)
         await server.close()
         await asyncio.to_thread(server.disk.quiesce)  # a batch in a worker thread ends first
-        log.info("stopped serving the swap disk of %s (%s)", name, server.path,
-                 extra={"event": "swap-detached", "vm": name})
+        log.info(
+            "stopped serving the swap disk of %s (%s)",
+            name,
+            server.path,
+            extra={"event": "swap-detached", "vm": name},
+        )
         spill = server.disk.pages.spill
         if isinstance(spill, FileSpill):
             # The slot map goes beside the file; the store holds the rest of the disk, and
@@ -134,5 +153,7 @@ class SwapDisks:
 
     def summary(self) -> list[dict[str, Any]]:
         """Each disk as `memd status` shows it, by guest name."""
-        return [{k: d[k] for k in STATUS_FIELDS}
-                for d in (s.describe() for _, s in sorted(self.disks.items()))]
+        return [
+            {k: d[k] for k in STATUS_FIELDS}
+            for d in (s.describe() for _, s in sorted(self.disks.items()))
+        ]

@@ -78,37 +78,65 @@ def _uuid(text: str) -> bytes:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memd-guest",
-                                description="Talk to the memd host agent from inside a guest.")
+    p = argparse.ArgumentParser(
+        prog="memd-guest", description="Talk to the memd host agent from inside a guest."
+    )
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--port", default=None,
-                       help=f"virtio-serial port name (default {PORT_NAME}); opens the port "
-                            "itself, never through the daemon")
+    where.add_argument(
+        "--port",
+        default=None,
+        help=f"virtio-serial port name (default {PORT_NAME}); opens the port "
+        "itself, never through the daemon",
+    )
     where.add_argument("--device", help="open this character device instead of looking up --port")
     where.add_argument("--socket", help="connect to this unix socket (development, tests)")
-    p.add_argument("--direct", action="store_true",
-                   help="open the port even if the memd-guest daemon runs (it holds the port: "
-                        "only for a guest without the daemon)")
-    p.add_argument("--daemon-socket", default=None,
-                   help="the daemon's unix socket (default $MEMD_GUEST_SOCKET or "
-                        "/run/memd-guest.sock)")
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="open the port even if the memd-guest daemon runs (it holds the port: "
+        "only for a guest without the daemon)",
+    )
+    p.add_argument(
+        "--daemon-socket",
+        default=None,
+        help="the daemon's unix socket (default $MEMD_GUEST_SOCKET or /run/memd-guest.sock)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
-    p.add_argument("--dedup", action="store_true",
-                   help="consent to cross-guest de-duplication of the pages this command puts "
-                        "(saves host memory; lets other guests time-probe for equal content)")
-    p.add_argument("--reconnect-timeout", type=float, default=30.0,
-                   help="seconds to keep trying to (re)connect")
+    p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="consent to cross-guest de-duplication of the pages this command puts "
+        "(saves host memory; lets other guests time-probe for equal content)",
+    )
+    p.add_argument(
+        "--reconnect-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to keep trying to (re)connect",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("ports", help="list the virtio-serial ports of this guest")
-    c = sub.add_parser("daemon", help="own the port: keep the session, serve local programs on "
-                                      "a unix socket, report memory to the host")
-    c.add_argument("--listen", default=None,
-                   help="unix socket for local programs (default: --daemon-socket)")
-    c.add_argument("--mode", type=lambda t: int(t, 8), default=0o660,
-                   help="permissions of the socket, octal (default 660: root and its group)")
-    c.add_argument("--interval", type=float, default=REPORT_INTERVAL,
-                   help=f"seconds between memory reports (default {REPORT_INTERVAL:g})")
+    c = sub.add_parser(
+        "daemon",
+        help="own the port: keep the session, serve local programs on "
+        "a unix socket, report memory to the host",
+    )
+    c.add_argument(
+        "--listen", default=None, help="unix socket for local programs (default: --daemon-socket)"
+    )
+    c.add_argument(
+        "--mode",
+        type=lambda t: int(t, 8),
+        default=0o660,
+        help="permissions of the socket, octal (default 660: root and its group)",
+    )
+    c.add_argument(
+        "--interval",
+        type=float,
+        default=REPORT_INTERVAL,
+        help=f"seconds between memory reports (default {REPORT_INTERVAL:g})",
+    )
     c.add_argument("--verbose", action="store_true", help="log every local client (pid, uid)")
     sub.add_parser("memstate", help="print the memory report the daemon sends (no host needed)")
     sub.add_parser("hello", help="connect and show the negotiated version and host limits")
@@ -134,25 +162,37 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("pool", type=_int)
     c.add_argument("oid", type=_oid)
     c.add_argument("index", type=_int, nargs="?")
-    for name, what, prints in (("nominate", "offer pages for sharing", "status handle"),
-                               ("query", "sharing state of pages", "state share_count")):
-        c = sub.add_parser(name, help=f"{what}: gfns (hex like 0x1a2b, or decimal), or "
-                           f"--range of a process through the daemon; prints gfn {prints} "
-                           "(gfns in hex)")
+    for name, what, prints in (
+        ("nominate", "offer pages for sharing", "status handle"),
+        ("query", "sharing state of pages", "state share_count"),
+    ):
+        c = sub.add_parser(
+            name,
+            help=f"{what}: gfns (hex like 0x1a2b, or decimal), or "
+            f"--range of a process through the daemon; prints gfn {prints} "
+            "(gfns in hex)",
+        )
         c.add_argument("gfns", type=_int, nargs="*")
-        c.add_argument("--range", type=_range, metavar="ADDR:LEN",
-                       help="a virtual address range (hex or decimal, page-aligned) of --pid; "
-                            "the daemon resolves it to gfns through /proc/PID/pagemap")
-        c.add_argument("--pid", type=_int, default=0,
-                       help="the process whose range it is (root, or its own user)")
+        c.add_argument(
+            "--range",
+            type=_range,
+            metavar="ADDR:LEN",
+            help="a virtual address range (hex or decimal, page-aligned) of --pid; "
+            "the daemon resolves it to gfns through /proc/PID/pagemap",
+        )
+        c.add_argument(
+            "--pid",
+            type=_int,
+            default=0,
+            help="the process whose range it is (root, or its own user)",
+        )
     c = sub.add_parser("about-to-write", help="ask the host to unshare a gfn before a write")
     c.add_argument("gfn", type=_int)
     return p
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"timeout": args.timeout,
-                               "reconnect_timeout": args.reconnect_timeout}
+    options: dict[str, Any] = {"timeout": args.timeout, "reconnect_timeout": args.reconnect_timeout}
     if args.dedup:
         options["capabilities"] = ALL_CAPABILITIES | int(Capability.DEDUP_OPT_IN)
     return options
@@ -231,19 +271,27 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "daemon":
         options = _options(args)
         options["capabilities"] = options.get("capabilities", ALL_CAPABILITIES) | int(
-            Capability.MEM_REPORT)
+            Capability.MEM_REPORT
+        )
         client = _port_client(args, options)
-        GuestDaemon(client, args.listen or args.daemon_socket or socket_path(),
-                    interval=args.interval, mode=args.mode, verbose=args.verbose).run()
+        GuestDaemon(
+            client,
+            args.listen or args.daemon_socket or socket_path(),
+            interval=args.interval,
+            mode=args.mode,
+            verbose=args.verbose,
+        ).run()
         return EXIT_OK
     client, via = _client(args)
     with client:
         if args.command == "hello":
             h = client.connect()
             caps = ",".join(c.name.lower() for c in Capability if c & h.capabilities and c.name)
-            out.write(f"version={h.version}\ncapabilities={caps or '-'}\nmax_batch={h.max_batch}\n"
-                      f"max_payload={h.max_payload}\nmax_gfns={h.max_gfns}\n"
-                      f"page_size={h.page_size}\nvia={via}\n")
+            out.write(
+                f"version={h.version}\ncapabilities={caps or '-'}\nmax_batch={h.max_batch}\n"
+                f"max_payload={h.max_payload}\nmax_gfns={h.max_gfns}\n"
+                f"page_size={h.page_size}\nvia={via}\n"
+            )
         elif args.command == "pools":
             for p in client.list_pools():
                 uuid = p.uuid.hex() if p.flags & PoolFlag.SHARED else "-"
@@ -277,17 +325,23 @@ def _run(args: argparse.Namespace) -> int:
                 client.flush_page(args.pool, args.oid, args.index)
         elif args.command in ("nominate", "query") and args.range is not None:
             if args.gfns or not via.startswith("daemon:"):
-                raise ValueError("--range takes no gfns and needs the memd-guest daemon (it "
-                                 "reads /proc/PID/pagemap): is `memd-guest daemon` running?")
+                raise ValueError(
+                    "--range takes no gfns and needs the memd-guest daemon (it "
+                    "reads /proc/PID/pagemap): is `memd-guest daemon` running?"
+                )
             addr, length = args.range
             if args.command == "nominate":
                 for i, item in enumerate(client.nominate_range(addr, length, args.pid)):
-                    out.write(f"{addr + i * PAGE_SIZE:#x} {_gfn(item.gfn)} "
-                              f"{Status(item.status).name.lower()} {item.handle}\n")
+                    out.write(
+                        f"{addr + i * PAGE_SIZE:#x} {_gfn(item.gfn)} "
+                        f"{Status(item.status).name.lower()} {item.handle}\n"
+                    )
             else:
                 for i, q in enumerate(client.query_range(addr, length, args.pid)):
-                    out.write(f"{addr + i * PAGE_SIZE:#x} {_gfn(q.gfn)} "
-                              f"{ShareState(q.state).name.lower()} {q.share_count}\n")
+                    out.write(
+                        f"{addr + i * PAGE_SIZE:#x} {_gfn(q.gfn)} "
+                        f"{ShareState(q.state).name.lower()} {q.share_count}\n"
+                    )
         elif args.command in ("nominate", "query") and not args.gfns:
             raise ValueError(f"{args.command}: name gfns, or --range ADDR:LEN")
         elif args.command == "nominate":

@@ -143,10 +143,18 @@ class GuestClient:
     """Talks to the host agent.  ``connect`` is a factory returning a fresh
     :class:`Transport`; it is called again after every lost connection."""
 
-    def __init__(self, connect: Callable[[], Transport], *, timeout: float = 10.0,
-                 reconnect_timeout: float = 30.0, boot_id: bytes | None = None,
-                 capabilities: int = ALL_CAPABILITIES, max_in_flight: int = 32,
-                 sync_interval: float = SYNC_RETRY_INTERVAL, retries: int = 1) -> None:
+    def __init__(
+        self,
+        connect: Callable[[], Transport],
+        *,
+        timeout: float = 10.0,
+        reconnect_timeout: float = 30.0,
+        boot_id: bytes | None = None,
+        capabilities: int = ALL_CAPABILITIES,
+        max_in_flight: int = 32,
+        sync_interval: float = SYNC_RETRY_INTERVAL,
+        retries: int = 1,
+    ) -> None:
         self._factory = connect
         self.timeout = timeout  #: seconds to wait for any reply before reconnecting
         self.reconnect_timeout = reconnect_timeout
@@ -231,9 +239,11 @@ class GuestClient:
                     # Say how long was really spent: each try has its own shorter
                     # timeout, and quoting only that misleads (10 s said after 30 s).
                     waited = time.monotonic() - started
-                    raise Unavailable(f"cannot reach the memd host agent: gave up after "
-                                      f"{waited:.0f} s (last try: {err})",
-                                      target=str(err)) from None
+                    raise Unavailable(
+                        f"cannot reach the memd host agent: gave up after "
+                        f"{waited:.0f} s (last try: {err})",
+                        target=str(err),
+                    ) from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -241,8 +251,9 @@ class GuestClient:
         transport = self._transport
         assert transport is not None
         nonce = int.from_bytes(os.urandom(8), "little")
-        sync = RESYNC_MARKER + encode_request(self._new_id(), SyncRequest(nonce),
-                                              version=MIN_VERSION)
+        sync = RESYNC_MARKER + encode_request(
+            self._new_id(), SyncRequest(nonce), version=MIN_VERSION
+        )
         next_send = 0.0
         while True:
             now = time.monotonic()
@@ -269,7 +280,7 @@ class GuestClient:
                     except MemdError:
                         continue
                     if isinstance(reply, SyncReply) and reply.nonce == nonce:
-                        self._ready = frames[i + 1:]
+                        self._ready = frames[i + 1 :]
                         return
 
     def _hello(self) -> None:
@@ -308,19 +319,22 @@ class GuestClient:
                 self._drop()
                 resets += 1
                 if resets > _MAX_SESSION_RESETS:
-                    raise Unavailable(f"the host agent keeps forgetting the session ({err})",
-                                      target="host agent") from None
+                    raise Unavailable(
+                        f"the host agent keeps forgetting the session ({err})", target="host agent"
+                    ) from None
             except (_ConnectionLost, OSError) as err:
                 self._drop()
                 left = [spec_of(m) for m, r in zip(requests, results, strict=True) if r is None]
                 if attempt >= self.retries or not all(spec.idempotent for spec in left):
                     names = ", ".join(sorted({spec.op.name for spec in left}))
-                    raise Unavailable(f"lost the connection to the host agent during {names}"
-                                      f" ({err}); not retried", target="host agent") from None
+                    raise Unavailable(
+                        f"lost the connection to the host agent during {names}"
+                        f" ({err}); not retried",
+                        target="host agent",
+                    ) from None
                 attempt += 1
 
-    def _run(self, requests: Sequence[Request],
-             results: list[Reply | ErrorReply | None]) -> None:
+    def _run(self, requests: Sequence[Request], results: list[Reply | ErrorReply | None]) -> None:
         transport = self._transport
         assert transport is not None
         todo = [i for i, r in enumerate(results) if r is None]
@@ -334,8 +348,7 @@ class GuestClient:
             while sent < len(todo) and len(in_flight) < self.max_in_flight and not need_hello:
                 index = todo[sent]
                 request_id = self._new_id()
-                parts += encode_request_parts(request_id, requests[index],
-                                              version=self._version)
+                parts += encode_request_parts(request_id, requests[index], version=self._version)
                 in_flight[request_id] = index
                 sent += 1
             if parts:
@@ -351,8 +364,11 @@ class GuestClient:
                 reply = decode_reply(frame)
             except MemdError as err:
                 raise _ConnectionLost(f"malformed reply: {err}") from None
-            if (isinstance(reply, ErrorReply) and reply.status == Status.NEED_HELLO
-                    and frame.op not in (Op.HELLO, Op.SYNC)):
+            if (
+                isinstance(reply, ErrorReply)
+                and reply.status == Status.NEED_HELLO
+                and frame.op not in (Op.HELLO, Op.SYNC)
+            ):
                 need_hello = True  # not executed: stays None, resent after a new HELLO
                 continue
             results[index_or_none] = reply
@@ -381,8 +397,9 @@ class GuestClient:
         reply = self.pipeline([msg])[0]
         if isinstance(reply, ErrorReply | want):
             return reply
-        raise Unavailable(f"{op_of(msg).name}: unexpected reply {type(reply).__name__}",
-                          target="host agent")
+        raise Unavailable(
+            f"{op_of(msg).name}: unexpected reply {type(reply).__name__}", target="host agent"
+        )
 
     def _ok(self, msg: Request, want: type[R]) -> R:
         reply = self._call(msg, want)
@@ -396,7 +413,8 @@ class GuestClient:
         """Create a pool; returns its id.  Shared pools need the 16-byte uuid the host
         authorised; shared + persistent is refused by the host."""
         flags = (PoolFlag.PERSISTENT if persistent else 0) | (
-            PoolFlag.SHARED if shared_uuid is not None else 0)
+            PoolFlag.SHARED if shared_uuid is not None else 0
+        )
         uuid = bytes(16) if shared_uuid is None else bytes(shared_uuid)
         return self._ok(NewPoolRequest(int(flags), uuid), NewPoolReply).pool
 
@@ -430,13 +448,12 @@ class GuestClient:
         assert server is not None
         return max(1, min(server.max_batch, (server.max_payload - 8) // _BATCH_ITEM_BYTES))
 
-    def put_batch(self, pool: int, items: Sequence[tuple[int | Oid, int, Buffer]]
-                  ) -> list[Status]:
+    def put_batch(self, pool: int, items: Sequence[tuple[int | Oid, int, Buffer]]) -> list[Status]:
         """Put many pages (split into pipelined frames); one Status per item, in order."""
         size = self._batch_size()
         requests: list[Request] = []
         for at in range(0, len(items), size):
-            part = items[at:at + size]
+            part = items[at : at + size]
             handles = [(as_oid(oid), index) for oid, index, _ in part]
             requests.append(PutBatchRequest(pool, handles, [p for _, _, p in part]))
         statuses: list[Status] = []
@@ -445,21 +462,20 @@ class GuestClient:
             statuses.extend(Status(s) for s in replied.statuses)
         return statuses
 
-    def get_batch(self, pool: int, handles: Sequence[tuple[int | Oid, int]]
-                  ) -> list[bytes | None]:
+    def get_batch(self, pool: int, handles: Sequence[tuple[int | Oid, int]]) -> list[bytes | None]:
         """Get many pages; a page or None (not found / failed) per handle, in order."""
         size = self._batch_size()
         norm: list[Handle] = [(as_oid(oid), index) for oid, index in handles]
         requests: list[Request] = [
-            GetBatchRequest(pool, norm[at:at + size]) for at in range(0, len(norm), size)]
+            GetBatchRequest(pool, norm[at : at + size]) for at in range(0, len(norm), size)
+        ]
         pages: list[bytes | None] = []
         for reply, msg in zip(self.pipeline(requests), requests, strict=True):
             replied = self._batch_reply(Op.GET_BATCH, reply, GetBatchReply, msg)
             pages.extend(None if p is None else bytes(p) for p in replied.pages)
         return pages
 
-    def _batch_reply(self, op: Op, reply: Reply | ErrorReply, want: type[R], msg: Request
-                     ) -> R:
+    def _batch_reply(self, op: Op, reply: Reply | ErrorReply, want: type[R], msg: Request) -> R:
         if isinstance(reply, ErrorReply):
             raise error_for_status(reply.status, reply.message, op=op)
         if isinstance(msg, PutBatchRequest | GetBatchRequest):
@@ -475,8 +491,9 @@ class GuestClient:
         else:
             got = -2
         if not isinstance(reply, want) or got != expected:
-            raise Unavailable(f"{op.name}: the host answered {got} items for {expected}",
-                              target="host agent")
+            raise Unavailable(
+                f"{op.name}: the host answered {got} items for {expected}", target="host agent"
+            )
         return reply
 
     def list_pools(self) -> list[PoolInfo]:
@@ -489,7 +506,7 @@ class GuestClient:
             self.connect()
         assert self.server is not None
         size = self.server.max_gfns
-        return [gfns[at:at + size] for at in range(0, len(gfns), size)]
+        return [gfns[at : at + size] for at in range(0, len(gfns), size)]
 
     def nominate(self, gfns: Sequence[int]) -> list[NominateResult]:
         """Offer these gfns for sharing; per gfn a status and (if OK) a handle."""
@@ -507,23 +524,35 @@ class GuestClient:
             out.extend(self._batch_reply(Op.SHARE_QUERY, reply, ShareQueryReply, msg).results)
         return out
 
-    def _range(self, request: type[RangeNominateRequest] | type[RangeQueryRequest], pid: int,
-               addr: int, length: int) -> list[Reply | ErrorReply]:
+    def _range(
+        self,
+        request: type[RangeNominateRequest] | type[RangeQueryRequest],
+        pid: int,
+        addr: int,
+        length: int,
+    ) -> list[Reply | ErrorReply]:
         """Split ``[addr, addr + length)`` into MAX_GFNS-page requests; their replies."""
         name = request.__name__
         if addr % PAGE_SIZE or length % PAGE_SIZE or length <= 0:
-            raise InvalidArgument(f"a range must be page-aligned and not empty (addr {addr:#x},"
-                                  f" length {length:#x})", op=name)
+            raise InvalidArgument(
+                f"a range must be page-aligned and not empty (addr {addr:#x}, length {length:#x})",
+                op=name,
+            )
         step = MAX_GFNS * PAGE_SIZE
-        return self.pipeline([request(pid, at, min(step, addr + length - at))
-                              for at in range(addr, addr + length, step)])
+        return self.pipeline(
+            [
+                request(pid, at, min(step, addr + length - at))
+                for at in range(addr, addr + length, step)
+            ]
+        )
 
     def _range_results(self, op: Op, reply: Reply | ErrorReply, want: type[R]) -> R:
         if isinstance(reply, ErrorReply):
             raise error_for_status(reply.status, reply.message, op=op)
         if not isinstance(reply, want):
-            raise Unavailable(f"{op.name}: unexpected reply {type(reply).__name__}",
-                              target="memd-guest daemon")
+            raise Unavailable(
+                f"{op.name}: unexpected reply {type(reply).__name__}", target="memd-guest daemon"
+            )
         return reply
 
     def nominate_range(self, addr: int, length: int, pid: int = 0) -> list[RangeNominateItem]:

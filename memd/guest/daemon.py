@@ -134,8 +134,9 @@ def memory_report(meminfo: str = MEMINFO, psi: str = PSI_MEMORY) -> MemReportReq
     swap_free = min(swap_total, info.get("SwapFree", 0))
     pressure = read_psi(psi)
     if pressure is None:
-        return MemReportRequest(total, available, swap_total, swap_free, 0, 0,
-                                int(MemReportFlag.NO_PSI))
+        return MemReportRequest(
+            total, available, swap_total, swap_free, 0, 0, int(MemReportFlag.NO_PSI)
+        )
     return MemReportRequest(total, available, swap_total, swap_free, pressure[0], pressure[1], 0)
 
 
@@ -161,8 +162,10 @@ def resolve_range(pid: int, addr: int, length: int, proc: str = "/proc") -> list
     entries = struct.unpack(f"<{pages}Q", raw)
     present = [e & _PFN_MASK if e & _PRESENT else NO_GFN for e in entries]
     if any(g == 0 for g in present) and all(g in (0, NO_GFN) for g in present):
-        raise AccessDenied("the daemon reads no frame numbers from pagemap (it needs "
-                           "CAP_SYS_ADMIN: run it as root)")
+        raise AccessDenied(
+            "the daemon reads no frame numbers from pagemap (it needs "
+            "CAP_SYS_ADMIN: run it as root)"
+        )
     return present
 
 
@@ -186,10 +189,17 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
 class GuestDaemon:
     """The port's one owner: a session to the host, a local socket, a memory reporter."""
 
-    def __init__(self, client: GuestClient, path: str = DEFAULT_SOCKET, *,
-                 interval: float = REPORT_INTERVAL, mode: int = 0o660, verbose: bool = False,
-                 log: TextIO | None = None,
-                 report: Callable[[], MemReportRequest] = memory_report) -> None:
+    def __init__(
+        self,
+        client: GuestClient,
+        path: str = DEFAULT_SOCKET,
+        *,
+        interval: float = REPORT_INTERVAL,
+        mode: int = 0o660,
+        verbose: bool = False,
+        log: TextIO | None = None,
+        report: Callable[[], MemReportRequest] = memory_report,
+    ) -> None:
         self.client = client
         self.path = path
         self.interval = interval
@@ -223,8 +233,7 @@ class GuestDaemon:
         except OSError:
             pass
         else:
-            raise Unavailable(f"another memd-guest daemon listens on {self.path}",
-                              target=self.path)
+            raise Unavailable(f"another memd-guest daemon listens on {self.path}", target=self.path)
         finally:
             probe.close()
         try:
@@ -253,8 +262,10 @@ class GuestDaemon:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (main thread)."""
+
         def stop(signum: int, _frame: object) -> None:
             self._stop.set()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         self.start()
@@ -285,8 +296,10 @@ class GuestDaemon:
             return False
         reply = self.client.pipeline([self._report()])[0]
         if isinstance(reply, ErrorReply):
-            raise MemdError(f"the host refused MEM_REPORT: {Status(reply.status).name}"
-                            f"{': ' + reply.message if reply.message else ''}")
+            raise MemdError(
+                f"the host refused MEM_REPORT: {Status(reply.status).name}"
+                f"{': ' + reply.message if reply.message else ''}"
+            )
         self.reports_sent += 1
         return True
 
@@ -319,8 +332,12 @@ class GuestDaemon:
                 time.sleep(0.1)
                 continue
             self.connections += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                                      name=f"memd-guest-local-{self.connections}")
+            thread = threading.Thread(
+                target=self._serve,
+                args=(conn,),
+                daemon=True,
+                name=f"memd-guest-local-{self.connections}",
+            )
             thread.start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -337,8 +354,9 @@ class GuestDaemon:
 class LocalSession:
     """One local program's connection: the host side of the protocol, forwarding."""
 
-    def __init__(self, daemon: GuestDaemon, conn: socket.socket, pid: int, uid: int,
-                 gid: int) -> None:
+    def __init__(
+        self, daemon: GuestDaemon, conn: socket.socket, pid: int, uid: int, gid: int
+    ) -> None:
         self.daemon = daemon
         self.conn = conn
         self.pid, self.uid, self.gid = pid, uid, gid
@@ -366,8 +384,9 @@ class LocalSession:
                     return
 
     def _error(self, frame: Frame, status: Status, message: str = "") -> bytes:
-        return encode_error(frame.op, frame.request_id, status, message,
-                            version=self.version or MIN_VERSION)
+        return encode_error(
+            frame.op, frame.request_id, status, message, version=self.version or MIN_VERSION
+        )
 
     def answer(self, frames: list[Frame]) -> bytes:
         """Reply bytes for a run of frames, in order (forwarded ones as one pipeline)."""
@@ -384,7 +403,8 @@ class LocalSession:
                 forward = []
                 continue
             if isinstance(request, SyncRequest | HelloRequest | RangeRequest) or (
-                    self.version is None or frame.op == Op.MEM_REPORT):
+                self.version is None or frame.op == Op.MEM_REPORT
+            ):
                 out.append(self._flush(forward) + self._local(frame, request))
                 forward = []
             else:
@@ -395,8 +415,7 @@ class LocalSession:
     def _local(self, frame: Frame, request: Request) -> bytes:
         if isinstance(request, SyncRequest):
             self.version = None
-            return encode_reply(frame.request_id, SyncReply(request.nonce),
-                                version=MIN_VERSION)
+            return encode_reply(frame.request_id, SyncReply(request.nonce), version=MIN_VERSION)
         if isinstance(request, HelloRequest):
             return self._hello(frame, request)
         if self.version is None:
@@ -406,8 +425,9 @@ class LocalSession:
                 return self._range(frame, request)
             except MemdError as err:
                 return self._error(frame, status_for_exception(err), str(err))
-        return self._error(frame, Status.DENIED, "the memd-guest daemon sends the memory "
-                           "reports of this guest")
+        return self._error(
+            frame, Status.DENIED, "the memd-guest daemon sends the memory reports of this guest"
+        )
 
     def _range(self, frame: Frame, request: RangeRequest) -> bytes:
         """RANGE_NOMINATE / RANGE_QUERY: the caller's (or, for root or the same user, another
@@ -416,8 +436,10 @@ class LocalSession:
         if pid <= 0:
             raise InvalidArgument("the caller's pid is unknown (no SO_PEERCRED)", op="RANGE")
         if pid != self.pid and self.uid != 0 and _process_uid(pid) != self.uid:
-            raise AccessDenied(f"process {self.pid} (uid {self.uid}) may not name the memory "
-                               f"of process {pid}, which another user owns")
+            raise AccessDenied(
+                f"process {self.pid} (uid {self.uid}) may not name the memory "
+                f"of process {pid}, which another user owns"
+            )
         gfns = resolve_range(pid, request.addr, request.length)
         present = [g for g in gfns if g != NO_GFN]
         client = self.daemon.client
@@ -430,8 +452,9 @@ class LocalSession:
                 else:
                     r = next(done)
                     items.append(RangeNominateItem(gfn, r.status, r.handle))
-            return encode_reply(frame.request_id, RangeNominateReply(items),
-                                version=self.version or MIN_VERSION)
+            return encode_reply(
+                frame.request_id, RangeNominateReply(items), version=self.version or MIN_VERSION
+            )
         infos = iter(client.share_query(present) if present else [])
         queried = []
         for gfn in gfns:
@@ -440,8 +463,9 @@ class LocalSession:
             else:
                 info = next(infos)
                 queried.append(RangeQueryItem(gfn, info.state, info.share_count))
-        return encode_reply(frame.request_id, RangeQueryReply(queried),
-                            version=self.version or MIN_VERSION)
+        return encode_reply(
+            frame.request_id, RangeQueryReply(queried), version=self.version or MIN_VERSION
+        )
 
     def _hello(self, frame: Frame, request: HelloRequest) -> bytes:
         try:
@@ -449,17 +473,34 @@ class LocalSession:
         except MemdError as err:
             return self._error(frame, Status.BUSY, f"memd-guest daemon: {err}")
         if not request.min_version <= server.version <= request.max_version:
-            return self._error(frame, Status.VERSION, f"the daemon's session speaks version "
-                               f"{server.version} ({MIN_VERSION}..{MAX_VERSION} known)")
+            return self._error(
+                frame,
+                Status.VERSION,
+                f"the daemon's session speaks version "
+                f"{server.version} ({MIN_VERSION}..{MAX_VERSION} known)",
+            )
         wanted_dedup = request.capabilities & Capability.DEDUP_OPT_IN
         if wanted_dedup and not server.capabilities & Capability.DEDUP_OPT_IN:
-            return self._error(frame, Status.DENIED, "the memd-guest daemon's session does not "
-                               "consent to de-duplication: start it with --dedup")
+            return self._error(
+                frame,
+                Status.DENIED,
+                "the memd-guest daemon's session does not "
+                "consent to de-duplication: start it with --dedup",
+            )
         self.version = server.version
         granted = server.capabilities & request.capabilities & ~int(Capability.MEM_REPORT)
-        return encode_reply(frame.request_id, HelloReply(
-            server.version, granted, server.max_batch, server.max_payload, server.max_gfns,
-            server.page_size), version=server.version)
+        return encode_reply(
+            frame.request_id,
+            HelloReply(
+                server.version,
+                granted,
+                server.max_batch,
+                server.max_payload,
+                server.max_gfns,
+                server.page_size,
+            ),
+            version=server.version,
+        )
 
     def _flush(self, forward: list[tuple[Frame, Request]]) -> bytes:
         if not forward:
@@ -467,16 +508,18 @@ class LocalSession:
         try:
             replies = self.daemon.client.pipeline([req for _, req in forward])
         except MemdError as err:
-            return b"".join(self._error(f, Status.BUSY, f"memd-guest daemon: {err}")
-                            for f, _ in forward)
+            return b"".join(
+                self._error(f, Status.BUSY, f"memd-guest daemon: {err}") for f, _ in forward
+            )
         out = []
         for (frame, _), reply in zip(forward, replies, strict=True):
             if isinstance(reply, ErrorReply):
                 out.append(self._error(frame, reply.status, reply.message))
             else:
                 try:
-                    out.append(encode_reply(frame.request_id, reply,
-                                            version=self.version or MIN_VERSION))
+                    out.append(
+                        encode_reply(frame.request_id, reply, version=self.version or MIN_VERSION)
+                    )
                 except FrameError as err:
                     out.append(self._error(frame, Status.INTERNAL, err.message))
         return b"".join(out)

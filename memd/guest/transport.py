@@ -85,8 +85,9 @@ class _SelectTransport(Transport):
         fds = [self._fd]
         r, w, _ = select.select([] if for_write else fds, fds if for_write else [], [], timeout)
         if not (r or w):
-            raise TimeoutError(f"{self.name}: nothing {'accepted' if for_write else 'arrived'}"
-                               f" within {timeout} s")
+            raise TimeoutError(
+                f"{self.name}: nothing {'accepted' if for_write else 'arrived'} within {timeout} s"
+            )
 
     def send(self, data: Buffer) -> None:
         view = memoryview(data).cast("B")
@@ -105,7 +106,7 @@ class _SelectTransport(Transport):
         first = 0  # views[first:] are still to be written; views[first] maybe in part
         while first < len(views):
             try:
-                sent = os.writev(self._fd, views[first:first + _IOV_MAX])
+                sent = os.writev(self._fd, views[first : first + _IOV_MAX])
             except BlockingIOError:
                 sent = 0
             if not sent:
@@ -157,22 +158,29 @@ class CharDeviceTransport(_SelectTransport):
 class SocketTransport(_SelectTransport):
     """A connected stream socket (a unix socket in development and tests)."""
 
-    def __init__(self, sock: socket.socket, name: str | None = None, *,
-                 send_timeout: float = DEFAULT_SEND_TIMEOUT) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        name: str | None = None,
+        *,
+        send_timeout: float = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
         sock.setblocking(False)
         self._sock = sock
         super().__init__(sock.fileno(), name or f"socket:{sock.fileno()}", send_timeout)
 
     @classmethod
-    def connect_unix(cls, path: str, *, send_timeout: float = DEFAULT_SEND_TIMEOUT
-                     ) -> SocketTransport:
+    def connect_unix(
+        cls, path: str, *, send_timeout: float = DEFAULT_SEND_TIMEOUT
+    ) -> SocketTransport:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
         except OSError as err:
             sock.close()
-            raise Unavailable(f"cannot connect to unix:{path}: {err.strerror or err}",
-                              target=path) from None
+            raise Unavailable(
+                f"cannot connect to unix:{path}: {err.strerror or err}", target=path
+            ) from None
         return cls(sock, f"unix:{path}", send_timeout=send_timeout)
 
     def _read(self, max_bytes: int) -> bytes:
@@ -194,8 +202,7 @@ def list_ports(sysfs: str = SYSFS_PORTS, dev: str = "/dev") -> dict[str, str]:
         return ports
     for entry in entries:
         try:
-            with open(os.path.join(sysfs, entry, "name"), encoding="utf-8",
-                      errors="replace") as f:
+            with open(os.path.join(sysfs, entry, "name"), encoding="utf-8", errors="replace") as f:
                 name = f.read().strip()
         except OSError:
             continue
@@ -209,7 +216,10 @@ def find_port(name: str = PORT_NAME, sysfs: str = SYSFS_PORTS, dev: str = "/dev"
     ports = list_ports(sysfs, dev)
     if name not in ports:
         known = ", ".join(sorted(ports)) or "none"
-        raise ChannelMissing(f"no virtio-serial port named {name} (ports found: {known}); "
-                             "is the VM configured with the memd channel and virtio_console "
-                             "loaded?", target=name)
+        raise ChannelMissing(
+            f"no virtio-serial port named {name} (ports found: {known}); "
+            "is the VM configured with the memd channel and virtio_console "
+            "loaded?",
+            target=name,
+        )
     return ports[name]

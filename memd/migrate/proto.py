@@ -170,10 +170,18 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
     if isinstance(msg, Ready):
         return Kind.READY, {"staged": msg.staged}
     if isinstance(msg, Pools):
-        return Kind.POOLS, {"pools": [
-            {"local": p.local, "persistent": p.persistent, "shared": p.shared,
-             "uuid": None if p.uuid is None else p.uuid.hex(), "generation": p.generation}
-            for p in msg.pools]}
+        return Kind.POOLS, {
+            "pools": [
+                {
+                    "local": p.local,
+                    "persistent": p.persistent,
+                    "shared": p.shared,
+                    "uuid": None if p.uuid is None else p.uuid.hex(),
+                    "generation": p.generation,
+                }
+                for p in msg.pools
+            ]
+        }
     if isinstance(msg, Commit):
         return Kind.COMMIT, {"pages": msg.pages}
     if isinstance(msg, Confirm):
@@ -200,8 +208,10 @@ def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
         pos = index - base
         n = len(payload)
         if not last < pos < CHUNK_PAGES or n > PAGE_SIZE:
-            raise ValueError(f"page {index} does not belong in chunk {msg.chunk} "
-                             "in this order, or its payload is too long")
+            raise ValueError(
+                f"page {index} does not belong in chunk {msg.chunk} "
+                "in this order, or its payload is too long"
+            )
         last = pos
         size += n
         parts.append(pack(pos, h & _U64, n))
@@ -243,7 +253,7 @@ class Decoder:
                     raise FrameError(f"migration frame length {length} out of range")
                 if end - pos < 4 + length:
                     break
-                out.append(_decode(kind, view[pos + _HEADER.size:pos + 4 + length]))
+                out.append(_decode(kind, view[pos + _HEADER.size : pos + 4 + length]))
                 pos += 4 + length
             tail = view[pos:].tobytes() if pos < end else b""
         # The views are released: the held buffer may be resized again.
@@ -281,12 +291,21 @@ def _from_json(kind: int, obj: dict[str, Any]) -> Message:
         for p in obj["pools"]:
             local = _int(p["local"])
             uuid = p["uuid"]
-            if not 0 <= local < MAX_POOLS or not isinstance(p["persistent"], bool) \
-                    or not isinstance(p["shared"], bool):
+            if (
+                not 0 <= local < MAX_POOLS
+                or not isinstance(p["persistent"], bool)
+                or not isinstance(p["shared"], bool)
+            ):
                 raise ValueError("bad pool entry")
-            entries.append(PoolEntry(local, p["persistent"], p["shared"],
-                                     None if uuid is None else bytes.fromhex(_str(uuid)),
-                                     _int(p["generation"])))
+            entries.append(
+                PoolEntry(
+                    local,
+                    p["persistent"],
+                    p["shared"],
+                    None if uuid is None else bytes.fromhex(_str(uuid)),
+                    _int(p["generation"]),
+                )
+            )
         if len({e.local for e in entries}) != len(entries):
             raise ValueError("a local pool id appears twice")
         return Pools(tuple(entries))
@@ -333,7 +352,7 @@ def _decode_chunk(body: memoryview) -> Chunk:
         if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
             raise FrameError("CHUNK page index out of order, or payload length bad")
         last = offset
-        pages.append((base + offset, h, body[pos:pos + length].tobytes()))
+        pages.append((base + offset, h, body[pos : pos + length].tobytes()))
         pos += length
     if pos != len(body):
         raise FrameError("CHUNK frame has trailing bytes")

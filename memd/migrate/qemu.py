@@ -43,22 +43,33 @@ log = logging.getLogger("memd.migrate")
 #: QEMU states that end a migration without the guest moving.
 FAILED = frozenset({"failed", "cancelled"})
 #: QEMU states of a migration still under way.
-BUSY = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active",
-                  "wait-unplug"})
+BUSY = frozenset(
+    {"setup", "active", "pre-switchover", "device", "cancelling", "postcopy-active", "wait-unplug"}
+)
 
 
 async def arm(monitor: AsyncQmpMonitor) -> Any:
     """Make QEMU wait for us at switch-over; → the MIGRATION event listener."""
     listener = monitor.event_listener("MIGRATION")
     # QEMU sends MIGRATION events only with the "events" capability on.
-    await monitor.execute("migrate-set-capabilities", {"capabilities": [
-        {"capability": "events", "state": True},
-        {"capability": "pause-before-switchover", "state": True}]})
+    await monitor.execute(
+        "migrate-set-capabilities",
+        {
+            "capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "pause-before-switchover", "state": True},
+            ]
+        },
+    )
     return listener
 
 
-async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransfer,
-                 drop_guest: Callable[[], Awaitable[None]]) -> dict[str, Any]:
+async def follow(
+    monitor: AsyncQmpMonitor,
+    listener: Any,
+    transfer: SourceTransfer,
+    drop_guest: Callable[[], Awaitable[None]],
+) -> dict[str, Any]:
     """Drive *transfer* (connected) by QEMU's MIGRATION events until QEMU completes or
     gives up; pre-copy starts at once, so that memd is done with the bulk before QEMU
     pauses the guest.  → a summary (``outcome``: ``moved`` | ``aborted``, figures)."""
@@ -88,12 +99,15 @@ async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransf
                 await transfer.switchover()
                 await monitor.execute("migrate-continue", {"state": "pre-switchover"})
                 transfer.progress.switchover_ms = round(
-                    (time.monotonic() - qemu_paused_at) * 1000, 2)
+                    (time.monotonic() - qemu_paused_at) * 1000, 2
+                )
             elif status == "completed":
                 if qemu_paused_at is None:
-                    raise MigrationFailed("QEMU completed without stopping at "
-                                          "pre-switchover: the guest's pages stay here",
-                                          target=transfer.guest)
+                    raise MigrationFailed(
+                        "QEMU completed without stopping at "
+                        "pre-switchover: the guest's pages stay here",
+                        target=transfer.guest,
+                    )
                 await transfer.finish()
                 await drop_guest()
                 return {"outcome": "moved", **transfer.progress.to_dict()}
@@ -104,9 +118,13 @@ async def follow(monitor: AsyncQmpMonitor, listener: Any, transfer: SourceTransf
         with contextlib.suppress(MemdError):
             await monitor.execute("migrate_cancel")
         await transfer.abort(str(err))
-        log.error("migration of %s: memd's transfer failed (%s); QEMU's migration was "
-                  "cancelled, the guest stays here", transfer.guest, err,
-                  extra={"event": "migrate-cancelled", "vm": transfer.guest})
+        log.error(
+            "migration of %s: memd's transfer failed (%s); QEMU's migration was "
+            "cancelled, the guest stays here",
+            transfer.guest,
+            err,
+            extra={"event": "migrate-cancelled", "vm": transfer.guest},
+        )
         return {"outcome": "aborted", **transfer.progress.to_dict()}
     except asyncio.CancelledError:  # the agent is stopping: the pages cannot follow
         with contextlib.suppress(MemdError):
@@ -132,5 +150,7 @@ async def _disarm(monitor: AsyncQmpMonitor) -> None:
                 if str(state.get("status", "none")) not in BUSY:
                     break
                 await asyncio.sleep(0.1)
-            await monitor.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": "pause-before-switchover", "state": False}]})
+            await monitor.execute(
+                "migrate-set-capabilities",
+                {"capabilities": [{"capability": "pause-before-switchover", "state": False}]},
+            )

@@ -11,11 +11,8 @@ time.  In a worker thread they cost twice as much, because the loop thread, decr
 the next bytes meanwhile, keeps taking the GIL from the installing thread (measured:
 0.59 s → 0.25 s of installs per 256 MiB, 0.44 → 0.70 GB/s end to end).
 
-Authentication: TLS both ways, certificates signed by the operator's CA (libvirt's PKI
-layout, :func:`tls_files`): the destination accepts only clients whose certificate the
-CA signed, the source checks the destination's certificate and its name (the host part
-of ``--to``, which must be in the certificate's subjectAltName).  There is no
-plaintext mode: a peer that does not speak TLS fails the handshake.
+Authentication: TLS both ways (:mod:`memd.migrate.tls`); a peer that does not speak TLS
+fails the handshake.
 
 Source (:class:`SourceTransfer`)::
 
@@ -42,11 +39,11 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from memd.errors import MemdError, MigrationFailed, PermissionDenied, TmemError, Unavailable
+from memd.errors import MemdError, MigrationFailed, TmemError
 from memd.migrate import proto
+from memd.migrate.tls import parse_address
 from tmem.host import TmemHost
 from tmem.migration import (
     STAGING_PREFIX,
@@ -73,79 +70,15 @@ TRICKLE_SECONDS = 0.2
 PEER_TIMEOUT = 60.0
 
 
-# --- TLS ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class TlsFiles:
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def tls_files(tls_dir: str | Path | None, role: str) -> TlsFiles:
-    """libvirt's layout: ``/etc/pki/CA/cacert.pem``, ``/etc/pki/libvirt/{role}cert.pem``,
-    ``/etc/pki/libvirt/private/{role}key.pem``; with a directory, ``DIR/cacert.pem``,
-    ``DIR/{role}cert.pem``, ``DIR/private/{role}key.pem`` (libvirt's per-user layout).
-    *role* is ``server`` (the destination) or ``client`` (the source)."""
-    if tls_dir is None:
-        base, ca = Path("/etc/pki/libvirt"), Path("/etc/pki/CA/cacert.pem")
-    else:
-        base = Path(tls_dir)
-        ca = base / "cacert.pem"
-    return TlsFiles(ca, base / f"{role}cert.pem", base / "private" / f"{role}key.pem")
-
-
-def _context(files: TlsFiles, purpose: ssl.Purpose) -> ssl.SSLContext:
-    for what, path in (("CA certificate", files.ca), ("certificate", files.cert),
-                       ("private key", files.key)):
-        if not path.is_file():
-            raise Unavailable(f"migration TLS: the {what} {path} does not exist "
-                              "(see docs/operators.md, migration)", target=str(path))
-    server = purpose is ssl.Purpose.CLIENT_AUTH
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    try:
-        ctx.load_verify_locations(cafile=str(files.ca))
-        ctx.load_cert_chain(str(files.cert), str(files.key))
-    except PermissionError as err:
-        raise PermissionDenied(f"migration TLS: cannot read {err.filename}",
-                               target=str(err.filename)) from None
-    except ssl.SSLError as err:
-        raise Unavailable(f"migration TLS: the files in {files.cert.parent} do not form a "
-                          f"certificate and its key ({err.reason})",
-                          target=str(files.cert)) from None
-    if not server:
-        ctx.check_hostname = True
-    return ctx
-
-
-def server_context(tls_dir: str | Path | None) -> ssl.SSLContext:
-    return _context(tls_files(tls_dir, "server"), ssl.Purpose.CLIENT_AUTH)
-
-
-def client_context(tls_dir: str | Path | None) -> ssl.SSLContext:
-    return _context(tls_files(tls_dir, "client"), ssl.Purpose.SERVER_AUTH)
-
-
-def parse_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` (port 0, a free one, only with *any_port*)."""
-    host, sep, port = text.rpartition(":")
-    least = 0 if any_port else 1
-    if not sep or not host or not port.isdigit() or not least <= int(port) < 65536:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
 # --- framed connection ---------------------------------------------------------------------
 
 
 class Link:
     """One TLS connection carrying migration frames (owned by one session's task)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 peer: str) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> None:
         self.reader, self.writer, self.peer = reader, writer, peer
         self._decoder = proto.Decoder()
         self._ready: list[proto.Message] = []
@@ -169,11 +102,13 @@ class Link:
                 async with asyncio.timeout(timeout):
                     data = await self.reader.read(1 << 20)
             except (OSError, ssl.SSLError) as err:
-                raise MigrationFailed(f"the connection to {self.peer} failed: {err}",
-                                      target=self.peer) from None
+                raise MigrationFailed(
+                    f"the connection to {self.peer} failed: {err}", target=self.peer
+                ) from None
             except TimeoutError:
-                raise MigrationFailed(f"{self.peer} said nothing for {timeout:g} s",
-                                      target=self.peer) from None
+                raise MigrationFailed(
+                    f"{self.peer} said nothing for {timeout:g} s", target=self.peer
+                ) from None
             if not data:
                 raise MigrationFailed(f"{self.peer} closed the connection", target=self.peer)
             self._ready += self._decoder.feed(data)
@@ -199,8 +134,8 @@ class Progress:
     peer: str
     phase: str = "connecting"
     started: float = field(default_factory=time.monotonic)
-    pages_sent: int = 0     # pages shipped (out) or received (in), resent ones included
-    bytes_sent: int = 0     # their payload bytes
+    pages_sent: int = 0  # pages shipped (out) or received (in), resent ones included
+    bytes_sent: int = 0  # their payload bytes
     chunks_remaining: int = 0
     rounds: int = 0
     switchover_ms: float | None = None
@@ -213,21 +148,34 @@ class Progress:
     def to_dict(self) -> dict[str, Any]:
         end = self.finished if self.finished is not None else time.monotonic()
         elapsed = max(end - self.started, 1e-6)
-        return {"guest": self.guest, "direction": self.direction, "peer": self.peer,
-                "phase": self.phase, "pages": self.pages_sent, "bytes": self.bytes_sent,
-                "chunks_remaining": self.chunks_remaining, "rounds": self.rounds,
-                "pages_per_s": round(self.pages_sent / elapsed, 1),
-                "elapsed_s": round(elapsed, 3), "switchover_ms": self.switchover_ms,
-                "first_round_s": self.first_round_s,
-                "first_round_pages": self.first_round_pages,
-                "error": self.error}
+        return {
+            "guest": self.guest,
+            "direction": self.direction,
+            "peer": self.peer,
+            "phase": self.phase,
+            "pages": self.pages_sent,
+            "bytes": self.bytes_sent,
+            "chunks_remaining": self.chunks_remaining,
+            "rounds": self.rounds,
+            "pages_per_s": round(self.pages_sent / elapsed, 1),
+            "elapsed_s": round(elapsed, 3),
+            "switchover_ms": self.switchover_ms,
+            "first_round_s": self.first_round_s,
+            "first_round_pages": self.first_round_pages,
+            "error": self.error,
+        }
 
 
 def _phase(progress: Progress, phase: str, **extra: Any) -> None:
     progress.phase = phase
-    log.info("migration of %s %s %s: %s", progress.guest,
-             "to" if progress.direction == "out" else "from", progress.peer, phase,
-             extra={"event": f"migrate-{phase}", "vm": progress.guest, **extra})
+    log.info(
+        "migration of %s %s %s: %s",
+        progress.guest,
+        "to" if progress.direction == "out" else "from",
+        progress.peer,
+        phase,
+        extra={"event": f"migrate-{phase}", "vm": progress.guest, **extra},
+    )
 
 
 # --- source --------------------------------------------------------------------------------
@@ -237,8 +185,9 @@ class SourceTransfer:
     """Ships one guest's tmem to a destination agent.  Loop thread; one task drives it
     (:meth:`precopy`, then :meth:`switchover`, then :meth:`finish` or :meth:`abort`)."""
 
-    def __init__(self, host: TmemHost, feed: ChangeFeed, guest: str, dest: str,
-                 ssl_context: ssl.SSLContext) -> None:
+    def __init__(
+        self, host: TmemHost, feed: ChangeFeed, guest: str, dest: str, ssl_context: ssl.SSLContext
+    ) -> None:
         self.exporter = Exporter(host, feed, guest)
         self.guest, self.dest = guest, dest
         self._ssl = ssl_context
@@ -258,13 +207,16 @@ class SourceTransfer:
         try:
             async with asyncio.timeout(PEER_TIMEOUT):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self._ssl, server_hostname=host)
+                    host, port, ssl=self._ssl, server_hostname=host
+                )
         except ssl.SSLError as err:
-            raise MigrationFailed(f"TLS with {self.dest} failed: {err.reason}",
-                                  target=self.dest) from None
+            raise MigrationFailed(
+                f"TLS with {self.dest} failed: {err.reason}", target=self.dest
+            ) from None
         except (OSError, TimeoutError) as err:
-            raise MigrationFailed(f"cannot connect to the memd agent at {self.dest}: {err}",
-                                  target=self.dest) from None
+            raise MigrationFailed(
+                f"cannot connect to the memd agent at {self.dest}: {err}", target=self.dest
+            ) from None
         self._link = Link(reader, writer, self.dest)
         settings, self._pending = await asyncio.to_thread(self.exporter.start)
         self._settings = settings
@@ -277,13 +229,15 @@ class SourceTransfer:
             async with asyncio.timeout(PEER_TIMEOUT):
                 msg = await self._next()
         except TimeoutError:
-            raise MigrationFailed(f"{self.dest} did not answer within {PEER_TIMEOUT:g} s",
-                                  target=self.dest) from None
+            raise MigrationFailed(
+                f"{self.dest} did not answer within {PEER_TIMEOUT:g} s", target=self.dest
+            ) from None
         if isinstance(msg, proto.Abort):
             raise MigrationFailed(f"{self.dest} aborted: {msg.reason}", target=self.dest)
         if not isinstance(msg, kind):
-            raise MigrationFailed(f"{self.dest} sent {type(msg).__name__} out of turn",
-                                  target=self.dest)
+            raise MigrationFailed(
+                f"{self.dest} sent {type(msg).__name__} out of turn", target=self.dest
+            )
         return msg
 
     async def _next(self) -> proto.Message:
@@ -308,10 +262,12 @@ class SourceTransfer:
                 async with asyncio.timeout(2):
                     last = await self._next()
                 if isinstance(last, proto.Abort):
-                    raise MigrationFailed(f"{self.dest} aborted: {last.reason}",
-                                          target=self.dest) from None
-            raise MigrationFailed(f"the connection to {self.dest} failed: {err}",
-                                  target=self.dest) from None
+                    raise MigrationFailed(
+                        f"{self.dest} aborted: {last.reason}", target=self.dest
+                    ) from None
+            raise MigrationFailed(
+                f"the connection to {self.dest} failed: {err}", target=self.dest
+            ) from None
 
     async def _send_round(self, keys: list[ChunkKey]) -> None:
         table = await asyncio.to_thread(self.exporter.pool_table)
@@ -319,8 +275,9 @@ class SourceTransfer:
         self.progress.chunks_remaining = len(keys)
         for start in range(0, len(keys), CHUNKS_PER_BATCH):
             await self._check_peer()
-            chunks = await asyncio.to_thread(self.exporter.read,
-                                             keys[start:start + CHUNKS_PER_BATCH])
+            chunks = await asyncio.to_thread(
+                self.exporter.read, keys[start : start + CHUNKS_PER_BATCH]
+            )
             await self._send([_chunk_message(c) for c in chunks])
             for c in chunks:
                 self.progress.pages_sent += len(c.pages)
@@ -338,8 +295,9 @@ class SourceTransfer:
             msg = reader.result()  # raises MigrationFailed at EOF
             if isinstance(msg, proto.Abort):
                 raise MigrationFailed(f"{self.dest} aborted: {msg.reason}", target=self.dest)
-            raise MigrationFailed(f"{self.dest} sent {type(msg).__name__} out of turn",
-                                  target=self.dest)
+            raise MigrationFailed(
+                f"{self.dest} sent {type(msg).__name__} out of turn", target=self.dest
+            )
 
     async def precopy(self, until: asyncio.Event | None = None) -> None:
         """Rounds until few chunks change.  With *until* (QEMU's switch-over): keep
@@ -364,8 +322,7 @@ class SourceTransfer:
                         await until.wait()
                 if until.is_set():
                     break
-                keys = sorted(set(keys) | set(
-                    await asyncio.to_thread(self.exporter.take_changed)))
+                keys = sorted(set(keys) | set(await asyncio.to_thread(self.exporter.take_changed)))
             await self._send_round(keys)
         self._pending = keys
         _phase(self.progress, "converged")
@@ -375,8 +332,7 @@ class SourceTransfer:
         installed it (CONFIRM).  The source still holds everything."""
         t0 = time.monotonic()
         _phase(self.progress, "switchover")
-        keys = sorted(set(self._pending) | set(
-            await asyncio.to_thread(self.exporter.take_changed)))
+        keys = sorted(set(self._pending) | set(await asyncio.to_thread(self.exporter.take_changed)))
         self._pending = []
         await self._send_round(keys)
         self._pages_committed = await asyncio.to_thread(self.exporter.persistent_pages)
@@ -404,9 +360,13 @@ class SourceTransfer:
                     await self._link.send([proto.Abort(reason)])
         await self._close()
         self.progress.finished = time.monotonic()
-        log.warning("migration of %s to %s aborted: %s; the guest's pages stay here",
-                    self.guest, self.dest, reason,
-                    extra={"event": "migrate-aborted", "vm": self.guest})
+        log.warning(
+            "migration of %s to %s aborted: %s; the guest's pages stay here",
+            self.guest,
+            self.dest,
+            reason,
+            extra={"event": "migrate-aborted", "vm": self.guest},
+        )
         self.progress.phase = "aborted"
 
     async def _close(self) -> None:
@@ -422,8 +382,9 @@ class SourceTransfer:
 
 
 def _pools_message(table: list[PoolInfo]) -> proto.Pools:
-    return proto.Pools(tuple(proto.PoolEntry(p.local, p.persistent, p.shared, p.uuid,
-                                             p.generation) for p in table))
+    return proto.Pools(
+        tuple(proto.PoolEntry(p.local, p.persistent, p.shared, p.uuid, p.generation) for p in table)
+    )
 
 
 def _chunk_message(c: ChunkPages) -> proto.Chunk:
@@ -441,8 +402,15 @@ Revoked = Callable[[str], Awaitable[None]]
 class IncomingTransfer:
     """One source's connection: stage, install at COMMIT, confirm.  One task."""
 
-    def __init__(self, host: TmemHost, link: Link, *, busy: Callable[[str], bool],
-                 installed: Installed, revoked: Revoked) -> None:
+    def __init__(
+        self,
+        host: TmemHost,
+        link: Link,
+        *,
+        busy: Callable[[str], bool],
+        installed: Installed,
+        revoked: Revoked,
+    ) -> None:
         self.host = host
         self.link = link
         self._busy = busy
@@ -470,8 +438,12 @@ class IncomingTransfer:
                     async with asyncio.timeout(3):
                         while await self.link.reader.read(1 << 20):
                             pass
-            log.warning("incoming migration from %s failed: %s", self.link.peer, reason,
-                        extra={"event": "migrate-aborted", "vm": self.progress.guest})
+            log.warning(
+                "incoming migration from %s failed: %s",
+                self.link.peer,
+                reason,
+                extra={"event": "migrate-aborted", "vm": self.progress.guest},
+            )
             self.progress.phase = "aborted"
         finally:
             if not committed and self.importer is not None:
@@ -481,13 +453,15 @@ class IncomingTransfer:
 
     async def _receive(self) -> bool:
         link = self.link
-        first = (await link.recv_some())
+        first = await link.recv_some()
         begin = first[0]
         if not isinstance(begin, proto.Begin):
             raise MigrationFailed("a migration starts with BEGIN", target=link.peer)
         if begin.version != proto.VERSION:
-            raise MigrationFailed(f"migration protocol {begin.version} is not this agent's "
-                                  f"{proto.VERSION}", target=link.peer)
+            raise MigrationFailed(
+                f"migration protocol {begin.version} is not this agent's {proto.VERSION}",
+                target=link.peer,
+            )
         guest = begin.guest
         self.progress.guest = guest
         if guest.startswith(STAGING_PREFIX) or self._busy(guest):
@@ -504,8 +478,9 @@ class IncomingTransfer:
             chunks: list[ChunkPages] = []
             for msg in msgs:
                 if isinstance(msg, proto.Chunk):
-                    chunks.append(ChunkPages(msg.pool, msg.generation, msg.oid, msg.chunk,
-                                             msg.pages))
+                    chunks.append(
+                        ChunkPages(msg.pool, msg.generation, msg.oid, msg.chunk, msg.pages)
+                    )
                     self.progress.pages_sent += len(msg.pages)
                     self.progress.bytes_sent += sum(len(p) for _, _, p in msg.pages)
                     continue
@@ -513,8 +488,10 @@ class IncomingTransfer:
                     importer.apply_chunks(chunks)  # on the loop: see the module docstring
                     chunks = []
                 if isinstance(msg, proto.Pools):
-                    table = [PoolInfo(p.local, p.persistent, p.shared, p.uuid, p.generation)
-                             for p in msg.pools]
+                    table = [
+                        PoolInfo(p.local, p.persistent, p.shared, p.uuid, p.generation)
+                        for p in msg.pools
+                    ]
                     await asyncio.to_thread(importer.apply_pools, table)
                 elif isinstance(msg, proto.Commit):
                     _phase(self.progress, "committing")
@@ -524,11 +501,9 @@ class IncomingTransfer:
                     _phase(self.progress, "installed", pages=msg.pages)
                     return True
                 elif isinstance(msg, proto.Abort):
-                    raise MigrationFailed(f"the source aborted: {msg.reason}",
-                                          target=link.peer)
+                    raise MigrationFailed(f"the source aborted: {msg.reason}", target=link.peer)
                 else:
-                    raise MigrationFailed(f"{type(msg).__name__} out of turn",
-                                          target=link.peer)
+                    raise MigrationFailed(f"{type(msg).__name__} out of turn", target=link.peer)
             if chunks:
                 importer.apply_chunks(chunks)  # on the loop: see the module docstring
 
@@ -537,15 +512,22 @@ class IncomingTransfer:
         try:
             msgs = await self.link.recv_some(timeout=24 * 3600.0)
         except MigrationFailed:
-            log.warning("the source of %s went away after the transfer was confirmed: "
-                        "keeping the guest's pages here", guest,
-                        extra={"event": "migrate-done", "vm": guest})
+            log.warning(
+                "the source of %s went away after the transfer was confirmed: "
+                "keeping the guest's pages here",
+                guest,
+                extra={"event": "migrate-done", "vm": guest},
+            )
             self.progress.phase = "done"
             return
         if isinstance(msgs[0], proto.Abort):
-            log.warning("the source revoked %s after the transfer (QEMU failed at "
-                        "switch-over: %s): dropping it here", guest, msgs[0].reason,
-                        extra={"event": "migrate-revoked", "vm": guest})
+            log.warning(
+                "the source revoked %s after the transfer (QEMU failed at "
+                "switch-over: %s): dropping it here",
+                guest,
+                msgs[0].reason,
+                extra={"event": "migrate-revoked", "vm": guest},
+            )
             with contextlib.suppress(TmemError):
                 await self._revoked(guest)
             self.progress.phase = "revoked"

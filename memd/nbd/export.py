@@ -45,8 +45,14 @@ from memd.nbd.transmission import Rejected, Request, reply_header
 from tmem.host import TmemHost
 from tmem.types import MAX_BATCH, MAX_INDEX, PAGE_SIZE
 
-__all__ = ["DISK_OID", "DISK_POOL_ID", "MAX_DISK_SIZE", "TRANSMISSION_FLAGS", "DiskStats",
-           "SwapDisk"]
+__all__ = [
+    "DISK_OID",
+    "DISK_POOL_ID",
+    "MAX_DISK_SIZE",
+    "TRANSMISSION_FLAGS",
+    "DiskStats",
+    "SwapDisk",
+]
 
 #: Largest disk: page indexes are u32.
 MAX_DISK_SIZE: Final = (MAX_INDEX + 1) * PAGE_SIZE
@@ -56,9 +62,14 @@ MAX_DISK_SIZE: Final = (MAX_INDEX + 1) * PAGE_SIZE
 #: pages), and multi-conn (one store behind every connection, commands serialised per
 #: export, so a flush on one connection covers writes completed on any).
 TRANSMISSION_FLAGS: Final = int(
-    TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH | TransmissionFlag.SEND_FUA
-    | TransmissionFlag.SEND_TRIM | TransmissionFlag.SEND_WRITE_ZEROES
-    | TransmissionFlag.SEND_FAST_ZERO | TransmissionFlag.CAN_MULTI_CONN)
+    TransmissionFlag.HAS_FLAGS
+    | TransmissionFlag.SEND_FLUSH
+    | TransmissionFlag.SEND_FUA
+    | TransmissionFlag.SEND_TRIM
+    | TransmissionFlag.SEND_WRITE_ZEROES
+    | TransmissionFlag.SEND_FAST_ZERO
+    | TransmissionFlag.CAN_MULTI_CONN
+)
 
 _ZERO_PAGE: Final = bytes(PAGE_SIZE)
 
@@ -87,21 +98,35 @@ class SwapDisk:
     """One guest's disk.  Thread-safe: commands are serialised by one lock, so the
     read-modify-write of partial pages never races another connection's write."""
 
-    def __init__(self, tmem: TmemHost, guest: str, size: int, *,
-                 commit: Callable[[], None] | None = None,
-                 cap_pages: int | None = None, contents_lost: bool = False,
-                 spill: Spill | None = None) -> None:
+    def __init__(
+        self,
+        tmem: TmemHost,
+        guest: str,
+        size: int,
+        *,
+        commit: Callable[[], None] | None = None,
+        cap_pages: int | None = None,
+        contents_lost: bool = False,
+        spill: Spill | None = None,
+    ) -> None:
         if size <= 0 or size % PAGE_SIZE or size > MAX_DISK_SIZE:
-            raise ValueError(f"a disk size is a positive multiple of {PAGE_SIZE} bytes "
-                             f"up to {MAX_DISK_SIZE}")
+            raise ValueError(
+                f"a disk size is a positive multiple of {PAGE_SIZE} bytes up to {MAX_DISK_SIZE}"
+            )
         self.tmem = tmem
         self.guest = guest
         self.size = size
         self.commit = commit
         self._lock = threading.Lock()
         self.reads = self.writes = self.trims = self.errors = 0
-        self.pages = DiskPages(tmem, guest, size // PAGE_SIZE, spill=spill,
-                               contents_lost=contents_lost, cap_pages=cap_pages)
+        self.pages = DiskPages(
+            tmem,
+            guest,
+            size // PAGE_SIZE,
+            spill=spill,
+            contents_lost=contents_lost,
+            cap_pages=cap_pages,
+        )
 
     def quiesce(self) -> None:
         """Return once no batch is running (a worker thread's): then the disk's spill file
@@ -206,7 +231,7 @@ class SwapDisk:
             chunks += [_ZERO_PAGE if p is None else p for p in self.pages.load(run)]
         data = b"".join(chunks)
         skip = offset - first * PAGE_SIZE
-        return data[skip:skip + length]
+        return data[skip : skip + length]
 
     def _write(self, offset: int, data: bytes) -> None:
         end = offset + len(data)
@@ -218,14 +243,14 @@ class SwapDisk:
         while pos < end:
             page_start = index * PAGE_SIZE
             take = min(end, page_start + PAGE_SIZE) - pos
-            chunk = view[pos - offset:pos - offset + take]
+            chunk = view[pos - offset : pos - offset + take]
             if take == PAGE_SIZE:
                 page = bytes(chunk)
             else:  # a partial page: read-modify-write
                 self.pages.check_kept(index, index + 1)
                 old = self.pages.load([index])[0] or _ZERO_PAGE
                 at = pos - page_start
-                page = old[:at] + bytes(chunk) + old[at + take:]
+                page = old[:at] + bytes(chunk) + old[at + take :]
             indexes.append(index)
             pages.append(page)
             if len(pages) == MAX_BATCH:
@@ -259,17 +284,29 @@ class SwapDisk:
     # -- introspection ---------------------------------------------------------------------
 
     def stats(self, name: str) -> DiskStats:
-        pool = next((p for p in self.tmem.pool_stats(self.guest) if p.pool_id == DISK_POOL_ID),
-                    None)
+        pool = next(
+            (p for p in self.tmem.pool_stats(self.guest) if p.pool_id == DISK_POOL_ID), None
+        )
         pages = pool.pages if pool else 0
         raw = pool.bytes_raw if pool else 0
         stored = pool.bytes_stored if pool else 0
         spill = self.pages.spill
-        return DiskStats(name, self.size, pages, raw, stored,
-                         round(raw / stored, 2) if stored else 1.0,
-                         self.reads, self.writes, self.trims, self.errors,
-                         self.pages.lost_pages, spill.used if spill else 0,
-                         self.pages.spilled_out, self.pages.spilled_in)
+        return DiskStats(
+            name,
+            self.size,
+            pages,
+            raw,
+            stored,
+            round(raw / stored, 2) if stored else 1.0,
+            self.reads,
+            self.writes,
+            self.trims,
+            self.errors,
+            self.pages.lost_pages,
+            spill.used if spill else 0,
+            self.pages.spilled_out,
+            self.pages.spilled_in,
+        )
 
 
 def _one_page(req: Request) -> bool:

@@ -105,8 +105,11 @@ class ServerHandshake:
         self.no_zeroes = False
         self.options_seen = 0
         self._buf = bytearray()
-        self._out = bytearray(_GREETING.pack(
-            NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES))
+        self._out = bytearray(
+            _GREETING.pack(
+                NBDMAGIC, IHAVEOPT, HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+            )
+        )
 
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
@@ -145,12 +148,13 @@ class ServerHandshake:
             if magic != IHAVEOPT:
                 raise NbdProtocolError("option without IHAVEOPT magic")
             if length > MAX_OPTION_DATA:
-                raise NbdProtocolError(f"option {option} carries {length} bytes (the most is "
-                                       f"{MAX_OPTION_DATA})")
+                raise NbdProtocolError(
+                    f"option {option} carries {length} bytes (the most is {MAX_OPTION_DATA})"
+                )
             end = _OPTION_HEADER.size + length
             if len(self._buf) < end:
                 return None
-            data = bytes(self._buf[_OPTION_HEADER.size:end])
+            data = bytes(self._buf[_OPTION_HEADER.size : end])
             del self._buf[:end]
             self.options_seen += 1
             if self.options_seen > MAX_OPTIONS:
@@ -203,11 +207,17 @@ class ServerHandshake:
             if info == Info.NAME:
                 self._reply(option, Rep.INFO, struct.pack(">H", Info.NAME) + export.name.encode())
             elif info == Info.DESCRIPTION:
-                self._reply(option, Rep.INFO,
-                            struct.pack(">H", Info.DESCRIPTION) + export.description.encode())
+                self._reply(
+                    option,
+                    Rep.INFO,
+                    struct.pack(">H", Info.DESCRIPTION) + export.description.encode(),
+                )
             elif info == Info.BLOCK_SIZE:
-                self._reply(option, Rep.INFO, _BLOCK_INFO.pack(
-                    Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD))
+                self._reply(
+                    option,
+                    Rep.INFO,
+                    _BLOCK_INFO.pack(Info.BLOCK_SIZE, MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD),
+                )
             # other information types: the server may ignore what it does not know
         self._reply(option, Rep.ACK)
         return self._negotiated() if option == Opt.GO else None
@@ -236,9 +246,9 @@ def _parse_info_request(data: bytes) -> tuple[bytes, list[int]] | None:
     (name_len,) = struct.unpack_from(">I", data)
     if len(data) < 4 + name_len + 2:
         return None
-    name = data[4:4 + name_len]
+    name = data[4 : 4 + name_len]
     (count,) = struct.unpack_from(">H", data, 4 + name_len)
-    rest = data[4 + name_len + 2:]
+    rest = data[4 + name_len + 2 :]
     if count > MAX_INFO_REQUESTS or len(rest) != 2 * count:
         return None
     return name, list(struct.unpack(f">{count}H", rest))

@@ -65,8 +65,16 @@ class Spill(Protocol):
 class DiskPages:
     """Whole pages of one disk of ``npages`` pages.  Not thread-safe: SwapDisk locks."""
 
-    def __init__(self, tmem: TmemHost, guest: str, npages: int, *, spill: Spill | None = None,
-                 contents_lost: bool = False, cap_pages: int | None = None) -> None:
+    def __init__(
+        self,
+        tmem: TmemHost,
+        guest: str,
+        npages: int,
+        *,
+        spill: Spill | None = None,
+        contents_lost: bool = False,
+        cap_pages: int | None = None,
+    ) -> None:
         self.tmem = tmem
         self.guest = guest
         self.npages = npages
@@ -88,8 +96,9 @@ class DiskPages:
         # CLOCK state, only with a spill tier: reference bytes, and which pages may be in
         # the store (all of a restored pool: the hand learns which are not).
         self._ref = bytearray(npages) if spill is not None else None
-        self._resident = (bytearray(b"\x01" if restored else b"\x00") * npages
-                          if spill is not None else None)
+        self._resident = (
+            bytearray(b"\x01" if restored else b"\x00") * npages if spill is not None else None
+        )
         self._hand = 0
 
     # -- reads -----------------------------------------------------------------------------
@@ -99,15 +108,18 @@ class DiskPages:
         spilled, so each reads as lost (EIO) until the guest writes or discards it."""
         self._lost = bytearray(self.npages)
         for chunk in batches(0, self.npages):
-            held = self.tmem.get_batch(self.guest, DISK_POOL_ID,
-                                       [(DISK_OID, i) for i in chunk])
+            held = self.tmem.get_batch(self.guest, DISK_POOL_ID, [(DISK_OID, i) for i in chunk])
             for i, page in zip(chunk, held, strict=True):
                 if page is None:
                     self._lost[i] = 1
         self.lost_pages = sum(self._lost)
-        log.error("%s: the agent before this one crashed with pages of this swap disk in its "
-                  "spill file; %d pages not held in the store read as lost (EIO)",
-                  self.guest, self.lost_pages, extra={"event": "swap-lost", "vm": self.guest})
+        log.error(
+            "%s: the agent before this one crashed with pages of this swap disk in its "
+            "spill file; %d pages not held in the store read as lost (EIO)",
+            self.guest,
+            self.lost_pages,
+            extra={"event": "swap-lost", "vm": self.guest},
+        )
 
     def is_lost(self, index: int) -> bool:
         return self._lost is not None and bool(self._lost[index])
@@ -115,8 +127,12 @@ class DiskPages:
     def check_kept(self, start: int, end: int) -> None:
         """DataLost when a page in [start, end) is lost."""
         if self._lost is not None and self._lost.find(1, start, end) >= 0:
-            raise DataLost(f"{self.guest}: swap disk pages lost when the agent that held "
-                           "them died", op="read", client=self.guest, index=start)
+            raise DataLost(
+                f"{self.guest}: swap disk pages lost when the agent that held them died",
+                op="read",
+                client=self.guest,
+                index=start,
+            )
 
     def load(self, indexes: Sequence[int]) -> list[bytes | None]:
         """The pages (None: never written or discarded: zeros).  At most MAX_BATCH."""
@@ -157,7 +173,8 @@ class DiskPages:
         handles = [(DISK_OID, i) for i in indexes]
         try:
             results: list[TmemError | None] = self.tmem.put_batch(
-                self.guest, DISK_POOL_ID, handles, pages)
+                self.guest, DISK_POOL_ID, handles, pages
+            )
         except TmemError as err:
             results = [err] * len(indexes)
         if spill is not None:
@@ -191,8 +208,12 @@ class DiskPages:
         if self.spill.put(index, page):
             self.spilled_out += 1
             return None
-        return NoSpace(f"{self.guest}: the swap disk's memory and spill space are full",
-                       op="put", client=self.guest, index=index)
+        return NoSpace(
+            f"{self.guest}: the swap disk's memory and spill space are full",
+            op="put",
+            client=self.guest,
+            index=index,
+        )
 
     def _spill_coldest(self, count: int, *, keep: int) -> int:
         """Move up to ``count`` cold pages from the store to the spill tier.  → moved."""

@@ -57,8 +57,15 @@ MAX_CONNECTIONS = 8
 class NbdServer:
     """Serves one disk on one unix socket."""
 
-    def __init__(self, disk: SwapDisk, name: str, path: str, *,
-                 owner: tuple[int, int] | None = None, peer_pid: int | None = None) -> None:
+    def __init__(
+        self,
+        disk: SwapDisk,
+        name: str,
+        path: str,
+        *,
+        owner: tuple[int, int] | None = None,
+        peer_pid: int | None = None,
+    ) -> None:
         self.disk = disk
         self.name = name
         self.path = path
@@ -83,13 +90,19 @@ class NbdServer:
         old_umask = os.umask(0o177)
         try:
             self._server = await loop.create_unix_server(
-                lambda: _NbdConnection(self), path=self.path)
+                lambda: _NbdConnection(self), path=self.path
+            )
         finally:
             os.umask(old_umask)
         if self.owner is not None:
             os.chown(self.path, *self.owner)
-        log.info("swap disk of %s (%d MiB) on %s", self.name, self.disk.size >> 20, self.path,
-                 extra={"event": "swap-disk", "vm": self.name})
+        log.info(
+            "swap disk of %s (%d MiB) on %s",
+            self.name,
+            self.disk.size >> 20,
+            self.path,
+            extra={"event": "swap-disk", "vm": self.name},
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -103,9 +116,14 @@ class NbdServer:
 
     def describe(self) -> dict[str, Any]:
         stats = self.disk.stats(self.name).to_dict()
-        stats.update(path=self.path, connections=len(self.connections),
-                     sessions=self.sessions, protocol_errors=self.protocol_errors,
-                     refused=self.refused, qemu_pid=self.peer_pid)
+        stats.update(
+            path=self.path,
+            connections=len(self.connections),
+            sessions=self.sessions,
+            protocol_errors=self.protocol_errors,
+            refused=self.refused,
+            qemu_pid=self.peer_pid,
+        )
         return stats
 
 
@@ -133,8 +151,12 @@ class _NbdConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         if len(self.server.connections) >= MAX_CONNECTIONS:
-            log.warning("swap disk of %s: more than %d connections, refused", self.server.name,
-                        MAX_CONNECTIONS, extra={"event": "nbd-refused", "vm": self.server.name})
+            log.warning(
+                "swap disk of %s: more than %d connections, refused",
+                self.server.name,
+                MAX_CONNECTIONS,
+                extra={"event": "nbd-refused", "vm": self.server.name},
+            )
             transport.abort()
             return
         if not self._peer_allowed(transport):
@@ -153,15 +175,22 @@ class _NbdConnection(asyncio.Protocol):
             return True
         sock = transport.get_extra_info("socket")
         try:
-            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            pid, uid, _gid = struct.unpack(
+                "3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            )
         except (OSError, AttributeError):
             return False
         if pid == self.server.peer_pid or uid == 0:
             return True
-        log.warning("swap disk of %s: refused a connection from pid %d (uid %d): only its "
-                    "QEMU (pid %d) may connect", self.server.name, pid, uid,
-                    self.server.peer_pid, extra={"event": "nbd-refused", "vm": self.server.name})
+        log.warning(
+            "swap disk of %s: refused a connection from pid %d (uid %d): only its "
+            "QEMU (pid %d) may connect",
+            self.server.name,
+            pid,
+            uid,
+            self.server.peer_pid,
+            extra={"event": "nbd-refused", "vm": self.server.name},
+        )
         return False
 
     def data_received(self, data: bytes) -> None:
@@ -215,8 +244,12 @@ class _NbdConnection(asyncio.Protocol):
             if isinstance(event, Closed):
                 if not event.clean:
                     self.server.protocol_errors += 1
-                    log.info("swap disk of %s: handshake failed: %s", self.server.name,
-                             event.reason, extra={"event": "nbd-bad", "vm": self.server.name})
+                    log.info(
+                        "swap disk of %s: handshake failed: %s",
+                        self.server.name,
+                        event.reason,
+                        extra={"event": "nbd-bad", "vm": self.server.name},
+                    )
                 self._close()
             elif isinstance(event, Negotiated):
                 self.handshake = None
@@ -229,8 +262,12 @@ class _NbdConnection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         if self.handshake is not None:
-            log.info("swap disk of %s: handshake not finished in %.0f s", self.server.name,
-                     HANDSHAKE_SECONDS, extra={"event": "nbd-bad", "vm": self.server.name})
+            log.info(
+                "swap disk of %s: handshake not finished in %.0f s",
+                self.server.name,
+                HANDSHAKE_SECONDS,
+                extra={"event": "nbd-bad", "vm": self.server.name},
+            )
             self._close()
 
     def _close(self) -> None:
@@ -304,8 +341,12 @@ class _NbdConnection(asyncio.Protocol):
                     transport.writelines(self.server.disk.execute(batch))
                 if fatal is not None:
                     self.server.protocol_errors += 1
-                    log.info("swap disk of %s: %s; closing the connection", self.server.name,
-                             fatal, extra={"event": "nbd-bad", "vm": self.server.name})
+                    log.info(
+                        "swap disk of %s: %s; closing the connection",
+                        self.server.name,
+                        fatal,
+                        extra={"event": "nbd-bad", "vm": self.server.name},
+                    )
                 self._close()
                 return
             if not batch:

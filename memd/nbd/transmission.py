@@ -101,7 +101,7 @@ class RequestParser:
         if self.disconnected:
             return
         if self._pos and self._pos > len(self._buf) // 2:
-            del self._buf[:self._pos]  # compact: amortised O(1) per byte
+            del self._buf[: self._pos]  # compact: amortised O(1) per byte
             self._pos = 0
         self._buf += data
 
@@ -123,13 +123,17 @@ class RequestParser:
         end = pos + _REQUEST_SIZE + payload
         if len(buf) < end:
             return NEED_DATA
-        data = bytes(buf[pos + _REQUEST_SIZE:end]) if payload else b""
+        data = bytes(buf[pos + _REQUEST_SIZE : end]) if payload else b""
         self._pos = end
         if end == len(buf):
             buf.clear()
             self._pos = 0
-        if cmd <= _WRITE and not flags and length <= MAX_PAYLOAD \
-                and offset + length <= self.export_size:  # READ is 0, WRITE 1
+        if (
+            cmd <= _WRITE
+            and not flags
+            and length <= MAX_PAYLOAD
+            and offset + length <= self.export_size
+        ):  # READ is 0, WRITE 1
             # the common case, with the checks of _check that apply to it
             return Request(_CMDS[cmd], 0, cookie, offset, length, data)
         error = self._check(cmd, flags, offset, length)

@@ -63,9 +63,15 @@ class Frame(NamedTuple):
         return bool(self.flags & FrameFlag.REPLY)
 
 
-def encode_frame_parts(op: int, request_id: int, payload: Buffer | Sequence[Buffer] = b"",
-                       *, status: int = 0, flags: int = 0,
-                       version: int = PROTOCOL_VERSION) -> list[Buffer]:
+def encode_frame_parts(
+    op: int,
+    request_id: int,
+    payload: Buffer | Sequence[Buffer] = b"",
+    *,
+    status: int = 0,
+    flags: int = 0,
+    version: int = PROTOCOL_VERSION,
+) -> list[Buffer]:
     """Header followed by the payload parts, for a vectored write (nothing is joined)."""
     parts = [payload] if isinstance(payload, bytes | bytearray | memoryview) else payload
     crc = 0
@@ -74,21 +80,33 @@ def encode_frame_parts(op: int, request_id: int, payload: Buffer | Sequence[Buff
         crc = _crc32(part, crc)
         length += len(part)
     if length > MAX_PAYLOAD:
-        raise FrameError(f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit",
-                         op=op, request_id=request_id)
+        raise FrameError(
+            f"payload of {length} bytes exceeds the {MAX_PAYLOAD}-byte limit",
+            op=op,
+            request_id=request_id,
+        )
     try:
         head = _HEAD.pack(MAGIC, version, op, flags, status, request_id, length, crc)
     except struct.error as err:
-        raise FrameError(f"header field out of range: {err}", op=op,
-                         request_id=request_id) from None
+        raise FrameError(
+            f"header field out of range: {err}", op=op, request_id=request_id
+        ) from None
     return [head + _U32.pack(_crc32(head)), *parts]
 
 
-def encode_frame(op: int, request_id: int, payload: Buffer | Sequence[Buffer] = b"", *,
-                 status: int = 0, flags: int = 0, version: int = PROTOCOL_VERSION) -> bytes:
+def encode_frame(
+    op: int,
+    request_id: int,
+    payload: Buffer | Sequence[Buffer] = b"",
+    *,
+    status: int = 0,
+    flags: int = 0,
+    version: int = PROTOCOL_VERSION,
+) -> bytes:
     """Header + payload as one bytes object (payload may be given in parts: one join)."""
-    return b"".join(encode_frame_parts(op, request_id, payload, status=status, flags=flags,
-                                       version=version))
+    return b"".join(
+        encode_frame_parts(op, request_id, payload, status=status, flags=flags, version=version)
+    )
 
 
 class FrameDecoder:
@@ -165,25 +183,29 @@ class FrameDecoder:
         pos, n = 0, len(src)
         while pos < n and self.in_sync:
             if src[pos] == 0xFF:
-                run = bytes(src[pos:pos + _FF_RUN])
+                run = bytes(src[pos : pos + _FF_RUN])
                 pos += len(run) - len(run.lstrip(b"\xff"))
                 continue
             if n - pos < HEADER_SIZE:
                 break
             magic, version, op, flags, status, rid, length, pcrc, hcrc = HEADER.unpack_from(
-                src, pos)
-            if (magic != MAGIC or version == 0 or flags & ~KNOWN_FRAME_FLAGS
-                    or length > self._max_payload
-                    or _crc32(src[pos:pos + _HEADER_CRC_SPAN]) != hcrc):
+                src, pos
+            )
+            if (
+                magic != MAGIC
+                or version == 0
+                or flags & ~KNOWN_FRAME_FLAGS
+                or length > self._max_payload
+                or _crc32(src[pos : pos + _HEADER_CRC_SPAN]) != hcrc
+            ):
                 break
             end = pos + HEADER_SIZE + length
             if end > n:
                 break
-            payload = src[pos + HEADER_SIZE:end]
+            payload = src[pos + HEADER_SIZE : end]
             if _crc32(payload) != pcrc:
                 break
-            out.append(Frame(op, rid, status, flags, version,
-                             payload if owned else bytes(payload)))
+            out.append(Frame(op, rid, status, flags, version, payload if owned else bytes(payload)))
             self.frames += 1
             pos = end
         return pos
@@ -227,13 +249,22 @@ class FrameDecoder:
             self.in_sync = True
         return src
 
-    def _skip(self, pos: int, out: list[Frame | FrameError], reason: str,
-              op: int | None, request_id: int | None) -> int:
+    def _skip(
+        self,
+        pos: int,
+        out: list[Frame | FrameError],
+        reason: str,
+        op: int | None,
+        request_id: int | None,
+    ) -> int:
         """Leave the bad header at ``pos``: jump to the next magic (or keep a lone
         trailing first magic byte) and report the episode once."""
         if self.in_sync:
-            out.append(FrameError(f"stream corrupt: {reason}; resynchronising", op=op,
-                                  request_id=request_id))
+            out.append(
+                FrameError(
+                    f"stream corrupt: {reason}; resynchronising", op=op, request_id=request_id
+                )
+            )
             self.resyncs += 1
             self.in_sync = False
         buf = self._buf
@@ -252,7 +283,7 @@ class FrameDecoder:
         self._frame_len = None
         while pos < n:
             if self.in_sync and buf[pos] == 0xFF:
-                run = buf[pos:pos + _FF_RUN]
+                run = buf[pos : pos + _FF_RUN]
                 pos += len(run) - len(run.lstrip(b"\xff"))
                 continue
             if n - pos < HEADER_SIZE:
@@ -261,11 +292,12 @@ class FrameDecoder:
                     continue
                 break
             magic, version, op, flags, status, rid, length, pcrc, hcrc = HEADER.unpack_from(
-                buf, pos)
+                buf, pos
+            )
             reason = None
             if magic != MAGIC:
                 reason = "bad magic"
-            elif _crc32(buf[pos:pos + _HEADER_CRC_SPAN]) != hcrc:
+            elif _crc32(buf[pos : pos + _HEADER_CRC_SPAN]) != hcrc:
                 reason = "header checksum mismatch"
             elif version == 0 or flags & ~KNOWN_FRAME_FLAGS:
                 reason = f"header has version {version} or unknown flags {flags:#x}"
@@ -279,7 +311,7 @@ class FrameDecoder:
                 self._frame_len = end - pos
                 break
             with memoryview(buf) as view:  # one copy; released before buf is resized
-                payload = view[pos + HEADER_SIZE:end].tobytes()
+                payload = view[pos + HEADER_SIZE : end].tobytes()
             if _crc32(payload) != pcrc:
                 pos = self._skip(pos, out, "payload checksum mismatch", op, rid)
                 continue

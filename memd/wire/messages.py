@@ -251,14 +251,42 @@ class ErrorReply(NamedTuple):
 
 
 Request = (
-    HelloRequest | SyncRequest | NewPoolRequest | DestroyPoolRequest | PutRequest | GetRequest
-    | FlushPageRequest | FlushObjectRequest | PutBatchRequest | GetBatchRequest
-    | ListPoolsRequest | NominateRequest | ShareQueryRequest | AboutToWriteRequest
-    | StatsRequest | MemReportRequest | RangeNominateRequest | RangeQueryRequest
+    HelloRequest
+    | SyncRequest
+    | NewPoolRequest
+    | DestroyPoolRequest
+    | PutRequest
+    | GetRequest
+    | FlushPageRequest
+    | FlushObjectRequest
+    | PutBatchRequest
+    | GetBatchRequest
+    | ListPoolsRequest
+    | NominateRequest
+    | ShareQueryRequest
+    | AboutToWriteRequest
+    | StatsRequest
+    | MemReportRequest
+    | RangeNominateRequest
+    | RangeQueryRequest
 )
 Reply = (
-    HelloReply | SyncReply | NewPoolReply | DestroyPoolReply | PutReply | FlushPageReply
-    | FlushObjectReply | AboutToWriteReply | MemReportReply | GetReply | PutBatchReply
-    | GetBatchReply | ListPoolsReply | NominateReply | ShareQueryReply | StatsReply
-    | RangeNominateReply | RangeQueryReply
+    HelloReply
+    | SyncReply
+    | NewPoolReply
+    | DestroyPoolReply
+    | PutReply
+    | FlushPageReply
+    | FlushObjectReply
+    | AboutToWriteReply
+    | MemReportReply
+    | GetReply
+    | PutBatchReply
+    | GetBatchReply
+    | ListPoolsReply
+    | NominateReply
+    | ShareQueryReply
+    | StatsReply
+    | RangeNominateReply
+    | RangeQueryReply
 )

@@ -133,17 +133,21 @@ def encode_nothing(_msg: object) -> Parts:
 
 def empty_decoder(cls: type[N]) -> Callable[[memoryview], N]:
     """Decoder of a request without payload (LIST_POOLS, STATS)."""
+
     def decode(mv: memoryview) -> N:
         exact(mv, 0, cls.__name__)
         return cls()
+
     return decode
 
 
 def empty_reply_decoder(cls: type[E]) -> Callable[[memoryview], E]:
     """Decoder of an op's empty OK reply (the op's own EmptyReply subclass)."""
+
     def decode(mv: memoryview) -> E:
         exact(mv, 0, cls.__name__)
         return cls()
+
     return decode
 
 
@@ -163,18 +167,21 @@ def decode_hello_request(mv: memoryview) -> HelloRequest:
 
 
 def encode_hello_reply(m: HelloReply) -> Parts:
-    return [_HELLO_REP.pack(m.version, 0, 0, m.capabilities, m.max_batch, m.max_payload,
-                            m.max_gfns, m.page_size)]
+    return [
+        _HELLO_REP.pack(
+            m.version, 0, 0, m.capabilities, m.max_batch, m.max_payload, m.max_gfns, m.page_size
+        )
+    ]
 
 
 def decode_hello_reply(mv: memoryview) -> HelloReply:
     exact(mv, _HELLO_REP.size, "HELLO reply")
     version, r1, r2, caps, batch, payload, gfns, page_size = _HELLO_REP.unpack(mv)
     if r1 or r2 or version < 1 or page_size != PAGE_SIZE:
-        raise FrameError("HELLO reply has reserved bits, version 0 or a page size other "
-                         "than 4096")
-    if not (1 <= batch <= MAX_BATCH and 1 <= gfns <= MAX_GFNS
-            and HEADER_SIZE <= payload <= MAX_PAYLOAD):
+        raise FrameError("HELLO reply has reserved bits, version 0 or a page size other than 4096")
+    if not (
+        1 <= batch <= MAX_BATCH and 1 <= gfns <= MAX_GFNS and HEADER_SIZE <= payload <= MAX_PAYLOAD
+    ):
         raise FrameError("HELLO reply announces limits outside the protocol's limits")
     return HelloReply(version, caps, batch, payload, gfns, page_size)
 
@@ -250,8 +257,8 @@ def encode_put(m: PutRequest) -> Parts:
 
 def decode_put(mv: memoryview) -> PutRequest:
     exact(mv, _HANDLE.size + PAGE_SIZE, "PUT")
-    pool, oid, index = _handle(mv[:_HANDLE.size], "PUT")
-    return PutRequest(pool, oid, index, mv[_HANDLE.size:])
+    pool, oid, index = _handle(mv[: _HANDLE.size], "PUT")
+    return PutRequest(pool, oid, index, mv[_HANDLE.size :])
 
 
 def encode_get(m: GetRequest) -> Parts:
@@ -310,8 +317,7 @@ def _encode_batch_head(pool: int, handles: Sequence[Handle]) -> bytes:
     return _BATCH_HEAD.pack(pool, len(handles)) + _batch_items(len(handles)).pack(*fields)
 
 
-def _decode_batch_head(mv: memoryview, what: str, pages: bool
-                       ) -> tuple[int, list[Handle], int]:
+def _decode_batch_head(mv: memoryview, what: str, pages: bool) -> tuple[int, list[Handle], int]:
     if len(mv) < _BATCH_HEAD.size:
         raise FrameError(f"{what} payload too short")
     pool, n = _BATCH_HEAD.unpack_from(mv, 0)
@@ -335,7 +341,7 @@ def encode_put_batch(m: PutBatchRequest) -> Parts:
 
 def decode_put_batch(mv: memoryview) -> PutBatchRequest:
     pool, handles, base = _decode_batch_head(mv, "PUT_BATCH", pages=True)
-    pages = [mv[at:at + PAGE_SIZE] for at in range(base, len(mv), PAGE_SIZE)]
+    pages = [mv[at : at + PAGE_SIZE] for at in range(base, len(mv), PAGE_SIZE)]
     return PutBatchRequest(pool, handles, pages)
 
 
@@ -378,7 +384,7 @@ def decode_get_batch_reply(mv: memoryview) -> GetBatchReply:
     at = end
     for s in values:
         if s == Status.OK:
-            pages.append(mv[at:at + PAGE_SIZE])
+            pages.append(mv[at : at + PAGE_SIZE])
             at += PAGE_SIZE
         else:
             pages.append(None)

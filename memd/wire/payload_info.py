@@ -197,8 +197,18 @@ def decode_stats_reply(mv: memoryview) -> StatsReply:
 
 
 def encode_mem_report(m: MemReportRequest) -> Parts:
-    return [_MEM_REPORT.pack(m.mem_total_kib, m.mem_available_kib, m.swap_total_kib,
-                             m.swap_free_kib, m.psi_some_avg10, m.psi_full_avg10, m.flags, 0)]
+    return [
+        _MEM_REPORT.pack(
+            m.mem_total_kib,
+            m.mem_available_kib,
+            m.swap_total_kib,
+            m.swap_free_kib,
+            m.psi_some_avg10,
+            m.psi_full_avg10,
+            m.flags,
+            0,
+        )
+    ]
 
 
 def decode_mem_report(mv: memoryview) -> MemReportRequest:
@@ -207,11 +217,16 @@ def decode_mem_report(mv: memoryview) -> MemReportRequest:
     if reserved or flags & ~int(MemReportFlag.NO_PSI):
         raise FrameError(f"MEM_REPORT has unknown flag bits {flags:#x} or a reserved field set")
     if avail > total or swap_free > swap_total:
-        raise FrameError("MEM_REPORT: available memory above the total, or free swap above "
-                         "the total", status=int(Status.INVALID))
+        raise FrameError(
+            "MEM_REPORT: available memory above the total, or free swap above the total",
+            status=int(Status.INVALID),
+        )
     if some > MAX_PSI or full > MAX_PSI or (flags & MemReportFlag.NO_PSI and (some or full)):
-        raise FrameError(f"MEM_REPORT: PSI values {some}, {full} out of range 0..{MAX_PSI} "
-                         "(or given with NO_PSI)", status=int(Status.INVALID))
+        raise FrameError(
+            f"MEM_REPORT: PSI values {some}, {full} out of range 0..{MAX_PSI} "
+            "(or given with NO_PSI)",
+            status=int(Status.INVALID),
+        )
     return MemReportRequest(total, avail, swap_total, swap_free, some, full, flags)
 
 
@@ -220,8 +235,10 @@ def decode_mem_report(mv: memoryview) -> MemReportRequest:
 
 def check_range(addr: int, length: int) -> None:
     if addr % PAGE_SIZE or length % PAGE_SIZE or not 0 < length <= MAX_GFNS * PAGE_SIZE:
-        raise FrameError(f"a range must be page-aligned and 1..{MAX_GFNS} pages long "
-                         f"(addr {addr:#x}, length {length:#x})")
+        raise FrameError(
+            f"a range must be page-aligned and 1..{MAX_GFNS} pages long "
+            f"(addr {addr:#x}, length {length:#x})"
+        )
 
 
 def encode_range(m: RangeRequest) -> Parts:

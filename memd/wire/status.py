@@ -104,8 +104,9 @@ def status_for_exception(exc: BaseException) -> Status:
     return Status.INTERNAL
 
 
-def error_for_status(status: int, message: str = "", *, op: int | None = None,
-                     request_id: int | None = None) -> MemdError:
+def error_for_status(
+    status: int, message: str = "", *, op: int | None = None, request_id: int | None = None
+) -> MemdError:
     """The exception a client raises for a non-OK reply (see :data:`STATUS_EXCEPTION`)."""
     known = STATUS_TABLE[status] if 0 <= status < len(STATUS_TABLE) else None
     name = op_name(op) if op is not None else None

@@ -29,8 +29,7 @@ class RunningAgent:
         guests named in *names* are added again by the caller)."""
         self.loop.run(self.app.stop())
         self.store.close()
-        self.store = LmdbStore(self.tmp / "store", budget_bytes=32 << 20,
-                               control_path=self.control)
+        self.store = LmdbStore(self.tmp / "store", budget_bytes=32 << 20, control_path=self.control)
         self.app = AgentApp(budget_bytes=32 << 20, sim_frames=4096, store=self.store)
         self.loop.run(self.app.start(self.control))
         return self.app

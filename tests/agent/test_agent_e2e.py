@@ -126,8 +126,9 @@ def test_garbage_and_malformed_frames_get_errors_not_a_dead_agent(agent: Running
         _read_frames(s, 1)
         s.sendall(os.urandom(5000))  # line noise
         s.sendall(wire.encode_frame(0x7E, 2, b"?"))  # unknown opcode
-        put = bytearray(wire.encode_request(
-            3, wire.PutRequest(0, (1, 2, 3), 0, bytes(wire.PAGE_SIZE))))
+        put = bytearray(
+            wire.encode_request(3, wire.PutRequest(0, (1, 2, 3), 0, bytes(wire.PAGE_SIZE)))
+        )
         s.sendall(wire.encode_frame(Op.GET, 4, b"\x00" * 5))  # payload too short for GET
         s.sendall(bytes(put[: wire.HEADER_SIZE + 100]))  # cut mid-frame ...
         s.sendall(wire.encode_request(5, wire.SyncRequest(0xABC)))
@@ -250,13 +251,13 @@ def test_one_guest_cannot_fill_the_store_for_the_others(agent: RunningAgent) -> 
         assert set(statuses[cap:]) == {Status.NO_SPACE}
         mp = m.new_pool(persistent=True)
         assert m.put_batch(mp, [(1, i, _page(10_000 + i)) for i in range(100)]) == (
-            [Status.OK] * 100)
+            [Status.OK] * 100
+        )
         assert g.get(gp, 1, 0) == _page(0)  # acknowledged pages all still there
     assert agent.app.handlers.audit(AuditArgs())["clean"]
 
 
-def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
-        agent: RunningAgent) -> None:
+def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(agent: RunningAgent) -> None:
     path = agent.add_guest("g")
     with agent.client(path, boot_id=b"A" * 16) as c:
         c.connect()
@@ -284,8 +285,9 @@ def test_restart_on_the_store_keeps_pools_pages_boot_ids_and_counters(
     assert agent.app.agent.guests["g"].reboots == 2
 
 
-def test_a_failed_store_commit_acknowledges_nothing(agent: RunningAgent,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_store_commit_acknowledges_nothing(
+    agent: RunningAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """If the commit of a loop turn fails, none of its replies leave: the guest's
     connection is dropped, its client reconnects and resends, and the page is there."""
     path = agent.add_guest("g")

@@ -53,8 +53,9 @@ def test_human_tables(agent: RunningAgent, capsys: pytest.CaptureFixture[str]) -
     assert code == 0 and out.startswith("audit: clean")
 
 
-def test_operator_mistakes_are_one_sentence(agent: RunningAgent, tmp_path: object,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_operator_mistakes_are_one_sentence(
+    agent: RunningAgent, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, err = run(capsys, "--socket", "/nonexistent/memd.sock", "status")
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and "not running" in err and "memd serve" in err
@@ -79,7 +80,10 @@ def test_other_users_are_refused(agent: RunningAgent, mode: int) -> None:
 def test_demo_json() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "memd.cli", "demo", "--json", "--guests", "3", "--guest-mib", "4"],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -88,8 +92,9 @@ def test_demo_json() -> None:
     assert result["tmem"]["pages"] > 0 and result["tmem"]["dedup_hits"] > 0
 
 
-def test_guest_cli_dedup_consent(agent: RunningAgent, tmp_path: object,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_guest_cli_dedup_consent(
+    agent: RunningAgent, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
     from memd.guest.cli import main as guest_main
 
     page = tmp_path / "page"  # type: ignore[operator]

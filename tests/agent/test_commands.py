@@ -67,6 +67,7 @@ def test_a_wiring_mistake_shows_when_the_table_is_built() -> None:
 
 def test_a_shape_cannot_be_given_twice() -> None:
     with pytest.raises(TypeError, match="already has the shape"):
+
         @dataclasses.dataclass(frozen=True, kw_only=True)
         class Again(CommandArgs):
             command = Command.STATUS
@@ -74,8 +75,13 @@ def test_a_shape_cannot_be_given_twice() -> None:
 
 _TEXT = st.text(min_size=1, max_size=20)
 _INT = st.integers(min_value=-(1 << 62), max_value=1 << 62)
-_VALUES = {str: _TEXT, int: _INT, bool: st.booleans(), str | None: st.none() | _TEXT,
-           int | None: st.none() | _INT}
+_VALUES = {
+    str: _TEXT,
+    int: _INT,
+    bool: st.booleans(),
+    str | None: st.none() | _TEXT,
+    int | None: st.none() | _INT,
+}
 
 
 @st.composite
@@ -94,17 +100,23 @@ def test_what_the_cli_sends_the_agent_reads_back(args: CommandArgs) -> None:
     assert parse(name, json.loads(json.dumps(raw))) == args
 
 
-@pytest.mark.parametrize(("name", "raw", "message"), [
-    ("pools", {"guset": "a"}, "pools does not take 'guset' (it takes guest)"),
-    ("status", {"verbose": True}, "status does not take 'verbose' (it takes no arguments)"),
-    ("budget", {}, "missing argument 'bytes'"),
-    ("budget", {"bytes": "1G"}, "argument 'bytes' must be an integer"),
-    ("budget", {"bytes": True}, "argument 'bytes' must be an integer"),
-    ("steer", {"on": "yes"}, "argument 'on' must be true or false"),
-    ("freeze", {"guest": ""}, "argument 'guest' must be a non-empty string"),
-    ("swap", {"name": "a", "path": "/x", "size": 4096, "uid": "0"},
-     "argument 'uid' must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("name", "raw", "message"),
+    [
+        ("pools", {"guset": "a"}, "pools does not take 'guset' (it takes guest)"),
+        ("status", {"verbose": True}, "status does not take 'verbose' (it takes no arguments)"),
+        ("budget", {}, "missing argument 'bytes'"),
+        ("budget", {"bytes": "1G"}, "argument 'bytes' must be an integer"),
+        ("budget", {"bytes": True}, "argument 'bytes' must be an integer"),
+        ("steer", {"on": "yes"}, "argument 'on' must be true or false"),
+        ("freeze", {"guest": ""}, "argument 'guest' must be a non-empty string"),
+        (
+            "swap",
+            {"name": "a", "path": "/x", "size": 4096, "uid": "0"},
+            "argument 'uid' must be an integer",
+        ),
+    ],
+)
 def test_bad_arguments_are_one_sentence(name: str, raw: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse(name, raw)
@@ -115,7 +127,9 @@ def test_defaults_and_unknown_commands() -> None:
     assert parse("ksm", {}) == KsmArgs(step=False)
     assert parse("pools", {"guest": None}) == PoolsArgs()
     assert to_wire(SwapArgs(name="a", path="/s", size=4096)) == (
-        "swap", {"name": "a", "path": "/s", "size": 4096})
+        "swap",
+        {"name": "a", "path": "/s", "size": 4096},
+    )
     with pytest.raises(UnknownCommand):
         parse("reboot-host", {})
 
@@ -137,10 +151,14 @@ def _raw(path: str, line: bytes) -> dict[str, Any]:
 def test_the_control_socket_answers_bad_requests_and_stays_up(agent: RunningAgent) -> None:
     bad = {
         b'{"cmd": "reboot-host"}\n': ("BadRequest", "unknown command 'reboot-host'"),
-        b'{"cmd": "pools", "args": {"guset": "g"}}\n':
-            ("InvalidArgument", "pools does not take 'guset' (it takes guest)"),
-        b'{"cmd": "budget", "args": {"bytes": "lots"}}\n':
-            ("InvalidArgument", "argument 'bytes' must be an integer"),
+        b'{"cmd": "pools", "args": {"guset": "g"}}\n': (
+            "InvalidArgument",
+            "pools does not take 'guset' (it takes guest)",
+        ),
+        b'{"cmd": "budget", "args": {"bytes": "lots"}}\n': (
+            "InvalidArgument",
+            "argument 'bytes' must be an integer",
+        ),
         b'{"cmd": "drop", "args": {}}\n': ("InvalidArgument", "missing argument 'guest'"),
         b'{"cmd": 7}\n': ("BadRequest", "malformed control request"),
         b"not json\n": ("BadRequest", "malformed control request"),

@@ -30,7 +30,7 @@ def _parts(seed: int, total: int) -> list[bytes | memoryview]:
     at, size = 0, 1 + seed
     while at < total:
         size = (size * 7919 + 13) % 300_000
-        chunk = data[at:at + size]
+        chunk = data[at : at + size]
         parts.append(memoryview(chunk) if len(parts) % 3 == 1 else chunk)
         if len(parts) % 5 == 0:
             parts.append(b"")
@@ -43,8 +43,9 @@ async def _send_and_collect(batches: list[list[bytes | memoryview]]) -> bytes:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     _, conn = await loop.connect_accepted_socket(
-        lambda: GuestConnection(None, ScratchBuffer(READ_CHUNK),
-                                PartialFrames(MAX_PARTIAL_BYTES)), ours)
+        lambda: GuestConnection(None, ScratchBuffer(READ_CHUNK), PartialFrames(MAX_PARTIAL_BYTES)),
+        ours,
+    )
     try:
         for parts in batches:  # the later sends find the transport still holding bytes
             conn.send(parts)
@@ -93,7 +94,8 @@ class _DrainedTransport:
 
 
 def test_send_resumes_writev_when_the_kernel_drains_not_one_write_per_part(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Regression: after the kernel took only part of a reply, every remaining page went
     to transport.write on its own; with a peer reading fast the transport stayed empty
     and each page became one send() (27,845 sends for 781 GET_BATCH replies)."""
@@ -103,7 +105,7 @@ def test_send_resumes_writev_when_the_kernel_drains_not_one_write_per_part(
         # The kernel takes 10,000 bytes per call (as a socket buffer the peer drains).
         room, took = 10_000, 0
         for buf in buffers:
-            piece = bytes(buf)[:room - took]
+            piece = bytes(buf)[: room - took]
             sent.append(piece)
             took += len(piece)
             if took == room:

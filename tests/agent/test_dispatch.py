@@ -69,8 +69,9 @@ class Guest:
         reply = self.call(op, msg)
         return Status.OK if not isinstance(reply, ErrorReply) else reply.status
 
-    def hello(self, capabilities: int = int(HOST_CAPABILITIES), boot_id: bytes = BOOT_ID
-              ) -> wire.HelloReply:
+    def hello(
+        self, capabilities: int = int(HOST_CAPABILITIES), boot_id: bytes = BOOT_ID
+    ) -> wire.HelloReply:
         reply = self.ok(Op.HELLO, wire.HelloRequest(1, 1, capabilities, boot_id))
         assert isinstance(reply, wire.HelloReply)
         return reply
@@ -127,7 +128,11 @@ def test_hello_grants_the_subset_and_announces_the_limits(tmem: TmemHost) -> Non
     assert reply.version == 1
     assert reply.capabilities == Capability.BATCH | Capability.DEDUP_OPT_IN
     assert (reply.max_batch, reply.max_payload, reply.max_gfns, reply.page_size) == (
-        MAX_BATCH, wire.MAX_PAYLOAD, wire.MAX_GFNS, PAGE_SIZE)
+        MAX_BATCH,
+        wire.MAX_PAYLOAD,
+        wire.MAX_GFNS,
+        PAGE_SIZE,
+    )
 
 
 def test_hello_without_a_common_version_is_VERSION(tmem: TmemHost) -> None:
@@ -164,7 +169,8 @@ def test_flush_object_removes_every_page_of_the_object(guest: Guest) -> None:
     guest.ok(Op.PUT, wire.PutRequest(pool, (9, 9, 9), 0, page(7)))
     guest.ok(Op.FLUSH_OBJECT, wire.FlushObjectRequest(pool, OID))
     assert [guest.status(Op.GET, wire.GetRequest(pool, OID, i)) for i in range(3)] == [
-        Status.NOT_FOUND] * 3
+        Status.NOT_FOUND
+    ] * 3
     assert guest.status(Op.GET, wire.GetRequest(pool, (9, 9, 9), 0)) == Status.OK
 
 
@@ -180,11 +186,12 @@ def test_list_pools_and_destroy_pool(guest: Guest) -> None:
     guest.ok(Op.PUT, wire.PutRequest(persistent, OID, 0, page(1)))
     pools = guest.ok(Op.LIST_POOLS, wire.ListPoolsRequest()).pools
     assert {(p.pool, p.flags, p.pages) for p in pools} == {
-        (persistent, wire.PoolFlag.PERSISTENT, 1), (ephemeral, 0, 0)}
+        (persistent, wire.PoolFlag.PERSISTENT, 1),
+        (ephemeral, 0, 0),
+    }
     guest.ok(Op.DESTROY_POOL, wire.DestroyPoolRequest(persistent))
     assert guest.status(Op.GET, wire.GetRequest(persistent, OID, 0)) == Status.NO_POOL
-    assert [p.pool for p in guest.ok(Op.LIST_POOLS, wire.ListPoolsRequest()).pools] == [
-        ephemeral]
+    assert [p.pool for p in guest.ok(Op.LIST_POOLS, wire.ListPoolsRequest()).pools] == [ephemeral]
 
 
 def test_new_pool_refusals(guest: Guest) -> None:
@@ -210,13 +217,17 @@ def test_put_batch_gives_a_status_per_page(tmem: TmemHost) -> None:
     g.hello()
     pool = g.new_pool()
     handles = [(OID, i) for i in range(5)]
-    reply = g.ok(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, [page(i + 1) for i in
-                                                                    range(5)]))
+    reply = g.ok(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, [page(i + 1) for i in range(5)]))
     assert list(reply.statuses) == [Status.OK] * 3 + [Status.NO_SPACE] * 2
     got = g.ok(Op.GET_BATCH, wire.GetBatchRequest(pool, handles))
     assert list(got.statuses) == [Status.OK] * 3 + [Status.NOT_FOUND] * 2
     assert [None if p is None else bytes(p) for p in got.pages] == [
-        page(1), page(2), page(3), None, None]
+        page(1),
+        page(2),
+        page(3),
+        None,
+        None,
+    ]
 
 
 def test_a_batch_that_fails_as_a_whole_has_the_frame_status(guest: Guest) -> None:
@@ -227,8 +238,10 @@ def test_a_batch_that_fails_as_a_whole_has_the_frame_status(guest: Guest) -> Non
 
 def test_pipelined_requests_get_replies_in_order(guest: Guest) -> None:
     pool = guest.new_pool()
-    data = b"".join(guest.request_bytes(Op.PUT, wire.PutRequest(pool, OID, i, page(i)),
-                                        request_id=100 + i) for i in range(4))
+    data = b"".join(
+        guest.request_bytes(Op.PUT, wire.PutRequest(pool, OID, i, page(i)), request_id=100 + i)
+        for i in range(4)
+    )
     data += guest.request_bytes(Op.GET, wire.GetRequest(pool, OID, 3), request_id=200)
     frames = guest.send(data)
     assert [f.request_id for f in frames] == [100, 101, 102, 103, 200]
@@ -236,28 +249,38 @@ def test_pipelined_requests_get_replies_in_order(guest: Guest) -> None:
 
 
 def test_pages_put_from_a_reused_receive_buffer_are_stored_byte_exact(
-        guest: Guest, tmem: TmemHost) -> None:
+    guest: Guest, tmem: TmemHost
+) -> None:
     """The agent decodes frames out of one receive buffer it reuses for every read, and
     the dispatcher hands tmem views of the payload, not copies: what is stored must not
     change when that memory is overwritten.  Zero, compressible, duplicate and
     incompressible (stored raw) pages."""
     pool = guest.new_pool()
-    contents = [bytes(PAGE_SIZE), page(7), page(7), os.urandom(PAGE_SIZE),
-                b"memd " * 819 + b"!"]
+    contents = [bytes(PAGE_SIZE), page(7), page(7), os.urandom(PAGE_SIZE), b"memd " * 819 + b"!"]
     handles = [(OID, i) for i in range(len(contents))]
-    frames = [guest.request_bytes(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, contents)),
-              guest.request_bytes(Op.PUT, wire.PutRequest(pool, OID, 99, contents[3]))]
+    frames = [
+        guest.request_bytes(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, contents)),
+        guest.request_bytes(Op.PUT, wire.PutRequest(pool, OID, 99, contents[3])),
+    ]
     scratch = bytearray(len(frames[0]) + 64)  # as memd.agent.connection.ScratchBuffer
     replies: list[bytes] = []
     for data in frames:
-        scratch[:len(data)] = data
-        replies.append(b"".join(guest.dispatcher.handle_all(
-            guest.state, guest.decoder.feed(memoryview(scratch)[:len(data)]))))
+        scratch[: len(data)] = data
+        replies.append(
+            b"".join(
+                guest.dispatcher.handle_all(
+                    guest.state, guest.decoder.feed(memoryview(scratch)[: len(data)])
+                )
+            )
+        )
         scratch[:] = b"\xa5" * len(scratch)  # the next read lands in the same memory
-    frames_back = [f for r in replies for f in wire.FrameDecoder().feed(r)
-                   if isinstance(f, wire.Frame)]
+    frames_back = [
+        f for r in replies for f in wire.FrameDecoder().feed(r) if isinstance(f, wire.Frame)
+    ]
     assert [wire.decode_reply(f) for f in frames_back] == [
-        wire.PutBatchReply([Status.OK] * len(contents)), wire.PutReply()]
+        wire.PutBatchReply([Status.OK] * len(contents)),
+        wire.PutReply(),
+    ]
     assert tmem.get_batch("vm1", pool, handles) == contents
     assert tmem.get("vm1", pool, OID, 99) == contents[3]
     assert tmem.audit() == []
@@ -269,14 +292,17 @@ def test_handle_all_returns_the_replies_as_parts_of_one_write(guest: Guest) -> N
     pool = guest.new_pool()
     handles = [(OID, i) for i in range(3)]
     guest.ok(Op.PUT_BATCH, wire.PutBatchRequest(pool, handles, [page(i) for i in range(3)]))
-    data = (guest.request_bytes(Op.GET_BATCH, wire.GetBatchRequest(pool, handles))
-            + guest.request_bytes(Op.GET, wire.GetRequest(pool, OID, 9))
-            + guest.request_bytes(Op.LIST_POOLS, wire.ListPoolsRequest()))
+    data = (
+        guest.request_bytes(Op.GET_BATCH, wire.GetBatchRequest(pool, handles))
+        + guest.request_bytes(Op.GET, wire.GetRequest(pool, OID, 9))
+        + guest.request_bytes(Op.LIST_POOLS, wire.ListPoolsRequest())
+    )
     items = wire.FrameDecoder().feed(data)
     parts = guest.dispatcher.handle_all(guest.state, items)
     assert len(parts) > 3  # header, statuses and pages of GET_BATCH are separate parts
-    one_by_one = [guest.dispatcher.handle(guest.state, f) for f in items
-                  if isinstance(f, wire.Frame)]
+    one_by_one = [
+        guest.dispatcher.handle(guest.state, f) for f in items if isinstance(f, wire.Frame)
+    ]
     assert b"".join(parts) == b"".join(one_by_one)
     got = wire.decode_reply(wire.FrameDecoder().feed(one_by_one[0])[0])  # type: ignore[arg-type]
     assert isinstance(got, wire.GetBatchReply)
@@ -311,8 +337,9 @@ def test_the_swap_disks_pool_is_not_reachable_from_the_channel(guest: Guest) -> 
     assert guest.ok(Op.LIST_POOLS, wire.ListPoolsRequest()).pools == []
 
 
-def test_a_host_bug_costs_one_INTERNAL_reply(guest: Guest, tmem: TmemHost,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_host_bug_costs_one_INTERNAL_reply(
+    guest: Guest, tmem: TmemHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pool = guest.new_pool()
 
     def broken(*args: object) -> None:
@@ -381,12 +408,16 @@ def test_replies_from_the_guest_and_corrupt_bytes_get_no_reply(guest: Guest) -> 
 
 
 @settings(max_examples=150, deadline=None)
-@given(op=st.sampled_from([int(op) for op in Op] + [0x00, 0x7F, 0xFF]),
-       payload=st.one_of(st.binary(max_size=80),
-                         st.integers(0, 40).map(lambda n: bytes(32) + bytes(n * 128))),
-       hello_first=st.booleans())
+@given(
+    op=st.sampled_from([int(op) for op in Op] + [0x00, 0x7F, 0xFF]),
+    payload=st.one_of(
+        st.binary(max_size=80), st.integers(0, 40).map(lambda n: bytes(32) + bytes(n * 128))
+    ),
+    hello_first=st.booleans(),
+)
 def test_any_request_frame_gets_exactly_one_reply_and_never_raises(
-        op: int, payload: bytes, hello_first: bool) -> None:
+    op: int, payload: bytes, hello_first: bool
+) -> None:
     guest = Guest(Dispatcher(TmemHost(budget_bytes=1 << 20)))
     if hello_first:
         guest.hello()

@@ -33,8 +33,9 @@ def daemon(agent: RunningAgent, tmp_path: Path) -> Iterator[GuestDaemon]:
     port = agent.add_guest("g1")
     client = agent.client(port, capabilities=wire.ALL_CAPABILITIES | int(Capability.MEM_REPORT))
     report = MemReportRequest(262144, 200000, 1024, 512, 1234, 56, 0)
-    d = GuestDaemon(client, str(tmp_path / "d.sock"), interval=0.2, log=io.StringIO(),
-                    report=lambda: report)
+    d = GuestDaemon(
+        client, str(tmp_path / "d.sock"), interval=0.2, log=io.StringIO(), report=lambda: report
+    )
     d.start()
     try:
         yield d
@@ -60,8 +61,9 @@ def test_host_keeps_the_daemons_memory_report(agent: RunningAgent, daemon: Guest
     assert stats["guest_memory"]["g1"]["swap_free_kib"] == 512
 
 
-def test_two_local_programs_share_the_daemons_session(agent: RunningAgent,
-                                                      daemon: GuestDaemon) -> None:
+def test_two_local_programs_share_the_daemons_session(
+    agent: RunningAgent, daemon: GuestDaemon
+) -> None:
     errors: list[BaseException] = []
 
     def program(tag: int) -> None:
@@ -74,8 +76,7 @@ def test_two_local_programs_share_the_daemons_session(agent: RunningAgent,
                     page = bytes([tag, i]) * 2048
                     client.put(pool, tag, i, page)
                     assert client.get(pool, tag, i) == page  # ephemeral: get removes it
-                statuses = client.put_batch(pool, [(tag, i, bytes([i]) * 4096)
-                                                   for i in range(200)])
+                statuses = client.put_batch(pool, [(tag, i, bytes([i]) * 4096) for i in range(200)])
                 assert statuses == [Status.OK] * 200
                 pages = client.get_batch(pool, [(tag, i) for i in range(200)])
                 assert pages == [bytes([i]) * 4096 for i in range(200)]
@@ -94,8 +95,9 @@ def test_two_local_programs_share_the_daemons_session(agent: RunningAgent,
     assert daemon.client.connects == 1
 
 
-def test_cli_goes_through_the_daemon(daemon: GuestDaemon, capsys: pytest.CaptureFixture[str],
-                                     tmp_path: Path) -> None:
+def test_cli_goes_through_the_daemon(
+    daemon: GuestDaemon, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     src = tmp_path / "page"
     src.write_bytes(b"via the daemon")
     assert guest_main(["--daemon-socket", daemon.path, "hello"]) == 0
@@ -106,15 +108,21 @@ def test_cli_goes_through_the_daemon(daemon: GuestDaemon, capsys: pytest.Capture
     assert guest_main(["--daemon-socket", daemon.path, "new-pool", "--persistent"]) == 0
     pool = capsys.readouterr().out.strip()
     assert guest_main(["--daemon-socket", daemon.path, "put", pool, "7", "0", str(src)]) == 0
-    assert guest_main(["--daemon-socket", daemon.path, "get", pool, "7", "0", "-o",
-                       str(tmp_path / "out")]) == 0
+    assert (
+        guest_main(
+            ["--daemon-socket", daemon.path, "get", pool, "7", "0", "-o", str(tmp_path / "out")]
+        )
+        == 0
+    )
     assert (tmp_path / "out").read_bytes() == b"via the daemon".ljust(4096, b"\0")
     # Errors come back with the host's status: NO_POOL -> exit 2, one sentence.
     assert guest_main(["--daemon-socket", daemon.path, "get", "9", "1", "0"]) == 2
     assert "memd-guest:" in capsys.readouterr().err
     # A dedup request the daemon's session did not consent to is refused, not downgraded.
-    assert guest_main(["--daemon-socket", daemon.path, "--dedup", "--reconnect-timeout", "1",
-                       "hello"]) == 2
+    assert (
+        guest_main(["--daemon-socket", daemon.path, "--dedup", "--reconnect-timeout", "1", "hello"])
+        == 2
+    )
     assert "--dedup" in capsys.readouterr().err
 
 
@@ -141,8 +149,9 @@ def test_second_daemon_refuses_a_live_socket(agent: RunningAgent, daemon: GuestD
 
 
 def _hello(d: Dispatcher, g: GuestState, caps: int) -> None:
-    frame = wire.FrameDecoder().feed(wire.encode_request(
-        1, wire.HelloRequest(1, 1, caps, bytes(16))))[0]
+    frame = wire.FrameDecoder().feed(
+        wire.encode_request(1, wire.HelloRequest(1, 1, caps, bytes(16)))
+    )[0]
     assert isinstance(frame, wire.Frame)
     d.handle(g, frame)
 
@@ -193,13 +202,16 @@ def test_host_refuses_reports_it_did_not_grant() -> None:
 
 def test_guest_reads_its_own_memory_state(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:  1000 kB\nMemFree:  10 kB\nMemAvailable:  600 kB\n"
-                       "SwapTotal:  50 kB\nSwapFree:  40 kB\nHugePages_Total: 0\n")
+    meminfo.write_text(
+        "MemTotal:  1000 kB\nMemFree:  10 kB\nMemAvailable:  600 kB\n"
+        "SwapTotal:  50 kB\nSwapFree:  40 kB\nHugePages_Total: 0\n"
+    )
     psi = tmp_path / "psi"
-    psi.write_text("some avg10=1.25 avg60=0.00 avg300=0.00 total=1\n"
-                   "full avg10=0.50 avg60=0.00 avg300=0.00 total=1\n")
-    assert memory_report(str(meminfo), str(psi)) == MemReportRequest(1000, 600, 50, 40, 125, 50,
-                                                                      0)
+    psi.write_text(
+        "some avg10=1.25 avg60=0.00 avg300=0.00 total=1\n"
+        "full avg10=0.50 avg60=0.00 avg300=0.00 total=1\n"
+    )
+    assert memory_report(str(meminfo), str(psi)) == MemReportRequest(1000, 600, 50, 40, 125, 50, 0)
     assert memory_report(str(meminfo), str(tmp_path / "none")).flags == wire.MemReportFlag.NO_PSI
     assert read_psi(str(tmp_path / "none")) is None
     here = memory_report()  # this machine's, through the same code
@@ -217,11 +229,12 @@ def _pagemap_frames(addr: int, pages: int) -> list[int]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="pagemap shows frame numbers to root only")
-def test_range_nominate_resolves_the_callers_own_pages(daemon: GuestDaemon,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_range_nominate_resolves_the_callers_own_pages(
+    daemon: GuestDaemon, capsys: pytest.CaptureFixture[str]
+) -> None:
     buf = mmap.mmap(-1, 8 * 4096)
     for i in range(6):  # pages 6 and 7 are never touched: no frame
-        buf[i * 4096:(i + 1) * 4096] = bytes([i + 1]) * 4096
+        buf[i * 4096 : (i + 1) * 4096] = bytes([i + 1]) * 4096
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     try:
         client = daemon_client(daemon.path, timeout=5.0, reconnect_timeout=5.0)
@@ -239,11 +252,25 @@ def test_range_nominate_resolves_the_callers_own_pages(daemon: GuestDaemon,
         assert all(r.status != Status.OK for r in nominated[:6])
         assert all(q.state == wire.ShareState.UNKNOWN for q in queried)
         # The CLI, naming this process: hex in, hex out.
-        assert guest_main(["--daemon-socket", daemon.path, "query", "--pid", str(os.getpid()),
-                           "--range", f"{addr:#x}:0x2000"]) == 0
+        assert (
+            guest_main(
+                [
+                    "--daemon-socket",
+                    daemon.path,
+                    "query",
+                    "--pid",
+                    str(os.getpid()),
+                    "--range",
+                    f"{addr:#x}:0x2000",
+                ]
+            )
+            == 0
+        )
         lines = capsys.readouterr().out.splitlines()
-        assert lines == [f"{addr:#x} {frames[0]:#x} unknown 0",
-                         f"{addr + 4096:#x} {frames[1]:#x} unknown 0"]
+        assert lines == [
+            f"{addr:#x} {frames[0]:#x} unknown 0",
+            f"{addr + 4096:#x} {frames[1]:#x} unknown 0",
+        ]
     finally:
         buf.close()
 
@@ -252,8 +279,11 @@ def test_range_of_another_users_process_is_denied(daemon: GuestDaemon) -> None:
     session = LocalSession(daemon, socket.socket(socket.AF_UNIX), os.getpid(), 4242, 4242)
     session.version = 1
     frame = wire.Frame(Op.RANGE_NOMINATE, 9, 0, 0, 1, b"")
-    reply = wire.decode_reply(wire.FrameDecoder().feed(
-        session._local(frame, wire.RangeNominateRequest(1, 0x400000, 4096)))[0])  # type: ignore[arg-type]
+    [reply_frame] = wire.FrameDecoder().feed(
+        session._local(frame, wire.RangeNominateRequest(1, 0x400000, 4096))
+    )
+    assert isinstance(reply_frame, wire.Frame)
+    reply = wire.decode_reply(reply_frame)
     assert isinstance(reply, wire.ErrorReply) and reply.status == Status.DENIED
     assert "another user" in reply.message
     session.conn.close()

@@ -71,8 +71,9 @@ class Guest(threading.Thread):
         boot_id = f"{self.name}-{self.boot}".encode().ljust(16, b".")[:16]
         # retries=0: a request the agent died under is not resent, so its outcome stays
         # unknown to the guest (the interesting case); the next call reconnects.
-        return GuestClient.for_unix_socket(self.path, boot_id=boot_id, timeout=10.0,
-                                           reconnect_timeout=60.0, retries=0)
+        return GuestClient.for_unix_socket(
+            self.path, boot_id=boot_id, timeout=10.0, reconnect_timeout=60.0, retries=0
+        )
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -140,8 +141,9 @@ class Guest(threading.Thread):
         pages = [content(self.rng.randrange(1 << 30)) for _ in range(8)]
         handles = [(pool, oid, start + i) for i in range(8)]
         try:
-            statuses = self.client.put_batch(pool, [(oid, h[2], p) for h, p in
-                                                    zip(handles, pages, strict=True)])
+            statuses = self.client.put_batch(
+                pool, [(oid, h[2], p) for h, p in zip(handles, pages, strict=True)]
+            )
         except Unavailable:
             for h, p in zip(handles, pages, strict=True):
                 self._maybe(h, p, None)
@@ -200,8 +202,9 @@ class Guest(threading.Thread):
         (a NEW_POOL that was executed), forget the ones it lacks (a DESTROY that was)."""
         while True:
             try:
-                listed = {p.pool: bool(p.flags & PoolFlag.PERSISTENT)
-                          for p in self.client.list_pools()}
+                listed = {
+                    p.pool: bool(p.flags & PoolFlag.PERSISTENT) for p in self.client.list_pools()
+                }
                 break
             except Unavailable:
                 continue
@@ -237,35 +240,48 @@ class Guest(threading.Thread):
         for pool, persistent in self.pools.items():
             handles = sorted(h for h in self.model if h[0] == pool)
             for i in range(0, len(handles), 64):
-                chunk = handles[i:i + 64]
+                chunk = handles[i : i + 64]
                 got = self.client.get_batch(pool, [(h[1], h[2]) for h in chunk])
                 for h, page in zip(chunk, got, strict=True):
                     allowed = self.model[h] if persistent else self.model[h] | {None}
                     assert page in allowed, (
                         f"handle {h} (persistent={persistent}) read "
                         f"{'nothing' if page is None else 'other bytes'}; acknowledged "
-                        f"{len(allowed)} possible value(s), absent allowed: {None in allowed}")
+                        f"{len(allowed)} possible value(s), absent allowed: {None in allowed}"
+                    )
                     # The store is what it is now; a private ephemeral get took the page.
                     self.model[h] = {page} if persistent else {None}
                 self.stats["reads"] += len(chunk)
 
 
 def _start_agent(tmp: Path, paths: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "memd.cli", "--socket", str(tmp / "control.sock"), "serve",
-            "--budget", "64M", "--store", str(tmp / "store")]
+    argv = [
+        sys.executable,
+        "-m",
+        "memd.cli",
+        "--socket",
+        str(tmp / "control.sock"),
+        "serve",
+        "--budget",
+        "64M",
+        "--store",
+        str(tmp / "store"),
+    ]
     for name, path in paths.items():
         argv += ["--listen", f"{name}={path}"]
     with log.open("ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=out,
-                                cwd=str(Path(__file__).resolve().parents[2]))
+        return subprocess.Popen(
+            argv, stdout=out, stderr=out, cwd=str(Path(__file__).resolve().parents[2])
+        )
 
 
 def _audit(tmp: Path) -> dict[str, object]:
     deadline = time.monotonic() + 30
     while True:
         try:
-            result: dict[str, object] = control.call("audit", {}, path=str(tmp / "control.sock"),
-                                                     timeout=60)
+            result: dict[str, object] = control.call(
+                "audit", {}, path=str(tmp / "control.sock"), timeout=60
+            )
             return result
         except MemdError:
             if time.monotonic() > deadline:
@@ -310,8 +326,9 @@ def test_acknowledged_persistent_pages_survive_100_sigkills(tmp_path: Path) -> N
     failures = [f for g in guests for f in g.failures]
     assert not failures, failures
     # Every restart found the store consistent: nothing had to be repaired or dropped.
-    problems = [line for line in log.read_text().splitlines()
-                if " ERROR " in line or " CRITICAL " in line]
+    problems = [
+        line for line in log.read_text().splitlines() if " ERROR " in line or " CRITICAL " in line
+    ]
     assert not problems, problems[:5]
     totals = {k: sum(g.stats[k] for g in guests) for k in guests[0].stats}
     # The run did what it claims: many acknowledged writes, some lost acknowledgements,
@@ -326,8 +343,9 @@ def test_a_destroyed_pool_and_a_flushed_page_stay_gone_after_kill(tmp_path: Path
     paths = {"vm": str(tmp_path / "vm.sock")}
     agent = _start_agent(tmp_path, paths, tmp_path / "agent.log")
     try:
-        c = GuestClient.for_unix_socket(paths["vm"], boot_id=b"A" * 16, timeout=10,
-                                        reconnect_timeout=30)
+        c = GuestClient.for_unix_socket(
+            paths["vm"], boot_id=b"A" * 16, timeout=10, reconnect_timeout=30
+        )
         keep, gone = c.new_pool(persistent=True), c.new_pool(persistent=True)
         c.put_batch(keep, [(1, i, content(i + 1)) for i in range(20)])
         c.put(gone, 1, 0, content(3))
@@ -345,8 +363,9 @@ def test_a_destroyed_pool_and_a_flushed_page_stay_gone_after_kill(tmp_path: Path
         except NoSuchPool:
             pass
         c.close()
-        rebooted = GuestClient.for_unix_socket(paths["vm"], boot_id=b"B" * 16, timeout=10,
-                                               reconnect_timeout=30)
+        rebooted = GuestClient.for_unix_socket(
+            paths["vm"], boot_id=b"B" * 16, timeout=10, reconnect_timeout=30
+        )
         rebooted.connect()
         agent.send_signal(signal.SIGKILL)
         agent.wait(30)

@@ -37,10 +37,12 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 class MetricsAgent:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.store = LmdbStore(tmp / "store", budget_bytes=32 << 20,
-                               control_path=str(tmp / "control.sock"))
-        self.app = AgentApp(budget_bytes=32 << 20, guest_cap_bytes=CAP_PAGES * 4096,
-                            store=self.store)
+        self.store = LmdbStore(
+            tmp / "store", budget_bytes=32 << 20, control_path=str(tmp / "control.sock")
+        )
+        self.app = AgentApp(
+            budget_bytes=32 << 20, guest_cap_bytes=CAP_PAGES * 4096, store=self.store
+        )
         self.loop = LoopThread()
         self.loop.run(self.app.start(None, metrics=("127.0.0.1", 0)))
         assert self.app.metrics is not None
@@ -49,15 +51,19 @@ class MetricsAgent:
     def add_guest(self, name: str) -> GuestClient:
         path = str(self.tmp / f"{name}.sock")
         self.loop.run(self.app.agent.add_channel(name, path, mode="listen"))
-        return GuestClient.for_unix_socket(path, boot_id=os.urandom(16), timeout=5.0,
-                                           reconnect_timeout=5.0)
+        return GuestClient.for_unix_socket(
+            path, boot_id=os.urandom(16), timeout=5.0, reconnect_timeout=5.0
+        )
 
     def scrape(self) -> Samples:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
             assert r.status == 200
             text = r.read().decode()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def close(self) -> None:
         self.loop.run(self.app.stop())
@@ -91,9 +97,9 @@ def test_scrape_reports_what_the_guests_did(magent: MetricsAgent) -> None:
     eph = a.new_pool()
     for i in range(10):
         a.put(eph, 1, i, _page(i))
-    assert a.get(eph, 1, 0) == _page(0)   # a hit (and the page leaves: exclusive get)
-    assert a.get(eph, 1, 0) is None       # a miss
-    assert a.get(eph, 1, 99) is None      # a miss
+    assert a.get(eph, 1, 0) == _page(0)  # a hit (and the page leaves: exclusive get)
+    assert a.get(eph, 1, 0) is None  # a miss
+    assert a.get(eph, 1, 99) is None  # a miss
     a.flush_page(eph, 1, 1)
     per = b.new_pool(persistent=True)
     refused = 0
@@ -110,8 +116,7 @@ def test_scrape_reports_what_the_guests_did(magent: MetricsAgent) -> None:
     after = ksm.counters() if ksm.available() else {}
     va, vb = (("vm", "vm-a"),), (("vm", "vm-b"),)
     if before:  # KSM's own counters, read around the scrape (ksmd may be running)
-        assert before["full_scans"] <= m[("memd_ksm_full_scans_total", ())] \
-            <= after["full_scans"]
+        assert before["full_scans"] <= m[("memd_ksm_full_scans_total", ())] <= after["full_scans"]
         assert ("memd_ksm_pages_sharing", ()) in m and ("memd_ksmd_cpu_seconds_total", ()) in m
     assert m[("memd_tmem_puts_total", va)] == 10
     assert m[("memd_tmem_stored_puts_total", va)] == 10
@@ -122,8 +127,9 @@ def test_scrape_reports_what_the_guests_did(magent: MetricsAgent) -> None:
     assert m[("memd_tmem_no_space_total", va)] == 0
     assert m[("memd_tmem_pages", (("pool_kind", "ephemeral"), ("vm", "vm-a")))] == 8
     assert m[("memd_tmem_bytes", (("pool_kind", "ephemeral"), ("vm", "vm-a")))] == 8 * 4096
-    assert 0 < m[("memd_tmem_stored_bytes", (("pool_kind", "ephemeral"), ("vm", "vm-a")))] \
-        < 8 * 4096  # lz4 compresses the repeated text
+    assert (
+        0 < m[("memd_tmem_stored_bytes", (("pool_kind", "ephemeral"), ("vm", "vm-a")))] < 8 * 4096
+    )  # lz4 compresses the repeated text
     assert m[("memd_tmem_puts_total", vb)] == CAP_PAGES + 4
     assert m[("memd_tmem_no_space_total", vb)] == 4
     assert m[("memd_tmem_pages", (("pool_kind", "persistent"), ("vm", "vm-b")))] == CAP_PAGES
@@ -139,8 +145,7 @@ def test_scrape_reports_what_the_guests_did(magent: MetricsAgent) -> None:
     assert m[("memd_agent_bad_frames_total", va)] == 0
     assert m[("memd_agent_request_duration_seconds_count", (("op", "put"),))] == 10 + 20
     assert m[("memd_agent_request_duration_seconds_count", (("op", "get"),))] == 4
-    assert m[("memd_agent_request_duration_seconds_bucket", (("le", "+Inf"), ("op", "put")))] \
-        == 30
+    assert m[("memd_agent_request_duration_seconds_bucket", (("le", "+Inf"), ("op", "put")))] == 30
     assert m[("memd_agent_request_duration_seconds_sum", (("op", "put"),))] > 0
     assert m[("memd_ksm_steering_mode", (("mode", "off"),))] == 1
     assert m[("memd_ksm_steering_mode", (("mode", "boost"),))] == 0
@@ -186,14 +191,17 @@ def test_the_endpoint_stops_with_the_agent(tmp_path: Path) -> None:
     running = MetricsAgent(tmp_path)
     port = running.port
     running.scrape()
-    assert running.app.handlers.status(StatusArgs())["metrics"] == f"http://127.0.0.1:{port}/metrics"
+    assert (
+        running.app.handlers.status(StatusArgs())["metrics"] == f"http://127.0.0.1:{port}/metrics"
+    )
     running.close()
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
 
 
-@pytest.mark.parametrize("text", ["9643", "localhost", ":9643", "host:0", "host:99999",
-                                  "host:port"])
+@pytest.mark.parametrize(
+    "text", ["9643", "localhost", ":9643", "host:0", "host:99999", "host:port"]
+)
 def test_bad_addresses_are_refused(text: str) -> None:
     with pytest.raises(InvalidArgument, match="HOST:PORT"):
         parse_address(text)
@@ -206,9 +214,23 @@ def test_addresses() -> None:
 
 def _serve(tmp: Path, metrics: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "memd.cli", "--socket", str(tmp / "c.sock"), "serve",
-         "--store", "", "--metrics", metrics],
-        capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(tmp / "c.sock"),
+            "serve",
+            "--store",
+            "",
+            "--metrics",
+            metrics,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(ROOT),
+    )
 
 
 def test_operator_mistakes_are_one_sentence(tmp_path: Path) -> None:
@@ -224,8 +246,9 @@ def test_operator_mistakes_are_one_sentence(tmp_path: Path) -> None:
     assert "Traceback" not in busy.stderr
 
 
-@pytest.mark.skipif(shutil.which("nbdcopy") is None,
-                    reason="nbdcopy is not installed (scripts/setup.sh --all)")
+@pytest.mark.skipif(
+    shutil.which("nbdcopy") is None, reason="nbdcopy is not installed (scripts/setup.sh --all)"
+)
 def test_swap_disk_figures(magent: MetricsAgent) -> None:
     """A real NBD client writes 8 pages to a guest's swap disk: the disk's series and the
     guest's ``pool_kind="swap_disk"`` pages say so."""
@@ -233,8 +256,12 @@ def test_swap_disk_figures(magent: MetricsAgent) -> None:
     magent.loop.run(magent.app.swap.add("vm-s", path, 1 << 20))
     data = magent.tmp / "pages"
     data.write_bytes(b"".join(_page(i) for i in range(8)))
-    subprocess.run(["nbdcopy", str(data), f"nbd+unix:///?socket={path}"], check=True,
-                   timeout=60, capture_output=True)
+    subprocess.run(
+        ["nbdcopy", str(data), f"nbd+unix:///?socket={path}"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     m = magent.scrape()
     vs = (("vm", "vm-s"),)
     assert m[("memd_swap_disk_size_bytes", vs)] == 1 << 20
@@ -278,12 +305,16 @@ def test_a_guests_memory_report_is_exported(magent: MetricsAgent) -> None:
     assert m[("memd_guest_memory_available_bytes", vm)] == 200000 * 1024
     assert m[("memd_guest_swap_free_bytes", vm)] == 512 * 1024
     assert m[("memd_guest_memory_pressure_ratio", (("kind", "some"), ("vm", "vm-m")))] == (
-        pytest.approx(0.1234))
+        pytest.approx(0.1234)
+    )
     assert m[("memd_guest_memory_pressure_ratio", (("kind", "full"), ("vm", "vm-m")))] == (
-        pytest.approx(0.0056))
+        pytest.approx(0.0056)
+    )
     assert 0 <= m[("memd_guest_memory_report_age_seconds", vm)] < 60
     assert m[("memd_guest_memory_available_bytes", (("vm", "vm-n"),))] == 100 * 1024
-    assert not any(name == "memd_guest_memory_pressure_ratio" and ("vm", "vm-n") in labels
-                   for name, labels in m)
+    assert not any(
+        name == "memd_guest_memory_pressure_ratio" and ("vm", "vm-n") in labels
+        for name, labels in m
+    )
     a.close()
     b.close()

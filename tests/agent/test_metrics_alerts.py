@@ -16,8 +16,9 @@ RULES = DOCS / "memd-alerts.yml"
 DASHBOARD = DOCS / "grafana-memd.json"
 PROMTOOL = shutil.which("promtool")
 
-need_promtool = pytest.mark.skipif(PROMTOOL is None,
-                                   reason="promtool is not installed (scripts/setup.sh --all)")
+need_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (scripts/setup.sh --all)"
+)
 
 # promtool's rule unit tests: series in, alerts out (the real rule engine).
 RULE_TESTS = """
@@ -65,22 +66,25 @@ tests:
               summary: "KSM realizes less than half of the 100000 frames memd says could be saved"
               description: "{sharing_description}"
 """
-SHARING_DESCRIPTION = ("Is KSM steering on (memd_ksm_steering_mode), are guests opted out, "
-                       "is ksmd stalled?")
+SHARING_DESCRIPTION = (
+    "Is KSM steering on (memd_ksm_steering_mode), are guests opted out, is ksmd stalled?"
+)
 
 
 @need_promtool
 def test_alert_rules_are_valid() -> None:
-    subprocess.run([str(PROMTOOL), "check", "rules", str(RULES)], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        [str(PROMTOOL), "check", "rules", str(RULES)], check=True, capture_output=True, timeout=60
+    )
 
 
 @need_promtool
 def test_alerts_fire_when_they_should(tmp_path: Path) -> None:
     tests = tmp_path / "tests.yml"
     tests.write_text(RULE_TESTS.format(rules=RULES, sharing_description=SHARING_DESCRIPTION))
-    result = subprocess.run([str(PROMTOOL), "test", "rules", str(tests)], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [str(PROMTOOL), "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -31,7 +31,8 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 
 
 def test_attach_to_a_missing_socket_fails_in_one_sentence(
-        agent: RunningAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    agent: RunningAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", agent.control)
     missing = tmp_path / "nope.sock"
     code, out, err = run(capsys, *sock, "attach", "vmx", "--path", str(missing))
@@ -54,14 +55,16 @@ def test_attach_to_a_missing_socket_fails_in_one_sentence(
 
 
 def test_attach_to_a_listening_socket_works_and_guests_shows_last_error(
-        agent: RunningAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    agent: RunningAgent, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "qemu.sock"
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(path))
     server.listen(1)
     try:
-        code, out, err = run(capsys, "--socket", agent.control, "attach", "vmq", "--path",
-                             str(path))
+        code, out, err = run(
+            capsys, "--socket", agent.control, "attach", "vmq", "--path", str(path)
+        )
         assert code == 0 and out.startswith("attached vmq") and err == ""
         conn, _ = server.accept()
         conn.close()  # QEMU goes away: the agent keeps retrying and says why
@@ -81,7 +84,8 @@ def test_attach_to_a_listening_socket_works_and_guests_shows_last_error(
 
 
 def test_budget_is_echoed_and_nonsense_is_refused(
-        agent: RunningAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent: RunningAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
     sock = ("--socket", agent.control)
     code, out, _ = run(capsys, *sock, "budget", "64M")
     assert code == 0 and out.startswith("budget set to 64M (was 32M)")
@@ -98,7 +102,8 @@ def test_budget_is_echoed_and_nonsense_is_refused(
 
 
 def test_budget_below_persistent_use_warns(
-        agent: RunningAgent, capsys: pytest.CaptureFixture[str]) -> None:
+    agent: RunningAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = agent.add_guest("vm-p")
     with agent.client(path) as c:
         c.connect()
@@ -120,7 +125,8 @@ def _persistent_client(app: AgentApp, name: str, pages: int) -> None:
 
 
 def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from hypervisor.lmdb_store import LmdbStore
     from memd.errors import BackendError
 
@@ -128,8 +134,9 @@ def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
     prod = str(tmp_path / "prod.sock")
 
     def store(control: str | None) -> LmdbStore:
-        return LmdbStore(where, budget_bytes=8 << 20, control_path=control,
-                         host_boot_id=paths.host_boot_id())
+        return LmdbStore(
+            where, budget_bytes=8 << 20, control_path=control, host_boot_id=paths.host_boot_id()
+        )
 
     writer = AgentApp(budget_bytes=8 << 20, store=store(prod))
     _persistent_client(writer, "g0", 10)
@@ -158,16 +165,20 @@ def test_store_says_who_wrote_it_and_foreign_ones_are_refused_or_discarded(
     _persistent_client(app, "g0", 3)
     durable.close()
     monkeypatch.setattr(paths, "host_boot_id", lambda: "a-third-boot")
-    durable = LmdbStore(where, budget_bytes=8 << 20, control_path=prod, durable=True,
-                        host_boot_id=paths.host_boot_id())
-    assert AgentApp(budget_bytes=8 << 20, store=durable).tmem.store_stats(
-        ).persistent_pages == 3
+    durable = LmdbStore(
+        where,
+        budget_bytes=8 << 20,
+        control_path=prod,
+        durable=True,
+        host_boot_id=paths.host_boot_id(),
+    )
+    assert AgentApp(budget_bytes=8 << 20, store=durable).tmem.store_stats().persistent_pages == 3
     durable.close()
 
 
 def test_clients_lists_unattached_and_drop_needs_confirmation(
-        agent: RunningAgent, capsys: pytest.CaptureFixture[str],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    agent: RunningAgent, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     sock = ("--socket", agent.control)
     agent.add_guest("live")
     _persistent_client(agent.app, "g0", 5)  # as a reopened store leaves it
@@ -193,8 +204,9 @@ def test_clients_lists_unattached_and_drop_needs_confirmation(
 # -- output -------------------------------------------------------------------------------
 
 
-def test_status_names_ksm_instead_of_none(agent: RunningAgent,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_names_ksm_instead_of_none(
+    agent: RunningAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(capsys, "--socket", agent.control, "status")
     assert code == 0 and "None" not in out
     assert out.splitlines()[0].startswith("agent     running")
@@ -211,13 +223,23 @@ def test_json_into_a_closed_pipe_is_quiet(agent: RunningAgent) -> None:
             agent.app.tmem.new_pool(f"vm-pipe{n}", PoolFlag.EPHEMERAL)
     proc = subprocess.run(
         f"{sys.executable} -m memd.cli --socket {agent.control} pools --json | head -1",
-        shell=True, capture_output=True, text=True, timeout=60, check=False)
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.stdout.strip() == "[" and proc.stderr == ""
 
 
 def test_version() -> None:
-    proc = subprocess.run([sys.executable, "-m", "memd.cli", "--version"],
-                          capture_output=True, text=True, timeout=60, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memd.cli", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert proc.stdout.startswith("memd ") and proc.stdout.split()[1][0].isdigit()
 
 
@@ -226,9 +248,23 @@ def test_json_log_lines_name_the_event_and_the_vm(tmp_path: Path) -> None:
     control = tmp_path / "control.sock"
     guest = tmp_path / "g.sock"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve", "--store", "",
-         "--log-json", "--listen", f"vm-log={guest}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(control),
+            "serve",
+            "--store",
+            "",
+            "--log-json",
+            "--listen",
+            f"vm-log={guest}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not control.exists():

@@ -63,8 +63,13 @@ class FakeSteering:
         self.closed = True
 
     def status(self) -> dict[str, Any]:
-        return {"knobs": {}, "last_step": None, "potential": None, "vms": {},
-                "ksmd_cpu_seconds": 0.0}
+        return {
+            "knobs": {},
+            "last_step": None,
+            "potential": None,
+            "vms": {},
+            "ksmd_cpu_seconds": 0.0,
+        }
 
 
 class Made:
@@ -89,8 +94,12 @@ class Made:
 
 
 def _real(tmp: Path, made: Made, store: AgentStore | None = None) -> RealGuests:
-    return RealGuests(ledger=tmp / "ledger.json", store=store or AgentStore(None),
-                      machine_factory=made.machine, steering_factory=made.steering)
+    return RealGuests(
+        ledger=tmp / "ledger.json",
+        store=store or AgentStore(None),
+        machine_factory=made.machine,
+        steering_factory=made.steering,
+    )
 
 
 def _together(*calls: Callable[[], object]) -> None:
@@ -117,8 +126,10 @@ def _together(*calls: Callable[[], object]) -> None:
 def test_two_attaches_at_once_land_on_one_machine(tmp_path: Path) -> None:
     made = Made()
     real = _real(tmp_path, made)
-    _together(lambda: real.attach("vm-a", 1000, as_any(None)),
-              lambda: real.attach("vm-b", 1001, as_any(None)))
+    _together(
+        lambda: real.attach("vm-a", 1000, as_any(None)),
+        lambda: real.attach("vm-b", 1001, as_any(None)),
+    )
     assert len(made.machines) == 1
     machine = real.machine
     assert machine is not None
@@ -132,8 +143,9 @@ def test_a_steering_start_racing_an_attach_steers_the_attached_guest(tmp_path: P
     real = _real(tmp_path, made)
     loop = LoopThread()
     try:
-        _together(lambda: loop.run(real.start_steering()),
-                  lambda: real.attach("vm-a", 1000, as_any(None)))
+        _together(
+            lambda: loop.run(real.start_steering()), lambda: real.attach("vm-a", 1000, as_any(None))
+        )
         assert len(made.machines) == 1 and len(made.steerings) == 1
         steering = made.steerings[0]
         assert real.machine is as_any(steering.machine)
@@ -150,8 +162,10 @@ def test_an_operator_step_racing_a_steering_start_makes_one_steering(tmp_path: P
     real = _real(tmp_path, made)
     loop = LoopThread()
     try:
-        _together(lambda: loop.run(real.start_steering()),
-                  lambda: real.ksm_report(step=True, looping=False))
+        _together(
+            lambda: loop.run(real.start_steering()),
+            lambda: real.ksm_report(step=True, looping=False),
+        )
         assert len(made.steerings) == 1 and made.steerings[0].steps >= 1
         loop.run(real.start_steering())  # again: still one loop, one steering
         assert len(made.steerings) == 1
@@ -182,8 +196,9 @@ def test_two_steering_starts_on_the_loop_make_one_loop(tmp_path: Path) -> None:
 def test_opt_outs_persist_and_survive_a_restart(tmp_path: Path) -> None:
     from hypervisor.lmdb_store import LmdbStore
 
-    store = LmdbStore(tmp_path / "store", budget_bytes=8 << 20,
-                      control_path=str(tmp_path / "c.sock"))
+    store = LmdbStore(
+        tmp_path / "store", budget_bytes=8 << 20, control_path=str(tmp_path / "c.sock")
+    )
     try:
         made = Made(delay=0)
         real = _real(tmp_path, made, AgentStore(store))
@@ -216,7 +231,8 @@ def _tmem(store: Any) -> Any:
 
 
 def test_sharing_is_offered_to_guests_once_a_qemu_is_attached(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An agent of real guests (no simulated machine) grants SHARING in HELLO only once a
     QEMU's RAM is read, as before its sharing router was wired at construction."""
     monkeypatch.setattr(real_guests, "_qemu_machine", lambda _consent: as_any(Machine()))

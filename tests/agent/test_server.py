@@ -42,13 +42,12 @@ def cut_put_batch() -> bytes:
     handles = [((1, 2, 3), i) for i in range(MAX_BATCH)]
     pages = [os.urandom(PAGE_SIZE)] * MAX_BATCH
     frame = wire.encode_request(77, wire.PutBatchRequest(0, handles, pages))
-    return frame[:len(frame) // 3]
+    return frame[: len(frame) // 3]
 
 
 def resync(nonce: int, request_id: int) -> bytes:
     """What a reopening guest sends (docs/protocol.md, Resync): FF×8 + SYNC(nonce)."""
-    return wire.RESYNC_MARKER + wire.encode_request(request_id,
-                                                    wire.SyncRequest(nonce))
+    return wire.RESYNC_MARKER + wire.encode_request(request_id, wire.SyncRequest(nonce))
 
 
 async def sync_reply(reader: asyncio.StreamReader, nonce: int) -> None:
@@ -102,8 +101,7 @@ def test_a_guest_cut_mid_frame_resyncs_within_the_stall_timeout(tmp_path: Path) 
     run(test)
 
 
-def test_a_frame_in_progress_is_not_abandoned_while_bytes_complete_it(
-        tmp_path: Path) -> None:
+def test_a_frame_in_progress_is_not_abandoned_while_bytes_complete_it(tmp_path: Path) -> None:
     """The stall rule dates the incomplete frame by its first byte, but a frame that
     completes in time is served: here a SYNC sent in two halves 0.6 s apart, twice."""
     path = str(tmp_path / "g.sock")
@@ -140,7 +138,7 @@ def test_many_connections_holding_half_frames_stay_within_the_cap(tmp_path: Path
     receive buffer and the incomplete frames of all connections share one cap."""
     channels = 300
     cap = 8 << 20
-    half = cut_put_batch()[:160 * 1024]  # 160 KiB of a frame: 300 of them are ~47 MiB
+    half = cut_put_batch()[: 160 * 1024]  # 160 KiB of a frame: 300 of them are ~47 MiB
 
     async def test() -> None:
         async with running_agent(max_partial_bytes=cap) as agent:
@@ -172,7 +170,7 @@ def test_connection_churn_on_one_channel_does_not_accumulate(tmp_path: Path) -> 
     """A guest that reopens its port again and again (each time sending half a frame):
     the newest connection replaces the old one, and nothing of the old ones stays."""
     path = str(tmp_path / "g.sock")
-    half = cut_put_batch()[:160 * 1024]
+    half = cut_put_batch()[: 160 * 1024]
 
     async def test() -> None:
         async with running_agent() as agent:
@@ -195,7 +193,8 @@ def test_connection_churn_on_one_channel_does_not_accumulate(tmp_path: Path) -> 
 
 
 def test_time_spent_not_reading_does_not_count_against_a_frame(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A frame that arrives whole behind a request the agent is slow to handle: reading
     is paused meanwhile (the guest could not send), so that time is not the frame's."""
     path = str(tmp_path / "g.sock")
@@ -230,8 +229,10 @@ def test_time_spent_not_reading_does_not_count_against_a_frame(
 def test_over_the_cap_the_oldest_incomplete_frame_goes_first(tmp_path: Path) -> None:
     """Two guests each hold part of a frame and together pass the cap: the one that has
     waited longer is abandoned, and the newer one completes and is answered."""
-    frame = wire.encode_request(9, wire.PutBatchRequest(
-        0, [((1, 2, 3), i) for i in range(64)], [os.urandom(PAGE_SIZE)] * 64))
+    frame = wire.encode_request(
+        9,
+        wire.PutBatchRequest(0, [((1, 2, 3), i) for i in range(64)], [os.urandom(PAGE_SIZE)] * 64),
+    )
     part = 200 * 1024
 
     async def test() -> None:

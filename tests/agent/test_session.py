@@ -32,8 +32,9 @@ Handles = list[tuple[tuple[int, int, int], int]]
 
 
 @asynccontextmanager
-async def agent_on(path: str) -> AsyncIterator[tuple[Agent, asyncio.StreamReader,
-                                                      asyncio.StreamWriter]]:
+async def agent_on(
+    path: str,
+) -> AsyncIterator[tuple[Agent, asyncio.StreamReader, asyncio.StreamWriter]]:
     agent = Agent(Dispatcher(TmemHost(budget_bytes=256 << 20)))
     agent.start()
     try:
@@ -52,8 +53,9 @@ def request(request_id: int, msg: wire.Request) -> bytes:
 
 
 def hello(request_id: int = 1) -> bytes:
-    return request(request_id, wire.HelloRequest(wire.MIN_VERSION, wire.MAX_VERSION, 0,
-                                                 os.urandom(16)))
+    return request(
+        request_id, wire.HelloRequest(wire.MIN_VERSION, wire.MAX_VERSION, 0, os.urandom(16))
+    )
 
 
 async def replies(reader: asyncio.StreamReader, count: int) -> list[wire.Frame]:
@@ -69,7 +71,8 @@ async def replies(reader: asyncio.StreamReader, count: int) -> list[wire.Frame]:
 
 
 def test_replies_come_in_order_and_each_after_the_commit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Many frames per read, frames cut across reads: every reply in request order, and
     at every send, every frame dispatched so far has been committed."""
     handled = committed = 0
@@ -78,8 +81,9 @@ def test_replies_come_in_order_and_each_after_the_commit(
     real_handle_all = Dispatcher.handle_all
     real_send = connection_module.GuestConnection.send
 
-    def handle_all(self: Dispatcher, guest: GuestState,
-                   items: Sequence[wire.Frame | FrameError]) -> list[wire.Buffer]:
+    def handle_all(
+        self: Dispatcher, guest: GuestState, items: Sequence[wire.Frame | FrameError]
+    ) -> list[wire.Buffer]:
         nonlocal handled
         handled += len(items)
         return real_handle_all(self, guest, items)
@@ -105,18 +109,20 @@ def test_replies_come_in_order_and_each_after_the_commit(
                 committed = handled
 
             monkeypatch.setattr(tmem, "release_commits", release_commits)
-            writer.write(hello(1) + request(2, wire.NewPoolRequest(
-                int(wire.PoolFlag.PERSISTENT), bytes(16))))
+            writer.write(
+                hello(1) + request(2, wire.NewPoolRequest(int(wire.PoolFlag.PERSISTENT), bytes(16)))
+            )
             await writer.drain()
             assert [f.status for f in await replies(reader, 2)] == [0, 0]
-            puts = b"".join(request(10 + i, wire.PutRequest(0, (1, 2, 3), i,
-                                                            bytes([i]) * PAGE_SIZE))
-                            for i in range(60))
-            writer.write(puts[:len(puts) // 2])  # many whole frames and a cut one
+            puts = b"".join(
+                request(10 + i, wire.PutRequest(0, (1, 2, 3), i, bytes([i]) * PAGE_SIZE))
+                for i in range(60)
+            )
+            writer.write(puts[: len(puts) // 2])  # many whole frames and a cut one
             await writer.drain()
             await asyncio.sleep(0.05)
             for at in range(len(puts) // 2, len(puts), 5000):  # the rest, in pieces
-                writer.write(puts[at:at + 5000])
+                writer.write(puts[at : at + 5000])
                 await writer.drain()
             got = await replies(reader, 60)
             assert [f.request_id for f in got] == list(range(10, 70))
@@ -128,7 +134,8 @@ def test_replies_come_in_order_and_each_after_the_commit(
 
 
 def test_a_guest_that_does_not_read_its_replies_is_not_read_either(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Backpressure: replies of ~516 KiB each that the guest leaves unread stop the agent
     reading its requests (well before all are dispatched); once it reads, every reply
     comes, in order.  Reads of 16 KiB (a few requests each) make "well before" visible:
@@ -141,8 +148,11 @@ def test_a_guest_that_does_not_read_its_replies_is_not_read_either(
             handles: Handles = [((1, 2, 3), i) for i in range(MAX_BATCH)]
             pages = [os.urandom(PAGE_SIZE) for _ in range(MAX_BATCH)]
             persistent = int(wire.PoolFlag.PERSISTENT)
-            writer.write(hello(1) + request(2, wire.NewPoolRequest(persistent, bytes(16)))
-                         + request(3, wire.PutBatchRequest(0, handles, pages)))
+            writer.write(
+                hello(1)
+                + request(2, wire.NewPoolRequest(persistent, bytes(16)))
+                + request(3, wire.PutBatchRequest(0, handles, pages))
+            )
             await writer.drain()
             assert [f.status for f in await replies(reader, 3)] == [0, 0, 0]
             for i in range(count):  # ~800 KiB of requests, ~100 MiB of replies
@@ -158,16 +168,17 @@ def test_a_guest_that_does_not_read_its_replies_is_not_read_either(
     asyncio.run(test())
 
 
-def test_too_many_corrupt_frames_hang_up_after_the_replies_before_them(
-        tmp_path: Path) -> None:
+def test_too_many_corrupt_frames_hang_up_after_the_replies_before_them(tmp_path: Path) -> None:
     async def test() -> None:
         async with agent_on(str(tmp_path / "g.sock")) as (agent, reader, writer):
             writer.write(hello(1))
             await writer.drain()
             await replies(reader, 1)
             # A SYNC, then frames a guest must never send (replies), in one write.
-            bad = b"".join(wire.encode_frame(Op.SYNC, 1000 + i, b"", flags=int(
-                wire.FrameFlag.REPLY)) for i in range(MAX_BAD_FRAMES + 5))
+            bad = b"".join(
+                wire.encode_frame(Op.SYNC, 1000 + i, b"", flags=int(wire.FrameFlag.REPLY))
+                for i in range(MAX_BAD_FRAMES + 5)
+            )
             writer.write(request(2, wire.SyncRequest(77)) + bad)
             await writer.drain()
             got = await replies(reader, 1)

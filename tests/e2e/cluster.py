@@ -47,13 +47,27 @@ class AgentProcess:
 
     def start(self) -> None:
         assert self.process is None, "agent already running"
-        argv = [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), "serve",
-                "--libvirt", URI, "--store", str(self.store), "--budget", self.budget,
-                "--log-level", "debug"]
+        argv = [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(self.socket),
+            "serve",
+            "--libvirt",
+            URI,
+            "--store",
+            str(self.store),
+            "--budget",
+            self.budget,
+            "--log-level",
+            "debug",
+        ]
         with open(self.log, "ab") as log:
             log.write(f"==== start {self.starts}\n".encode())
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         self.starts += 1
 
     def stop(self, timeout: float = 20.0) -> int:
@@ -66,8 +80,9 @@ class AgentProcess:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise AssertionError(f"agent ignored SIGTERM for {timeout} s:\n"
-                                 f"{self.log_tail()}") from None
+            raise AssertionError(
+                f"agent ignored SIGTERM for {timeout} s:\n{self.log_tail()}"
+            ) from None
 
     def kill(self) -> None:
         if self.process is not None:
@@ -83,14 +98,20 @@ class AgentProcess:
 
     def cli(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``memd --socket S ARGS`` (the operator CLI) and return what it did."""
-        return subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(self.socket),
-                               *args], capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        return subprocess.run(
+            [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def json(self, *args: str) -> Any:
         proc = self.cli(*args, "--json")
-        assert proc.returncode == 0, (f"memd {' '.join(args)} exited {proc.returncode}: "
-                                      f"{proc.stderr}\nagent log:\n{self.log_tail()}")
+        assert proc.returncode == 0, (
+            f"memd {' '.join(args)} exited {proc.returncode}: "
+            f"{proc.stderr}\nagent log:\n{self.log_tail()}"
+        )
         return json.loads(proc.stdout)
 
     def guest_rows(self) -> dict[str, dict[str, Any]]:
@@ -102,8 +123,9 @@ class AgentProcess:
         rows: dict[str, dict[str, Any]] = {}
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"agent exited with {self.process.returncode}:\n"
-                                     f"{self.log_tail()}")
+                raise AssertionError(
+                    f"agent exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             if self.socket.exists():
                 proc = self.cli("guests", "--json")
                 if proc.returncode == 0:
@@ -111,8 +133,9 @@ class AgentProcess:
                     if all(rows.get(n, {}).get("connected") for n in names):
                         return rows
             time.sleep(0.2)
-        raise AssertionError(f"guests {names} not attached within {timeout} s: {rows}\n"
-                             f"{self.log_tail()}")
+        raise AssertionError(
+            f"guests {names} not attached within {timeout} s: {rows}\n{self.log_tail()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -130,15 +153,17 @@ class Step:
 class LibvirtGuest:
     """One transient TCG domain from vm-images/domain.xml.in with its console shell."""
 
-    def __init__(self, conn: Any, image: ImagePaths, workdir: Path, name: str,
-                 memory_mib: int = 256) -> None:
+    def __init__(
+        self, conn: Any, image: ImagePaths, workdir: Path, name: str, memory_mib: int = 256
+    ) -> None:
         import libvirt
 
         self.name = name
         self.console = workdir / f"{name[-1]}.console.sock"  # short: sun_path is 107 bytes
         self.console_log = workdir / f"{name}.console.log"
-        xml = render_domain_xml(image, name=name, console_socket=self.console,
-                                memory_mib=memory_mib)
+        xml = render_domain_xml(
+            image, name=name, console_socket=self.console, memory_mib=memory_mib
+        )
         self.domain = conn.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         self._shell: GuestShell | None = None
         self.step_log: list[tuple[str, float]] = []  # (label, guest seconds) of every step
@@ -159,8 +184,11 @@ class LibvirtGuest:
     def channel_path(self) -> str:
         """The memd channel socket libvirt chose, from the live XML."""
         live = self.domain.XMLDesc(0)
-        match = re.search(r"<channel type='unix'>\s*<source mode='bind' path='([^']+)'/>\s*"
-                          rf"<target type='virtio' name='{re.escape(CHANNEL_NAME)}'", live)
+        match = re.search(
+            r"<channel type='unix'>\s*<source mode='bind' path='([^']+)'/>\s*"
+            rf"<target type='virtio' name='{re.escape(CHANNEL_NAME)}'",
+            live,
+        )
         assert match, live
         return match.group(1)
 
@@ -173,8 +201,10 @@ class LibvirtGuest:
 
     def check_bytes(self, script: str, timeout: float = 120.0) -> bytes:
         result = self.shell.run(script, timeout)
-        assert result.status == 0, (f"{self.name}: script exited {result.status}\n"
-                                    f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
+        assert result.status == 0, (
+            f"{self.name}: script exited {result.status}\n"
+            f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+        )
         return result.stdout_bytes
 
     def steps(self, steps: list[tuple[str, str]], timeout: float = 180.0) -> dict[str, Step]:
@@ -184,17 +214,19 @@ class LibvirtGuest:
         lines = ["cd /tmp"]
         for label, command in steps:
             assert re.fullmatch(r"[\w.-]+", label), label
-            lines.append(f"t0=$(cut -d' ' -f1 /proc/uptime); {{ {command} ; }} > .step 2>&1; "
-                         f"rc=$?; printf '@@%s %s %s %s %s\\n' {label} $rc $t0 "
-                         f"$(cut -d' ' -f1 /proc/uptime) \"$(tr '\\n' '|' < .step)\"")
+            lines.append(
+                f"t0=$(cut -d' ' -f1 /proc/uptime); {{ {command} ; }} > .step 2>&1; "
+                f"rc=$?; printf '@@%s %s %s %s %s\\n' {label} $rc $t0 "
+                f"$(cut -d' ' -f1 /proc/uptime) \"$(tr '\\n' '|' < .step)\""
+            )
         out = self.check("\n".join(lines) + "\n", timeout)
         results: dict[str, Step] = {}
         for match in re.finditer(r"^@@(\S+) (\d+) ([\d.]+) ([\d.]+) (.*)$", out, re.MULTILINE):
             seconds = float(match.group(4)) - float(match.group(3))
-            results[match.group(1)] = Step(int(match.group(2)), match.group(5).rstrip("|"),
-                                           round(seconds, 2))
-        self.step_log += [(label, results[label].seconds) for label, _ in steps
-                          if label in results]
+            results[match.group(1)] = Step(
+                int(match.group(2)), match.group(5).rstrip("|"), round(seconds, 2)
+            )
+        self.step_log += [(label, results[label].seconds) for label, _ in steps if label in results]
         missing = [label for label, _ in steps if label not in results]
         assert not missing, f"{self.name}: no result for {missing}:\n{out}"
         return results

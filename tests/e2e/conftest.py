@@ -25,8 +25,9 @@ _FAILED_STEP: dict[str, str] = {}
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
-                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.failed and call.when in ("setup", "call"):
         _FAILED_STEP.setdefault(str(item.path), item.name)
@@ -95,8 +96,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             agent.kill()
             with open(workdir / "guest-steps.txt", "w") as log:  # guest seconds per command
                 for guest in guests:
-                    log.writelines(f"{guest.name} {label} {seconds}\n"
-                                   for label, seconds in guest.step_log)
+                    log.writelines(
+                        f"{guest.name} {label} {seconds}\n" for label, seconds in guest.step_log
+                    )
             for guest in guests:
                 guest.destroy()  # transient domains: destroy also undefines them
             conn.close()

@@ -48,8 +48,10 @@ class Story:
 
 @pytest.fixture(scope="module")
 def story(cluster: Cluster) -> Story:
-    pages = {g.name: [random.Random(f"{g.name}-{i}").randbytes(PAGE) for i in range(5)]
-             for g in cluster.guests}
+    pages = {
+        g.name: [random.Random(f"{g.name}-{i}").randbytes(PAGE) for i in range(5)]
+        for g in cluster.guests
+    }
     return Story(pages)
 
 
@@ -83,11 +85,14 @@ def _host_pools(cluster: Cluster, guest: LibvirtGuest) -> dict[int, dict[str, ob
 def _verify_held(story: Story, guest: LibvirtGuest, tag: str) -> None:
     """Every page the guest must still hold comes back byte-exact (in the guest and here)."""
     held = list(story.held[guest.name].items())
-    steps = [(f"{tag}{n}", _cmd(story, guest, "get", h, "-o", f"{tag}{n}"))
-             for n, (h, _) in enumerate(held)]
+    steps = [
+        (f"{tag}{n}", _cmd(story, guest, "get", h, "-o", f"{tag}{n}"))
+        for n, (h, _) in enumerate(held)
+    ]
     _ok(guest.steps(steps), guest)
     assert _read_back(guest, [f"{tag}{n}" for n in range(len(held))]) == b"".join(
-        data for _, data in held)
+        data for _, data in held
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,8 +106,13 @@ def test_agent_attaches_both_guests_through_libvirt(cluster: Cluster) -> None:
         assert row["path"] == guest.channel_path(), "the channel must come from the live XML"
 
     def hello(guest: LibvirtGuest) -> dict[str, Step]:
-        return guest.steps([("ports", "memd-guest ports"), ("hello", "memd-guest hello"),
-                            ("pools", "memd-guest pools")])
+        return guest.steps(
+            [
+                ("ports", "memd-guest ports"),
+                ("hello", "memd-guest hello"),
+                ("pools", "memd-guest pools"),
+            ]
+        )
 
     for guest, results in zip(cluster.guests, both(cluster.a, cluster.b, hello), strict=True):
         _ok(results, guest)
@@ -122,11 +132,17 @@ def test_private_pools_round_trip_every_byte(cluster: Cluster, story: Story) -> 
     def create(guest: LibvirtGuest) -> dict[str, Step]:
         own = story.pages[guest.name]
         guest.shell.write_file("/tmp/pages.bin", b"".join(own) + COMMON)
-        split = " ".join(f"dd if=pages.bin of=p{i} bs={PAGE} skip={i} count=1 2>/dev/null &&"
-                         for i in range(len(own) + 1))
-        return guest.steps([("split", f"{split} head -c {SHORT} p3 > short"),
-                            ("P", "memd-guest new-pool --persistent"),
-                            ("E", "memd-guest new-pool")])
+        split = " ".join(
+            f"dd if=pages.bin of=p{i} bs={PAGE} skip={i} count=1 2>/dev/null &&"
+            for i in range(len(own) + 1)
+        )
+        return guest.steps(
+            [
+                ("split", f"{split} head -c {SHORT} p3 > short"),
+                ("P", "memd-guest new-pool --persistent"),
+                ("E", "memd-guest new-pool"),
+            ]
+        )
 
     for guest, results in zip(cluster.guests, both(cluster.a, cluster.b, create), strict=True):
         _ok(results, guest)
@@ -144,15 +160,24 @@ def test_private_pools_round_trip_every_byte(cluster: Cluster, story: Story) -> 
             Handle("P", "3", 0): ("short", own[3][:SHORT].ljust(PAGE, b"\0")),
             Handle("E", "5", 3): ("p4", own[4]),
         }
-        steps = [(f"put{n}", _cmd(story, guest, "put", h, src))
-                 for n, (h, (src, _)) in enumerate(plan.items())]
-        steps += [(f"get{n}", _cmd(story, guest, "get", h, "-o", f"g{n}"))
-                  for n, h in enumerate(plan)]
-        steps += [(f"cmp{n}", f"cmp {src} g{n}")
-                  for n, (src, _) in enumerate(plan.values()) if src != "short"]
+        steps = [
+            (f"put{n}", _cmd(story, guest, "put", h, src))
+            for n, (h, (src, _)) in enumerate(plan.items())
+        ]
+        steps += [
+            (f"get{n}", _cmd(story, guest, "get", h, "-o", f"g{n}")) for n, h in enumerate(plan)
+        ]
+        steps += [
+            (f"cmp{n}", f"cmp {src} g{n}")
+            for n, (src, _) in enumerate(plan.values())
+            if src != "short"
+        ]
         # A get from a private ephemeral pool is exclusive: the page has left the host.
-        steps += [(f"again{n}", _cmd(story, guest, "get", h, "-o", "again"))
-                  for n, h in enumerate(plan) if h.pool == "E"]
+        steps += [
+            (f"again{n}", _cmd(story, guest, "get", h, "-o", "again"))
+            for n, h in enumerate(plan)
+            if h.pool == "E"
+        ]
         steps += [("pools", "memd-guest pools")]
         results = guest.steps(steps)
         story.held[guest.name] = {h: data for h, (_, data) in plan.items() if h.pool == "P"}
@@ -160,43 +185,55 @@ def test_private_pools_round_trip_every_byte(cluster: Cluster, story: Story) -> 
         assert back == b"".join(data for _, data in plan.values()), "bytes differ on the host"
         return results, back
 
-    for guest, (results, _) in zip(cluster.guests, both(cluster.a, cluster.b, round_trip),
-                                   strict=True):
+    for guest, (results, _) in zip(
+        cluster.guests, both(cluster.a, cluster.b, round_trip), strict=True
+    ):
         again = {k: v for k, v in results.items() if k.startswith("again")}
         _ok({k: v for k, v in results.items() if k not in again}, guest)
         assert again and all(step.rc == 1 for step in again.values()), again
         pools = story.pools[guest.name]
         assert _pool_lines(results["pools"].output) == {
-            pools["P"]: ("persistent", "-", 5), pools["E"]: ("ephemeral", "-", 0)}
+            pools["P"]: ("persistent", "-", 5),
+            pools["E"]: ("ephemeral", "-", 0),
+        }
         host = _host_pools(cluster, guest)
         assert {p: (r["kind"], r["shared"], r["pages"]) for p, r in host.items()} == {
-            pools["P"]: ("persistent", False, 5), pools["E"]: ("ephemeral", False, 0)}
+            pools["P"]: ("persistent", False, 5),
+            pools["E"]: ("ephemeral", False, 0),
+        }
 
 
 def test_flushes_and_isolation(cluster: Cluster, story: Story) -> None:
     a, b = cluster.a, cluster.b
     # A flushes one page and the object B stores too; B flushes a whole object of its own.
     steps = {
-        a: [("page", _cmd(story, a, "flush", Handle("P", "1", 1))),
+        a: [
+            ("page", _cmd(story, a, "flush", Handle("P", "1", 1))),
             ("object", f"memd-guest flush {story.pools[a.name]['P']} 2"),
             ("gone-page", _cmd(story, a, "get", Handle("P", "1", 1), "-o", "x")),
-            ("gone-object", _cmd(story, a, "get", Handle("P", "2", 0), "-o", "x"))],
-        b: [("object", f"memd-guest flush {story.pools[b.name]['P']} 1"),
+            ("gone-object", _cmd(story, a, "get", Handle("P", "2", 0), "-o", "x")),
+        ],
+        b: [
+            ("object", f"memd-guest flush {story.pools[b.name]['P']} 1"),
             ("gone0", _cmd(story, b, "get", Handle("P", "1", 0), "-o", "x")),
             ("gone1", _cmd(story, b, "get", Handle("P", "1", 1), "-o", "x")),
             # Pool ids are per guest: one this guest never created does not exist for it.
             ("foreign-get", "memd-guest get 17 1 0 -o x"),
             ("foreign-put", "memd-guest put 17 1 0 p0"),
-            ("foreign-destroy", "memd-guest destroy-pool 17")],
+            ("foreign-destroy", "memd-guest destroy-pool 17"),
+        ],
     }
     flush_a, flush_b = both(a, b, lambda g: g.steps(steps[g]))
     assert [flush_a[k].rc for k in ("page", "object", "gone-page", "gone-object")] == [
-        0, 0, 1, 1], flush_a
+        0,
+        0,
+        1,
+        1,
+    ], flush_a
     del story.held[a.name][Handle("P", "1", 1)], story.held[a.name][Handle("P", "2", 0)]
     assert [flush_b[k].rc for k in ("object", "gone0", "gone1")] == [0, 1, 1], flush_b
     for label in ("foreign-get", "foreign-put", "foreign-destroy"):
-        assert flush_b[label].rc == 2 and "pool 17 does not exist" in flush_b[label].output, (
-            flush_b)
+        assert flush_b[label].rc == 2 and "pool 17 does not exist" in flush_b[label].output, flush_b
     del story.held[b.name][Handle("P", "1", 0)], story.held[b.name][Handle("P", "1", 1)]
 
     # What each flushed is gone for it alone: COMMON is still B's, A's object 1 still A's.
@@ -208,8 +245,9 @@ def test_flushes_and_isolation(cluster: Cluster, story: Story) -> None:
 
 def test_shared_pool_opens_only_after_host_authorisation(cluster: Cluster, story: Story) -> None:
     a, b, agent = cluster.a, cluster.b, cluster.agent
-    denied = a.steps([("join", f"memd-guest new-pool --shared-uuid {story.uuid}"),
-                      ("pools", "memd-guest pools")])
+    denied = a.steps(
+        [("join", f"memd-guest new-pool --shared-uuid {story.uuid}"), ("pools", "memd-guest pools")]
+    )
     assert denied["join"].rc == 2, denied
     assert "not authorised" in denied["join"].output, denied
     # Refused means no pool at all, not a private one in its place.
@@ -221,8 +259,12 @@ def test_shared_pool_opens_only_after_host_authorisation(cluster: Cluster, story
         assert proc.returncode == 0, proc.stderr
         assert story.uuid in proc.stdout
 
-    joined_a = a.steps([("S", f"memd-guest new-pool --shared-uuid {story.uuid}"),
-                        ("other", f"memd-guest new-pool --shared-uuid {uuid.uuid4()}")])
+    joined_a = a.steps(
+        [
+            ("S", f"memd-guest new-pool --shared-uuid {story.uuid}"),
+            ("other", f"memd-guest new-pool --shared-uuid {uuid.uuid4()}"),
+        ]
+    )
     assert joined_a["S"].rc == 0 and joined_a["other"].rc == 2, joined_a
     story.pools[a.name]["S"] = int(joined_a["S"].output)
     _ok(a.steps([("put", _cmd(story, a, "put", Handle("S", "7", 0), "p0"))]), a)
@@ -230,8 +272,15 @@ def test_shared_pool_opens_only_after_host_authorisation(cluster: Cluster, story
     joined_b = b.steps([("S", f"memd-guest new-pool --shared-uuid {story.uuid}")])
     _ok(joined_b, b)
     story.pools[b.name]["S"] = int(joined_b["S"].output)
-    _ok(b.steps([("get", _cmd(story, b, "get", Handle("S", "7", 0), "-o", "s0")),
-                 ("put", _cmd(story, b, "put", Handle("S", "7", 1), "p1"))]), b)
+    _ok(
+        b.steps(
+            [
+                ("get", _cmd(story, b, "get", Handle("S", "7", 0), "-o", "s0")),
+                ("put", _cmd(story, b, "put", Handle("S", "7", 1), "p1")),
+            ]
+        ),
+        b,
+    )
     assert _read_back(b, ["s0"]) == story.pages[a.name][0], "B must read what A put"
     _ok(a.steps([("get", _cmd(story, a, "get", Handle("S", "7", 1), "-o", "s1"))]), a)
     assert _read_back(a, ["s1"]) == story.pages[b.name][1], "A must read what B put"
@@ -240,15 +289,19 @@ def test_shared_pool_opens_only_after_host_authorisation(cluster: Cluster, story
     for guest in cluster.guests:
         shared = [r for r in _host_pools(cluster, guest).values() if r["shared"]]
         assert [(r["pool_id"], r["pages"]) for r in shared] == [
-            (story.pools[guest.name]["S"], 2)], shared
+            (story.pools[guest.name]["S"], 2)
+        ], shared
         assert str(shared[0]["uuid"]).replace("-", "") == key
 
 
 def test_agent_restart_mid_run(cluster: Cluster, story: Story) -> None:
     a, b, agent = cluster.a, cluster.b, cluster.agent
     # An ephemeral page each, to see what a restart does with them (dropped, by contract).
-    for guest, results in zip(cluster.guests, both(a, b, lambda g: g.steps(
-            [("put", _cmd(story, g, "put", Handle("E", "6", 0), "p4"))])), strict=True):
+    for guest, results in zip(
+        cluster.guests,
+        both(a, b, lambda g: g.steps([("put", _cmd(story, g, "put", Handle("E", "6", 0), "p4"))])),
+        strict=True,
+    ):
         _ok(results, guest)
     before = {g.name: _host_pools(cluster, g) for g in cluster.guests}
     boot_ids = {name: row["boot_id"] for name, row in agent.guest_rows().items()}
@@ -263,13 +316,15 @@ def test_agent_restart_mid_run(cluster: Cluster, story: Story) -> None:
 
     # Nothing is done inside the guests: their next memd-guest calls simply work.
     def carry_on(guest: LibvirtGuest) -> dict[str, Step]:
-        return guest.steps([
-            ("pools", "memd-guest pools"),
-            ("ephemeral-gone", _cmd(story, guest, "get", Handle("E", "6", 0), "-o", "x")),
-            ("put", _cmd(story, guest, "put", Handle("E", "6", 1), "p2")),
-            ("get", _cmd(story, guest, "get", Handle("E", "6", 1), "-o", "e1")),
-            ("cmp", "cmp p2 e1"),
-        ])
+        return guest.steps(
+            [
+                ("pools", "memd-guest pools"),
+                ("ephemeral-gone", _cmd(story, guest, "get", Handle("E", "6", 0), "-o", "x")),
+                ("put", _cmd(story, guest, "put", Handle("E", "6", 1), "p2")),
+                ("get", _cmd(story, guest, "get", Handle("E", "6", 1), "-o", "e1")),
+                ("cmp", "cmp p2 e1"),
+            ]
+        )
 
     for guest, results in zip(cluster.guests, both(a, b, carry_on), strict=True):
         assert results["ephemeral-gone"].rc == 1, results
@@ -300,22 +355,23 @@ def test_rebooted_guest_finds_nothing_stale(cluster: Cluster, story: Story) -> N
     old_boot = agent.guest_rows()[b.name]["boot_id"]
     b.shell.reboot(force=True, timeout=120)
 
-    results = b.steps([
-        ("hello", "memd-guest hello"),
-        ("pools", "memd-guest pools"),
-        ("old-P", _cmd(story, b, "get", Handle("P", "2", 0), "-o", "x")),
-        ("old-E", _cmd(story, b, "get", Handle("E", "6", 1), "-o", "x")),
-        ("old-S", _cmd(story, b, "get", Handle("S", "8", 0), "-o", "x")),
-        ("stats", "memd-guest stats"),
-        ("new", "N=$(memd-guest new-pool --persistent) && echo $N"),
-        ("stale", "memd-guest get $N 2 0 -o x"),  # the handle of a pre-reboot page
-    ])
+    results = b.steps(
+        [
+            ("hello", "memd-guest hello"),
+            ("pools", "memd-guest pools"),
+            ("old-P", _cmd(story, b, "get", Handle("P", "2", 0), "-o", "x")),
+            ("old-E", _cmd(story, b, "get", Handle("E", "6", 1), "-o", "x")),
+            ("old-S", _cmd(story, b, "get", Handle("S", "8", 0), "-o", "x")),
+            ("stats", "memd-guest stats"),
+            ("new", "N=$(memd-guest new-pool --persistent) && echo $N"),
+            ("stale", "memd-guest get $N 2 0 -o x"),  # the handle of a pre-reboot page
+        ]
+    )
     _ok({k: results[k] for k in ("hello", "pools", "stats", "new")}, b)
     assert results["pools"].output == "", "a rebooted guest starts without pools"
     for label in ("old-P", "old-E", "old-S"):
         assert results[label].rc == 2 and "does not exist" in results[label].output, results
-    assert "pools=0" in results["stats"].output and "persistent_pages=0" in results[
-        "stats"].output
+    assert "pools=0" in results["stats"].output and "persistent_pages=0" in results["stats"].output
     assert results["stale"].rc == 1, results
 
     row = agent.guest_rows()[b.name]
@@ -327,14 +383,17 @@ def test_rebooted_guest_finds_nothing_stale(cluster: Cluster, story: Story) -> N
     assert set(_host_pools(cluster, a)) == set(story.pools[a.name].values())
     assert agent.guest_rows()[a.name]["reboots"] == 0
     # The operator's authorisation outlives the reboot: B may join again and sees A's page.
-    rejoin = b.steps([("S", f"S=$(memd-guest new-pool --shared-uuid {story.uuid}) && echo $S"),
-                      ("get", "memd-guest get $S 8 0 -o s8")])
+    rejoin = b.steps(
+        [
+            ("S", f"S=$(memd-guest new-pool --shared-uuid {story.uuid}) && echo $S"),
+            ("get", "memd-guest get $S 8 0 -o s8"),
+        ]
+    )
     _ok(rejoin, b)
     assert _read_back(b, ["s8"]) == story.pages[a.name][3]
 
     audit = agent.json("audit")
     assert audit["clean"], audit
-
 
 
 def test_guests_keep_persistent_pages_across_kill_9(cluster: Cluster, story: Story) -> None:
@@ -357,12 +416,14 @@ def test_guests_keep_persistent_pages_across_kill_9(cluster: Cluster, story: Sto
             if row["kind"] == "persistent":
                 assert after[pool_id]["pages"] == row["pages"], (pool_id, row, after[pool_id])
         assert rows[guest.name]["boot_id"] == boot_ids[guest.name]
-    results = a.steps([
-        ("pools", "memd-guest pools"),
-        ("put", f"memd-guest put {story.pools[a.name]['P']} 9 9 p0"),
-        ("get", f"memd-guest get {story.pools[a.name]['P']} 9 9 -o c0"),
-        ("cmp", "cmp p0 c0"),
-    ])
+    results = a.steps(
+        [
+            ("pools", "memd-guest pools"),
+            ("put", f"memd-guest put {story.pools[a.name]['P']} 9 9 p0"),
+            ("get", f"memd-guest get {story.pools[a.name]['P']} 9 9 -o c0"),
+            ("cmp", "cmp p0 c0"),
+        ]
+    )
     _ok(results, a)
     audit = agent.json("audit")
     assert audit["clean"], audit

@@ -40,14 +40,23 @@ OPTIONAL = frozenset({"gettext", "_typing", "_frozen_importlib", "_frozen_import
 
 
 def test_guest_side_imports_only_python3_minimal_modules() -> None:
-    code = ("import sys, memd.guest.cli, memd.guest, memd.wire; "
-            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                         check=True, env={"PYTHONPATH": str(Path(__file__).parents[2])})
+    code = (
+        "import sys, memd.guest.cli, memd.guest, memd.wire; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(Path(__file__).parents[2])},
+    )
     stdlib = set(out.stdout.split()) & set(sys.stdlib_module_names)
     assert stdlib <= MINIMAL_STDLIB | OPTIONAL, stdlib - MINIMAL_STDLIB - OPTIONAL
     assert {m for m in out.stdout.split() if m not in sys.stdlib_module_names} <= {
-        "memd", "__main__"}
+        "memd",
+        "__main__",
+    }
 
 
 @pytest.fixture
@@ -56,15 +65,17 @@ def server(tmp_path: Path) -> object:
         yield s
 
 
-def run(server: FakeHostServer, capsys: pytest.CaptureFixture[str], *argv: str
-        ) -> tuple[int, str, str]:
+def run(
+    server: FakeHostServer, capsys: pytest.CaptureFixture[str], *argv: str
+) -> tuple[int, str, str]:
     code = main(["--socket", server.path, "--reconnect-timeout", "2", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 
 
-def test_cli_commands(server: FakeHostServer, capsys: pytest.CaptureFixture[str],
-                      tmp_path: Path) -> None:
+def test_cli_commands(
+    server: FakeHostServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, out, _ = run(server, capsys, "hello")
     assert code == 0 and "version=1\n" in out and f"page_size={PAGE_SIZE}" in out
     code, out, _ = run(server, capsys, "new-pool", "--persistent")
@@ -92,9 +103,9 @@ def test_cli_commands(server: FakeHostServer, capsys: pytest.CaptureFixture[str]
     assert run(server, capsys, "destroy-pool", pool)[0] == 0
 
 
-def test_cli_errors_are_one_sentence(server: FakeHostServer,
-                                     capsys: pytest.CaptureFixture[str],
-                                     tmp_path: Path) -> None:
+def test_cli_errors_are_one_sentence(
+    server: FakeHostServer, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     code, _, err = run(server, capsys, "destroy-pool", "42")
     assert code == 2 and err.startswith("memd-guest: DESTROY_POOL:") and err.count("\n") == 1
     big = tmp_path / "big"
@@ -108,6 +119,10 @@ def test_cli_errors_are_one_sentence(server: FakeHostServer,
 
 
 def test_python_m_memd_guest(server: FakeHostServer) -> None:
-    out = subprocess.run([sys.executable, "-m", "memd.guest", "--socket", server.path,
-                          "new-pool"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "memd.guest", "--socket", server.path, "new-pool"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 0 and out.stdout.strip().isdigit(), out.stderr

@@ -43,12 +43,10 @@ def page(seed: int) -> bytes:
     return bytes((seed + i) % 251 for i in range(PAGE_SIZE))
 
 
-def mock_client(host: FakeHost | None = None, **kwargs: object
-                ) -> tuple[GuestClient, FakeHost]:
+def mock_client(host: FakeHost | None = None, **kwargs: object) -> tuple[GuestClient, FakeHost]:
     host = host or FakeHost()
     transport = MockTransport(responder=host.feed)
-    client = GuestClient(lambda: transport, boot_id=BOOT, reconnect_timeout=1.0,
-                         **kwargs)  # type: ignore[arg-type]
+    client = GuestClient(lambda: transport, boot_id=BOOT, reconnect_timeout=1.0, **kwargs)  # type: ignore[arg-type]
     return client, host
 
 
@@ -107,8 +105,12 @@ def test_version_refusal_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_stale_bytes_before_the_sync_reply_are_discarded() -> None:
     host = FakeHost()
-    stale = (b"\x00garbage" + encode_reply(1, SyncReply(1234))
-             + encode_reply(2, PutReply()) + page(3)[:100])
+    stale = (
+        b"\x00garbage"
+        + encode_reply(1, SyncReply(1234))
+        + encode_reply(2, PutReply())
+        + page(3)[:100]
+    )
     transport = MockTransport([stale], responder=host.feed)
     client = GuestClient(lambda: transport, boot_id=BOOT, sync_interval=0.01)
     pool = client.new_pool()
@@ -146,8 +148,7 @@ def test_socketpair() -> None:
     with GuestClient(lambda: SocketTransport(guest_end), boot_id=BOOT) as client:
         pool = client.new_pool()
         client.put_batch(pool, [(2, i, page(i)) for i in range(200)])
-        assert client.get_batch(pool, [(2, i) for i in range(200)]) == [page(i) for i in
-                                                                        range(200)]
+        assert client.get_batch(pool, [(2, i) for i in range(200)]) == [page(i) for i in range(200)]
     thread.join(5)
     assert not thread.is_alive()
 
@@ -158,8 +159,10 @@ def sock_path(tmp_path: Path) -> Iterator[str]:
 
 
 def test_server_cut_mid_reply_then_reconnect_resync_retry(sock_path: str) -> None:
-    with FakeHostServer(sock_path) as server, \
-            GuestClient.for_unix_socket(sock_path, boot_id=BOOT, timeout=5) as client:
+    with (
+        FakeHostServer(sock_path) as server,
+        GuestClient.for_unix_socket(sock_path, boot_id=BOOT, timeout=5) as client,
+    ):
         pool = client.new_pool(persistent=True)
         client.put(pool, 1, 0, page(1))
         server.cut_reply_of = Op.GET
@@ -172,8 +175,10 @@ def test_server_cut_mid_reply_then_reconnect_resync_retry(sock_path: str) -> Non
 
 
 def test_non_idempotent_call_is_not_retried(sock_path: str) -> None:
-    with FakeHostServer(sock_path) as server, \
-            GuestClient.for_unix_socket(sock_path, boot_id=BOOT) as client:
+    with (
+        FakeHostServer(sock_path) as server,
+        GuestClient.for_unix_socket(sock_path, boot_id=BOOT) as client,
+    ):
         client.connect()
         server.cut_reply_of = Op.NEW_POOL
         with pytest.raises(errors.Unavailable, match="NEW_POOL"):
@@ -190,8 +195,9 @@ def test_host_agent_restart(sock_path: str) -> None:
             client.put(pool, 1, 0, page(1))
         # The agent is gone (socket removed); a new one comes up 0.3 s later.
         servers: list[FakeHostServer] = []
-        starter = threading.Timer(0.3, lambda: servers.append(
-            FakeHostServer(sock_path).__enter__()))
+        starter = threading.Timer(
+            0.3, lambda: servers.append(FakeHostServer(sock_path).__enter__())
+        )
         starter.start()
         try:
             with pytest.raises(errors.NoSuchPool):  # reached the new agent: it lost the pool
@@ -275,7 +281,8 @@ def test_char_device_transport_over_a_raw_pty() -> None:
             pool = client.new_pool()
             client.put_batch(pool, [(3, i, page(i)) for i in range(20)])
             assert client.get_batch(pool, [(3, i) for i in range(20)]) == [
-                page(i) for i in range(20)]
+                page(i) for i in range(20)
+            ]
     finally:
         stop.set()
         thread.join(5)
@@ -288,8 +295,9 @@ def test_a_host_that_forgot_the_session_gets_a_new_hello_and_the_calls_again() -
     restarted: the host answers NEED_HELLO; the client resyncs, says HELLO and resends — even
     NEW_POOL, since a NEED_HELLO request was not executed."""
     host = FakeHost()
-    client = GuestClient(lambda: MockTransport(responder=host.feed), boot_id=BOOT,
-                         reconnect_timeout=1.0)
+    client = GuestClient(
+        lambda: MockTransport(responder=host.feed), boot_id=BOOT, reconnect_timeout=1.0
+    )
     pool = client.new_pool(persistent=True)
     connects = client.connects
     host.forget_session()  # the agent restarted; the stream did not break

@@ -13,11 +13,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_list_covers_every_module_the_guest_agent_loads() -> None:
-    code = ("import sys, memd.guest.cli, memd.guest.daemon; "
-            "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
-            "if n.split('.')[0] == 'memd' and getattr(m, '__file__', None)))")
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                         check=True, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    code = (
+        "import sys, memd.guest.cli, memd.guest.daemon; "
+        "print('\\n'.join(m.__file__ for n, m in sys.modules.items() "
+        "if n.split('.')[0] == 'memd' and getattr(m, '__file__', None)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
     loaded = {Path(f).resolve().relative_to(ROOT) for f in out.stdout.split()}
     listed = {p.relative_to(ROOT) for p in image_inputs(ROOT)}
     assert loaded and loaded <= listed, sorted(loaded - listed)

@@ -20,7 +20,8 @@ def _define(host: LibvirtHost, name: str, sock: Path) -> None:
         f"<domain type='test'><name>{name}</name><memory>65536</memory>"
         f"<os><type>hvm</type></os><devices><channel type='unix'>"
         f"<source mode='bind' path='{sock}'/><target type='virtio' name='org.memd.0'/>"
-        f"</channel></devices></domain>")
+        f"</channel></devices></domain>"
+    )
 
 
 def _wait(pred: Callable[[], bool], timeout: float = 10.0) -> bool:

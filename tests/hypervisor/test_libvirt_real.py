@@ -32,8 +32,9 @@ from tests.support.users import as_nobody
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.root]
 
-MEMD_CHANNEL = ("<channel type='unix'><source mode='bind'/>"
-                "<target type='virtio' name='org.memd.0'/></channel>")
+MEMD_CHANNEL = (
+    "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.memd.0'/></channel>"
+)
 _names = itertools.count()
 
 
@@ -47,7 +48,8 @@ def make_domain(host: LibvirtHost) -> Iterator[Callable[[str], str]]:
         host._conn.defineXML(
             f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
             "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
-            f"<devices><memballoon model='none'/>{devices}</devices></domain>")
+            f"<devices><memballoon model='none'/>{devices}</devices></domain>"
+        )
         created.append(name)
         return name
 
@@ -72,8 +74,9 @@ class Recorder:
             self.events.append(ev)
             self.cond.notify_all()
 
-    def wait(self, name: str, pred: Callable[[LifecycleEvent], bool],
-             timeout: float = 15.0) -> LifecycleEvent:
+    def wait(
+        self, name: str, pred: Callable[[LifecycleEvent], bool], timeout: float = 15.0
+    ) -> LifecycleEvent:
         deadline = time.monotonic() + timeout
         with self.cond:
             while True:
@@ -88,7 +91,8 @@ class Recorder:
 
 
 def test_running_domain_channel_pid_monitor_events(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     rec = Recorder()
     watch_id = host.watch(rec)
     name = make_domain(MEMD_CHANNEL)
@@ -100,11 +104,12 @@ def test_running_domain_channel_pid_monitor_events(
     info = host.guest(name)
     path = host.channel_path(name)
     assert info.channel == path and info.attachable and info.state == "running"
-    assert path == (f"/var/lib/libvirt/qemu/channel/target/domain-{info.domain_id}-{name}"
-                    "/org.memd.0")
+    assert path == (
+        f"/var/lib/libvirt/qemu/channel/target/domain-{info.domain_id}-{name}/org.memd.0"
+    )
     assert stat.S_ISSOCK(os.stat(path).st_mode)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.connect(path)                 # QEMU listens: the agent could attach now
+        sock.connect(path)  # QEMU listens: the agent could attach now
     assert name in [g.name for g in host.attachable()]
 
     pid = host.qemu_pid(name)
@@ -134,7 +139,8 @@ def test_running_domain_channel_pid_monitor_events(
 
 
 def test_qemu_that_dies_is_reported_as_ended(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     rec = Recorder()
     watch_id = host.watch(rec)
     name = make_domain(MEMD_CHANNEL)
@@ -142,14 +148,18 @@ def test_qemu_that_dies_is_reported_as_ended(
     rec.wait(name, lambda e: e.starts_guest)
     os.kill(host.qemu_pid(name), signal.SIGKILL)
     ended = rec.wait(name, lambda e: e.ends_guest)
-    assert (ended.kind, ended.detail) in {("stopped", "failed"), ("stopped", "crashed"),
-                                          ("crashed", "panicked")}
+    assert (ended.kind, ended.detail) in {
+        ("stopped", "failed"),
+        ("stopped", "crashed"),
+        ("crashed", "panicked"),
+    }
     assert host.guest(name).state == "shut off"
     host.unwatch(watch_id)
 
 
 def test_add_channel_to_running_domain(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     # Has a virtio-serial controller (as virt-install's guests do): hot-plug works.
     name = make_domain("<controller type='virtio-serial' index='0'/>")
     host._conn.lookupByName(name).create()
@@ -158,7 +168,7 @@ def test_add_channel_to_running_domain(
     info = host.add_channel(name)
     assert info.channel is not None and stat.S_ISSOCK(os.stat(info.channel).st_mode)
     assert host.channel_path(name) == info.channel
-    assert host.add_channel(name) == host.guest(name)          # idempotent
+    assert host.add_channel(name) == host.guest(name)  # idempotent
 
     # No controller: libvirt cannot hot-plug one; the config route needs a restart.
     bare = make_domain("")
@@ -167,14 +177,15 @@ def test_add_channel_to_running_domain(
     with pytest.raises(ChannelMissing, match="no virtio-serial controller"):
         host.add_channel(bare)
     host.add_channel(bare, live=False)
-    assert host.guest(bare).has_channel is False             # live XML unchanged
+    assert host.guest(bare).has_channel is False  # live XML unchanged
     dom.destroy()
     dom.create()
     assert stat.S_ISSOCK(os.stat(host.channel_path(bare)).st_mode)
 
 
-def test_add_channel_command(host: LibvirtHost, make_domain: Callable[[str], str],
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_add_channel_command(
+    host: LibvirtHost, make_domain: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
     """`memd add-channel`: the operator's way to what section 4 of operators.md describes."""
     from memd.cli import main
 
@@ -212,38 +223,59 @@ def test_libvirtd_dropping_us_is_reported(host: LibvirtHost) -> None:
 
         victim.on_disconnect(dropped)
         # Find this process's newest client on the server and have libvirtd drop it.
-        listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
-                                 capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run(
+            ["virt-admin", "srv-clients-list", "libvirtd"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         ids = [line.split()[0] for line in listing.splitlines()[2:] if line.strip()]
-        mine = [cid for cid in ids if re.search(
-            rf"unix_process_id\s*:\s*{os.getpid()}\b",
-            subprocess.run(["virt-admin", "client-info", "libvirtd", cid],
-                           capture_output=True, text=True).stdout)]
+        mine = [
+            cid
+            for cid in ids
+            if re.search(
+                rf"unix_process_id\s*:\s*{os.getpid()}\b",
+                subprocess.run(
+                    ["virt-admin", "client-info", "libvirtd", cid], capture_output=True, text=True
+                ).stdout,
+            )
+        ]
         assert mine, "our own connection is not among libvirtd's clients"
-        subprocess.run(["virt-admin", "client-disconnect", "libvirtd", max(mine, key=int)],
-                       capture_output=True, check=True)
+        subprocess.run(
+            ["virt-admin", "client-disconnect", "libvirtd", max(mine, key=int)],
+            capture_output=True,
+            check=True,
+        )
         assert lost.wait(10) and reasons == ["eof"]
         assert not victim.alive
         with pytest.raises(Unavailable, match="lost the connection to libvirtd"):
             victim.domains()
     finally:
         victim.close()
-    assert host.alive                 # the other connection of this process is untouched
+    assert host.alive  # the other connection of this process is untouched
 
 
 def _clients_of_this_process() -> list[int]:
-    listing = subprocess.run(["virt-admin", "srv-clients-list", "libvirtd"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        ["virt-admin", "srv-clients-list", "libvirtd"], capture_output=True, text=True, check=True
+    ).stdout
     ids = [line.split()[0] for line in listing.splitlines()[2:] if line.strip()]
-    return [int(cid) for cid in ids if re.search(
-        rf"unix_process_id\s*:\s*{os.getpid()}\b",
-        subprocess.run(["virt-admin", "client-info", "libvirtd", cid],
-                       capture_output=True, text=True).stdout)]
+    return [
+        int(cid)
+        for cid in ids
+        if re.search(
+            rf"unix_process_id\s*:\s*{os.getpid()}\b",
+            subprocess.run(
+                ["virt-admin", "client-info", "libvirtd", cid], capture_output=True, text=True
+            ).stdout,
+        )
+    ]
 
 
 @pytest.mark.skipif(shutil.which("virt-admin") is None, reason="virt-admin is not installed")
 def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     from memd.agent.app import AgentApp
     from memd.libvirt_cli import LibvirtFollower
     from tests.support.loop_thread import LoopThread
@@ -267,8 +299,11 @@ def test_follower_reconnects_and_rescans_after_libvirtd_drops_it(
         theirs = set(_clients_of_this_process()) - before  # the follower's connection(s)
         assert theirs
         for cid in theirs:
-            subprocess.run(["virt-admin", "client-disconnect", "libvirtd", str(cid)],
-                           capture_output=True, check=True)
+            subprocess.run(
+                ["virt-admin", "client-disconnect", "libvirtd", str(cid)],
+                capture_output=True,
+                check=True,
+            )
         # A domain started while the follower is reconnecting: only the re-scan finds it.
         host._conn.lookupByName(second).create()
         assert wait(lambda: second in app.agent.channels)

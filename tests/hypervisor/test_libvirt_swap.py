@@ -56,7 +56,8 @@ def running_domain(host: LibvirtHost) -> Iterator[str]:
         f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
         "<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>"
         "<features><acpi/></features>"  # PCI hot-plug needs ACPI on the pc machine
-        "<devices><memballoon model='none'/></devices></domain>")
+        "<devices><memballoon model='none'/></devices></domain>"
+    )
     dom = host._conn.lookupByName(name)
     dom.create()
     try:
@@ -82,23 +83,30 @@ def nbd_dir() -> Iterator[Path]:
 
 def _probe(path: str, uid: int, gid: int) -> str:
     # Debian's python3: the project's (pyenv, under /root) is not readable by other users
-    return subprocess.run(["/usr/bin/python3", "-c", _PROBE, path], user=uid, group=gid,
-                          capture_output=True, text=True, timeout=30).stdout.strip()
+    return subprocess.run(
+        ["/usr/bin/python3", "-c", _PROBE, path],
+        user=uid,
+        group=gid,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
 
 
 def test_swap_disk_xml_round_trip() -> None:
     xml = swap_disk_xml("/run/memd-nbd/a'b.swap", "vdc", 30)
     spec = find_swap_disk(f"<domain><devices>{xml}</devices></domain>")
     assert spec is not None and SWAP_SERIAL in xml
-    assert (spec.target, spec.socket, spec.reconnect_delay) == ("vdc", "/run/memd-nbd/a'b.swap",
-                                                                 30)
+    assert (spec.target, spec.socket, spec.reconnect_delay) == ("vdc", "/run/memd-nbd/a'b.swap", 30)
 
 
 def test_attach_and_detach_swap_on_a_running_domain(
-        host: LibvirtHost, running_domain: str, nbd_dir: Path, tmp_path: Path) -> None:
+    host: LibvirtHost, running_domain: str, nbd_dir: Path, tmp_path: Path
+) -> None:
     name = running_domain
     agent = SwapAgent(tmp_path)
     try:
+
         def call(request: CommandArgs) -> Any:
             return control.request(request, path=str(tmp_path / "control.sock"))
 
@@ -126,8 +134,9 @@ def test_attach_and_detach_swap_on_a_running_domain(
         mon = host.monitor(name)
         alias = _disk_alias(host, name)
         # the BlockBackend is on the virtio device inside the PCI proxy libvirt names
-        out = mon.hmp(f'qemu-io -d /machine/peripheral/{alias}/virtio-backend '
-                      '"write -P 0x5a 0 64k"')
+        out = mon.hmp(
+            f'qemu-io -d /machine/peripheral/{alias}/virtio-backend "write -P 0x5a 0 64k"'
+        )
         assert "rror" not in out, out
         assert server.describe()["pages"] == 16
         row = {r["name"]: r for r in agent.app.handlers.guests(GuestsArgs())}[name]
@@ -152,8 +161,9 @@ def _disk_alias(host: LibvirtHost, name: str) -> str:
     raise AssertionError("no swap disk")
 
 
-def test_attach_swap_to_a_domain_that_is_not_running(host: LibvirtHost, tmp_path: Path,
-                                                     nbd_dir: Path) -> None:
+def test_attach_swap_to_a_domain_that_is_not_running(
+    host: LibvirtHost, tmp_path: Path, nbd_dir: Path
+) -> None:
     agent = SwapAgent(tmp_path)
     calls: list[str] = []
 
@@ -167,6 +177,3 @@ def test_attach_swap_to_a_domain_that_is_not_running(host: LibvirtHost, tmp_path
         assert calls == [] and agent.app.swap.disks == {}
     finally:
         agent.close()
-
-
-

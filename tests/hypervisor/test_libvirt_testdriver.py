@@ -41,7 +41,8 @@ def make_domain(host: LibvirtHost) -> Iterator[Callable[[str], str]]:
         name = f"memd-t{os.getpid()}-{next(_names)}"
         host._conn.defineXML(
             f"<domain type='test'><name>{name}</name><memory>65536</memory>"
-            f"<os><type>hvm</type></os><devices>{devices}</devices></domain>")
+            f"<os><type>hvm</type></os><devices>{devices}</devices></domain>"
+        )
         created.append(name)
         return name
 
@@ -55,8 +56,7 @@ def make_domain(host: LibvirtHost) -> Iterator[Callable[[str], str]]:
 
 def _channel(path: str | None = None, kind: str = "unix") -> str:
     source = f"<source mode='bind' path='{path}'/>" if path else ""
-    return (f"<channel type='{kind}'>{source}"
-            "<target type='virtio' name='org.memd.0'/></channel>")
+    return f"<channel type='{kind}'>{source}<target type='virtio' name='org.memd.0'/></channel>"
 
 
 def test_lists_builtin_domain(host: LibvirtHost) -> None:
@@ -79,16 +79,22 @@ def test_domain_without_channel(host: LibvirtHost) -> None:
         host.channel_path("test")
     assert str(info.value) == (
         "domain 'test' has no memd channel (add <channel type='unix'> with "
-        "<source mode='bind'/> and target name org.memd.0)")
+        "<source mode='bind'/> and target name org.memd.0)"
+    )
     assert "test" not in [g.name for g in host.attachable()]
 
 
 def test_channel_path_follows_the_domain_state(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     name = make_domain(_channel("/run/memd-test/org.memd.0"))
     off = host.guest(name)
     assert (off.state, off.has_channel, off.channel, off.attachable) == (
-        "shut off", True, None, False)
+        "shut off",
+        True,
+        None,
+        False,
+    )
     with pytest.raises(Unavailable, match="is not running"):
         host.channel_path(name)
     host._conn.lookupByName(name).create()
@@ -120,7 +126,8 @@ def test_unreachable_libvirtd_is_one_sentence() -> None:
         LibvirtHost("qemu:///system?socket=/nonexistent/libvirt-sock")
     assert str(info.value) == (
         "cannot reach libvirtd at qemu:///system?socket=/nonexistent/libvirt-sock: "
-        "is libvirtd running?")
+        "is libvirtd running?"
+    )
     with pytest.raises(Unavailable, match="no driver for the URI"):
         LibvirtHost("nosuchdriver:///x")
 
@@ -163,13 +170,18 @@ def test_lifecycle_events(host: LibvirtHost, make_domain: Callable[[str], str]) 
     dom.resume()
     dom.destroy()
     assert rec.wait_for(name, 5) == [
-        ("defined", "added"), ("started", "booted"), ("suspended", "paused"),
-        ("resumed", "unpaused"), ("stopped", "destroyed")]
+        ("defined", "added"),
+        ("started", "booted"),
+        ("suspended", "paused"),
+        ("resumed", "unpaused"),
+        ("stopped", "destroyed"),
+    ]
     assert rec.events[1].starts_guest and rec.events[4].ends_guest
 
 
 def test_failing_callback_does_not_stop_events(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     def explode(_ev: LifecycleEvent) -> None:
         raise RuntimeError("callback bug")
 
@@ -186,14 +198,15 @@ def test_unwatch_stops_delivery(host: LibvirtHost, make_domain: Callable[[str], 
     watch_id = host.watch(gone)
     host.watch(kept)
     host.unwatch(watch_id)
-    host.unwatch(watch_id)          # second time: no-op
+    host.unwatch(watch_id)  # second time: no-op
     name = make_domain("")
     assert kept.wait_for(name, 1) == [("defined", "added")]
     assert gone.events == []
 
 
 def test_watch_queue_hands_events_to_asyncio(
-        host: LibvirtHost, make_domain: Callable[[str], str]) -> None:
+    host: LibvirtHost, make_domain: Callable[[str], str]
+) -> None:
     async def main() -> list[tuple[str, str]]:
         _watch_id, queue = host.watch_queue(asyncio.get_running_loop())
         name = await asyncio.to_thread(make_domain, "")

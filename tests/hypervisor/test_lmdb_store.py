@@ -61,8 +61,7 @@ def test_reopen_brings_back_exactly_what_was_committed(tmp_path: Path) -> None:
     store.close()
 
 
-def test_the_file_stays_within_budget_plus_slack_and_reuses_freed_space(
-        tmp_path: Path) -> None:
+def test_the_file_stays_within_budget_plus_slack_and_reuses_freed_space(tmp_path: Path) -> None:
     budget = 8 << 20
     host, store, _ = open_host(tmp_path, budget)
     host.add_client("g")
@@ -151,10 +150,13 @@ class LmdbMachine(DurableMachine):
         self.restarts = 0
         self.host = TmemHost(budget_bytes=2 << 20, log=self.store)
         for vm in ("a", "b"):
-            self.host.open_session(vm, cap_pages=300, dedup=vm == "a", meta={"boot": 0},
-                                   reset=False)
-        self.pools = {"a": [self.host.new_pool("a", P), self.host.new_pool("a", 0)],
-                      "b": [self.host.new_pool("b", P)]}
+            self.host.open_session(
+                vm, cap_pages=300, dedup=vm == "a", meta={"boot": 0}, reset=False
+            )
+        self.pools = {
+            "a": [self.host.new_pool("a", P), self.host.new_pool("a", 0)],
+            "b": [self.host.new_pool("b", P)],
+        }
 
     @rule()
     def crash_and_restart(self) -> None:
@@ -169,8 +171,12 @@ class LmdbMachine(DurableMachine):
 
 
 TestLmdbMachine = LmdbMachine.TestCase
-TestLmdbMachine.settings = settings(max_examples=25, stateful_step_count=20, deadline=None,
-                                    suppress_health_check=[HealthCheck.too_slow])
+TestLmdbMachine.settings = settings(
+    max_examples=25,
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def test_store_directory_is_private(tmp_path: Path) -> None:
@@ -244,10 +250,18 @@ def test_a_full_map_grows_up_to_its_ceiling_then_says_no_space(tmp_path: Path) -
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, (1 << 32) - 1), st.integers(0, (1 << 64) - 1),
-                          st.integers(0, (1 << 26) - 1),
-                          st.sets(st.integers(0, 63), min_size=1, max_size=64)),
-                max_size=12, unique_by=lambda r: (r[0], r[1], r[2])))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, (1 << 32) - 1),
+            st.integers(0, (1 << 64) - 1),
+            st.integers(0, (1 << 26) - 1),
+            st.sets(st.integers(0, 63), min_size=1, max_size=64),
+        ),
+        max_size=12,
+        unique_by=lambda r: (r[0], r[1], r[2]),
+    )
+)
 def test_chunk_records_round_trip(chunks: list[tuple[int, int, int, set[int]]]) -> None:
     """Any chunk (extreme gids, oids and indexes too) reads back as exactly its pages."""
     with tempfile.TemporaryDirectory(prefix="memd-chunks-") as where:

@@ -107,7 +107,8 @@ def test_info_mtree_flat_over_monitor() -> None:
 
 def test_parse_reply_return_and_error() -> None:
     assert parse_reply("query-status", '{"return": {"status": "running"}, "id": 1}', "x") == {
-        "status": "running"}
+        "status": "running"
+    }
     assert parse_reply("qom-list", {"return": [1, 2]}, "x") == [1, 2]
     with pytest.raises(CommandFailed) as info:
         parse_reply("qom-get", '{"error": {"class": "DeviceNotFound", "desc": "no"}}', "vm1")
@@ -122,12 +123,21 @@ def test_parse_reply_return_and_error() -> None:
 def test_encode_command() -> None:
     assert encode_command("query-status") == '{"execute": "query-status"}'
     assert encode_command("qom-list", {"path": "/objects"}) == (
-        '{"execute": "qom-list", "arguments": {"path": "/objects"}}')
+        '{"execute": "qom-list", "arguments": {"path": "/objects"}}'
+    )
 
 
 def test_query_memdev_and_qom_set_merge() -> None:
-    memdev = {"id": "pc.ram", "size": 67108864, "merge": True, "dump": True,
-              "prealloc": False, "share": False, "policy": "default", "host-nodes": []}
+    memdev = {
+        "id": "pc.ram",
+        "size": 67108864,
+        "merge": True,
+        "dump": True,
+        "prealloc": False,
+        "share": False,
+        "policy": "default",
+        "host-nodes": [],
+    }
     mon = FakeMonitor({"query-memdev": {"return": [memdev]}, "qom-set": {"return": {}}})
     [dev] = query_memdev(mon)
     assert dev == Memdev("pc.ram", 64 << 20, True, False, True, False, "default")
@@ -136,7 +146,8 @@ def test_query_memdev_and_qom_set_merge() -> None:
     qom_set_merge(mon, "/objects/pc.ram", True)
     assert mon.sent[1:] == [
         ("qom-set", {"path": "/objects/pc.ram", "property": "merge", "value": False}),
-        ("qom-set", {"path": "/objects/pc.ram", "property": "merge", "value": True})]
+        ("qom-set", {"path": "/objects/pc.ram", "property": "merge", "value": True}),
+    ]
 
 
 def test_qom_set_merge_rejects_bad_ids_and_missing_backends() -> None:
@@ -155,33 +166,45 @@ def _domain_xml(channel: str) -> str:
 
 def test_find_memd_channel_variants() -> None:
     assert find_memd_channel(_domain_xml("")) is None
-    other = ("<channel type='unix'><source mode='bind' path='/x/qga'/>"
-             "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>")
+    other = (
+        "<channel type='unix'><source mode='bind' path='/x/qga'/>"
+        "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
+    )
     assert find_memd_channel(_domain_xml(other)) is None
-    memd = ("<channel type='unix'><source mode='bind' path='/s/org.memd.0'/>"
-            "<target type='virtio' name='org.memd.0'/></channel>")
+    memd = (
+        "<channel type='unix'><source mode='bind' path='/s/org.memd.0'/>"
+        "<target type='virtio' name='org.memd.0'/></channel>"
+    )
     spec = find_memd_channel(_domain_xml(other + memd))
     assert spec is not None and spec.usable and spec.path == "/s/org.memd.0"
-    unplaced = find_memd_channel(_domain_xml(
-        "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.memd.0'/>"
-        "</channel>"))
+    unplaced = find_memd_channel(
+        _domain_xml(
+            "<channel type='unix'><source mode='bind'/><target type='virtio' name='org.memd.0'/>"
+            "</channel>"
+        )
+    )
     assert unplaced is not None and unplaced.usable and unplaced.path is None
-    pty = find_memd_channel(_domain_xml(
-        "<channel type='pty'><target type='virtio' name='org.memd.0'/></channel>"))
+    pty = find_memd_channel(
+        _domain_xml("<channel type='pty'><target type='virtio' name='org.memd.0'/></channel>")
+    )
     assert pty is not None and not pty.usable
 
 
-@pytest.mark.parametrize(("event", "detail", "kind", "text", "starts", "ends"), [
-    (2, 0, "started", "booted", True, False),
-    (5, 1, "stopped", "destroyed", False, True),
-    (5, 5, "stopped", "failed", False, True),
-    (8, 0, "crashed", "panicked", False, True),
-    (3, 0, "suspended", "paused", False, False),
-    (5, 99, "stopped", "99", False, True),
-    (42, 0, "42", "0", False, False),
-])
-def test_lifecycle_event_mapping(event: int, detail: int, kind: str, text: str,
-                                 starts: bool, ends: bool) -> None:
+@pytest.mark.parametrize(
+    ("event", "detail", "kind", "text", "starts", "ends"),
+    [
+        (2, 0, "started", "booted", True, False),
+        (5, 1, "stopped", "destroyed", False, True),
+        (5, 5, "stopped", "failed", False, True),
+        (8, 0, "crashed", "panicked", False, True),
+        (3, 0, "suspended", "paused", False, False),
+        (5, 99, "stopped", "99", False, True),
+        (42, 0, "42", "0", False, False),
+    ],
+)
+def test_lifecycle_event_mapping(
+    event: int, detail: int, kind: str, text: str, starts: bool, ends: bool
+) -> None:
     ev = lifecycle_event("vm", "u", event, detail)
     assert (ev.kind, ev.detail, ev.starts_guest, ev.ends_guest) == (kind, text, starts, ends)
 
@@ -191,6 +214,6 @@ def test_missing_libvirt_python_is_one_sentence(monkeypatch: pytest.MonkeyPatch)
 
     from hypervisor.libvirt_host import LibvirtHost
 
-    monkeypatch.setitem(sys.modules, "libvirt", None)     # makes `import libvirt` fail
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # makes `import libvirt` fail
     with pytest.raises(Unavailable, match=r"libvirt-python is not installed"):
         LibvirtHost("test:///default")

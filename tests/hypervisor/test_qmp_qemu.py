@@ -36,9 +36,23 @@ def qemu(tmp_path: Path) -> Iterator[Qemu]:
     sock = tmp_path / "qmp.sock"
     assert QEMU is not None
     proc = subprocess.Popen(
-        [QEMU, "-accel", "tcg", "-m", "64", "-nographic", "-nodefaults", "-display", "none",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            QEMU,
+            "-accel",
+            "tcg",
+            "-m",
+            "64",
+            "-nographic",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{sock},server=on,wait=off",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -70,7 +84,7 @@ def test_sync_monitor_queries_qom_and_hmp(qemu: Qemu) -> None:
         assert query_memdev(mon)[0].merge
 
         ram_ranges = [r for r in info_mtree_flat(mon) if r.region == "pc.ram"]
-        assert sum(r.size for r in ram_ranges) == 64 << 20     # below 4 GiB, all of it
+        assert sum(r.size for r in ram_ranges) == 64 << 20  # below 4 GiB, all of it
         assert ram_ranges[0].start == 0 and ram_ranges[-1].last == (64 << 20) - 1
 
         with pytest.raises(CommandFailed) as info:

@@ -13,17 +13,31 @@ from hypervisor.vmimage import CHANNEL_NAME, READY_MARKER, ImagePaths
 from hypervisor.vmlaunch import LaunchedVm, boot_many
 from memd.errors import BackendError
 
-_FAKE_IMAGE = ImagePaths(Path("/nonexistent/bzImage"), Path("/nonexistent/initrd"),
-                         Path("/nonexistent/manifest"), "0" * 16)
+_FAKE_IMAGE = ImagePaths(
+    Path("/nonexistent/bzImage"),
+    Path("/nonexistent/initrd"),
+    Path("/nonexistent/manifest"),
+    "0" * 16,
+)
 
 
 def test_sockets_live_in_the_workdir_and_reach_the_command_line(tmp_path: Path) -> None:
-    vm = LaunchedVm(_FAKE_IMAGE, tmp_path / "w", name="g1", memory_mib=128,
-                    append="quiet", nbd_disks=(tmp_path / "disk.sock",))
+    vm = LaunchedVm(
+        _FAKE_IMAGE,
+        tmp_path / "w",
+        name="g1",
+        memory_mib=128,
+        append="quiet",
+        nbd_disks=(tmp_path / "disk.sock",),
+    )
     assert vm.channel_sockets == {CHANNEL_NAME: tmp_path / "w" / "g1.memd.sock"}
     argv = " ".join(vm.argv())
-    for path in (vm.console_socket, vm.qmp_socket, *vm.channel_sockets.values(),
-                 tmp_path / "disk.sock"):
+    for path in (
+        vm.console_socket,
+        vm.qmp_socket,
+        *vm.channel_sockets.values(),
+        tmp_path / "disk.sock",
+    ):
         assert str(path) in argv
     assert "-S" in vm.argv() and "quiet" in argv  # paused: the console attaches first
     other = LaunchedVm(_FAKE_IMAGE, tmp_path, name="g2", channels={"p.0": tmp_path / "p"})
@@ -67,5 +81,7 @@ def test_boot_many_boots_real_guests_and_stop_ends_them(tmp_path: Path) -> None:
         for vm in vms:
             vm.stop()
     for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in Path(
-            f"/proc/{pid}/status").read_text().lower()
+        assert (
+            not os.path.exists(f"/proc/{pid}")
+            or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )

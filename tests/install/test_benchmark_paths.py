@@ -32,7 +32,8 @@ def _load_bench() -> ModuleType:
 
 
 def test_protocol_bench_agent_never_touches_production_paths(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MEMD_RUN_DIR", raising=False)
     monkeypatch.delenv("MEMD_STATE_DIR", raising=False)
     monkeypatch.delenv("MEMD_SOCKET", raising=False)

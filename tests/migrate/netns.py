@@ -27,8 +27,9 @@ PORT = 7700
 
 
 def netns_available() -> bool:
-    return os.geteuid() == 0 and shutil.which("ip") is not None and \
-        shutil.which("openssl") is not None
+    return (
+        os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("openssl") is not None
+    )
 
 
 def _ip(*args: str) -> None:
@@ -65,8 +66,20 @@ class Net:
             self.made.append(ns)
             _ip("-n", ns, "link", "set", "lo", "up")
         veth_a, veth_b = f"mv{self.tag}a"[:15], f"mv{self.tag}b"[:15]
-        _ip("link", "add", veth_a, "netns", self.ns_a, "type", "veth", "peer", "name", veth_b,
-            "netns", self.ns_b)
+        _ip(
+            "link",
+            "add",
+            veth_a,
+            "netns",
+            self.ns_a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            veth_b,
+            "netns",
+            self.ns_b,
+        )
         _ip("-n", self.ns_a, "addr", "add", f"{self.addr_a}/24", "dev", veth_a)
         _ip("-n", self.ns_b, "addr", "add", f"{self.addr_b}/24", "dev", veth_b)
         _ip("-n", self.ns_a, "link", "set", veth_a, "up")
@@ -97,20 +110,55 @@ class Agent:
     def start(self, *, qemu_channel: Path | None = None, swap_mib: int = 64) -> None:
         """``qemu_channel``: a real guest's port, where QEMU listens (``--channel``);
         without it the agent listens on :attr:`channel` for a simulated guest."""
-        channel = (["--channel", f"vm1={qemu_channel}"] if qemu_channel is not None
-                   else ["--listen", f"vm1={self.channel}"])
-        argv = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "memd.cli",
-                "--socket", str(self.socket), "serve", "--store", str(self.dir / "store"),
-                "--budget", "512M", "--spill-dir", "", "--migrate-listen", self.address,
-                "--tls-dir", str(self.tls), *channel,
-                "--swap", f"vm1={self.swap}:{swap_mib}M", "--log-json", "--log-level", "debug"]
+        channel = (
+            ["--channel", f"vm1={qemu_channel}"]
+            if qemu_channel is not None
+            else ["--listen", f"vm1={self.channel}"]
+        )
+        argv = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns,
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(self.socket),
+            "serve",
+            "--store",
+            str(self.dir / "store"),
+            "--budget",
+            "512M",
+            "--spill-dir",
+            "",
+            "--migrate-listen",
+            self.address,
+            "--tls-dir",
+            str(self.tls),
+            *channel,
+            "--swap",
+            f"vm1={self.swap}:{swap_mib}M",
+            "--log-json",
+            "--log-level",
+            "debug",
+        ]
         # Each host has its own run and state directories (swap-disk markers live there).
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMD_RUN_DIR": str(self.dir / "run"),
-               "MEMD_STATE_DIR": str(self.dir / "state")}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "MEMD_RUN_DIR": str(self.dir / "run"),
+            "MEMD_STATE_DIR": str(self.dir / "state"),
+        }
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -123,9 +171,13 @@ class Agent:
             time.sleep(0.1)
 
     def cli(self, *args: str) -> Any:
-        out = subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(self.socket),
-                              *args, "--json"], cwd=ROOT, check=True, capture_output=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        out = subprocess.run(
+            [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), *args, "--json"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         return json.loads(out.stdout)
 
     def kill(self) -> None:
@@ -159,19 +211,33 @@ class Qemu:
         workdir.mkdir(parents=True, exist_ok=True)
         self.memd_qmp = workdir / "memd.qmp"
         self.op_qmp = workdir / "op.qmp"
-        argv = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "64",
-                "-nodefaults", "-display", "none",
-                "-qmp", f"unix:{self.memd_qmp},server=on,wait=off",
-                "-qmp", f"unix:{self.op_qmp},server=on,wait=off",
-                "-blockdev", f"driver=nbd,node-name=swap0,server.type=unix,"
-                f"server.path={swap},discard=unmap",
-                "-device", "virtio-blk-pci,drive=swap0"]
+        argv = [
+            "qemu-system-x86_64",
+            "-M",
+            "pc",
+            "-accel",
+            "tcg",
+            "-m",
+            "64",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-qmp",
+            f"unix:{self.memd_qmp},server=on,wait=off",
+            "-qmp",
+            f"unix:{self.op_qmp},server=on,wait=off",
+            "-blockdev",
+            f"driver=nbd,node-name=swap0,server.type=unix,server.path={swap},discard=unmap",
+            "-device",
+            "virtio-blk-pci,drive=swap0",
+        ]
         if incoming:
             argv += ["-incoming", incoming]
         self.log = workdir / "qemu.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL)
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
         deadline = time.monotonic() + 20
         while not self.op_qmp.exists():
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -37,7 +37,10 @@ def page(i):
 """
 
 #: Puts (argv[1] == "put") or verifies ("check POOL") persistent pages via the guest daemon.
-PERSIST = "import sys\nsys.path.insert(0, '/usr/lib/memd')\n" + PAGE + r"""
+PERSIST = (
+    "import sys\nsys.path.insert(0, '/usr/lib/memd')\n"
+    + PAGE
+    + r"""
 from memd.guest.cli import daemon_client
 n = __PAGES__
 c = daemon_client()
@@ -55,9 +58,13 @@ with c:
             bad += sum(1 for i, g in zip(range(s, n), got) if g != page(i))
         print("PERSIST pages=%d bad=%d" % (n, bad))
 """.replace("__PAGES__", str(PERSISTENT_PAGES))
+)
 
 #: Fills HOLD_MIB (the kernel swaps the excess to memd), waits for /tmp/go, verifies.
-HOLD = "import os, sys, time\n" + PAGE + r"""
+HOLD = (
+    "import os, sys, time\n"
+    + PAGE
+    + r"""
 n = int(sys.argv[1]) * 256
 buf = bytearray(n * 4096)
 for i in range(n):
@@ -68,6 +75,7 @@ while not os.path.exists("/tmp/go"):
 bad = sum(1 for i in range(n) if buf[i * 4096:(i + 1) * 4096] != page(i))
 print("HOLD pages=%d bad=%d" % (n, bad), flush=True)
 """
+)
 
 
 class SourceVM(GuestVM):
@@ -104,8 +112,11 @@ def wait(what: Any, timeout: float, message: str) -> Any:
 def verify(shell: GuestShell | GuestVM, pool: int) -> None:
     """Let the guest's workload check its memory, then check the persistent pages."""
     shell.check("touch /tmp/go")
-    out = wait(lambda: "rc=" in (o := shell.run("cat /tmp/hold.out", timeout=300).stdout)
-               and o, 1800, "the guest verified its memory")
+    out = wait(
+        lambda: "rc=" in (o := shell.run("cat /tmp/hold.out", timeout=300).stdout) and o,
+        1800,
+        "the guest verified its memory",
+    )
     assert f"HOLD pages={HOLD_MIB * 256} bad=0" in out and "rc=0" in out, out
     out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
     assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
@@ -115,15 +126,16 @@ def verify(shell: GuestShell | GuestVM, pool: int) -> None:
 
 @pytest.mark.parametrize("scenario", ["moved", "cancelled", "destination-killed"])
 def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
-        vm_image: ImagePaths, net: Net, tmp_path_factory: pytest.TempPathFactory,
-        scenario: str) -> None:
+    vm_image: ImagePaths, net: Net, tmp_path_factory: pytest.TempPathFactory, scenario: str
+) -> None:
     root = Path(tmp_path_factory.mktemp("mg", numbered=True))
     tls = make_pki(root / "pki", server_addresses=[net.addr_a, net.addr_b])
     a = Agent(net.ns_a, net.addr_a, root / "a", tls)
     b = Agent(net.ns_b, net.addr_b, root / "b", tls)
     qa, qb = root / "qa", root / "qb"
-    src = SourceVM(vm_image, qa, name="vm1", memory_mib=RAM_MIB, ports=(CHANNEL_NAME,),
-                   nbd_disks=(a.swap,))
+    src = SourceVM(
+        vm_image, qa, name="vm1", memory_mib=RAM_MIB, ports=(CHANNEL_NAME,), nbd_disks=(a.swap,)
+    )
     dst: subprocess.Popen[bytes] | None = None
     dst_qmp: Qmp | None = None
     shell: GuestShell | None = None
@@ -138,22 +150,39 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
         src.write_file("/tmp/h.py", HOLD.encode())
         out = src.check("python3 /tmp/p.py put", timeout=600)
         pool = int(re.search(r"POOL=(\d+)", out).group(1))  # type: ignore[union-attr]
-        src.check(f"(python3 /tmp/h.py {HOLD_MIB} > /tmp/hold.out 2>&1; "
-                  "echo rc=$? >> /tmp/hold.out) &")
-        wait(lambda: "FILLED" in src.run("cat /tmp/hold.out", timeout=300).stdout, 1200,
-             "the guest filled its memory")
+        src.check(
+            f"(python3 /tmp/h.py {HOLD_MIB} > /tmp/hold.out 2>&1; echo rc=$? >> /tmp/hold.out) &"
+        )
+        wait(
+            lambda: "FILLED" in src.run("cat /tmp/hold.out", timeout=300).stdout,
+            1200,
+            "the guest filled its memory",
+        )
         swapped = a.cli("guests")[0]["swap"]["pages"]
         assert swapped > (HOLD_MIB - RAM_MIB) * 256 // 2, swapped  # the disk is in use
 
-        argv = qemu_argv(vm_image, name="vm1", memory_mib=RAM_MIB,
-                         console_socket=qb / "console.sock", qmp_socket=qb / "qmp.sock",
-                         channels={CHANNEL_NAME: b_channel}, nbd_disks=(b.swap,))
+        argv = qemu_argv(
+            vm_image,
+            name="vm1",
+            memory_mib=RAM_MIB,
+            console_socket=qb / "console.sock",
+            qmp_socket=qb / "qmp.sock",
+            channels={CHANNEL_NAME: b_channel},
+            nbd_disks=(b.swap,),
+        )
         mig = root / "mig.sock"
         with open(qb / "qemu.log", "wb") as log:
-            dst = subprocess.Popen([*argv, "-incoming", f"unix:{mig}"], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        wait(lambda: (qb / "qmp.sock").exists() and (qb / "console.sock").exists(), 30,
-             "destination QEMU")
+            dst = subprocess.Popen(
+                [*argv, "-incoming", f"unix:{mig}"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait(
+            lambda: (qb / "qmp.sock").exists() and (qb / "console.sock").exists(),
+            30,
+            "destination QEMU",
+        )
         dst_qmp = Qmp(qb / "qmp.sock", 30)
         shell = GuestShell(qb / "console.sock", qb / "console.log")
 
@@ -163,11 +192,13 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
             src.qmp("migrate-set-parameters", **{"max-bandwidth": 64 << 10})
         src.qmp("migrate", uri=f"unix:{mig}")
         if scenario == "moved":
-            done = wait(lambda: a.cli("status")["migrations"]["finished"], 900,
-                        "memd's transfer")
+            done = wait(lambda: a.cli("status")["migrations"]["finished"], 900, "memd's transfer")
             assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
-            wait(lambda: dst_qmp.execute("query-status")["status"] == "running", 120,
-                 "the guest runs on the destination")
+            wait(
+                lambda: dst_qmp.execute("query-status")["status"] == "running",
+                120,
+                "the guest runs on the destination",
+            )
             assert a.cli("status")["tmem"]["persistent_pages"] == 0
             assert "vm1" not in {c["client"] for c in a.cli("clients")}
             shell.attach(timeout=120)
@@ -175,8 +206,11 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
             assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
             print("migration", done[-1])
             return
-        wait(lambda: b.cli("status")["tmem"]["persistent_pages"] >= PERSISTENT_PAGES, 300,
-             "the destination staged the guest's pages")
+        wait(
+            lambda: b.cli("status")["tmem"]["persistent_pages"] >= PERSISTENT_PAGES,
+            300,
+            "the destination staged the guest's pages",
+        )
         time.sleep(1)  # half way: QEMU is still copying RAM
         assert src.qmp("query-migrate")["status"] == "active"
         if scenario == "cancelled":
@@ -185,14 +219,20 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
             b.kill()
         done = wait(lambda: a.cli("status")["migrations"]["finished"], 300, "memd gave up")
         assert done[-1]["phase"] == "aborted", done
-        wait(lambda: src.qmp("query-migrate")["status"] == "cancelled", 120,
-             "QEMU's migration cancelled")
+        wait(
+            lambda: src.qmp("query-migrate")["status"] == "cancelled",
+            120,
+            "QEMU's migration cancelled",
+        )
         assert src.qmp("query-status")["status"] == "running"
         verify(src, pool)
         if scenario == "destination-killed":
             b.start(qemu_channel=b_channel, swap_mib=512)  # back: nothing of vm1 there
-        wait(lambda: b.cli("status")["tmem"]["persistent_pages"] == 0, 60,
-             "the destination holds nothing")
+        wait(
+            lambda: b.cli("status")["tmem"]["persistent_pages"] == 0,
+            60,
+            "the destination holds nothing",
+        )
         assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
     finally:
         if shell is not None:

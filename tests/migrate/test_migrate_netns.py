@@ -67,8 +67,9 @@ class World:
         with self.guest(self.a) as g:
             self.pool = g.new_pool(persistent=True)
             for start in range(0, PAGES, 64):
-                g.put_batch(self.pool, [(7, i, page(i)) for i in
-                                        range(start, min(PAGES, start + 64))])
+                g.put_batch(
+                    self.pool, [(7, i, page(i)) for i in range(start, min(PAGES, start + 64))]
+                )
         nbd = RawNbd(str(self.a.swap))
         nbd.connect()
         for n, data in self.disk.items():
@@ -144,8 +145,7 @@ def finished(agent: Agent) -> dict[str, Any] | None:
 def test_the_guest_moves_with_its_pages_and_swap_disk(world: World) -> None:
     src, dst = world.start()
     world.fill()
-    armed = world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp",
-                        str(src.memd_qmp))
+    armed = world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
     assert armed["outcome"] == "armed"
     src.qmp.execute("migrate", uri=f"unix:{world.root / 'mig.sock'}")
     result = wait(lambda: finished(world.a), message=f"migration\n{world.a.tail()}")
@@ -166,29 +166,37 @@ def test_a_cancelled_migration_leaves_everything_on_the_source(world: World) -> 
     src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 4096})  # crawl
     world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
     src.qmp.execute("migrate", uri=f"unix:{world.root / 'mig.sock'}")
-    wait(lambda: world.b.cli("status")["tmem"]["persistent_pages"] > 0, 60,
-         "the destination staged pages")
+    wait(
+        lambda: world.b.cli("status")["tmem"]["persistent_pages"] > 0,
+        60,
+        "the destination staged pages",
+    )
     src.qmp.execute("migrate_cancel")
     result = wait(lambda: finished(world.a), message="memd gave up")
     assert result["phase"] == "aborted"
     wait(lambda: src.migration() == "cancelled", 30, "QEMU cancelled")
     assert src.status() == "running"
     assert not paused_before_switchover(src)  # disarmed: a later migration need not wait
-    wait(lambda: world.b.cli("status")["tmem"]["persistent_pages"] == 0, 30,
-         "the destination dropped what it staged")
+    wait(
+        lambda: world.b.cli("status")["tmem"]["persistent_pages"] == 0,
+        30,
+        "the destination dropped what it staged",
+    )
     world.holds_everything(world.a)
     world.audits_clean()
 
 
-def test_a_destination_agent_killed_half_way_cancels_and_the_source_keeps_all(
-        world: World) -> None:
+def test_a_destination_agent_killed_half_way_cancels_and_the_source_keeps_all(world: World) -> None:
     src, _ = world.start()
     world.fill()
     src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 4096})
     world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
     src.qmp.execute("migrate", uri=f"unix:{world.root / 'mig.sock'}")
-    wait(lambda: world.b.cli("status")["tmem"]["persistent_pages"] > 0, 60,
-         "the destination staged pages")
+    wait(
+        lambda: world.b.cli("status")["tmem"]["persistent_pages"] > 0,
+        60,
+        "the destination staged pages",
+    )
     world.b.kill()
     result = wait(lambda: finished(world.a), message="memd noticed")
     assert result["phase"] == "aborted"

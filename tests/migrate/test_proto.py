@@ -31,12 +31,23 @@ u64 = st.integers(0, (1 << 64) - 1)
 def chunks(draw: st.DrawFn) -> Chunk:
     chunk = draw(st.integers(0, (1 << 26) - 1))
     positions = sorted(draw(st.sets(st.integers(0, 63), max_size=64)))
-    pages = tuple((chunk * 64 + p, draw(u64),
-                   draw(st.binary(max_size=64)) if draw(st.booleans())
-                   else draw(st.sampled_from([b"", bytes(4096)])))
-                  for p in positions)
-    return Chunk(draw(st.integers(0, 15)), draw(st.integers(0, (1 << 32) - 1)),
-                 (draw(u64), draw(u64), draw(u64)), chunk, pages)
+    pages = tuple(
+        (
+            chunk * 64 + p,
+            draw(u64),
+            draw(st.binary(max_size=64))
+            if draw(st.booleans())
+            else draw(st.sampled_from([b"", bytes(4096)])),
+        )
+        for p in positions
+    )
+    return Chunk(
+        draw(st.integers(0, 15)),
+        draw(st.integers(0, (1 << 32) - 1)),
+        (draw(u64), draw(u64), draw(u64)),
+        chunk,
+        pages,
+    )
 
 
 names = st.text(min_size=1, max_size=40)
@@ -44,11 +55,21 @@ messages: st.SearchStrategy[Message] = st.one_of(
     chunks(),
     st.builds(Begin, names, st.dictionaries(st.text(max_size=8), st.integers(), max_size=4)),
     st.builds(Ready, st.text(max_size=40)),
-    st.builds(Pools, st.lists(st.builds(PoolEntry, st.integers(0, 15), st.booleans(),
-                                        st.booleans(), st.none() | st.binary(min_size=16,
-                                                                             max_size=16),
-                                        st.integers(0, 1 << 40)),
-                              max_size=16, unique_by=lambda p: p.local).map(tuple)),
+    st.builds(
+        Pools,
+        st.lists(
+            st.builds(
+                PoolEntry,
+                st.integers(0, 15),
+                st.booleans(),
+                st.booleans(),
+                st.none() | st.binary(min_size=16, max_size=16),
+                st.integers(0, 1 << 40),
+            ),
+            max_size=16,
+            unique_by=lambda p: p.local,
+        ).map(tuple),
+    ),
     st.builds(Commit, st.integers(0, 1 << 40)),
     st.builds(Confirm, st.integers(0, 1 << 40)),
     st.builds(Done, st.integers(0, 1 << 40)),
@@ -59,7 +80,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(messages, max_size=8), st.data())
 def test_any_stream_in_any_chunking_decodes_to_the_messages_sent(
-        msgs: list[Message], data: st.DataObject) -> None:
+    msgs: list[Message], data: st.DataObject
+) -> None:
     stream = b"".join(proto.encode(m) for m in msgs)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
     decoder = Decoder()
@@ -69,8 +91,9 @@ def test_any_stream_in_any_chunking_decodes_to_the_messages_sent(
     assert out == msgs
     assert decoder.pending == 0
     # Payloads are bytes of their own, never views of the decoder's buffers.
-    assert all(type(payload) is bytes
-               for m in out if isinstance(m, Chunk) for _, _, payload in m.pages)
+    assert all(
+        type(payload) is bytes for m in out if isinstance(m, Chunk) for _, _, payload in m.pages
+    )
 
 
 @settings(max_examples=100, deadline=None)
@@ -89,7 +112,8 @@ def test_garbage_raises_frame_error_or_waits_never_anything_else(junk: bytes) ->
 @settings(max_examples=200, deadline=None)
 @given(chunks(), st.integers(0, 10_000), st.integers(0, 255))
 def test_a_corrupted_chunk_is_refused_or_decodes_to_a_well_formed_chunk(
-        msg: Chunk, where: int, byte: int) -> None:
+    msg: Chunk, where: int, byte: int
+) -> None:
     frame = bytearray(proto.encode(msg))
     frame[where % len(frame)] = byte
     try:
@@ -105,8 +129,7 @@ def test_a_corrupted_chunk_is_refused_or_decodes_to_a_well_formed_chunk(
 
 
 def test_a_full_chunk_of_raw_pages_fits_in_a_frame() -> None:
-    msg = Chunk(3, 9, (1, 2, 3), 5, tuple((5 * 64 + i, i, bytes([i]) * 4096)
-                                          for i in range(64)))
+    msg = Chunk(3, 9, (1, 2, 3), 5, tuple((5 * 64 + i, i, bytes([i]) * 4096) for i in range(64)))
     frame = proto.encode(msg)
     assert len(frame) < proto.MAX_FRAME
     assert Decoder().feed(frame) == [msg]
@@ -117,12 +140,15 @@ def test_frame_length_over_the_limit_is_refused_before_buffering_it() -> None:
         Decoder().feed(b"\x7f\xff\xff\xff\x04")
 
 
-@pytest.mark.parametrize("bad", [
-    Chunk(16, 0, (0, 0, 0), 0, ()),
-    Chunk(0, 0, (0, 0, 0), 1, ((3, 0, b""),)),                    # not in chunk 1
-    Chunk(0, 0, (0, 0, 0), 0, ((2, 0, b""), (1, 0, b""))),        # order
-    Chunk(0, 0, (0, 0, 0), 0, ((0, 0, bytes(4097)),)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Chunk(16, 0, (0, 0, 0), 0, ()),
+        Chunk(0, 0, (0, 0, 0), 1, ((3, 0, b""),)),  # not in chunk 1
+        Chunk(0, 0, (0, 0, 0), 0, ((2, 0, b""), (1, 0, b""))),  # order
+        Chunk(0, 0, (0, 0, 0), 0, ((0, 0, bytes(4097)),)),
+    ],
+)
 def test_the_encoder_refuses_what_no_decoder_accepts(bad: Chunk) -> None:
     with pytest.raises(ValueError):
         proto.encode(bad)
@@ -133,8 +159,10 @@ def test_json_frames_with_wrong_shapes_are_frame_errors() -> None:
     frame = (len(body) + 1).to_bytes(4, "big") + b"\x01" + body
     with pytest.raises(FrameError):
         Decoder().feed(frame)
-    body = b'{"pools": [{"local": 1, "persistent": true, "shared": false, "uuid": null, ' \
-           b'"generation": 1}, {"local": 1, "persistent": true, "shared": false, ' \
-           b'"uuid": null, "generation": 2}]}'
+    body = (
+        b'{"pools": [{"local": 1, "persistent": true, "shared": false, "uuid": null, '
+        b'"generation": 1}, {"local": 1, "persistent": true, "shared": false, '
+        b'"uuid": null, "generation": 2}]}'
+    )
     with pytest.raises(FrameError):
         Decoder().feed((len(body) + 1).to_bytes(4, "big") + b"\x03" + body)

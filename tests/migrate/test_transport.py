@@ -19,7 +19,7 @@ from memd.agent.app import AgentApp
 from memd.agent.commands import AuditArgs, StatusArgs
 from memd.agent.migration import migration_metrics
 from memd.errors import MigrationFailed
-from memd.migrate import proto, transport
+from memd.migrate import proto, tls, transport
 from memd.migrate.transport import SourceTransfer
 from tests.support.tls import make_ca, make_pki
 from tmem.migration import STAGING_PREFIX, ChunkPages, Importer
@@ -41,10 +41,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @asynccontextmanager
-async def agent(where: Path, name: str, tls: Path, *, listen: bool = False,
-                budget: int = 64 << 20) -> AsyncIterator[AgentApp]:
-    store = LmdbStore(where / name, budget_bytes=budget, control_path=f"{where}/{name}.sock",
-                      host_boot_id="test")
+async def agent(
+    where: Path, name: str, tls: Path, *, listen: bool = False, budget: int = 64 << 20
+) -> AsyncIterator[AgentApp]:
+    store = LmdbStore(
+        where / name, budget_bytes=budget, control_path=f"{where}/{name}.sock", host_boot_id="test"
+    )
     app = AgentApp(budget_bytes=budget, store=store, tls_dir=tls)
     await app.start(None)
     if listen:
@@ -56,11 +58,13 @@ async def agent(where: Path, name: str, tls: Path, *, listen: bool = False,
         store.close()
 
 
-def populate(app: AgentApp, pages: int = 600, *, noise: bool = False
-             ) -> dict[tuple[int, tuple[int, int, int], int], bytes]:
+def populate(
+    app: AgentApp, pages: int = 600, *, noise: bool = False
+) -> dict[tuple[int, tuple[int, int, int], int], bytes]:
     tmem = app.tmem
-    tmem.open_session("vm1", cap_pages=None, dedup=False, meta={"boot_id": BOOT, "reboots": 2},
-                      reset=False)
+    tmem.open_session(
+        "vm1", cap_pages=None, dedup=False, meta={"boot_id": BOOT, "reboots": 2}, reset=False
+    )
     tmem.new_pool("vm1", PoolFlag.EPHEMERAL)
     tmem.new_pool("vm1", PoolFlag.PERSISTENT)
     tmem.new_pool_at("vm1", 15, PoolFlag.PERSISTENT)
@@ -74,9 +78,9 @@ def populate(app: AgentApp, pages: int = 600, *, noise: bool = False
 
 
 def holds(app: AgentApp, want: dict[tuple[int, tuple[int, int, int], int], bytes]) -> bool:
-    return all(app.tmem.get("vm1", pool, oid, index) == data
-               for (pool, oid, index), data in want.items()) and \
-        app.tmem.store_stats().persistent_pages == len(want)
+    return all(
+        app.tmem.get("vm1", pool, oid, index) == data for (pool, oid, index), data in want.items()
+    ) and app.tmem.store_stats().persistent_pages == len(want)
 
 
 def clean(app: AgentApp) -> bool:
@@ -95,8 +99,10 @@ def run(coro: object) -> None:
 
 def test_a_guest_moves_by_hand_and_the_source_keeps_nothing(tmp_path: Path, pki: Path) -> None:
     async def main() -> None:
-        async with agent(tmp_path, "src", pki) as src, \
-                agent(tmp_path, "dst", pki, listen=True) as dst:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
             want = populate(src)
             result = await src.migration.migrate("vm1", dest_of(dst))
             assert result["outcome"] == "moved" and result["pages"] >= len(want)
@@ -112,16 +118,22 @@ def test_a_guest_moves_by_hand_and_the_source_keeps_nothing(tmp_path: Path, pki:
             assert [m["phase"] for m in migrations["finished"]] == ["done"]
             assert src.migration.status()["finished"][0]["phase"] == "done"
             families = {f.name: f for f in migration_metrics(src.migration.status())}
-            assert [s.value for s in families["memd_migrations"].samples
-                    if s.name == "memd_migrations_total"
-                    and s.labels == {"direction": "out", "outcome": "done"}] == [1.0]
+            assert [
+                s.value
+                for s in families["memd_migrations"].samples
+                if s.name == "memd_migrations_total"
+                and s.labels == {"direction": "out", "outcome": "done"}
+            ] == [1.0]
+
     run(main())
 
 
 def test_changes_during_precopy_and_at_switchover_arrive(tmp_path: Path, pki: Path) -> None:
     async def main() -> None:
-        async with agent(tmp_path, "src", pki) as src, \
-                agent(tmp_path, "dst", pki, listen=True) as dst:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
             populate(src, 3000)
             transfer = src.migration._source("vm1", dest_of(dst))
             switch = asyncio.Event()
@@ -143,19 +155,20 @@ def test_changes_during_precopy_and_at_switchover_arrive(tmp_path: Path, pki: Pa
             writer.start()
             precopy = asyncio.ensure_future(transfer.precopy(until=switch))
             await asyncio.sleep(0.5)
-            stop.set()                      # QEMU paused the guest ...
+            stop.set()  # QEMU paused the guest ...
             await asyncio.to_thread(writer.join)
-            switch.set()                    # ... and reached pre-switchover
+            switch.set()  # ... and reached pre-switchover
             await precopy
-            src_state = {(p, o, i): src.tmem.get("vm1", p, o, i)
-                         for p, o, i in _handles(src)}
+            src_state = {(p, o, i): src.tmem.get("vm1", p, o, i) for p, o, i in _handles(src)}
             await transfer.switchover()
             await transfer.finish()
             src.migration.outgoing.clear()
             assert transfer.progress.rounds >= 2
-            assert {(p, o, i): dst.tmem.get("vm1", p, o, i)
-                    for p, o, i in _handles(dst)} == src_state
+            assert {
+                (p, o, i): dst.tmem.get("vm1", p, o, i) for p, o, i in _handles(dst)
+            } == src_state
             assert clean(dst)
+
     run(main())
 
 
@@ -171,7 +184,8 @@ def _handles(app: AgentApp) -> list[tuple[int, tuple[int, int, int], int]]:
 
 
 def test_a_destination_that_dies_mid_transfer_leaves_the_source_whole(
-        tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(transport, "CHUNKS_PER_BATCH", 1)
     gate, applied = threading.Event(), threading.Event()
     original = Importer.apply_chunks
@@ -193,57 +207,66 @@ def test_a_destination_that_dies_mid_transfer_leaves_the_source_whole(
                 await asyncio.to_thread(applied.wait, 30)
                 assert dst.tmem.client_names() == [STAGING_PREFIX + "vm1"]
                 assert 0 < dst.tmem.store_stats().persistent_pages < len(want)
-                await dst.migration.close()         # the destination agent goes away
+                await dst.migration.close()  # the destination agent goes away
                 gate.set()
                 assert dst.tmem.client_names() == []
             with pytest.raises(MigrationFailed, match="pages stay here"):
                 await task
             assert holds(src, want) and clean(src)
             assert src.migration.status()["finished"][0]["phase"] == "aborted"
+
     run(main())
 
 
 def test_a_destination_without_room_aborts_and_the_source_keeps_everything(
-        tmp_path: Path, pki: Path) -> None:
+    tmp_path: Path, pki: Path
+) -> None:
     async def main() -> None:
-        async with agent(tmp_path, "src", pki) as src, \
-                agent(tmp_path, "dst", pki, listen=True, budget=1 << 20) as dst:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True, budget=1 << 20) as dst,
+        ):
             want = populate(src, 2000, noise=True)
             with pytest.raises(MigrationFailed, match="cannot take"):
                 await src.migration.migrate("vm1", dest_of(dst))
             assert holds(src, want) and clean(src)
             await asyncio.sleep(0.1)
             assert dst.tmem.client_names() == [] and clean(dst)
+
     run(main())
 
 
-def test_a_source_whose_certificate_another_ca_signed_is_refused(
-        tmp_path: Path, pki: Path) -> None:
+def test_a_source_whose_certificate_another_ca_signed_is_refused(tmp_path: Path, pki: Path) -> None:
     rogue = make_pki(tmp_path / "rogue", ca=make_ca(tmp_path / "rogue-ca", "rogue"))
     (rogue / "cacert.pem").write_bytes((pki / "cacert.pem").read_bytes())  # trusts dst
 
     async def main() -> None:
-        async with agent(tmp_path, "src", rogue) as src, \
-                agent(tmp_path, "dst", pki, listen=True) as dst:
+        async with (
+            agent(tmp_path, "src", rogue) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
             want = populate(src, 50)
             with pytest.raises(MigrationFailed):
                 await src.migration.migrate("vm1", dest_of(dst))
             assert holds(src, want)
             assert dst.tmem.client_names() == []
+
     run(main())
 
 
-def test_a_destination_with_a_certificate_for_another_address_is_refused(
-        tmp_path: Path) -> None:
+def test_a_destination_with_a_certificate_for_another_address_is_refused(tmp_path: Path) -> None:
     pki = make_pki(tmp_path / "pki", server_addresses=["10.9.9.9"])
 
     async def main() -> None:
-        async with agent(tmp_path, "src", pki) as src, \
-                agent(tmp_path, "dst", pki, listen=True) as dst:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
             want = populate(src, 50)
             with pytest.raises(MigrationFailed, match=r"TLS|certificate"):
                 await src.migration.migrate("vm1", dest_of(dst))
             assert holds(src, want) and dst.tmem.client_names() == []
+
     run(main())
 
 
@@ -251,13 +274,13 @@ def test_plaintext_is_refused_and_stages_nothing(tmp_path: Path, pki: Path) -> N
     async def main() -> None:
         async with agent(tmp_path, "dst", pki, listen=True) as dst:
             assert dst.migration.listening is not None
-            reader, writer = await asyncio.open_connection("127.0.0.1",
-                                                           dst.migration.listening[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", dst.migration.listening[1])
             writer.write(proto.encode(proto.Begin("vm1", {})))
             await writer.drain()
             assert await asyncio.wait_for(reader.read(), 15) == b""  # hung up on
             writer.close()
             assert dst.tmem.client_names() == []
+
     run(main())
 
 
@@ -268,19 +291,20 @@ def test_without_a_client_certificate_the_handshake_fails(tmp_path: Path, pki: P
             ctx = ssl.create_default_context(cafile=str(pki / "cacert.pem"))
             with pytest.raises((ssl.SSLError, ConnectionError)):
                 reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", dst.migration.listening[1], ssl=ctx,
-                    server_hostname="127.0.0.1")
+                    "127.0.0.1", dst.migration.listening[1], ssl=ctx, server_hostname="127.0.0.1"
+                )
                 writer.write(proto.encode(proto.Begin("vm1", {})))
                 await writer.drain()
                 if not await asyncio.wait_for(reader.read(), 15):
                     raise ConnectionError("closed")
             assert dst.tmem.client_names() == []
+
     run(main())
 
 
 def test_missing_certificates_are_named(tmp_path: Path) -> None:
     with pytest.raises(Exception, match=r"cacert\.pem does not exist"):
-        transport.client_context(tmp_path)
+        tls.client_context(tmp_path)
 
 
 def test_a_second_migration_of_the_same_guest_is_refused(tmp_path: Path, pki: Path) -> None:
@@ -292,6 +316,7 @@ def test_a_second_migration_of_the_same_guest_is_refused(tmp_path: Path, pki: Pa
             with pytest.raises(Exception, match="already migrating"):
                 src.migration._source("vm1", "127.0.0.1:1")
             src.migration.outgoing.clear()
+
     run(main())
 
 

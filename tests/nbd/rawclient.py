@@ -63,10 +63,19 @@ class RawNbd:
         self.greet()
         return self.go()
 
-    def send_request(self, cmd: int, offset: int = 0, length: int = 0, *, cookie: int = 1,
-                     flags: int = 0, data: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length)
-                          + data)
+    def send_request(
+        self,
+        cmd: int,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        cookie: int = 1,
+        flags: int = 0,
+        data: bytes = b"",
+    ) -> None:
+        self.sock.sendall(
+            struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length) + data
+        )
 
     def reply(self, data_len: int = 0) -> tuple[int, int, bytes]:
         """(error, cookie, data); data only when error is 0."""

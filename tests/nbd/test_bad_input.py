@@ -41,13 +41,17 @@ def test_socket_is_0600_and_owned_by_the_agent(swap_agent: SwapAgent) -> None:
     assert st.st_uid == os.geteuid()
 
 
-@pytest.mark.parametrize("garbage", [
-    b"GET / HTTP/1.1\r\n\r\n" * 4,  # not even the client flags are right
-    struct.pack(">I", 3) + os.urandom(64),  # options without IHAVEOPT
-    struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 7, 0xFFFFFFFF),  # 4 GiB option
-])
-def test_handshake_garbage_closes_that_connection_only(swap_agent: SwapAgent,
-                                                       garbage: bytes) -> None:
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\n\r\n" * 4,  # not even the client flags are right
+        struct.pack(">I", 3) + os.urandom(64),  # options without IHAVEOPT
+        struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 7, 0xFFFFFFFF),  # 4 GiB option
+    ],
+)
+def test_handshake_garbage_closes_that_connection_only(
+    swap_agent: SwapAgent, garbage: bytes
+) -> None:
     bad, good = swap_agent.add_disk("bad"), swap_agent.add_disk("good")
     c = RawNbd(bad)
     c.recv_exact(18)
@@ -59,7 +63,8 @@ def test_handshake_garbage_closes_that_connection_only(swap_agent: SwapAgent,
 
 
 def test_transmission_garbage_and_oversize_write_close_the_connection(
-        swap_agent: SwapAgent) -> None:
+    swap_agent: SwapAgent,
+) -> None:
     path = swap_agent.add_disk("vm1")
     c = RawNbd(path)
     c.connect()
@@ -120,8 +125,7 @@ def test_disconnect_mid_request_stores_nothing(swap_agent: SwapAgent) -> None:
     assert swap_agent.app.swap.disks["vm1"].connections == set()
 
 
-def test_client_that_does_not_read_replies_is_throttled_not_buffered(
-        swap_agent: SwapAgent) -> None:
+def test_client_that_does_not_read_replies_is_throttled_not_buffered(swap_agent: SwapAgent) -> None:
     path = swap_agent.add_disk("vm1")
     c = RawNbd(path, timeout=2.0)
     c.connect()
@@ -155,8 +159,9 @@ def test_too_many_connections_are_refused(swap_agent: SwapAgent) -> None:
     healthy(path)
 
 
-def test_slow_handshake_is_hung_up_on(swap_agent: SwapAgent,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slow_handshake_is_hung_up_on(
+    swap_agent: SwapAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(nbd_server, "HANDSHAKE_SECONDS", 0.3)
     path = swap_agent.add_disk("vm1")
     c = RawNbd(path, timeout=3.0)
@@ -179,13 +184,15 @@ def test_each_socket_reaches_its_own_guest_only(swap_agent: SwapAgent) -> None:
 
 
 def test_the_guests_channel_cannot_name_its_disk_pool_and_a_reboot_keeps_the_disk(
-        swap_agent: SwapAgent) -> None:
+    swap_agent: SwapAgent,
+) -> None:
     disk = swap_agent.add_disk("vm1")
     healthy(disk, 0, 0x5C)
     chan = str(swap_agent.tmp / "vm1.chan")
     swap_agent.loop.run(swap_agent.app.agent.add_channel("vm1", chan, mode="listen"))
-    guest = GuestClient.for_unix_socket(chan, boot_id=os.urandom(16), timeout=5.0,
-                                        reconnect_timeout=5.0)
+    guest = GuestClient.for_unix_socket(
+        chan, boot_id=os.urandom(16), timeout=5.0, reconnect_timeout=5.0
+    )
     guest.connect()
     assert guest.new_pool(persistent=True) == 0
     assert [p.pool for p in guest.list_pools()] == [0]
@@ -196,8 +203,9 @@ def test_the_guests_channel_cannot_name_its_disk_pool_and_a_reboot_keeps_the_dis
     with pytest.raises(NoSuchPool):
         guest.destroy_pool(DISK_POOL_ID)
     guest.close()
-    rebooted = GuestClient.for_unix_socket(chan, boot_id=os.urandom(16), timeout=5.0,
-                                           reconnect_timeout=5.0)
+    rebooted = GuestClient.for_unix_socket(
+        chan, boot_id=os.urandom(16), timeout=5.0, reconnect_timeout=5.0
+    )
     rebooted.connect()  # new boot id: the guest's own pools go, its disk stays
     assert rebooted.list_pools() == []
     rebooted.close()
@@ -216,6 +224,7 @@ def test_stale_socket_file_is_replaced_but_a_live_one_is_not(swap_agent: SwapAge
     swap_agent.loop.run(swap_agent.app.swap.add("vm1", path, 1 << 20))
     healthy(path)
     from memd.errors import BackendError
+
     with pytest.raises(BackendError, match="already serves"):
         swap_agent.loop.run(swap_agent.app.swap.add("vm2", path, 1 << 20))
     healthy(path)

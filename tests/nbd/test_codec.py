@@ -35,8 +35,12 @@ def opt(option: int, data: bytes = b"") -> bytes:
 
 
 def info_req(name: bytes, infos: tuple[int, ...] = ()) -> bytes:
-    return (struct.pack(">I", len(name)) + name + struct.pack(">H", len(infos))
-            + b"".join(struct.pack(">H", i) for i in infos))
+    return (
+        struct.pack(">I", len(name))
+        + name
+        + struct.pack(">H", len(infos))
+        + b"".join(struct.pack(">H", i) for i in infos)
+    )
 
 
 def replies(data: bytes) -> list[tuple[int, int, bytes]]:
@@ -45,8 +49,8 @@ def replies(data: bytes) -> list[tuple[int, int, bytes]]:
     while data:
         magic, option, rtype, length = struct.unpack_from(">QIII", data)
         assert magic == 0x3E889045565A9
-        out.append((option, rtype, data[20:20 + length]))
-        data = data[20 + length:]
+        out.append((option, rtype, data[20 : 20 + length]))
+        data = data[20 + length :]
     return out
 
 
@@ -59,8 +63,9 @@ def started(flags: int = 3) -> ServerHandshake:
     return hs
 
 
-def request(cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7,
-            data: bytes = b"") -> bytes:
+def request(
+    cmd: int, offset: int = 0, length: int = 0, flags: int = 0, cookie: int = 7, data: bytes = b""
+) -> bytes:
     return struct.pack(">IHHQQI", 0x25609513, flags, cmd, cookie, offset, length) + data
 
 
@@ -89,18 +94,20 @@ def test_info_then_list_then_go_by_name() -> None:
     assert isinstance(hs.receive_data(opt(7, info_req(b"vm1")))[0], Negotiated)
 
 
-@pytest.mark.parametrize(("option", "data", "rtype"), [
-    (7, info_req(b"vm2"), 0x80000006),  # unknown export
-    (6, b"\0\0\0\x09vm1", 0x80000003),  # name length beyond the data
-    (7, info_req(b"vm1") + b"x", 0x80000003),  # trailing byte
-    (3, b"x", 0x80000003),  # LIST with data
-    (8, b"", 0x80000001),  # STRUCTURED_REPLY: memd sends simple replies
-    (5, b"", 0x80000001),  # STARTTLS
-    (10, b"abc", 0x80000001),
-    (0xDEAD, b"abc", 0x80000001),
-])
-def test_bad_or_unsupported_options_get_error_replies(option: int, data: bytes,
-                                                      rtype: int) -> None:
+@pytest.mark.parametrize(
+    ("option", "data", "rtype"),
+    [
+        (7, info_req(b"vm2"), 0x80000006),  # unknown export
+        (6, b"\0\0\0\x09vm1", 0x80000003),  # name length beyond the data
+        (7, info_req(b"vm1") + b"x", 0x80000003),  # trailing byte
+        (3, b"x", 0x80000003),  # LIST with data
+        (8, b"", 0x80000001),  # STRUCTURED_REPLY: memd sends simple replies
+        (5, b"", 0x80000001),  # STARTTLS
+        (10, b"abc", 0x80000001),
+        (0xDEAD, b"abc", 0x80000001),
+    ],
+)
+def test_bad_or_unsupported_options_get_error_replies(option: int, data: bytes, rtype: int) -> None:
     hs = started()
     assert hs.receive_data(opt(option, data)) == []
     (reply,) = replies(hs.data_to_send())
@@ -115,7 +122,8 @@ def test_export_name_option_for_old_clients() -> None:
     assert hs.data_to_send() == struct.pack(">QH", SIZE, EXPORT.flags) + bytes(124)
     hs = started()
     assert hs.receive_data(opt(1, b"nope"))[0] == Closed(
-        "NBD_OPT_EXPORT_NAME names an unknown export", clean=False)
+        "NBD_OPT_EXPORT_NAME names an unknown export", clean=False
+    )
 
 
 def test_abort_is_acknowledged_and_closes() -> None:
@@ -124,12 +132,15 @@ def test_abort_is_acknowledged_and_closes() -> None:
     assert replies(hs.data_to_send()) == [(2, 1, b"")]
 
 
-@pytest.mark.parametrize("raw", [
-    struct.pack(">I", 0),  # not fixed newstyle
-    struct.pack(">I", 1 | 8),  # unknown client flag
-    struct.pack(">I", 3) + b"IHAVEOPX" + bytes(8),  # bad option magic
-    struct.pack(">I", 3) + IHAVEOPT + struct.pack(">II", 7, 1 << 20),  # huge option
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        struct.pack(">I", 0),  # not fixed newstyle
+        struct.pack(">I", 1 | 8),  # unknown client flag
+        struct.pack(">I", 3) + b"IHAVEOPX" + bytes(8),  # bad option magic
+        struct.pack(">I", 3) + IHAVEOPT + struct.pack(">II", 7, 1 << 20),  # huge option
+    ],
+)
 def test_fatal_handshake_input_closes(raw: bytes) -> None:
     hs = ServerHandshake(EXPORT)
     hs.data_to_send()
@@ -152,7 +163,7 @@ def test_handshake_never_raises_on_garbage(data: bytes, cuts: list[int]) -> None
     for n in [*cuts, len(data)]:
         if hs.state in (State.TRANSMISSION, State.CLOSED):
             break
-        hs.receive_data(data[pos:pos + n])
+        hs.receive_data(data[pos : pos + n])
         pos += n
         hs.data_to_send()
 
@@ -169,7 +180,7 @@ def test_handshake_any_chunking_same_outcome(cuts: list[int]) -> None:
     for n in [*cuts, len(stream)]:
         if hs.state is State.TRANSMISSION:
             break
-        events += hs.receive_data(stream[pos:pos + n])
+        events += hs.receive_data(stream[pos : pos + n])
         out += hs.data_to_send()
         pos += n
     assert events == expected and out == expected_out
@@ -188,9 +199,13 @@ def drain(parser: RequestParser) -> list[Request | Rejected]:
 
 def test_requests_parse_with_payload_and_cookie() -> None:
     p = RequestParser(SIZE)
-    p.receive_data(request(1, 4096, 5, CmdFlag.FUA, 1, b"hello") + request(0, 0, 4096, cookie=2)
-                   + request(3, cookie=3) + request(4, 8192, 4096, cookie=4)
-                   + request(6, 0, SIZE, CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO, cookie=5))
+    p.receive_data(
+        request(1, 4096, 5, CmdFlag.FUA, 1, b"hello")
+        + request(0, 0, 4096, cookie=2)
+        + request(3, cookie=3)
+        + request(4, 8192, 4096, cookie=4)
+        + request(6, 0, SIZE, CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO, cookie=5)
+    )
     assert drain(p) == [
         Request(Cmd.WRITE, 1, 1, 4096, 5, b"hello"),
         Request(Cmd.READ, 0, 2, 0, 4096),
@@ -201,20 +216,23 @@ def test_requests_parse_with_payload_and_cookie() -> None:
     assert p.buffered == 0
 
 
-@pytest.mark.parametrize(("raw", "errno"), [
-    (request(0, SIZE - 4096, 8192), Errno.EINVAL),  # read past the end
-    (request(0, SIZE + 1, 0), Errno.EINVAL),
-    (request(0, 0, MAX_PAYLOAD + 1), Errno.EINVAL),  # oversize read
-    (request(1, SIZE - 1, 2, data=b"ab"), Errno.ENOSPC),  # write past the end
-    (request(6, 0, SIZE + 4096), Errno.ENOSPC),
-    (request(4, 2**64 - 1, 1), Errno.EINVAL),  # offset overflow
-    (request(5, 0, 4096), Errno.EINVAL),  # CACHE: not advertised
-    (request(7, 0, 4096), Errno.EINVAL),  # BLOCK_STATUS: needs structured replies
-    (request(77, 0, 4096), Errno.EINVAL),  # unknown command
-    (request(0, 0, 4096, CmdFlag.FUA), Errno.EINVAL),  # FUA on a read
-    (request(1, 0, 1, CmdFlag.DF, data=b"x"), Errno.EINVAL),
-    (request(3, 4096, 0), Errno.EINVAL),  # FLUSH with an offset
-])
+@pytest.mark.parametrize(
+    ("raw", "errno"),
+    [
+        (request(0, SIZE - 4096, 8192), Errno.EINVAL),  # read past the end
+        (request(0, SIZE + 1, 0), Errno.EINVAL),
+        (request(0, 0, MAX_PAYLOAD + 1), Errno.EINVAL),  # oversize read
+        (request(1, SIZE - 1, 2, data=b"ab"), Errno.ENOSPC),  # write past the end
+        (request(6, 0, SIZE + 4096), Errno.ENOSPC),
+        (request(4, 2**64 - 1, 1), Errno.EINVAL),  # offset overflow
+        (request(5, 0, 4096), Errno.EINVAL),  # CACHE: not advertised
+        (request(7, 0, 4096), Errno.EINVAL),  # BLOCK_STATUS: needs structured replies
+        (request(77, 0, 4096), Errno.EINVAL),  # unknown command
+        (request(0, 0, 4096, CmdFlag.FUA), Errno.EINVAL),  # FUA on a read
+        (request(1, 0, 1, CmdFlag.DF, data=b"x"), Errno.EINVAL),
+        (request(3, 4096, 0), Errno.EINVAL),  # FLUSH with an offset
+    ],
+)
 def test_bad_requests_are_rejected_and_the_stream_goes_on(raw: bytes, errno: Errno) -> None:
     p = RequestParser(SIZE)
     p.receive_data(raw + request(3, cookie=99))
@@ -244,17 +262,31 @@ def test_disc_is_the_last_event() -> None:
 
 def test_simple_reply_layout() -> None:
     assert simple_reply(0x1122334455667788, 28) == (
-        b"\x67\x44\x66\x98" + b"\0\0\0\x1c" + bytes.fromhex("1122334455667788"))
+        b"\x67\x44\x66\x98" + b"\0\0\0\x1c" + bytes.fromhex("1122334455667788")
+    )
     assert simple_reply(1, 0, b"data").endswith(b"data")
 
 
 _REQUESTS = st.one_of(
-    st.builds(lambda off, n, c: request(0, off, n, cookie=c), st.integers(0, SIZE),
-              st.integers(0, 9000), st.integers(0, 2**64 - 1)),
-    st.builds(lambda off, d, c: request(1, off, len(d), cookie=c, data=d),
-              st.integers(0, SIZE + 10), st.binary(max_size=600), st.integers(0, 2**64 - 1)),
-    st.builds(lambda t, f, off, n: request(t, off, n, f), st.sampled_from([3, 4, 5, 6, 9]),
-              st.integers(0, 63), st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+    st.builds(
+        lambda off, n, c: request(0, off, n, cookie=c),
+        st.integers(0, SIZE),
+        st.integers(0, 9000),
+        st.integers(0, 2**64 - 1),
+    ),
+    st.builds(
+        lambda off, d, c: request(1, off, len(d), cookie=c, data=d),
+        st.integers(0, SIZE + 10),
+        st.binary(max_size=600),
+        st.integers(0, 2**64 - 1),
+    ),
+    st.builds(
+        lambda t, f, off, n: request(t, off, n, f),
+        st.sampled_from([3, 4, 5, 6, 9]),
+        st.integers(0, 63),
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 2**32 - 1),
+    ),
 )
 
 
@@ -270,7 +302,7 @@ def test_any_chunking_parses_the_same_events(reqs: list[bytes], cuts: list[int])
     events: list[Request | Rejected] = []
     pos = 0
     for n in [*cuts, len(stream)]:
-        p.receive_data(stream[pos:pos + n])
+        p.receive_data(stream[pos : pos + n])
         pos += n
         events += drain(p)
     assert events == expected

@@ -29,8 +29,9 @@ def err(cookie: int, errno: int) -> bytes:
     return b"\x67\x44\x66\x98" + errno.to_bytes(4, "big") + cookie.to_bytes(8, "big")
 
 
-def req(cmd: Cmd, offset: int = 0, length: int = 0, data: bytes = b"", cookie: int = 1,
-        flags: int = 0) -> Request:
+def req(
+    cmd: Cmd, offset: int = 0, length: int = 0, data: bytes = b"", cookie: int = 1, flags: int = 0
+) -> Request:
     return Request(cmd, flags, cookie, offset, len(data) if cmd == Cmd.WRITE else length, data)
 
 
@@ -41,21 +42,25 @@ def read(disk: SwapDisk, offset: int, length: int) -> bytes:
 
 
 _OPS = st.one_of(
-    st.tuples(st.just(Cmd.WRITE), st.integers(0, SIZE - 1), st.integers(1, 3 * PAGE),
-              st.sampled_from([0, 0x41, None])),
-    st.tuples(st.just(Cmd.TRIM), st.integers(0, SIZE - 1), st.integers(0, 5 * PAGE),
-              st.none()),
-    st.tuples(st.just(Cmd.WRITE_ZEROES), st.integers(0, SIZE - 1), st.integers(0, 5 * PAGE),
-              st.none()),
-    st.tuples(st.just(Cmd.READ), st.integers(0, SIZE - 1), st.integers(0, 3 * PAGE),
-              st.none()),
+    st.tuples(
+        st.just(Cmd.WRITE),
+        st.integers(0, SIZE - 1),
+        st.integers(1, 3 * PAGE),
+        st.sampled_from([0, 0x41, None]),
+    ),
+    st.tuples(st.just(Cmd.TRIM), st.integers(0, SIZE - 1), st.integers(0, 5 * PAGE), st.none()),
+    st.tuples(
+        st.just(Cmd.WRITE_ZEROES), st.integers(0, SIZE - 1), st.integers(0, 5 * PAGE), st.none()
+    ),
+    st.tuples(st.just(Cmd.READ), st.integers(0, SIZE - 1), st.integers(0, 3 * PAGE), st.none()),
 )
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(_OPS, max_size=25), st.booleans())
-def test_disk_behaves_like_a_byte_array(ops: list[tuple[Cmd, int, int, int | None]],
-                                        pipelined: bool) -> None:
+def test_disk_behaves_like_a_byte_array(
+    ops: list[tuple[Cmd, int, int, int | None]], pipelined: bool
+) -> None:
     """Whatever the mix of aligned, partial and spanning requests, in one batch or one
     at a time, reads see the last write; trimmed pages read as zeros or as before."""
     disk = SwapDisk(TmemHost(64 << 20), "vm", SIZE)
@@ -67,21 +72,21 @@ def test_disk_behaves_like_a_byte_array(ops: list[tuple[Cmd, int, int, int | Non
         length = min(length, SIZE - offset)
         if cmd == Cmd.WRITE:
             data = os.urandom(length) if fill is None else bytes([fill]) * length
-            model[offset:offset + length] = data
+            model[offset : offset + length] = data
             trimmed -= set(range(offset // PAGE, (offset + length - 1) // PAGE + 1))
             batch.append(req(cmd, offset, data=data, cookie=n))
             expect.append(ok(n))
         elif cmd == Cmd.READ:
             batch.append(req(cmd, offset, length, cookie=n))
-            expect.append(None if trimmed else ok(n) + bytes(model[offset:offset + length]))
+            expect.append(None if trimmed else ok(n) + bytes(model[offset : offset + length]))
         else:
             full = range(-(-offset // PAGE), (offset + length) // PAGE)
             for page in full:
-                model[page * PAGE:(page + 1) * PAGE] = bytes(PAGE)
+                model[page * PAGE : (page + 1) * PAGE] = bytes(PAGE)
             if cmd == Cmd.TRIM:
                 trimmed |= set(full)  # reads may see zeros or the old bytes: both are fine
             else:
-                model[offset:offset + length] = bytes(length)
+                model[offset : offset + length] = bytes(length)
                 trimmed -= set(range(offset // PAGE, (offset + max(length, 1) - 1) // PAGE + 1))
             batch.append(req(cmd, offset, length, cookie=n))
             expect.append(ok(n))
@@ -100,8 +105,9 @@ def test_pipelined_single_page_writes_become_one_batch_and_repeat_in_order() -> 
     host = TmemHost(64 << 20)
     disk = SwapDisk(host, "vm", SIZE)
     pages = [bytes([i]) * PAGE for i in range(1, 6)]
-    reqs: list[Request | Rejected] = [req(Cmd.WRITE, i * PAGE, data=p, cookie=i)
-                                      for i, p in enumerate(pages)]
+    reqs: list[Request | Rejected] = [
+        req(Cmd.WRITE, i * PAGE, data=p, cookie=i) for i, p in enumerate(pages)
+    ]
     reqs.append(req(Cmd.WRITE, 0, data=b"\x77" * PAGE, cookie=10))  # same page again
     reqs.append(req(Cmd.READ, 0, 2 * PAGE, cookie=11))
     replies = disk.execute(reqs)
@@ -119,8 +125,9 @@ def test_rejected_requests_answer_their_errno() -> None:
 def test_store_full_is_enospc_and_reads_never_see_stale_bytes() -> None:
     host = TmemHost(1 << 20)
     disk = SwapDisk(host, "vm", 1024 * PAGE)
-    replies = disk.execute([req(Cmd.WRITE, i * PAGE, data=os.urandom(PAGE), cookie=i)
-                            for i in range(400)])
+    replies = disk.execute(
+        [req(Cmd.WRITE, i * PAGE, data=os.urandom(PAGE), cookie=i) for i in range(400)]
+    )
     assert err(399, Errno.ENOSPC) in replies and replies[0] == ok(0)
     (single,) = disk.execute([req(Cmd.WRITE, 500 * PAGE, data=os.urandom(3 * PAGE), cookie=7)])
     assert single == err(7, Errno.ENOSPC)
@@ -182,9 +189,14 @@ def test_lost_contents_read_as_eio_until_written_or_trimmed() -> None:
     assert disk.execute([req(Cmd.READ, 3 * PAGE, 10, cookie=2)]) == [err(2, Errno.EIO)]
     # a partial write needs the old bytes of the page: EIO as well
     assert disk.execute([req(Cmd.WRITE, 100, data=b"x", cookie=3)]) == [err(3, Errno.EIO)]
-    replies = disk.execute([req(Cmd.WRITE, 0, data=b"a" * PAGE, cookie=4),
-                            req(Cmd.WRITE, 5 * PAGE, data=b"b" * PAGE, cookie=5),
-                            req(Cmd.READ, 0, PAGE, cookie=6), req(Cmd.READ, PAGE, PAGE, cookie=7)])
+    replies = disk.execute(
+        [
+            req(Cmd.WRITE, 0, data=b"a" * PAGE, cookie=4),
+            req(Cmd.WRITE, 5 * PAGE, data=b"b" * PAGE, cookie=5),
+            req(Cmd.READ, 0, PAGE, cookie=6),
+            req(Cmd.READ, PAGE, PAGE, cookie=7),
+        ]
+    )
     assert replies == [ok(4), ok(5), ok(6) + b"a" * PAGE, err(7, Errno.EIO)]
     assert disk.execute([req(Cmd.TRIM, PAGE, 2 * PAGE + 1, cookie=8)]) == [ok(8)]
     assert read(disk, PAGE, 2 * PAGE) == bytes(2 * PAGE)  # trimmed whole: zeros are fine

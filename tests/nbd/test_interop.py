@@ -51,7 +51,7 @@ def test_qemu_img_convert_compare_and_back(swap_agent: SwapAgent, tmp_path: Path
     assert back.read_bytes() == padded.read_bytes()
     stats = swap_agent.app.swap.disks["vm1"].describe()
     # qemu-img skips zero pages (write-zeroes / sparse): what is stored is the non-zero mix
-    nonzero = sum(1 for i in range(0, len(data), PAGE) if any(data[i:i + PAGE]))
+    nonzero = sum(1 for i in range(0, len(data), PAGE) if any(data[i : i + PAGE]))
     assert 0 < stats["pages"] <= 2048 and stats["pages"] >= nonzero
     assert stats["ratio"] > 1.5  # lz4 + dedup of the text and duplicate pages
     assert swap_agent.app.tmem.audit() == []
@@ -60,19 +60,31 @@ def test_qemu_img_convert_compare_and_back(swap_agent: SwapAgent, tmp_path: Path
 def test_qemu_io_patterns_discard_zeroes_and_pipelined_aio(swap_agent: SwapAgent) -> None:
     need("qemu-io")
     uri = nbd_uri(swap_agent.add_disk("vm1", 8 << 20))
-    cmds = [
-        "write -P 0xab 0 1M", "read -P 0xab 0 1M",
-        "read -P 0 1M 1M",  # never written: zeros
-        "write -P 0x11 100 3000", "read -P 0x11 100 3000", "read -P 0xab 0 100",
-        "read -P 0xab 3100 1000",  # the rest of the read-modify-written page
-        "write -P 0x22 8190 8200", "read -P 0x22 8190 8200",  # spans three pages
-        "discard 64k 64k", "read -P 0 64k 64k",
-        "write -z 200k 10000", "read -P 0 200k 10000", "read -P 0xab 190k 10k",
-        "write -z -u 512k 64k", "read -P 0 512k 64k",  # may unmap: memd flushes
-        "write -f -P 0x33 2M 4k",  # FUA
-        "flush",
-    ] + [f"aio_write -P {i + 1} {i * 4}k 4k" for i in range(64)] + ["aio_flush"] + [
-        f"read -P {i + 1} {i * 4}k 4k" for i in range(0, 64, 7)]
+    cmds = (
+        [
+            "write -P 0xab 0 1M",
+            "read -P 0xab 0 1M",
+            "read -P 0 1M 1M",  # never written: zeros
+            "write -P 0x11 100 3000",
+            "read -P 0x11 100 3000",
+            "read -P 0xab 0 100",
+            "read -P 0xab 3100 1000",  # the rest of the read-modify-written page
+            "write -P 0x22 8190 8200",
+            "read -P 0x22 8190 8200",  # spans three pages
+            "discard 64k 64k",
+            "read -P 0 64k 64k",
+            "write -z 200k 10000",
+            "read -P 0 200k 10000",
+            "read -P 0xab 190k 10k",
+            "write -z -u 512k 64k",
+            "read -P 0 512k 64k",  # may unmap: memd flushes
+            "write -f -P 0x33 2M 4k",  # FUA
+            "flush",
+        ]
+        + [f"aio_write -P {i + 1} {i * 4}k 4k" for i in range(64)]
+        + ["aio_flush"]
+        + [f"read -P {i + 1} {i * 4}k 4k" for i in range(0, 64, 7)]
+    )
     args = [a for c in cmds for a in ("-c", c)]
     out = run("qemu-io", "-f", "raw", *args, uri).stdout
     assert "Pattern verification failed" not in out and "error" not in out.lower()
@@ -138,13 +150,30 @@ def test_libnbd_python_binding_pipelined(swap_agent: SwapAgent) -> None:
     assert swap_agent.app.swap.disks["vm3"].describe()["pages"] == 255
 
 
-def _serve(tmp: Path, control: Path, disk: Path, store: Path | str, *extra: str,
-           size: str = "16M") -> subprocess.Popen[str]:
+def _serve(
+    tmp: Path, control: Path, disk: Path, store: Path | str, *extra: str, size: str = "16M"
+) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memd.cli", "--socket", str(control), "serve",
-         "--store", str(store), "--budget", "64M", "--swap", f"vm1={disk}:{size}", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "MEMD_RUN_DIR": str(tmp)})
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(control),
+            "serve",
+            "--store",
+            str(store),
+            "--budget",
+            "64M",
+            "--swap",
+            f"vm1={disk}:{size}",
+            *extra,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MEMD_RUN_DIR": str(tmp)},
+    )
     deadline = time.monotonic() + 30
     while not (control.exists() and accepts(disk)):
         assert proc.poll() is None, proc.communicate()[1]
@@ -173,8 +202,16 @@ def test_serve_swap_flag_cli_tables_and_graceful_restart(tmp_path: Path) -> None
     assert state.is_dir() and not disk.exists()
     proc = _serve(tmp_path, control, disk, state)  # the store brings the disk back
     try:
-        run("qemu-io", "-f", "raw", "-c", "read -P 0x6d 0 2M", "-c", "read -P 0 2M 1M",
-            nbd_uri(str(disk)))
+        run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x6d 0 2M",
+            "-c",
+            "read -P 0 2M 1M",
+            nbd_uri(str(disk)),
+        )
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -186,15 +223,33 @@ def test_kill_9_then_restart_keeps_every_acknowledged_write(tmp_path: Path) -> N
     control, disk, store = tmp_path / "c.sock", tmp_path / "vm1.nbd", tmp_path / "store"
     proc = _serve(tmp_path, control, disk, store)
     try:
-        run("qemu-io", "-f", "raw", "-c", "write -P 0x6d 0 1M", "-c", "write -P 0x3c 3M 4k",
-            nbd_uri(str(disk)))
+        run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x6d 0 1M",
+            "-c",
+            "write -P 0x3c 3M 4k",
+            nbd_uri(str(disk)),
+        )
     finally:
         proc.kill()
         proc.wait()
     proc = _serve(tmp_path, control, disk, store)
     try:
-        run("qemu-io", "-f", "raw", "-c", "read -P 0x6d 0 1M", "-c", "read -P 0x3c 3M 4k",
-            "-c", "read -P 0 1M 2M", nbd_uri(str(disk)))
+        run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x6d 0 1M",
+            "-c",
+            "read -P 0x3c 3M 4k",
+            "-c",
+            "read -P 0 1M 2M",
+            nbd_uri(str(disk)),
+        )
         cli = [sys.executable, "-m", "memd.cli", "--socket", str(control)]
         swap = json.loads(run(*cli, "guests", "--json").stdout)[0]["swap"]
         assert swap["lost_pages"] == 0 and swap["pages"] == 257
@@ -241,8 +296,17 @@ def test_spill_beyond_the_budget_and_across_a_graceful_restart(tmp_path: Path) -
     control, disk, state = tmp_path / "c.sock", tmp_path / "vm1.nbd", tmp_path / "store"
     src = tmp_path / "random.raw"
     src.write_bytes(os.urandom(24 << 20) + bytes(8 << 20))
-    proc = _serve(tmp_path, control, disk, state, "--budget", "8M",
-                  "--spill-dir", str(tmp_path / "spill"), size="32M")
+    proc = _serve(
+        tmp_path,
+        control,
+        disk,
+        state,
+        "--budget",
+        "8M",
+        "--spill-dir",
+        str(tmp_path / "spill"),
+        size="32M",
+    )
     uri = nbd_uri(str(disk))
     cli = [sys.executable, "-m", "memd.cli", "--socket", str(control)]
     try:
@@ -254,20 +318,37 @@ def test_spill_beyond_the_budget_and_across_a_graceful_restart(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
-    proc = _serve(tmp_path, control, disk, state, "--budget", "8M",
-                  "--spill-dir", str(tmp_path / "spill"), size="32M")
+    proc = _serve(
+        tmp_path,
+        control,
+        disk,
+        state,
+        "--budget",
+        "8M",
+        "--spill-dir",
+        str(tmp_path / "spill"),
+        size="32M",
+    )
     try:
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri)
     finally:
         proc.kill()  # a crash: the spill map is not written
         proc.wait()
-    proc = _serve(tmp_path, control, disk, state, "--budget", "8M",
-                  "--spill-dir", str(tmp_path / "spill"), size="32M")
+    proc = _serve(
+        tmp_path,
+        control,
+        disk,
+        state,
+        "--budget",
+        "8M",
+        "--spill-dir",
+        str(tmp_path / "spill"),
+        size="32M",
+    )
     try:
         swap = json.loads(run(*cli, "guests", "--json").stdout)[0]["swap"]
         assert swap["lost_pages"] > 3000 and swap["pages"] + swap["lost_pages"] == 8192
-        result = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri,
-                     check=False)
+        result = run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri, check=False)
         assert result.returncode != 0 and "Input/output error" in result.stdout + result.stderr
     finally:
         proc.terminate()
@@ -285,8 +366,16 @@ def test_attach_swap_with_path_and_status_line(tmp_path: Path) -> None:
         extra = tmp_path / "vm2.nbd"
         out = run(*cli, "attach", "vm2", "--swap", "8M", "--path", str(extra)).stdout
         assert f"vm2: swap disk of 8M on {extra}" in out
-        run("qemu-io", "-f", "raw", "-c", "write -P 0x77 0 8M", "-c", "read -P 0x77 0 8M",
-            nbd_uri(str(extra)))
+        run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 8M",
+            "-c",
+            "read -P 0x77 0 8M",
+            nbd_uri(str(extra)),
+        )
         status = run(*cli, "status").stdout
         assert "2 NBD swap disks" in status and "vm2 8M (2048 pages in memory" in status
         bad = run(*cli, "attach", "vm2", "--swap", "8M", "--path", str(extra), check=False)

@@ -25,8 +25,7 @@ def page(i: int, salt: int = 0) -> bytes:
 
 
 def write(disk: SwapDisk, indexes: list[int], salt: int = 0) -> list[bytes]:
-    reqs: list[Request] = [Request(Cmd.WRITE, 0, i, i * PAGE, PAGE, page(i, salt))
-                           for i in indexes]
+    reqs: list[Request] = [Request(Cmd.WRITE, 0, i, i * PAGE, PAGE, page(i, salt)) for i in indexes]
     return disk.execute(list(reqs))
 
 
@@ -108,8 +107,9 @@ def test_spill_map_survives_a_graceful_stop(tmp_path: Path) -> None:
 
     log = FakeLog()
     host = TmemHost(1 << 20, log=log)
-    disk = SwapDisk(host, "vm", 1024 * PAGE,
-                    spill=FileSpill(tmp_path / "vm.spill", 1024, 1024, restore=False))
+    disk = SwapDisk(
+        host, "vm", 1024 * PAGE, spill=FileSpill(tmp_path / "vm.spill", 1024, 1024, restore=False)
+    )
     write(disk, list(range(400)))
     spill = disk.pages.spill
     assert isinstance(spill, FileSpill) and spill.used > 0
@@ -117,8 +117,9 @@ def test_spill_map_survives_a_graceful_stop(tmp_path: Path) -> None:
     stored = log.crashed()  # the store as the next agent opens it
     host = TmemHost(1 << 20, log=stored)
     assert host.restore(stored.load()) == []
-    again = SwapDisk(host, "vm", 1024 * PAGE,
-                     spill=FileSpill(tmp_path / "vm.spill", 1024, 1024, restore=True))
+    again = SwapDisk(
+        host, "vm", 1024 * PAGE, spill=FileSpill(tmp_path / "vm.spill", 1024, 1024, restore=True)
+    )
     for i in range(0, 400, 13):
         assert read(again, i) == (0, page(i))
     assert host.get("vm", DISK_POOL_ID, DISK_OID, 399) in (None, page(399))
@@ -126,8 +127,9 @@ def test_spill_map_survives_a_graceful_stop(tmp_path: Path) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from("wrt"), st.integers(0, 255)), max_size=120))
-def test_spilling_disk_is_a_byte_array(tmp_path_factory: object,
-                                       ops: list[tuple[str, int]]) -> None:
+def test_spilling_disk_is_a_byte_array(
+    tmp_path_factory: object, ops: list[tuple[str, int]]
+) -> None:
     tmp = Path(str(tmp_path_factory.mktemp("spill")))  # type: ignore[attr-defined]
     disk = spilled_disk(tmp, 160 << 10, 256, 256)  # ~30 pages fit in memory
     model: dict[int, bytes] = {}

@@ -65,16 +65,14 @@ def test_p2m_points_elsewhere(state: tuple[SimMachine, SharingManager, int, int]
     assert {"rmap_p2m_mfn", "refcount"} <= found
 
 
-def test_lost_and_duplicate_versions(
-        state: tuple[SimMachine, SharingManager, int, int]) -> None:
+def test_lost_and_duplicate_versions(state: tuple[SimMachine, SharingManager, int, int]) -> None:
     m, mgr, a, _ = state
     mgr._version[m.lookup(a, 0)[0]] = mgr._version[m.lookup(a, 1)[0]]
     mgr._version[m.lookup(a, 2)[0]] = 10**12
     assert {"version_duplicate", "version_range"} <= kinds(mgr.audit())
 
 
-def test_entry_dropped_from_reverse_map(
-        state: tuple[SimMachine, SharingManager, int, int]) -> None:
+def test_entry_dropped_from_reverse_map(state: tuple[SimMachine, SharingManager, int, int]) -> None:
     m, mgr, _, b = state
     mfn = m.lookup(b, 3)[0]
     e = mgr._rmap.head[mfn]
@@ -83,8 +81,7 @@ def test_entry_dropped_from_reverse_map(
     assert {"untracked_shared_gfn", "stale_slot", "refcount", "entry_leak"} <= found
 
 
-def test_orphan_cow_frame_and_cycle(
-        state: tuple[SimMachine, SharingManager, int, int]) -> None:
+def test_orphan_cow_frame_and_cycle(state: tuple[SimMachine, SharingManager, int, int]) -> None:
     m, mgr, a, _ = state
     mfn = m.lookup(a, 0)[0]
     mgr._version[mfn] = 0

@@ -114,8 +114,9 @@ def test_plain_machine_is_a_machine_without_batches() -> None:
 # A world step: ("write", d, g, v) | ("nominate", d, g) | ("share", i, j) over handles
 # seen so far | ("balloon", d, g) | ("unshare", d, g).
 step = st.one_of(
-    st.tuples(st.just("write"), st.integers(0, DOMAINS - 1), st.integers(0, PAGES - 1),
-              st.integers(0, 2)),
+    st.tuples(
+        st.just("write"), st.integers(0, DOMAINS - 1), st.integers(0, PAGES - 1), st.integers(0, 2)
+    ),
     st.tuples(st.just("nominate"), st.integers(0, DOMAINS - 1), st.integers(0, PAGES - 1)),
     st.tuples(st.just("share"), st.integers(0, 50), st.integers(0, 50)),
     st.tuples(st.just("balloon"), st.integers(0, DOMAINS - 1), st.integers(0, PAGES - 1)),
@@ -124,8 +125,13 @@ step = st.one_of(
 
 
 class World:
-    def __init__(self, steps: list[tuple[Any, ...]], plain: bool,
-                 nominate_all: bool = False, closed: int | None = None) -> None:
+    def __init__(
+        self,
+        steps: list[tuple[Any, ...]],
+        plain: bool,
+        nominate_all: bool = False,
+        closed: int | None = None,
+    ) -> None:
         self.sim = SimMachine(DOMAINS * PAGES + 4)
         self.m: Machine = PlainMachine(self.sim) if plain else self.sim
         self.mgr = SharingManager(self.m, cross_domain_default=True)
@@ -219,14 +225,22 @@ def build_pairs(w: World, items: list[Any]) -> list[SharePair]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(step, max_size=30),
-       items=st.lists(st.tuples(page_ref, handle_ref, page_ref, handle_ref), min_size=3,
-                      max_size=30),
-       chunk=st.integers(1, 9), plain=st.booleans(), nominate_all=st.booleans(),
-       closed=st.none() | st.integers(0, DOMAINS - 1))
-def test_share_many_equals_sequential_share(steps: list[Any], items: list[Any], chunk: int,
-                                            plain: bool, nominate_all: bool,
-                                            closed: int | None) -> None:
+@given(
+    steps=st.lists(step, max_size=30),
+    items=st.lists(st.tuples(page_ref, handle_ref, page_ref, handle_ref), min_size=3, max_size=30),
+    chunk=st.integers(1, 9),
+    plain=st.booleans(),
+    nominate_all=st.booleans(),
+    closed=st.none() | st.integers(0, DOMAINS - 1),
+)
+def test_share_many_equals_sequential_share(
+    steps: list[Any],
+    items: list[Any],
+    chunk: int,
+    plain: bool,
+    nominate_all: bool,
+    closed: int | None,
+) -> None:
     batch = World(steps, plain, nominate_all, closed)
     single = World(steps, plain, nominate_all, closed)
     assert batch.state() == single.state()
@@ -251,12 +265,17 @@ def test_share_many_equals_sequential_share(steps: list[Any], items: list[Any], 
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(step, max_size=30), di=st.integers(0, DOMAINS),
-       gfns=st.lists(st.integers(-1, PAGES), max_size=12), chunk=st.integers(1, 9),
-       plain=st.booleans(), dying=st.booleans())
-def test_nominate_many_equals_sequential_nominate(steps: list[Any], di: int, gfns: list[int],
-                                                  chunk: int, plain: bool,
-                                                  dying: bool) -> None:
+@given(
+    steps=st.lists(step, max_size=30),
+    di=st.integers(0, DOMAINS),
+    gfns=st.lists(st.integers(-1, PAGES), max_size=12),
+    chunk=st.integers(1, 9),
+    plain=st.booleans(),
+    dying=st.booleans(),
+)
+def test_nominate_many_equals_sequential_nominate(
+    steps: list[Any], di: int, gfns: list[int], chunk: int, plain: bool, dying: bool
+) -> None:
     batch, single = World(steps, plain), World(steps, plain)
     d = batch.doms[di] if di < DOMAINS else 999
     if dying and di < DOMAINS:
@@ -287,21 +306,33 @@ def test_batch_dependencies_by_example(machine: SimMachine, mgr: SharingManager)
     assert ha[0] == ha[3]  # the same gfn twice: the record made by the first
     assert all(isinstance(h, int) for h in ha + hb)
     h: list[int] = [int(x) for x in ha + hb]  # type: ignore[arg-type]
-    results = mgr.share_many([
-        (a, 0, h[0], b, 0, h[4]),  # merge b0 into a0
-        (a, 0, h[0], b, 0, h[4]),  # b0 was merged: its old handle is stale now
-        (a, 0, h[0], b, 0, h[0]),  # ... and the source's handle is current: no-op
-        (b, 0, h[0], a, 1, h[1]),  # b0 as source, moved by the first pair: merge a1
-        (a, 1, h[0], a, 2, h[2]),  # a1 was merged too
-        (a, 2, h[2], b, 3, h[6]),  # a2 was merged by the previous pair: h[2] is gone
-        (a, 2, h[0], b, 3, h[6]),  # different bytes
-        (a, 2, h[0], a, 0, h[0]),  # both on one frame already
-        (a, 9, h[0], a, 2, h[0]),  # no such gfn
-        (a, 2, h[0], b, 1, 0),     # handle 0 is never current
-    ])
+    results = mgr.share_many(
+        [
+            (a, 0, h[0], b, 0, h[4]),  # merge b0 into a0
+            (a, 0, h[0], b, 0, h[4]),  # b0 was merged: its old handle is stale now
+            (a, 0, h[0], b, 0, h[0]),  # ... and the source's handle is current: no-op
+            (b, 0, h[0], a, 1, h[1]),  # b0 as source, moved by the first pair: merge a1
+            (a, 1, h[0], a, 2, h[2]),  # a1 was merged too
+            (a, 2, h[2], b, 3, h[6]),  # a2 was merged by the previous pair: h[2] is gone
+            (a, 2, h[0], b, 3, h[6]),  # different bytes
+            (a, 2, h[0], a, 0, h[0]),  # both on one frame already
+            (a, 9, h[0], a, 2, h[0]),  # no such gfn
+            (a, 2, h[0], b, 1, 0),  # handle 0 is never current
+        ]
+    )
     kinds = [None if r is None else type(r).__name__ for r in results]
-    assert kinds == [None, "StaleClientHandle", None, None, None, "StaleSourceHandle",
-                     "ContentMismatch", None, "NoSuchDomain", "StaleClientHandle"]
+    assert kinds == [
+        None,
+        "StaleClientHandle",
+        None,
+        None,
+        None,
+        "StaleSourceHandle",
+        "ContentMismatch",
+        None,
+        "NoSuchDomain",
+        "StaleClientHandle",
+    ]
     f = machine.lookup(a, 0)[0]
     assert {machine.lookup(d, g)[0] for d, g in [(a, 0), (b, 0), (a, 1), (a, 2)]} == {f}
     assert sorted(mgr.gfns_of(f)) == sorted([(a, 0), (b, 0), (a, 1), (a, 2)])
@@ -310,6 +341,7 @@ def test_batch_dependencies_by_example(machine: SimMachine, mgr: SharingManager)
 
 
 # --- threads -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fast_switching() -> Iterator[None]:
@@ -341,6 +373,7 @@ def test_share_many_against_guest_writers() -> None:
                     body(rng)
             except BaseException as err:  # reported by the main thread
                 failures.append(err)
+
         return loop
 
     def writer(mine: list[tuple[int, int]]) -> Callable[[random.Random], None]:
@@ -354,6 +387,7 @@ def test_share_many_against_guest_writers() -> None:
             model[(d, g)] = data
             counts["writes"] += 1
             assert m.read(d, g) == model[(d, g)]
+
         return body
 
     def sharer(rng: random.Random) -> None:
@@ -364,8 +398,11 @@ def test_share_many_against_guest_writers() -> None:
                 if isinstance(h, int):
                     handles[(d, g)] = h
         keys = list(handles)
-        pairs = [(*s, handles[s], *c, handles[c])
-                 for s, c in (rng.sample(keys, 2) for _ in range(64)) if len(keys) >= 2]
+        pairs = [
+            (*s, handles[s], *c, handles[c])
+            for s, c in (rng.sample(keys, 2) for _ in range(64))
+            if len(keys) >= 2
+        ]
         for r in mgr.share_many(pairs, chunk=rng.choice([1, 7, 64])):
             if r is None:
                 counts["merged"] += 1
@@ -378,10 +415,12 @@ def test_share_many_against_guest_writers() -> None:
                 mgr.unshare(d, g)
 
     half = len(pages) // 2
-    threads = [threading.Thread(target=run(writer(pages[:half]), 1)),
-               threading.Thread(target=run(writer(pages[half:]), 2)),
-               threading.Thread(target=run(sharer, 3)),
-               threading.Thread(target=run(sharer, 4))]
+    threads = [
+        threading.Thread(target=run(writer(pages[:half]), 1)),
+        threading.Thread(target=run(writer(pages[half:]), 2)),
+        threading.Thread(target=run(sharer, 3)),
+        threading.Thread(target=run(sharer, 4)),
+    ]
     for t in threads:
         t.start()
     time.sleep(1.5)

@@ -36,8 +36,7 @@ class Host:
         self.manager = SharingManager(self.machine)
         self.sharing = SharingService(self.manager, consent=self.consent)
         self.tmem = TmemHost(budget_bytes=8 << 20)
-        self.dispatcher = Dispatcher(self.tmem, SharingRouter(self.sharing),
-                                     consent=self.consent)
+        self.dispatcher = Dispatcher(self.tmem, SharingRouter(self.sharing), consent=self.consent)
         self.guests: dict[str, GuestState] = {}
         rng = np.random.default_rng(11)
         self.content = rng.integers(0, 256, size=(PAGES, 4096), dtype=np.uint8)
@@ -50,8 +49,9 @@ class Host:
 
     def hello(self, name: str, capabilities: int) -> None:
         guest = self.guests.setdefault(name, GuestState(name))
-        request = wire.encode_request(1, wire.HelloRequest(
-            wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16)))
+        request = wire.encode_request(
+            1, wire.HelloRequest(wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16))
+        )
         [frame] = wire.FrameDecoder().feed(request)
         assert isinstance(frame, wire.Frame)
         [reply] = wire.FrameDecoder().feed(self.dispatcher.handle(guest, frame))
@@ -102,7 +102,7 @@ def test_one_consenting_guest_is_not_enough() -> None:
 def test_a_non_consenting_guest_still_merges_its_own_duplicates() -> None:
     """As tmem de-duplicates a non-consenting guest within its own scope."""
     host = Host()
-    twice = np.concatenate([host.content[:PAGES // 2], host.content[:PAGES // 2]])
+    twice = np.concatenate([host.content[: PAGES // 2], host.content[: PAGES // 2]])
     a, b = host.add_guest("a", twice), host.add_guest("b", twice)
     host.hello("a", PLAIN)
     host.hello("b", PLAIN)
@@ -171,16 +171,22 @@ def test_the_manager_refuses_a_merge_across_domains_without_consent() -> None:
 @pytest.mark.parametrize("attached", [False, True])
 def test_the_rule(guest: GuestWord, opted_out: bool, attached: bool) -> None:
     """A no from either side wins; otherwise a yes from either side suffices."""
-    want = (not opted_out and guest is not GuestWord.DECLINES
-            and (guest is GuestWord.CONSENTS or attached))
+    want = (
+        not opted_out
+        and guest is not GuestWord.DECLINES
+        and (guest is GuestWord.CONSENTS or attached)
+    )
     assert merges_across(guest, opted_out=opted_out, attached=attached) is want
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), min_size=1, max_size=8),
-       st.lists(st.integers(0, PAGES - 1), min_size=0, max_size=6))
+@given(
+    st.lists(st.tuples(st.sampled_from("abc"), st.booleans()), min_size=1, max_size=8),
+    st.lists(st.integers(0, PAGES - 1), min_size=0, max_size=6),
+)
 def test_after_any_sequence_of_words_only_consenting_guests_share_frames(
-        words: list[tuple[str, bool]], writes: list[int]) -> None:
+    words: list[tuple[str, bool]], writes: list[int]
+) -> None:
     host = Host()
     domids = {name: host.add_guest(name) for name in "abc"}
     for i, (name, consents) in enumerate(words):

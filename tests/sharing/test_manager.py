@@ -24,8 +24,9 @@ def counters(mgr: SharingManager) -> dict[str, Any]:
     return {k: v for k, v in mgr.stats().items() if k != "metadata_bytes"}
 
 
-def shared_pair(m: SimMachine, mgr: SharingManager, content: bytes = b"same"
-                ) -> tuple[int, int, int]:
+def shared_pair(
+    m: SimMachine, mgr: SharingManager, content: bytes = b"same"
+) -> tuple[int, int, int]:
     """Two domains whose gfn 0 holds ``content``, shared; returns (a, b, handle)."""
     a, b = m.create_domain(4), m.create_domain(4)
     m.write(a, 0, page(content))
@@ -35,8 +36,9 @@ def shared_pair(m: SimMachine, mgr: SharingManager, content: bytes = b"same"
     return a, b, ha
 
 
-def test_nominate_makes_a_record_with_a_fresh_version(machine: SimMachine,
-                                                      mgr: SharingManager) -> None:
+def test_nominate_makes_a_record_with_a_fresh_version(
+    machine: SimMachine, mgr: SharingManager
+) -> None:
     d = machine.create_domain(4)
     h1, h2 = mgr.nominate(d, 0), mgr.nominate(d, 1)
     assert h1 != h2 and h1 > 0 and h2 > 0
@@ -49,8 +51,9 @@ def test_nominate_makes_a_record_with_a_fresh_version(machine: SimMachine,
     assert mgr.audit().clean
 
 
-def test_renominate_after_unshare_gets_a_new_version(machine: SimMachine,
-                                                     mgr: SharingManager) -> None:
+def test_renominate_after_unshare_gets_a_new_version(
+    machine: SimMachine, mgr: SharingManager
+) -> None:
     d = machine.create_domain(2)
     h1 = mgr.nominate(d, 0)
     mgr.unshare(d, 0)
@@ -78,8 +81,7 @@ def test_nominate_refusals(machine: SimMachine, mgr: SharingManager) -> None:
     assert mgr.audit().clean
 
 
-def test_share_merges_and_frees_the_client_frame(machine: SimMachine,
-                                                 mgr: SharingManager) -> None:
+def test_share_merges_and_frees_the_client_frame(machine: SimMachine, mgr: SharingManager) -> None:
     free0 = machine.nr_free_frames
     a, b, _ = shared_pair(machine, mgr)
     assert machine.lookup(a, 0)[0] == machine.lookup(b, 0)[0]
@@ -90,8 +92,9 @@ def test_share_merges_and_frees_the_client_frame(machine: SimMachine,
     assert mgr.audit().clean
 
 
-def test_share_moves_every_gfn_of_the_client_frame(machine: SimMachine,
-                                                   mgr: SharingManager) -> None:
+def test_share_moves_every_gfn_of_the_client_frame(
+    machine: SimMachine, mgr: SharingManager
+) -> None:
     a = machine.create_domain(8)
     for g in range(6):
         machine.write(a, g, page(b"z"))
@@ -107,8 +110,7 @@ def test_share_moves_every_gfn_of_the_client_frame(machine: SimMachine,
     assert mgr.audit().clean
 
 
-def test_stale_source_and_client_are_distinct(machine: SimMachine,
-                                              mgr: SharingManager) -> None:
+def test_stale_source_and_client_are_distinct(machine: SimMachine, mgr: SharingManager) -> None:
     a, b = machine.create_domain(2), machine.create_domain(2)
     ha, hb = mgr.nominate(a, 0), mgr.nominate(b, 0)
     with pytest.raises(StaleSourceHandle) as src:
@@ -124,8 +126,7 @@ def test_stale_source_and_client_are_distinct(machine: SimMachine,
         mgr.share(a, 0, ha, b, 0, hb)  # the client's version retired with its record
 
 
-def test_stale_handle_never_matches_a_reused_mfn(machine: SimMachine,
-                                                 mgr: SharingManager) -> None:
+def test_stale_handle_never_matches_a_reused_mfn(machine: SimMachine, mgr: SharingManager) -> None:
     a, b = machine.create_domain(2), machine.create_domain(2)
     ha, hb = mgr.nominate(a, 0), mgr.nominate(b, 0)
     freed = machine.lookup(b, 0)[0]
@@ -177,8 +178,7 @@ def test_unshare_last_gfn_is_in_place(machine: SimMachine, mgr: SharingManager) 
     assert mgr.audit().clean
 
 
-def test_unshare_copies_when_others_remain(machine: SimMachine,
-                                           mgr: SharingManager) -> None:
+def test_unshare_copies_when_others_remain(machine: SimMachine, mgr: SharingManager) -> None:
     a, b, _ = shared_pair(machine, mgr)
     shared_mfn = machine.lookup(a, 0)[0]
     assert mgr.unshare(b, 0)
@@ -224,7 +224,8 @@ def test_unshare_out_of_frames_changes_nothing() -> None:
 
 
 def test_unshare_failure_after_allocation_rolls_back(
-        machine: SimMachine, mgr: SharingManager, monkeypatch: pytest.MonkeyPatch) -> None:
+    machine: SimMachine, mgr: SharingManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _a, b, _ = shared_pair(machine, mgr)
     before, free = counters(mgr), machine.nr_free_frames
 
@@ -239,8 +240,9 @@ def test_unshare_failure_after_allocation_rolls_back(
     assert mgr.audit().clean
 
 
-def test_teardown_is_incremental_and_releases_everything(machine: SimMachine,
-                                                         mgr: SharingManager) -> None:
+def test_teardown_is_incremental_and_releases_everything(
+    machine: SimMachine, mgr: SharingManager
+) -> None:
     a, b = machine.create_domain(40), machine.create_domain(40)
     ha = mgr.nominate(a, 0)
     for g in range(40):

@@ -37,8 +37,13 @@ def test_write_read_roundtrip_and_offsets() -> None:
 def test_unknown_domain_and_gfn() -> None:
     m = SimMachine(8)
     d = m.create_domain(2)
-    for call in (lambda: m.lookup(d, 2), lambda: m.lookup(d, -1), lambda: m.lookup(99, 0),
-                 lambda: m.write(d, 5, b"x"), lambda: m.read(42, 0)):
+    for call in (
+        lambda: m.lookup(d, 2),
+        lambda: m.lookup(d, -1),
+        lambda: m.lookup(99, 0),
+        lambda: m.write(d, 5, b"x"),
+        lambda: m.read(42, 0),
+    ):
         with pytest.raises(NoSuchDomain):
             call()
 

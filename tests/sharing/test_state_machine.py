@@ -161,6 +161,9 @@ class SharingModel(RuleBasedStateMachine):
 
 
 SharingModel.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow])
+    max_examples=60,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 TestSharingModel = SharingModel.TestCase

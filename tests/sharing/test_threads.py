@@ -53,6 +53,7 @@ def test_concurrent_sharers_and_writers() -> None:
                     body(rng)
             except BaseException as err:  # reported by the main thread
                 failures.append(err)
+
         return loop
 
     def writer(mine: list[tuple[int, int]]) -> Callable[[random.Random], None]:
@@ -67,6 +68,7 @@ def test_concurrent_sharers_and_writers() -> None:
                 model[(d, g)] = data
                 counts["writes"] += 1
             assert m.read(d, g) == model[(d, g)]
+
         return body
 
     def sharer(rng: random.Random) -> None:
@@ -91,11 +93,13 @@ def test_concurrent_sharers_and_writers() -> None:
         time.sleep(0.005)
 
     half = len(pages) // 2
-    threads = [threading.Thread(target=run(writer(pages[:half]), 1)),
-               threading.Thread(target=run(writer(pages[half:]), 2)),
-               threading.Thread(target=run(sharer, 3)),
-               threading.Thread(target=run(sharer, 4)),
-               threading.Thread(target=run(scan, 5))]
+    threads = [
+        threading.Thread(target=run(writer(pages[:half]), 1)),
+        threading.Thread(target=run(writer(pages[half:]), 2)),
+        threading.Thread(target=run(sharer, 3)),
+        threading.Thread(target=run(sharer, 4)),
+        threading.Thread(target=run(scan, 5)),
+    ]
     for t in threads:
         t.start()
     time.sleep(RUN_SECONDS)

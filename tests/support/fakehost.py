@@ -107,8 +107,9 @@ class FakeHostServer:
     Otherwise each connection starts a new session, as the agent does (HELLO again).
     """
 
-    def __init__(self, path: str, *, persistent_stream: bool = False,
-                 partial_timeout: float = 0.3) -> None:
+    def __init__(
+        self, path: str, *, persistent_stream: bool = False, partial_timeout: float = 0.3
+    ) -> None:
         self.path = path
         self.store = FakeStore()
         self.persistent_stream = persistent_stream

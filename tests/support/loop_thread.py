@@ -16,8 +16,7 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name="memd-agent", daemon=True)
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:

@@ -14,8 +14,12 @@ class MockTransport(Transport):
     each ``send``) are handed out by ``recv``; everything sent is kept in ``sent``.  An
     exhausted mock times out at once, or reports EOF once ``eof`` is set."""
 
-    def __init__(self, incoming: Iterable[bytes] = (),
-                 responder: Callable[[bytes], bytes] | None = None, name: str = "mock") -> None:
+    def __init__(
+        self,
+        incoming: Iterable[bytes] = (),
+        responder: Callable[[bytes], bytes] | None = None,
+        name: str = "mock",
+    ) -> None:
         self.name = name
         self.sent = bytearray()
         self.incoming: collections.deque[bytes] = collections.deque(incoming)

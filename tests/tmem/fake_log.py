@@ -61,8 +61,9 @@ class FakeLog:
         self.pending.append(("blob", blob, None))
         self._pending_blobs[blob] = None
 
-    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
-                  entries: Sequence[tuple[int, int]]) -> None:
+    def put_chunk(
+        self, gid: int, oid: tuple[int, int, int], chunk: int, entries: Sequence[tuple[int, int]]
+    ) -> None:
         assert entries and all(i >> 6 == chunk for i, _ in entries)
         self.pending.append(("chunk", (gid, *oid, chunk), list(entries)))
         self._pending_bytes += _PAGE_COST * len(entries)
@@ -87,8 +88,11 @@ class FakeLog:
         if not self.pending:
             return
         tables: dict[str, dict[Any, Any]] = {
-            "client": self.clients, "pool": self.pools, "blob": self.blobs,
-            "chunk": self.chunks}
+            "client": self.clients,
+            "pool": self.pools,
+            "blob": self.blobs,
+            "chunk": self.chunks,
+        }
         for kind, key, value in self.pending:
             table = tables[kind]
             if value is None and kind != "chunk":
@@ -114,10 +118,17 @@ class FakeLog:
         return StoredState(
             clients=[copy.deepcopy(c) for c in self.clients.values()],
             pools=[copy.deepcopy(p) for p in self.pools.values()],
-            blobs=np.array(sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()),
-                           dtype=BLOB_DTYPE),
-            pages=np.array(sorted((*k[:4], index, blob) for k, entries in self.chunks.items()
-                                  for index, blob in entries), dtype=PAGE_DTYPE),
+            blobs=np.array(
+                sorted((b, h, s, len(p)) for b, (h, s, p) in self.blobs.items()), dtype=BLOB_DTYPE
+            ),
+            pages=np.array(
+                sorted(
+                    (*k[:4], index, blob)
+                    for k, entries in self.chunks.items()
+                    for index, blob in entries
+                ),
+                dtype=PAGE_DTYPE,
+            ),
             meta=dict(self.meta),
         )
 

@@ -32,8 +32,9 @@ def test_concurrent_clients_budget_changes_and_batches() -> None:
                         mine[index] = page
                     else:
                         assert isinstance(res, NoSpace)
-                for (_, index), got in zip(handles, host.get_batch(name, eph, handles),
-                                           strict=True):
+                for (_, index), got in zip(
+                    handles, host.get_batch(name, eph, handles), strict=True
+                ):
                     assert got is None or got == pages[index - rnd * 16]
                 if rnd % 5 == 0:
                     host.flush_object(name, eph, (seed, 0, 0))

@@ -80,7 +80,8 @@ def test_restart_brings_back_pools_pages_settings_and_meta() -> None:
     assert new.audit() == []
     # Counters recomputed from the records equal the live host's.
     assert [p.to_dict()["pages"] for p in new.pool_stats()] == [
-        p.to_dict()["pages"] if p.kind == "persistent" else 0 for p in old.pool_stats()]
+        p.to_dict()["pages"] if p.kind == "persistent" else 0 for p in old.pool_stats()
+    ]
     # The new host keeps working (fresh blob ids do not collide with restored ones).
     new.thaw("vm2")
     new.put("vm2", 0, (1, 1, 1), 0, text_page(5000))
@@ -95,8 +96,9 @@ def test_reboot_drops_pools_and_records_the_boot_id_in_one_commit() -> None:
     pool = host.new_pool("g", P)
     host.put("g", pool, OID, 0, text_page(1))
     before = log.commits
-    assert host.open_session("g", cap_pages=None, dedup=False, meta={"boot_id": "B"},
-                             reset=True) == 1
+    assert (
+        host.open_session("g", cap_pages=None, dedup=False, meta={"boot_id": "B"}, reset=True) == 1
+    )
     assert log.commits == before + 1
     new, _, _ = reopen(log)
     assert new.client_meta("g") == {"boot_id": "B"} and new.pool_ids("g") == []
@@ -158,8 +160,10 @@ def test_restore_drops_records_it_cannot_use() -> None:
     assert len(findings) == 1 and "blob" in findings[0]  # the orphan goes silently
     newlog.commit()
     assert 12345 not in newlog.blobs
-    assert sorted(p is None for p in (new.get("g", pool, OID, 0),
-                                      new.get("g", pool, OID, 1))) == [False, True]
+    assert sorted(p is None for p in (new.get("g", pool, OID, 0), new.get("g", pool, OID, 1))) == [
+        False,
+        True,
+    ]
     newlog.commit()
     assert new.audit() == []
 
@@ -185,10 +189,13 @@ class DurableMachine(RuleBasedStateMachine):
         self.log = FakeLog()
         self.host = TmemHost(budget_bytes=2 << 20, log=self.log)
         for vm in ("a", "b"):
-            self.host.open_session(vm, cap_pages=300, dedup=vm == "a", meta={"boot": 0},
-                                   reset=False)
-        self.pools = {"a": [self.host.new_pool("a", P), self.host.new_pool("a", 0)],
-                      "b": [self.host.new_pool("b", P)]}
+            self.host.open_session(
+                vm, cap_pages=300, dedup=vm == "a", meta={"boot": 0}, reset=False
+            )
+        self.pools = {
+            "a": [self.host.new_pool("a", P), self.host.new_pool("a", 0)],
+            "b": [self.host.new_pool("b", P)],
+        }
         self.model: dict[tuple[str, int, int, int], bytes] = {}  # acknowledged pages
 
     vms = st.sampled_from(["a", "b"])
@@ -221,8 +228,9 @@ class DurableMachine(RuleBasedStateMachine):
             return
         handles = [((obj, 0, 0), i) for i in range(start, start + 8)]
         pages = [text_page(c + i) for i in range(8)]
-        for (o, i), page, err in zip(handles, pages, self.host.put_batch(vm, pool, handles,
-                                                                           pages), strict=True):
+        for (o, i), page, err in zip(
+            handles, pages, self.host.put_batch(vm, pool, handles, pages), strict=True
+        ):
             key = (vm, pool, o[0], i)
             if err is None:
                 self.model[key] = page
@@ -253,8 +261,7 @@ class DurableMachine(RuleBasedStateMachine):
 
     @rule(vm=vms)
     def reboot(self, vm: str) -> None:
-        self.host.open_session(vm, cap_pages=300, dedup=vm == "a", meta={"boot": 1},
-                               reset=True)
+        self.host.open_session(vm, cap_pages=300, dedup=vm == "a", meta={"boot": 1}, reset=True)
         self.model = {k: v for k, v in self.model.items() if k[0] != vm}
         self.pools[vm] = [self.host.new_pool(vm, P)]
 
@@ -273,5 +280,9 @@ class DurableMachine(RuleBasedStateMachine):
 
 
 TestDurableMachine = DurableMachine.TestCase
-TestDurableMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None,
-                                       suppress_health_check=[HealthCheck.too_slow])
+TestDurableMachine.settings = settings(
+    max_examples=40,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)

@@ -70,9 +70,14 @@ def test_resize_places_runs_that_wrap_past_the_end() -> None:
     # the run around to the start, and every id must stay findable.
     keys = {i: (1 << 40) - 1 for i in range(300)}
     for vectorised in (False, True):
-        table = IdTable(lambda ident: keys[ident], hash_many=(
-            (lambda ids: np.full(len(ids), (1 << 40) - 1, dtype=np.uint64)) if vectorised
-            else None))
+        table = IdTable(
+            lambda ident: keys[ident],
+            hash_many=(
+                (lambda ids: np.full(len(ids), (1 << 40) - 1, dtype=np.uint64))
+                if vectorised
+                else None
+            ),
+        )
         for i in range(300):
             table.insert(keys[i], i)
         for i in range(300):
@@ -85,10 +90,14 @@ def test_resize_places_runs_that_wrap_past_the_end() -> None:
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sets(st.integers(0, 5000), max_size=600), st.sets(st.integers(0, 5000), max_size=600),
-       st.integers(1, 64))
-def test_insert_many_equals_inserting_one_by_one(first: set[int], bulk: set[int],
-                                                 spread: int) -> None:
+@given(
+    st.sets(st.integers(0, 5000), max_size=600),
+    st.sets(st.integers(0, 5000), max_size=600),
+    st.integers(1, 64),
+)
+def test_insert_many_equals_inserting_one_by_one(
+    first: set[int], bulk: set[int], spread: int
+) -> None:
     """The bulk load of a restart places ids exactly where find/remove look for them."""
     bulk -= first
     keys = {i: (i * 40503) % spread for i in first | bulk}  # few hashes: long runs

@@ -39,8 +39,9 @@ class RecordingSink:
     def drop_pool(self, gid: int) -> None:
         del self.pools[gid]
 
-    def put_chunk(self, gid: int, oid: tuple[int, int, int], chunk: int,
-                  entries: Sequence[tuple[int, int]]) -> None:
+    def put_chunk(
+        self, gid: int, oid: tuple[int, int, int], chunk: int, entries: Sequence[tuple[int, int]]
+    ) -> None:
         self.chunks[(gid, *oid, chunk)] = list(entries)
         self.chunk_events.append(((gid, *oid, chunk), True))
 

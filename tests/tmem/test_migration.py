@@ -42,8 +42,9 @@ def contents(host: TmemHost, name: str) -> dict[tuple[int, tuple[int, int, int],
     return out
 
 
-def move(src: TmemHost, dst: TmemHost, name: str, between_rounds: list[object] | None = None
-         ) -> None:
+def move(
+    src: TmemHost, dst: TmemHost, name: str, between_rounds: list[object] | None = None
+) -> None:
     exp = Exporter(src, feed_of(src), name)
     settings_, keys = exp.start()
     imp = Importer(dst, name, settings_)
@@ -70,10 +71,10 @@ def populate(host: TmemHost, name: str = "vm1") -> None:
     for i in range(200):
         host.put(name, pers, OIDS[i % 3], i * 7, text_page(i % 150))
     host.put(name, pers, OIDS[0], 10_000, bytes(4096))
-    host.put_batch(name, 15, [(OIDS[0], i) for i in range(100)],
-                   [text_page(1000 + i) for i in range(100)])
-    host.open_session(name, cap_pages=None, dedup=False, meta={"boot_id": "ab" * 16},
-                      reset=False)
+    host.put_batch(
+        name, 15, [(OIDS[0], i) for i in range(100)], [text_page(1000 + i) for i in range(100)]
+    )
+    host.open_session(name, cap_pages=None, dedup=False, meta={"boot_id": "ab" * 16}, reset=False)
 
 
 def test_a_client_moves_with_every_persistent_page_and_nothing_else() -> None:
@@ -85,7 +86,7 @@ def test_a_client_moves_with_every_persistent_page_and_nothing_else() -> None:
     assert contents(dst, "vm1") == before
     assert dst.client_names() == ["vm1"]
     assert dst.client_meta("vm1") == {"boot_id": "ab" * 16}
-    assert [p for p, _ in dst.pool_ids("vm1")] == [0, 1, 15]   # the ephemeral pool, empty
+    assert [p for p, _ in dst.pool_ids("vm1")] == [0, 1, 15]  # the ephemeral pool, empty
     assert dst.get("vm1", 0, OIDS[0], 1) is None
     assert dst.audit() == [] and src.audit() == []
     # crash-safe: what the destination's store committed rebuilds the same guest
@@ -113,11 +114,11 @@ def test_changes_during_precopy_arrive_and_flushes_are_not_resurrected() -> None
 
     def churn() -> None:
         src.flush_page("vm1", 1, OIDS[0], 0)
-        src.put("vm1", 1, OIDS[1], 7, text_page(9999))            # replaced
+        src.put("vm1", 1, OIDS[1], 7, text_page(9999))  # replaced
         src.flush_object("vm1", 1, OIDS[2])
         src.put("vm1", 15, OIDS[0], 5000, text_page(4242))
         src.destroy_pool("vm1", 0)
-        src.new_pool("vm1", PoolFlag.PERSISTENT)                    # local 0, persistent now
+        src.new_pool("vm1", PoolFlag.PERSISTENT)  # local 0, persistent now
         src.put("vm1", 0, OIDS[0], 3, text_page(77))
 
     move(src, dst, "vm1", [churn])
@@ -137,7 +138,7 @@ def test_abort_leaves_the_destination_with_nothing_and_the_source_untouched() ->
     imp.begin()
     imp.apply_pools(exp.pool_table())
     imp.apply_chunks(exp.read(keys[: len(keys) // 2]))
-    assert dst.client_names() == [STAGING_PREFIX + "vm1"]      # staged, not the guest's name
+    assert dst.client_names() == [STAGING_PREFIX + "vm1"]  # staged, not the guest's name
     imp.abort()
     exp.close()
     assert dst.client_names() == []
@@ -167,12 +168,12 @@ def test_an_empty_destination_client_with_a_served_disk_is_folded_in() -> None:
     dst, _, _ = logged_host()
     populate(src)
     dst.add_client("vm1", cap_pages=5000)
-    dst.new_pool_at("vm1", 15, PoolFlag.PERSISTENT)   # the disk, served before the guest
-    dst.new_pool_at("vm1", 9, PoolFlag.PERSISTENT)    # a pool the source does not have
+    dst.new_pool_at("vm1", 15, PoolFlag.PERSISTENT)  # the disk, served before the guest
+    dst.new_pool_at("vm1", 9, PoolFlag.PERSISTENT)  # a pool the source does not have
     move(src, dst, "vm1")
     assert contents(dst, "vm1") == contents(src, "vm1")
     assert [p for p, _ in dst.pool_ids("vm1")] == [0, 1, 9, 15]
-    assert dst.client_stats("vm1")[0].cap_pages == 5000    # the destination's own cap
+    assert dst.client_stats("vm1")[0].cap_pages == 5000  # the destination's own cap
     assert dst.audit() == []
 
 
@@ -226,15 +227,22 @@ def test_exporting_needs_the_change_feed() -> None:
         Exporter(host, feed_of(other), "vm1")  # another host's feed hears nothing of this one
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["put", "flush", "flush_obj", "round"]),
-                         st.integers(0, 2), st.integers(0, 300), st.integers(0, 40)),
-               max_size=60)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["put", "flush", "flush_obj", "round"]),
+        st.integers(0, 2),
+        st.integers(0, 300),
+        st.integers(0, 40),
+    ),
+    max_size=60,
+)
 
 
 @settings(max_examples=40, deadline=None)
 @given(OPS)
-def test_any_interleaving_of_guest_changes_and_rounds_ends_equal(ops: list[tuple[str, int, int,
-                                                                                 int]]) -> None:
+def test_any_interleaving_of_guest_changes_and_rounds_ends_equal(
+    ops: list[tuple[str, int, int, int]],
+) -> None:
     src, _, _ = logged_host()
     dst, _, _ = logged_host()
     src.add_client("vm1")
@@ -288,12 +296,18 @@ def test_rounds_against_a_guest_writing_from_other_threads_end_equal() -> None:
             elif rng.random() < 0.02:
                 src.flush_object("vm1", pool, oid)
             else:
-                src.put_batch("vm1", pool, [(oid, index), (oid, index + 500)],
-                              [text_page(seed * 100_000 + n), bytes(4096)])
+                src.put_batch(
+                    "vm1",
+                    pool,
+                    [(oid, index), (oid, index + 500)],
+                    [text_page(seed * 100_000 + n), bytes(4096)],
+                )
             n += 1
 
-    threads = [threading.Thread(target=guest, args=(pool, seed))
-               for pool, seed in ((0, 1), (15, 2), (0, 3))]
+    threads = [
+        threading.Thread(target=guest, args=(pool, seed))
+        for pool, seed in ((0, 1), (15, 2), (0, 3))
+    ]
     for t in threads:
         t.start()
     exp = Exporter(src, feed_of(src), "vm1")

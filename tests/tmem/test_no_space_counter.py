@@ -21,8 +21,9 @@ def test_cap_refusals_are_counted_single_and_batched() -> None:
     host = TmemHost(budget_bytes=64 << 20)
     host.add_client("g", cap_pages=10)
     pool = host.new_pool("g", int(PoolFlag.PERSISTENT))
-    results = host.put_batch("g", pool, [((1, 0, 0), i) for i in range(14)],
-                             [_page(i) for i in range(14)])
+    results = host.put_batch(
+        "g", pool, [((1, 0, 0), i) for i in range(14)], [_page(i) for i in range(14)]
+    )
     assert [r is None for r in results] == [True] * 10 + [False] * 4
     with pytest.raises(NoSpace):
         host.put("g", pool, (2, 0, 0), 0, _page(99))

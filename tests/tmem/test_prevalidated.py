@@ -25,13 +25,23 @@ from tmem.types import PAGE_SIZE, PageBuffer, PoolFlag
 Handle = tuple[tuple[int, int, int], int]
 
 RANDOM_PAGE = os.urandom(PAGE_SIZE)
-CONTENTS = [bytes(PAGE_SIZE), b"a" * PAGE_SIZE, b"ab" * 2048, bytes(range(256)) * 16,
-            RANDOM_PAGE, bytes(PAGE_SIZE - 1) + b"\x01"]
+CONTENTS = [
+    bytes(PAGE_SIZE),
+    b"a" * PAGE_SIZE,
+    b"ab" * 2048,
+    bytes(range(256)) * 16,
+    RANDOM_PAGE,
+    bytes(PAGE_SIZE - 1) + b"\x01",
+]
 
-handles = st.tuples(st.sampled_from([(0, 0, 1), (0, 0, 2), (2**64 - 1, 5, 5)]),
-                    st.sampled_from([0, 1, 2, 63, 64, 2**32 - 1]))
-batches = st.lists(st.lists(st.tuples(handles, st.sampled_from(range(len(CONTENTS)))),
-                            min_size=1, max_size=24), max_size=6)
+handles = st.tuples(
+    st.sampled_from([(0, 0, 1), (0, 0, 2), (2**64 - 1, 5, 5)]),
+    st.sampled_from([0, 1, 2, 63, 64, 2**32 - 1]),
+)
+batches = st.lists(
+    st.lists(st.tuples(handles, st.sampled_from(range(len(CONTENTS)))), min_size=1, max_size=24),
+    max_size=6,
+)
 
 
 def as_buffer(page: bytes, kind: int) -> PageBuffer:
@@ -42,7 +52,7 @@ def as_buffer(page: bytes, kind: int) -> PageBuffer:
     if kind == 1:
         return bytearray(page)
     frame = bytearray(b"\xee" * 40 + page + b"\xee" * 40)
-    return memoryview(frame).toreadonly()[40:40 + PAGE_SIZE]
+    return memoryview(frame).toreadonly()[40 : 40 + PAGE_SIZE]
 
 
 def _outcome(results: list[TmemError | None] | Exception) -> object:
@@ -63,11 +73,22 @@ def _host(kind: str, cap: int | None, persistent: bool) -> tuple[TmemHost, int]:
 
 
 @settings(max_examples=120, deadline=None)
-@given(batches, st.sampled_from(["memory", "log"]), st.sampled_from([None, 5, 40]),
-       st.booleans(), st.sampled_from([0, 1, 2]), st.integers(0, 8))
+@given(
+    batches,
+    st.sampled_from(["memory", "log"]),
+    st.sampled_from([None, 5, 40]),
+    st.booleans(),
+    st.sampled_from([0, 1, 2]),
+    st.integers(0, 8),
+)
 def test_prevalidated_batch_equals_put_batch(
-        batch_list: list[list[tuple[Handle, int]]], kind: str, cap: int | None,
-        persistent: bool, buffer_kind: int, freeze_at: int) -> None:
+    batch_list: list[list[tuple[Handle, int]]],
+    kind: str,
+    cap: int | None,
+    persistent: bool,
+    buffer_kind: int,
+    freeze_at: int,
+) -> None:
     public, pool_p = _host(kind, cap, persistent)
     trusted, pool_t = _host(kind, cap, persistent)
     for i, batch in enumerate(batch_list):
@@ -85,16 +106,19 @@ def test_prevalidated_batch_equals_put_batch(
             want = err
         try:
             got = trusted.put_batch_prevalidated(
-                "vm", pool_t if i != 3 else 7, hs, [as_buffer(p, buffer_kind) for p in pages])
+                "vm", pool_t if i != 3 else 7, hs, [as_buffer(p, buffer_kind) for p in pages]
+            )
         except TmemError as err:
             got = err
         assert _outcome(got) == _outcome(want)
         assert trusted.audit() == []
-    probe = [(oid, index) for oid in [(0, 0, 1), (0, 0, 2), (2**64 - 1, 5, 5)]
-             for index in [0, 1, 2, 63, 64, 2**32 - 1]]
+    probe = [
+        (oid, index)
+        for oid in [(0, 0, 1), (0, 0, 2), (2**64 - 1, 5, 5)]
+        for index in [0, 1, 2, 63, 64, 2**32 - 1]
+    ]
     assert trusted.get_batch("vm", pool_t, probe) == public.get_batch("vm", pool_p, probe)
-    assert [s.to_dict() for s in trusted.pool_stats()] == [
-        s.to_dict() for s in public.pool_stats()]
+    assert [s.to_dict() for s in trusted.pool_stats()] == [s.to_dict() for s in public.pool_stats()]
     assert trusted.store_stats() == public.store_stats()
 
 
@@ -110,9 +134,13 @@ def test_stored_pages_are_copies_of_the_buffers(buffer_kind: int) -> None:
         frame = bytearray(b"".join(CONTENTS))
         view = memoryview(frame)
         pages: list[PageBuffer] = [
-            (view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] if buffer_kind == 2
-             else bytearray(view[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]))
-            for i in range(len(CONTENTS))]
+            (
+                view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+                if buffer_kind == 2
+                else bytearray(view[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
+            )
+            for i in range(len(CONTENTS))
+        ]
         hs = [((0, 0, 1), i) for i in range(len(CONTENTS))]
         assert host.put_batch_prevalidated("vm", pool, hs, pages) == [None] * len(pages)
         host.put_prevalidated("vm", pool, (0, 0, 2), 0, pages[4])
@@ -138,16 +166,18 @@ def test_put_prevalidated_raises_as_put() -> None:
     assert (type(trusted.value), str(trusted.value)) == (type(public.value), str(public.value))
 
 
-@pytest.mark.parametrize(("handle", "page", "valid"), [
-    (((0, 0, 1), 0), memoryview(bytes(PAGE_SIZE + 1))[1:], True),  # control
-    (((0, 0, 1), 0), memoryview(bytes(PAGE_SIZE - 1)), False),
-    (((0, 0, 1), 0), bytearray(PAGE_SIZE + 1), False),
-    (((0, 0, 2**64), 0), bytes(PAGE_SIZE), False),
-    (((0, 0, -1), 0), bytes(PAGE_SIZE), False),
-    (((0, 0, 1), 2**32), bytes(PAGE_SIZE), False),
-])
-def test_public_put_batch_still_validates(handle: Handle, page: PageBuffer,
-                                          valid: bool) -> None:
+@pytest.mark.parametrize(
+    ("handle", "page", "valid"),
+    [
+        (((0, 0, 1), 0), memoryview(bytes(PAGE_SIZE + 1))[1:], True),  # control
+        (((0, 0, 1), 0), memoryview(bytes(PAGE_SIZE - 1)), False),
+        (((0, 0, 1), 0), bytearray(PAGE_SIZE + 1), False),
+        (((0, 0, 2**64), 0), bytes(PAGE_SIZE), False),
+        (((0, 0, -1), 0), bytes(PAGE_SIZE), False),
+        (((0, 0, 1), 2**32), bytes(PAGE_SIZE), False),
+    ],
+)
+def test_public_put_batch_still_validates(handle: Handle, page: PageBuffer, valid: bool) -> None:
     """The public entry keeps refusing malformed arguments, buffers included."""
     host = TmemHost(budget_bytes=64 << 20)
     host.add_client("vm")

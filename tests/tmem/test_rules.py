@@ -21,8 +21,11 @@ from tmem.types import MAX_POOLS_PER_CLIENT, PAGE_SIZE, PoolFlag
 EPH, PERS, SHARED = PoolFlag.EPHEMERAL, PoolFlag.PERSISTENT, PoolFlag.SHARED
 
 
-@pytest.mark.parametrize("page", [bytes(PAGE_SIZE), text_page(1), random_page()],
-                         ids=["zero", "compressible", "incompressible"])
+@pytest.mark.parametrize(
+    "page",
+    [bytes(PAGE_SIZE), text_page(1), random_page()],
+    ids=["zero", "compressible", "incompressible"],
+)
 def test_put_get_round_trip_every_page_kind(host: TmemHost, page: bytes) -> None:
     pool = host.new_pool("vm1", PERS)
     host.put("vm1", pool, OID, 7, page)
@@ -52,7 +55,9 @@ def test_duplicate_put_replaces_old_data(host: TmemHost) -> None:
     assert host.get("vm1", pool, OID, 0) == text_page(5)
     stats = host.pool_stats("vm1")[0]
     assert (stats.pages, stats.dup_puts if hasattr(stats, "dup_puts") else stats.ops.dup_puts) == (
-        1, 1)
+        1,
+        1,
+    )
 
 
 def test_failed_duplicate_put_flushes_the_old_page() -> None:
@@ -161,11 +166,19 @@ def test_shared_pool_survives_owner_leaving(host: TmemHost) -> None:
 
 @pytest.mark.parametrize(
     ("oid", "index", "page"),
-    [((1, 2), 0, None), ((1, 2, -1), 0, None), ((1, 2, 1 << 64), 0, None),
-     ((1, 2, "3"), 0, None), (OID, -1, None), (OID, 1 << 32, None), (OID, 0, b"short")],
+    [
+        ((1, 2), 0, None),
+        ((1, 2, -1), 0, None),
+        ((1, 2, 1 << 64), 0, None),
+        ((1, 2, "3"), 0, None),
+        (OID, -1, None),
+        (OID, 1 << 32, None),
+        (OID, 0, b"short"),
+    ],
 )
-def test_every_field_is_validated(host: TmemHost, oid: object, index: object,
-                                  page: bytes | None) -> None:
+def test_every_field_is_validated(
+    host: TmemHost, oid: object, index: object, page: bytes | None
+) -> None:
     pool = host.new_pool("vm1", PERS)
     with pytest.raises(InvalidArgument):
         host.put("vm1", pool, oid, index, page or bytes(PAGE_SIZE))  # type: ignore[arg-type]
@@ -220,8 +233,11 @@ def test_lowering_the_budget_evicts_lru_ephemeral_first() -> None:
     before = host.store_stats().used_bytes
     evicted = host.set_budget(before - 50 * 1024)
     assert evicted > 0 and host.store_stats().used_bytes <= before - 50 * 1024
-    present = [i for i in range(200) if host.pool_stats("vm1")[0].pages and
-               host.get("vm1", pers, OID, i) == text_page(1000 + i)]
+    present = [
+        i
+        for i in range(200)
+        if host.pool_stats("vm1")[0].pages and host.get("vm1", pers, OID, i) == text_page(1000 + i)
+    ]
     assert len(present) == 200  # every persistent page survives
     # The oldest ephemeral pages went first: the survivors are a suffix.
     survivors = [i for i in range(200) if host.flush_page("vm1", eph, OID, i)]

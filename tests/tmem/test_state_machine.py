@@ -42,8 +42,9 @@ class TmemModel(RuleBasedStateMachine):
     def setup(self, budget_kib: int, dedup: bool) -> None:
         self.host = TmemHost(budget_bytes=budget_kib * 1024)
         # (client, local pool id) -> (persistent, shared, {(oid, index): page})
-        self.pools: dict[tuple[str, int], tuple[bool, bool, dict[tuple[tuple[int, int, int], int],
-                                                                 bytes]]] = {}
+        self.pools: dict[
+            tuple[str, int], tuple[bool, bool, dict[tuple[tuple[int, int, int], int], bytes]]
+        ] = {}
         self.shared_data: dict[tuple[tuple[int, int, int], int], bytes] = {}
         for c in CLIENTS:
             self.host.add_client(c, dedup=dedup)

@@ -92,8 +92,7 @@ def test_every_op_has_a_table_row_and_strategies() -> None:
 def test_request_round_trip(data: st.DataObject, op: Op, request_id: int) -> None:
     msg = data.draw(REQUESTS[op])
     frame = only_frame(encode_request(request_id, msg))
-    assert (frame.op, frame.request_id, frame.status, frame.is_reply) == (op, request_id, 0,
-                                                                          False)
+    assert (frame.op, frame.request_id, frame.status, frame.is_reply) == (op, request_id, 0, False)
     assert normalise(decode_request(frame)) == normalise(msg)
 
 
@@ -107,11 +106,15 @@ def test_reply_round_trip(data: st.DataObject, op: Op, request_id: int) -> None:
     assert normalise(decode_reply(frame)) == normalise(msg)
 
 
-@given(st.integers(0, 255), st.sampled_from([s for s in Status if s != Status.OK]),
-       st.text(max_size=2000))
+@given(
+    st.integers(0, 255),
+    st.sampled_from([s for s in Status if s != Status.OK]),
+    st.text(max_size=2000),
+)
 def test_error_reply_round_trip(op: int, status: Status, message: str) -> None:
-    reply = decode_reply(only_frame(encode_error(op, 5, status, message))) if op in set(
-        Op) else None
+    reply = (
+        decode_reply(only_frame(encode_error(op, 5, status, message))) if op in set(Op) else None
+    )
     if reply is None:  # unknown opcode: the frame still decodes, decode_reply refuses it
         frame = only_frame(encode_error(op, 5, status, message))
         with pytest.raises(errors.FrameError):
@@ -144,8 +147,7 @@ def _frame(op: int, payload: bytes, reply: bool = False, status: int = 0) -> Fra
 
 @settings(max_examples=200, deadline=None)
 @given(st.data(), ANY_OP, st.booleans())
-def test_wrong_length_payloads_are_frame_errors(data: st.DataObject, op: Op, reply: bool
-                                                ) -> None:
+def test_wrong_length_payloads_are_frame_errors(data: st.DataObject, op: Op, reply: bool) -> None:
     msg = data.draw((REPLIES if reply else REQUESTS)[op])
     good = _payload(op, msg, reply)
     cut = data.draw(st.integers(0, len(good) + 8))
@@ -163,7 +165,8 @@ def test_wrong_length_payloads_are_frame_errors(data: st.DataObject, op: Op, rep
 @settings(max_examples=500, deadline=None)
 @given(st.integers(0, 255), st.integers(0, 0xFFFF), st.integers(0, 3), st.binary(max_size=600))
 def test_arbitrary_payloads_give_a_message_or_a_frame_error(
-        op: int, status: int, flags: int, payload: bytes) -> None:
+    op: int, status: int, flags: int, payload: bytes
+) -> None:
     frame = Frame(op, 9, status, flags, 1, payload)
     for decode in (decode_request, decode_reply):
         with contextlib.suppress(errors.FrameError):
@@ -176,11 +179,14 @@ def test_unknown_opcode_says_unsupported() -> None:
     assert status_for_exception(info.value) == Status.UNSUPPORTED_OP
 
 
-@pytest.mark.parametrize("payload", [
-    struct.pack("<II", 1, 0),  # count 0
-    struct.pack("<II", 1, MAX_BATCH + 1) + bytes((MAX_BATCH + 1) * 32),  # count over limit
-    struct.pack("<II", 1, 0xFFFFFFFF),  # absurd count: no allocation, just an error
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        struct.pack("<II", 1, 0),  # count 0
+        struct.pack("<II", 1, MAX_BATCH + 1) + bytes((MAX_BATCH + 1) * 32),  # count over limit
+        struct.pack("<II", 1, 0xFFFFFFFF),  # absurd count: no allocation, just an error
+    ],
+)
 def test_batch_counts_are_limited(payload: bytes) -> None:
     for op in (Op.GET_BATCH, Op.PUT_BATCH):
         with pytest.raises(errors.FrameError):
@@ -279,15 +285,21 @@ def test_every_op_has_its_own_request_and_reply_type() -> None:
 
 
 REQUEST_EXAMPLES: dict[Op, Request] = {
-    Op.HELLO: HelloRequest(1, 1, 0, bytes(16)), Op.SYNC: SyncRequest(1),
-    Op.NEW_POOL: NewPoolRequest(0), Op.DESTROY_POOL: DestroyPoolRequest(1),
-    Op.PUT: PutRequest(1, (1, 0, 0), 0, bytes(PAGE_SIZE)), Op.GET: GetRequest(1, (1, 0, 0), 0),
+    Op.HELLO: HelloRequest(1, 1, 0, bytes(16)),
+    Op.SYNC: SyncRequest(1),
+    Op.NEW_POOL: NewPoolRequest(0),
+    Op.DESTROY_POOL: DestroyPoolRequest(1),
+    Op.PUT: PutRequest(1, (1, 0, 0), 0, bytes(PAGE_SIZE)),
+    Op.GET: GetRequest(1, (1, 0, 0), 0),
     Op.FLUSH_PAGE: FlushPageRequest(1, (1, 0, 0), 0),
     Op.FLUSH_OBJECT: FlushObjectRequest(1, (1, 0, 0)),
     Op.PUT_BATCH: PutBatchRequest(1, [((1, 0, 0), 0)], [bytes(PAGE_SIZE)]),
-    Op.GET_BATCH: GetBatchRequest(1, [((1, 0, 0), 0)]), Op.LIST_POOLS: ListPoolsRequest(),
-    Op.NOMINATE: NominateRequest([1]), Op.SHARE_QUERY: ShareQueryRequest([1]),
-    Op.ABOUT_TO_WRITE: AboutToWriteRequest(1), Op.STATS: StatsRequest(),
+    Op.GET_BATCH: GetBatchRequest(1, [((1, 0, 0), 0)]),
+    Op.LIST_POOLS: ListPoolsRequest(),
+    Op.NOMINATE: NominateRequest([1]),
+    Op.SHARE_QUERY: ShareQueryRequest([1]),
+    Op.ABOUT_TO_WRITE: AboutToWriteRequest(1),
+    Op.STATS: StatsRequest(),
     Op.MEM_REPORT: MemReportRequest(2, 1, 0, 0, 0, 0),
     Op.RANGE_NOMINATE: RangeNominateRequest(0, 0, PAGE_SIZE),
     Op.RANGE_QUERY: RangeQueryRequest(0, 0, PAGE_SIZE),
@@ -344,8 +356,17 @@ def test_mypy_refuses_a_codec_wired_to_the_wrong_message(tmp_path: Path) -> None
     api = pytest.importorskip("mypy.api")
     snippet = tmp_path / "wrong_codec.py"
     snippet.write_text(_WRONG_CODEC)
-    out, _, code = api.run(["--strict", "--no-incremental", "--cache-dir", str(tmp_path / "c"),
-                            "--python-version", "3.11", str(snippet)])
+    out, _, code = api.run(
+        [
+            "--strict",
+            "--no-incremental",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--python-version",
+            "3.11",
+            str(snippet),
+        ]
+    )
     assert code == 1 and '"encode_request"' in out and "PutRequest" in out, out
 
 

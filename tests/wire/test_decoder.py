@@ -40,8 +40,9 @@ FRAMES = [
     encode_request(2, PutRequest(3, (1, 2, 3), 4, PAGE)),
     encode_request(3, GetRequest(3, (1, 2, 3), 4)),
     encode_reply(4, StatsReply({"a": 1})),
-    encode_request(5, PutBatchRequest(3, [((0, 0, 1), 0), ((0, 0, 1), 1)],
-                                                    [PAGE, bytes(PAGE_SIZE)])),
+    encode_request(
+        5, PutBatchRequest(3, [((0, 0, 1), 0), ((0, 0, 1), 1)], [PAGE, bytes(PAGE_SIZE)])
+    ),
 ]
 STREAM = b"".join(FRAMES)
 EXPECTED = [(f[3], struct.unpack_from("<I", f, 8)[0], f[HEADER_SIZE:]) for f in FRAMES]
@@ -52,8 +53,7 @@ def summary(items: list[Frame | FrameError]) -> list[tuple[int, int, bytes | mem
     return [(f.op, f.request_id, f.payload) for f in items if isinstance(f, Frame)]
 
 
-def feed_chunks(decoder: FrameDecoder, data: bytes, cuts: list[int]
-                ) -> list[Frame | FrameError]:
+def feed_chunks(decoder: FrameDecoder, data: bytes, cuts: list[int]) -> list[Frame | FrameError]:
     out: list[Frame | FrameError] = []
     bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
     for a, b in itertools.pairwise(bounds):
@@ -72,7 +72,7 @@ def test_byte_at_a_time() -> None:
     decoder = FrameDecoder()
     out: list[Frame | FrameError] = []
     for i in range(len(FRAMES[0]) + len(FRAMES[2])):
-        out += decoder.feed((FRAMES[0] + FRAMES[2])[i:i + 1])
+        out += decoder.feed((FRAMES[0] + FRAMES[2])[i : i + 1])
     assert summary(out) == [EXPECTED[0], EXPECTED[2]]
 
 
@@ -83,10 +83,14 @@ def test_arbitrary_chunkings(cuts: list[int]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=3000), st.lists(st.integers(0, 3000), max_size=10),
-       st.sampled_from([b"", MAGIC, MAGIC[:1], RESYNC_MARKER]))
+@given(
+    st.binary(max_size=3000),
+    st.lists(st.integers(0, 3000), max_size=10),
+    st.sampled_from([b"", MAGIC, MAGIC[:1], RESYNC_MARKER]),
+)
 def test_arbitrary_bytes_never_raise_and_the_next_frame_is_found(
-        garbage: bytes, cuts: list[int], joint: bytes) -> None:
+    garbage: bytes, cuts: list[int], joint: bytes
+) -> None:
     decoder = FrameDecoder()
     data = garbage + joint + FRAMES[2]
     items = feed_chunks(decoder, data, cuts)
@@ -151,7 +155,7 @@ def test_cut_frame_completed_by_new_bytes_fails_its_payload_checksum() -> None:
 
 
 def _header(length: int, op: int = Op.GET, rid: int = 7) -> bytes:
-    head = HEADER.pack(MAGIC, 1, op, 0, 0, rid, length, 0, 0)[:HEADER_SIZE - 4]
+    head = HEADER.pack(MAGIC, 1, op, 0, 0, rid, length, 0, 0)[: HEADER_SIZE - 4]
     return head + struct.pack("<I", zlib.crc32(head))
 
 
@@ -210,8 +214,12 @@ def test_reset_forgets_a_partial_frame() -> None:
 
 # --- copies: each payload byte is copied at most once, and never aliased to reused input ---
 
-BATCH = encode_request(9, PutBatchRequest(
-    3, [((0, 0, 1), i) for i in range(128)], [bytes([i]) * PAGE_SIZE for i in range(128)]))
+BATCH = encode_request(
+    9,
+    PutBatchRequest(
+        3, [((0, 0, 1), i) for i in range(128)], [bytes([i]) * PAGE_SIZE for i in range(128)]
+    ),
+)
 
 
 def _peak_while(fn: Callable[[], object]) -> int:
@@ -241,9 +249,9 @@ def test_a_frame_spanning_reads_of_a_reused_buffer_is_copied_once() -> None:
 
     def feed_through_the_buffer() -> None:
         for at in range(0, len(BATCH), len(buffer)):
-            chunk = memoryview(BATCH)[at:at + len(buffer)]
-            buffer[:len(chunk)] = chunk
-            items.extend(decoder.feed(memoryview(buffer)[:len(chunk)]))
+            chunk = memoryview(BATCH)[at : at + len(buffer)]
+            buffer[: len(chunk)] = chunk
+            items.extend(decoder.feed(memoryview(buffer)[: len(chunk)]))
 
     peak = _peak_while(feed_through_the_buffer)
     buffer[:] = bytes(len(buffer))  # the next read overwrites the buffer
@@ -261,8 +269,10 @@ def test_a_payload_never_aliases_a_buffer_the_caller_reuses() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, len(STREAM)), max_size=30),
-       st.sampled_from([bytes, bytearray, memoryview]))
+@given(
+    st.lists(st.integers(0, len(STREAM)), max_size=30),
+    st.sampled_from([bytes, bytearray, memoryview]),
+)
 def test_arbitrary_chunkings_of_any_buffer_type(cuts: list[int], kind: type) -> None:
     decoder = FrameDecoder()
     out: list[Frame | FrameError] = []

@@ -36,7 +36,7 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
 
 def _table_rows(heading: str) -> list[list[str]]:
     """The rows of the first markdown table after ``heading``."""
-    section = DOC[DOC.index(heading):]
+    section = DOC[DOC.index(heading) :]
     rows = []
     for line in section.splitlines()[1:]:
         if line.startswith("|"):
@@ -78,7 +78,7 @@ def test_a_payload_checksum_failure_gets_no_reply() -> None:
     replies = _replies(host, bytes(put) + after)
     assert [(f.op, f.request_id) for f in replies] == [(Op.NEW_POOL, 3)]
     assert host.corrupt == 1 and host.guest.bad_frames == 1
-    peers = DOC[DOC.index("## Misbehaving peers"):DOC.index("## Codec API")].replace("\n", " ")
+    peers = DOC[DOC.index("## Misbehaving peers") : DOC.index("## Codec API")].replace("\n", " ")
     assert re.search(r"no\s+reply[^.]*neither does a frame whose payload checksum fails", peers)
 
 
@@ -91,9 +91,8 @@ def test_unknown_new_pool_flag_bits_are_bad_frame() -> None:
     assert isinstance(reply, ErrorReply) and reply.status == Status.BAD_FRAME
     both = encode_request(5, NewPoolRequest(0x3, bytes(16)))
     refused = decode_reply(_replies(host, both)[0])
-    assert isinstance(refused, ErrorReply) and refused.status in (Status.INVALID,
-                                                                  Status.DENIED)
-    notes = DOC[DOC.index("- **NEW_POOL**"):DOC.index("- **PUT / GET / FLUSH**")]
+    assert isinstance(refused, ErrorReply) and refused.status in (Status.INVALID, Status.DENIED)
+    notes = DOC[DOC.index("- **NEW_POOL**") : DOC.index("- **PUT / GET / FLUSH**")]
     assert re.search(r"unknown flag bit[^.]*\(`BAD_FRAME`", notes.replace("\n", " ")), notes
 
 
@@ -101,10 +100,12 @@ def test_flushing_what_is_not_there_is_ok() -> None:
     host = _session()
     pool = decode_reply(_replies(host, encode_request(6, NewPoolRequest(0)))[0])
     assert isinstance(pool, NewPoolReply)
-    page = decode_reply(_replies(host, encode_request(7, FlushPageRequest(pool.pool, (9, 0, 0),
-                                                                           3)))[0])
-    obj = decode_reply(_replies(host, encode_request(8, FlushObjectRequest(pool.pool,
-                                                                           (9, 0, 0))))[0])
+    page = decode_reply(
+        _replies(host, encode_request(7, FlushPageRequest(pool.pool, (9, 0, 0), 3)))[0]
+    )
+    obj = decode_reply(
+        _replies(host, encode_request(8, FlushObjectRequest(pool.pool, (9, 0, 0))))[0]
+    )
     assert type(page) is FlushPageReply and type(obj) is FlushObjectReply
-    notes = DOC[DOC.index("- **PUT / GET / FLUSH**"):DOC.index("- **PUT_BATCH / GET_BATCH**")]
+    notes = DOC[DOC.index("- **PUT / GET / FLUSH**") : DOC.index("- **PUT_BATCH / GET_BATCH**")]
     assert "not there" in notes and "`OK`" in notes

@@ -21,8 +21,9 @@ from tests.support.loop_thread import LoopThread
 needs_vm_root = [
     pytest.mark.vm,
     pytest.mark.root,
-    pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None,
-                       reason="qemu-system-x86_64 is not installed"),
+    pytest.mark.skipif(
+        shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 is not installed"
+    ),
     pytest.mark.skipif(os.geteuid() != 0, reason="pagemap PFNs and KSM sysfs need root"),
     pytest.mark.skipif(not ksm.available(), reason="kernel without KSM"),
 ]
@@ -50,8 +51,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         loop.run(agent.start(control))
         for vm in vms:
             agent.real.attach(vm.name, vm.pid, VmMonitor(vm))
-            loop.run(agent.agent.add_channel(vm.name, str(vm.channel_sockets[CHANNEL_NAME]),
-                                             "connect"))
+            loop.run(
+                agent.agent.add_channel(vm.name, str(vm.channel_sockets[CHANNEL_NAME]), "connect")
+            )
         yield Rig(agent, loop, control, vms)
     finally:
         loop.run(agent.stop())

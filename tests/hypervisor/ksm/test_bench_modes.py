@@ -59,18 +59,24 @@ def knobs(tmp_path: Path) -> Path:
     root = tmp_path / "ksm"
     root.mkdir()
     values: dict[str, int | str] = {
-        "run": 1, "pages_to_scan": 1250, "sleep_millisecs": 10, "smart_scan": 0,
-        "use_zero_pages": 1, "advisor_mode": "scan-time", "advisor_max_cpu": 30,
-        "advisor_min_pages_to_scan": 10, "advisor_max_pages_to_scan": 9,
-        "advisor_target_scan_time": 5, "full_scans": 7,
+        "run": 1,
+        "pages_to_scan": 1250,
+        "sleep_millisecs": 10,
+        "smart_scan": 0,
+        "use_zero_pages": 1,
+        "advisor_mode": "scan-time",
+        "advisor_max_cpu": 30,
+        "advisor_min_pages_to_scan": 10,
+        "advisor_max_pages_to_scan": 9,
+        "advisor_target_scan_time": 5,
+        "full_scans": 7,
     }
     for name, value in values.items():
         (root / name).write_text(f"{value}\n")
     return root
 
 
-def test_bare_defaults_sets_only_the_knobs_the_kernel_has(peers: ModuleType,
-                                                           knobs: Path) -> None:
+def test_bare_defaults_sets_only_the_knobs_the_kernel_has(peers: ModuleType, knobs: Path) -> None:
     (knobs / "advisor_max_cpu").unlink()  # an older kernel without the advisor's knobs
     peers.bare_defaults(knobs)
     assert ksm.get("run", knobs) == 0
@@ -85,8 +91,11 @@ def test_fixed_and_advisor_modes_write_their_knobs(peers: ModuleType, knobs: Pat
     peers.bare_defaults(knobs)
     boost = peers.Fixed("boost", 1250, 10, knobs)
     boost.start()
-    assert (ksm.get("run", knobs), ksm.get("pages_to_scan", knobs),
-            ksm.get("sleep_millisecs", knobs)) == (1, 1250, 10)
+    assert (
+        ksm.get("run", knobs),
+        ksm.get("pages_to_scan", knobs),
+        ksm.get("sleep_millisecs", knobs),
+    ) == (1, 1250, 10)
     assert boost.stop() == {}
     assert ksm.get("run", knobs) == 0
 
@@ -99,8 +108,9 @@ def test_fixed_and_advisor_modes_write_their_knobs(peers: ModuleType, knobs: Pat
     assert (ksm.get("advisor_mode", knobs), ksm.get("run", knobs)) == ("none", 0)
 
 
-def test_advisor_is_unavailable_without_advisor_mode(peers: ModuleType, bench: ModuleType,
-                                                    knobs: Path) -> None:
+def test_advisor_is_unavailable_without_advisor_mode(
+    peers: ModuleType, bench: ModuleType, knobs: Path
+) -> None:
     (knobs / "advisor_mode").unlink()
     advisor = peers.Advisor(knobs)
     reason = advisor.available()
@@ -135,7 +145,8 @@ def _alive(pid: int) -> bool:
 
 
 def test_ksmtuned_runs_as_a_child_group_and_is_killed_with_it(
-        peers: ModuleType, knobs: Path, tmp_path: Path) -> None:
+    peers: ModuleType, knobs: Path, tmp_path: Path
+) -> None:
     script = tmp_path / "ksmtuned"
     script.write_text(FAKE_KSMTUNED)
     peers.bare_defaults(knobs)
@@ -172,8 +183,9 @@ def test_unknown_modes_are_refused(peers: ModuleType, tmp_path: Path) -> None:
     assert [m.name for m in made] == ["boost", "ksm_default", "advisor"]
 
 
-def test_foreign_knob_writes_and_ksm_users_are_seen(peers: ModuleType, knobs: Path,
-                                                     tmp_path: Path) -> None:
+def test_foreign_knob_writes_and_ksm_users_are_seen(
+    peers: ModuleType, knobs: Path, tmp_path: Path
+) -> None:
     peers.bare_defaults(knobs)
     boost = peers.Fixed("boost", 1250, 10, knobs)
     boost.start()
@@ -183,27 +195,39 @@ def test_foreign_knob_writes_and_ksm_users_are_seen(peers: ModuleType, knobs: Pa
     proc = tmp_path / "proc"
     for pid, items in ((10, 500), (11, 7), (12, 0)):
         (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "ksm_stat").write_text(
-            f"ksm_rmap_items {items}\nksm_merging_pages 3\n")
+        (proc / str(pid) / "ksm_stat").write_text(f"ksm_rmap_items {items}\nksm_merging_pages 3\n")
     (proc / "self").mkdir()
     assert peers.foreign_rmap_items({10}, str(proc)) == 7
     assert peers.foreign_rmap_items(set(), str(proc)) == 507
 
 
 def _run(name: str, seconds: float, cpu: float, censored: bool = False) -> dict[str, object]:
-    return {"mode": name, "available": True, "seconds_to_90pct": seconds,
-            "ksmd_cpu_seconds_window": cpu, "censored": censored, "disturbed": False,
-            "realized_fraction_steady": 0.99, "memd_cpu_seconds": 0.5}
+    return {
+        "mode": name,
+        "available": True,
+        "seconds_to_90pct": seconds,
+        "ksmd_cpu_seconds_window": cpu,
+        "censored": censored,
+        "disturbed": False,
+        "realized_fraction_steady": 0.99,
+        "memd_cpu_seconds": 0.5,
+    }
 
 
 def test_goals_count_a_censored_advisor_as_a_lower_bound(bench: ModuleType) -> None:
-    runs = {"memd": _run("memd", 2.0, 0.5), "advisor": _run("advisor", 150.0, 1.0, True),
-            "boost": _run("boost", 2.2, 0.4)}
+    runs = {
+        "memd": _run("memd", 2.0, 0.5),
+        "advisor": _run("advisor", 150.0, 1.0, True),
+        "boost": _run("boost", 2.2, 0.4),
+    }
     flat = bench.flatten({"idle": runs, "churn": runs}, 120.0)
     for p in ("", "churn_"):
         for m in ("memd", "advisor", "boost"):
-            assert {f"{p}{m}_seconds_to_90pct", f"{p}{m}_ksmd_cpu_seconds_120s",
-                    f"{p}{m}_censored"} <= flat.keys()
+            assert {
+                f"{p}{m}_seconds_to_90pct",
+                f"{p}{m}_ksmd_cpu_seconds_120s",
+                f"{p}{m}_censored",
+            } <= flat.keys()
     assert flat["churn_memd_stable_fraction"] == 0.99
     assert "memd_stable_fraction" not in flat
     goals = bench.targets(flat, 120.0, ["", "churn_"])
@@ -236,11 +260,24 @@ def _needs_vm_root(test: Callable[..., None]) -> Callable[..., None]:
 
 @_needs_vm_root
 def test_quick_run_reports_every_key_and_restores_the_knobs(
-        real_knobs: dict[str, int | str]) -> None:
+    real_knobs: dict[str, int | str],
+) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "ksm_steering.py"), "--quick", "--window", "4",
-         "--modes", "memd,ksm_default", "--json"],
-        capture_output=True, text=True, timeout=240, check=False)
+        [
+            sys.executable,
+            str(BENCHMARKS / "ksm_steering.py"),
+            "--quick",
+            "--window",
+            "4",
+            "--modes",
+            "memd,ksm_default",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
     for p in ("", "churn_"):
@@ -251,8 +288,11 @@ def test_quick_run_reports_every_key_and_restores_the_knobs(
         assert f"{p}advisor_seconds_to_90pct" not in out  # only the modes asked for
     # How far a 4 s run gets depends on the host's load (and on other KSM users, whose
     # pages ksmd scans too): the figures are checked for shape, not for speed.
-    for key in ("memd_seconds_to_90pct", "churn_memd_ksmd_cpu_seconds_4s",
-                "churn_memd_stable_fraction"):
+    for key in (
+        "memd_seconds_to_90pct",
+        "churn_memd_ksmd_cpu_seconds_4s",
+        "churn_memd_stable_fraction",
+    ):
         assert isinstance(out[key], float) and out[key] >= 0, key
     assert isinstance(out["memd_disturbed"], bool)
     assert out["churn"]["rounds"] >= 2

@@ -26,7 +26,7 @@ NPAGES = 32
 
 # Runs inside the guest (python3-minimal + memd.guest).  Phases are driven by files:
 # /tmp/go → write the pages; /tmp/exit → end (the buffer stays mapped until then).
-GUEST_SCRIPT = r'''
+GUEST_SCRIPT = r"""
 import os, time
 from memd.guest.cli import daemon_client
 from memd.guest.client import GuestClient
@@ -71,7 +71,7 @@ with (daemon_client() or GuestClient.for_port()) as c:
     open("/tmp/ksm2.txt", "w").write(repr(out))
 while not os.path.exists("/tmp/exit"):
     time.sleep(0.1)
-'''.replace("@NPAGES@", str(NPAGES))
+""".replace("@NPAGES@", str(NPAGES))
 
 
 # The image's guest daemon says HELLO without DEDUP_OPT_IN, and a guest that does not
@@ -129,7 +129,8 @@ def _wait_file(vm, path: str, timeout: float) -> dict:  # type: ignore[no-untype
 
 
 def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
-        rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["--socket", rig.control, "ksm", "--steer", "on", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["steering"] is True
@@ -137,8 +138,11 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         step = agent.real.steering.last if agent.real.steering else None
-        if step and step.potential_saved_frames and step.realized_saved_frames >= (
-                0.9 * step.potential_saved_frames):
+        if (
+            step
+            and step.potential_saved_frames
+            and step.realized_saved_frames >= (0.9 * step.potential_saved_frames)
+        ):
             break
         time.sleep(0.5)
     else:
@@ -152,8 +156,10 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
     cross = realized["matrix"]["frames"][vms.index("ksm-a")][vms.index("ksm-b")]
     assert cross > 1000, realized["matrix"]
     assert realized["potential"]["potential_saved_frames"] > 0
-    assert realized["potential"]["realized_saved_frames"] >= 0.8 * realized["potential"][
-        "potential_saved_frames"]
+    assert (
+        realized["potential"]["realized_saved_frames"]
+        >= 0.8 * realized["potential"]["potential_saved_frames"]
+    )
     # Confirm by pagemap directly: frames both QEMUs map, at equal PFNs.
     assert agent.real.machine is not None
     pa, pb = (agent.real.machine.p2m(agent.real.machine.guest(n).domid) for n in ("ksm-a", "ksm-b"))
@@ -163,7 +169,8 @@ def test_steering_merges_identical_guests_and_audit_confirms_by_pfn(
 
 
 def test_guest_nominates_sees_shared_then_unshares_by_writing(
-        rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
     agent = rig.agent
     if agent.real.steering is None:  # run alone: steering drives the merge
         rig.loop.run(agent.real.start_steering())
@@ -177,7 +184,9 @@ def test_guest_nominates_sees_shared_then_unshares_by_writing(
         handles = [h for _, h in r["nominate"]]
         assert len(set(handles)) == NPAGES and min(handles) > 0
         assert all(state == 3 and count >= 2 for state, count in r["query"]), (
-            r["query"], agent.real.steering.last if agent.real.steering else None)
+            r["query"],
+            agent.real.steering.last if agent.real.steering else None,
+        )
     assert agent.real.machine is not None
     da, db = (agent.real.machine.guest(n).domid for n in ("ksm-a", "ksm-b"))
     ga, gb = np.array(a["gfns"]), np.array(b["gfns"])

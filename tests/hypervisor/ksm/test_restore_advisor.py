@@ -17,8 +17,10 @@ from hypervisor import ksm
 pytestmark = [
     pytest.mark.root,
     pytest.mark.skipif(os.geteuid() != 0, reason="KSM sysfs needs root"),
-    pytest.mark.skipif(not ksm.available() or not (ksm.KSM_DIR / "advisor_mode").exists(),
-                       reason="kernel without KSM's advisor"),
+    pytest.mark.skipif(
+        not ksm.available() or not (ksm.KSM_DIR / "advisor_mode").exists(),
+        reason="kernel without KSM's advisor",
+    ),
 ]
 
 
@@ -36,7 +38,7 @@ def test_an_advisor_that_was_on_comes_back_last() -> None:
     originals = ksm.snapshot()  # what an agent records before it steers; by then the
     originals["pages_to_scan"] = 30000  # advisor had raised the rate (as ksmd ran)
     ksm.set_knob("advisor_mode", "none")  # steering turns the advisor off, then
-    ksm.set_knob("pages_to_scan", 4321)   # sets its own rate
+    ksm.set_knob("pages_to_scan", 4321)  # sets its own rate
     ksm.restore(originals)
     assert ksm.get("advisor_mode") == "scan-time"
 

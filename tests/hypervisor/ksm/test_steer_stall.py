@@ -81,9 +81,12 @@ def test_a_guest_replaced_by_another_ends_stalled(rig: Rig) -> None:
 
 def _real_guests(rig: Rig) -> RealGuests:
     """The agent's real-guests component on the rig's machine and steering."""
-    real = RealGuests(ledger=rig.knobs.parent / "ledger.json", store=AgentStore(None),
-                      machine_factory=lambda _consent: as_any(rig.machine),
-                      steering_factory=lambda machine, pending: rig.steering)
+    real = RealGuests(
+        ledger=rig.knobs.parent / "ledger.json",
+        store=AgentStore(None),
+        machine_factory=lambda _consent: as_any(rig.machine),
+        steering_factory=lambda machine, pending: rig.steering,
+    )
     assert real.steering is None and real.machine is None  # both made on demand
     assert real.ensure_steering() is rig.steering  # as `memd ksm --steer on` makes it
     return real

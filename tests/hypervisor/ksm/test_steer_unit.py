@@ -18,10 +18,15 @@ P = SteerPolicy()
 
 
 def inputs(**kw: int | None) -> SteerInputs:
-    base: dict[str, int | None] = dict(opted_in=2, mergeable_pages=68_000,
-                                       potential_saved=46_000, realized_saved=0,
-                                       full_scans=10, progress_full_scans=10,
-                                       pending_nominated=0)
+    base: dict[str, int | None] = dict(
+        opted_in=2,
+        mergeable_pages=68_000,
+        potential_saved=46_000,
+        realized_saved=0,
+        full_scans=10,
+        progress_full_scans=10,
+        pending_nominated=0,
+    )
     base.update(kw)
     return SteerInputs(**base)  # type: ignore[arg-type]
 
@@ -68,8 +73,9 @@ def test_no_progress_for_several_passes_is_stalled() -> None:
     assert d.mode == "stalled" and d.setting == P.idle
     assert decide(inputs(full_scans=10 + P.stall_full_scans - 1), P).mode == "boost"
     # Guests waiting for nominated pages get more patience.
-    assert decide(inputs(full_scans=10 + P.stall_full_scans, pending_nominated=1),
-                  P).mode == "boost"
+    assert (
+        decide(inputs(full_scans=10 + P.stall_full_scans, pending_nominated=1), P).mode == "boost"
+    )
 
 
 def test_setting_rate() -> None:

@@ -53,9 +53,22 @@ def start_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
         assert QEMU is not None
         sock = Path(tmp_path_factory.mktemp("q", numbered=True)) / "qmp.sock"
         proc = subprocess.Popen(
-            [QEMU, "-accel", "tcg", "-nographic", "-nodefaults", "-display", "none",
-             "-qmp", f"unix:{sock},server=on,wait=off", *(args or ("-m", "128"))],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                QEMU,
+                "-accel",
+                "tcg",
+                "-nographic",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+                f"unix:{sock},server=on,wait=off",
+                *(args or ("-m", "128")),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             deadline = time.monotonic() + 10
             while not sock.exists():

@@ -50,8 +50,11 @@ def _qmp_path(q: PlainQemu) -> str:
 
 
 def test_audit_shows_cross_vm_frames_and_explains_a_page(
-        start_qemu: Callable[..., PlainQemu], ksm_restored: dict[str, int | str],
-        app: tuple[AgentApp, str], capsys: pytest.CaptureFixture[str]) -> None:
+    start_qemu: Callable[..., PlainQemu],
+    ksm_restored: dict[str, int | str],
+    app: tuple[AgentApp, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     agent, control = app
     a, b = start_qemu("vm-a"), start_qemu("vm-b")
     assert qemu_pid_for_socket(_qmp_path(a)) == a.pid  # how `serve --qmp` finds the pid
@@ -108,7 +111,8 @@ def test_audit_shows_cross_vm_frames_and_explains_a_page(
 
 
 def test_a_vm_with_merging_off_counts_as_opted_out(
-        start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str]) -> None:
+    start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str]
+) -> None:
     agent, _ = app
     q = start_qemu("no-merge", "-m", "64", "-machine", "pc,mem-merge=off")
     agent.real.attach(q.name, q.pid, q.monitor)
@@ -120,10 +124,10 @@ def test_a_vm_with_merging_off_counts_as_opted_out(
 
 def _hello(agent: AgentApp, name: str, dedup_opt_in: bool) -> None:
     """A HELLO from the guest of VM ``name``, fed to the agent's dispatcher."""
-    capabilities = int(Capability.SHARING) | (int(Capability.DEDUP_OPT_IN) if dedup_opt_in
-                                              else 0)
-    request = wire.encode_request(1, wire.HelloRequest(
-        wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16)))
+    capabilities = int(Capability.SHARING) | (int(Capability.DEDUP_OPT_IN) if dedup_opt_in else 0)
+    request = wire.encode_request(
+        1, wire.HelloRequest(wire.MIN_VERSION, wire.MAX_VERSION, capabilities, bytes(16))
+    )
     [frame] = wire.FrameDecoder().feed(request)
     assert isinstance(frame, wire.Frame)
     guest = agent.agent.guests.setdefault(name, GuestState(name))
@@ -132,8 +136,10 @@ def _hello(agent: AgentApp, name: str, dedup_opt_in: bool) -> None:
 
 
 def test_a_real_guest_that_does_not_consent_is_not_merged(
-        start_qemu: Callable[..., PlainQemu], app: tuple[AgentApp, str],
-        capsys: pytest.CaptureFixture[str]) -> None:
+    start_qemu: Callable[..., PlainQemu],
+    app: tuple[AgentApp, str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """KSM merges a mergeable QEMU with any other: a guest that says HELLO without
     DEDUP_OPT_IN has its merging switched off, and neither `memd optin` nor a
     nominate switches it back on; its consent does."""

@@ -38,8 +38,11 @@ def test_matches_reference_model(raw: dict[int, list[int]]) -> None:
             if a == b:
                 want = sum(1 for v in ref.values() if sum(d == a for d, _ in v) >= 2)
             else:
-                want = sum(1 for v in ref.values()
-                           if any(d == a for d, _ in v) and any(d == b for d, _ in v))
+                want = sum(
+                    1
+                    for v in ref.values()
+                    if any(d == a for d, _ in v) and any(d == b for d, _ in v)
+                )
             assert mat[i, j] == want
     per = truth.per_domain()
     for d in doms:
@@ -54,17 +57,24 @@ def test_matches_reference_model(raw: dict[int, list[int]]) -> None:
 def test_ledger_comparison_lists_each_discrepancy() -> None:
     truth = compute({1: np.array([10, 11, -1, 12, 10]), 2: np.array([10, 13, 12, -1])})
     assert compare_ledger(truth, {10: [(1, 0), (1, 4), (2, 0)]}) == ([], 0)
-    findings, truncated = compare_ledger(truth, {
-        10: [(1, 0), (2, 0)],            # misses (1, 4)
-        13: [(2, 1), (1, 1)],            # (1, 1) maps 11; 13 is mapped once
-        20: [(3, 0)],                    # unknown domain
-    })
+    findings, truncated = compare_ledger(
+        truth,
+        {
+            10: [(1, 0), (2, 0)],  # misses (1, 4)
+            13: [(2, 1), (1, 1)],  # (1, 1) maps 11; 13 is mapped once
+            20: [(3, 0)],  # unknown domain
+        },
+    )
     kinds = sorted(f["kind"] for f in findings)
-    assert kinds == ["frame_not_shared", "gfn_missing_from_ledger", "gfn_moved",
-                     "gfn_unknown_domain"]
+    assert kinds == [
+        "frame_not_shared",
+        "gfn_missing_from_ledger",
+        "gfn_moved",
+        "gfn_unknown_domain",
+    ]
     moved = next(f for f in findings if f["kind"] == "gfn_moved")
     assert (moved["domain"], moved["gfn"], moved["expected"], moved["found"]) == (1, 1, 13, 11)
     assert truncated == 0
-    assert untracked_shared(truth, {10: []}) == 1       # frame 12 is shared, unknown to it
+    assert untracked_shared(truth, {10: []}) == 1  # frame 12 is shared, unknown to it
     _, truncated = compare_ledger(truth, {20: [(3, g) for g in range(5)]}, limit=2)
-    assert truncated == 4                # 5 unknown-domain gfns + frame_not_shared
+    assert truncated == 4  # 5 unknown-domain gfns + frame_not_shared

@@ -30,11 +30,13 @@ def test_small_pc_guest_is_one_contiguous_run_below_4g() -> None:
 def test_pc_4g_splits_at_the_pci_hole_read_from_the_text() -> None:
     layout = parse_ram_layout(fixture("pc4g"), {"pc.ram": 4 * GiB})
     # i440fx with 4 GiB: 3 GiB below the hole, the rest at 4 GiB (pc.ram @0xc0000000).
-    assert layout.ranges == (RamRange(0, 0xC0000, "pc.ram", 0, False),
-                             RamRange(0x100000, 0x40000, "pc.ram", 0xC0000, False))
+    assert layout.ranges == (
+        RamRange(0, 0xC0000, "pc.ram", 0, False),
+        RamRange(0x100000, 0x40000, "pc.ram", 0xC0000, False),
+    )
     assert layout.ram_pages * 4096 == 4 * GiB
     assert layout.nr_gfns == 0x140000
-    assert layout.locate(0xC0000) is None            # the PCI hole
+    assert layout.locate(0xC0000) is None  # the PCI hole
     assert layout.locate(0x100001) == ("pc.ram", 0xC0001)
     block, page = layout.block_pages(["pc.ram"])
     assert (block[0xC0000:0x100000] == -1).all() and (page[0xC0000:0x100000] == -1).all()
@@ -45,7 +47,9 @@ def test_pc_4g_splits_at_the_pci_hole_read_from_the_text() -> None:
 def test_q35_4g_splits_at_2g() -> None:
     layout = parse_ram_layout(fixture("q35_4g"), {"pc.ram": 4 * GiB})
     assert [(r.gfn, r.pages, r.block_page) for r in layout.ranges] == [
-        (0, 0x80000, 0), (0x100000, 0x80000, 0x80000)]
+        (0, 0x80000, 0),
+        (0x100000, 0x80000, 0x80000),
+    ]
 
 
 def test_memdev_backed_ram_is_found_by_memdev_id() -> None:
@@ -63,6 +67,7 @@ def test_inconsistent_sizes_and_garbage_are_refused() -> None:
         parse_ram_layout("unknown command: 'info mtre'\n", {"pc.ram": MiB})
     text = fixture("pc128").replace(
         "0000000000100000-0000000007ffffff (prio 0, ram): pc.ram @0000000000100000",
-        "0000000000100000-0000000007ffffff (prio 0, ram): pc.ram @0000000000100800")
+        "0000000000100000-0000000007ffffff (prio 0, ram): pc.ram @0000000000100800",
+    )
     with pytest.raises(CommandFailed, match="not page aligned"):
         parse_ram_layout(text, {"pc.ram": 256 * MiB})

@@ -25,13 +25,15 @@ def test_ram_block_of_a_real_qemu_is_the_one_anonymous_mapping_of_its_size() -> 
 
 
 def test_a_split_mapping_is_found_as_a_run_of_adjacent_areas() -> None:
-    text = "\n".join([
-        "10000000-10400000 rw-p 00000000 00:00 0",
-        "10400000-10800000 rw-p 00000000 00:00 0",          # split by madvise
-        "10800000-10801000 ---p 00000000 00:00 0",
-        "20000000-20800000 rw-p 00000000 08:01 1234       /tmp/file",
-        "30000000-30800000 rw-s 00000000 00:01 99         /memfd:x (deleted)",
-    ])
+    text = "\n".join(
+        [
+            "10000000-10400000 rw-p 00000000 00:00 0",
+            "10400000-10800000 rw-p 00000000 00:00 0",  # split by madvise
+            "10800000-10801000 ---p 00000000 00:00 0",
+            "20000000-20800000 rw-p 00000000 08:01 1234       /tmp/file",
+            "30000000-30800000 rw-s 00000000 00:01 99         /memfd:x (deleted)",
+        ]
+    )
     areas = parse_maps(text)
     assert areas[3].path == "/tmp/file" and not areas[3].anonymous_private
     assert ram_candidates(areas, 8 * MiB) == [(0x10000000, 8 * MiB)]
@@ -45,6 +47,7 @@ def test_page_runs() -> None:
 
 
 def test_pfns_of_keeps_present_frames_only() -> None:
-    entries = np.array([PM_PRESENT | 0x1234, 0, PM_SWAPPED | 0x55, PM_PRESENT | (1 << 55) | 7],
-                       dtype=np.uint64)
+    entries = np.array(
+        [PM_PRESENT | 0x1234, 0, PM_SWAPPED | 0x55, PM_PRESENT | (1 << 55) | 7], dtype=np.uint64
+    )
     assert pfns_of(entries).tolist() == [0x1234, -1, -1, 7]

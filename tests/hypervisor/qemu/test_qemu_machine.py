@@ -20,7 +20,7 @@ from .conftest import FIXTURES, PlainQemu, needs_qemu_root
 
 pytestmark = needs_qemu_root
 
-BASE_GFN = 0x1000       # 16 MiB: far from anything SeaBIOS touches
+BASE_GFN = 0x1000  # 16 MiB: far from anything SeaBIOS touches
 NPAGES = 64
 
 
@@ -44,11 +44,14 @@ def test_attach_maps_gfns_to_the_right_host_pages(start_qemu: Callable[..., Plai
         # the first MiB (below it, what the BIOS area maps depends on how far SeaBIOS got
         # with programming the PAM registers).
         live = parse_ram_layout(text, {"pc.ram": 128 << 20})
-        stored = parse_ram_layout((FIXTURES / "mtree-qemu7.2-pc128.txt").read_text(),
-                                  {"pc.ram": 128 << 20})
+        stored = parse_ram_layout(
+            (FIXTURES / "mtree-qemu7.2-pc128.txt").read_text(), {"pc.ram": 128 << 20}
+        )
         assert live.nr_gfns == stored.nr_gfns == 0x8000
-        assert live.block_pages(["pc.ram"])[1][0x100:].tolist() == \
-            stored.block_pages(["pc.ram"])[1][0x100:].tolist()
+        assert (
+            live.block_pages(["pc.ram"])[1][0x100:].tolist()
+            == stored.block_pages(["pc.ram"])[1][0x100:].tolist()
+        )
         d = machine.attach("solo", q.pid, q.monitor)
         assert machine.domains() == [d] and machine.nr_gfns(d) == 0x8000
         data = pages(1)
@@ -56,13 +59,13 @@ def test_attach_maps_gfns_to_the_right_host_pages(start_qemu: Callable[..., Plai
         # The monitor sees the planted bytes at the gpa we computed: the mapping is right.
         for i in (0, 17, NPAGES - 1):
             gpa = (BASE_GFN + i) << 12
-            assert hmp_read(q.monitor, gpa + 100, 16) == data[i * 4096 + 100:i * 4096 + 116]
+            assert hmp_read(q.monitor, gpa + 100, 16) == data[i * 4096 + 100 : i * 4096 + 116]
         assert machine.verify_mapping(d) is True
         got = machine.read_gfns(d, np.arange(BASE_GFN, BASE_GFN + NPAGES))
         assert got.tobytes() == data
         mfns, types = machine.lookup_range(d, BASE_GFN, NPAGES)
         assert (mfns >= 0).all() and len(np.unique(mfns)) == NPAGES
-        assert machine.read_frame(int(mfns[5])) == data[5 * 4096:6 * 4096]
+        assert machine.read_frame(int(mfns[5])) == data[5 * 4096 : 6 * 4096]
         owner, mapcount = machine.frame_info(int(mfns[5]))
         assert (owner, mapcount) == (d, 1) and types[5] == PageType.RAM
         # A KSM host cannot remap frames: it is a read-only frame view, not a Machine.
@@ -75,7 +78,8 @@ def test_attach_maps_gfns_to_the_right_host_pages(start_qemu: Callable[..., Plai
 
 
 def test_ksm_merges_across_vms_and_cow_splits(
-        start_qemu: Callable[..., PlainQemu], ksm_restored: dict[str, int | str]) -> None:
+    start_qemu: Callable[..., PlainQemu], ksm_restored: dict[str, int | str]
+) -> None:
     a, b = start_qemu("a"), start_qemu("b")
     machine = QemuMachine()
     try:
@@ -104,7 +108,7 @@ def test_ksm_merges_across_vms_and_cow_splits(
             _, types = machine.lookup_range(da, BASE_GFN, NPAGES)
             assert (types == PageType.SHARED).all()
             assert machine.frame_info(int(frames[0]))[0] == DOMID_COW
-            assert machine.read_frame(int(frames[3])) == data[3 * 4096:4 * 4096]
+            assert machine.read_frame(int(frames[3])) == data[3 * 4096 : 4 * 4096]
             assert ksm.process_merging_pages(a.pid) >= NPAGES
 
             report = audit_report(machine)
@@ -113,34 +117,41 @@ def test_ksm_merges_across_vms_and_cow_splits(
             assert report["per_vm"]["a"]["shared_gfns"] >= NPAGES
             assert report["top_frames"][0]["refs"] >= 2
             info = explain_gfn(machine, "b", BASE_GFN + 3)
-            assert info["state"].startswith("shared") and {"vm": "a", "gfn": BASE_GFN + 3} in \
-                info["mapped_by"]
+            assert (
+                info["state"].startswith("shared")
+                and {"vm": "a", "gfn": BASE_GFN + 3} in info["mapped_by"]
+            )
 
             # A ledger that agrees with the host is clean; one that lies is caught.
-            ledger = {int(m): [(da, g), (db, g)] for g, m in zip(gfns.tolist(), frames.tolist(),
-                                                                  strict=True)}
-            honest = SimpleNamespace(records=lambda: ledger,
-                                     stats=lambda: {"nr_shared_mfns": NPAGES,
-                                                    "nr_saved_mfns": NPAGES})
+            ledger = {
+                int(m): [(da, g), (db, g)]
+                for g, m in zip(gfns.tolist(), frames.tolist(), strict=True)
+            }
+            honest = SimpleNamespace(
+                records=lambda: ledger,
+                stats=lambda: {"nr_shared_mfns": NPAGES, "nr_saved_mfns": NPAGES},
+            )
             assert audit_report(machine, honest)["ledger"]["clean"]
 
             # The guest's own write (here: through /proc/pid/mem) breaks sharing: CoW.
-            plant(machine, da, BASE_GFN + 7, b"\xAA")
+            plant(machine, da, BASE_GFN + 7, b"\xaa")
             pa, pb = machine.p2m(da)[gfns], machine.p2m(db)[gfns]
             assert pa[7] != pb[7] and (pa[:7] == pb[:7]).all()
             truth = machine.ground_truth()
             assert (da, BASE_GFN + 7) not in truth.gfns_of(int(pb[7]))
             lied = audit_report(machine, honest)["ledger"]
             assert not lied["clean"]
-            assert any(f["kind"] == "gfn_moved" and f["gfn"] == BASE_GFN + 7
-                       for f in lied["findings"])
+            assert any(
+                f["kind"] == "gfn_moved" and f["gfn"] == BASE_GFN + 7 for f in lied["findings"]
+            )
 
             # merge=false on a guest un-merges all its pages at once.
             before = ksm.counters()["pages_sharing"]
             before_a = ksm.process_merging_pages(a.pid)
             machine.set_merge(da, False)
-            assert ksm.wait_for(lambda: not (machine.p2m(da)[gfns] == machine.p2m(db)[gfns]
-                                             ).any(), timeout=10)
+            assert ksm.wait_for(
+                lambda: not (machine.p2m(da)[gfns] == machine.p2m(db)[gfns]).any(), timeout=10
+            )
             # The global counter follows once ksmd has walked its rmap items again.
             assert ksm.wait_for(lambda: ksm.counters()["pages_sharing"] < before, timeout=10)
             # Only pc.ram is switched: QEMU's other RAM blocks (ROMs, ACPI tables) stay

@@ -22,8 +22,9 @@ def vm_image() -> ImagePaths:
 
 
 @pytest.fixture
-def boot_guest(vm_image: ImagePaths, tmp_path_factory: pytest.TempPathFactory
-               ) -> Iterator[Callable[..., GuestVM]]:
+def boot_guest(
+    vm_image: ImagePaths, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., GuestVM]]:
     """Factory: ``boot_guest(name=..., memory_mib=..., ports=...)`` boots a guest and returns it
     ready for commands; every guest it booted is stopped at teardown."""
     guests: list[GuestVM] = []

@@ -23,8 +23,14 @@ from memd.errors import BackendError
 
 from .console import CommandResult, GuestCommandError, GuestError, GuestShell
 
-__all__ = ["CommandResult", "GuestCommandError", "GuestError", "GuestShell", "GuestVM",
-           "qemu_available"]
+__all__ = [
+    "CommandResult",
+    "GuestCommandError",
+    "GuestError",
+    "GuestShell",
+    "GuestVM",
+    "qemu_available",
+]
 
 
 class GuestVM(LaunchedVm):
@@ -35,12 +41,26 @@ class GuestVM(LaunchedVm):
     :attr:`shell`.
     """
 
-    def __init__(self, image: ImagePaths, workdir: Path, *, name: str = "memd-g0",
-                 memory_mib: int = 256, ports: tuple[str, ...] = (CHANNEL_NAME,),
-                 append: str = "", nbd_disks: tuple[Path, ...] = ()) -> None:
-        super().__init__(image, workdir, name=name, memory_mib=memory_mib, append=append,
-                         channels={port: workdir / f"{name}.{port}.sock" for port in ports},
-                         nbd_disks=nbd_disks)
+    def __init__(
+        self,
+        image: ImagePaths,
+        workdir: Path,
+        *,
+        name: str = "memd-g0",
+        memory_mib: int = 256,
+        ports: tuple[str, ...] = (CHANNEL_NAME,),
+        append: str = "",
+        nbd_disks: tuple[Path, ...] = (),
+    ) -> None:
+        super().__init__(
+            image,
+            workdir,
+            name=name,
+            memory_mib=memory_mib,
+            append=append,
+            channels={port: workdir / f"{name}.{port}.sock" for port in ports},
+            nbd_disks=nbd_disks,
+        )
         self._shell: GuestShell | None = None
 
     def start(self, timeout: float = 120.0) -> None:
@@ -65,8 +85,12 @@ class GuestVM(LaunchedVm):
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
     @property
@@ -120,5 +144,8 @@ class GuestVM(LaunchedVm):
 
 def qemu_available() -> bool:
     """True if qemu-system-x86_64 is on PATH (the VM tests skip otherwise)."""
-    return any(os.access(Path(d) / "qemu-system-x86_64", os.X_OK)
-               for d in os.environ.get("PATH", "").split(os.pathsep) if d)
+    return any(
+        os.access(Path(d) / "qemu-system-x86_64", os.X_OK)
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if d
+    )

@@ -61,7 +61,9 @@ def libvirt_domain(
     workdir.chmod(0o777)  # QEMU may run as libvirt-qemu and must create the console socket
     console = workdir / "console.sock"
     xml = render_domain_xml(
-        vm_image, name=f"memd-tpl-{uuid.uuid4().hex[:8]}", console_socket=console,
+        vm_image,
+        name=f"memd-tpl-{uuid.uuid4().hex[:8]}",
+        console_socket=console,
         append="memd.daemon=0",  # the test writes to org.memd.0 itself: no daemon holding it
     )
     # Paused start: the console is attached before the guest prints anything.

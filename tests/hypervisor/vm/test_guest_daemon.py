@@ -59,9 +59,13 @@ class _Agent:
         self.loop.run(self.app.start(str(self.control)))
 
     def cli(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(self.control),
-                               *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
+        return subprocess.run(
+            [sys.executable, "-m", "memd.cli", "--socket", str(self.control), *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
 
     def close(self) -> None:
         self.loop.run(self.app.stop())
@@ -69,15 +73,22 @@ class _Agent:
 
 
 def test_two_programs_share_the_daemon_and_the_host_sees_memory(
-        boot_guest: Callable[..., GuestVM], tmp_path: Path) -> None:
+    boot_guest: Callable[..., GuestVM], tmp_path: Path
+) -> None:
     agent = _Agent(tmp_path)
     try:
         guest = boot_guest(name="daemonvm", memory_mib=RAM_MIB)
-        agent.loop.run(agent.app.agent.add_channel(
-            "daemonvm", str(guest.channel_sockets[CHANNEL_NAME]), "connect"))
+        agent.loop.run(
+            agent.app.agent.add_channel(
+                "daemonvm", str(guest.channel_sockets[CHANNEL_NAME]), "connect"
+            )
+        )
         # The image started the daemon at boot (inittab, respawned); wait for its socket.
-        guest.check("i=0; until [ -S /run/memd-guest.sock ]; do i=$((i+1)); "
-                    "[ $i -gt 300 ] && exit 1; sleep 0.1; done", timeout=60)
+        guest.check(
+            "i=0; until [ -S /run/memd-guest.sock ]; do i=$((i+1)); "
+            "[ $i -gt 300 ] && exit 1; sleep 0.1; done",
+            timeout=60,
+        )
         assert "via=daemon:/run/memd-guest.sock" in guest.check("memd-guest hello", timeout=60)
         # The port is the daemon's: opening it directly fails while the daemon runs.
         direct = guest.run("memd-guest --direct --reconnect-timeout 1 hello", timeout=60)
@@ -88,11 +99,15 @@ def test_two_programs_share_the_daemon_and_the_host_sees_memory(
             "cd /tmp; python3 prog.py 1 150 > p1.out 2>&1 & a=$!; "
             "python3 prog.py 2 150 > p2.out 2>&1 & b=$!; "
             "wait $a; ra=$?; wait $b; rb=$?; cat p1.out p2.out; echo rc=$ra,$rb; "
-            "memd-guest pools", timeout=120)
+            "memd-guest pools",
+            timeout=120,
+        )
         assert "rc=0,0" in out, out
         found = re.findall(r"PROGRAM tag=(\d) pool=(\d+) pages=(\d+) bad=(\d+)", out)
-        assert sorted((t, n, b) for t, _, n, b in found) == [("1", "150", "0"),
-                                                             ("2", "150", "0")], out
+        assert sorted((t, n, b) for t, _, n, b in found) == [
+            ("1", "150", "0"),
+            ("2", "150", "0"),
+        ], out
         pools = {p for _, p, _, _ in found}
         assert len(pools) == 2  # each program its own pool, in the one guest's pool table
         for pool in pools:  # `memd-guest pools` (through the daemon) sees both, 150 pages each
@@ -106,7 +121,9 @@ def test_two_programs_share_the_daemon_and_the_host_sees_memory(
         ranged = guest.run(
             "sleep 30 & p=$!; sleep 0.3; e=$(grep '\\[stack\\]' /proc/$p/maps | cut -d' ' -f1);"
             " e=${e#*-}; memd-guest query --pid $p --range $((0x$e - 4096)):0x1000; r=$?;"
-            " kill $p; exit $r", timeout=60)
+            " kill $p; exit $r",
+            timeout=60,
+        )
         assert ranged.status == 2 and "sharing is not enabled" in ranged.stderr, ranged
 
         # The host has the guest's memory report, and it is the guest's /proc/meminfo.

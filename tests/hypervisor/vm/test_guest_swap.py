@@ -47,13 +47,13 @@ print("WORKLOAD pages=%d bad=%d swapped_kib=%d" % (n, bad, swapped))
 """
 
 
-def test_guest_swaps_2_5x_its_ram_to_memd(boot_guest: Callable[..., GuestVM],
-                                          tmp_path: Path) -> None:
+def test_guest_swaps_2_5x_its_ram_to_memd(
+    boot_guest: Callable[..., GuestVM], tmp_path: Path
+) -> None:
     agent = SwapAgent(tmp_path, budget=256 << 20)
     try:
         disk = agent.add_disk("swapvm", SWAP_MIB << 20)
-        guest = boot_guest(name="swapvm", memory_mib=RAM_MIB, ports=(),
-                           nbd_disks=(Path(disk),))
+        guest = boot_guest(name="swapvm", memory_mib=RAM_MIB, ports=(), nbd_disks=(Path(disk),))
         assert guest.check("cat /sys/block/vda/size").strip() == str(SWAP_MIB << 11)
         guest.check("mkswap /dev/vda && swapon -d /dev/vda")  # busybox: -d is --discard
         assert "/dev/vda" in guest.check("cat /proc/swaps")
@@ -80,11 +80,24 @@ def test_guest_swaps_2_5x_its_ram_to_memd(boot_guest: Callable[..., GuestVM],
 def _serve(run: Path, disk: Path) -> subprocess.Popen[bytes]:
     """`memd serve --swap` as its own process (so that it can be killed with -9)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "memd.cli", "--socket", str(run / "control.sock"), "serve",
-         "--store", str(run / "store"), "--budget", "256M",
-         "--swap", f"swapvm={disk}:{SWAP_MIB}M"],
-        env={**os.environ, "MEMD_RUN_DIR": str(run)}, stdout=subprocess.DEVNULL,
-        stderr=open(run / "memd.log", "ab"))  # noqa: SIM115 (the process owns it)
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(run / "control.sock"),
+            "serve",
+            "--store",
+            str(run / "store"),
+            "--budget",
+            "256M",
+            "--swap",
+            f"swapvm={disk}:{SWAP_MIB}M",
+        ],
+        env={**os.environ, "MEMD_RUN_DIR": str(run)},
+        stdout=subprocess.DEVNULL,
+        stderr=open(run / "memd.log", "ab"),  # noqa: SIM115 (the process owns it)
+    )
     deadline = time.monotonic() + 30
     while not accepts(disk):
         assert proc.poll() is None and time.monotonic() < deadline, (run / "memd.log").read_text()
@@ -100,15 +113,28 @@ def _swap_used_kib(guest: GuestVM) -> int:
 
 
 def _disk_row(run: Path) -> dict[str, object]:
-    out = subprocess.run([sys.executable, "-m", "memd.cli", "--socket", str(run / "control.sock"),
-                          "guests", "--json"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "MEMD_RUN_DIR": str(run)}).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(run / "control.sock"),
+            "guests",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "MEMD_RUN_DIR": str(run)},
+    ).stdout
     swap: dict[str, object] = json.loads(out)[0]["swap"]
     return swap
 
 
 def test_kill_9_mid_swap_the_workload_still_verifies_every_page(
-        boot_guest: Callable[..., GuestVM], tmp_path: Path) -> None:
+    boot_guest: Callable[..., GuestVM], tmp_path: Path
+) -> None:
     """memd keeps the swap disk's pages in its crash-safe store: a kill -9 in the middle
     of the swapping is a pause for the guest (QEMU's NBD client reconnects to the
     restarted agent, reconnect-delay), never an I/O error, and every byte comes back."""
@@ -121,8 +147,7 @@ def test_kill_9_mid_swap_the_workload_still_verifies_every_page(
         guest.check("mkswap /dev/vda && swapon -d /dev/vda")
         guest.write_file("/tmp/w.py", WORKLOAD.encode())
         workload_mib = RAM_MIB * 5 // 2
-        guest.check(f"(python3 /tmp/w.py {workload_mib} > /tmp/out 2>&1; "
-                    "echo rc=$? >> /tmp/out) &")
+        guest.check(f"(python3 /tmp/w.py {workload_mib} > /tmp/out 2>&1; echo rc=$? >> /tmp/out) &")
         deadline = time.monotonic() + 600
         while _swap_used_kib(guest) < 64 * 1024:  # the workload is well into swap
             assert time.monotonic() < deadline

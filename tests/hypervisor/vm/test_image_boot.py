@@ -24,8 +24,13 @@ EXTRA_PORT = "org.memd.test"
 @pytest.fixture(scope="module")
 def guest(vm_image: ImagePaths, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GuestVM]:
     # memd.daemon=0: no guest daemon holding org.memd.0, which these tests open directly.
-    vm = GuestVM(vm_image, tmp_path_factory.mktemp("boot"), name="smoke",
-                 ports=(CHANNEL_NAME, EXTRA_PORT), append="memd.daemon=0")
+    vm = GuestVM(
+        vm_image,
+        tmp_path_factory.mktemp("boot"),
+        name="smoke",
+        ports=(CHANNEL_NAME, EXTRA_PORT),
+        append="memd.daemon=0",
+    )
     with vm:
         yield vm
 
@@ -33,7 +38,8 @@ def guest(vm_image: ImagePaths, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def _port_device(guest: GuestVM, name: str) -> str:
     """/dev/vportNpM of the port called ``name``, found the way the guest agent finds it."""
     listing = guest.check(
-        "for p in /sys/class/virtio-ports/*; do echo $(cat $p/name) ${p##*/}; done")
+        "for p in /sys/class/virtio-ports/*; do echo $(cat $p/name) ${p##*/}; done"
+    )
     ports: dict[str, str] = {}
     for line in listing.splitlines():
         port_name, _, device = line.partition(" ")
@@ -96,27 +102,47 @@ def test_guest_writes_reach_the_host_socket_and_back(guest: GuestVM) -> None:
         # Host → guest, binary, through python3 in the guest (the agent's own route).
         payload = bytes(range(256)) * 16
         host.sendall(payload)
-        script = (f"import os; fd = os.open('{device}', os.O_RDONLY); buf = b''\n"
-                  f"while len(buf) < {len(payload)}: buf += os.read(fd, 65536)\n"
-                  "os.write(1, buf)")
+        script = (
+            f"import os; fd = os.open('{device}', os.O_RDONLY); buf = b''\n"
+            f"while len(buf) < {len(payload)}: buf += os.read(fd, 65536)\n"
+            "os.write(1, buf)"
+        )
         guest.write_file("/tmp/readport.py", script.encode())
         assert guest.check_bytes("python3 /tmp/readport.py", timeout=60) == payload
 
 
 def test_hotplugged_port_gets_its_link(guest: GuestVM, tmp_path: Path) -> None:
     path = tmp_path / "hot.sock"
-    guest.qmp("chardev-add", id="hot0", backend={
-        "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(path)}},
-                                   "server": True, "wait": False}})
-    guest.qmp("device_add", driver="virtserialport", bus="vserial0.0", chardev="hot0",
-              name="org.memd.hot", id="hotport")
-    guest.check("i=0; until [ -e /dev/virtio-ports/org.memd.hot ]; do"
-                " i=$((i+1)); [ $i -gt 50 ] && exit 1; sleep 0.1; done")
+    guest.qmp(
+        "chardev-add",
+        id="hot0",
+        backend={
+            "type": "socket",
+            "data": {
+                "addr": {"type": "unix", "data": {"path": str(path)}},
+                "server": True,
+                "wait": False,
+            },
+        },
+    )
+    guest.qmp(
+        "device_add",
+        driver="virtserialport",
+        bus="vserial0.0",
+        chardev="hot0",
+        name="org.memd.hot",
+        id="hotport",
+    )
+    guest.check(
+        "i=0; until [ -e /dev/virtio-ports/org.memd.hot ]; do"
+        " i=$((i+1)); [ $i -gt 50 ] && exit 1; sleep 0.1; done"
+    )
 
 
 def test_qemu_argv_is_the_documented_command_line(guest: GuestVM) -> None:
-    argv = qemu_argv(guest.image, name="x", console_socket=Path("/run/c.sock"),
-                     qmp_socket=Path("/run/q.sock"))
+    argv = qemu_argv(
+        guest.image, name="x", console_socket=Path("/run/c.sock"), qmp_socket=Path("/run/q.sock")
+    )
     joined = " ".join(argv)
     assert "-accel tcg" in joined and "-m 256" in joined
     assert f"virtserialport,bus=vserial0.0,chardev=vport0,name={CHANNEL_NAME}" in joined
