@@ -26,7 +26,7 @@ import pytest
 from hypervisor import ksm
 from tests.hypervisor.ksm.conftest import needs_vm_root
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[3] / "benchmarks"
 
 
 def _load(name: str) -> ModuleType:

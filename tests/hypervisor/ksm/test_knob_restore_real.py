@@ -25,7 +25,7 @@ import pytest
 
 from hypervisor import ksm
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 QEMU = shutil.which("qemu-system-x86_64")
 HOST_SETTING: dict[str, int | str] = {"pages_to_scan": 123, "sleep_millisecs": 77, "run": 1}
 OFF = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 200}
