@@ -30,8 +30,9 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from hypervisor.qmp import QmpMonitor
 from hypervisor.vmimage import CHANNEL_NAME, READY_MARKER, ImagePaths, qemu_argv
@@ -218,6 +219,38 @@ class LaunchedVm:
                 seen = seen[-len(marker) :] + chunk
 
 
+class _Vm(Protocol):
+    name: str
+
+    def stop(self) -> None: ...
+
+
+V = TypeVar("V", bound=_Vm)
+
+
+def boot_in_parallel(vms: Sequence[V], boot: Callable[[V], None]) -> list[V]:
+    """Run ``boot(vm)`` for every guest in its own thread (TCG boots are CPU-bound, but
+    their waits overlap); on any failure stop them all and re-raise the first error."""
+    errors: list[BaseException] = []
+
+    def run(vm: V) -> None:
+        try:
+            boot(vm)
+        except BaseException as err:  # re-raised below, in the caller's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(vm,), name=f"boot:{vm.name}") for vm in vms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for vm in vms:
+            vm.stop()
+        raise errors[0]
+    return list(vms)
+
+
 def boot_many(
     image: ImagePaths,
     workdir: Path,
@@ -228,21 +261,4 @@ def boot_many(
 ) -> list[LaunchedVm]:
     """Boot guests in parallel threads; on any failure stop them all and re-raise."""
     vms = [LaunchedVm(image, workdir, name=n, memory_mib=memory_mib, append=append) for n in names]
-    errors: list[BaseException] = []
-
-    def boot(vm: LaunchedVm) -> None:
-        try:
-            vm.boot()
-        except BaseException as err:  # re-raised below, in the caller's thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=boot, args=(vm,), name=f"boot:{vm.name}") for vm in vms]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for vm in vms:
-            vm.stop()
-        raise errors[0]
-    return vms
+    return boot_in_parallel(vms, LaunchedVm.boot)

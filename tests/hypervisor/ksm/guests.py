@@ -1,10 +1,9 @@
 """Real memd-image guests for the KSM tests (the steering benchmark boots its own through
-benchmarks/_guests.py: benchmarks never import tests).
+hypervisor.vmlaunch: benchmarks never import tests).
 
 :class:`VmMonitor` lets :class:`~hypervisor.qemu_machine.QemuMachine` use the QMP
 connection a :class:`~tests.hypervisor.vm.harness.GuestVM` already holds (a QMP socket takes one
-client at a time).  :func:`boot_many` boots several guests at once (TCG boots are
-CPU-bound, but their waits overlap).
+client at a time).  :func:`boot_many` boots several guests at once.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.vmimage import ImagePaths
+from hypervisor.vmlaunch import boot_in_parallel
 from memd.errors import CommandFailed
 from tests.hypervisor.vm.harness import GuestError, GuestVM
 
@@ -51,21 +51,4 @@ def boot_many(
 ) -> list[GuestVM]:
     """Boot guests in parallel threads; on any failure stop them all and re-raise."""
     vms = [GuestVM(image, workdir / n, name=n, memory_mib=memory_mib) for n in names]
-    errors: list[BaseException] = []
-
-    def start(vm: GuestVM) -> None:
-        try:
-            vm.start(timeout=180)
-        except BaseException as err:  # re-raised below, in the caller's thread
-            errors.append(err)
-
-    threads = [threading.Thread(target=start, args=(vm,)) for vm in vms]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for vm in vms:
-            vm.stop()
-        raise errors[0]
-    return vms
+    return boot_in_parallel(vms, lambda vm: vm.start(timeout=180))
