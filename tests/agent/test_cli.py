@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from memd.agent import control
 from memd.cli import main
 from tests.agent.conftest import RunningAgent
 from tests.support.users import as_nobody
@@ -73,7 +72,10 @@ def test_operator_mistakes_are_one_sentence(
 def test_other_users_are_refused(agent: RunningAgent, mode: int) -> None:
     os.chmod(os.path.dirname(agent.control), 0o755)  # let nobody reach the socket file
     os.chmod(agent.control, mode)  # 0666: only the SO_PEERCRED check stands in the way
-    message = as_nobody(lambda: control.call("status", path=agent.control, timeout=10) and "served")
+    message = as_nobody(
+        "from memd.agent import control",
+        f"result = control.call('status', path={agent.control!r}, timeout=10) and 'served'",
+    )
     assert message.startswith("PermissionDenied: ")
 
 

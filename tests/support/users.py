@@ -3,32 +3,48 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-
-from memd.errors import MemdError
+import subprocess
+import sys
+from pathlib import Path
 
 NOBODY = 65534
+ROOT = Path(__file__).resolve().parents[2]
+
+# A fresh interpreter, not a fork: the test process has threads (an agent's event loop,
+# libvirt's event loop), and a forked child inherits any lock one of them held at the
+# fork (an import lock, a logging lock) and can wait on it forever.  The interpreter
+# starts as root and imports what the action needs, then becomes nobody: the
+# interpreter and its packages may live where nobody cannot read (e.g. under /root).
+_RUNNER = """
+import os, sys
+from memd.errors import MemdError
+namespace = {}
+exec(sys.argv[1], namespace)
+os.setgroups([])
+os.setgid(NOBODY_UID)
+os.setuid(NOBODY_UID)
+try:
+    exec(sys.argv[2], namespace)
+    message = namespace["result"]
+except MemdError as err:
+    message = f"{type(err).__name__}: {err}"
+except BaseException as err:
+    message = f"unexpected {err!r}"
+sys.stdout.write(str(message))
+""".replace("NOBODY_UID", str(NOBODY))
 
 
-def as_nobody(action: Callable[[], str]) -> str:
-    """Fork, become ``nobody`` in the child, run ``action`` there; return what it returned,
-    or ``"ErrorClass: message"`` for the MemdError it raised (root only)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            message = action()
-        except MemdError as err:
-            message = f"{type(err).__name__}: {err}"
-        except BaseException as err:  # reported to the parent, which fails the test
-            message = f"unexpected {err!r}"
-        os.write(write_end, message.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as pipe:
-        message = pipe.read()
-    os.waitpid(pid, 0)
-    return message
+def as_nobody(imports: str, action: str, *, timeout: float = 60.0) -> str:
+    """Run ``imports`` as root, then ``action`` (Python that sets ``result``) as ``nobody``,
+    in a new interpreter; return ``result``, or ``"ErrorClass: message"`` for the
+    MemdError it raised (root only)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, imports, action],
+        cwd="/",
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
