@@ -86,6 +86,10 @@ class Journal:
 
     # -- records ---------------------------------------------------------------------------
 
+    def reports_to(self, sink: object) -> bool:
+        """Whether *sink* (the log or a listener) hears this host's changes."""
+        return any(s is sink for s in self._sinks)
+
     def client_changed(self, client: Client) -> None:
         if self.tracking:
             record = client_record(client)

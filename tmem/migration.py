@@ -96,7 +96,7 @@ class ChangeFeed:
 
 def _listens(host: TmemHost, feed: ChangeFeed) -> bool:
     """Whether *feed* hears *host*'s changes (a host built with it as a listener)."""
-    return any(sink is feed for sink in host._state.journal._sinks)
+    return host._state.journal.reports_to(feed)
 
 
 # --- what moves ------------------------------------------------------------------------
