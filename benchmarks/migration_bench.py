@@ -1,7 +1,7 @@
 """A guest's tmem following a QEMU live migration: transfer rate and switch-over cost.
 
 Two ``memd serve`` agents (each with its own store, run and state directories; mutual TLS
-with certificates made here with openssl) on 127.0.0.1, a source QEMU and a destination
+with certificates made by memd tls-init's code) on 127.0.0.1, a source QEMU and a destination
 QEMU started with ``-incoming`` (guest-less: SeaBIOS idles; QEMU's RAM migration is real),
 each QEMU's swap disk on its agent.  A simulated guest (``GuestClient`` over the source
 agent's channel socket) puts ``--mib`` of persistent pages of the tmem_bench mix (35% zero
@@ -45,69 +45,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BOOT_ID = bytes(range(16))
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 def make_certs(where: Path) -> Path:
-    """CA + server (127.0.0.1) + client, in the --tls-dir layout."""
-    (where / "private").mkdir(parents=True)
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "cakey.pem",
-        "-out",
-        "cacert.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=bench CA",
-        cwd=where,
-    )
-    for role, ext in (
-        ("server", "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        (where / f"{role}.ext").write_text(ext + "\n")
-        _openssl(
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            f"private/{role}key.pem",
-            "-out",
-            f"{role}.csr",
-            "-subj",
-            f"/CN={role}",
-            cwd=where,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{role}.csr",
-            "-CA",
-            "cacert.pem",
-            "-CAkey",
-            "cakey.pem",
-            "-CAcreateserial",
-            "-out",
-            f"{role}cert.pem",
-            "-days",
-            "1",
-            "-extfile",
-            f"{role}.ext",
-            cwd=where,
-        )
+    """CA + server (127.0.0.1) + client, in the --tls-dir layout: what `memd tls-init` makes."""
+    from memd.migrate import pki
+
+    pki.make_ca(where / "ca", name="bench CA", days=1)
+    pki.make_host(where / "ca", where, "localhost", ["127.0.0.1"], days=1)
     return where
 
 

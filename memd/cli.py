@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from memd import cli_render as render
-from memd import paths
+from memd import cli_setup, paths
 from memd.agent import control
 from memd.agent.commands import (
     AttachArgs,
@@ -295,6 +295,7 @@ def _parser() -> argparse.ArgumentParser:
         "pause-before-switchover and returns; progress in memd status); without "
         "it the guest must be paused or stopped and the move happens now",
     )
+    cli_setup.add_commands(cmd)  # tls-init, libvirt-hook
     c = cmd("demo", "run the embedded demo: agent + simulated guests over unix sockets")
     c.add_argument("--guests", type=int, default=4)
     c.add_argument("--guest-mib", type=int, default=16)
@@ -337,6 +338,8 @@ def _run(args: argparse.Namespace) -> int:
         return control.request(request, path=path)
 
     match args.command:
+        case command if command in cli_setup.COMMANDS:
+            return cli_setup.run(args, path)
         case "serve":
             from memd.serve import serve
 
