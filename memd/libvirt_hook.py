@@ -151,8 +151,11 @@ def install(hooks_dir: str | Path = DEFAULT_HOOKS_DIR, *, control_path: str | No
         raise PermissionDenied(
             f"cannot write {script}: permission denied (run it as root)", target=str(script)
         ) from None
-    except NotADirectoryError:
-        raise PermissionDenied(f"{directory} is not a directory", target=str(directory)) from None
+    except (NotADirectoryError, FileExistsError):
+        raise PermissionDenied(
+            f"cannot make {directory}: a file is in the way of the hooks directory",
+            target=str(directory),
+        ) from None
     return script
 
 

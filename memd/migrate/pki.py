@@ -79,7 +79,12 @@ def subject_alt_names(names: Sequence[str]) -> list[str]:
             entry = f"IP:{ipaddress.ip_address(name)}"
         except ValueError:
             labels = name.rstrip(".").split(".")
-            if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in labels):
+            if (
+                not name
+                or len(name) > 253
+                or not all(_DNS_LABEL.fullmatch(x) for x in labels)
+                or labels[-1].isdigit()  # 10.0.0 is a mistyped address, not a name
+            ):
                 raise InvalidArgument(
                     f"{raw!r} is neither an IP address nor a DNS name "
                     "(the destination's certificate must name what `memd migrate --to` uses)"
@@ -259,8 +264,8 @@ def _make_dir(path: Path, mode: int) -> Path:
         raise PermissionDenied(
             f"cannot create {path}: permission denied", target=str(path)
         ) from None
-    except FileExistsError:
-        raise InvalidArgument(f"{path} exists and is not a directory") from None
+    except (FileExistsError, NotADirectoryError):
+        raise InvalidArgument(f"{path} is not a directory (a file is in the way)") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise PermissionDenied(f"cannot write in {path}: permission denied", target=str(path))
     return path
