@@ -8,6 +8,7 @@ on stdin, the exit status and stderr read back, through the installed qemu.d scr
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import subprocess
@@ -213,6 +214,22 @@ def test_install_writes_a_script_libvirt_can_run(agents: Agents, tmp_path: Path)
         == 0
     )
     assert sorted(p.name for p in script.parent.iterdir()) == ["memd"]
+
+
+def test_the_cli_command_is_the_same_guard(
+    agents: Agents, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memd.cli import main
+
+    agents.arriving("vm1")
+    for domain, code in (("vm1", 0), ("vm9", 1)):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(MEMD_GUEST))
+        assert (
+            main(["--socket", agents.control, "libvirt-hook", domain, "migrate", "begin", "-"])
+            == code
+        )
+        out, err = capsys.readouterr()
+        assert out == "" and (err == "") == (code == 0)
 
 
 def test_hook_usage_mistakes_are_one_sentence(
