@@ -152,6 +152,7 @@ def make_host(
             )
     sans = subject_alt_names([host, *names])
     files = host_files(out_dir)
+    _read(ca.key)  # unreadable (another user's CA): one sentence, not openssl's
     ca_pem = _read(ca.cert)
     copy_ca = not (files["ca"].is_file() and _read(files["ca"]) == ca_pem)
     _refuse_existing([p for k, p in files.items() if k != "ca" or copy_ca])
@@ -190,7 +191,7 @@ def _signed(
     )
     ext = [
         "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "keyUsage=critical,digitalSignature",  # an EC key signs; it never enciphers
         f"extendedKeyUsage={usage}",
         "subjectKeyIdentifier=hash",
         "authorityKeyIdentifier=keyid",
