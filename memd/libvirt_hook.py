@@ -19,7 +19,7 @@ domain XML (empty = unchanged).  An unrelated guest must never be refused, and t
 operation, and any XML this cannot read, passes.  :func:`verdict` is the decision on
 plain values (tested without libvirt); :func:`run_hook` reads stdin and asks the agent;
 :func:`install` writes the ``qemu.d/memd`` script.  ``python3 -m memd.libvirt_hook`` is
-what that script runs (no CLI import: the hook runs for every domain event).  No state.
+what that script runs for ``migrate`` (no CLI import: libvirt waits for it).  No state.
 """
 
 from __future__ import annotations
