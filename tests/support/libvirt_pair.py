@@ -32,7 +32,9 @@ State: a pair belongs to the one test thread that made it; nothing here is share
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -52,7 +54,11 @@ HOST_DIRS = {
     "/var/cache/libvirt": "cache",
     "/var/log/libvirt": "log",
 }
-SUBNET = "10.79.0"
+SUBNET = "10.79.0"  # the same in every pair: each pair's addresses exist only in its namespaces
+#: Namespace names carry the owning test process's pid (and a per-process counter), so a
+#: leftover from a run that was killed can be recognised and swept (see sweep_stale).
+_NETNS_NAME = re.compile(r"lvpair-(\d+)x(\d+)-[ab]")
+_PAIR_NUMBERS = itertools.count(1)
 LIBVIRTD_PORT = 16509
 #: The system libvirtd's QEMU capabilities cache; copied into each host (see _seed_caps_cache).
 SYSTEM_CAPS_CACHE = Path("/var/cache/libvirt/qemu/capabilities")
@@ -289,10 +295,10 @@ class LibvirtHost:
                 raise AssertionError(f"host {self.label}'s namespaces did not come up: {err}")
             time.sleep(0.02)
 
-    def start_libvirtd(self, timeout: float = 60.0) -> None:
+    def start_libvirtd(self) -> None:
         """``libvirtd --listen`` in the foreground inside the host (no systemd socket
-        activation: the daemon opens its own unix and TCP sockets from libvirtd.conf)."""
-        sock = self.root / "run" / "libvirt-sock"
+        activation: the daemon opens its own unix and TCP sockets from libvirtd.conf).
+        :meth:`wait_libvirtd` waits until it answers: the pair starts both, then waits."""
         with open(self.root / "libvirtd.out", "ab") as out:
             self.libvirtd = self.popen(
                 [
@@ -308,8 +314,12 @@ class LibvirtHost:
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+
+    def wait_libvirtd(self, timeout: float = 60.0) -> None:
         import libvirt
 
+        assert self.libvirtd is not None, f"libvirtd of host {self.label} was not started"
+        sock = self.root / "run" / "libvirt-sock"
         deadline = time.monotonic() + timeout
         while True:
             if self.libvirtd.poll() is not None:
@@ -320,9 +330,11 @@ class LibvirtHost:
                 )
             if sock.exists():
                 with contextlib.suppress(libvirt.libvirtError):
-                    # The first call also waits for the QEMU driver's capability probe.
+                    # Not getCapabilities(): that probes every qemu-system-* binary (i386 too,
+                    # which the system cache usually lacks: seconds); starting a domain probes
+                    # only its own emulator, found in the seeded cache.
                     conn = libvirt.open(self.uri)
-                    conn.getCapabilities()
+                    conn.getHostname()
                     conn.close()
                     return
             if time.monotonic() > deadline:
@@ -421,6 +433,66 @@ class LibvirtPair:
     def hosts(self) -> tuple[LibvirtHost, LibvirtHost]:
         return self.a, self.b
 
+    def peer(self, host: LibvirtHost) -> LibvirtHost:
+        return self.b if host is self.a else self.a
+
+    def memd_env(self) -> dict[str, str]:
+        """Environment for a ``memd`` process inside either host: its run, state and NBD
+        directories in the private directory, so the two hosts' agents use the same paths
+        (as on two real machines) without sharing a file.  (The suite's conftest points
+        these variables at one sandbox, which both hosts would otherwise share.)"""
+        return {
+            **os.environ,
+            "MEMD_RUN_DIR": str(self.private / "memd-run"),
+            "MEMD_STATE_DIR": str(self.private / "memd-state"),
+            "MEMD_NBD_DIR": str(self.private / "memd-nbd"),
+        }
+
+    def migrate(
+        self,
+        domain: str,
+        *,
+        to: LibvirtHost,
+        flags: int | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> float:
+        """Migrate ``domain`` from the other host to ``to`` the way an operator's
+        ``virsh migrate --live --p2p DOMAIN qemu+tcp://ADDR/system`` does: the source libvirtd
+        connects to the destination's over TCP, the migration stream runs between the two
+        hosts' addresses.  Returns the seconds ``migrateToURI3`` took; raises libvirtError
+        when libvirt reports a failure."""
+        import libvirt
+
+        if flags is None:
+            flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+        conn = self.peer(to).connect()
+        try:
+            start = time.monotonic()
+            conn.lookupByName(domain).migrateToURI3(to.tcp_uri, params or {}, flags)
+            return time.monotonic() - start
+        finally:
+            conn.close()
+
+
+def sweep_stale() -> list[str]:
+    """Delete the namespaces (and kill the processes in them: libvirtd, QEMU, the holder)
+    that a pair of a test process no longer alive left behind, e.g. after a SIGKILL; the
+    names it deleted.  A pair of a live process is never touched."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    swept = []
+    for line in listing.splitlines():
+        name = line.split(" ", 1)[0]
+        match = _NETNS_NAME.fullmatch(name)
+        if match is None or Path(f"/proc/{match.group(1)}").exists():
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+        swept.append(name)
+    return swept
+
 
 def _make_host(label: str, index: int, tag: str, base: Path, private: Path) -> LibvirtHost:
     return LibvirtHost(
@@ -441,7 +513,8 @@ def _create_network(a: LibvirtHost, b: LibvirtHost, tag: str, made: list[str]) -
         _ip("netns", "add", host.netns)
         made.append(host.netns)
         _ip("-n", host.netns, "link", "set", "lo", "up")
-    veth_a, veth_b = f"lvp{tag}a"[:15], f"lvp{tag}b"[:15]
+    veth_a, veth_b = f"lvp{tag}a", f"lvp{tag}b"
+    assert len(veth_a) <= 15, f"interface name {veth_a} is too long for the kernel"
     _ip(
         "link",
         "add",
@@ -465,7 +538,8 @@ def _create_network(a: LibvirtHost, b: LibvirtHost, tag: str, made: list[str]) -
 def libvirt_pair(base: Path) -> Iterator[LibvirtPair]:
     """Two running libvirt hosts under ``base`` (a fresh directory; keep it short: unix socket
     paths under it are limited to 107 bytes).  Everything is torn down on exit."""
-    tag = f"{os.getpid() % 100000}"
+    sweep_stale()
+    tag = f"{os.getpid()}x{next(_PAIR_NUMBERS)}"
     private = base / "run"  # the same path in both hosts, an empty directory from outside
     private.mkdir(parents=True, exist_ok=True)
     a = _make_host("a", 1, tag, base, private)
@@ -478,6 +552,8 @@ def libvirt_pair(base: Path) -> Iterator[LibvirtPair]:
             host.start_holder()
         for host in (a, b):
             host.start_libvirtd()
+        for host in (a, b):
+            host.wait_libvirtd()
         yield LibvirtPair(a, b, private)
     finally:
         try:
