@@ -71,7 +71,11 @@ def test_hosts_are_distinct_and_reach_each_other(pair: LibvirtPair) -> None:
             assert conn.getHostname() == host.hostname
         finally:
             conn.close()
-        # From inside the host, the peer's libvirtd over TCP on the private network.
+        # Inside the host, the plain system URI is the host's own libvirtd (a `memd serve
+        # --libvirt qemu:///system` started with host.popen follows that one) ...
+        own = host.run(["virsh", "-c", "qemu:///system", "hostname"]).stdout.strip()
+        assert own == host.hostname
+        # ... and the peer's libvirtd answers over TCP on the private network.
         out = host.run(["virsh", "-c", peer.tcp_uri, "hostname"]).stdout.strip()
         assert out == peer.hostname
         # The machine's own network does not see the hosts' addresses.
@@ -143,7 +147,10 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
     channel_a = _memd_channel(guest.domain.XMLDesc(0))
     assert pair.a.outside(channel_a).exists()
 
-    TIMINGS["migrate_s"] = round(pair.migrate(guest.name, to=pair.b), 2)
+    # What an operator types on host a: the source libvirtd connects to b's over TCP.
+    start = time.monotonic()
+    pair.a.run(["virsh", "migrate", "--live", "--p2p", guest.name, pair.b.tcp_uri])
+    TIMINGS["migrate_a_to_b_s"] = round(time.monotonic() - start, 2)
 
     moved = guest.conn_b.lookupByName(guest.name)
     assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING
@@ -163,6 +170,15 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
     assert not pair.a.outside(channel_a).exists()
     # The source's QEMU is gone: its log says it was migrated out.
     assert "shutting down" in pair.a.qemu_log(guest.name).read_text()
+
+    # And back, through the API: the pair is symmetric.
+    TIMINGS["migrate_b_to_a_s"] = round(pair.migrate(guest.name, to=pair.a), 2)
+    guest.domain = guest.conn_a.lookupByName(guest.name)
+    assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    shell = guest.attach(pair.a.outside(guest.console), booting=False)
+    assert shell.check("cat /tmp/token").strip() == token
+    with pytest.raises(libvirt.libvirtError):
+        guest.conn_b.lookupByName(guest.name)
 
 
 def _memd_channel(xml: str) -> str:
