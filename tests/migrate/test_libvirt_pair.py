@@ -73,7 +73,7 @@ def test_hosts_are_distinct_and_reach_each_other(pair: LibvirtPair) -> None:
             conn.close()
         # Inside the host, the plain system URI is the host's own libvirtd (a `memd serve
         # --libvirt qemu:///system` started with host.popen follows that one) ...
-        own = host.run(["virsh", "-c", "qemu:///system", "hostname"]).stdout.strip()
+        own = host.virsh("hostname").strip()
         assert own == host.hostname
         # ... and the peer's libvirtd answers over TCP on the private network.
         out = host.run(["virsh", "-c", peer.tcp_uri, "hostname"]).stdout.strip()
@@ -149,7 +149,7 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
 
     # What an operator types on host a: the source libvirtd connects to b's over TCP.
     start = time.monotonic()
-    pair.a.run(["virsh", "migrate", "--live", "--p2p", guest.name, pair.b.tcp_uri])
+    pair.a.virsh("migrate", "--live", "--p2p", guest.name, pair.b.tcp_uri)
     TIMINGS["migrate_a_to_b_s"] = round(time.monotonic() - start, 2)
 
     moved = guest.conn_b.lookupByName(guest.name)

@@ -26,6 +26,25 @@ vanish with its last process: nothing is ever mounted on the machine itself.
 destroyed, libvirtds stopped, any process still inside a host killed, namespaces deleted.
 The system libvirtd (``qemu:///system`` at /run/libvirt) is never contacted or changed.
 
+Use::
+
+    with libvirt_pair(tmp_path_factory.mktemp("lvp")) as pair:
+        conn = pair.a.connect()                 # qemu+unix:///system?socket=<a's socket>
+        conn.createXML(xml, 0)                  # sockets in the XML: under pair.private
+        agent = pair.b.popen(                   # a process inside host b (nsenter execs it:
+            [sys.executable, "-m", "memd.cli",  # popen's pid is the process itself)
+             "serve", "--libvirt", "qemu:///system", ...],   # inside b: b's own libvirtd
+            env=pair.memd_env(), cwd=ROOT)      # memd's dirs under pair.private
+        pair.migrate(NAME, to=pair.b)           # = virsh migrate --live --p2p on host a
+        pair.a.virsh("list")                    # virsh on host a
+        pair.b.outside(path_inside_b)           # a file of host b, as the test reaches it
+
+What is *not* separate: the rest of the filesystem (the image cache, /tmp, the suite's
+sandbox) is the machine's, seen alike by both hosts, exactly as a shared disk would be.
+
+Known limits: the hosts' QEMUs run as root and without cgroups (see :func:`qemu_conf`);
+the machine's image-cache pruning (hypervisor.vmimage) does not see the hosts' domains.
+
 State: a pair belongs to the one test thread that made it; nothing here is shared.
 """
 
@@ -217,6 +236,10 @@ class LibvirtHost:
         process: subprocess.Popen[bytes] = subprocess.Popen(self.argv(argv), **kwargs)
         self.started.append(process)
         return process
+
+    def virsh(self, *args: str, check: bool = True) -> str:
+        """``virsh ARGS`` on this host (against its own libvirtd); its stdout."""
+        return self.run(["virsh", "-c", "qemu:///system", *args], check=check).stdout
 
     def connect(self) -> Any:
         """A libvirt connection to this host's libvirtd (``libvirt.virConnect``)."""
