@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from hypervisor.domain_xml import swap_disk_xml
 from hypervisor.vmimage import ImagePaths, render_domain_xml
 from tests.hypervisor.vm.console import GuestShell
 from tests.support.libvirt_pair import (
@@ -136,6 +138,41 @@ def guest(pair: LibvirtPair, vm_image: ImagePaths, tmp_path: Path) -> Iterator[G
         started.close()
 
 
+def _serve_disks(pair: LibvirtPair) -> Path:
+    """A qemu-nbd on each host at the same socket path under ``pair.private`` (as memd's swap
+    disk is), each serving a disk that starts with its host's name; the socket path."""
+    if shutil.which("qemu-nbd") is None:
+        pytest.skip("qemu-nbd is not installed (qemu-utils)")
+    sock = pair.private / "swap.sock"
+    for host in pair.hosts:
+        image = host.outside(pair.private) / "disk.img"
+        image.write_bytes(f"host-{host.label}".encode().ljust(4 << 20, b"\0"))
+        # --persistent: the source QEMU disconnects at the end of the migration, and the
+        # server must still be there for a migration back.
+        host.popen(
+            [
+                "qemu-nbd",
+                "-f",
+                "raw",
+                "-k",
+                str(sock),
+                "--persistent",
+                "-e",
+                "4",
+                str(pair.private / "disk.img"),
+            ]
+        )
+    deadline = time.monotonic() + 10
+    while not all(h.outside(sock).exists() for h in pair.hosts):
+        assert time.monotonic() < deadline, "qemu-nbd did not start"
+        time.sleep(0.05)
+    return sock
+
+
+#: Which host's disk the guest's /dev/vda is: caches dropped first, so the read reaches NBD.
+_WHOSE_DISK = "echo 3 > /proc/sys/vm/drop_caches; head -c 6 /dev/vda; echo"
+
+
 def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None:
     import libvirt
 
@@ -146,6 +183,13 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
     before = float(shell.check(f"echo {token} > /tmp/token; cut -d' ' -f1 /proc/uptime"))
     channel_a = _memd_channel(guest.domain.XMLDesc(0))
     assert pair.a.outside(channel_a).exists()
+    # A disk hot-plugged the way memd plugs its swap disk: NBD on a unix socket whose path
+    # is the same on both hosts.
+    disk_socket = _serve_disks(pair)
+    guest.domain.attachDeviceFlags(
+        swap_disk_xml(str(disk_socket), "vdb", 5), libvirt.VIR_DOMAIN_AFFECT_LIVE
+    )
+    assert shell.check(f"sleep 1; {_WHOSE_DISK}").strip() == "host-a"
 
     # What an operator types on host a: the source libvirtd connects to b's over TCP.
     start = time.monotonic()
@@ -164,7 +208,9 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
     TIMINGS["reattach_s"] = round(time.monotonic() - start, 2)
     assert after[0] == token, "the guest on b is not the guest that ran on a"
     assert float(after[1]) > before, "the guest's uptime restarted: it was booted, not moved"
-    # The destination's memd channel socket is b's own file (under b's /var/lib/libvirt).
+    # The same socket path now reaches b's disk server, and the memd channel socket is b's
+    # own file (under b's /var/lib/libvirt).
+    assert shell.check(_WHOSE_DISK).strip() == "host-b"
     channel_b = _memd_channel(moved.XMLDesc(0))
     assert pair.b.outside(channel_b).exists()
     assert not pair.a.outside(channel_a).exists()
@@ -176,7 +222,7 @@ def test_live_migration_moves_the_guest(pair: LibvirtPair, guest: Guest) -> None
     guest.domain = guest.conn_a.lookupByName(guest.name)
     assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
     shell = guest.attach(pair.a.outside(guest.console), booting=False)
-    assert shell.check("cat /tmp/token").strip() == token
+    assert shell.check(f"cat /tmp/token; {_WHOSE_DISK}").split() == [token, "host-a"]
     with pytest.raises(libvirt.libvirtError):
         guest.conn_b.lookupByName(guest.name)
 
