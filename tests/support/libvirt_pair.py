@@ -401,20 +401,17 @@ class LibvirtHost:
                 conn.close()
 
     def _kill_stragglers(self) -> None:
-        """Kill processes still in the host's mount namespace (a QEMU whose libvirtd died):
-        all of them were started by this host, and the namespace ends with the last one."""
-        if self.holder is None:
-            return
-        try:
-            namespace = os.readlink(f"/proc/{self.holder.pid}/ns/mnt")
-        except OSError:
-            return
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == self.holder.pid:
-                continue
-            with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/ns/mnt") == namespace:
-                    os.kill(int(entry), signal.SIGKILL)
+        """Kill processes still in the host's network namespace (a QEMU whose libvirtd
+        died): only this host's processes live there.  The network namespace, not the mount
+        namespace: libvirt gives each QEMU a mount namespace of its own (a private /dev)."""
+        _kill_netns_members(self.netns)
+
+
+def _kill_netns_members(netns: str) -> None:
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    for pid in pids.stdout.split():
+        with contextlib.suppress(OSError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
 
 
 def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
@@ -508,10 +505,7 @@ def sweep_stale() -> list[str]:
         match = _NETNS_NAME.fullmatch(name)
         if match is None or Path(f"/proc/{match.group(1)}").exists():
             continue
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
+        _kill_netns_members(name)
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)
         swept.append(name)
     return swept
