@@ -201,7 +201,7 @@ class LibvirtHost:
     def outside(self, inside: str | Path) -> Path:
         """The file a path inside this host names, as the test process reaches it."""
         path = Path(inside)
-        mounts = {**{Path(k): self.root / v for k, v in HOST_DIRS.items()}}
+        mounts = {Path(k): self.root / v for k, v in HOST_DIRS.items()}
         mounts[self.private] = self.root / "private"
         for mount_point, backing in mounts.items():
             if path == mount_point or mount_point in path.parents:
