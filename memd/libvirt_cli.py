@@ -164,7 +164,11 @@ class LibvirtFollower:
                         continue
                     await self._attach(host, event.name, path)
                 elif event.ends_guest:
-                    await self._detach(event.name, forget=event.kind == "stopped")
+                    # A guest migrating away with memd is dropped by the migration, once
+                    # the destination has its pages (memd.migrate.libvirt), not here.
+                    outgoing = self.app.migration.outgoing
+                    moving = event.detail == "migrated" and event.name in outgoing
+                    await self._detach(event.name, forget=event.kind == "stopped" and not moving)
         finally:
             for task in (lost_wait, get):  # never leave a task pending (also on cancel)
                 if task is not None and not task.done():

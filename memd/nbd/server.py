@@ -21,6 +21,10 @@ Batches larger than ``INLINE_BYTES`` run in a worker thread so that one guest's 
 request does not stall the event loop for every other guest; smaller ones run inline,
 where a thread hop would cost more than the work.
 
+A ``hold`` (memd.agent.holds) makes requests wait while the guest's pages are still
+arriving with a migration: the handshake completes (a QEMU started with ``-incoming``
+opens its disk at once), requests after it are parsed only once the hold ends.
+
 The socket is created mode 0600 (umask 0177 while it is made: no window where others
 could connect) and owned by the agent's user; ``owner`` hands it to a given uid/gid
 (a libvirt domain's QEMU user), and ``peer_pid`` then admits only that QEMU process (and
@@ -35,7 +39,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Protocol
 
 from memd import paths
 from memd.errors import BackendError, NbdProtocolError
@@ -54,6 +58,15 @@ HANDSHAKE_SECONDS = 10.0
 MAX_CONNECTIONS = 8
 
 
+class RequestHold(Protocol):
+    """Tells the server when its guest's requests must wait (memd.agent.holds)."""
+
+    def held(self) -> bool: ...
+
+    async def wait(self, also: asyncio.Future[Any] | None = None) -> None:
+        """Return once the hold ends, or *also* is done."""
+
+
 class NbdServer:
     """Serves one disk on one unix socket."""
 
@@ -65,8 +78,11 @@ class NbdServer:
         *,
         owner: tuple[int, int] | None = None,
         peer_pid: int | None = None,
+        hold: RequestHold | None = None,
     ) -> None:
         self.disk = disk
+        #: While held, requests wait (not the handshake); None: never.
+        self.hold = hold
         self.name = name
         self.path = path
         self.owner = owner
@@ -144,6 +160,9 @@ class _NbdConnection(asyncio.Protocol):
         self._busy = False
         self._pending: list[Request | Rejected] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: the worker waits for the server's hold before requests are carried out
+        self._held = False
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -217,6 +236,8 @@ class _NbdConnection(asyncio.Protocol):
         self._closing = True
         self._can_write.set()
         self._wake.set()
+        if not self._lost.done():
+            self._lost.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
         self.server.connections.discard(self)
@@ -289,6 +310,12 @@ class _NbdConnection(asyncio.Protocol):
                     return
                 if not self._busy:
                     continue
+                if self._held:
+                    assert self.server.hold is not None
+                    await self.server.hold.wait(self._lost)
+                    self._held = self._busy = False
+                    self._drain()
+                    continue
                 pending, self._pending = self._pending, None
                 if pending is not None:
                     replies = await asyncio.to_thread(self.server.disk.execute, pending)
@@ -309,6 +336,15 @@ class _NbdConnection(asyncio.Protocol):
         and the client reads its replies; otherwise leave the rest to the worker."""
         parser, transport = self.parser, self.transport
         if parser is None or transport is None or self._busy:
+            return
+        hold = self.server.hold
+        if hold is not None and parser.buffered and hold.held():
+            # The guest's pages are still arriving: the worker waits for them, then
+            # drains; nothing more is read meanwhile.
+            self._held = self._busy = True
+            transport.pause_reading()
+            self._reading_paused = True
+            self._wake.set()
             return
         while not transport.is_closing():
             if not self._can_write.is_set():
