@@ -47,7 +47,7 @@ from tmem.host import TmemHost
 from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
 
 if TYPE_CHECKING:
-    from memd.migrate.libvirt import LibvirtDomain
+    from memd.migrate.libvirt import Domain, LibvirtDomain
 
 log = logging.getLogger("memd.migrate")
 
@@ -281,7 +281,7 @@ class MigrationService:
         await domain.close()
         return None
 
-    async def follow_libvirt(self, guest: str, dest: str, domain: LibvirtDomain) -> dict[str, Any]:
+    async def follow_libvirt(self, guest: str, dest: str, domain: Domain) -> dict[str, Any]:
         """Connect to the destination and pre-copy, and follow the migration the operator
         starts with ``virsh migrate`` by the domain's events and job (memd.migrate.libvirt);
         → once the first pass is across, the transfer runs on in the background."""

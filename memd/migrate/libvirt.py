@@ -183,6 +183,8 @@ class Domain(Protocol):
 
     async def abort_job(self) -> bool: ...
 
+    async def close(self) -> None: ...
+
 
 class LibvirtDomain:
     """One domain through a libvirt connection of its own (lifecycle events on), opened
