@@ -22,8 +22,12 @@ request does not stall the event loop for every other guest; smaller ones run in
 where a thread hop would cost more than the work.
 
 A ``hold`` (memd.agent.holds) makes requests wait while the guest's pages are still
-arriving with a migration: the handshake completes (a QEMU started with ``-incoming``
-opens its disk at once), requests after it are parsed only once the hold ends.
+arriving with a migration.  Two things pass: the handshake (a QEMU started with
+``-incoming`` opens its disk at once), and reads within the disk's first page — QEMU
+reads sector 0 while it creates the virtio disk (its geometry guess), before the guest
+can run, and waits for the answer with its main loop stopped (libvirt's migration would
+wait for it too); a swap disk's first page is its header, which the guest reads only at
+``swapon``.  A batch with anything else waits whole, and reading pauses meanwhile.
 
 The socket is created mode 0600 (umask 0177 while it is made: no window where others
 could connect) and owned by the agent's user; ``owner`` hands it to a given uid/gid
@@ -47,6 +51,7 @@ from memd.nbd.export import TRANSMISSION_FLAGS, SwapDisk
 from memd.nbd.handshake import Closed, ExportInfo, Negotiated, ServerHandshake
 from memd.nbd.proto import MAX_PAYLOAD, Cmd
 from memd.nbd.transmission import NEED_DATA, Rejected, Request, RequestParser
+from memd.vocab import PAGE_SIZE
 
 log = logging.getLogger("memd.nbd")
 
@@ -313,9 +318,7 @@ class _NbdConnection(asyncio.Protocol):
                 if self._held:
                     assert self.server.hold is not None
                     await self.server.hold.wait(self._lost)
-                    self._held = self._busy = False
-                    self._drain()
-                    continue
+                    self._held = False
                 pending, self._pending = self._pending, None
                 if pending is not None:
                     replies = await asyncio.to_thread(self.server.disk.execute, pending)
@@ -331,20 +334,21 @@ class _NbdConnection(asyncio.Protocol):
             log.exception("swap disk of %s: connection failed", self.server.name)
             self.abort()
 
+    def _must_wait(self, batch: list[Request | Rejected]) -> bool:
+        """Whether the server's hold applies to this batch (see the module docstring)."""
+        hold = self.server.hold
+        if hold is None or not hold.held():
+            return False
+        return not all(
+            isinstance(r, Request) and r.cmd is Cmd.READ and r.offset + r.length <= PAGE_SIZE
+            for r in batch
+        )
+
     def _drain(self) -> None:
         """Carry out every complete request buffered, inline while the batches are small
         and the client reads its replies; otherwise leave the rest to the worker."""
         parser, transport = self.parser, self.transport
         if parser is None or transport is None or self._busy:
-            return
-        hold = self.server.hold
-        if hold is not None and parser.buffered and hold.held():
-            # The guest's pages are still arriving: the worker waits for them, then
-            # drains; nothing more is read meanwhile.
-            self._held = self._busy = True
-            transport.pause_reading()
-            self._reading_paused = True
-            self._wake.set()
             return
         while not transport.is_closing():
             if not self._can_write.is_set():
@@ -389,6 +393,15 @@ class _NbdConnection(asyncio.Protocol):
                 if self._reading_paused and parser.buffered <= READ_HIGH_WATER:
                     self._reading_paused = False
                     transport.resume_reading()
+                return
+            if self._must_wait(batch):
+                # The guest's pages are still arriving: the worker waits for them, then
+                # carries the batch out; nothing more is read meanwhile.
+                self._pending = batch
+                self._held = self._busy = True
+                transport.pause_reading()
+                self._reading_paused = True
+                self._wake.set()
                 return
             if size > INLINE_BYTES:
                 self._pending = batch

@@ -202,6 +202,66 @@ def test_a_resumed_guest_waits_for_its_pages_and_others_do_not(pair: Pair) -> No
     assert pair.src.tmem.audit() == [] and pair.dst.tmem.audit() == []
 
 
+def test_a_qemu_starting_with_incoming_opens_a_held_disk_at_once(pair: Pair) -> None:
+    """QEMU reads sector 0 while it creates the virtio disk, its main loop stopped until
+    the answer comes: held, libvirt's migration waited for the hold to expire (60 s)."""
+    if shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-io") is None:
+        pytest.skip("QEMU is not installed")
+    from hypervisor.qmp import QmpMonitor
+
+    disk = pair.disk(pair.dst, "vm1")
+
+    async def hold() -> None:
+        pair.dst.holds.hold("vm1")
+
+    pair.loop.run(hold())
+    qmp = pair.tmp / "incoming.qmp"
+    qemu = subprocess.Popen(
+        [
+            "qemu-system-x86_64",
+            "-S",
+            "-incoming",
+            "defer",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-machine",
+            "pc,accel=tcg",
+            "-blockdev",
+            f"driver=nbd,server.type=unix,server.path={disk},node-name=swap0",
+            "-blockdev",
+            "driver=raw,file=swap0,node-name=swap",
+            "-device",
+            "virtio-blk-pci,drive=swap",
+            "-qmp",
+            f"unix:{qmp},server=on,wait=off",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        pair.until(qmp.exists, 10)
+        started = time.monotonic()
+        monitor = QmpMonitor.connect(str(qmp), timeout=10)
+        try:
+            assert monitor.execute("query-status")["status"] == "inmigrate"
+        finally:
+            monitor.close()
+        assert time.monotonic() - started < 5
+        held = qemu_io(disk, "read -P 0 4k 4k")  # anything else still waits
+        time.sleep(0.3)
+        assert held.poll() is None
+        pair.loop.run(release(pair.dst))
+        finished(held)
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+async def release(app: AgentApp) -> None:
+    app.holds.release("vm1", "test")
+
+
 def test_an_aborted_transfer_releases_the_held_guest(pair: Pair) -> None:
     boot = os.urandom(16)
     with client(pair.channel(pair.src, "vm1"), boot) as c:
