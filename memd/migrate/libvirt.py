@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -218,7 +217,7 @@ async def _next_look(domain: Domain) -> JobState | None:
     await asyncio.sleep(POLL_SECONDS)
     try:
         return await domain.job()
-    except BackendError as err:  # libvirtd restarting: the next look, or an event, tells
+    except MemdError as err:  # libvirtd restarting: the next look, or an event, tells
         log.debug("cannot look at the job of a migrating domain: %s", err)
         return None
 
@@ -244,7 +243,6 @@ async def follow(
     watched: asyncio.Task[None] | None = work
     event: asyncio.Task[LifecycleEvent] = asyncio.ensure_future(domain.events.get())
     look: asyncio.Task[JobState | None] = asyncio.ensure_future(_next_look(domain))
-    paused_at: float | None = None
     try:
         while not machine.over:
             waiting: set[asyncio.Future[Any]] = {event, look}
@@ -272,7 +270,6 @@ async def follow(
                     actions += machine.confirmed()
             for action in actions:
                 if action.act is Act.SWITCHOVER:
-                    paused_at = time.monotonic()
                     switch.set()
                     work = watched = asyncio.ensure_future(_switchover(work, transfer))
                     work_is_switchover = True
@@ -291,10 +288,6 @@ async def follow(
                     await _stop(work)
                     await transfer.abort(action.reason)
                 elif action.act is Act.FINISH:
-                    if paused_at is not None:
-                        transfer.progress.switchover_ms = transfer.progress.switchover_ms or round(
-                            (time.monotonic() - paused_at) * 1000, 2
-                        )
                     with contextlib.suppress(MemdError, OSError):  # it keeps what it confirmed
                         await transfer.finish()
                     await drop_guest()

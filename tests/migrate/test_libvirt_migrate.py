@@ -21,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ RAM_MIB = 128
 HOLD_MIB = 160
 PERSISTENT_PAGES = 1000
 #: Wall-clock seconds of each phase, printed at the end (pytest -s).
-TIMINGS: dict[str, float] = {}
+TIMINGS: dict[str, Any] = {}
 
 #: Puts (argv[1] == "put") or verifies ("check POOL") persistent pages via the guest daemon.
 PERSIST = (
@@ -196,12 +197,16 @@ def verify(shell: GuestShell, pool: int) -> None:
     assert "I/O error" not in dmesg and "Read-error" not in dmesg, dmesg[-2000:]
 
 
+@pytest.mark.parametrize("scenario", ["moved", "cancelled", "destination-killed"])
 def test_a_libvirt_migration_takes_the_guests_tmem_along(
-    pair: LibvirtPair, vm_image: ImagePaths, tmp_path: Path
+    pair: LibvirtPair, vm_image: ImagePaths, tmp_path: Path, scenario: str
 ) -> None:
+    """moved: the guest verifies everything on b.  cancelled (``virsh domjobabort`` half
+    way) and destination-killed (b's agent SIGKILLed half way; memd cancels libvirt's
+    migration): the guest keeps running on a and verifies everything there."""
     import libvirt
 
-    name = f"memd-lvm-{os.getpid()}"
+    name = f"memd-lvm-{os.getpid()}-{scenario}"
     tls = make_pki(tmp_path / "pki", server_addresses=[pair.a.address, pair.b.address])
     a = HostAgent(pair, pair.a, tls, tmp_path)
     b = HostAgent(pair, pair.b, tls, tmp_path)
@@ -210,6 +215,8 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
     xml = xml.replace("</devices>", swap_disk_xml(str(a.swap), "vda", 5) + "</devices>")
     conn_a, conn_b = pair.a.connect(), pair.b.connect()
     shell: GuestShell | None = None
+    timings: dict[str, float] = {}
+    TIMINGS[scenario] = timings
     try:
         a.start(name)
         b.start(name)
@@ -218,7 +225,7 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
         shell = GuestShell(pair.a.outside(console), tmp_path / "console-a.log")
         domain.resume()
         shell.wait_ready(0, 300)
-        TIMINGS["boot_s"] = round(time.monotonic() - start, 1)
+        timings["boot_s"] = round(time.monotonic() - start, 1)
         shell.check("mkswap /dev/vda && swapon -d /dev/vda")
         shell.write_file("/tmp/p.py", PERSIST.encode())
         shell.write_file("/tmp/h.py", HOLD.encode())
@@ -228,12 +235,13 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
         shell.check(
             f"(python3 /tmp/h.py {HOLD_MIB} > /tmp/hold.out 2>&1; echo rc=$? >> /tmp/hold.out) &"
         )
+        running = shell
         wait(
-            lambda: "FILLED" in shell.run("cat /tmp/hold.out", timeout=300).stdout,
+            lambda: "FILLED" in running.run("cat /tmp/hold.out", timeout=300).stdout,
             1200,
             "the guest filled its memory",
         )
-        TIMINGS["fill_s"] = round(time.monotonic() - start, 1)
+        timings["fill_s"] = round(time.monotonic() - start, 1)
         swapped = next(g for g in a.cli("guests") if g["name"] == name)["swap"]["pages"]
         assert swapped > (HOLD_MIB - RAM_MIB) * 256 // 2, swapped  # the disk is in use
 
@@ -241,26 +249,55 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
         start = time.monotonic()
         armed = a.cli("migrate", name, "--to", b.address)
         assert armed["outcome"] == "armed", armed
-        TIMINGS["memd_armed_s"] = round(time.monotonic() - start, 2)
-        TIMINGS["virsh_migrate_s"] = round(pair.migrate(name, to=pair.b), 2)
-        done = wait(lambda: a.cli("status")["migrations"]["finished"], 300, "memd's transfer")
-        assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
-        TIMINGS["memd_switchover_ms"] = done[-1].get("switchover_ms") or -1
-        TIMINGS["pages_moved"] = done[-1]["pages"]
+        timings["memd_armed_s"] = round(time.monotonic() - start, 2)
+        if scenario == "moved":
+            moved_a_to_b(pair, a, b, name, pool, console, tmp_path, timings)
+            return
+        failure: list[libvirt.libvirtError] = []
 
-        moved = conn_b.lookupByName(name)
-        assert moved.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        assert a.cli("status")["tmem"]["persistent_pages"] == 0
-        assert name not in {c["client"] for c in a.cli("clients")}
-        shell.close()
-        shell = GuestShell(pair.b.outside(console), tmp_path / "console-b.log")
-        shell.attach(timeout=120)
+        def migrate() -> None:  # 4 MiB/s: still copying when it is stopped
+            try:
+                pair.migrate(name, to=pair.b, params={libvirt.VIR_MIGRATE_PARAM_BANDWIDTH: 4})
+            except libvirt.libvirtError as err:
+                failure.append(err)
+
+        worker = threading.Thread(target=migrate)
+        worker.start()
+        try:
+            wait(
+                lambda: domain.jobStats().get("memory_processed", 0) > 1 << 20,
+                60,
+                "libvirt's migration copies",
+            )
+            if scenario == "cancelled":
+                domain.abortJob()  # = virsh domjobabort
+            else:
+                assert b.process is not None
+                b.process.kill()  # the destination agent dies half way
+                b.process.wait()
+                b.process = None
+        finally:
+            worker.join(120)
+        assert failure, "libvirt's migration completed although it was stopped"
+        assert failure[0].get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED, failure[0]
+        done = wait(lambda: a.cli("status")["migrations"]["finished"], 120, "memd gave up")
+        assert done[-1]["phase"] == "aborted", (done, a.tail())
+        if scenario == "destination-killed":
+            assert "libvirt's migration was cancelled" in a.log.read_text(), a.tail()
+        assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        with pytest.raises(libvirt.libvirtError):
+            conn_b.lookupByName(name)
         start = time.monotonic()
         verify(shell, pool)
-        TIMINGS["verify_on_b_s"] = round(time.monotonic() - start, 1)
+        timings["verify_on_a_s"] = round(time.monotonic() - start, 1)
+        if b.process is None:
+            b.start(name)  # back: it drops what the killed agent had staged
+        wait(
+            lambda: b.cli("status")["tmem"]["persistent_pages"] == 0,
+            60,
+            "the destination holds nothing",
+        )
         assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
-        logged = b.log.read_text(errors="replace")
-        print("hold on b:", [line for line in logged.splitlines() if "migrate-hold" in line][:3])
     finally:
         if shell is not None:
             shell.close()
@@ -270,3 +307,41 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
             conn.close()
         a.stop()
         b.stop()
+
+
+def moved_a_to_b(
+    pair: LibvirtPair,
+    a: HostAgent,
+    b: HostAgent,
+    name: str,
+    pool: int,
+    console: Path,
+    tmp_path: Path,
+    timings: dict[str, float],
+) -> None:
+    import libvirt
+
+    timings["virsh_migrate_s"] = round(pair.migrate(name, to=pair.b), 2)
+    done = wait(lambda: a.cli("status")["migrations"]["finished"], 300, "memd's transfer")
+    assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
+    timings["memd_switchover_ms"] = done[-1].get("switchover_ms") or -1
+    timings["pages_moved"] = done[-1]["pages"]
+    conn_b = pair.b.connect()
+    try:
+        assert conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    finally:
+        conn_b.close()
+    assert a.cli("status")["tmem"]["persistent_pages"] == 0
+    assert name not in {c["client"] for c in a.cli("clients")}
+    shell = GuestShell(pair.b.outside(console), tmp_path / "console-b.log")
+    try:
+        shell.attach(timeout=120)
+        start = time.monotonic()
+        verify(shell, pool)
+        timings["verify_on_b_s"] = round(time.monotonic() - start, 1)
+    finally:
+        shell.close()
+    assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
+    logged = b.log.read_text(errors="replace")
+    assert "migrate-hold-expired" not in logged  # no request of the guest waited 60 s
+    timings["requests_held"] = logged.count('"migrate-hold"')
