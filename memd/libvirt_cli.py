@@ -204,6 +204,9 @@ class LibvirtFollower:
             # start of the domain gets a new one with `memd attach --swap`).
             await self.app.swap.remove(name)
         await asyncio.to_thread(self.app.real.detach, name)
-        if forget:
+        if forget and name not in self.app.swap.disks:
             # The domain is gone: its RAM and every page it stored are meaningless now.
+            # (Not while the operator's `--swap` disk is still served: its pool is the
+            # client's, and the domain's next start uses the disk again; its HELLO then
+            # drops the channel's pools, as after any reboot.)
             self.app.agent.forget_guest(name)
