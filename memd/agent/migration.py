@@ -378,6 +378,8 @@ class MigrationService:
             if self.listening is None
             else f"{self.listening[0]}:{self.listening[1]}",
             "active": [p.to_dict() for p in active],
+            #: Guests whose requests wait for their incoming transfer now.
+            "held": self.holds.guests(),
             "finished": [p.to_dict() for p in self._finished],
             "outcomes": [
                 {"direction": d, "phase": p, "count": n}

@@ -186,7 +186,7 @@ def test_a_resumed_guest_waits_for_its_pages_and_others_do_not(pair: Pair) -> No
     finished(qemu_io(vm2_disk, "write -P 0x33 0 64k", "read -P 0x33 0 64k"))
     time.sleep(0.5)
     assert guest.is_alive() and disk_read.poll() is None  # vm1 still waits
-    assert pair.dst.holds.guests() == ["vm1"]
+    assert pair.dst.migration.status()["held"] == ["vm1"]  # memd status shows it
     domain.look = JobState("paused", True)
     pair.emit(domain, "suspended", "migrated")  # memd's final delta + COMMIT
     guest.join(20)
