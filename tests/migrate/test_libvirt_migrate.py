@@ -100,7 +100,7 @@ class HostAgent:
             str(self.socket),
             "serve",
             "--store",
-            str(self.pair.private / "store"),
+            str(self.pair.private / f"store-{guest}"),  # each test its own
             "--budget",
             "512M",
             "--spill-dir",
