@@ -205,3 +205,53 @@ def test_a_destination_without_room_fails_memd_migrate_and_cancels_libvirt(
             await until(lambda: dst.tmem.client_names() == [])
 
     run(main())
+
+
+def test_memd_migrate_follows_a_domain_libvirt_runs_and_moves_others_by_hand(
+    tmp_path: Path, pki: Path
+) -> None:
+    """The command's choice, and LibvirtDomain on a real libvirt connection (libvirt's
+    test driver: events, no jobs): a running domain is followed (its destruction here
+    aborts), a shut-off one is moved at once."""
+    pytest.importorskip("libvirt")
+    from hypervisor.libvirt_host import LibvirtHost
+    from memd.agent.commands import MigrateArgs
+
+    uri = "test:///default"
+    xml = (
+        "<domain type='test'><name>vm1</name><memory>65536</memory>"
+        "<os><type>hvm</type></os></domain>"
+    )
+
+    async def main() -> None:
+        host = await asyncio.to_thread(LibvirtHost, uri)
+        dom = host._conn.defineXML(xml)
+        try:
+            async with (
+                agent(tmp_path, "src", pki) as src,
+                agent(tmp_path, "dst", pki, listen=True) as dst,
+            ):
+                src.migration.libvirt_uri = uri  # = memd serve --libvirt URI
+                want = populate(src)
+                await asyncio.to_thread(dom.create)
+                args = MigrateArgs(guest="vm1", to=dest_of(dst))
+                armed = await src.migration.migrate_command(args)
+                assert armed["outcome"] == "armed"
+                await asyncio.to_thread(dom.suspend)  # an operator's pause: nothing
+                await asyncio.to_thread(dom.resume)
+                await asyncio.sleep(0.3)
+                assert "vm1" in src.migration.outgoing
+                await asyncio.to_thread(dom.destroy)  # the guest died here: ABORT
+                await until(lambda: "vm1" not in src.migration.outgoing)
+                assert holds(src, want) and clean(src)
+                await until(lambda: dst.tmem.client_names() == [])
+                assert src.migration.status()["finished"][-1]["phase"] == "aborted"
+                moved = await src.migration.migrate_command(args)  # shut off: by hand
+                assert moved["outcome"] == "moved" and holds(dst, want)
+        finally:
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
+            host.close()
+
+    run(main())
