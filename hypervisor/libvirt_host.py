@@ -1,15 +1,14 @@
 """libvirt as a source of guests: discovery, memd channels, QEMU pids, monitors, events.
 
 Overview.  A :class:`LibvirtHost` is one libvirt connection (default ``qemu:///system``).
-It answers three questions about domains: *which exist* (:meth:`~LibvirtHost.domains`,
+It answers four questions about domains: *which exist* (:meth:`~LibvirtHost.domains`,
 :meth:`~LibvirtHost.guest`), *where is the memd socket* (:meth:`~LibvirtHost.channel_path`:
 the ``<channel type='unix'>`` whose target name is ``org.memd.0``; libvirt picks the path
 at start, so it is read from the live XML), *how to reach the QEMU* (:meth:`~LibvirtHost.
-qemu_pid`, :meth:`~LibvirtHost.monitor`), *is it migrating* (:meth:`~LibvirtHost.job`,
-:meth:`~LibvirtHost.abort_job`, for memd.migrate.libvirt).  It also follows lifecycle
-events (:meth:`~LibvirtHost.watch`) so that an agent attaches on start, detaches on stop or
-crash, and — because events are not replayed — re-scans :meth:`~LibvirtHost.attachable`
-after its own restart or after libvirtd comes back.
+qemu_pid`, :meth:`~LibvirtHost.monitor`), *is it migrating* (:meth:`~LibvirtHost.job`).
+It also follows lifecycle events (:meth:`~LibvirtHost.watch`) so that an agent attaches on
+start, detaches on stop or crash, and — because events are not replayed — re-scans
+:meth:`~LibvirtHost.attachable` after its own restart or after libvirtd comes back.
 
 Threads.  libvirt delivers events only while someone runs its event loop; the first
 ``LibvirtHost(events=True)`` in a process registers libvirt's default implementation
@@ -448,15 +447,16 @@ class LibvirtHost:
         except NotFound:
             return JobState("gone", False)
         state, _reason = self._query(dom.state, domain=name)
+        words = DOMAIN_STATES.get(state, str(state))
         try:
             stats = dom.jobStats() if state != lv.VIR_DOMAIN_SHUTOFF else {}
         except lv.libvirtError as err:
-            if err.get_error_code() != lv.VIR_ERR_NO_SUPPORT:
-                raise self._translate(err, domain=name) from err
-            return JobState(DOMAIN_STATES.get(state, str(state)), None)
-        running = stats.get("type") in (lv.VIR_DOMAIN_JOB_BOUNDED, lv.VIR_DOMAIN_JOB_UNBOUNDED)
+            if err.get_error_code() == lv.VIR_ERR_NO_SUPPORT:
+                return JobState(words, None)  # libvirt's test driver
+            raise self._translate(err, domain=name) from err
+        active = stats.get("type") in (lv.VIR_DOMAIN_JOB_BOUNDED, lv.VIR_DOMAIN_JOB_UNBOUNDED)
         out = stats.get("operation") == lv.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
-        return JobState(DOMAIN_STATES.get(state, str(state)), running and out)
+        return JobState(words, active and out)
 
     def abort_job(self, name: str) -> bool:
         """Cancel the domain's job (its migration); → False if it had none to cancel."""
