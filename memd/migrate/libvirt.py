@@ -213,13 +213,17 @@ class LibvirtDomain:
         await asyncio.to_thread(self.host.close)
 
 
-async def _next_look(domain: Domain) -> JobState | None:
+async def _next_look(domain: Domain, events_seen: Callable[[], int]) -> tuple[int, JobState | None]:
+    """The domain after POLL_SECONDS, with how many events had been taken into account
+    when the look began: a look older than the last event is stale (the look before a
+    pause, answered after it, would say "running" and abort the migration)."""
     await asyncio.sleep(POLL_SECONDS)
+    seen = events_seen()
     try:
-        return await domain.job()
+        return seen, await domain.job()
     except MemdError as err:  # libvirtd restarting: the next look, or an event, tells
         log.debug("cannot look at the job of a migrating domain: %s", err)
-        return None
+        return seen, None
 
 
 async def _switchover(precopy: asyncio.Task[None], transfer: SourceTransfer) -> None:
@@ -242,7 +246,13 @@ async def follow(
     #: ``work`` until its end has been taken into account (then None: not waited on).
     watched: asyncio.Task[None] | None = work
     event: asyncio.Task[LifecycleEvent] = asyncio.ensure_future(domain.events.get())
-    look: asyncio.Task[JobState | None] = asyncio.ensure_future(_next_look(domain))
+    events = 0  #: lifecycle events taken into account so far
+
+    def events_seen() -> int:
+        return events
+
+    look: asyncio.Task[tuple[int, JobState | None]]
+    look = asyncio.ensure_future(_next_look(domain, events_seen))
     try:
         while not machine.over:
             waiting: set[asyncio.Future[Any]] = {event, look}
@@ -254,12 +264,13 @@ async def follow(
                 ev = event.result()
                 log.debug("libvirt event of %s: %s/%s", transfer.guest, ev.kind, ev.detail)
                 actions += machine.event(ev.kind, ev.detail)
+                events += 1
                 event = asyncio.ensure_future(domain.events.get())
             if look.done():
-                state = look.result()
-                if state is not None:
+                seen, state = look.result()
+                if state is not None and seen == events:
                     actions += machine.job(state)
-                look = asyncio.ensure_future(_next_look(domain))
+                look = asyncio.ensure_future(_next_look(domain, events_seen))
             if watched is not None and watched.done() and not actions:
                 watched = None
                 error = work.exception()

@@ -97,6 +97,44 @@ def test_a_libvirt_migration_moves_the_guest_and_changes_made_meanwhile(
     run(main())
 
 
+class SlowLooks(ScriptedDomain):
+    """A look takes a while, as libvirt's call does in its worker thread: what it says
+    is the domain as it was when the call began."""
+
+    async def job(self) -> JobState:
+        look = self.look
+        await asyncio.sleep(0.1)
+        return look
+
+
+def test_a_look_begun_before_the_pause_and_answered_after_it_is_ignored(
+    tmp_path: Path, pki: Path
+) -> None:
+    """It said "running, no job" (libvirt's job began and QEMU paused within one poll):
+    taken for a failed migration, it aborted the move."""
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            want = populate(src)
+            domain = SlowLooks()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain)
+            await asyncio.sleep(0.05)  # a look of "running, no job" is under way
+            domain.look = JobState("paused", True)
+            domain.emit("suspended", "migrated")
+            await until(lambda: phase_out(src) in ("confirmed", "aborted", None))
+            await asyncio.sleep(0.3)  # the stale look has come back meanwhile
+            assert phase_out(src) == "confirmed"
+            domain.look = JobState("shut off", False)
+            domain.emit("stopped", "migrated")
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert holds(dst, want) and not src.tmem.has_client("vm1")
+
+    run(main())
+
+
 def test_libvirt_switching_over_before_memd_confirmed_still_moves_the_guest(
     tmp_path: Path, pki: Path
 ) -> None:
