@@ -89,6 +89,20 @@ class LifecycleEvent:
         return {"name": self.name, "uuid": self.uuid, "kind": self.kind, "detail": self.detail}
 
 
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """One look at a domain during a migration: its state (virsh's words; ``gone`` when
+    libvirt no longer knows it) and whether an outgoing migration job runs (None: the
+    driver cannot tell, e.g. libvirt's test driver)."""
+
+    state: str
+    migrating: bool | None
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
 #: virDomainState → virsh's words.
 DOMAIN_STATES = {
     0: "no state",

@@ -1,14 +1,14 @@
 """libvirt as a source of guests: discovery, memd channels, QEMU pids, monitors, events.
 
 Overview.  A :class:`LibvirtHost` is one libvirt connection (default ``qemu:///system``).
-It answers three questions about domains: *which exist* (:meth:`~LibvirtHost.domains`,
+It answers four questions about domains: *which exist* (:meth:`~LibvirtHost.domains`,
 :meth:`~LibvirtHost.guest`), *where is the memd socket* (:meth:`~LibvirtHost.channel_path`:
 the ``<channel type='unix'>`` whose target name is ``org.memd.0``; libvirt picks the path
-at start, so it is read from the live XML), and *how to reach the QEMU*
-(:meth:`~LibvirtHost.qemu_pid`, :meth:`~LibvirtHost.monitor`).  It also follows lifecycle
-events (:meth:`~LibvirtHost.watch`) so that an agent attaches on start, detaches on stop or
-crash, and — because events are not replayed — re-scans :meth:`~LibvirtHost.attachable`
-after its own restart or after libvirtd comes back.
+at start, so it is read from the live XML), *how to reach the QEMU* (:meth:`~LibvirtHost.
+qemu_pid`, :meth:`~LibvirtHost.monitor`), *is it migrating* (:meth:`~LibvirtHost.job`).
+It also follows lifecycle events (:meth:`~LibvirtHost.watch`) so that an agent attaches on
+start, detaches on stop or crash, and — because events are not replayed — re-scans
+:meth:`~LibvirtHost.attachable` after its own restart or after libvirtd comes back.
 
 Threads.  libvirt delivers events only while someone runs its event loop; the first
 ``LibvirtHost(events=True)`` in a process registers libvirt's default implementation
@@ -57,6 +57,7 @@ from hypervisor.guests import (
     CLOSE_REASONS,
     DOMAIN_STATES,
     GuestInfo,
+    JobState,
     LifecycleEvent,
     lifecycle_event,
 )
@@ -390,14 +391,15 @@ class LibvirtHost:
         return watch_id
 
     def watch_queue(
-        self,
-        loop: asyncio.AbstractEventLoop,
+        self, loop: asyncio.AbstractEventLoop, name: str | None = None
     ) -> tuple[int, asyncio.Queue[LifecycleEvent]]:
-        """Lifecycle events delivered into an asyncio queue on ``loop`` (thread-safe handoff)."""
+        """Lifecycle events (of domain ``name`` only, if given) delivered into an asyncio
+        queue on ``loop`` (thread-safe handoff)."""
         queue: asyncio.Queue[LifecycleEvent] = asyncio.Queue()
 
         def handoff(event: LifecycleEvent) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            if name is None or event.name == name:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
         return self.watch(handoff), queue
 
@@ -434,6 +436,36 @@ class LibvirtHost:
 
         self._query(self._conn.registerCloseCallback, relay, None)
         self._close_callback = True
+
+    # -- migration jobs (memd.migrate.libvirt) --
+
+    def job(self, name: str) -> JobState:
+        """The domain's state and whether an outgoing migration job runs now."""
+        lv = self._libvirt
+        try:
+            dom = self._lookup(name)
+        except NotFound:
+            return JobState("gone", False)
+        state, _reason = self._query(dom.state, domain=name)
+        words = DOMAIN_STATES.get(state, str(state))
+        try:
+            stats = dom.jobStats() if state != lv.VIR_DOMAIN_SHUTOFF else {}
+        except lv.libvirtError as err:
+            if err.get_error_code() == lv.VIR_ERR_NO_SUPPORT:
+                return JobState(words, None)  # libvirt's test driver
+            raise self._translate(err, domain=name) from err
+        active = stats.get("type") in (lv.VIR_DOMAIN_JOB_BOUNDED, lv.VIR_DOMAIN_JOB_UNBOUNDED)
+        out = stats.get("operation") == lv.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT
+        return JobState(words, active and out)
+
+    def abort_job(self, name: str) -> bool:
+        """Cancel the domain's job (its migration); → False if it had none to cancel."""
+        try:
+            self._lookup(name).abortJob()
+        except (self._libvirt.libvirtError, NotFound) as err:
+            log.info("libvirt did not cancel the job of %s: %s", name, err)
+            return False
+        return True
 
     # -- internals --
 

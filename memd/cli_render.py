@@ -100,6 +100,10 @@ def format_status(r: dict[str, Any]) -> str:
         out.append(f"migrate   accepting guests on {migrations['listening']} (TLS)")
     for m in migrations.get("active", []) + migrations.get("finished", [])[-3:]:
         out.append(f"migrate   {format_migration(m)}")
+    if migrations.get("held"):
+        out.append(
+            "migrate   requests held until their pages arrive: " + ", ".join(migrations["held"])
+        )
     sim = r.get("sharing")
     if sim:
         out.append(

@@ -164,7 +164,11 @@ class LibvirtFollower:
                         continue
                     await self._attach(host, event.name, path)
                 elif event.ends_guest:
-                    await self._detach(event.name, forget=event.kind == "stopped")
+                    # A guest migrating away with memd is dropped by the migration, once
+                    # the destination has its pages (memd.migrate.libvirt), not here.
+                    outgoing = self.app.migration.outgoing
+                    moving = event.detail == "migrated" and event.name in outgoing
+                    await self._detach(event.name, forget=event.kind == "stopped" and not moving)
         finally:
             for task in (lost_wait, get):  # never leave a task pending (also on cancel)
                 if task is not None and not task.done():
@@ -200,6 +204,9 @@ class LibvirtFollower:
             # start of the domain gets a new one with `memd attach --swap`).
             await self.app.swap.remove(name)
         await asyncio.to_thread(self.app.real.detach, name)
-        if forget:
+        if forget and name not in self.app.swap.disks:
             # The domain is gone: its RAM and every page it stored are meaningless now.
+            # (Not while the operator's `--swap` disk is still served: its pool is the
+            # client's, and the domain's next start uses the disk again; its HELLO then
+            # drops the channel's pools, as after any reboot.)
             self.app.agent.forget_guest(name)

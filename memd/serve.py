@@ -81,6 +81,7 @@ async def _serve_with(args: argparse.Namespace, control_path: str, store: LmdbSt
         store=store,
         spill_dir=Path(spill_dir) if spill_dir else None,
         tls_dir=getattr(args, "tls_dir", None),
+        libvirt_uri=args.libvirt or None,
     )
     app.catch_signals()
     await app.start(control_path, metrics=getattr(args, "metrics", None))

@@ -12,10 +12,11 @@ made by :meth:`AgentApp.start`, as the port is the operator's to give then).
     real        real QEMU guests: RAM, KSM sharing, steering, opt-outs    .real_guests
     router      guests' sharing requests: to ``sharing`` or to ``real``   .sharing_service
     dispatcher  guest requests → tmem and the router (sans-I/O)           .dispatch
+    holds       guests whose requests wait for an incoming migration       .holds
     agent       the guests' channels (asyncio)                            .server
     swap        the guests' NBD swap disks                                .swap_disks
-    migration   guests moving to and from other agents (TLS); its own     .migration
-                control commands
+    migration   guests moving to and from other agents (TLS), following   .migration
+                QEMU or libvirt (``libvirt_uri``); its own control commands
     handlers    the control commands, bound to the components above       .handlers
     control     the control socket that serves them                       .control
     metrics     /metrics (``serve --metrics``); None without one          .metrics
@@ -43,6 +44,7 @@ from memd import paths
 from memd.agent.control import ControlServer, handler_table
 from memd.agent.dispatch import Dispatcher
 from memd.agent.handlers import ControlHandlers
+from memd.agent.holds import IncomingHolds
 from memd.agent.migration import MigrationService
 from memd.agent.persistence import AgentStore
 from memd.agent.real_guests import RealGuests
@@ -75,6 +77,7 @@ class AgentApp:
         swap_markers: Path | None = None,
         spill_dir: Path | None = None,
         tls_dir: Path | str | None = None,
+        libvirt_uri: str | None = None,
     ) -> None:
         self.started = time.time()
         #: What migrations watch to learn which chunks a guest changed (with a store).
@@ -111,16 +114,25 @@ class AgentApp:
             consent=self.consent,
             sharing_offered=self._sharing_offered,
         )
-        self.agent = Agent(self.dispatcher)
+        #: Guests whose requests wait for an incoming migration (channel and swap disk).
+        self.holds = IncomingHolds()
+        self.agent = Agent(self.dispatcher, holds=self.holds)
         self.agent.guests.update(reopened.guests)
         self.swap = SwapDisks(
             self.tmem,
             self.dispatcher,
             markers=swap_markers or paths.run_dir() / "swap",
             spill_dir=spill_dir,
+            holds=self.holds,
         )
         self.migration = MigrationService(
-            tmem=self.tmem, feed=self.feed, agent=self.agent, swap=self.swap, tls_dir=tls_dir
+            tmem=self.tmem,
+            feed=self.feed,
+            agent=self.agent,
+            swap=self.swap,
+            holds=self.holds,
+            tls_dir=tls_dir,
+            libvirt_uri=libvirt_uri,
         )
         self.handlers = ControlHandlers(
             tmem=self.tmem,

@@ -233,8 +233,9 @@ class MigrateArgs(CommandArgs):
     #: The destination agent's migration listener, ``HOST:PORT``.
     to: str
     #: The source QEMU's QMP socket (absolute): follow the migration started there (memd
-    #: arms pause-before-switchover and answers once the bulk is across).  None: move the
-    #: (paused or stopped) guest now.
+    #: arms pause-before-switchover and answers once the bulk is across).  None: follow
+    #: libvirt's migration when the agent follows libvirt and it runs the guest
+    #: (memd.migrate.libvirt), else move the (paused or stopped) guest now.
     qmp: str | None = None
 
 

@@ -257,6 +257,14 @@ class GuestConnection(asyncio.BufferedProtocol):
         if queued or (self.partial_since is not None and not self._timer_armed):
             self.wake()
 
+    def hold_back(self, items: list[wire.Frame | FrameError]) -> None:
+        """For ``deliver``: frames that may not be dispatched yet (their guest is held,
+        memd.agent.holds) wait in :attr:`items` like frames read while the session was
+        busy, reading pauses, and the session is woken to wait for the hold."""
+        self.items.extend(items)
+        self.pause_reading()
+        self.wake()
+
     def pause_reading(self) -> None:
         """Read nothing more until :meth:`resume_reading`."""
         if self._reading and self.transport is not None:

@@ -1,16 +1,19 @@
 """The agent's migration component: a TLS listener for incoming guests, outgoing
-transfers (``memd migrate``, by hand or following QEMU), their progress.
+transfers (``memd migrate``, by hand, following QEMU or following libvirt), their progress.
 
 Owns the transfers this agent runs, both directions, and what the agent does around
 them: refusing a guest whose swap disk has pages outside tmem (spilled or lost), setting
 the installed guest's boot id so its next HELLO is not taken for a reboot, and dropping a
-guest that moved away (its swap disk first, then its client).  It serves the control
+guest that moved away (its swap disk first, then its client), and holding an arriving
+guest's requests until its transfer installs it (memd.agent.holds: libvirt may resume
+the guest here before memd's final delta is in).  It serves the control
 commands ``migrate`` and ``migrations`` (``@handles``) and gives ``memd status`` and the
 metrics its :meth:`MigrationService.status`.
 
 Wiring (memd.agent.app, once, at construction): built with the tmem host, the host's
 :class:`~tmem.migration.ChangeFeed` (None without a store: migration then refuses), the
-guest server (boot ids), the swap disks and the TLS directory; it drops, at
+guest server (boot ids), the swap disks, the holds, the TLS directory and the libvirt
+URI of ``memd serve --libvirt`` (None: no libvirt); it drops, at
 construction, clients a transfer that died with this agent left staged.  ``memd serve
 --migrate-listen HOST:PORT`` calls :meth:`MigrationService.listen` after start;
 ``AgentApp.stop`` awaits :meth:`MigrationService.close`.
@@ -25,15 +28,16 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from memd.agent.commands import Command, MigrateArgs, MigrationsArgs
 from memd.agent.control import handles
 from memd.agent.dispatch import GuestState
+from memd.agent.holds import IncomingHolds
 from memd.agent.server import Agent
 from memd.agent.swap_disks import SwapDisks
 from memd.errors import InvalidArgument, MemdError, MigrationFailed
@@ -41,6 +45,9 @@ from memd.migrate import tls
 from memd.migrate.transport import IncomingTransfer, Link, Progress, SourceTransfer
 from tmem.host import TmemHost
 from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
+
+if TYPE_CHECKING:
+    from memd.migrate.libvirt import Domain, LibvirtDomain
 
 log = logging.getLogger("memd.migrate")
 
@@ -58,12 +65,19 @@ class MigrationService:
         feed: ChangeFeed | None,
         agent: Agent,
         swap: SwapDisks,
+        holds: IncomingHolds | None = None,
         tls_dir: str | Path | None = None,
+        libvirt_uri: str | None = None,
     ) -> None:
         self.tmem = tmem
         self.feed = feed
         self.agent = agent
         self.swap = swap
+        #: Arriving guests' requests wait here until installed (shared with the channel
+        #: server and the swap disks).
+        self.holds = holds if holds is not None else IncomingHolds()
+        #: Guests libvirt runs are followed through it (``memd serve --libvirt``).
+        self.libvirt_uri = libvirt_uri
         #: Both roles' certificates (None: libvirt's /etc/pki layout).
         self.tls_dir = tls_dir
         self.listening: tuple[str, int] | None = None
@@ -110,7 +124,7 @@ class MigrationService:
         session = IncomingTransfer(
             self.tmem,
             Link(reader, writer, who),
-            busy=self._busy,
+            busy=self._arriving,
             installed=self._installed,
             revoked=self._revoked,
         )
@@ -137,10 +151,19 @@ class MigrationService:
         finally:
             if self.incoming.get(guest) is session:
                 del self.incoming[guest]
+                self.holds.release(guest, f"transfer {session.progress.phase}")
             self._retire(session.progress)
 
     def _busy(self, guest: str) -> bool:
         return guest in self.incoming or guest in self.outgoing
+
+    def _arriving(self, guest: str) -> bool:
+        """An incoming transfer's check at BEGIN: refuse a guest that migrates already;
+        else hold the guest's requests from now until the transfer installs or ends."""
+        if self._busy(guest):
+            return True
+        self.holds.hold(guest)
+        return False
 
     async def _installed(self, guest: str, settings: ClientSettings) -> None:
         """The guest is ours now: its next HELLO with the same boot id keeps its pools."""
@@ -149,6 +172,7 @@ class MigrationService:
             state = self.agent.guests.setdefault(guest, GuestState(guest))
             state.boot_id = bytes.fromhex(str(meta["boot_id"]))
             state.reboots = int(meta.get("reboots", 0))
+        self.holds.release(guest, "installed")
 
     async def _revoked(self, guest: str) -> None:
         await asyncio.to_thread(self.tmem.remove_client, guest)
@@ -227,12 +251,79 @@ class MigrationService:
             if monitor is not None:
                 await monitor.close()
             raise
+        log.info(
+            "migration of %s armed: QEMU at %s stops at switch-over for memd",
+            guest,
+            qmp_path,
+            extra={"event": "migrate-armed", "vm": guest},
+        )
+        return await self._in_background(
+            transfer,
+            qemu.follow(monitor, listener, transfer, lambda: self._drop_moved(guest)),
+            monitor.close,
+        )
+
+    async def libvirt_domain(self, guest: str) -> LibvirtDomain | None:
+        """The guest as a running libvirt domain, followed for a migration; None when this
+        agent has no libvirt, or libvirt does not run a domain of that name."""
+        if self.libvirt_uri is None:
+            return None
+        from memd.migrate.libvirt import LibvirtDomain
+
+        domain = await LibvirtDomain.open(self.libvirt_uri, guest)
+        try:
+            look = await domain.job()
+        except MemdError:
+            await domain.close()
+            raise
+        if look.running:
+            return domain
+        await domain.close()
+        return None
+
+    async def follow_libvirt(self, guest: str, dest: str, domain: Domain) -> dict[str, Any]:
+        """Connect to the destination and pre-copy, and follow the migration the operator
+        starts with ``virsh migrate`` by the domain's events and job (memd.migrate.libvirt);
+        → once the first pass is across, the transfer runs on in the background."""
+        from memd.migrate import libvirt
+
+        try:
+            transfer = self._source(guest, dest)
+        except MemdError:
+            await domain.close()
+            raise
+        try:
+            await transfer.connect()
+        except (MemdError, OSError) as err:
+            self.outgoing.pop(guest, None)
+            await transfer.abort(str(err))
+            await domain.close()
+            raise
+        log.info(
+            "migration of %s armed: following libvirt's migration of the domain",
+            guest,
+            extra={"event": "migrate-armed", "vm": guest},
+        )
+        return await self._in_background(
+            transfer,
+            libvirt.follow(domain, transfer, lambda: self._drop_moved(guest)),
+            domain.close,
+        )
+
+    async def _in_background(
+        self,
+        transfer: SourceTransfer,
+        following: Coroutine[Any, Any, dict[str, Any]],
+        close: Callable[[], Awaitable[None]],
+    ) -> dict[str, Any]:
+        """Run a followed migration as a task; → once memd's first pass is across (the
+        hypervisor's migration then finds memd only keeping the destination up to date,
+        and the switch-over short), or the transfer failed first."""
+        guest = transfer.guest
 
         async def drive() -> None:
             try:
-                summary = await qemu.follow(
-                    monitor, listener, transfer, lambda: self._drop_moved(guest)
-                )
+                summary = await following
                 log.info(
                     "migration of %s: %s",
                     guest,
@@ -242,25 +333,17 @@ class MigrationService:
             finally:
                 self.outgoing.pop(guest, None)
                 self._retire(transfer.progress)
-                await monitor.close()
+                await close()
 
         task = asyncio.ensure_future(drive())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        log.info(
-            "migration of %s armed: QEMU at %s stops at switch-over for memd",
-            guest,
-            qmp_path,
-            extra={"event": "migrate-armed", "vm": guest},
-        )
-        # Answer once the bulk is across: the operator's `migrate` then finds memd only
-        # keeping the destination up to date, and the switch-over short.
         ready = asyncio.ensure_future(transfer.first_pass.wait())
         await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
         ready.cancel()
         if task.done() and transfer.progress.phase == "aborted":
             raise MigrationFailed(
-                f"migration of {guest} to {dest} failed: "
+                f"migration of {guest} to {transfer.dest} failed: "
                 f"{transfer.progress.error}; its pages stay here",
                 target=guest,
             )
@@ -269,7 +352,8 @@ class MigrationService:
     async def _drop_moved(self, guest: str) -> None:
         """The destination holds the guest: nothing of it stays here."""
         await self.swap.moved_away(guest)
-        await asyncio.to_thread(self.tmem.remove_client, guest)
+        if self.tmem.has_client(guest):  # (gone if libvirt's follower forgot it first)
+            await asyncio.to_thread(self.tmem.remove_client, guest)
         state = self.agent.guests.get(guest)
         if state is not None:
             state.boot_id = None
@@ -294,6 +378,8 @@ class MigrationService:
             if self.listening is None
             else f"{self.listening[0]}:{self.listening[1]}",
             "active": [p.to_dict() for p in active],
+            #: Guests whose requests wait for their incoming transfer now.
+            "held": self.holds.guests(),
             "finished": [p.to_dict() for p in self._finished],
             "outcomes": [
                 {"direction": d, "phase": p, "count": n}
@@ -303,9 +389,13 @@ class MigrationService:
 
     @handles(Command.MIGRATE)
     async def migrate_command(self, args: MigrateArgs) -> dict[str, Any]:
-        """``memd migrate GUEST --to HOST:PORT [--qmp SOCKET]``."""
+        """``memd migrate GUEST --to HOST:PORT [--qmp SOCKET]``: following QEMU with
+        ``--qmp``, else following libvirt if it runs the guest, else by hand."""
         if args.qmp is not None:
             return await self.follow_qemu(args.guest, args.to, args.qmp)
+        domain = await self.libvirt_domain(args.guest)
+        if domain is not None:
+            return await self.follow_libvirt(args.guest, args.to, domain)
         return await self.migrate(args.guest, args.to)
 
     @handles(Command.MIGRATIONS)

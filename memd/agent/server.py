@@ -48,6 +48,7 @@ from memd.agent.connection import (
     ScratchBuffer,
 )
 from memd.agent.dispatch import Dispatcher, GuestState
+from memd.agent.holds import IncomingHolds
 from memd.errors import BackendError, FrameError, NotFound
 
 log = logging.getLogger("memd.agent")
@@ -110,9 +111,16 @@ class Agent:
     """Owns the channels; the Dispatcher owns the meaning of the bytes."""
 
     def __init__(
-        self, dispatcher: Dispatcher, *, max_partial_bytes: int = MAX_PARTIAL_BYTES
+        self,
+        dispatcher: Dispatcher,
+        *,
+        max_partial_bytes: int = MAX_PARTIAL_BYTES,
+        holds: IncomingHolds | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: Guests whose frames wait for an incoming migration to install them (their
+        #: sessions read nothing meanwhile; memd.agent.holds).
+        self.holds = holds if holds is not None else IncomingHolds()
         #: Bytes held in incomplete frames, all connections (loop thread).
         self.partials = PartialFrames(max_partial_bytes)
         self._scratch = ScratchBuffer(READ_CHUNK)
@@ -321,7 +329,11 @@ class Agent:
         bad_at_start = guest.bad_frames
 
         def deliver(items: list[wire.Frame | FrameError]) -> None:
-            """Frames read while the session waits: dispatched in the read's callback."""
+            """Frames read while the session waits: dispatched in the read's callback
+            (or, while the guest's pages are still arriving, queued for the session)."""
+            if self.holds.held(guest.name):
+                conn.hold_back(items)
+                return
             self._hold(guest, items, conn)
             if guest.bad_frames - bad_at_start > MAX_BAD_FRAMES:
                 conn.hangup = "too many corrupt frames"
@@ -348,6 +360,12 @@ class Agent:
                 if conn.error is not None and not conn.items:
                     channel.last_error = f"{type(conn.error).__name__}: {conn.error}"
                     break
+                if conn.items and self.holds.held(guest.name):
+                    # A migration is bringing this guest's pages: its frames wait (and
+                    # reading stays paused) until they are installed, or the hold ends.
+                    await self.holds.wait(guest.name, conn.closed)
+                    if conn.closed.done():
+                        break  # nobody to answer; its frames are dropped unanswered
                 items, conn.items = conn.items, []
                 if not items:  # woken by EOF, or by the stall timer
                     if conn.eof:

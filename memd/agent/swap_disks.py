@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memd.agent.dispatch import Dispatcher
+from memd.agent.holds import IncomingHolds
 from memd.errors import InvalidArgument, MemdError, NotFound
 from memd.nbd.export import DISK_POOL_ID, MAX_DISK_SIZE, SwapDisk
 from memd.nbd.server import NbdServer
@@ -36,10 +37,18 @@ class SwapDisks:
     """Every swap disk this agent serves (see the module docstring)."""
 
     def __init__(
-        self, tmem: TmemHost, dispatcher: Dispatcher, *, markers: Path, spill_dir: Path | None
+        self,
+        tmem: TmemHost,
+        dispatcher: Dispatcher,
+        *,
+        markers: Path,
+        spill_dir: Path | None,
+        holds: IncomingHolds | None = None,
     ) -> None:
         self.tmem = tmem
         self.dispatcher = dispatcher
+        #: A disk's requests wait while its guest's pages are arriving (memd.agent.holds).
+        self.holds = holds if holds is not None else IncomingHolds()
         #: guest → the NBD server of its swap disk (``serve --swap``, ``memd attach --swap``).
         self.disks: dict[str, NbdServer] = {}
         #: One file per guest whose disk an agent served since the host booted (in the run
@@ -103,7 +112,9 @@ class SwapDisks:
             # the bytes all of it takes).
             self.tmem.set_cap(name, cap + size // PAGE_SIZE)
         self.dispatcher.disk_pools[name] = DISK_POOL_ID
-        server = NbdServer(disk, name, path, owner=owner, peer_pid=peer_pid)
+        server = NbdServer(
+            disk, name, path, owner=owner, peer_pid=peer_pid, hold=self.holds.for_guest(name)
+        )
         try:
             await server.start()
         except (OSError, MemdError):

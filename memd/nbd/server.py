@@ -21,6 +21,14 @@ Batches larger than ``INLINE_BYTES`` run in a worker thread so that one guest's 
 request does not stall the event loop for every other guest; smaller ones run inline,
 where a thread hop would cost more than the work.
 
+A ``hold`` (memd.agent.holds) makes requests wait while the guest's pages are still
+arriving with a migration.  Two things pass: the handshake (a QEMU started with
+``-incoming`` opens its disk at once), and reads within the disk's first page — QEMU
+reads sector 0 while it creates the virtio disk (its geometry guess), before the guest
+can run, and waits for the answer with its main loop stopped (libvirt's migration would
+wait for it too); a swap disk's first page is its header, which the guest reads only at
+``swapon``.  A batch with anything else waits whole, and reading pauses meanwhile.
+
 The socket is created mode 0600 (umask 0177 while it is made: no window where others
 could connect) and owned by the agent's user; ``owner`` hands it to a given uid/gid
 (a libvirt domain's QEMU user), and ``peer_pid`` then admits only that QEMU process (and
@@ -35,7 +43,7 @@ import logging
 import os
 import socket
 import struct
-from typing import Any
+from typing import Any, Protocol
 
 from memd import paths
 from memd.errors import BackendError, NbdProtocolError
@@ -43,6 +51,7 @@ from memd.nbd.export import TRANSMISSION_FLAGS, SwapDisk
 from memd.nbd.handshake import Closed, ExportInfo, Negotiated, ServerHandshake
 from memd.nbd.proto import MAX_PAYLOAD, Cmd
 from memd.nbd.transmission import NEED_DATA, Rejected, Request, RequestParser
+from memd.vocab import PAGE_SIZE
 
 log = logging.getLogger("memd.nbd")
 
@@ -52,6 +61,15 @@ BATCH_BYTES = 8 << 20
 INLINE_BYTES = 1 << 20
 HANDSHAKE_SECONDS = 10.0
 MAX_CONNECTIONS = 8
+
+
+class RequestHold(Protocol):
+    """Tells the server when its guest's requests must wait (memd.agent.holds)."""
+
+    def held(self) -> bool: ...
+
+    async def wait(self, also: asyncio.Future[Any] | None = None) -> None:
+        """Return once the hold ends, or *also* is done."""
 
 
 class NbdServer:
@@ -65,8 +83,11 @@ class NbdServer:
         *,
         owner: tuple[int, int] | None = None,
         peer_pid: int | None = None,
+        hold: RequestHold | None = None,
     ) -> None:
         self.disk = disk
+        #: While held, requests wait (not the handshake); None: never.
+        self.hold = hold
         self.name = name
         self.path = path
         self.owner = owner
@@ -144,6 +165,9 @@ class _NbdConnection(asyncio.Protocol):
         self._busy = False
         self._pending: list[Request | Rejected] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: the worker waits for the server's hold before requests are carried out
+        self._held = False
+        self._lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     # -- asyncio callbacks ----------------------------------------------------------------
 
@@ -217,6 +241,8 @@ class _NbdConnection(asyncio.Protocol):
         self._closing = True
         self._can_write.set()
         self._wake.set()
+        if not self._lost.done():
+            self._lost.set_result(None)
         if self._timer is not None:
             self._timer.cancel()
         self.server.connections.discard(self)
@@ -289,6 +315,10 @@ class _NbdConnection(asyncio.Protocol):
                     return
                 if not self._busy:
                     continue
+                if self._held:
+                    assert self.server.hold is not None
+                    await self.server.hold.wait(self._lost)
+                    self._held = False
                 pending, self._pending = self._pending, None
                 if pending is not None:
                     replies = await asyncio.to_thread(self.server.disk.execute, pending)
@@ -303,6 +333,16 @@ class _NbdConnection(asyncio.Protocol):
         except Exception:  # a bug costs this connection, never the agent
             log.exception("swap disk of %s: connection failed", self.server.name)
             self.abort()
+
+    def _must_wait(self, batch: list[Request | Rejected]) -> bool:
+        """Whether the server's hold applies to this batch (see the module docstring)."""
+        hold = self.server.hold
+        if hold is None or not hold.held():
+            return False
+        return not all(
+            isinstance(r, Request) and r.cmd is Cmd.READ and r.offset + r.length <= PAGE_SIZE
+            for r in batch
+        )
 
     def _drain(self) -> None:
         """Carry out every complete request buffered, inline while the batches are small
@@ -353,6 +393,15 @@ class _NbdConnection(asyncio.Protocol):
                 if self._reading_paused and parser.buffered <= READ_HIGH_WATER:
                     self._reading_paused = False
                     transport.resume_reading()
+                return
+            if self._must_wait(batch):
+                # The guest's pages are still arriving: the worker waits for them, then
+                # carries the batch out; nothing more is read meanwhile.
+                self._pending = batch
+                self._held = self._busy = True
+                transport.pause_reading()
+                self._reading_paused = True
+                self._wake.set()
                 return
             if size > INLINE_BYTES:
                 self._pending = batch

@@ -27,7 +27,7 @@ from tmem.host import TmemHost
 
 
 @asynccontextmanager
-async def running_agent(**kw: int) -> AsyncIterator[Agent]:
+async def running_agent(**kw: Any) -> AsyncIterator[Agent]:
     agent = Agent(Dispatcher(TmemHost(budget_bytes=64 << 20)), **kw)
     agent.start()
     try:

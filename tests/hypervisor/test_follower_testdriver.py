@@ -64,3 +64,36 @@ def test_follower_attaches_matching_domains_and_follows_their_lifecycle(tmp_path
                 if dom.isActive():
                     dom.destroy()
                 dom.undefine()
+
+
+def test_a_stopped_domain_keeps_the_client_of_the_swap_disk_still_served(tmp_path: Path) -> None:
+    """`serve --swap NAME=...` outlives the domain: forgetting the guest on its stop took
+    the disk's pool from under the served disk (seen after a failed incoming libvirt
+    migration: every `memd status` then failed)."""
+    from memd.agent.commands import StatusArgs
+
+    name = f"f{os.getpid()}-swap"
+    app = AgentApp(budget_bytes=16 << 20, swap_markers=tmp_path / "markers")
+    loop = LoopThread()
+    loop.run(app.start(None))
+    with LibvirtHost(URI) as host:
+        _define(host, name, tmp_path / "chan.sock")
+        loop.run(app.swap.add(name, str(tmp_path / "swap.nbd"), 1 << 20))
+        follower = LibvirtFollower(app, URI, match=name)
+        try:
+            loop.run(follower.start())
+            host._conn.lookupByName(name).create()
+            assert _wait(lambda: name in app.agent.channels)
+            host._conn.lookupByName(name).destroy()
+            assert _wait(lambda: name not in app.agent.channels)
+            assert app.tmem.has_client(name) and name in app.swap.disks
+            disks = app.handlers.status(StatusArgs())["swap_disks"]
+            assert [d["name"] for d in disks] == [name]
+        finally:
+            loop.run(follower.stop())
+            loop.run(app.stop())
+            loop.close()
+            dom = host._conn.lookupByName(name)
+            if dom.isActive():
+                dom.destroy()
+            dom.undefine()
