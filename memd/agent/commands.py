@@ -56,6 +56,7 @@ class Command(StrEnum):
     THAW = "thaw"
     MIGRATE = "migrate"
     MIGRATIONS = "migrations"
+    CANCEL_MIGRATION = "cancel-migration"
 
 
 class UnknownCommand(ValueError):
@@ -237,11 +238,22 @@ class MigrateArgs(CommandArgs):
     #: libvirt's migration when the agent follows libvirt and it runs the guest
     #: (memd.migrate.libvirt), else move the (paused or stopped) guest now.
     qmp: str | None = None
+    #: Following libvirt: seconds to wait for its migration job before giving up (a
+    #: ``virsh migrate`` refused or failed before it started leaves no trace memd can
+    #: see); None: memd.migrate.libvirt.ARM_SECONDS.
+    arm_timeout: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
 class MigrationsArgs(CommandArgs):
     command: ClassVar[Command] = Command.MIGRATIONS
+
+
+@dataclass(frozen=True, kw_only=True)
+class CancelMigrationArgs(CommandArgs):
+    command: ClassVar[Command] = Command.CANCEL_MIGRATION
+    #: The guest whose outgoing transfer stops (``memd migrate GUEST --cancel``).
+    guest: str
 
 
 # -- wire ------------------------------------------------------------------------------------

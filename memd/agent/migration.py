@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from memd.agent.commands import Command, MigrateArgs, MigrationsArgs
+from memd.agent.commands import CancelMigrationArgs, Command, MigrateArgs, MigrationsArgs
 from memd.agent.control import handles
 from memd.agent.dispatch import GuestState
 from memd.agent.holds import IncomingHolds
@@ -85,6 +85,8 @@ class MigrationService:
         #: guest → the transfer moving it (out) or bringing it (in) now.
         self.outgoing: dict[str, SourceTransfer] = {}
         self.incoming: dict[str, IncomingTransfer] = {}
+        #: guest → set by ``memd migrate --cancel``: its outgoing transfer gives up.
+        self._cancels: dict[str, asyncio.Event] = {}
         self._finished: list[Progress] = []
         #: Finished transfers by (direction, final phase): done, aborted, revoked.
         self._outcomes: Counter[tuple[str, str]] = Counter()
@@ -209,17 +211,29 @@ class MigrationService:
             self.tmem, self.feed, guest, dest, tls.client_context(self.tls_dir)
         )
         self.outgoing[guest] = transfer
+        self._cancels[guest] = asyncio.Event()
         return transfer
+
+    def _forget(self, transfer: SourceTransfer) -> None:
+        """An outgoing transfer ended (or never began): it is no longer this guest's."""
+        if self.outgoing.get(transfer.guest) is transfer:
+            del self.outgoing[transfer.guest]
+            self._cancels.pop(transfer.guest, None)
 
     async def migrate(self, guest: str, dest: str) -> dict[str, Any]:
         """By hand: pre-copy, then the final delta at once — for a guest that is paused
         or stopped (nothing drives a switch-over).  → a summary; the guest is gone from
         here when it returns."""
         transfer = self._source(guest, dest)
-        try:
+        cancel = self._cancels[guest]
+
+        async def move() -> None:
             await transfer.connect()
             await transfer.precopy()
             await transfer.switchover()
+
+        try:
+            await _unless_cancelled(move(), cancel)
             await transfer.finish()
         except (MemdError, OSError) as err:
             await transfer.abort(str(err))
@@ -227,7 +241,7 @@ class MigrationService:
                 f"migration of {guest} to {dest} failed: {err}; its pages stay here", target=guest
             ) from None
         finally:
-            self.outgoing.pop(guest, None)
+            self._forget(transfer)
             self._retire(transfer.progress)
         await self._drop_moved(guest)
         return {"outcome": "moved", **transfer.progress.to_dict()}
@@ -246,7 +260,7 @@ class MigrationService:
             listener = await qemu.arm(monitor)
             await transfer.connect()  # a TLS or address problem is the operator's answer
         except (MemdError, OSError) as err:
-            self.outgoing.pop(guest, None)
+            self._forget(transfer)
             await transfer.abort(str(err))
             if monitor is not None:
                 await monitor.close()
@@ -259,7 +273,13 @@ class MigrationService:
         )
         return await self._in_background(
             transfer,
-            qemu.follow(monitor, listener, transfer, lambda: self._drop_moved(guest)),
+            qemu.follow(
+                monitor,
+                listener,
+                transfer,
+                lambda: self._drop_moved(guest),
+                cancel=self._cancels[guest],
+            ),
             monitor.close,
         )
 
@@ -281,7 +301,9 @@ class MigrationService:
         await domain.close()
         return None
 
-    async def follow_libvirt(self, guest: str, dest: str, domain: Domain) -> dict[str, Any]:
+    async def follow_libvirt(
+        self, guest: str, dest: str, domain: Domain, *, arm_seconds: float | None = None
+    ) -> dict[str, Any]:
         """Connect to the destination and pre-copy, and follow the migration the operator
         starts with ``virsh migrate`` by the domain's events and job (memd.migrate.libvirt);
         → once the first pass is across, the transfer runs on in the background."""
@@ -295,7 +317,7 @@ class MigrationService:
         try:
             await transfer.connect()
         except (MemdError, OSError) as err:
-            self.outgoing.pop(guest, None)
+            self._forget(transfer)
             await transfer.abort(str(err))
             await domain.close()
             raise
@@ -306,7 +328,13 @@ class MigrationService:
         )
         return await self._in_background(
             transfer,
-            libvirt.follow(domain, transfer, lambda: self._drop_moved(guest)),
+            libvirt.follow(
+                domain,
+                transfer,
+                lambda: self._drop_moved(guest),
+                cancel=self._cancels[guest],
+                arm_seconds=arm_seconds,
+            ),
             domain.close,
         )
 
@@ -331,7 +359,7 @@ class MigrationService:
                     extra={"event": f"migrate-{summary['outcome']}", "vm": guest},
                 )
             finally:
-                self.outgoing.pop(guest, None)
+                self._forget(transfer)
                 self._retire(transfer.progress)
                 await close()
 
@@ -395,8 +423,35 @@ class MigrationService:
             return await self.follow_qemu(args.guest, args.to, args.qmp)
         domain = await self.libvirt_domain(args.guest)
         if domain is not None:
-            return await self.follow_libvirt(args.guest, args.to, domain)
+            return await self.follow_libvirt(
+                args.guest, args.to, domain, arm_seconds=args.arm_timeout
+            )
         return await self.migrate(args.guest, args.to)
+
+    @handles(Command.CANCEL_MIGRATION)
+    async def cancel_command(self, args: CancelMigrationArgs) -> dict[str, Any]:
+        """``memd migrate GUEST --cancel``: memd's outgoing transfer gives up (ABORT to the
+        destination, the guest keeps everything here), and a migration memd follows is
+        cancelled with it, as when the transfer fails.  → the transfer's summary."""
+        guest = args.guest
+        transfer = self.outgoing.get(guest)
+        if transfer is None:
+            arriving = guest in self.incoming
+            where = " (it is arriving here: cancel it on its source)" if arriving else ""
+            raise InvalidArgument(
+                f"no outgoing transfer of {guest} runs on this agent{where}", op="migrate"
+            )
+        if transfer.progress.phase not in CANCELLABLE:
+            raise InvalidArgument(
+                f"too late to cancel the transfer of {guest}: it is in {transfer.progress.phase} "
+                "(the destination has or is installing its final delta)",
+                op="migrate",
+            )
+        self._cancels[guest].set()
+        async with asyncio.timeout(30):
+            while self.outgoing.get(guest) is transfer:
+                await asyncio.sleep(0.02)
+        return {"outcome": transfer.progress.phase, **transfer.progress.to_dict()}
 
     @handles(Command.MIGRATIONS)
     def migrations(self, args: MigrationsArgs) -> dict[str, Any]:
@@ -413,6 +468,26 @@ class MigrationService:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await self._server.wait_closed()
+
+
+#: Phases of an outgoing transfer ``memd migrate --cancel`` may stop: before the final delta.
+CANCELLABLE = frozenset({"connecting", "precopy", "converged"})
+
+
+async def _unless_cancelled(work: Coroutine[Any, Any, None], cancel: asyncio.Event) -> None:
+    """Run *work*; if *cancel* is set first, stop it and raise MigrationFailed."""
+    task = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise MigrationFailed("cancelled by the operator (memd migrate --cancel)")
+    task.result()
 
 
 def migration_metrics(status: dict[str, Any]) -> Iterator[Metric]:

@@ -28,7 +28,20 @@ aborted       RESUMED after SUSPENDED/MIGRATED; the ABORT: the destination drops
               the domain stopped some other way
 aborted       memd's transfer failed before         libvirt's migration is cancelled
 (memd)        libvirt switched over                 (``abortJob``), then ABORT
+aborted       ``memd migrate VM --cancel`` before   (the same as memd's transfer failing)
+(operator)    libvirt switched over
+aborted       armed, and no migration job seen      ABORT (libvirt's migration was refused
+(unstarted)   within the arming deadline            or failed before memd could see it)
 ============= ===================================== =========================================
+
+Why a deadline.  A migration libvirt refuses or fails before QEMU's migration starts (the
+destination's ``qemu`` hook refusing at Prepare, an unreachable destination, a failure
+inside one job poll) leaves no trace on the source that libvirt 9.0 reports: no lifecycle
+event, no JOB_COMPLETED event (libvirt emits it for a completed migration only), and
+``jobStats(VIR_DOMAIN_JOB_STATS_COMPLETED)`` says ``type`` NONE (checked on the two-host
+test bed).  So an armed transfer that never sees libvirt's job gives up after
+``arm_seconds`` (``memd migrate --arm-timeout``); a retried ``virsh migrate`` within that
+time is still followed.
 
 :class:`LibvirtFollow` is that table as a sans-I/O state machine: fed events, job looks,
 CONFIRM and transfer failures, it answers the actions to take.  :func:`follow` is the
@@ -55,6 +68,8 @@ log = logging.getLogger("memd.migrate")
 
 #: How often the domain's job is looked at.
 POLL_SECONDS = 0.2
+#: How long an armed transfer waits for libvirt's migration job (see the overview).
+ARM_SECONDS = 300.0
 
 
 class Phase(enum.Enum):
@@ -147,6 +162,21 @@ class LibvirtFollow:
             return self._abort(f"{self.guest} runs here again: libvirt's migration failed")
         return []
 
+    def unstarted(self, seconds: float) -> list[Action]:
+        """The arming deadline passed: abort if libvirt's migration was never seen."""
+        if self.phase is Phase.ARMED:
+            return self._abort(
+                f"no libvirt migration of {self.guest} began within {seconds:g} s of memd "
+                "arming it (refused or failed before it started: run `memd migrate` again, "
+                "then `virsh migrate`)"
+            )
+        return []
+
+    def cancelled(self) -> list[Action]:
+        """The operator cancelled memd's transfer (``memd migrate VM --cancel``): as a
+        failed transfer, libvirt's migration must not move the guest without its pages."""
+        return self.failed("cancelled by the operator (memd migrate --cancel)")
+
     def confirmed(self) -> list[Action]:
         """The destination installed the final delta (CONFIRM)."""
         if self.phase is Phase.PAUSED:
@@ -231,15 +261,30 @@ async def _switchover(precopy: asyncio.Task[None], transfer: SourceTransfer) -> 
     await transfer.switchover()
 
 
+async def _deadline(transfer: SourceTransfer, seconds: float) -> None:
+    """Ends *seconds* after memd's first pass is across (when ``memd migrate`` answers)."""
+    await transfer.first_pass.wait()
+    await asyncio.sleep(seconds)
+
+
 async def follow(
     domain: Domain,
     transfer: SourceTransfer,
     drop_guest: Callable[[], Awaitable[None]],
+    *,
+    cancel: asyncio.Event | None = None,
+    arm_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Drive *transfer* (connected) by the domain's events and job until libvirt moved the
-    guest or gave up; pre-copy starts at once.  → a summary (``outcome``: ``moved`` |
-    ``aborted``, figures)."""
+    guest or gave up; pre-copy starts at once.  *cancel* set: the operator cancels memd's
+    transfer.  *arm_seconds* (default ARM_SECONDS): the arming deadline.  → a summary
+    (``outcome``: ``moved`` | ``aborted``, figures)."""
     machine = LibvirtFollow(transfer.guest)
+    seconds = ARM_SECONDS if arm_seconds is None else arm_seconds
+    deadline: asyncio.Task[None] | None = asyncio.ensure_future(_deadline(transfer, seconds))
+    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future(
+        (cancel or asyncio.Event()).wait()
+    )
     switch = asyncio.Event()
     work: asyncio.Task[None] = asyncio.ensure_future(transfer.precopy(until=switch))
     work_is_switchover = False
@@ -258,8 +303,15 @@ async def follow(
             waiting: set[asyncio.Future[Any]] = {event, look}
             if watched is not None:
                 waiting.add(watched)
+            waiting |= {t for t in (deadline, cancelling) if t is not None}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             actions: list[Action] = []
+            if cancelling is not None and cancelling.done():
+                cancelling = None
+                actions += machine.cancelled()
+            if deadline is not None and deadline.done():
+                deadline = None
+                actions += machine.unstarted(seconds)
             if event.done():
                 ev = event.result()
                 log.debug("libvirt event of %s: %s/%s", transfer.guest, ev.kind, ev.detail)
@@ -287,7 +339,7 @@ async def follow(
                 elif action.act is Act.CANCEL_LIBVIRT:
                     cancelled = await domain.abort_job()
                     log.error(
-                        "migration of %s: memd's transfer failed (%s); %s",
+                        "migration of %s: memd's transfer gave up (%s); %s",
                         transfer.guest,
                         action.reason,
                         "libvirt's migration was cancelled, the guest stays here"
@@ -310,8 +362,9 @@ async def follow(
                 await domain.abort_job()
         raise
     finally:
-        for task in (work, event, look):
-            await _stop(task)
+        for task in (work, event, look, deadline, cancelling):
+            if task is not None:
+                await _stop(task)
 
 
 async def _stop(task: asyncio.Future[Any]) -> None:

@@ -69,21 +69,30 @@ async def follow(
     listener: Any,
     transfer: SourceTransfer,
     drop_guest: Callable[[], Awaitable[None]],
+    *,
+    cancel: asyncio.Event | None = None,
 ) -> dict[str, Any]:
     """Drive *transfer* (connected) by QEMU's MIGRATION events until QEMU completes or
     gives up; pre-copy starts at once, so that memd is done with the bulk before QEMU
-    pauses the guest.  → a summary (``outcome``: ``moved`` | ``aborted``, figures)."""
+    pauses the guest.  *cancel* set (``memd migrate --cancel``): as a failed transfer,
+    QEMU's migration is cancelled too.  → a summary (``outcome``: ``moved`` |
+    ``aborted``, figures)."""
     switch = asyncio.Event()
     precopy: asyncio.Task[None] | None = asyncio.ensure_future(transfer.precopy(until=switch))
     qemu_paused_at: float | None = None
     event: asyncio.Task[Any] | None = None
+    cancelling = asyncio.ensure_future((cancel or asyncio.Event()).wait())
     try:
         while True:
             event = asyncio.ensure_future(listener.get())
-            waiting: set[asyncio.Future[Any]] = {event}
+            waiting: set[asyncio.Future[Any]] = {event, cancelling}
             if precopy is not None and not precopy.done():
                 waiting.add(precopy)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if cancelling.done():
+                raise MigrationFailed(
+                    "cancelled by the operator (memd migrate --cancel)", target=transfer.guest
+                )
             if precopy is not None and precopy.done() and precopy.exception() is not None:
                 raise precopy.exception()  # type: ignore[misc]
             if not event.done():
@@ -131,7 +140,7 @@ async def follow(
             await monitor.execute("migrate_cancel")
         raise
     finally:
-        for task in (precopy, event):
+        for task in (precopy, event, cancelling):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):

@@ -12,7 +12,7 @@ import pytest
 
 from hypervisor.guests import JobState, LifecycleEvent
 from memd.agent.app import AgentApp
-from memd.errors import MigrationFailed
+from memd.errors import InvalidArgument, MigrationFailed
 from memd.migrate import libvirt
 from tests.migrate.test_transport import agent, clean, dest_of, holds, page, populate, run
 from tests.support.tls import make_pki
@@ -291,5 +291,116 @@ def test_memd_migrate_follows_a_domain_libvirt_runs_and_moves_others_by_hand(
                 dom.destroy()
             dom.undefine()
             host.close()
+
+    run(main())
+
+
+def test_an_armed_transfer_whose_libvirt_migration_never_starts_gives_up_at_the_deadline(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A ``virsh migrate`` refused at Prepare (the destination's hook) or failing at once
+    leaves no trace libvirt reports on the source: memd must not stay armed forever."""
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            want = populate(src)
+            domain = ScriptedDomain()  # running, no job: libvirt's migration failed unseen
+            armed = await src.migration.follow_libvirt(
+                "vm1", dest_of(dst), domain, arm_seconds=0.3
+            )
+            assert armed["outcome"] == "armed"
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            finished = src.migration.status()["finished"][-1]
+            assert finished["phase"] == "aborted", finished
+            assert "no libvirt migration of vm1 began within 0.3 s" in finished["error"]
+            assert holds(src, want) and clean(src) and domain.aborted_jobs == 0
+            await until(lambda: dst.tmem.client_names() == [])
+            assert clean(dst) and domain.closed
+
+    run(main())
+
+
+def test_a_libvirt_migration_seen_before_the_deadline_is_followed_past_it(
+    tmp_path: Path, pki: Path
+) -> None:
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            want = populate(src)
+            domain = ScriptedDomain()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain, arm_seconds=0.3)
+            domain.look = JobState("running", True)  # a retried virsh migrate, in time
+            await asyncio.sleep(0.6)
+            assert phase_out(src) in ("precopy", "converged")
+            domain.look = JobState("paused", True)
+            domain.emit("suspended", "migrated")
+            await until(lambda: phase_out(src) == "confirmed")
+            domain.look = JobState("gone", False)
+            domain.emit("stopped", "migrated")
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert holds(dst, want) and not src.tmem.has_client("vm1")
+            assert clean(src) and clean(dst)
+
+    run(main())
+
+
+def test_memd_migrate_cancel_stops_memds_transfer_and_libvirts_migration(
+    tmp_path: Path, pki: Path
+) -> None:
+    from memd.agent.commands import CancelMigrationArgs
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            want = populate(src)
+            domain = ScriptedDomain()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain)
+            domain.look = JobState("running", True)  # libvirt copies RAM
+            await until(lambda: phase_out(src) == "precopy")  # keeping b up to date
+            await asyncio.sleep(0.1)
+            done = await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
+            assert done["outcome"] == "aborted", done
+            assert "cancelled by the operator" in done["error"]
+            # The guest must not run where its pages are not: libvirt's migration goes too.
+            assert domain.aborted_jobs == 1
+            assert "vm1" not in src.migration.outgoing
+            assert holds(src, want) and clean(src)
+            await until(lambda: dst.tmem.client_names() == [])
+            assert clean(dst)
+            with pytest.raises(InvalidArgument, match="^no outgoing transfer of vm1 runs"):
+                await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
+
+    run(main())
+
+
+def test_memd_migrate_cancel_is_refused_once_the_final_delta_is_installed(
+    tmp_path: Path, pki: Path
+) -> None:
+    from memd.agent.commands import CancelMigrationArgs
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            want = populate(src)
+            domain = ScriptedDomain()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain)
+            domain.look = JobState("paused", True)
+            domain.emit("suspended", "migrated")
+            await until(lambda: phase_out(src) == "confirmed")
+            with pytest.raises(InvalidArgument, match="^too late to cancel the transfer of vm1"):
+                await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
+            domain.look = JobState("gone", False)
+            domain.emit("stopped", "migrated")  # libvirt finishes it
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert holds(dst, want) and clean(src) and clean(dst)
 
     run(main())
