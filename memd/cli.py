@@ -29,7 +29,6 @@ from memd.agent.commands import (
     AuditArgs,
     AuthorizeArgs,
     BudgetArgs,
-    CancelMigrationArgs,
     ClientsArgs,
     CommandArgs,
     DetachArgs,
@@ -37,7 +36,6 @@ from memd.agent.commands import (
     ExplainArgs,
     GuestsArgs,
     KsmArgs,
-    MigrateArgs,
     OptInArgs,
     OptOutArgs,
     PoolsArgs,
@@ -286,29 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     c = cmd("authorize", "allow a guest to join a shared tmem pool")
     c.add_argument("guest")
     c.add_argument("uuid")
-    c = cmd("migrate", "move a guest's tmem pages and swap disk to the agent at HOST:PORT")
-    c.add_argument("guest")
-    c.add_argument("--to", metavar="HOST:PORT")
-    c.add_argument(
-        "--cancel",
-        action="store_true",
-        help="stop this agent's outgoing transfer of the guest (and a QEMU or libvirt "
-        "migration memd follows); the guest keeps its pages here",
-    )
-    c.add_argument(
-        "--arm-timeout",
-        type=int,
-        metavar="SECONDS",
-        help="following libvirt: give up if no migration of the guest begins within "
-        "SECONDS of memd arming (default 300)",
-    )
-    c.add_argument(
-        "--qmp",
-        metavar="SOCKET",
-        help="follow the QEMU migration started on this QEMU (memd arms "
-        "pause-before-switchover and returns; progress in memd status); without "
-        "it the guest must be paused or stopped and the move happens now",
-    )
+    cli_setup.add_migrate(cmd)
     cli_setup.add_commands(cmd)  # tls-init, libvirt-hook
     c = cmd("demo", "run the embedded demo: agent + simulated guests over unix sockets")
     c.add_argument("--guests", type=int, default=4)
@@ -518,18 +494,7 @@ def _run(args: argparse.Namespace) -> int:
         case "budget":
             _emit(args, call(BudgetArgs(bytes=args.size)), render.format_budget)
         case "migrate":
-            if args.cancel:
-                if args.to or args.qmp or args.arm_timeout is not None:
-                    raise InvalidArgument("--cancel takes only the guest (no --to, --qmp, ...)")
-                _emit(args, call(CancelMigrationArgs(guest=args.guest)), render.format_migration)
-                return 0
-            if not args.to:
-                raise InvalidArgument("migrate needs --to HOST:PORT (or --cancel)")
-            qmp = os.path.abspath(args.qmp) if args.qmp else None
-            request = MigrateArgs(
-                guest=args.guest, to=args.to, qmp=qmp, arm_timeout=args.arm_timeout
-            )
-            _emit(args, call(request), render.format_migration)
+            _emit(args, call(cli_setup.migrate_request(args)), render.format_migration)
         case "authorize":
             _emit(
                 args,

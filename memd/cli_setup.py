@@ -1,21 +1,25 @@
-"""`memd tls-init` and `memd libvirt-hook`: setting hosts up for migration.
+"""`memd tls-init` and `memd libvirt-hook`: setting hosts up for migration; and the
+arguments of `memd migrate` (moving a guest, or ``--cancel``).
 
 Their arguments and output for people; the work is memd.migrate.pki (certificates, with
 the openssl command line) and memd.libvirt_hook (libvirt's ``qemu`` hook).  Neither
 needs an agent, except the hook itself, which asks the local one.  memd.cli hands these
-two commands here so that it stays the table of agent commands.
+two commands here so that it stays the table of agent commands; `memd migrate` is an
+agent command, whose request :func:`migrate_request` builds from its arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from memd import paths
+from memd.agent.commands import CancelMigrationArgs, CommandArgs, MigrateArgs
 from memd.errors import InvalidArgument
 
 COMMANDS = ("tls-init", "libvirt-hook")
@@ -76,6 +80,47 @@ def add_commands(cmd: Callable[[str, str], argparse.ArgumentParser]) -> None:
         help="write HOOKS_DIR/qemu.d/memd, a script that runs this guard",
     )
     c.add_argument("--hooks-dir", default=str(DEFAULT_HOOKS_DIR), metavar="HOOKS_DIR")
+
+
+def add_migrate(cmd: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """`memd migrate`'s arguments (memd.cli sends :func:`migrate_request` to the agent)."""
+    c = cmd("migrate", "move a guest's tmem pages and swap disk to the agent at HOST:PORT")
+    c.add_argument("guest")
+    c.add_argument("--to", metavar="HOST:PORT")
+    c.add_argument(
+        "--cancel",
+        action="store_true",
+        help="stop this agent's outgoing transfer of the guest (and a QEMU or libvirt "
+        "migration memd follows); the guest keeps its pages here",
+    )
+    c.add_argument(
+        "--arm-timeout",
+        type=int,
+        metavar="SECONDS",
+        help="following libvirt: give up if no migration of the guest begins within "
+        "SECONDS of memd arming (default 300)",
+    )
+    c.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        help="follow the QEMU migration started on this QEMU (memd arms "
+        "pause-before-switchover and returns; progress in memd status); without "
+        "it the guest must be paused or stopped and the move happens now",
+    )
+
+
+def migrate_request(args: argparse.Namespace) -> CommandArgs:
+    """The control request `memd migrate` sends: a move, or ``--cancel``."""
+    if args.cancel:
+        if args.to or args.qmp or args.arm_timeout is not None:
+            raise InvalidArgument("--cancel takes only the guest (no --to, --qmp, --arm-timeout)")
+        return CancelMigrationArgs(guest=args.guest)
+    if not args.to:
+        raise InvalidArgument("migrate needs --to HOST:PORT (or --cancel)")
+    if args.arm_timeout is not None and args.arm_timeout < 1:
+        raise InvalidArgument("--arm-timeout is a number of seconds, at least 1")
+    qmp = os.path.abspath(args.qmp) if args.qmp else None
+    return MigrateArgs(guest=args.guest, to=args.to, qmp=qmp, arm_timeout=args.arm_timeout)
 
 
 def run(args: argparse.Namespace, control_path: str | None) -> int:

@@ -67,6 +67,21 @@ def test_operator_mistakes_are_one_sentence(
     assert exit_info.value.code == 2  # argparse: usage error
 
 
+def test_memd_migrate_cancel_mistakes_are_one_sentence(
+    agent: RunningAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sock = ("--socket", agent.control)
+    code, _, err = run(capsys, *sock, "migrate", "vm-x", "--cancel")
+    assert code == 1 and err == "memd: no outgoing transfer of vm-x runs on this agent\n"
+    code, _, err = run(capsys, *sock, "migrate", "vm-x", "--cancel", "--to", "10.0.0.2:77")
+    assert code == 1 and err.count("\n") == 1 and "--cancel takes only the guest" in err
+    code, _, err = run(capsys, *sock, "migrate", "vm-x")
+    assert code == 1 and err == "memd: migrate needs --to HOST:PORT (or --cancel)\n"
+    to = ("--to", "10.0.0.2:7700")
+    code, _, err = run(capsys, *sock, "migrate", "vm-x", *to, "--arm-timeout", "0")
+    assert code == 1 and err.count("\n") == 1 and "--arm-timeout" in err
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 @pytest.mark.parametrize("mode", [0o600, 0o666], ids=["file-mode", "peer-credentials"])
 def test_other_users_are_refused(agent: RunningAgent, mode: int) -> None:

@@ -374,7 +374,7 @@ def test_memd_migrate_cancel_stops_memds_transfer_and_libvirts_migration(
             assert holds(src, want) and clean(src)
             await until(lambda: dst.tmem.client_names() == [])
             assert clean(dst)
-            with pytest.raises(InvalidArgument, match="^no outgoing transfer of vm1 runs"):
+            with pytest.raises(InvalidArgument, match=r"^no outgoing transfer of vm1 runs"):
                 await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
 
     run(main())
@@ -396,7 +396,7 @@ def test_memd_migrate_cancel_is_refused_once_the_final_delta_is_installed(
             domain.look = JobState("paused", True)
             domain.emit("suspended", "migrated")
             await until(lambda: phase_out(src) == "confirmed")
-            with pytest.raises(InvalidArgument, match="^too late to cancel the transfer of vm1"):
+            with pytest.raises(InvalidArgument, match=r"^too late to cancel the transfer of vm1"):
                 await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
             domain.look = JobState("gone", False)
             domain.emit("stopped", "migrated")  # libvirt finishes it
