@@ -60,7 +60,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -552,9 +552,15 @@ def _create_network(a: LibvirtHost, b: LibvirtHost, tag: str, made: list[str]) -
 
 
 @contextlib.contextmanager
-def libvirt_pair(base: Path) -> Iterator[LibvirtPair]:
+def libvirt_pair(
+    base: Path, *, before_libvirtd: Callable[[LibvirtHost], None] | None = None
+) -> Iterator[LibvirtPair]:
     """Two running libvirt hosts under ``base`` (a fresh directory; keep it short: unix socket
-    paths under it are limited to 107 bytes).  Everything is torn down on exit."""
+    paths under it are limited to 107 bytes).  Everything is torn down on exit.
+
+    ``before_libvirtd(host)`` runs for each host once its directories exist and before its
+    libvirtd starts: e.g. to install hooks in ``host.outside("/etc/libvirt/hooks")``, which
+    libvirtd looks for only when it starts (or reloads on SIGHUP)."""
     sweep_stale()
     tag = f"{os.getpid()}x{next(_PAIR_NUMBERS)}"
     private = base / "run"  # the same path in both hosts, an empty directory from outside
@@ -568,6 +574,8 @@ def libvirt_pair(base: Path) -> Iterator[LibvirtPair]:
             host.prepare()
             host.start_holder()
         for host in (a, b):
+            if before_libvirtd is not None:
+                before_libvirtd(host)
             host.start_libvirtd()
         for host in (a, b):
             host.wait_libvirtd()

@@ -1,0 +1,194 @@
+"""memd's libvirt ``qemu`` hook under a real libvirtd, and a refused migration on the source.
+
+On the two-host bed (:mod:`tests.support.libvirt_pair`), host ``b`` gets memd's hook
+(``memd libvirt-hook --install``) before its libvirtd starts; a ``memd serve --libvirt``
+runs in each host (as in test_libvirt_migrate).  One TCG guest boots on ``a`` with its
+memd channel and puts persistent pages, then, in turn:
+
+1. ``virsh migrate --live --p2p`` without ``memd migrate``: b's libvirt refuses it with
+   the hook's sentence; the guest runs on ``a`` with every page.
+2. ``memd migrate --to b --arm-timeout 3``, then a libvirt migration that fails before
+   anything starts (a destination URI nobody answers): libvirt reports nothing on the
+   source, so memd gives up at its arming deadline: ABORT to ``b``, which holds nothing,
+   the guest keeps every page on ``a``.
+3. ``memd migrate --to b`` and ``virsh migrate``: the hook lets it through, the guest
+   verifies its pages on ``b``, ``a`` holds nothing of it, both audits are clean.
+
+The hook runs as libvirtd's child inside ``b``'s namespaces and finds ``b``'s agent by the
+control socket the installer wrote into it (the same inside path in both hosts, each
+host's own socket).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hypervisor.vmimage import ImagePaths, render_domain_xml
+from tests.hypervisor.vm.console import GuestShell
+from tests.migrate.test_libvirt_migrate import (
+    PERSIST,
+    PERSISTENT_PAGES,
+    RAM_MIB,
+    ROOT,
+    HostAgent,
+    wait,
+)
+from tests.support.libvirt_pair import LibvirtHost, LibvirtPair, libvirt_pair, unavailable_reason
+from tests.support.tls import make_pki
+
+_REASON = unavailable_reason()
+pytestmark = [
+    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
+    pytest.mark.vm,
+    pytest.mark.libvirt,
+    pytest.mark.root,
+]
+
+
+def install_hook(pair_private: Path, host: LibvirtHost) -> None:
+    """``memd libvirt-hook --install`` into the host's /etc/libvirt/hooks (from outside),
+    naming the host's agent socket as the host sees it."""
+    hooks = host.outside("/etc/libvirt/hooks")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "memd.cli",
+            "--socket",
+            str(pair_private / "memd.sock"),
+            "libvirt-hook",
+            "--install",
+            "--hooks-dir",
+            str(hooks),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    script = hooks / "qemu.d" / "memd"
+    text = script.read_text()
+    assert f"--socket {pair_private / 'memd.sock'}" in text, text
+    # libvirt runs hooks with a clean environment: the suite's memd, not the machine's.
+    first, rest = text.split("\n", 1)
+    script.write_text(f"{first}\nexport PYTHONPATH={ROOT}\n{rest}")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtPair]:
+    base = tmp_path_factory.mktemp("lvh")
+    private = base / "run"  # libvirt_pair's same-path private directory
+
+    def hooks(host: LibvirtHost) -> None:
+        if host.label == "b":
+            install_hook(private, host)
+
+    with libvirt_pair(base, before_libvirtd=hooks) as made:
+        assert made.private == private
+        yield made
+
+
+def check_pages(shell: GuestShell, pool: int) -> None:
+    out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
+    assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
+
+
+def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
+    pair: LibvirtPair, vm_image: ImagePaths, tmp_path: Path
+) -> None:
+    import libvirt
+
+    name = f"memd-lvh-{os.getpid()}"
+    tls = make_pki(tmp_path / "pki", server_addresses=[pair.a.address, pair.b.address])
+    a = HostAgent(pair, pair.a, tls, tmp_path)
+    b = HostAgent(pair, pair.b, tls, tmp_path)
+    console = pair.private / "c.sock"
+    xml = render_domain_xml(image=vm_image, name=name, console_socket=console, memory_mib=RAM_MIB)
+    conn_a, conn_b = pair.a.connect(), pair.b.connect()
+    shell: GuestShell | None = None
+    timings: dict[str, float] = {}
+    try:
+        a.start(name)
+        b.start(name)
+        start = time.monotonic()
+        domain = conn_a.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
+        shell = GuestShell(pair.a.outside(console), tmp_path / "console-a.log")
+        domain.resume()
+        shell.wait_ready(0, 300)
+        timings["boot_s"] = round(time.monotonic() - start, 1)
+        shell.write_file("/tmp/p.py", PERSIST.encode())
+        booted = shell
+        out = wait(  # the guest's memd daemon may still be starting (then nothing is put)
+            lambda: "POOL=" in (o := booted.run("python3 /tmp/p.py put", timeout=600).stdout)
+            and o,
+            120,
+            "the guest put its pages",
+        )
+        pool = int(re.search(r"POOL=(\d+)", out).group(1))  # type: ignore[union-attr]
+
+        # 1. virsh migrate without memd migrate: b's hook refuses it.
+        start = time.monotonic()
+        with pytest.raises(libvirt.libvirtError) as refused:
+            pair.migrate(name, to=pair.b)
+        timings["refused_s"] = round(time.monotonic() - start, 2)
+        message = str(refused.value)
+        assert "no memd transfer is arriving for it" in message, message
+        assert f"run `memd migrate {name} --to {b.address}` on the source first" in message
+        assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        with pytest.raises(libvirt.libvirtError):
+            conn_b.lookupByName(name)
+        check_pages(shell, pool)
+
+        # 2. memd armed, libvirt's migration fails before it starts: memd gives up.
+        armed = a.cli("migrate", name, "--to", b.address, "--arm-timeout", "3")
+        assert armed["outcome"] == "armed", armed
+        assert [r["guest"] for r in b.cli("status")["migrations"]["active"]] == [name]
+        nobody = f"qemu+tcp://{pair.b.address}:1/system"  # b's address, no libvirtd there
+        flags = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
+        with pytest.raises(libvirt.libvirtError):
+            domain.migrateToURI3(nobody, {}, flags)
+        start = time.monotonic()
+        done = wait(lambda: a.cli("status")["migrations"]["finished"], 60, "memd gave up")
+        timings["gave_up_s"] = round(time.monotonic() - start, 1)
+        assert done[-1]["phase"] == "aborted", (done, a.tail())
+        assert f"no libvirt migration of {name} began within 3 s" in done[-1]["error"]
+        wait(lambda: not b.cli("status")["migrations"]["active"], 30, "b dropped the transfer")
+        assert b.cli("status")["tmem"]["persistent_pages"] == 0
+        assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        check_pages(shell, pool)
+        shell.close()
+        shell = None
+
+        # 3. memd migrate, then virsh migrate: the hook lets it through.
+        armed = a.cli("migrate", name, "--to", b.address)
+        assert armed["outcome"] == "armed", armed
+        timings["virsh_migrate_s"] = round(pair.migrate(name, to=pair.b), 2)
+        done = wait(
+            lambda: len(f := a.cli("status")["migrations"]["finished"]) > 1 and f, 300, "moved"
+        )
+        assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
+        assert conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert name not in {c["client"] for c in a.cli("clients")}
+        shell = GuestShell(pair.b.outside(console), tmp_path / "console-b.log")
+        shell.attach(timeout=120)
+        check_pages(shell, pool)
+        assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
+        print(f"\nlibvirt hook timings: {timings}")
+    finally:
+        if shell is not None:
+            shell.close()
+        for conn in (conn_a, conn_b):
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).destroy()
+            conn.close()
+        a.stop()
+        b.stop()
