@@ -306,24 +306,42 @@ class MigrationService:
     ) -> dict[str, Any]:
         """Connect to the destination and pre-copy, and follow the migration the operator
         starts with ``virsh migrate`` by the domain's events and job (memd.migrate.libvirt);
-        → once the first pass is across, the transfer runs on in the background."""
+        → once the first pass is across, the transfer runs on in the background.
+
+        A guest this agent holds nothing of yet (its memd daemon has not said HELLO) moves
+        as an empty client: registered here as its HELLO would (the client then follows
+        whatever the guest puts before the switch-over), installed on the destination
+        without a boot id (its first HELLO there is a first contact), and unregistered
+        here again if the migration is aborted while still empty."""
         from memd.migrate import libvirt
+
+        registered = False
+        if not self.tmem.has_client(guest) and not self._busy(guest):
+            cap = self.agent.dispatcher.guest_cap_pages
+            await asyncio.to_thread(self.tmem.add_client, guest, cap_pages=cap)
+            registered = True
+
+        async def close() -> None:
+            await domain.close()
+            if registered and self.outgoing.get(guest) is None:
+                await asyncio.to_thread(self._unregister_if_empty, guest)
 
         try:
             transfer = self._source(guest, dest)
         except MemdError:
-            await domain.close()
+            await close()
             raise
         try:
             await transfer.connect()
         except (MemdError, OSError) as err:
             self._forget(transfer)
             await transfer.abort(str(err))
-            await domain.close()
+            await close()
             raise
         log.info(
-            "migration of %s armed: following libvirt's migration of the domain",
+            "migration of %s armed: following libvirt's migration of the domain%s",
             guest,
+            " (it holds nothing yet: an empty client moves)" if registered else "",
             extra={"event": "migrate-armed", "vm": guest},
         )
         return await self._in_background(
@@ -335,8 +353,16 @@ class MigrationService:
                 cancel=self._cancels[guest],
                 arm_seconds=arm_seconds,
             ),
-            domain.close,
+            close,
         )
+
+    def _unregister_if_empty(self, guest: str) -> None:
+        """Worker thread: drop the client :meth:`follow_libvirt` registered for a migration
+        that did not happen, unless the guest has said HELLO (a boot id) or made pools."""
+        if not self.tmem.has_client(guest) or self.tmem.pool_ids(guest):
+            return
+        if "boot_id" not in self.tmem.client_meta(guest):
+            self.tmem.remove_client(guest)
 
     async def _in_background(
         self,

@@ -404,3 +404,85 @@ def test_memd_migrate_cancel_is_refused_once_the_final_delta_is_installed(
             assert holds(dst, want) and clean(src) and clean(dst)
 
     run(main())
+
+
+def _switch_over(domain: ScriptedDomain) -> None:
+    domain.look = JobState("paused", True)
+    domain.emit("suspended", "migrated")
+
+
+def test_a_followed_guest_that_holds_nothing_yet_moves_as_an_empty_client(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A memd guest that has not said HELLO: the destination's hook needs a transfer, so
+    one runs, empty; the guest's first HELLO on the destination is a first contact."""
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            domain = ScriptedDomain()
+            armed = await src.migration.follow_libvirt("vm1", dest_of(dst), domain)
+            assert armed["outcome"] == "armed" and armed["pages"] == 0
+            await until(lambda: "vm1" in dst.migration.incoming)  # what the hook asks
+            _switch_over(domain)
+            await until(lambda: phase_out(src) == "confirmed")
+            domain.look = JobState("gone", False)
+            domain.emit("stopped", "migrated")
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert src.migration.status()["finished"][-1]["phase"] == "done"
+            assert not src.tmem.has_client("vm1")
+            assert dst.tmem.has_client("vm1") and dst.tmem.pool_ids("vm1") == []
+            assert "boot_id" not in dst.tmem.client_meta("vm1")
+            state = dst.agent.guests.get("vm1")
+            assert state is None or state.boot_id is None  # no reboot at its first HELLO
+            assert clean(src) and clean(dst)
+
+    run(main())
+
+
+def test_an_empty_guest_that_says_hello_while_armed_moves_with_what_it_put(
+    tmp_path: Path, pki: Path
+) -> None:
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            domain = ScriptedDomain()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain)
+            domain.look = JobState("running", True)
+            want = populate(src)  # HELLO and puts, while libvirt copies RAM
+            _switch_over(domain)
+            await until(lambda: phase_out(src) == "confirmed")
+            domain.look = JobState("gone", False)
+            domain.emit("stopped", "migrated")
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert holds(dst, want) and not src.tmem.has_client("vm1")
+            # BEGIN carried the settings of before its HELLO (no boot id): its next HELLO
+            # on the destination is no reboot, so it keeps these pools.
+            state = dst.agent.guests.get("vm1")
+            assert state is None or state.boot_id is None
+            assert clean(src) and clean(dst)
+
+    run(main())
+
+
+def test_an_empty_guests_aborted_migration_leaves_no_client_behind(
+    tmp_path: Path, pki: Path
+) -> None:
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            domain = ScriptedDomain()
+            await src.migration.follow_libvirt("vm1", dest_of(dst), domain, arm_seconds=0.2)
+            await until(lambda: "vm1" not in src.migration.outgoing)
+            assert src.migration.status()["finished"][-1]["phase"] == "aborted"
+            await until(lambda: not src.tmem.has_client("vm1"))
+            await until(lambda: dst.tmem.client_names() == [])
+            assert clean(src) and clean(dst)
+
+    run(main())
