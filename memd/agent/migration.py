@@ -6,9 +6,15 @@ them: refusing a guest whose swap disk has pages outside tmem (spilled or lost),
 the installed guest's boot id so its next HELLO is not taken for a reboot, and dropping a
 guest that moved away (its swap disk first, then its client), and holding an arriving
 guest's requests until its transfer installs it (memd.agent.holds: libvirt may resume
-the guest here before memd's final delta is in).  It serves the control
-commands ``migrate`` and ``migrations`` (``@handles``) and gives ``memd status`` and the
-metrics its :meth:`MigrationService.status`.
+the guest here before memd's final delta is in).  It serves the control commands
+``migrate``, ``cancel-migration`` (``memd migrate --cancel``: the transfer gives up as
+if it failed, and a migration memd follows is cancelled with it) and ``migrations``
+(``@handles``) and gives ``memd status`` and the metrics its
+:meth:`MigrationService.status`.  A guest libvirt runs that holds nothing here yet moves
+as an empty client (:meth:`MigrationService.follow_libvirt`).
+
+State: ``outgoing``, ``incoming`` and ``_cancels`` (guest → the event ``--cancel``
+sets, one per outgoing transfer) belong to the loop thread.
 
 Wiring (memd.agent.app, once, at construction): built with the tmem host, the host's
 :class:`~tmem.migration.ChangeFeed` (None without a store: migration then refuses), the
