@@ -186,6 +186,29 @@ def test_a_cancelled_migration_leaves_everything_on_the_source(world: World) -> 
     world.audits_clean()
 
 
+def test_memd_migrate_cancel_stops_memd_and_the_qemu_migration_it_follows(world: World) -> None:
+    """The guest must never run where its pages are not: cancelling memd's transfer while
+    QEMU still migrates cancels QEMU's migration too."""
+    src, _ = world.start()
+    world.fill()
+    src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": 4096})  # crawl
+    world.a.cli("migrate", "vm1", "--to", world.b.address, "--qmp", str(src.memd_qmp))
+    src.qmp.execute("migrate", uri=f"unix:{world.root / 'mig.sock'}")
+    result = world.a.cli("migrate", "vm1", "--cancel")
+    assert result["outcome"] == "aborted" and "cancelled by the operator" in result["error"]
+    wait(lambda: src.migration() == "cancelled", 30, "QEMU's migration cancelled")
+    assert src.status() == "running"
+    assert finished(world.a)["phase"] == "aborted"  # type: ignore[index]
+    wait(
+        lambda: world.b.cli("status")["tmem"]["persistent_pages"] == 0,
+        30,
+        "the destination dropped what it staged",
+    )
+    assert "migrate-cancelled" in world.a.log.read_text(), world.a.tail()
+    world.holds_everything(world.a)
+    world.audits_clean()
+
+
 def test_a_destination_agent_killed_half_way_cancels_and_the_source_keeps_all(world: World) -> None:
     src, _ = world.start()
     world.fill()
