@@ -480,9 +480,16 @@ class MigrationService:
                 op="migrate",
             )
         self._cancels[guest].set()
-        async with asyncio.timeout(30):
-            while self.outgoing.get(guest) is transfer:
-                await asyncio.sleep(0.02)
+        try:
+            async with asyncio.timeout(30):
+                while self.outgoing.get(guest) is transfer:
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise MigrationFailed(
+                f"the transfer of {guest} did not stop within 30 s (it is in "
+                f"{transfer.progress.phase}: the hypervisor's migration decides)",
+                target=guest,
+            ) from None
         return {"outcome": transfer.progress.phase, **transfer.progress.to_dict()}
 
     @handles(Command.MIGRATIONS)

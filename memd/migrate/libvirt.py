@@ -174,8 +174,11 @@ class LibvirtFollow:
 
     def cancelled(self) -> list[Action]:
         """The operator cancelled memd's transfer (``memd migrate VM --cancel``): as a
-        failed transfer, libvirt's migration must not move the guest without its pages."""
-        return self.failed("cancelled by the operator (memd migrate --cancel)")
+        failed transfer, libvirt's migration must not move the guest without its pages.
+        Once libvirt paused the guest for the final delta it is too late: libvirt decides."""
+        if self.phase in (Phase.ARMED, Phase.MIGRATING):
+            return self.failed("cancelled by the operator (memd migrate --cancel)")
+        return []
 
     def confirmed(self) -> list[Action]:
         """The destination installed the final delta (CONFIRM)."""

@@ -81,15 +81,20 @@ async def follow(
     precopy: asyncio.Task[None] | None = asyncio.ensure_future(transfer.precopy(until=switch))
     qemu_paused_at: float | None = None
     event: asyncio.Task[Any] | None = None
-    cancelling = asyncio.ensure_future((cancel or asyncio.Event()).wait())
+    #: Waits for ``--cancel``; None once the switch-over began (too late: QEMU decides).
+    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future(
+        (cancel or asyncio.Event()).wait()
+    )
     try:
         while True:
             event = asyncio.ensure_future(listener.get())
-            waiting: set[asyncio.Future[Any]] = {event, cancelling}
+            waiting: set[asyncio.Future[Any]] = {event}
+            if cancelling is not None:
+                waiting.add(cancelling)
             if precopy is not None and not precopy.done():
                 waiting.add(precopy)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if cancelling.done():
+            if cancelling is not None and cancelling.done():
                 raise MigrationFailed(
                     "cancelled by the operator (memd migrate --cancel)", target=transfer.guest
                 )
@@ -102,6 +107,9 @@ async def follow(
             log.debug("QEMU migration of %s: %s", transfer.guest, status)
             if status == "pre-switchover":
                 qemu_paused_at = time.monotonic()
+                if cancelling is not None:
+                    cancelling.cancel()
+                    cancelling = None
                 switch.set()
                 assert precopy is not None
                 await precopy

@@ -177,3 +177,17 @@ def test_no_order_of_inputs_drops_a_guest_that_did_not_move(
         assert phase(m) is Phase.MOVED
     if Act.ABORT in seen:
         assert phase(m) is Phase.ABORTED and Act.FINISH not in seen
+
+
+def test_a_cancel_stops_libvirt_before_the_pause_and_is_ignored_after_it() -> None:
+    from memd.migrate.libvirt import Act, LibvirtFollow, Phase
+
+    early = LibvirtFollow("vm1")
+    acts = [a.act for a in early.cancelled()]
+    assert acts == [Act.CANCEL_LIBVIRT, Act.ABORT] and early.phase is Phase.ABORTED
+    for events in ([("suspended", "migrated")], [("stopped", "migrated")]):
+        late = LibvirtFollow("vm1")
+        for kind, detail in events:
+            late.event(kind, detail)
+        phase = late.phase
+        assert late.cancelled() == [] and late.phase is phase  # libvirt decides now
