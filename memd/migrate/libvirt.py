@@ -28,8 +28,8 @@ aborted       RESUMED after SUSPENDED/MIGRATED; the ABORT: the destination drops
               the domain stopped some other way
 aborted       memd's transfer failed before         libvirt's migration is cancelled
 (memd)        libvirt switched over                 (``abortJob``), then ABORT
-aborted       ``memd migrate VM --cancel`` before   (the same as memd's transfer failing)
-(operator)    libvirt switched over
+aborted       ``memd migrate VM --cancel`` while    (the same as memd's transfer failing;
+(operator)    armed or migrating                    later, libvirt decides)
 aborted       armed, and no migration job seen      ABORT (libvirt's migration was refused
 (unstarted)   within the arming deadline            or failed before memd could see it)
 ============= ===================================== =========================================
