@@ -14,6 +14,9 @@ memd channel and puts persistent pages, then, in turn:
 3. ``memd migrate --to b`` and ``virsh migrate``: the hook lets it through, the guest
    verifies its pages on ``b``, ``a`` holds nothing of it, both audits are clean.
 
+And a memd guest that never said HELLO (a domain with a memd channel and no OS): `memd
+migrate` moves it as an empty client, so the hook lets libvirt's migration through.
+
 The hook runs as libvirtd's child inside ``b``'s namespaces and finds ``b``'s agent by the
 control socket the installer wrote into it (the same inside path in both hosts, each
 host's own socket).
@@ -186,6 +189,50 @@ def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
     finally:
         if shell is not None:
             shell.close()
+        for conn in (conn_a, conn_b):
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.lookupByName(name).destroy()
+            conn.close()
+        a.stop()
+        b.stop()
+
+
+#: A memd guest whose daemon never says HELLO: a memd channel, no OS (QEMU runs its BIOS).
+SILENT_XML = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory>
+<vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os>
+<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+<channel type='unix'><source mode='bind'/><target type='virtio' name='org.memd.0'/></channel>
+</devices></domain>"""
+
+
+def test_a_memd_guest_that_never_said_hello_passes_the_hook_as_an_empty_client(
+    pair: LibvirtPair, tmp_path: Path
+) -> None:
+    import libvirt
+
+    name = f"memd-lvs-{os.getpid()}"
+    tls = make_pki(tmp_path / "pki", server_addresses=[pair.a.address, pair.b.address])
+    a = HostAgent(pair, pair.a, tls, tmp_path)
+    b = HostAgent(pair, pair.b, tls, tmp_path)
+    conn_a, conn_b = pair.a.connect(), pair.b.connect()
+    try:
+        a.start(name, swap=False)
+        b.start(name, swap=False)
+        conn_a.createXML(SILENT_XML.format(name=name), 0)
+        wait(lambda: any(g["name"] == name for g in a.cli("guests")), 60, "a attached it")
+        assert name not in {c["client"] for c in a.cli("clients")}  # nothing held
+        with pytest.raises(libvirt.libvirtError, match="no memd transfer is arriving"):
+            pair.migrate(name, to=pair.b)
+        armed = a.cli("migrate", name, "--to", b.address)
+        assert armed["outcome"] == "armed" and armed["pages"] == 0, armed
+        pair.migrate(name, to=pair.b)
+        done = wait(lambda: a.cli("status")["migrations"]["finished"], 120, "moved")
+        assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
+        assert conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert name not in {c["client"] for c in a.cli("clients")}
+        assert name in {c["client"] for c in b.cli("clients")}
+        assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
+    finally:
         for conn in (conn_a, conn_b):
             with contextlib.suppress(libvirt.libvirtError):
                 conn.lookupByName(name).destroy()

@@ -91,7 +91,7 @@ class HostAgent:
     def address(self) -> str:
         return f"{self.host.address}:{PORT}"
 
-    def start(self, guest: str) -> None:
+    def start(self, guest: str, *, swap: bool = True) -> None:
         argv = [
             sys.executable,
             "-m",
@@ -111,8 +111,7 @@ class HostAgent:
             str(self.tls),
             "--libvirt",
             "qemu:///system",
-            "--swap",
-            f"{guest}={self.swap}:512M",
+            *(["--swap", f"{guest}={self.swap}:512M"] if swap else []),
             "--log-json",
             "--log-level",
             "debug",
