@@ -514,17 +514,20 @@ CANCELLABLE = frozenset({"connecting", "precopy", "converged"})
 
 
 async def _unless_cancelled(work: Coroutine[Any, Any, None], cancel: asyncio.Event) -> None:
-    """Run *work*; if *cancel* is set first, stop it and raise MigrationFailed."""
+    """Run *work*; if *cancel* is set first, stop it and raise MigrationFailed (the work
+    is stopped too when the caller is cancelled: the agent stopping)."""
     task = asyncio.ensure_future(work)
     stop = asyncio.ensure_future(cancel.wait())
     try:
         await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stop.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
+        stopped = not task.done()
+        if stopped:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    if stopped:
         raise MigrationFailed("cancelled by the operator (memd migrate --cancel)")
     task.result()
 
