@@ -285,9 +285,7 @@ async def follow(
     machine = LibvirtFollow(transfer.guest)
     seconds = ARM_SECONDS if arm_seconds is None else arm_seconds
     deadline: asyncio.Task[None] | None = asyncio.ensure_future(_deadline(transfer, seconds))
-    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future(
-        (cancel or asyncio.Event()).wait()
-    )
+    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future((cancel or asyncio.Event()).wait())
     switch = asyncio.Event()
     work: asyncio.Task[None] = asyncio.ensure_future(transfer.precopy(until=switch))
     work_is_switchover = False

@@ -82,9 +82,7 @@ async def follow(
     qemu_paused_at: float | None = None
     event: asyncio.Task[Any] | None = None
     #: Waits for ``--cancel``; None once the switch-over began (too late: QEMU decides).
-    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future(
-        (cancel or asyncio.Event()).wait()
-    )
+    cancelling: asyncio.Task[Any] | None = asyncio.ensure_future((cancel or asyncio.Event()).wait())
     try:
         while True:
             event = asyncio.ensure_future(listener.get())

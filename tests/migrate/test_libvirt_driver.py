@@ -308,9 +308,7 @@ def test_an_armed_transfer_whose_libvirt_migration_never_starts_gives_up_at_the_
         ):
             want = populate(src)
             domain = ScriptedDomain()  # running, no job: libvirt's migration failed unseen
-            armed = await src.migration.follow_libvirt(
-                "vm1", dest_of(dst), domain, arm_seconds=0.3
-            )
+            armed = await src.migration.follow_libvirt("vm1", dest_of(dst), domain, arm_seconds=0.3)
             assert armed["outcome"] == "armed"
             await until(lambda: "vm1" not in src.migration.outgoing)
             finished = src.migration.status()["finished"][-1]

@@ -131,8 +131,7 @@ def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
         shell.write_file("/tmp/p.py", PERSIST.encode())
         booted = shell
         out = wait(  # the guest's memd daemon may still be starting (then nothing is put)
-            lambda: "POOL=" in (o := booted.run("python3 /tmp/p.py put", timeout=600).stdout)
-            and o,
+            lambda: "POOL=" in (o := booted.run("python3 /tmp/p.py put", timeout=600).stdout) and o,
             120,
             "the guest put its pages",
         )
