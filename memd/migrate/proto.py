@@ -230,34 +230,29 @@ class Decoder:
     the caller closes the connection.  Owned by the one task reading the connection."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._buf = b""
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
-        # Frames are parsed in place (a memoryview of the bytes given, or of the held
-        # partial frame with them appended); only each page's payload and the unparsed
-        # tail are copied.  A migration moves ~100 MB of frames, and copying a frame's
-        # body out first cost as much as the rest of the decoding.
-        if self._buf:
-            self._buf += data
-            source: bytes | bytearray = self._buf
-        else:
-            source = data
+        # Frames are parsed where they lie, in one ``bytes`` (the held partial frame
+        # joined with the bytes given: one copy of the partial frame, which most reads
+        # end with, as a CHUNK frame is ~100 KiB); each payload is one slice of it, and
+        # the unparsed tail one more.  A migration moves ~100 MB of frames: copies and
+        # per-page objects are most of the decoding.
+        source = self._buf + data if self._buf else bytes(data)
         out: list[Message] = []
         pos = 0
         end = len(source)
-        with memoryview(source) as view:
-            while end - pos >= _HEADER.size:
-                length, kind = _HEADER.unpack_from(view, pos)
-                if not 1 <= length <= self._max:
-                    raise FrameError(f"migration frame length {length} out of range")
-                if end - pos < 4 + length:
-                    break
-                out.append(_decode(kind, view[pos + _HEADER.size : pos + 4 + length]))
-                pos += 4 + length
-            tail = view[pos:].tobytes() if pos < end else b""
-        # The views are released: the held buffer may be resized again.
-        self._buf = bytearray(tail)
+        unpack_header, header = _HEADER.unpack_from, _HEADER.size
+        while end - pos >= header:
+            length, kind = unpack_header(source, pos)
+            if not 1 <= length <= self._max:
+                raise FrameError(f"migration frame length {length} out of range")
+            if end - pos < 4 + length:
+                break
+            out.append(_decode(kind, source, pos + header, pos + 4 + length))
+            pos += 4 + length
+        self._buf = source[pos:] if pos < end else b""
         return out
 
     @property
@@ -266,11 +261,12 @@ class Decoder:
         return len(self._buf)
 
 
-def _decode(kind: int, body: memoryview) -> Message:
+def _decode(kind: int, source: bytes, start: int, end: int) -> Message:
+    """The message of the frame body ``source[start:end]``."""
     if kind == Kind.CHUNK:
-        return _decode_chunk(body)
+        return _decode_chunk(source, start, end)
     try:
-        obj = json.loads(body.tobytes())
+        obj = json.loads(source[start:end])
         if not isinstance(obj, dict):
             raise TypeError("not an object")
         return _from_json(kind, obj)
@@ -332,28 +328,28 @@ def _str(value: object) -> str:
     return value
 
 
-def _decode_chunk(body: memoryview) -> Chunk:
-    if len(body) < _CHUNK.size:
+def _decode_chunk(source: bytes, start: int, end: int) -> Chunk:
+    if end - start < _CHUNK.size:
         raise FrameError("short CHUNK frame")
-    pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(body)
+    pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(source, start)
     if pool >= MAX_POOLS or count > CHUNK_PAGES:
         raise FrameError(f"CHUNK pool {pool} or page count {count} out of range")
-    pos = _CHUNK.size
+    pos = start + _CHUNK.size
     pages: list[ChunkPage] = []
+    append = pages.append
     last = -1
     base = chunk * CHUNK_PAGES
-    size = len(body)
     unpack, header = _PAGE.unpack_from, _PAGE.size
     for _ in range(count):
-        if size - pos < header:
+        if end - pos < header:
             raise FrameError("CHUNK frame ends inside a page header")
-        offset, h, length = unpack(body, pos)
+        offset, h, length = unpack(source, pos)
         pos += header
-        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
+        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or end - pos < length:
             raise FrameError("CHUNK page index out of order, or payload length bad")
         last = offset
-        pages.append((base + offset, h, body[pos : pos + length].tobytes()))
+        append((base + offset, h, source[pos : pos + length]))
         pos += length
-    if pos != len(body):
+    if pos != end:
         raise FrameError("CHUNK frame has trailing bytes")
     return Chunk(pool, generation, (o0, o1, o2), chunk, tuple(pages))

@@ -58,6 +58,11 @@ from tmem.migration import (
 
 log = logging.getLogger("memd.migrate")
 
+#: Bytes a sender may have written but not yet sent before ``drain`` waits (asyncio's
+#: default is 64 KiB, a twentieth of one batch of chunks): the source reads and frames
+#: its next batch while the previous one is still going out, instead of waiting for
+#: the destination to take nearly all of it first.
+WRITE_BUFFER = 8 << 20
 #: Chunks read (and installed) per worker-thread call: up to 4096 pages, a few MiB.
 CHUNKS_PER_BATCH = 64
 #: Pre-copy ends when a round finds at most this many changed chunks, or after
@@ -80,6 +85,7 @@ class Link:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
         self.reader, self.writer, self.peer = reader, writer, peer
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         self._decoder = proto.Decoder()
         self._ready: list[proto.Message] = []
         self.bytes_sent = 0
