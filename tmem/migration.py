@@ -364,11 +364,12 @@ class Importer:
 
         Chunks the staged client holds nothing of (every chunk of the first pass) are
         installed whole, many at a time (:func:`tmem.put.install_chunks`); the others
-        page by page against what is held.  Chunks are applied in the order given."""
+        (and a chunk given twice) page by page against what is held.  The outcome is
+        that of applying the chunks one by one, in the order given."""
         with self.host._writing() as state:
             client = state.client(self.staged, "migrate")
             pages = state.pages
-            fresh: dict[int, list[WholeChunk]] = {}  # pool gid → chunks not held here
+            fresh: list[tuple[int, list[WholeChunk]]] = []  # runs of one pool's new chunks
             waiting: set[tuple[int, Oid, int]] = set()
             for ch in chunks:
                 gid = client.pools[ch.pool]
@@ -381,19 +382,20 @@ class Importer:
                 objno = pool.objects.get(ch.oid)
                 radix = None if objno is None else pages.radix[objno]
                 if key not in waiting and (radix is None or ch.chunk not in radix):
-                    fresh.setdefault(gid, []).append((ch.oid, ch.chunk, ch.pages))
+                    if not fresh or fresh[-1][0] != gid:
+                        fresh.append((gid, []))
+                    fresh[-1][1].append((ch.oid, ch.chunk, ch.pages))
                     waiting.add(key)
                     continue
-                if key in waiting:  # the same chunk again: the earlier copy goes first
-                    self._install_fresh(state, client, fresh)
-                    fresh, waiting = {}, set()
+                self._install_fresh(state, client, fresh)  # in order: those before go first
+                fresh, waiting = [], set()
                 self._replace_chunk(state, client, pool, ch)
             self._install_fresh(state, client, fresh)
 
     def _install_fresh(
-        self, state: HostState, client: Client, fresh: dict[int, list[WholeChunk]]
+        self, state: HostState, client: Client, fresh: list[tuple[int, list[WholeChunk]]]
     ) -> None:
-        for gid, whole in fresh.items():
+        for gid, whole in fresh:
             pool = state.pools[gid]
             if install_chunks(state, client, pool, whole):
                 continue
