@@ -58,11 +58,6 @@ from tmem.migration import (
 
 log = logging.getLogger("memd.migrate")
 
-#: Bytes a sender may have written but not yet sent before ``drain`` waits (asyncio's
-#: default is 64 KiB, a twentieth of one batch of chunks): the source reads and frames
-#: its next batch while the previous one is still going out, instead of waiting for
-#: the destination to take nearly all of it first.
-WRITE_BUFFER = 8 << 20
 #: Chunks read (and installed) per worker-thread call: up to 4096 pages, a few MiB.
 CHUNKS_PER_BATCH = 64
 #: Pre-copy ends when a round finds at most this many changed chunks, or after
@@ -85,7 +80,6 @@ class Link:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
     ) -> None:
         self.reader, self.writer, self.peer = reader, writer, peer
-        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER)
         self._decoder = proto.Decoder()
         self._ready: list[proto.Message] = []
         self.bytes_sent = 0
@@ -98,19 +92,6 @@ class Link:
         self.bytes_sent += len(data)
         self.writer.write(data)
         await self.writer.drain()
-
-    async def flush(self) -> None:
-        """Wait until everything written is encrypted and handed to the socket's
-        transport (which holds at most asyncio's 64 KiB), not only down to the write
-        buffer's high-water mark as :meth:`send_frames` does."""
-        transport = self.writer.transport
-        if not transport.get_write_buffer_size():
-            return  # (high=0 would pause an empty buffer, and nothing would resume it)
-        transport.set_write_buffer_limits(high=1, low=0)
-        try:
-            await self.writer.drain()
-        finally:
-            transport.set_write_buffer_limits(high=WRITE_BUFFER)
 
     async def recv_some(self, timeout: float = PEER_TIMEOUT) -> list[proto.Message]:
         """Every message that has arrived (at least one); MigrationFailed at EOF."""
@@ -271,14 +252,11 @@ class SourceTransfer:
             self._inbox = await self._link.recv_some(timeout=24 * 3600.0)
         return self._inbox.pop(0)
 
-    async def _send(self, msgs: Sequence[proto.Message], *, flush: bool = False) -> None:
-        """Send (*flush*: and wait until all of it is out of our buffer, Link.flush);
-        when the destination hung up, say why if it told us (its ABORT)."""
+    async def _send(self, msgs: Sequence[proto.Message]) -> None:
+        """Send; when the destination hung up, say why if it told us (its ABORT)."""
         assert self._link is not None
         try:
             await self._link.send(msgs)
-            if flush:
-                await self._link.flush()
         except (OSError, ssl.SSLError) as err:
             with contextlib.suppress(MigrationFailed, TimeoutError):
                 async with asyncio.timeout(2):
@@ -328,10 +306,6 @@ class SourceTransfer:
         keys, self._pending = self._pending, []
         t0 = time.monotonic()
         await self._send_round(keys)
-        # The rate's basis ends once the last byte is out of our buffer (with asyncio's
-        # default buffer it ended with up to 512 KiB still in it): TCP back-pressure
-        # from the destination's install keeps it end to end.
-        await self._send([], flush=True)
         self.progress.first_round_s = round(time.monotonic() - t0, 4)
         self.progress.first_round_pages = self.progress.pages_sent
         self.first_pass.set()
