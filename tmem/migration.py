@@ -252,13 +252,14 @@ class Exporter:
                 objno = state.pools[gid].objects.get(oid)
                 radix = None if objno is None else pages.radix[objno]
                 chunk = None if radix is None else radix.get(chunk_no)
-                held = sorted(
+                # A chunk's slots are in index order (slot i holds index chunk * 64 + i).
+                held = [
                     (index_of[slot], blob_of[slot])
                     for slot in (chunk if chunk is not None else ())
                     if slot >= 0
-                )
+                ]
                 for _, blob in held:
-                    if external(blob):
+                    if blob and blob not in logged and external(blob):
                         logged[blob] = b""
                 found.append((local, gid, oid, chunk_no, held))
             if logged:
