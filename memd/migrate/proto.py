@@ -230,30 +230,51 @@ class Decoder:
     the caller closes the connection.  Owned by the one task reading the connection."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # the start of a frame whose end has not arrived
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
-        # Frames are parsed where they lie, in one ``bytes`` (the held partial frame
-        # joined with the bytes given: one copy of the partial frame, which most reads
-        # end with, as a CHUNK frame is ~100 KiB); each payload is one slice of it, and
-        # the unparsed tail one more.  A migration moves ~100 MB of frames: copies and
-        # per-page objects are most of the decoding.
-        source = self._buf + data if self._buf else bytes(data)
+        # Frames are parsed where they lie: a held partial frame (most reads end inside
+        # one, as a CHUNK frame is ~100 KiB) takes only the bytes it lacks and is then
+        # parsed on its own; the rest is parsed in the bytes given.  Each payload is one
+        # slice (one copy); the unparsed tail is kept for the next read.  A migration
+        # moves ~100 MB of frames: copies and per-page objects are most of the decoding.
+        source = data if type(data) is bytes else bytes(data)
         out: list[Message] = []
         pos = 0
+        held = self._buf
+        if held:
+            if len(held) < _HEADER.size:
+                pos = _HEADER.size - len(held)
+                held += memoryview(source)[:pos]
+                if len(held) < _HEADER.size:
+                    return out
+            length = self._length(held, 0)
+            take = 4 + length - len(held)
+            held += memoryview(source)[pos : pos + take]
+            pos += take
+            if len(held) < 4 + length:
+                return out
+            frame = bytes(held)
+            held.clear()
+            out.append(_decode(frame[4], frame, _HEADER.size, len(frame)))
         end = len(source)
-        unpack_header, header = _HEADER.unpack_from, _HEADER.size
-        while end - pos >= header:
-            length, kind = unpack_header(source, pos)
-            if not 1 <= length <= self._max:
-                raise FrameError(f"migration frame length {length} out of range")
+        while end - pos >= _HEADER.size:
+            length = self._length(source, pos)
             if end - pos < 4 + length:
                 break
-            out.append(_decode(kind, source, pos + header, pos + 4 + length))
+            out.append(_decode(source[pos + 4], source, pos + _HEADER.size, pos + 4 + length))
             pos += 4 + length
-        self._buf = source[pos:] if pos < end else b""
+        if pos < end:
+            held += memoryview(source)[pos:]
         return out
+
+    def _length(self, buf: bytes | bytearray, pos: int) -> int:
+        """The length field of the frame at *pos* (checked: FrameError)."""
+        length: int = _HEADER.unpack_from(buf, pos)[0]
+        if not 1 <= length <= self._max:
+            raise FrameError(f"migration frame length {length} out of range")
+        return length
 
     @property
     def pending(self) -> int:

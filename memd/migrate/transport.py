@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -281,7 +282,7 @@ class SourceTransfer:
             await self._send([_chunk_message(c) for c in chunks])
             for c in chunks:
                 self.progress.pages_sent += len(c.pages)
-                self.progress.bytes_sent += sum(len(p) for _, _, p in c.pages)
+                self.progress.bytes_sent += _payload_bytes(c.pages)
             self.progress.chunks_remaining = max(0, len(keys) - start - CHUNKS_PER_BATCH)
         self.progress.rounds += 1
 
@@ -379,6 +380,13 @@ class SourceTransfer:
         if self._link is not None:
             link, self._link = self._link, None
             await link.close()
+
+
+def _payload_bytes(pages: Sequence[proto.ChunkPage]) -> int:
+    return sum(map(len, map(_PAYLOAD, pages)))  # C loops: ~100k pages a second pass here
+
+
+_PAYLOAD = operator.itemgetter(2)
 
 
 def _pools_message(table: list[PoolInfo]) -> proto.Pools:
@@ -482,7 +490,7 @@ class IncomingTransfer:
                         ChunkPages(msg.pool, msg.generation, msg.oid, msg.chunk, msg.pages)
                     )
                     self.progress.pages_sent += len(msg.pages)
-                    self.progress.bytes_sent += sum(len(p) for _, _, p in msg.pages)
+                    self.progress.bytes_sent += _payload_bytes(msg.pages)
                     continue
                 if chunks:
                     importer.apply_chunks(chunks)  # on the loop: see the module docstring
