@@ -61,8 +61,10 @@ from tmem.migration import (
 
 log = logging.getLogger("memd.migrate")
 
-#: Chunks read (and installed) per worker-thread call: up to 4096 pages, a few MiB.
-CHUNKS_PER_BATCH = 64
+#: Chunks the source reads and frames per worker-thread call: up to 1024 pages, ~1.6 MiB
+#: of frames.  Small enough that the first bytes leave soon and the read-ahead keeps
+#: pace; measured against 64 (alternating runs, median of 8): 0.90 vs 0.82 GB/s.
+CHUNKS_PER_BATCH = 16
 #: Pre-copy ends when a round finds at most this many changed chunks, or after
 #: MAX_ROUNDS rounds: the rest goes in the final delta.
 CONVERGED_CHUNKS = 64
