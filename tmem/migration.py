@@ -405,6 +405,7 @@ class Importer:
 
     def _replace_chunk(self, state: HostState, client: Client, pool: Pool, ch: ChunkPages) -> None:
         store, pages = state.store, state.pages
+        _check_in_chunk(ch.chunk, ch.pages)  # before anything held is dropped
         incoming = {index: (h, payload) for index, h, payload in ch.pages}
         objno = pool.objects.get(ch.oid)
         radix = None if objno is None else pages.radix[objno]
@@ -436,9 +437,7 @@ class Importer:
         oid: Oid,
         chunk_pages: Sequence[tuple[int, int, bytes]],
     ) -> None:
-        base = chunk_no << RADIX_BITS
-        if any(not base <= index < base + RADIX_FANOUT for index, _, _ in chunk_pages):
-            raise InvalidArgument("a page outside its chunk", op="migrate")
+        _check_in_chunk(chunk_no, chunk_pages)
         items: list[PutItem] = [(oid, index, (h, payload, -1)) for index, h, payload in chunk_pages]
         if not items:
             return
@@ -511,6 +510,12 @@ class Importer:
             staged = state.clients.get(self.staged)
             if staged is not None:
                 state.remove_client(staged)
+
+
+def _check_in_chunk(chunk_no: int, chunk_pages: Sequence[tuple[int, int, bytes]]) -> None:
+    base = chunk_no << RADIX_BITS
+    if any(not base <= index < base + RADIX_FANOUT for index, _, _ in chunk_pages):
+        raise InvalidArgument("a page outside its chunk", op="migrate")
 
 
 def drop_leftovers(host: TmemHost) -> list[str]:

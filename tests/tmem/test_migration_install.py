@@ -154,3 +154,13 @@ def test_intern_payloads_equals_intern_one_by_one(
         assert a.refs(blob) == b.refs(blob) and a.payload(blob) == b.payload(blob)
         assert a.blob_hash(blob) == b.blob_hash(blob)
     assert a.dedup_members() == b.dedup_members()
+
+
+def test_a_held_chunk_with_a_page_outside_it_is_refused_before_anything_changes() -> None:
+    host, imp, _ = destination()
+    imp.apply_chunks([chunk(0, 0, 1, [(2, 2, 1), (7, 2, 2)])])
+    before = staged(host, imp)
+    bad = ChunkPages(0, 11, OIDS[0], 1, ((64 + 2, *encoded(text_page(5))), (3, 0, b"")))
+    with pytest.raises(InvalidArgument, match="outside its chunk"):
+        imp.apply_chunks([bad])
+    assert staged(host, imp) == before and host.audit() == []
