@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from memd.errors import InvalidArgument, NoSpace, TmemError
 from tmem.durable import ClientRecord, PoolRecord
 from tmem.pages import RADIX_BITS, RADIX_FANOUT
-from tmem.put import PutItem, put_many
+from tmem.put import PutItem, WholeChunk, install_chunks, put_many
 from tmem.types import Oid
 
 if TYPE_CHECKING:
@@ -252,13 +252,14 @@ class Exporter:
                 objno = state.pools[gid].objects.get(oid)
                 radix = None if objno is None else pages.radix[objno]
                 chunk = None if radix is None else radix.get(chunk_no)
-                held = sorted(
+                # A chunk's slots are in index order (slot i holds index chunk * 64 + i).
+                held = [
                     (index_of[slot], blob_of[slot])
                     for slot in (chunk if chunk is not None else ())
                     if slot >= 0
-                )
+                ]
                 for _, blob in held:
-                    if external(blob):
+                    if blob and blob not in logged and external(blob):
                         logged[blob] = b""
                 found.append((local, gid, oid, chunk_no, held))
             if logged:
@@ -360,10 +361,17 @@ class Importer:
 
     def apply_chunks(self, chunks: Sequence[ChunkPages]) -> None:
         """Replace each chunk's pages with the ones given.  Raises NoSpace (budget) —
-        the transfer then aborts."""
+        the transfer then aborts.
+
+        Chunks the staged client holds nothing of (every chunk of the first pass) are
+        installed whole, many at a time (:func:`tmem.put.install_chunks`); the others
+        (and a chunk given twice) page by page against what is held.  The outcome is
+        that of applying the chunks one by one, in the order given."""
         with self.host._writing() as state:
             client = state.client(self.staged, "migrate")
-            store, pages = state.store, state.pages
+            pages = state.pages
+            fresh: list[tuple[int, list[WholeChunk]]] = []  # runs of one pool's new chunks
+            waiting: set[tuple[int, Oid, int]] = set()
             for ch in chunks:
                 gid = client.pools[ch.pool]
                 if gid is None or self._generation.get(ch.pool) != ch.generation:
@@ -371,35 +379,75 @@ class Importer:
                 pool = state.pools[gid]
                 if not pool.persistent:
                     continue
-                base = ch.chunk << RADIX_BITS
-                incoming = {index: (h, payload) for index, h, payload in ch.pages}
-                if any(not base <= i < base + RADIX_FANOUT for i in incoming):
-                    raise InvalidArgument("a page outside its chunk", op="migrate")
+                key = (gid, ch.oid, ch.chunk)
                 objno = pool.objects.get(ch.oid)
                 radix = None if objno is None else pages.radix[objno]
-                held = None if radix is None else radix.get(ch.chunk)
-                for slot in list(held) if held is not None else []:
-                    if slot < 0:
-                        continue
-                    index = pages.index[slot]
-                    new = incoming.get(index)
-                    if new is None:
-                        state.drop_slot(pool, slot)
-                    elif store.payload(pages.blob[slot]) == new[1]:
-                        del incoming[index]  # unchanged: lz4 is deterministic
-                items: list[PutItem] = [
-                    (ch.oid, index, (h, payload, -1))
-                    for index, (h, payload) in sorted(incoming.items())
-                ]
-                if items:
-                    errors = put_many(state, client, pool, items)
-                    failed = next((e for e in errors if e is not None), None)
-                    if failed is not None:
-                        raise NoSpace(
-                            f"this agent cannot take {self.name}'s pages: {failed}",
-                            op="migrate",
-                            client=self.name,
-                        )
+                if key not in waiting and (radix is None or ch.chunk not in radix):
+                    if not fresh or fresh[-1][0] != gid:
+                        fresh.append((gid, []))
+                    fresh[-1][1].append((ch.oid, ch.chunk, ch.pages))
+                    waiting.add(key)
+                    continue
+                self._install_fresh(state, client, fresh)  # in order: those before go first
+                fresh, waiting = [], set()
+                self._replace_chunk(state, client, pool, ch)
+            self._install_fresh(state, client, fresh)
+
+    def _install_fresh(
+        self, state: HostState, client: Client, fresh: list[tuple[int, list[WholeChunk]]]
+    ) -> None:
+        for gid, whole in fresh:
+            pool = state.pools[gid]
+            if install_chunks(state, client, pool, whole):
+                continue
+            for oid, chunk_no, chunk_pages in whole:  # not sure to fit: page by page
+                self._put(state, client, pool, chunk_no, oid, chunk_pages)
+
+    def _replace_chunk(self, state: HostState, client: Client, pool: Pool, ch: ChunkPages) -> None:
+        store, pages = state.store, state.pages
+        _check_in_chunk(ch.chunk, ch.pages)  # before anything held is dropped
+        incoming = {index: (h, payload) for index, h, payload in ch.pages}
+        objno = pool.objects.get(ch.oid)
+        radix = None if objno is None else pages.radix[objno]
+        held = None if radix is None else radix.get(ch.chunk)
+        for slot in list(held) if held is not None else []:
+            if slot < 0:
+                continue
+            index = pages.index[slot]
+            new = incoming.get(index)
+            if new is None:
+                state.drop_slot(pool, slot)
+            elif store.payload(pages.blob[slot]) == new[1]:
+                del incoming[index]  # unchanged: lz4 is deterministic
+        self._put(
+            state,
+            client,
+            pool,
+            ch.chunk,
+            ch.oid,
+            [(index, h, payload) for index, (h, payload) in sorted(incoming.items())],
+        )
+
+    def _put(
+        self,
+        state: HostState,
+        client: Client,
+        pool: Pool,
+        chunk_no: int,
+        oid: Oid,
+        chunk_pages: Sequence[tuple[int, int, bytes]],
+    ) -> None:
+        _check_in_chunk(chunk_no, chunk_pages)
+        items: list[PutItem] = [(oid, index, (h, payload, -1)) for index, h, payload in chunk_pages]
+        if not items:
+            return
+        failed = next((e for e in put_many(state, client, pool, items) if e is not None), None)
+        if failed is not None:
+            raise NoSpace(
+                f"this agent cannot take {self.name}'s pages: {failed}",
+                op="migrate",
+                client=self.name,
+            )
 
     def staged_pages(self) -> int:
         with self.host._lock:
@@ -462,6 +510,12 @@ class Importer:
             staged = state.clients.get(self.staged)
             if staged is not None:
                 state.remove_client(staged)
+
+
+def _check_in_chunk(chunk_no: int, chunk_pages: Sequence[tuple[int, int, bytes]]) -> None:
+    base = chunk_no << RADIX_BITS
+    if any(not base <= index < base + RADIX_FANOUT for index, _, _ in chunk_pages):
+        raise InvalidArgument("a page outside its chunk", op="migrate")
 
 
 def drop_leftovers(host: TmemHost) -> list[str]:

@@ -20,11 +20,12 @@ Functions of a :class:`~tmem.state.HostState`; the caller holds ``TmemHost._lock
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from memd.errors import ClientFrozen, NoSpace, TmemError
 from tmem.budget import MAX_LOGGED_PUT_COST, MAX_PUT_COST, evict_one, trim_for, used_bytes
-from tmem.pages import RADIX_BITS, LruList
+from tmem.pages import RADIX_BITS, RADIX_FANOUT, LruList
 from tmem.store import EncodedPage
 from tmem.types import Oid
 
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
 
 #: One page to store: its handle and its encoding (hash, lz4 payload, pinned blob).
 PutItem = tuple[Oid, int, EncodedPage]
+#: A whole radix chunk to install: object, chunk number, and its pages as (index, hash,
+#: stored payload) in strictly increasing index order (a migration's CHUNK).
+WholeChunk = tuple[Oid, int, Sequence[tuple[int, int, bytes]]]
 
 
 def unpin(state: HostState, encoded: list[EncodedPage]) -> None:
@@ -165,6 +169,71 @@ def _put_batch_fast(
     ops.good_puts += n
     ops.dup_puts += dups
     return [None] * n
+
+
+def install_chunks(
+    state: HostState, client: Client, pool: Pool, chunks: Sequence[WholeChunk]
+) -> bool:
+    """Store whole radix chunks a persistent *pool* holds nothing of yet, in one pass:
+    no per-page lookup of a page to replace, one page-table insert for all, one dirty
+    mark per chunk.  All or nothing: → False, with nothing done, unless every page is
+    sure to fit (budget headroom at worst-case cost, no cap in the way, not frozen) and
+    every chunk is absent, distinct and well formed; the caller then uses
+    :func:`put_many`, whose outcome this one equals."""
+    owner = state.clients[pool.owner]
+    total = sum(len(pages) for _, _, pages in chunks)
+    if (
+        not pool.persistent
+        or client.frozen
+        or (owner.cap_pages is not None and owner.pages + total > owner.cap_pages)
+    ):
+        return False
+    cost = MAX_LOGGED_PUT_COST if state.log is not None else MAX_PUT_COST
+    if state.budget - used_bytes(state) < total * cost:
+        return False
+    pages, objects = state.pages, pool.objects
+    radix_of = pages.radix
+    seen: set[tuple[Oid, int]] = set()
+    for oid, chunk_no, chunk_pages in chunks:
+        objno = objects.get(oid)
+        radix = None if objno is None else radix_of[objno]
+        if (radix is not None and chunk_no in radix) or (oid, chunk_no) in seen:
+            return False
+        seen.add((oid, chunk_no))
+        base = chunk_no << RADIX_BITS
+        last = base - 1
+        for index, _, _ in chunk_pages:
+            if not last < index < base + RADIX_FANOUT:
+                return False
+            last = index
+    objnos: list[int] = []
+    indexes: list[int] = []
+    hashes: list[int] = []
+    payloads: list[bytes] = []
+    for oid, _, chunk_pages in chunks:
+        if not chunk_pages:
+            continue
+        objno = objects.get(oid)
+        if objno is None:
+            objno = objects[oid] = pages.new_object(pool.gid, oid)
+        objnos += [objno] * len(chunk_pages)
+        indexes += [index for index, _, _ in chunk_pages]
+        hashes += [h for _, h, _ in chunk_pages]
+        payloads += [payload for _, _, payload in chunk_pages]
+    store = state.store
+    blobs = store.intern_payloads(hashes, payloads, state.scope(client, pool))
+    pages.add_many(objnos, indexes, blobs, None)
+    journal = state.journal
+    if journal.tracking:
+        gid = pool.gid
+        journal.dirty.update([(gid, oid, chunk_no) for oid, chunk_no, p in chunks if p])
+    pool.pages += total
+    pool.bytes_stored += sum(map(len, payloads))  # a blob's length is its payload's
+    owner.persistent_pages += total
+    ops = pool.ops
+    ops.puts += total
+    ops.good_puts += total
+    return True
 
 
 def _put_error(

@@ -255,6 +255,71 @@ class PageStore:
             pinned if pinned >= 0 else intern(h, payload, scope) for h, payload, pinned in encoded
         ]
 
+    def intern_payloads(self, hashes: list[int], payloads: list[bytes], scope: int) -> list[int]:
+        """:meth:`intern` of each (hash, payload), one reference each: the same blobs
+        and table, with the loop's lookups hoisted (a migration installs ~250k pages a
+        second through here)."""
+        out: list[int] = []
+        append = out.append
+        table = self._dedup
+        stored_hash, scopes, length, refs = self._hash, self._scope, self._length, self._refs
+        external = bool(scope & EXTERNAL_SCOPE)
+        if external:
+            assert self.log is not None, "an external blob needs a persistent log"
+        put_blob = self.log.put_blob if self.log is not None else None
+        free_ids, data, insert, loc = self._free_ids, self._data, table.insert, self._loc
+        zeros = added = added_bytes = hits = 0
+        try:
+            for h, payload in zip(hashes, payloads, strict=True):
+                n = len(payload)
+                if not n:
+                    zeros += 1
+                    append(ZERO_BLOB)
+                    continue
+                slots, mask = table.slots, table.mask  # insert may have grown the table
+                i = (h ^ scope) & mask
+                blob = slots[i]
+                while blob >= 0:
+                    if (
+                        stored_hash[blob] == h
+                        and scopes[blob] == scope
+                        and length[blob] == n
+                        and data(blob) == payload
+                    ):
+                        break
+                    i = (i + 1) & mask
+                    blob = slots[i]
+                if blob >= 0:
+                    refs[blob] += 1
+                    hits += 1
+                    append(blob)
+                    continue
+                if not free_ids:
+                    top = len(refs)
+                    for arr in (loc, length, refs, stored_hash, scopes):
+                        _grown(arr, top + 1)
+                    free_ids.extend(range(len(refs) - 1, top - 1, -1))
+                blob = free_ids.pop()
+                if external:
+                    put_blob(blob, h, scope, payload)  # type: ignore[misc]
+                    loc[blob] = EXTERNAL_LOC
+                else:
+                    loc[blob] = self.arena.store(payload)
+                length[blob] = n
+                refs[blob] = 1
+                stored_hash[blob] = h
+                scopes[blob] = scope
+                insert(h ^ scope, blob)
+                added += 1
+                added_bytes += n
+                append(blob)
+        finally:  # the counters kept in locals, as far as the loop got
+            refs[ZERO_BLOB] += zeros
+            self.live_blobs += added
+            self.data_bytes += added_bytes
+            self.dedup_hits += hits
+        return out
+
     def release(self, blob: int) -> None:
         """Drop one reference; free the blob when it was the last."""
         refs = self._refs[blob] - 1

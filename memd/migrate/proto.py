@@ -230,35 +230,51 @@ class Decoder:
     the caller closes the connection.  Owned by the one task reading the connection."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a frame whose end has not arrived
         self._max = max_frame
 
     def feed(self, data: bytes) -> list[Message]:
-        # Frames are parsed in place (a memoryview of the bytes given, or of the held
-        # partial frame with them appended); only each page's payload and the unparsed
-        # tail are copied.  A migration moves ~100 MB of frames, and copying a frame's
-        # body out first cost as much as the rest of the decoding.
-        if self._buf:
-            self._buf += data
-            source: bytes | bytearray = self._buf
-        else:
-            source = data
+        # Frames are parsed where they lie: a held partial frame (most reads end inside
+        # one, as a CHUNK frame is ~100 KiB) takes only the bytes it lacks and is then
+        # parsed on its own; the rest is parsed in the bytes given.  Each payload is one
+        # slice (one copy); the unparsed tail is kept for the next read.  A migration
+        # moves ~100 MB of frames: copies and per-page objects are most of the decoding.
+        source = data if type(data) is bytes else bytes(data)
         out: list[Message] = []
         pos = 0
+        held = self._buf
+        if held:
+            if len(held) < _HEADER.size:
+                pos = _HEADER.size - len(held)
+                held += memoryview(source)[:pos]
+                if len(held) < _HEADER.size:
+                    return out
+            length = self._length(held, 0)
+            take = 4 + length - len(held)
+            held += memoryview(source)[pos : pos + take]
+            pos += take
+            if len(held) < 4 + length:
+                return out
+            frame = bytes(held)
+            held.clear()
+            out.append(_decode(frame[4], frame, _HEADER.size, len(frame)))
         end = len(source)
-        with memoryview(source) as view:
-            while end - pos >= _HEADER.size:
-                length, kind = _HEADER.unpack_from(view, pos)
-                if not 1 <= length <= self._max:
-                    raise FrameError(f"migration frame length {length} out of range")
-                if end - pos < 4 + length:
-                    break
-                out.append(_decode(kind, view[pos + _HEADER.size : pos + 4 + length]))
-                pos += 4 + length
-            tail = view[pos:].tobytes() if pos < end else b""
-        # The views are released: the held buffer may be resized again.
-        self._buf = bytearray(tail)
+        while end - pos >= _HEADER.size:
+            length = self._length(source, pos)
+            if end - pos < 4 + length:
+                break
+            out.append(_decode(source[pos + 4], source, pos + _HEADER.size, pos + 4 + length))
+            pos += 4 + length
+        if pos < end:
+            held += memoryview(source)[pos:]
         return out
+
+    def _length(self, buf: bytes | bytearray, pos: int) -> int:
+        """The length field of the frame at *pos* (checked: FrameError)."""
+        length: int = _HEADER.unpack_from(buf, pos)[0]
+        if not 1 <= length <= self._max:
+            raise FrameError(f"migration frame length {length} out of range")
+        return length
 
     @property
     def pending(self) -> int:
@@ -266,11 +282,12 @@ class Decoder:
         return len(self._buf)
 
 
-def _decode(kind: int, body: memoryview) -> Message:
+def _decode(kind: int, source: bytes, start: int, end: int) -> Message:
+    """The message of the frame body ``source[start:end]``."""
     if kind == Kind.CHUNK:
-        return _decode_chunk(body)
+        return _decode_chunk(source, start, end)
     try:
-        obj = json.loads(body.tobytes())
+        obj = json.loads(source[start:end])
         if not isinstance(obj, dict):
             raise TypeError("not an object")
         return _from_json(kind, obj)
@@ -332,28 +349,28 @@ def _str(value: object) -> str:
     return value
 
 
-def _decode_chunk(body: memoryview) -> Chunk:
-    if len(body) < _CHUNK.size:
+def _decode_chunk(source: bytes, start: int, end: int) -> Chunk:
+    if end - start < _CHUNK.size:
         raise FrameError("short CHUNK frame")
-    pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(body)
+    pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(source, start)
     if pool >= MAX_POOLS or count > CHUNK_PAGES:
         raise FrameError(f"CHUNK pool {pool} or page count {count} out of range")
-    pos = _CHUNK.size
+    pos = start + _CHUNK.size
     pages: list[ChunkPage] = []
+    append = pages.append
     last = -1
     base = chunk * CHUNK_PAGES
-    size = len(body)
     unpack, header = _PAGE.unpack_from, _PAGE.size
     for _ in range(count):
-        if size - pos < header:
+        if end - pos < header:
             raise FrameError("CHUNK frame ends inside a page header")
-        offset, h, length = unpack(body, pos)
+        offset, h, length = unpack(source, pos)
         pos += header
-        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or size - pos < length:
+        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or end - pos < length:
             raise FrameError("CHUNK page index out of order, or payload length bad")
         last = offset
-        pages.append((base + offset, h, body[pos : pos + length].tobytes()))
+        append((base + offset, h, source[pos : pos + length]))
         pos += length
-    if pos != len(body):
+    if pos != end:
         raise FrameError("CHUNK frame has trailing bytes")
     return Chunk(pool, generation, (o0, o1, o2), chunk, tuple(pages))
