@@ -298,9 +298,7 @@ class SourceTransfer:
                 await self._send_frames(framed.data)
                 self.progress.pages_sent += framed.pages
                 self.progress.bytes_sent += framed.payload_bytes
-                self.progress.chunks_remaining = max(
-                    0, len(keys) - (i + 1) * CHUNKS_PER_BATCH
-                )
+                self.progress.chunks_remaining = max(0, len(keys) - (i + 1) * CHUNKS_PER_BATCH)
         finally:
             if ahead is not None:  # failed or cancelled: the read ahead is not wanted
                 ahead.cancel()
