@@ -249,6 +249,9 @@ class GuestDaemon:
             os.umask(old)
         os.chmod(self.path, self.mode)
         sock.listen(16)
+        # close() does not wake a blocked accept: the accept loop polls the stop flag.  Set
+        # here, not in that thread, which could find the socket already closed by close().
+        sock.settimeout(0.5)
         self._listener = sock
 
     def start(self) -> None:
@@ -320,7 +323,6 @@ class GuestDaemon:
     def _accept_loop(self) -> None:
         listener = self._listener
         assert listener is not None
-        listener.settimeout(0.5)  # close() does not wake a blocked accept: poll the stop flag
         while not self._stop.is_set():
             try:
                 conn, _ = listener.accept()
