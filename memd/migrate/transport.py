@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,6 +98,7 @@ class Link(asyncio.BufferedProtocol):
         self.peer = peer
         self._connected = connected  # told once the TLS handshake is done (an accepted link)
         self.bytes_sent = 0
+        self.bytes_received = 0
         self.transport: asyncio.Transport | None = None
         self._decoder = proto.Decoder()
         self._inbound = memoryview(bytearray(READ_BUFFER))
@@ -137,6 +137,7 @@ class Link(asyncio.BufferedProtocol):
         if msgs:
             self._ready += msgs
         self._ready_bytes += nbytes
+        self.bytes_received += nbytes
         if self._ready_bytes > READ_AHEAD and not self._paused_reading:
             assert self.transport is not None
             self._paused_reading = True
@@ -252,7 +253,7 @@ class Progress:
     phase: str = "connecting"
     started: float = field(default_factory=time.monotonic)
     pages_sent: int = 0  # pages shipped (out) or received (in), resent ones included
-    bytes_sent: int = 0  # their payload bytes
+    bytes_sent: int = 0  # the CHUNK frames' bytes: a duplicate's payload crosses once
     chunks_remaining: int = 0
     rounds: int = 0
     switchover_ms: float | None = None
@@ -310,6 +311,9 @@ class SourceTransfer:
         self._ssl = ssl_context
         self.progress = Progress(guest, "out", dest)
         self._link: Link | None = None
+        #: Frames the chunks (kept payloads, references): one batch at a time, in a
+        #: worker thread, in the order they are sent.
+        self._encoder = proto.Encoder()
         self._pending: list[ChunkKey] = []
         self._settings: ClientSettings | None = None
         self._pages_committed = 0
@@ -410,7 +414,7 @@ class SourceTransfer:
                     ahead = asyncio.ensure_future(asyncio.to_thread(self._frame, batches[i + 1]))
                 await self._send_frames(framed.data)
                 self.progress.pages_sent += framed.pages
-                self.progress.bytes_sent += framed.payload_bytes
+                self.progress.bytes_sent += framed.frame_bytes
                 self.progress.chunks_remaining = max(0, len(keys) - (i + 1) * CHUNKS_PER_BATCH)
         finally:
             if ahead is not None:  # failed or cancelled: the read ahead is not wanted
@@ -422,11 +426,8 @@ class SourceTransfer:
     def _frame(self, keys: list[ChunkKey]) -> _Framed:
         """Read chunks and frame them (a worker thread: takes the host lock to read)."""
         chunks = self.exporter.read(keys)
-        return _Framed(
-            proto.encode_many([_chunk_message(c) for c in chunks]),
-            sum(len(c.pages) for c in chunks),
-            sum(_payload_bytes(c.pages) for c in chunks),
-        )
+        data = self._encoder.encode_many([_chunk_message(c) for c in chunks])
+        return _Framed(data, sum(len(c.pages) for c in chunks), len(data))
 
     async def _check_peer(self) -> None:
         """Raise on an ABORT the destination sent while we were sending (it ran out of
@@ -526,18 +527,11 @@ class SourceTransfer:
 
 @dataclass(frozen=True, slots=True)
 class _Framed:
-    """A batch of chunks ready to send: its frames, pages and payload bytes."""
+    """A batch of chunks ready to send: its frames, pages and their bytes."""
 
     data: bytes
     pages: int
-    payload_bytes: int
-
-
-def _payload_bytes(pages: Sequence[proto.ChunkPage]) -> int:
-    return sum(map(len, map(_PAYLOAD, pages)))  # C loops: ~100k pages a second pass here
-
-
-_PAYLOAD = operator.itemgetter(2)
+    frame_bytes: int
 
 
 def _pools_message(table: list[PoolInfo]) -> proto.Pools:
@@ -547,7 +541,7 @@ def _pools_message(table: list[PoolInfo]) -> proto.Pools:
 
 
 def _chunk_message(c: ChunkPages) -> proto.Chunk:
-    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk, c.pages)
+    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk, c.pages, c.shared)
 
 
 # --- destination -----------------------------------------------------------------------------
@@ -633,6 +627,7 @@ class IncomingTransfer:
         while True:
             msgs = backlog or await link.recv_some()
             backlog = []
+            self.progress.bytes_sent = link.bytes_received
             chunks: list[ChunkPages] = []
             for msg in msgs:
                 if isinstance(msg, proto.Chunk):
@@ -640,7 +635,6 @@ class IncomingTransfer:
                         ChunkPages(msg.pool, msg.generation, msg.oid, msg.chunk, msg.pages)
                     )
                     self.progress.pages_sent += len(msg.pages)
-                    self.progress.bytes_sent += _payload_bytes(msg.pages)
                     continue
                 if chunks:
                     importer.apply_chunks(chunks)  # on the loop: see the module docstring
