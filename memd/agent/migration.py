@@ -48,7 +48,8 @@ from memd.agent.server import Agent
 from memd.agent.swap_disks import SwapDisks
 from memd.errors import InvalidArgument, MemdError, MigrationFailed
 from memd.migrate import tls
-from memd.migrate.transport import IncomingTransfer, Link, Progress, SourceTransfer
+from memd.migrate.link import Link
+from memd.migrate.transport import IncomingTransfer, Progress, SourceTransfer
 from tmem.host import TmemHost
 from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
 
