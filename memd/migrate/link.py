@@ -159,9 +159,7 @@ class Link(asyncio.BufferedProtocol):
                 raise MigrationFailed(f"{self.peer} closed the connection", target=self.peer)
             if isinstance(lost, FrameError):
                 raise lost
-            raise MigrationFailed(
-                f"the connection to {self.peer} failed: {lost}", target=self.peer
-            )
+            raise MigrationFailed(f"the connection to {self.peer} failed: {lost}", target=self.peer)
         out, self._ready, self._ready_bytes = self._ready, [], 0
         if self._paused_reading and self.transport is not None:
             self._paused_reading = False
