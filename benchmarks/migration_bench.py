@@ -20,8 +20,9 @@ Keys (``--json``):
   from the guest's stop to its start on the destination and so includes memd's part;
 * ``pages``, ``precopy_rounds``, ``total_s`` (arm to done), each agent's CPU time over it
   (``source_agent_cpu_s``, ``destination_agent_cpu_s``: every thread, /proc, 10 ms ticks;
-  the `memd migrate` and `memd status` calls it answers included), and a check that the
-  destination returns every page.
+  the `memd migrate` and `memd status` calls it answers included), ``wire_bytes_per_page``
+  (the CHUNK frames' bytes per page sent, headers included: a duplicate's payload
+  crosses once), and a check that the destination returns every page.
 """
 
 from __future__ import annotations
@@ -242,7 +243,7 @@ def run(mib: int) -> dict[str, Any]:
             "total_s": round(total, 2),
             "source_agent_cpu_s": round(cpu[0], 2),
             "destination_agent_cpu_s": round(cpu[1], 2),
-            "wire_bytes_per_page": round(result["bytes"] / max(result["pages"], 1), 1),
+            "wire_bytes_per_page": round(result["wire_bytes"] / max(result["pages"], 1), 1),
             "destination_pages_verified": ok,
             "source_persistent_pages_after": a.cli("status")["tmem"]["persistent_pages"],
         }
