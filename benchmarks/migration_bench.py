@@ -18,8 +18,11 @@ Keys (``--json``):
   COMMIT, the destination's install, CONFIRM);
 * ``qemu_downtime_ms`` — QEMU's own figure (``query-migrate`` ``downtime``), which counts
   from the guest's stop to its start on the destination and so includes memd's part;
-* ``pages``, ``precopy_rounds``, ``total_s`` (arm to done), and a check that the destination
-  returns every page.
+* ``pages``, ``precopy_rounds``, ``total_s`` (arm to done), each agent's CPU time over it
+  (``source_agent_cpu_s``, ``destination_agent_cpu_s``: every thread, /proc, 10 ms ticks;
+  the `memd migrate` and `memd status` calls it answers included), ``wire_bytes_per_page``
+  (the CHUNK frames' bytes per page sent, headers included: a duplicate's payload
+  crosses once), and a check that the destination returns every page.
 """
 
 from __future__ import annotations
@@ -117,6 +120,11 @@ class Agent:
         )
         return json.loads(out.stdout)
 
+    def cpu_s(self) -> float:
+        """The agent process's CPU time so far (every thread, user + system)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
@@ -199,6 +207,7 @@ def run(mib: int) -> dict[str, Any]:
                 g.put_batch(
                     pool, [(1, i, pages[i]) for i in range(start, min(npages, start + 128))]
                 )
+        cpu0 = a.cpu_s(), b.cpu_s()
         t0 = time.monotonic()
         a.cli("migrate", "vm1", "--to", b.address, "--qmp", str(src.memd_qmp))
         src.qmp.execute("migrate", {"uri": f"unix:{mig}"})
@@ -212,6 +221,7 @@ def run(mib: int) -> dict[str, Any]:
                 raise SystemExit("the migration did not finish in 10 minutes")
             time.sleep(0.05)
         total = time.monotonic() - t0
+        cpu = a.cpu_s() - cpu0[0], b.cpu_s() - cpu0[1]
         while src.qmp.execute("query-migrate").get("status") != "completed":
             if result["phase"] != "done" or time.monotonic() > deadline:
                 raise SystemExit(f"migration failed: {result}")
@@ -231,7 +241,9 @@ def run(mib: int) -> dict[str, Any]:
             "qemu_downtime_ms": downtime,
             "precopy_rounds": result["rounds"],
             "total_s": round(total, 2),
-            "wire_bytes_per_page": round(result["bytes"] / max(result["pages"], 1), 1),
+            "source_agent_cpu_s": round(cpu[0], 2),
+            "destination_agent_cpu_s": round(cpu[1], 2),
+            "wire_bytes_per_page": round(result["wire_bytes"] / max(result["pages"], 1), 1),
             "destination_pages_verified": ok,
             "source_persistent_pages_after": a.cli("status")["tmem"]["persistent_pages"],
         }

@@ -120,6 +120,9 @@ class ChunkPages:
     oid: Oid
     chunk: int
     pages: tuple[tuple[int, int, bytes], ...]  # (index, xxh3-64, stored payload)
+    #: Indexes whose blob other pages share too (the source's dedup): the transfer
+    #: sends such a payload once and refers to it after (memd.migrate.proto).
+    shared: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -265,7 +268,7 @@ class Exporter:
             if logged:
                 assert store.log is not None  # external blobs live in the log
                 logged = dict(zip(logged, store.log.payloads(list(logged)), strict=True))
-            payload, blob_hash = store.payload, store.blob_hash
+            payload, blob_hash, refs = store.payload, store.blob_hash, store.refs
             return [
                 ChunkPages(
                     local,
@@ -280,6 +283,7 @@ class Exporter:
                         )
                         for index, blob in held
                     ),
+                    frozenset(index for index, blob in held if blob and refs(blob) > 1),
                 )
                 for local, gid, oid, chunk_no, held in found
             ]

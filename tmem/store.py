@@ -35,7 +35,10 @@ Blob id 0 is the shared zero page: it owns no slab memory and is never freed.
 External blobs: a blob whose scope has :data:`tmem.durable.EXTERNAL_SCOPE` set (a
 persistent pool's page on a host with a persistent log) keeps its payload only in that
 log: ``loc`` is ``EXTERNAL_LOC`` and the payload is read back through the log.  Its
-metadata (length, refs, hash, scope) stays here, like any blob's.
+metadata (length, refs, hash, scope) stays here, like any blob's.  A duplicate is still
+compared byte for byte against it, but not read back from the log each time: the payloads
+of the last :data:`COMPARED_PAYLOADS` external blobs compared are kept (``_compared``;
+a blob's payload never changes while it lives, and a freed blob's entry goes with it).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ ZERO_BLOB = 0
 #: ``loc`` of a blob whose payload lives in the persistent log.
 EXTERNAL_LOC = -1
 ZERO_PAGE = bytes(PAGE_SIZE)
+#: External blobs' payloads kept for dedup compares (at most 4 MiB): the same few shared
+#: pages recur (a migration's 13k duplicates of 64 pages read the log 64 times, not 13k).
+COMPARED_PAYLOADS = 1024
 RAW_LIMIT = PAGE_SIZE - PAGE_SIZE // 8
 #: Bytes of metadata per live blob: the five arrays above plus two dedup-table slots.
 BLOB_META_BYTES = 8 + 2 + 4 + 8 + 4 + 8
@@ -134,6 +140,8 @@ class PageStore:
         self._hash = array("Q", [0])
         self._scope = array("I", [0])
         self._free_ids = array("i")
+        #: external blob → its payload, for dedup compares (see the module docstring).
+        self._compared: dict[int, bytes] = {}
         self._dedup = IdTable(self._key_hash_of, hash_many=self._key_hashes_of)
         self.live_blobs = 0  # excluding the zero blob
         self.data_bytes = 0  # exact payload bytes of live blobs
@@ -169,7 +177,7 @@ class PageStore:
                 hashes[blob] == h
                 and scopes[blob] == scope
                 and length[blob] == n
-                and self._data(blob) == payload
+                and self._compare_data(blob) == payload
             ):
                 return blob
             i = (i + 1) & mask
@@ -196,7 +204,7 @@ class PageStore:
                     if stored_hash[blob] == h and scopes[blob] == scope:
                         n = length[blob]
                         where = loc[blob]
-                        data = view(where, n) if where >= 0 else self._data(blob)
+                        data = view(where, n) if where >= 0 else self._compare_data(blob)
                         same = same_page(
                             bytes(data)
                             if n == PAGE_SIZE
@@ -267,7 +275,7 @@ class PageStore:
         if external:
             assert self.log is not None, "an external blob needs a persistent log"
         put_blob = self.log.put_blob if self.log is not None else None
-        free_ids, data, insert, loc = self._free_ids, self._data, table.insert, self._loc
+        free_ids, data, insert, loc = self._free_ids, self._compare_data, table.insert, self._loc
         zeros = added = added_bytes = hits = 0
         try:
             for h, payload in zip(hashes, payloads, strict=True):
@@ -333,6 +341,7 @@ class PageStore:
         else:
             assert self.log is not None
             self.log.drop_blob(blob)
+            self._compared.pop(blob, None)
         self.data_bytes -= self._length[blob]
         self.live_blobs -= 1
         self._free_ids.append(blob)
@@ -349,6 +358,21 @@ class PageStore:
         assert self.log is not None
         return self.log.payload(blob)
 
+    def _compare_data(self, blob: int) -> bytes:
+        """The payload of *blob* to compare a candidate duplicate with: an external
+        blob's is read from the log once and kept (``_compared``)."""
+        loc = self._loc[blob]
+        if loc >= 0:
+            return bytes(self.arena.view(loc, self._length[blob]))
+        known = self._compared.get(blob)
+        if known is None:
+            assert self.log is not None
+            known = self.log.payload(blob)
+            if len(self._compared) >= COMPARED_PAYLOADS:
+                self._compared.clear()
+            self._compared[blob] = known
+        return known
+
     def is_external(self, blob: int) -> bool:
         return blob != ZERO_BLOB and self._loc[blob] < 0
 
@@ -359,6 +383,7 @@ class PageStore:
         ids, with recomputed refcounts (*refs*, indexed by blob id; entry 0 is the zero
         page's).  Into an empty store only; ids not restored become free ids."""
         assert self.live_blobs == 0, "restore into an empty store"
+        self._compared.clear()
         ids = blobs["blob"].astype(np.int64)
         top = max(int(ids.max(initial=0)) + 1, len(refs))
         for arr in (self._loc, self._length, self._refs, self._hash, self._scope):

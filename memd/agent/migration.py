@@ -48,7 +48,8 @@ from memd.agent.server import Agent
 from memd.agent.swap_disks import SwapDisks
 from memd.errors import InvalidArgument, MemdError, MigrationFailed
 from memd.migrate import tls
-from memd.migrate.transport import IncomingTransfer, Link, Progress, SourceTransfer
+from memd.migrate.link import Link
+from memd.migrate.transport import IncomingTransfer, Progress, SourceTransfer
 from tmem.host import TmemHost
 from tmem.migration import ChangeFeed, ClientSettings, drop_leftovers
 
@@ -113,8 +114,13 @@ class MigrationService:
         except ValueError as err:
             raise InvalidArgument(f"--migrate-listen: {err}", op="migrate") from None
         context = tls.server_context(self.tls_dir)
-        self._server = await asyncio.start_server(
-            self._accept, host, port, ssl=context, ssl_handshake_timeout=10
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: Link(connected=self._accepted),
+            host,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=10,
         )
         bound = self._server.sockets[0].getsockname()
         self.listening = (str(bound[0]), int(bound[1]))
@@ -126,24 +132,18 @@ class MigrationService:
         )
         return self.listening
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        who = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+    def _accepted(self, link: Link) -> None:
+        """A source connected (TLS handshake done): its session runs in a task."""
         session = IncomingTransfer(
             self.tmem,
-            Link(reader, writer, who),
+            link,
             busy=self._arriving,
             installed=self._installed,
             revoked=self._revoked,
         )
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            await self._track_incoming(session)
-        finally:
-            if task is not None:
-                self._tasks.discard(task)
+        task = asyncio.ensure_future(self._track_incoming(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _track_incoming(self, session: IncomingTransfer) -> None:
         run = asyncio.ensure_future(session.run())

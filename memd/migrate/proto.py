@@ -29,8 +29,21 @@ A CHUNK replaces the destination's copy of that chunk entirely, so sending a chu
 
 CHUNK body: ``u8`` local pool id, ``u32`` pool generation, ``3 × u64`` object id, ``u32``
 chunk number, ``u8`` page count; then per page ``u8`` index within the chunk (strictly
-increasing), ``u64`` hash, ``u16`` payload length (0: the zero page; at most 4096), the
-payload.
+increasing), ``u64`` hash, ``u16`` length field, and:
+
+- length ≤ 4096: that many payload bytes (0: the zero page);
+- ``KEEP`` (0x8000) + length: the payload, which the receiver also keeps as this
+  stream's next *kept payload* (numbered 0, 1, … in stream order, at most
+  :data:`MAX_KEPT`): the sender expects more pages with the same bytes;
+- ``REF`` (0xFFFF): a ``u32`` kept-payload number instead of the bytes — the page's
+  payload is that earlier payload of this same stream.
+
+A reference can only name bytes this connection carried, so what it means never depends
+on what the guest did since (a later flush, a resent chunk, the final delta): the
+receiver resolves it to those bytes and stores them like any received payload (the
+store's dedup still compares bytes).  The sender (:class:`Encoder`) keeps payloads the
+source holds for more than one page and refers to them when the same bytes come again:
+a guest's duplicates cross the wire once per transfer.
 """
 
 from __future__ import annotations
@@ -46,17 +59,24 @@ from memd.errors import FrameError
 from memd.vocab import PAGE_SIZE, Oid
 
 #: Bumped on any incompatible change; BEGIN carries it and the destination refuses others.
-VERSION = 1
+VERSION = 2
 #: Indexes per CHUNK: tmem's radix chunk (tmem.durable.CHUNK_PAGES), fixed by the format.
 CHUNK_PAGES = 64
 #: The largest frame either side accepts: a full chunk of raw pages fits with room.
 MAX_FRAME = 1 << 20
 #: Local pool ids a client has (tmem.types.MAX_POOLS_PER_CLIENT).
 MAX_POOLS = 16
+#: Payloads one stream may keep for references (the receiver holds them until the
+#: connection ends: 64 MiB at worst).
+MAX_KEPT = 16384
+#: Length-field marks of a CHUNK page (see the module docstring).
+KEEP = 0x8000
+REF = 0xFFFF
 
 _HEADER = struct.Struct(">IB")
 _CHUNK = struct.Struct(">BIQQQIB")
 _PAGE = struct.Struct(">BQH")
+_REF = struct.Struct(">BQHI")
 _U64 = (1 << 64) - 1
 
 
@@ -114,6 +134,9 @@ class Chunk:
     oid: Oid
     chunk: int
     pages: tuple[ChunkPage, ...] = field(default=())
+    #: Indexes whose payload the source holds for other pages too: a hint to
+    #: :class:`Encoder` (keep it for references); not on the wire as such.
+    shared: frozenset[int] = field(default=frozenset(), compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +171,36 @@ def encode(msg: Message) -> bytes:
 
 
 def encode_many(msgs: Sequence[Message]) -> bytes:
-    """The frames of *msgs*, back to back, built with one copy of the payloads (one
-    ``bytes.join`` over every header and payload).  Raises ValueError as :func:`encode`."""
+    """The frames of *msgs*, back to back, every payload in full (no kept payloads, no
+    references: these frames can go anywhere in a stream).  Raises ValueError as
+    :func:`encode`."""
+    return _encode(msgs, None)
+
+
+class Encoder:
+    """One stream's sender side of kept payloads: :meth:`encode_many` keeps the payloads
+    a CHUNK marks as shared and sends a reference when the same bytes come again.  Its
+    frames must go out in the order encoded, all of them (the receiver numbers kept
+    payloads as they arrive).  Owned by whoever frames the stream (one at a time)."""
+
+    def __init__(self) -> None:
+        #: hash → (kept number, payload): one payload per hash (a colliding other
+        #: payload is simply sent in full).
+        self._kept: dict[int, tuple[int, bytes]] = {}
+
+    def encode_many(self, msgs: Sequence[Message]) -> bytes:
+        return _encode(msgs, self._kept)
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
+
+def _encode(msgs: Sequence[Message], kept: dict[int, tuple[int, bytes]] | None) -> bytes:
     parts: list[bytes] = []
     for msg in msgs:
         if isinstance(msg, Chunk):
-            _chunk_parts(msg, parts)
+            _chunk_parts(msg, parts, kept)
             continue
         kind, obj = _json_of(msg)
         body = json.dumps(obj, separators=(",", ":")).encode()
@@ -193,8 +240,11 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
     raise TypeError(f"not a migration message: {msg!r}")
 
 
-def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
-    """Append a CHUNK frame's pieces (header, chunk head, per page its head and payload)."""
+def _chunk_parts(
+    msg: Chunk, parts: list[bytes], kept: dict[int, tuple[int, bytes]] | None
+) -> None:
+    """Append a CHUNK frame's pieces (header, chunk head, per page its head and payload
+    or reference); with *kept*, keep and refer to payloads (see :class:`Encoder`)."""
     if not 0 <= msg.pool < MAX_POOLS or len(msg.pages) > CHUNK_PAGES:
         raise ValueError("chunk pool id or page count out of range")
     header_at = len(parts)
@@ -203,7 +253,8 @@ def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
     size = _CHUNK.size + len(msg.pages) * _PAGE.size
     base = msg.chunk * CHUNK_PAGES
     last = -1
-    pack = _PAGE.pack
+    pack, pack_ref = _PAGE.pack, _REF.pack
+    shared = msg.shared if kept is not None else frozenset()
     for index, h, payload in msg.pages:
         pos = index - base
         n = len(payload)
@@ -213,8 +264,21 @@ def _chunk_parts(msg: Chunk, parts: list[bytes]) -> None:
                 "in this order, or its payload is too long"
             )
         last = pos
+        h &= _U64
+        if kept is not None and n > _REF.size - _PAGE.size:  # a reference is shorter
+            hit = kept.get(h)
+            if hit is not None and hit[1] == payload:
+                parts.append(pack_ref(pos, h, REF, hit[0]))
+                size += _REF.size - _PAGE.size
+                continue
+            if hit is None and index in shared and len(kept) < MAX_KEPT:
+                kept[h] = (len(kept), payload)
+                parts.append(pack(pos, h, KEEP | n))
+                parts.append(payload)
+                size += n
+                continue
         size += n
-        parts.append(pack(pos, h & _U64, n))
+        parts.append(pack(pos, h, n))
         parts.append(payload)
     if size + 1 > MAX_FRAME:  # never: a full chunk of raw pages fits
         raise ValueError(f"a CHUNK frame of {size} bytes is over the limit")
@@ -232,6 +296,7 @@ class Decoder:
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self._buf = bytearray()  # the start of a frame whose end has not arrived
         self._max = max_frame
+        self._kept: list[bytes] = []  # this stream's kept payloads, by number
 
     def feed(self, data: bytes) -> list[Message]:
         # Frames are parsed where they lie: a held partial frame (most reads end inside
@@ -257,13 +322,15 @@ class Decoder:
                 return out
             frame = bytes(held)
             held.clear()
-            out.append(_decode(frame[4], frame, _HEADER.size, len(frame)))
+            out.append(_decode(frame[4], frame, _HEADER.size, len(frame), self._kept))
         end = len(source)
         while end - pos >= _HEADER.size:
             length = self._length(source, pos)
             if end - pos < 4 + length:
                 break
-            out.append(_decode(source[pos + 4], source, pos + _HEADER.size, pos + 4 + length))
+            out.append(
+                _decode(source[pos + 4], source, pos + _HEADER.size, pos + 4 + length, self._kept)
+            )
             pos += 4 + length
         if pos < end:
             held += memoryview(source)[pos:]
@@ -282,10 +349,10 @@ class Decoder:
         return len(self._buf)
 
 
-def _decode(kind: int, source: bytes, start: int, end: int) -> Message:
+def _decode(kind: int, source: bytes, start: int, end: int, kept: list[bytes]) -> Message:
     """The message of the frame body ``source[start:end]``."""
     if kind == Kind.CHUNK:
-        return _decode_chunk(source, start, end)
+        return _decode_chunk(source, start, end, kept)
     try:
         obj = json.loads(source[start:end])
         if not isinstance(obj, dict):
@@ -349,7 +416,7 @@ def _str(value: object) -> str:
     return value
 
 
-def _decode_chunk(source: bytes, start: int, end: int) -> Chunk:
+def _decode_chunk(source: bytes, start: int, end: int, kept: list[bytes]) -> Chunk:
     if end - start < _CHUNK.size:
         raise FrameError("short CHUNK frame")
     pool, generation, o0, o1, o2, chunk, count = _CHUNK.unpack_from(source, start)
@@ -366,9 +433,29 @@ def _decode_chunk(source: bytes, start: int, end: int) -> Chunk:
             raise FrameError("CHUNK frame ends inside a page header")
         offset, h, length = unpack(source, pos)
         pos += header
-        if not last < offset < CHUNK_PAGES or length > PAGE_SIZE or end - pos < length:
-            raise FrameError("CHUNK page index out of order, or payload length bad")
+        if not last < offset < CHUNK_PAGES:
+            raise FrameError("CHUNK page index out of order")
         last = offset
+        if length > PAGE_SIZE:
+            if length == REF:
+                if end - pos < 4:
+                    raise FrameError("CHUNK frame ends inside a reference")
+                number = int.from_bytes(source[pos : pos + 4], "big")
+                pos += 4
+                if number >= len(kept):
+                    raise FrameError(f"CHUNK page refers to kept payload {number}, not sent")
+                append((base + offset, h, kept[number]))
+                continue
+            length ^= KEEP
+            if not 0 < length <= PAGE_SIZE or end - pos < length or len(kept) >= MAX_KEPT:
+                raise FrameError("CHUNK page payload length bad, or too many kept payloads")
+            payload = source[pos : pos + length]
+            kept.append(payload)
+            append((base + offset, h, payload))
+            pos += length
+            continue
+        if end - pos < length:
+            raise FrameError("CHUNK page payload length bad")
         append((base + offset, h, source[pos : pos + length]))
         pos += length
     if pos != end:

@@ -1,8 +1,8 @@
 """Moving one guest's tmem between two agents: mutual TLS, the two sessions, progress.
 
-Owns the connection between a source agent and a destination agent and the order of
-the transfer; the bytes are :mod:`memd.migrate.proto`'s, the pages
-:mod:`tmem.migration`'s.  All of it runs on the agent's event loop thread; the tmem work
+Owns the order of a transfer between a source agent and a destination agent; the
+connection is :mod:`memd.migrate.link`'s, the bytes :mod:`memd.migrate.proto`'s, the
+pages :mod:`tmem.migration`'s.  All of it runs on the agent's event loop thread; the tmem work
 (reading chunks, staging and installing the guest, which take the TmemHost lock and
 write the store) runs in worker threads (``asyncio.to_thread``), one at a time per
 session (the source reads and frames its next batch of chunks there while the loop
@@ -46,6 +46,7 @@ from typing import Any
 
 from memd.errors import MemdError, MigrationFailed, TmemError
 from memd.migrate import proto
+from memd.migrate.link import PEER_TIMEOUT, Link
 from memd.migrate.tls import parse_address
 from tmem.host import TmemHost
 from tmem.migration import (
@@ -71,60 +72,6 @@ CONVERGED_CHUNKS = 64
 MAX_ROUNDS = 10
 #: While waiting for QEMU's switch-over, changes are sent this often.
 TRICKLE_SECONDS = 0.2
-#: A peer that says nothing for this long during a transfer is gone.
-PEER_TIMEOUT = 60.0
-
-
-# --- framed connection ---------------------------------------------------------------------
-
-
-class Link:
-    """One TLS connection carrying migration frames (owned by one session's task)."""
-
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> None:
-        self.reader, self.writer, self.peer = reader, writer, peer
-        self._decoder = proto.Decoder()
-        self._ready: list[proto.Message] = []
-        self.bytes_sent = 0
-
-    async def send(self, msgs: Sequence[proto.Message]) -> None:
-        await self.send_frames(proto.encode_many(msgs))
-
-    async def send_frames(self, data: bytes) -> None:
-        """Send encoded frames: one write, so TLS cuts them into full-size records."""
-        self.bytes_sent += len(data)
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def recv_some(self, timeout: float = PEER_TIMEOUT) -> list[proto.Message]:
-        """Every message that has arrived (at least one); MigrationFailed at EOF."""
-        while not self._ready:
-            try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that races with the read completing.
-                async with asyncio.timeout(timeout):
-                    data = await self.reader.read(1 << 20)
-            except (OSError, ssl.SSLError) as err:
-                raise MigrationFailed(
-                    f"the connection to {self.peer} failed: {err}", target=self.peer
-                ) from None
-            except TimeoutError:
-                raise MigrationFailed(
-                    f"{self.peer} said nothing for {timeout:g} s", target=self.peer
-                ) from None
-            if not data:
-                raise MigrationFailed(f"{self.peer} closed the connection", target=self.peer)
-            self._ready += self._decoder.feed(data)
-        out, self._ready = self._ready, []
-        return out
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(2):
-                await self.writer.wait_closed()
 
 
 # --- progress --------------------------------------------------------------------------------
@@ -140,7 +87,9 @@ class Progress:
     phase: str = "connecting"
     started: float = field(default_factory=time.monotonic)
     pages_sent: int = 0  # pages shipped (out) or received (in), resent ones included
-    bytes_sent: int = 0  # their payload bytes
+    bytes_sent: int = 0  # their payload bytes (a duplicate's whole payload each time)
+    #: The CHUNK frames' bytes on the connection: a duplicate's payload crosses once.
+    wire_bytes: int = 0
     chunks_remaining: int = 0
     rounds: int = 0
     switchover_ms: float | None = None
@@ -160,6 +109,7 @@ class Progress:
             "phase": self.phase,
             "pages": self.pages_sent,
             "bytes": self.bytes_sent,
+            "wire_bytes": self.wire_bytes,
             "chunks_remaining": self.chunks_remaining,
             "rounds": self.rounds,
             "pages_per_s": round(self.pages_sent / elapsed, 1),
@@ -198,6 +148,9 @@ class SourceTransfer:
         self._ssl = ssl_context
         self.progress = Progress(guest, "out", dest)
         self._link: Link | None = None
+        #: Frames the chunks (kept payloads, references): one batch at a time, in a
+        #: worker thread, in the order they are sent.
+        self._encoder = proto.Encoder()
         self._pending: list[ChunkKey] = []
         self._settings: ClientSettings | None = None
         self._pages_committed = 0
@@ -209,10 +162,11 @@ class SourceTransfer:
 
     async def connect(self) -> None:
         host, port = parse_address(self.dest)
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(PEER_TIMEOUT):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self._ssl, server_hostname=host
+                _, link = await loop.create_connection(
+                    lambda: Link(self.dest), host, port, ssl=self._ssl, server_hostname=host
                 )
         except ssl.SSLError as err:
             raise MigrationFailed(
@@ -222,7 +176,7 @@ class SourceTransfer:
             raise MigrationFailed(
                 f"cannot connect to the memd agent at {self.dest}: {err}", target=self.dest
             ) from None
-        self._link = Link(reader, writer, self.dest)
+        self._link = link
         settings, self._pending = await asyncio.to_thread(self.exporter.start)
         self._settings = settings
         await self._link.send([proto.Begin(self.guest, settings.to_json())])
@@ -298,6 +252,7 @@ class SourceTransfer:
                 await self._send_frames(framed.data)
                 self.progress.pages_sent += framed.pages
                 self.progress.bytes_sent += framed.payload_bytes
+                self.progress.wire_bytes += len(framed.data)
                 self.progress.chunks_remaining = max(0, len(keys) - (i + 1) * CHUNKS_PER_BATCH)
         finally:
             if ahead is not None:  # failed or cancelled: the read ahead is not wanted
@@ -309,8 +264,9 @@ class SourceTransfer:
     def _frame(self, keys: list[ChunkKey]) -> _Framed:
         """Read chunks and frame them (a worker thread: takes the host lock to read)."""
         chunks = self.exporter.read(keys)
+        data = self._encoder.encode_many([_chunk_message(c) for c in chunks])
         return _Framed(
-            proto.encode_many([_chunk_message(c) for c in chunks]),
+            data,
             sum(len(c.pages) for c in chunks),
             sum(_payload_bytes(c.pages) for c in chunks),
         )
@@ -434,7 +390,7 @@ def _pools_message(table: list[PoolInfo]) -> proto.Pools:
 
 
 def _chunk_message(c: ChunkPages) -> proto.Chunk:
-    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk, c.pages)
+    return proto.Chunk(c.pool, c.generation, c.oid, c.chunk, c.pages, c.shared)
 
 
 # --- destination -----------------------------------------------------------------------------
@@ -482,8 +438,7 @@ class IncomingTransfer:
                     # closing with unread bytes would reset the connection, and the
                     # source could lose the ABORT that says why.
                     async with asyncio.timeout(3):
-                        while await self.link.reader.read(1 << 20):
-                            pass
+                        await self.link.discard_until_eof()
             log.warning(
                 "incoming migration from %s failed: %s",
                 self.link.peer,
@@ -521,6 +476,7 @@ class IncomingTransfer:
         while True:
             msgs = backlog or await link.recv_some()
             backlog = []
+            self.progress.wire_bytes = link.bytes_received
             chunks: list[ChunkPages] = []
             for msg in msgs:
                 if isinstance(msg, proto.Chunk):

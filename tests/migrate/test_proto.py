@@ -166,3 +166,92 @@ def test_json_frames_with_wrong_shapes_are_frame_errors() -> None:
     )
     with pytest.raises(FrameError):
         Decoder().feed((len(body) + 1).to_bytes(4, "big") + b"\x03" + body)
+
+
+# --- kept payloads and references (the stateful Encoder) -----------------------------------
+
+#: A few payloads, so that a stream of chunks repeats them.
+_COMMON = [bytes([n]) * (100 + n) for n in range(4)] + [bytes(4096)]
+
+
+@st.composite
+def chunks_with_duplicates(draw: st.DrawFn) -> Chunk:
+    chunk = draw(st.integers(0, 1000))
+    positions = sorted(draw(st.sets(st.integers(0, 63), max_size=12)))
+    pages = []
+    for p in positions:
+        payload = draw(st.sampled_from([b"", *_COMMON]) | st.binary(min_size=1, max_size=32))
+        # The stored hash is the page's: equal payloads have equal hashes, and a few
+        # unequal ones collide (the encoder must then send the bytes).
+        h = draw(st.integers(0, 3)) if draw(st.booleans()) else hash(payload) & ((1 << 64) - 1)
+        pages.append((chunk * 64 + p, h, payload))
+    shared = draw(st.sets(st.sampled_from(positions))) if positions else set()
+    return Chunk(1, 2, (3, 4, 5), chunk, tuple(pages), frozenset(chunk * 64 + p for p in shared))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(chunks_with_duplicates(), max_size=12), st.lists(st.integers(1, 300), max_size=30))
+def test_an_encoders_stream_decodes_to_the_pages_sent_in_any_chunking(
+    msgs: list[Chunk], cuts: list[int]
+) -> None:
+    encoder = proto.Encoder()
+    stream = b"".join(encoder.encode_many([m]) for m in msgs)
+    decoder = Decoder()
+    got: list[Message] = []
+    pos = 0
+    for cut in cuts:
+        got += decoder.feed(stream[pos : pos + cut])
+        pos += cut
+    got += decoder.feed(stream[pos:])
+    assert got == msgs
+    assert len(stream) <= len(proto.encode_many(msgs))
+
+
+def test_a_shared_payload_crosses_once_and_is_referred_to_after() -> None:
+    payload = b"duplicate page " * 100
+    first = Chunk(0, 1, (1, 0, 0), 0, ((0, 7, payload), (1, 7, payload)), frozenset({0}))
+    again = Chunk(0, 1, (1, 0, 0), 5, ((320, 7, payload),), frozenset({320}))
+    encoder = proto.Encoder()
+    stream = encoder.encode_many([first, again])
+    assert stream.count(payload) == 1
+    assert encoder.kept == 1
+    assert Decoder().feed(stream) == [first, again]
+    # Not marked shared: never kept, always in full.
+    unmarked = Chunk(0, 1, (1, 0, 0), 0, ((0, 7, payload), (1, 7, payload)))
+    plain = proto.Encoder().encode_many([unmarked])
+    assert plain.count(payload) == 2
+
+
+def test_a_reference_to_a_payload_not_kept_is_a_frame_error() -> None:
+    payload = b"x" * 50
+    msg = Chunk(0, 1, (1, 0, 0), 0, ((0, 7, payload), (1, 7, payload)), frozenset({0}))
+    stream = proto.Encoder().encode_many([msg])
+    assert Decoder().feed(stream) == [msg]
+    with pytest.raises(FrameError):  # the second frame alone: its reference names nothing
+        second = proto.Encoder().encode_many([msg, msg])[len(stream) :]
+        Decoder().feed(second)
+
+
+def test_kept_payloads_stop_at_the_limit_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proto, "MAX_KEPT", 2)
+    payloads = [bytes([n]) * 40 for n in range(1, 4)]
+    pages = tuple((i, i + 1, p) for i, p in enumerate(payloads))
+    msg = Chunk(0, 1, (1, 0, 0), 0, pages, frozenset({0, 1, 2}))
+    encoder = proto.Encoder()
+    stream = encoder.encode_many([msg, msg])
+    assert encoder.kept == 2
+    assert stream.count(payloads[2]) == 2 and stream.count(payloads[0]) == 1
+    assert Decoder().feed(stream) == [msg, msg]
+    # A sender that keeps more than the limit is refused.
+    body = proto._CHUNK.pack(0, 1, 1, 0, 0, 0, 3) + b"".join(
+        proto._PAGE.pack(i, 1, proto.KEEP | 1) + b"a" for i in range(3)
+    )
+    with pytest.raises(FrameError):
+        Decoder().feed((len(body) + 1).to_bytes(4, "big") + bytes([proto.Kind.CHUNK]) + body)
+
+
+@pytest.mark.parametrize("length", [proto.KEEP, proto.KEEP | 4097, 4097, 0x7FFF])
+def test_bad_length_fields_are_frame_errors(length: int) -> None:
+    body = proto._CHUNK.pack(0, 1, 1, 0, 0, 0, 1) + proto._PAGE.pack(0, 1, length) + bytes(4200)
+    with pytest.raises(FrameError):
+        Decoder().feed((len(body) + 1).to_bytes(4, "big") + bytes([proto.Kind.CHUNK]) + body)

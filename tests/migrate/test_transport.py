@@ -323,3 +323,47 @@ def test_a_second_migration_of_the_same_guest_is_refused(tmp_path: Path, pki: Pa
 @pytest.fixture(autouse=True)
 def _no_leaked_threads() -> Iterator[None]:
     yield
+
+
+def test_duplicates_cross_once_and_a_payload_flushed_since_still_arrives_right(
+    tmp_path: Path, pki: Path
+) -> None:
+    """A dedup guest's shared payloads are sent once and referred to after; the guest
+    then flushes every page of one shared payload (its blob id is free for another
+    payload) and puts it again elsewhere, and the final delta carries all of it."""
+
+    async def main() -> None:
+        async with (
+            agent(tmp_path, "src", pki) as src,
+            agent(tmp_path, "dst", pki, listen=True) as dst,
+        ):
+            tmem = src.tmem
+            tmem.open_session("vm1", cap_pages=None, dedup=True, meta={}, reset=False)
+            tmem.new_pool("vm1", PoolFlag.PERSISTENT)
+            oid = OIDS[0]
+            for index in range(2000):
+                tmem.put("vm1", 0, oid, index, page(index % 8))  # 8 payloads, 250 pages each
+            transfer = src.migration._source("vm1", dest_of(dst))
+            await transfer.connect()
+            await transfer.precopy()
+            # 2000 pages of ~3 KiB payload went in well under 8 payloads' worth of frames
+            # plus headers and references.
+            assert transfer.progress.wire_bytes < 8 * 4096 + 2000 * 16 + 64 * 64
+            assert transfer.progress.bytes_sent > 2000 * 1000  # payload bytes: every page
+            for index in range(0, 2000, 8):  # every page of payload 0 goes ...
+                tmem.flush_page("vm1", 0, oid, index)
+            for index in range(2000, 2100):  # ... another shared payload takes its blob ...
+                tmem.put("vm1", 0, oid, index, page(100))
+            for index in range(3000, 3010):  # ... and payload 0 comes back elsewhere
+                tmem.put("vm1", 0, oid, index, page(0))
+            src_state = {(p, o, i): tmem.get("vm1", p, o, i) for p, o, i in _handles(src)}
+            await transfer.switchover()
+            await transfer.finish()
+            src.migration.outgoing.clear()
+            assert {
+                (p, o, i): dst.tmem.get("vm1", p, o, i) for p, o, i in _handles(dst)
+            } == src_state
+            assert len(src_state) == 2000 - 250 + 100 + 10
+            assert clean(dst)
+
+    run(main())

@@ -164,3 +164,40 @@ def test_a_held_chunk_with_a_page_outside_it_is_refused_before_anything_changes(
     with pytest.raises(InvalidArgument, match="outside its chunk"):
         imp.apply_chunks([bad])
     assert staged(host, imp) == before and host.audit() == []
+
+
+class CountingLog(FakeLog):
+    """A FakeLog that counts payload reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def payload(self, blob: int) -> bytes:
+        self.reads += 1
+        return super().payload(blob)
+
+
+def test_duplicates_of_an_external_blob_read_the_log_once_and_a_freed_blob_is_forgotten() -> (
+    None
+):
+    from tmem.durable import EXTERNAL_SCOPE
+
+    scope = 5 | EXTERNAL_SCOPE
+    log = CountingLog()
+    store = PageStore(log)
+    h, payload = encoded(text_page(1))
+    first = store.intern(h, payload, scope)
+    again = store.intern_payloads([h] * 50, [payload] * 50, scope)
+    assert again == [first] * 50 and store.refs(first) == 51
+    assert log.reads == 1  # compared 50 times, read once
+    for _ in range(51):
+        store.release(first)
+    # Another payload with the same hash and length takes the freed blob id: a compare
+    # must see its bytes, not the old ones.
+    other = bytes(len(payload) - 1) + b"x"
+    reused = store.intern(h, other, scope)
+    assert reused == first
+    assert store.find(h, payload, scope) == -1
+    assert store.find(h, other, scope) == reused
+    assert store.intern_payloads([h], [payload], scope) != [reused]
