@@ -240,9 +240,7 @@ def _json_of(msg: Message) -> tuple[Kind, dict[str, Any]]:
     raise TypeError(f"not a migration message: {msg!r}")
 
 
-def _chunk_parts(
-    msg: Chunk, parts: list[bytes], kept: dict[int, tuple[int, bytes]] | None
-) -> None:
+def _chunk_parts(msg: Chunk, parts: list[bytes], kept: dict[int, tuple[int, bytes]] | None) -> None:
     """Append a CHUNK frame's pieces (header, chunk head, per page its head and payload
     or reference); with *kept*, keep and refer to payloads (see :class:`Encoder`)."""
     if not 0 <= msg.pool < MAX_POOLS or len(msg.pages) > CHUNK_PAGES:

@@ -178,9 +178,7 @@ class CountingLog(FakeLog):
         return super().payload(blob)
 
 
-def test_duplicates_of_an_external_blob_read_the_log_once_and_a_freed_blob_is_forgotten() -> (
-    None
-):
+def test_duplicates_of_an_external_blob_read_the_log_once_and_a_freed_blob_is_forgotten() -> None:
     from tmem.durable import EXTERNAL_SCOPE
 
     scope = 5 | EXTERNAL_SCOPE
