@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,15 +87,23 @@ class Bed:
             xml = xml.replace("</devices>", disk + "</devices>")
         return xml
 
-    def boot_on_a(self, xml: str, timeout: float = 300) -> tuple[Any, GuestShell]:
+    def start_agents(self, *, swap: bool = True) -> None:
+        """Both hosts' agents, serving the guest (``swap``: and its swap disk)."""
+        self.a.start(self.name, swap=swap)
+        self.b.start(self.name, swap=swap)
+
+    def boot_on_a(self, xml: str, timings: dict[str, float]) -> tuple[Any, GuestShell]:
         """Start the guest on host ``a`` (paused until its console is connected, so nothing it
-        prints is missed) and wait for its shell; the libvirt domain and the shell."""
+        prints is missed) and wait for its shell, the seconds in ``timings["boot_s"]``; the
+        libvirt domain and the shell."""
         import libvirt
 
+        start = time.monotonic()
         domain = self.conn_a.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
         shell = self.shell_on(self.pair.a)
         domain.resume()
-        shell.wait_ready(0, timeout)
+        shell.wait_ready(0, 300)
+        timings["boot_s"] = round(time.monotonic() - start, 1)
         return domain, shell
 
     def shell_on(self, host: LibvirtHost) -> GuestShell:

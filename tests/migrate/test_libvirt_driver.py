@@ -135,6 +135,32 @@ async def follow(
     return await src.migration.follow_libvirt("vm1", dest_of(dst), domain, **options)
 
 
+Pages = dict[tuple[int, tuple[int, int, int], int], bytes]
+
+
+async def populate_and_follow(
+    src: AgentApp, dst: AgentApp, domain: ScriptedDomain | None = None, **options: Any
+) -> tuple[Pages, ScriptedDomain]:
+    """vm1 holds pages on the source (what it holds: the first value) and memd follows
+    ``domain`` (a fresh ScriptedDomain by default: the second value) to the destination."""
+    want = populate(src)
+    domain = ScriptedDomain() if domain is None else domain
+    await follow(src, dst, domain, **options)
+    return want, domain
+
+
+async def switched_over(domain: ScriptedDomain, src: AgentApp) -> None:
+    """libvirt switches over, and memd's final delta is installed on the destination."""
+    domain.switch_over()
+    await confirmed(src)
+
+
+async def libvirt_finishes(domain: ScriptedDomain, src: AgentApp, look: str = "gone") -> None:
+    """The source's domain stops (the guest runs on the destination); memd's transfer ends."""
+    domain.finish(look)
+    await outgoing_over(src)
+
+
 @pytest.fixture(autouse=True)
 def _quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(libvirt, "POLL_SECONDS", 0.02)
@@ -153,11 +179,9 @@ async def test_a_libvirt_migration_moves_the_guest_and_changes_made_meanwhile(
         want[(1, (1, 0, 0), 10_000 + i)] = page(1000 + i)
         src.tmem.put("vm1", 1, (1, 0, 0), 10_000 + i, page(1000 + i))
     await asyncio.sleep(0.3)
-    domain.switch_over()
-    await confirmed(src)
+    await switched_over(domain, src)
     assert holds(dst, want) and holds(src, want)  # the source keeps it until moved
-    domain.finish("shut off")
-    await outgoing_over(src)
+    await libvirt_finishes(domain, src, "shut off")
     assert not src.tmem.has_client("vm1") and src.tmem.store_stats().pages == 0
     assert holds(dst, want) and clean(src) and clean(dst)
     assert domain.closed and domain.aborted_jobs == 0
@@ -181,16 +205,13 @@ async def test_a_look_begun_before_the_pause_and_answered_after_it_is_ignored(
 ) -> None:
     """It said "running, no job" (libvirt's job began and QEMU paused within one poll):
     taken for a failed migration, it aborted the move."""
-    want = populate(src)
-    domain = SlowLooks()
-    await follow(src, dst, domain)
+    want, domain = await populate_and_follow(src, dst, SlowLooks())
     await asyncio.sleep(0.05)  # a look of "running, no job" is under way
     domain.switch_over()
     await until(lambda: phase_out(src) in ("confirmed", "aborted", None))
     await asyncio.sleep(0.3)  # the stale look has come back meanwhile
     assert phase_out(src) == "confirmed"
-    domain.finish("shut off")
-    await outgoing_over(src)
+    await libvirt_finishes(domain, src, "shut off")
     assert holds(dst, want) and not src.tmem.has_client("vm1")
 
 
@@ -198,12 +219,9 @@ async def test_a_look_begun_before_the_pause_and_answered_after_it_is_ignored(
 async def test_libvirt_switching_over_before_memd_confirmed_still_moves_the_guest(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain)
+    want, domain = await populate_and_follow(src, dst)
     domain.emit("suspended", "migrated")
-    domain.finish("shut off")  # at once: before CONFIRM can arrive
-    await outgoing_over(src)
+    await libvirt_finishes(domain, src, "shut off")  # at once: before CONFIRM can arrive
     assert holds(dst, want) and not src.tmem.has_client("vm1")
     assert clean(src) and clean(dst)
 
@@ -212,9 +230,7 @@ async def test_libvirt_switching_over_before_memd_confirmed_still_moves_the_gues
 async def test_a_migration_libvirt_gives_up_before_switch_over_leaves_the_guest_here(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain)
+    want, domain = await populate_and_follow(src, dst)
     domain.copies()
     await asyncio.sleep(0.1)
     domain.look = JobState("running", False)  # virsh domjobabort, or it failed
@@ -229,11 +245,8 @@ async def test_a_migration_libvirt_gives_up_before_switch_over_leaves_the_guest_
 async def test_libvirt_resuming_the_guest_after_confirm_revokes_it_on_the_destination(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain)
-    domain.switch_over()
-    await confirmed(src)
+    want, domain = await populate_and_follow(src, dst)
+    await switched_over(domain, src)
     assert dst.tmem.has_client("vm1")
     domain.emit("resumed", "migrated")  # libvirt's Finish failed on the destination
     await outgoing_over(src)
@@ -349,16 +362,12 @@ async def test_an_armed_transfer_whose_libvirt_migration_never_starts_gives_up_a
 async def test_a_libvirt_migration_seen_before_the_deadline_is_followed_past_it(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain, arm_seconds=0.3)
+    want, domain = await populate_and_follow(src, dst, arm_seconds=0.3)
     domain.copies()  # a retried virsh migrate, in time
     await asyncio.sleep(0.6)
     assert phase_out(src) in ("precopy", "converged")
-    domain.switch_over()
-    await confirmed(src)
-    domain.finish()
-    await outgoing_over(src)
+    await switched_over(domain, src)
+    await libvirt_finishes(domain, src)
     assert holds(dst, want) and not src.tmem.has_client("vm1")
     assert clean(src) and clean(dst)
 
@@ -367,9 +376,7 @@ async def test_a_libvirt_migration_seen_before_the_deadline_is_followed_past_it(
 async def test_memd_migrate_cancel_stops_memds_transfer_and_libvirts_migration(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain)
+    want, domain = await populate_and_follow(src, dst)
     domain.copies()  # libvirt copies RAM
     await until(lambda: phase_out(src) == "precopy")  # keeping b up to date
     await asyncio.sleep(0.1)
@@ -390,15 +397,11 @@ async def test_memd_migrate_cancel_stops_memds_transfer_and_libvirts_migration(
 async def test_memd_migrate_cancel_is_refused_once_the_final_delta_is_installed(
     src: AgentApp, dst: AgentApp
 ) -> None:
-    want = populate(src)
-    domain = ScriptedDomain()
-    await follow(src, dst, domain)
-    domain.switch_over()
-    await confirmed(src)
+    want, domain = await populate_and_follow(src, dst)
+    await switched_over(domain, src)
     with pytest.raises(InvalidArgument, match=r"^too late to cancel the transfer of vm1"):
         await src.migration.cancel_command(CancelMigrationArgs(guest="vm1"))
-    domain.finish()  # libvirt finishes it
-    await outgoing_over(src)
+    await libvirt_finishes(domain, src)  # libvirt finishes it
     assert holds(dst, want) and clean(src) and clean(dst)
 
 
@@ -412,10 +415,8 @@ async def test_a_followed_guest_that_holds_nothing_yet_moves_as_an_empty_client(
     armed = await follow(src, dst, domain)
     assert armed["outcome"] == "armed" and armed["pages"] == 0
     await until(lambda: "vm1" in dst.migration.incoming)  # what the hook asks
-    domain.switch_over()
-    await confirmed(src)
-    domain.finish()
-    await outgoing_over(src)
+    await switched_over(domain, src)
+    await libvirt_finishes(domain, src)
     assert last_phase(src) == "done"
     assert not src.tmem.has_client("vm1")
     assert dst.tmem.has_client("vm1") and dst.tmem.pool_ids("vm1") == []
@@ -433,10 +434,8 @@ async def test_an_empty_guest_that_says_hello_while_armed_moves_with_what_it_put
     await follow(src, dst, domain)
     domain.copies()
     want = populate(src)  # HELLO and puts, while libvirt copies RAM
-    domain.switch_over()
-    await confirmed(src)
-    domain.finish()
-    await outgoing_over(src)
+    await switched_over(domain, src)
+    await libvirt_finishes(domain, src)
     assert holds(dst, want) and not src.tmem.has_client("vm1")
     # BEGIN carried the settings of before its HELLO (no boot id): its next HELLO
     # on the destination is no reboot, so it keeps these pools.

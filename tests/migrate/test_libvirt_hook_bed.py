@@ -102,11 +102,8 @@ def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
     timings: dict[str, float] = {}
     with memd_bed(pair, tmp_path, name) as bed:
         a, b = bed.a, bed.b
-        a.start(name)
-        b.start(name)
-        start = time.monotonic()
-        domain, shell = bed.boot_on_a(bed.guest_xml(vm_image, swap=False))
-        timings["boot_s"] = round(time.monotonic() - start, 1)
+        bed.start_agents()
+        domain, shell = bed.boot_on_a(bed.guest_xml(vm_image, swap=False), timings)
         shell.write_file("/tmp/p.py", persist_script(PERSISTENT_PAGES).encode())
 
         def put() -> str:  # the guest's memd daemon may still be starting (then nothing is put)
@@ -183,8 +180,7 @@ def test_a_memd_guest_that_never_said_hello_passes_the_hook_as_an_empty_client(
     name = f"memd-lvs-{os.getpid()}"
     with memd_bed(pair, tmp_path, name) as bed:
         a, b = bed.a, bed.b
-        a.start(name, swap=False)
-        b.start(name, swap=False)
+        bed.start_agents(swap=False)
         bed.conn_a.createXML(SILENT_XML.format(name=name), 0)
         wait(lambda: any(g["name"] == name for g in a.cli("guests")), 60, "a attached it")
         assert name not in {c["client"] for c in a.cli("clients")}  # nothing held

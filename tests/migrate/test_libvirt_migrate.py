@@ -26,14 +26,7 @@ import pytest
 
 from hypervisor.vmimage import ImagePaths
 from tests.migrate import guest_steps
-from tests.migrate.guest_steps import (
-    Shell,
-    assert_swap_in_use,
-    fill_memory,
-    put_persistent_pages,
-    swap_on_memd_disk,
-    wait,
-)
+from tests.migrate.guest_steps import Shell, wait
 from tests.migrate.libvirt_bed import RAM_MIB, Bed, memd_bed
 from tests.support.libvirt_pair import LibvirtPair, libvirt_pair, requires_libvirt_pair
 
@@ -71,18 +64,15 @@ def test_a_libvirt_migration_takes_the_guests_tmem_along(
     TIMINGS[scenario] = timings
     with memd_bed(pair, tmp_path, name) as bed:
         a, b = bed.a, bed.b
-        a.start(name)
-        b.start(name)
+        bed.start_agents()
+        domain, shell = bed.boot_on_a(bed.guest_xml(vm_image, swap=True), timings)
+        guest_steps.swap_on_memd_disk(shell)
+        pool = guest_steps.put_persistent_pages(shell, PERSISTENT_PAGES)
         start = time.monotonic()
-        domain, shell = bed.boot_on_a(bed.guest_xml(vm_image, swap=True))
-        timings["boot_s"] = round(time.monotonic() - start, 1)
-        swap_on_memd_disk(shell)
-        pool = put_persistent_pages(shell, PERSISTENT_PAGES)
-        start = time.monotonic()
-        fill_memory(shell, HOLD_MIB)
+        guest_steps.fill_memory(shell, HOLD_MIB)
         timings["fill_s"] = round(time.monotonic() - start, 1)
         swapped = next(g for g in a.cli("guests") if g["name"] == name)["swap"]["pages"]
-        assert_swap_in_use(swapped, HOLD_MIB, RAM_MIB)
+        guest_steps.assert_swap_in_use(swapped, HOLD_MIB, RAM_MIB)
 
         # The operator, on host a: memd first, then libvirt.
         start = time.monotonic()

@@ -20,14 +20,7 @@ from hypervisor.vmimage import CHANNEL_NAME, ImagePaths, qemu_argv
 from tests.hypervisor.vm.console import GuestShell
 from tests.hypervisor.vm.harness import GuestVM
 from tests.migrate import guest_steps
-from tests.migrate.guest_steps import (
-    Shell,
-    assert_swap_in_use,
-    fill_memory,
-    put_persistent_pages,
-    swap_on_memd_disk,
-    wait,
-)
+from tests.migrate.guest_steps import Shell, wait
 from tests.migrate.netns import Agent, Net, Qmp, netns_available
 from tests.support.tls import make_pki
 
@@ -84,10 +77,10 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
         b_channel = qb / f"vm1.{CHANNEL_NAME}.sock"
         b.start(qemu_channel=b_channel, swap_mib=512)
         src.start(timeout=300)
-        swap_on_memd_disk(src)
-        pool = put_persistent_pages(src, PERSISTENT_PAGES)
-        fill_memory(src, HOLD_MIB)
-        assert_swap_in_use(a.cli("guests")[0]["swap"]["pages"], HOLD_MIB, RAM_MIB)
+        guest_steps.swap_on_memd_disk(src)
+        pool = guest_steps.put_persistent_pages(src, PERSISTENT_PAGES)
+        guest_steps.fill_memory(src, HOLD_MIB)
+        guest_steps.assert_swap_in_use(a.cli("guests")[0]["swap"]["pages"], HOLD_MIB, RAM_MIB)
 
         argv = qemu_argv(
             vm_image,

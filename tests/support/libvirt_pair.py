@@ -67,6 +67,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.processes import terminate
 from tests.support.veth import End, delete_namespaces, link_namespaces
 
 #: libvirt's directories each host gets its own copy of (inside path -> per-host subdirectory).
@@ -385,13 +386,13 @@ class LibvirtHost:
             self._destroy_domains()
         finally:
             try:
-                _terminate(self.libvirtd, 20.0)
+                terminate(self.libvirtd, 20.0)
                 self.libvirtd = None
                 for process in self.started:
-                    _terminate(process, 10.0)
+                    terminate(process, 10.0)
                 self._kill_stragglers()
             finally:
-                _terminate(self.holder, 5.0)
+                terminate(self.holder, 5.0)
                 self.holder = None
 
     def _destroy_domains(self) -> None:
@@ -424,17 +425,6 @@ def _kill_netns_members(netns: str) -> None:
     for pid in pids.stdout.split():
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-
-
-def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _seed_caps_cache(target: Path) -> None:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.support.processes import terminate
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -104,14 +106,8 @@ class AgentProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s."""
-        if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
+        terminate(self.process, 20)
+        self.process = None
 
     def tail(self, lines: int = 40) -> str:
         with contextlib.suppress(OSError):
