@@ -9,20 +9,18 @@ happened.  Needs root, ``ip`` and ``openssl``.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hypervisor.qmp import QmpMonitor
+from tests.support.memd_agent import ROOT, AgentProcess, serve_argv
+from tests.support.veth import End, delete_namespaces, link_namespaces
 
-ROOT = Path(__file__).resolve().parents[2]
 PORT = 7700
 
 
@@ -30,10 +28,6 @@ def netns_available() -> bool:
     return (
         os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("openssl") is not None
     )
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @dataclass
@@ -61,47 +55,26 @@ class Net:
         return f"10.231.{self.subnet}.2"
 
     def create(self) -> None:
-        for ns in (self.ns_a, self.ns_b):
-            _ip("netns", "add", ns)
-            self.made.append(ns)
-            _ip("-n", ns, "link", "set", "lo", "up")
-        veth_a, veth_b = f"mv{self.tag}a"[:15], f"mv{self.tag}b"[:15]
-        _ip(
-            "link",
-            "add",
-            veth_a,
-            "netns",
-            self.ns_a,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            veth_b,
-            "netns",
-            self.ns_b,
+        link_namespaces(
+            End(self.ns_a, f"mv{self.tag}a"[:15], self.addr_a),
+            End(self.ns_b, f"mv{self.tag}b"[:15], self.addr_b),
+            self.made,
         )
-        _ip("-n", self.ns_a, "addr", "add", f"{self.addr_a}/24", "dev", veth_a)
-        _ip("-n", self.ns_b, "addr", "add", f"{self.addr_b}/24", "dev", veth_b)
-        _ip("-n", self.ns_a, "link", "set", veth_a, "up")
-        _ip("-n", self.ns_b, "link", "set", veth_b, "up")
 
     def delete(self) -> None:
-        for ns in self.made:  # deleting a namespace deletes its end of the veth pair too
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        self.made.clear()
+        delete_namespaces(self.made)
 
 
-class Agent:
+class Agent(AgentProcess):
     """``memd serve`` inside one namespace; the CLI reaches it over its unix socket."""
 
     def __init__(self, ns: str, addr: str, workdir: Path, tls: Path) -> None:
-        self.ns, self.addr, self.dir, self.tls = ns, addr, workdir, tls
         workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(workdir / "agent.log", workdir / "memd.sock", ns)
+        self.ns, self.addr, self.dir, self.tls = ns, addr, workdir, tls
         self.socket = workdir / "memd.sock"
         self.channel = workdir / "vm1.sock"
         self.swap = workdir / "vm1.swap"
-        self.log = workdir / "agent.log"
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -115,34 +88,15 @@ class Agent:
             if qemu_channel is not None
             else ["--listen", f"vm1={self.channel}"]
         )
-        argv = [
-            "ip",
-            "netns",
-            "exec",
-            self.ns,
-            sys.executable,
-            "-m",
-            "memd.cli",
-            "--socket",
-            str(self.socket),
-            "serve",
-            "--store",
-            str(self.dir / "store"),
-            "--budget",
-            "512M",
-            "--spill-dir",
-            "",
-            "--migrate-listen",
+        serve = serve_argv(
+            self.socket,
+            self.dir / "store",
             self.address,
-            "--tls-dir",
-            str(self.tls),
+            self.tls,
             *channel,
             "--swap",
             f"vm1={self.swap}:{swap_mib}M",
-            "--log-json",
-            "--log-level",
-            "debug",
-        ]
+        )
         # Each host has its own run and state directories (swap-disk markers live there).
         env = {
             **os.environ,
@@ -152,54 +106,14 @@ class Agent:
         }
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                argv,
+                ["ip", "netns", "exec", self.ns, *serve],
                 cwd=ROOT,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if self.cli("status")["migrations"]["listening"]:
-                    return
-            except subprocess.CalledProcessError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"agent in {self.ns} did not start:\n{self.tail()}")
-            time.sleep(0.1)
-
-    def cli(self, *args: str) -> Any:
-        out = subprocess.run(
-            [sys.executable, "-m", "memd.cli", "--socket", str(self.socket), *args, "--json"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        return json.loads(out.stdout)
-
-    def kill(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-            self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-            self.process = None
-
-    def tail(self, lines: int = 30) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        return ""
+        self.wait_listening(30)
 
 
 class Qemu:

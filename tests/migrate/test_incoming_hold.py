@@ -29,7 +29,7 @@ from memd.agent.holds import IncomingHolds
 from memd.guest.client import GuestClient
 from memd.migrate import libvirt
 from tests.migrate.test_libvirt_driver import ScriptedDomain
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopThread, shut_down
 from tests.support.tls import make_pki
 
 PAGES = 64
@@ -94,11 +94,7 @@ class Pair:
             time.sleep(0.02)
 
     def close(self) -> None:
-        for app in (self.src, self.dst):
-            self.loop.run(app.stop())
-        self.loop.close()
-        for store in self.stores:
-            store.close()
+        shut_down(self.loop, (self.src, self.dst), self.stores)
 
 
 @pytest.fixture

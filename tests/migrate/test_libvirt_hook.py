@@ -24,7 +24,7 @@ from hypervisor.lmdb_store import LmdbStore
 from memd import libvirt_hook
 from memd.agent.app import AgentApp
 from memd.migrate.transport import SourceTransfer
-from tests.support.loop_thread import LoopThread
+from tests.support.loop_thread import LoopThread, shut_down
 from tests.support.tls import make_pki
 from tmem.types import PoolFlag
 
@@ -81,11 +81,7 @@ class Agents:
         if self.transfer is not None:
             self.loop.run(self.transfer.abort("test over"))
             self.src.migration.outgoing.clear()
-        for app in (self.src, self.dst):
-            self.loop.run(app.stop())
-        self.loop.close()
-        for store in self.stores:
-            store.close()
+        shut_down(self.loop, (self.src, self.dst), self.stores)
 
 
 @pytest.fixture

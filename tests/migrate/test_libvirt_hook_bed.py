@@ -24,37 +24,30 @@ host's own socket).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from hypervisor.vmimage import ImagePaths, render_domain_xml
-from tests.hypervisor.vm.console import GuestShell
-from tests.migrate.test_libvirt_migrate import (
-    PERSIST,
-    PERSISTENT_PAGES,
-    RAM_MIB,
-    ROOT,
-    HostAgent,
-    wait,
+from hypervisor.vmimage import ImagePaths
+from tests.migrate.guest_steps import check_pages, persist_script, pool_of, wait
+from tests.migrate.libvirt_bed import memd_bed
+from tests.support.libvirt_pair import (
+    LibvirtHost,
+    LibvirtPair,
+    libvirt_pair,
+    requires_libvirt_pair,
 )
-from tests.support.libvirt_pair import LibvirtHost, LibvirtPair, libvirt_pair, unavailable_reason
-from tests.support.tls import make_pki
+from tests.support.memd_agent import ROOT
 
-_REASON = unavailable_reason()
-pytestmark = [
-    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
-    pytest.mark.vm,
-    pytest.mark.libvirt,
-    pytest.mark.root,
-]
+pytestmark = requires_libvirt_pair()
+
+PERSISTENT_PAGES = 1000
 
 
 def install_hook(pair_private: Path, host: LibvirtHost) -> None:
@@ -100,42 +93,24 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LibvirtPair]:
         yield made
 
 
-def check_pages(shell: GuestShell, pool: int) -> None:
-    out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
-    assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
-
-
 def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
     pair: LibvirtPair, vm_image: ImagePaths, tmp_path: Path
 ) -> None:
     import libvirt
 
     name = f"memd-lvh-{os.getpid()}"
-    tls = make_pki(tmp_path / "pki", server_addresses=[pair.a.address, pair.b.address])
-    a = HostAgent(pair, pair.a, tls, tmp_path)
-    b = HostAgent(pair, pair.b, tls, tmp_path)
-    console = pair.private / "c.sock"
-    xml = render_domain_xml(image=vm_image, name=name, console_socket=console, memory_mib=RAM_MIB)
-    conn_a, conn_b = pair.a.connect(), pair.b.connect()
-    shell: GuestShell | None = None
     timings: dict[str, float] = {}
-    try:
-        a.start(name)
-        b.start(name)
-        start = time.monotonic()
-        domain = conn_a.createXML(xml, libvirt.VIR_DOMAIN_START_PAUSED)
-        shell = GuestShell(pair.a.outside(console), tmp_path / "console-a.log")
-        domain.resume()
-        shell.wait_ready(0, 300)
-        timings["boot_s"] = round(time.monotonic() - start, 1)
-        shell.write_file("/tmp/p.py", PERSIST.encode())
-        booted = shell
-        out = wait(  # the guest's memd daemon may still be starting (then nothing is put)
-            lambda: "POOL=" in (o := booted.run("python3 /tmp/p.py put", timeout=600).stdout) and o,
-            120,
-            "the guest put its pages",
-        )
-        pool = int(re.search(r"POOL=(\d+)", out).group(1))  # type: ignore[union-attr]
+    with memd_bed(pair, tmp_path, name) as bed:
+        a, b = bed.a, bed.b
+        bed.start_agents()
+        domain, shell = bed.boot_on_a(bed.guest_xml(vm_image, swap=False), timings)
+        shell.write_file("/tmp/p.py", persist_script(PERSISTENT_PAGES).encode())
+
+        def put() -> str:  # the guest's memd daemon may still be starting (then nothing is put)
+            out = shell.run("python3 /tmp/p.py put", timeout=600).stdout
+            return out if "POOL=" in out else ""
+
+        pool = pool_of(wait(put, 120, "the guest put its pages"))
 
         # 1. virsh migrate without memd migrate: b's hook refuses it.
         start = time.monotonic()
@@ -147,8 +122,8 @@ def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
         assert f"run `memd migrate {name} --to {b.address}` on the source first" in message
         assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
         with pytest.raises(libvirt.libvirtError):
-            conn_b.lookupByName(name)
-        check_pages(shell, pool)
+            bed.conn_b.lookupByName(name)
+        check_pages(shell, pool, PERSISTENT_PAGES)
 
         # 2. memd armed, libvirt's migration fails before it starts: memd gives up.
         armed = a.cli("migrate", name, "--to", b.address, "--arm-timeout", "3")
@@ -166,34 +141,27 @@ def test_the_hook_refuses_a_memd_guest_until_memd_migrates_it(
         wait(lambda: not b.cli("status")["migrations"]["active"], 30, "b dropped the transfer")
         assert b.cli("status")["tmem"]["persistent_pages"] == 0
         assert domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        check_pages(shell, pool)
+        check_pages(shell, pool, PERSISTENT_PAGES)
         shell.close()
-        shell = None
 
         # 3. memd migrate, then virsh migrate: the hook lets it through.
         armed = a.cli("migrate", name, "--to", b.address)
         assert armed["outcome"] == "armed", armed
         timings["virsh_migrate_s"] = round(pair.migrate(name, to=pair.b), 2)
-        done = wait(
-            lambda: len(f := a.cli("status")["migrations"]["finished"]) > 1 and f, 300, "moved"
-        )
+
+        def second_finished() -> list[Any]:
+            finished: list[Any] = a.cli("status")["migrations"]["finished"]
+            return finished if len(finished) > 1 else []
+
+        done = wait(second_finished, 300, "moved")
         assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
-        assert conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert bed.conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert name not in {c["client"] for c in a.cli("clients")}
-        shell = GuestShell(pair.b.outside(console), tmp_path / "console-b.log")
+        shell = bed.shell_on(pair.b)
         shell.attach(timeout=120)
-        check_pages(shell, pool)
+        check_pages(shell, pool, PERSISTENT_PAGES)
         assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
         print(f"\nlibvirt hook timings: {timings}")
-    finally:
-        if shell is not None:
-            shell.close()
-        for conn in (conn_a, conn_b):
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.lookupByName(name).destroy()
-            conn.close()
-        a.stop()
-        b.stop()
 
 
 #: A memd guest whose daemon never says HELLO: a memd channel, no OS (QEMU runs its BIOS).
@@ -210,14 +178,10 @@ def test_a_memd_guest_that_never_said_hello_passes_the_hook_as_an_empty_client(
     import libvirt
 
     name = f"memd-lvs-{os.getpid()}"
-    tls = make_pki(tmp_path / "pki", server_addresses=[pair.a.address, pair.b.address])
-    a = HostAgent(pair, pair.a, tls, tmp_path)
-    b = HostAgent(pair, pair.b, tls, tmp_path)
-    conn_a, conn_b = pair.a.connect(), pair.b.connect()
-    try:
-        a.start(name, swap=False)
-        b.start(name, swap=False)
-        conn_a.createXML(SILENT_XML.format(name=name), 0)
+    with memd_bed(pair, tmp_path, name) as bed:
+        a, b = bed.a, bed.b
+        bed.start_agents(swap=False)
+        bed.conn_a.createXML(SILENT_XML.format(name=name), 0)
         wait(lambda: any(g["name"] == name for g in a.cli("guests")), 60, "a attached it")
         assert name not in {c["client"] for c in a.cli("clients")}  # nothing held
         with pytest.raises(libvirt.libvirtError, match="no memd transfer is arriving"):
@@ -227,14 +191,7 @@ def test_a_memd_guest_that_never_said_hello_passes_the_hook_as_an_empty_client(
         pair.migrate(name, to=pair.b)
         done = wait(lambda: a.cli("status")["migrations"]["finished"], 120, "moved")
         assert done[-1]["phase"] == "done", (done, a.tail(), b.tail())
-        assert conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        assert bed.conn_b.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_RUNNING
         assert name not in {c["client"] for c in a.cli("clients")}
         assert name in {c["client"] for c in b.cli("clients")}
         assert a.cli("audit")["clean"] and b.cli("audit")["clean"]
-    finally:
-        for conn in (conn_a, conn_b):
-            with contextlib.suppress(libvirt.libvirtError):
-                conn.lookupByName(name).destroy()
-            conn.close()
-        a.stop()
-        b.stop()

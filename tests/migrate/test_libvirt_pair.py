@@ -31,17 +31,11 @@ from tests.hypervisor.vm.console import GuestShell
 from tests.support.libvirt_pair import (
     LibvirtPair,
     libvirt_pair,
+    requires_libvirt_pair,
     sweep_stale,
-    unavailable_reason,
 )
 
-_REASON = unavailable_reason()
-pytestmark = [
-    pytest.mark.skipif(_REASON is not None, reason=_REASON or ""),
-    pytest.mark.vm,
-    pytest.mark.libvirt,
-    pytest.mark.root,
-]
+pytestmark = requires_libvirt_pair()
 
 #: Every phase's wall-clock seconds, printed at the end of the module (pytest -s, or -rA).
 TIMINGS: dict[str, float] = {}

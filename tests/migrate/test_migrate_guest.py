@@ -8,19 +8,19 @@ byte; the source agent holds nothing; both audits are clean."""
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hypervisor.vmimage import CHANNEL_NAME, ImagePaths, qemu_argv
 from tests.hypervisor.vm.console import GuestShell
 from tests.hypervisor.vm.harness import GuestVM
+from tests.migrate import guest_steps
+from tests.migrate.guest_steps import Shell, wait
 from tests.migrate.netns import Agent, Net, Qmp, netns_available
 from tests.support.tls import make_pki
 
@@ -29,53 +29,6 @@ pytestmark = pytest.mark.skipif(not netns_available(), reason="needs root, ip an
 RAM_MIB = 128
 HOLD_MIB = 180
 PERSISTENT_PAGES = 3000
-
-PAGE = r"""
-def page(i):
-    word = (i * 2654435761 & 0xFFFFFFFF).to_bytes(4, "little")
-    return i.to_bytes(8, "little") * 64 + word * 640 + bytes(1024)
-"""
-
-#: Puts (argv[1] == "put") or verifies ("check POOL") persistent pages via the guest daemon.
-PERSIST = (
-    "import sys\nsys.path.insert(0, '/usr/lib/memd')\n"
-    + PAGE
-    + r"""
-from memd.guest.cli import daemon_client
-n = __PAGES__
-c = daemon_client()
-with c:
-    if sys.argv[1] == "put":
-        pool = c.new_pool(persistent=True)
-        for s in range(0, n, 64):
-            c.put_batch(pool, [(5, i, page(i)) for i in range(s, min(n, s + 64))])
-        print("POOL=%d" % pool)
-    else:
-        pool = int(sys.argv[2])
-        bad = 0
-        for s in range(0, n, 64):
-            got = c.get_batch(pool, [(5, i) for i in range(s, min(n, s + 64))])
-            bad += sum(1 for i, g in zip(range(s, n), got) if g != page(i))
-        print("PERSIST pages=%d bad=%d" % (n, bad))
-""".replace("__PAGES__", str(PERSISTENT_PAGES))
-)
-
-#: Fills HOLD_MIB (the kernel swaps the excess to memd), waits for /tmp/go, verifies.
-HOLD = (
-    "import os, sys, time\n"
-    + PAGE
-    + r"""
-n = int(sys.argv[1]) * 256
-buf = bytearray(n * 4096)
-for i in range(n):
-    buf[i * 4096:(i + 1) * 4096] = page(i)
-print("FILLED", flush=True)
-while not os.path.exists("/tmp/go"):
-    time.sleep(0.5)
-bad = sum(1 for i in range(n) if buf[i * 4096:(i + 1) * 4096] != page(i))
-print("HOLD pages=%d bad=%d" % (n, bad), flush=True)
-"""
-)
 
 
 class SourceVM(GuestVM):
@@ -99,29 +52,8 @@ def net() -> Iterator[Net]:
         n.delete()
 
 
-def wait(what: Any, timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out: {message}"
-        time.sleep(0.5)
-
-
-def verify(shell: GuestShell | GuestVM, pool: int) -> None:
-    """Let the guest's workload check its memory, then check the persistent pages."""
-    shell.check("touch /tmp/go")
-    out = wait(
-        lambda: "rc=" in (o := shell.run("cat /tmp/hold.out", timeout=300).stdout) and o,
-        1800,
-        "the guest verified its memory",
-    )
-    assert f"HOLD pages={HOLD_MIB * 256} bad=0" in out and "rc=0" in out, out
-    out = shell.check(f"python3 /tmp/p.py check {pool}", timeout=600)
-    assert f"PERSIST pages={PERSISTENT_PAGES} bad=0" in out, out
-    dmesg = shell.check("dmesg", timeout=120)
-    assert "I/O error" not in dmesg and "Read-error" not in dmesg, dmesg[-2000:]
+def verify(shell: Shell, pool: int) -> None:
+    guest_steps.verify(shell, pool, hold_mib=HOLD_MIB, pages=PERSISTENT_PAGES)
 
 
 @pytest.mark.parametrize("scenario", ["moved", "cancelled", "destination-killed"])
@@ -145,21 +77,10 @@ def test_a_real_guest_migrates_with_its_persistent_pages_and_swap(
         b_channel = qb / f"vm1.{CHANNEL_NAME}.sock"
         b.start(qemu_channel=b_channel, swap_mib=512)
         src.start(timeout=300)
-        src.check("mkswap /dev/vda && swapon -d /dev/vda")
-        src.write_file("/tmp/p.py", PERSIST.encode())
-        src.write_file("/tmp/h.py", HOLD.encode())
-        out = src.check("python3 /tmp/p.py put", timeout=600)
-        pool = int(re.search(r"POOL=(\d+)", out).group(1))  # type: ignore[union-attr]
-        src.check(
-            f"(python3 /tmp/h.py {HOLD_MIB} > /tmp/hold.out 2>&1; echo rc=$? >> /tmp/hold.out) &"
-        )
-        wait(
-            lambda: "FILLED" in src.run("cat /tmp/hold.out", timeout=300).stdout,
-            1200,
-            "the guest filled its memory",
-        )
-        swapped = a.cli("guests")[0]["swap"]["pages"]
-        assert swapped > (HOLD_MIB - RAM_MIB) * 256 // 2, swapped  # the disk is in use
+        guest_steps.swap_on_memd_disk(src)
+        pool = guest_steps.put_persistent_pages(src, PERSISTENT_PAGES)
+        guest_steps.fill_memory(src, HOLD_MIB)
+        guest_steps.assert_swap_in_use(a.cli("guests")[0]["swap"]["pages"], HOLD_MIB, RAM_MIB)
 
         argv = qemu_argv(
             vm_image,

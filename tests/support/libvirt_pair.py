@@ -65,6 +65,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.support.processes import terminate
+from tests.support.veth import End, delete_namespaces, link_namespaces
+
 #: libvirt's directories each host gets its own copy of (inside path -> per-host subdirectory).
 HOST_DIRS = {
     "/etc/libvirt": "etc",
@@ -98,14 +103,22 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def requires_libvirt_pair() -> list[pytest.MarkDecorator]:
+    """A test module's ``pytestmark`` for tests on a pair: skipped where one cannot be built
+    (with the reason), and marked as needing real VMs, libvirt and root."""
+    reason = unavailable_reason()
+    return [
+        pytest.mark.skipif(reason is not None, reason=reason or ""),
+        pytest.mark.vm,
+        pytest.mark.libvirt,
+        pytest.mark.root,
+    ]
+
+
 def _which(tool: str) -> str:
     found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
     assert found is not None, f"{tool} is not installed"
     return found
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 def libvirtd_conf(address: str, host_uuid: str) -> str:
@@ -373,13 +386,13 @@ class LibvirtHost:
             self._destroy_domains()
         finally:
             try:
-                _terminate(self.libvirtd, 20.0)
+                terminate(self.libvirtd, 20.0)
                 self.libvirtd = None
                 for process in self.started:
-                    _terminate(process, 10.0)
+                    terminate(process, 10.0)
                 self._kill_stragglers()
             finally:
-                _terminate(self.holder, 5.0)
+                terminate(self.holder, 5.0)
                 self.holder = None
 
     def _destroy_domains(self) -> None:
@@ -412,17 +425,6 @@ def _kill_netns_members(netns: str) -> None:
     for pid in pids.stdout.split():
         with contextlib.suppress(OSError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-
-
-def _terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _seed_caps_cache(target: Path) -> None:
@@ -526,29 +528,9 @@ def _make_host(label: str, index: int, tag: str, base: Path, private: Path) -> L
 
 
 def _create_network(a: LibvirtHost, b: LibvirtHost, tag: str, made: list[str]) -> None:
-    for host in (a, b):
-        _ip("netns", "add", host.netns)
-        made.append(host.netns)
-        _ip("-n", host.netns, "link", "set", "lo", "up")
-    veth_a, veth_b = f"lvp{tag}a", f"lvp{tag}b"
-    assert len(veth_a) <= 15, f"interface name {veth_a} is too long for the kernel"
-    _ip(
-        "link",
-        "add",
-        veth_a,
-        "netns",
-        a.netns,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        veth_b,
-        "netns",
-        b.netns,
+    link_namespaces(
+        End(a.netns, f"lvp{tag}a", a.address), End(b.netns, f"lvp{tag}b", b.address), made
     )
-    for host, veth in ((a, veth_a), (b, veth_b)):
-        _ip("-n", host.netns, "addr", "add", f"{host.address}/24", "dev", veth)
-        _ip("-n", host.netns, "link", "set", veth, "up")
 
 
 @contextlib.contextmanager
@@ -586,5 +568,4 @@ def libvirt_pair(
                 with contextlib.suppress(Exception):
                     host.stop()
         finally:
-            for ns in made:  # deleting a namespace deletes its end of the veth pair too
-                subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            delete_namespaces(made)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -26,3 +26,21 @@ class LoopThread:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=5)
+
+
+class _Stoppable(Protocol):
+    async def stop(self) -> None: ...
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def shut_down(loop: LoopThread, apps: Iterable[_Stoppable], stores: Iterable[_Closable]) -> None:
+    """Stop the agents on their loop, then the loop, then close the agents' stores (an agent
+    uses its store until it has stopped)."""
+    for app in apps:
+        loop.run(app.stop())
+    loop.close()
+    for store in stores:
+        store.close()
