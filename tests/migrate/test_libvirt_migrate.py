@@ -148,4 +148,3 @@ def moved_a_to_b(bed: Bed, pool: int, timings: dict[str, float]) -> None:
     logged = b.log.read_text(errors="replace")
     assert "migrate-hold-expired" not in logged  # no request of the guest waited 60 s
     timings["requests_held"] = logged.count('"migrate-hold"')
-

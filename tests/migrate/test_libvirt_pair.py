@@ -273,6 +273,12 @@ def test_sweep_removes_what_a_killed_run_left(tmp_path: Path) -> None:
     subprocess.run(["ip", "netns", "add", name], check=True)
     orphan = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "600"])
     try:
+        # `ip netns exec` enters the namespace only after it starts: sweep once the orphan
+        # is inside (a sweep before that found nothing to kill: an intermittent failure).
+        deadline = time.monotonic() + 10
+        while str(orphan.pid) not in _netns_pids(name):
+            assert time.monotonic() < deadline, "the orphan never entered its namespace"
+            time.sleep(0.02)
         assert name in sweep_stale()
         assert orphan.wait(10) == -signal.SIGKILL
         assert (
@@ -282,3 +288,8 @@ def test_sweep_removes_what_a_killed_run_left(tmp_path: Path) -> None:
     finally:
         orphan.kill()
         subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _netns_pids(name: str) -> list[str]:
+    found = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    return found.stdout.split()

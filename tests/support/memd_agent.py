@@ -25,9 +25,7 @@ from tests.support.processes import terminate
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def serve_argv(
-    socket: Path, store: Path, migrate_listen: str, tls: Path, *extra: str
-) -> list[str]:
+def serve_argv(socket: Path, store: Path, migrate_listen: str, tls: Path, *extra: str) -> list[str]:
     """``memd serve`` listening for migrations with mutual TLS, 512 MiB, no spill, debug JSON
     log; ``extra`` adds its guests (``--channel``/``--listen``, ``--swap``, ``--libvirt``)."""
     return [
