@@ -284,6 +284,8 @@ class GuestDaemon:
         if listener is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+            with contextlib.suppress(OSError):  # wakes an accept() blocked in its thread
+                listener.shutdown(socket.SHUT_RDWR)
             listener.close()
         for thread in self._threads:
             if thread is not threading.current_thread():
