@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -187,31 +188,36 @@ def test_a_destination_that_dies_mid_transfer_leaves_the_source_whole(
     tmp_path: Path, pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(transport, "CHUNKS_PER_BATCH", 1)
-    gate, applied = threading.Event(), threading.Event()
     original = Importer.apply_chunks
+    destination: list[Any] = []  #: the destination agent, once started
+    #: What the destination held after its first install, and its close() begun then.
+    halfway: list[tuple[list[str], int]] = []
+    closing: list[asyncio.Task[None]] = []
 
-    def slow_apply(self: Importer, chunks: list[ChunkPages]) -> None:
-        if applied.is_set():
-            gate.wait(30)  # the destination stalls here: half way through
+    def apply_then_die(self: Importer, chunks: list[ChunkPages]) -> None:
+        # Installs run on the loop both agents share: the destination goes away right
+        # after its first install (blocking here would stall the source too).
         original(self, chunks)
-        applied.set()
+        if not closing:
+            dst = destination[0]
+            halfway.append((dst.tmem.client_names(), dst.tmem.store_stats().persistent_pages))
+            closing.append(asyncio.ensure_future(dst.migration.close()))
 
-    monkeypatch.setattr(Importer, "apply_chunks", slow_apply)
+    monkeypatch.setattr(Importer, "apply_chunks", apply_then_die)
 
     async def main() -> None:
         async with agent(tmp_path, "src", pki) as src:
             want = populate(src, 3000)
             async with agent(tmp_path, "dst", pki, listen=True) as dst:
-                dest = dest_of(dst)
-                task = asyncio.ensure_future(src.migration.migrate("vm1", dest))
-                await asyncio.to_thread(applied.wait, 30)
-                assert dst.tmem.client_names() == [STAGING_PREFIX + "vm1"]
-                assert 0 < dst.tmem.store_stats().persistent_pages < len(want)
-                await dst.migration.close()  # the destination agent goes away
-                gate.set()
+                destination.append(dst)
+                task = asyncio.ensure_future(src.migration.migrate("vm1", dest_of(dst)))
+                with pytest.raises(MigrationFailed, match="pages stay here"):
+                    await task
+                await closing[0]
+                ((names, pages),) = halfway
+                assert names == [STAGING_PREFIX + "vm1"]
+                assert 0 < pages < len(want)
                 assert dst.tmem.client_names() == []
-            with pytest.raises(MigrationFailed, match="pages stay here"):
-                await task
             assert holds(src, want) and clean(src)
             assert src.migration.status()["finished"][0]["phase"] == "aborted"
 
