@@ -51,6 +51,7 @@ def test_guest_swaps_2_5x_its_ram_to_memd(
     boot_guest: Callable[..., GuestVM], tmp_path: Path
 ) -> None:
     agent = SwapAgent(tmp_path, budget=256 << 20)
+    guest: GuestVM | None = None
     try:
         disk = agent.add_disk("swapvm", SWAP_MIB << 20)
         guest = boot_guest(name="swapvm", memory_mib=RAM_MIB, ports=(), nbd_disks=(Path(disk),))
@@ -74,6 +75,7 @@ def test_guest_swaps_2_5x_its_ram_to_memd(
         assert stats["ratio"] > 2  # the workload's pages compress
         assert agent.app.tmem.audit() == []
     finally:
+        _stop_before_its_disk(guest)
         agent.close()
 
 
@@ -103,6 +105,13 @@ def _serve(run: Path, disk: Path) -> subprocess.Popen[bytes]:
         assert proc.poll() is None and time.monotonic() < deadline, (run / "memd.log").read_text()
         time.sleep(0.05)
     return proc
+
+
+def _stop_before_its_disk(guest: GuestVM | None) -> None:
+    """QEMU first: a QEMU whose NBD server went away first waited out its reconnect
+    delay at quit (30 s of each test's teardown)."""
+    if guest is not None:
+        guest.stop()
 
 
 def _swap_used_kib(guest: GuestVM) -> int:
@@ -142,6 +151,7 @@ def test_kill_9_mid_swap_the_workload_still_verifies_every_page(
     run.mkdir()
     disk = run / "swapvm.nbd"
     memd = _serve(run, disk)
+    guest: GuestVM | None = None
     try:
         guest = boot_guest(name="swapvm", memory_mib=RAM_MIB, ports=(), nbd_disks=(disk,))
         guest.check("mkswap /dev/vda && swapon -d /dev/vda")
@@ -174,5 +184,6 @@ def test_kill_9_mid_swap_the_workload_still_verifies_every_page(
         row = _disk_row(run)
         assert int(row["lost_pages"]) == 0 and int(row["errors"]) == 0  # type: ignore[call-overload]
     finally:
+        _stop_before_its_disk(guest)
         memd.terminate()
         memd.wait(timeout=30)
