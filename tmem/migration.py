@@ -27,9 +27,13 @@ where it writes, so the store commits before the lock is released).
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from memd.errors import InvalidArgument, NoSpace, TmemError
 from tmem.durable import ClientRecord, PoolRecord
@@ -43,6 +47,9 @@ if TYPE_CHECKING:
 
 #: Staged clients are named so; a channel name with this prefix is not a real guest.
 STAGING_PREFIX = "migrating:"
+#: The slots of a chunk that holds no page (Exporter.read: a chunk read after its last
+#: page went).
+_NO_SLOTS = array("i", [-1] * RADIX_FANOUT)
 #: (pool gid, oid, chunk number): the unit of change tracking and of transfer.
 ChunkKey = tuple[int, Oid, int]
 
@@ -238,16 +245,17 @@ class Exporter:
     def read(self, keys: Iterable[ChunkKey]) -> list[ChunkPages]:
         """The chunks as they are now (a chunk of a pool that is gone is left out).
 
-        Payloads kept in the host's persistent log are read from it in one call, each
-        blob once (a duplicate page is one blob for many pages)."""
-        found: list[tuple[int, int, Oid, int, list[tuple[int, int]]]] = []
+        The chunks' slots are gathered into one array and their pages' columns read
+        with numpy (``PageStore.export_columns``: the payloads kept in the host's
+        persistent log in one call, each blob once — a duplicate page is one blob for
+        many pages); per page only the result tuple is built, in C (``zip``)."""
+        heads: list[tuple[int, int, Oid, int]] = []
+        slots = array("i")
         with self.host._lock:
             state = self.host._state
             client = state.client(self.name, "migrate")
             local_of = {g: lc for lc, g in enumerate(client.pools) if g is not None}
-            pages, store = state.pages, state.store
-            index_of, blob_of, external = pages.index, pages.blob, store.is_external
-            logged: dict[int, bytes] = {}  # blob → its payload, read below
+            pages = state.pages
             for gid, oid, chunk_no in keys:
                 local = local_of.get(gid)
                 if local is None:
@@ -256,37 +264,35 @@ class Exporter:
                 radix = None if objno is None else pages.radix[objno]
                 chunk = None if radix is None else radix.get(chunk_no)
                 # A chunk's slots are in index order (slot i holds index chunk * 64 + i).
-                held = [
-                    (index_of[slot], blob_of[slot])
-                    for slot in (chunk if chunk is not None else ())
-                    if slot >= 0
-                ]
-                for _, blob in held:
-                    if blob and blob not in logged and external(blob):
-                        logged[blob] = b""
-                found.append((local, gid, oid, chunk_no, held))
-            if logged:
-                assert store.log is not None  # external blobs live in the log
-                logged = dict(zip(logged, store.log.payloads(list(logged)), strict=True))
-            payload, blob_hash, refs = store.payload, store.blob_hash, store.refs
-            return [
+                slots += _NO_SLOTS if chunk is None else chunk
+                heads.append((local, gid, oid, chunk_no))
+            if not heads:
+                return []
+            grid = np.frombuffer(slots, dtype=np.int32).reshape(len(heads), RADIX_FANOUT)
+            held = grid >= 0
+            counts = held.sum(axis=1).tolist()
+            live = grid[held]
+            del grid  # the view of `slots` (numpy copies on the gathers below)
+            indexes = np.frombuffer(pages.index, dtype=np.uint32)[live].tolist()
+            blobs = np.frombuffer(pages.blob, dtype=np.int32)[live]
+            hashes, shared, payloads = state.store.export_columns(blobs)
+        rows = list(zip(indexes, hashes, payloads, strict=True))
+        out: list[ChunkPages] = []
+        at = 0
+        for (local, gid, oid, chunk_no), n in zip(heads, counts, strict=True):
+            end = at + n
+            out.append(
                 ChunkPages(
                     local,
                     gid,
                     oid,
                     chunk_no,
-                    tuple(
-                        (
-                            index,
-                            blob_hash(blob) if blob else 0,
-                            logged[blob] if blob in logged else payload(blob),
-                        )
-                        for index, blob in held
-                    ),
-                    frozenset(index for index, blob in held if blob and refs(blob) > 1),
+                    tuple(rows[at:end]),
+                    frozenset(compress(indexes[at:end], shared[at:end])),
                 )
-                for local, gid, oid, chunk_no, held in found
-            ]
+            )
+            at = end
+        return out
 
     def persistent_pages(self) -> int:
         with self.host._lock:

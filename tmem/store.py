@@ -373,6 +373,28 @@ class PageStore:
             self._compared[blob] = known
         return known
 
+    def export_columns(
+        self, blobs: npt.NDArray[np.int32]
+    ) -> tuple[list[int], list[bool], list[bytes]]:
+        """For each blob id in *blobs* (live ones; repeats allowed): its xxh3 (0 for the
+        zero page), whether other pages share it (refcount over 1, never the zero page)
+        and a copy of its stored payload — a migration's read of thousands of pages in a
+        few numpy gathers and one log read of the distinct external blobs, sorted."""
+        live = blobs != ZERO_BLOB
+        hashes = np.frombuffer(self._hash, dtype=np.uint64)[blobs] * live
+        shared = (np.frombuffer(self._refs, dtype=np.uint32)[blobs] > 1) & live
+        distinct = np.unique(blobs[live])
+        outside = np.frombuffer(self._loc, dtype=np.int64)[distinct] < 0
+        payload_of: dict[int, bytes] = {ZERO_BLOB: b""}
+        external = distinct[outside].tolist()
+        if external:
+            assert self.log is not None  # external blobs live in the log
+            payload_of.update(zip(external, self.log.payloads(external), strict=True))
+        for blob in distinct[~outside].tolist():
+            payload_of[blob] = self.payload(blob)
+        payloads = list(map(payload_of.__getitem__, blobs.tolist()))
+        return hashes.tolist(), shared.tolist(), payloads
+
     def is_external(self, blob: int) -> bool:
         return blob != ZERO_BLOB and self._loc[blob] < 0
 

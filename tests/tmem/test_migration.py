@@ -328,3 +328,57 @@ def test_rounds_against_a_guest_writing_from_other_threads_end_equal() -> None:
     exp.close()
     assert contents(dst, "vm1") == contents(src, "vm1")
     assert src.audit() == [] and dst.audit() == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    logged=st.booleans(),
+    puts=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 300), st.integers(0, 12)), max_size=150
+    ),
+    flushes=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 300)), max_size=40),
+    extra_keys=st.lists(st.tuples(st.integers(0, 2), st.integers(0, 8)), max_size=5),
+)
+def test_read_is_every_chunk_page_by_page(
+    logged: bool,
+    puts: list[tuple[int, int, int]],
+    flushes: list[tuple[int, int]],
+    extra_keys: list[tuple[int, int]],
+) -> None:
+    """Exporter.read (one numpy pass over a batch) gives what each page says on its own:
+    its index in order, its blob's hash (0 for the zero page), its stored payload, and
+    the shared set of pages whose blob others hold too — for stored and in-memory blobs,
+    duplicates, zero pages, holes, emptied chunks and chunks never held."""
+    feed = ChangeFeed()
+    host = TmemHost(budget_bytes=64 << 20, log=FakeLog() if logged else None, listeners=[feed])
+    host.add_client("vm1")
+    pool = host.new_pool("vm1", PoolFlag.PERSISTENT)
+    for obj, index, kind in puts:  # kind 0: the zero page; a few contents: duplicates
+        host.put("vm1", pool, OIDS[obj], index, bytes(4096) if kind == 0 else text_page(kind))
+    for obj, index in flushes:
+        host.flush_page("vm1", pool, OIDS[obj], index)
+    exp = Exporter(host, feed, "vm1")
+    _, keys = exp.start()
+    gid = keys[0][0] if keys else host._state.client("vm1", "t").pools[pool]
+    assert gid is not None
+    keys += [(gid, OIDS[obj], chunk) for obj, chunk in extra_keys]
+    state = host._state
+    store, pages = state.store, state.pages
+    want = []
+    for key_gid, oid, chunk_no in keys:
+        objno = state.pools[key_gid].objects.get(oid)
+        radix = None if objno is None else pages.radix[objno]
+        chunk = None if radix is None else radix.get(chunk_no)
+        held = [(pages.index[s], pages.blob[s]) for s in (chunk or ()) if s >= 0]
+        want.append(
+            (
+                pool,
+                oid,
+                chunk_no,
+                tuple((i, store.blob_hash(b) if b else 0, store.payload(b)) for i, b in held),
+                frozenset(i for i, b in held if b and store.refs(b) > 1),
+            )
+        )
+    got = [(c.pool, c.oid, c.chunk, c.pages, c.shared) for c in exp.read(keys)]
+    assert got == want
+    exp.close()
