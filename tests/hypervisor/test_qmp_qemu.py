@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +18,8 @@ from hypervisor.qmp import (
     query_memdev,
 )
 from memd.errors import CommandFailed, NotFound, Unavailable
+from tests.support.bare_qemu import QEMU, start_bare_qemu, stop_bare_qemu
 
-QEMU = shutil.which("qemu-system-x86_64")
 pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
 
 
@@ -34,39 +32,11 @@ class Qemu:
 @pytest.fixture
 def qemu(tmp_path: Path) -> Iterator[Qemu]:
     sock = tmp_path / "qmp.sock"
-    assert QEMU is not None
-    proc = subprocess.Popen(
-        [
-            QEMU,
-            "-accel",
-            "tcg",
-            "-m",
-            "64",
-            "-nographic",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{sock},server=on,wait=off",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = start_bare_qemu([sock], "-m", "64", "-nographic", log=tmp_path / "qemu.log", timeout=10)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                pytest.fail(f"QEMU did not create its QMP socket: {err}")
-            time.sleep(0.02)
         yield Qemu(proc, str(sock))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        if proc.stderr:
-            proc.stderr.close()
+        stop_bare_qemu(proc)
 
 
 def test_sync_monitor_queries_qom_and_hmp(qemu: Qemu) -> None:

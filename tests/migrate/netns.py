@@ -12,12 +12,12 @@ import contextlib
 import os
 import shutil
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hypervisor.qmp import QmpMonitor
+from tests.support.bare_qemu import start_bare_qemu
 from tests.support.memd_agent import ROOT, AgentProcess, serve_argv
 from tests.support.veth import End, delete_namespaces, link_namespaces
 
@@ -125,38 +125,20 @@ class Qemu:
         workdir.mkdir(parents=True, exist_ok=True)
         self.memd_qmp = workdir / "memd.qmp"
         self.op_qmp = workdir / "op.qmp"
-        argv = [
-            "qemu-system-x86_64",
+        self.log = workdir / "qemu.log"
+        self.process = start_bare_qemu(
+            [self.memd_qmp, self.op_qmp],
             "-M",
             "pc",
-            "-accel",
-            "tcg",
             "-m",
             "64",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-qmp",
-            f"unix:{self.memd_qmp},server=on,wait=off",
-            "-qmp",
-            f"unix:{self.op_qmp},server=on,wait=off",
             "-blockdev",
             f"driver=nbd,node-name=swap0,server.type=unix,server.path={swap},discard=unmap",
             "-device",
             "virtio-blk-pci,drive=swap0",
-        ]
-        if incoming:
-            argv += ["-incoming", incoming]
-        self.log = workdir / "qemu.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        deadline = time.monotonic() + 20
-        while not self.op_qmp.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"QEMU did not start: {self.log.read_text()}")
-            time.sleep(0.05)
+            *(("-incoming", incoming) if incoming else ()),
+            log=self.log,
+        )
         self.qmp = Qmp(self.op_qmp, 30)
 
     def status(self) -> str:

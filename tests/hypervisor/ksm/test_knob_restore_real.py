@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from hypervisor import ksm
+from tests.support.bare_qemu import QEMU, start_bare_qemu, stop_bare_qemu
 
 ROOT = Path(__file__).resolve().parents[3]
-QEMU = shutil.which("qemu-system-x86_64")
 HOST_SETTING: dict[str, int | str] = {"pages_to_scan": 123, "sleep_millisecs": 77, "run": 1}
 OFF = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 200}
 
@@ -215,37 +214,16 @@ def test_sigterm_during_a_steering_step_leaves_the_hosts_knobs(
     makes the first step's potential scan last about a second; SIGTERM lands in it."""
     assert QEMU is not None
     qmp = tmp_path / "qmp.sock"
-    qemu = subprocess.Popen(
-        [
-            QEMU,
-            "-accel",
-            "tcg",
-            "-nographic",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "1024",
-            "-mem-prealloc",
-            "-qmp",
-            f"unix:{qmp},server=on,wait=off",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    qemu = start_bare_qemu(
+        [qmp], "-nographic", "-m", "1024", "-mem-prealloc", log=tmp_path / "qemu.log", timeout=30
     )
     try:
-        deadline = time.monotonic() + 30
-        while not qmp.exists():
-            assert qemu.poll() is None and time.monotonic() < deadline, "QEMU did not start"
-            time.sleep(0.05)
         agent = Serve(tmp_path, "--ksm-steer", "--qmp", f"vm={qmp}")
         agents.append(agent)
         agent.running()
         assert agent.signal(signal.SIGTERM) == 0, agent.log()
     finally:
-        qemu.kill()
-        qemu.wait(10)
+        stop_bare_qemu(qemu)
     shutdown = agent.index("shutting down")
     boost = agent.index("ksm steering: boost")
     # The step was in flight at SIGTERM: it decided (and wrote) after "shutting down".

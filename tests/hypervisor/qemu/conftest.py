@@ -10,9 +10,7 @@ knob is put back as it was, whatever the test did.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,8 @@ import pytest
 
 from hypervisor import ksm
 from hypervisor.qmp import QmpMonitor
+from tests.support.bare_qemu import QEMU, start_bare_qemu, stop_bare_qemu
 
-QEMU = shutil.which("qemu-system-x86_64")
 FIXTURES = Path(__file__).parent / "fixtures"
 
 needs_qemu_root = [
@@ -50,36 +48,15 @@ def start_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     started: list[PlainQemu] = []
 
     def start(name: str, *args: str) -> PlainQemu:
-        assert QEMU is not None
-        sock = Path(tmp_path_factory.mktemp("q", numbered=True)) / "qmp.sock"
-        proc = subprocess.Popen(
-            [
-                QEMU,
-                "-accel",
-                "tcg",
-                "-nographic",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-                f"unix:{sock},server=on,wait=off",
-                *(args or ("-m", "128")),
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+        workdir = Path(tmp_path_factory.mktemp("q", numbered=True))
+        sock = workdir / "qmp.sock"
+        proc = start_bare_qemu(
+            [sock], "-nographic", *(args or ("-m", "128")), log=workdir / "qemu.log", timeout=10
         )
         try:
-            deadline = time.monotonic() + 10
-            while not sock.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err = proc.stderr.read().decode() if proc.stderr else ""
-                    raise RuntimeError(f"QEMU {name} did not start: {err}")
-                time.sleep(0.02)
             guest = PlainQemu(name, proc, QmpMonitor.connect(str(sock)))
         except BaseException:
-            proc.kill()
-            proc.wait(10)
+            stop_bare_qemu(proc)
             raise
         started.append(guest)
         return guest
@@ -87,11 +64,7 @@ def start_qemu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     yield start
     for guest in started:
         guest.monitor.close()
-        if guest.proc.poll() is None:
-            guest.proc.kill()
-        guest.proc.wait(10)
-        if guest.proc.stderr:
-            guest.proc.stderr.close()
+        stop_bare_qemu(guest.proc)
 
 
 @pytest.fixture
