@@ -12,7 +12,14 @@ from memd.errors import InvalidArgument, NoSpace
 from tests.tmem.conftest import text_page
 from tests.tmem.fake_log import FakeLog
 from tmem.host import TmemHost
-from tmem.migration import STAGING_PREFIX, ChangeFeed, Exporter, Importer, drop_leftovers
+from tmem.migration import (
+    STAGING_PREFIX,
+    ChangeFeed,
+    ChunkKey,
+    Exporter,
+    Importer,
+    drop_leftovers,
+)
 from tmem.types import PoolFlag
 
 OIDS = [(1, 0, 0), (2, 0, 0), (0xFFFF_FFFF_FFFF_FFFF, 5, 7)]
@@ -42,24 +49,42 @@ def contents(host: TmemHost, name: str) -> dict[tuple[int, tuple[int, int, int],
     return out
 
 
-def move(
-    src: TmemHost, dst: TmemHost, name: str, between_rounds: list[object] | None = None
-) -> None:
+def begin(
+    src: TmemHost, dst: TmemHost, name: str = "vm1"
+) -> tuple[Exporter, Importer, list[ChunkKey]]:
+    """A transfer under way: the exporter watching *name*, the importer staging it with
+    its pool table; → both, and every chunk the first round sends."""
     exp = Exporter(src, feed_of(src), name)
     settings_, keys = exp.start()
     imp = Importer(dst, name, settings_)
     imp.begin()
     imp.apply_pools(exp.pool_table())
+    return exp, imp, keys
+
+
+def next_round(exp: Exporter, imp: Importer) -> None:
+    """One pre-copy round: what changed at the source since the last one."""
+    imp.apply_pools(exp.pool_table())
+    imp.apply_chunks(exp.read(exp.take_changed()))
+
+
+def finish(exp: Exporter, imp: Importer) -> None:
+    """The final delta, COMMIT and the exporter closed."""
+    next_round(exp, imp)
+    imp.commit(exp.persistent_pages())
+    exp.close()
+
+
+def move(
+    src: TmemHost, dst: TmemHost, name: str, between_rounds: list[object] | None = None
+) -> None:
+    exp, imp, keys = begin(src, dst, name)
     imp.apply_chunks(exp.read(keys))
     for change in between_rounds or []:
         assert callable(change)
         change()
-        imp.apply_pools(exp.pool_table())
-        imp.apply_chunks(exp.read(exp.take_changed()))
-    imp.apply_pools(exp.pool_table())
-    imp.apply_chunks(exp.read(exp.take_changed()))
-    imp.commit(exp.persistent_pages())
-    exp.close()
+        next_round(exp, imp)
+    finish(exp, imp)
 
 
 def populate(host: TmemHost, name: str = "vm1") -> None:
@@ -132,11 +157,7 @@ def test_abort_leaves_the_destination_with_nothing_and_the_source_untouched() ->
     dst, _, dlog = logged_host()
     populate(src)
     before = contents(src, "vm1")
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     imp.apply_chunks(exp.read(keys[: len(keys) // 2]))
     assert dst.client_names() == [STAGING_PREFIX + "vm1"]  # staged, not the guest's name
     imp.abort()
@@ -150,11 +171,7 @@ def test_a_destination_that_died_mid_transfer_drops_the_staged_client_at_restart
     src, _, _ = logged_host()
     dst, _, dlog = logged_host()
     populate(src)
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     imp.apply_chunks(exp.read(keys))
     crashed = dlog.crashed()
     again = TmemHost(budget_bytes=64 << 20, log=crashed)
@@ -192,11 +209,7 @@ def test_a_destination_without_room_fails_the_import_and_abort_cleans_up() -> No
     src, _, _ = logged_host()
     dst, _, dlog = logged_host(budget=200 << 10)
     populate(src)
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     with pytest.raises(NoSpace):
         imp.apply_chunks(exp.read(keys))
     imp.abort()
@@ -207,11 +220,7 @@ def test_commit_refuses_when_pages_are_missing() -> None:
     src, _, _ = logged_host()
     dst, _, _ = logged_host()
     populate(src)
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     imp.apply_chunks(exp.read(keys[1:]))
     with pytest.raises(InvalidArgument, match="arrived"):
         imp.commit(exp.persistent_pages())
@@ -250,11 +259,7 @@ def test_any_interleaving_of_guest_changes_and_rounds_ends_equal(
     rng = random.Random(0)
     for i in range(64):
         src.put("vm1", 0, OIDS[rng.randrange(3)], rng.randrange(300), text_page(i))
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     imp.apply_chunks(exp.read(keys))
     for op, o, index, seed in ops:
         if op == "put":
@@ -264,12 +269,8 @@ def test_any_interleaving_of_guest_changes_and_rounds_ends_equal(
         elif op == "flush_obj":
             src.flush_object("vm1", 0, OIDS[o])
         else:
-            imp.apply_pools(exp.pool_table())
-            imp.apply_chunks(exp.read(exp.take_changed()))
-    imp.apply_pools(exp.pool_table())
-    imp.apply_chunks(exp.read(exp.take_changed()))
-    imp.commit(exp.persistent_pages())
-    exp.close()
+            next_round(exp, imp)
+    finish(exp, imp)
     assert contents(dst, "vm1") == contents(src, "vm1")
     assert dst.audit() == []
 
@@ -310,22 +311,14 @@ def test_rounds_against_a_guest_writing_from_other_threads_end_equal() -> None:
     ]
     for t in threads:
         t.start()
-    exp = Exporter(src, feed_of(src), "vm1")
-    s, keys = exp.start()
-    imp = Importer(dst, "vm1", s)
-    imp.begin()
-    imp.apply_pools(exp.pool_table())
+    exp, imp, keys = begin(src, dst)
     imp.apply_chunks(exp.read(keys))
     for _ in range(20):
-        imp.apply_pools(exp.pool_table())
-        imp.apply_chunks(exp.read(exp.take_changed()))
+        next_round(exp, imp)
     stop.set()
     for t in threads:
         t.join()
-    imp.apply_pools(exp.pool_table())
-    imp.apply_chunks(exp.read(exp.take_changed()))
-    imp.commit(exp.persistent_pages())
-    exp.close()
+    finish(exp, imp)
     assert contents(dst, "vm1") == contents(src, "vm1")
     assert src.audit() == [] and dst.audit() == []
 
