@@ -296,17 +296,21 @@ def test_spill_beyond_the_budget_and_across_a_graceful_restart(tmp_path: Path) -
     control, disk, state = tmp_path / "c.sock", tmp_path / "vm1.nbd", tmp_path / "store"
     src = tmp_path / "random.raw"
     src.write_bytes(os.urandom(24 << 20) + bytes(8 << 20))
-    proc = _serve(
-        tmp_path,
-        control,
-        disk,
-        state,
-        "--budget",
-        "8M",
-        "--spill-dir",
-        str(tmp_path / "spill"),
-        size="32M",
-    )
+
+    def serve() -> subprocess.Popen[str]:  # the same agent each time: budget, spill dir, disk
+        return _serve(
+            tmp_path,
+            control,
+            disk,
+            state,
+            "--budget",
+            "8M",
+            "--spill-dir",
+            str(tmp_path / "spill"),
+            size="32M",
+        )
+
+    proc = serve()
     uri = nbd_uri(str(disk))
     cli = [sys.executable, "-m", "memd.cli", "--socket", str(control)]
     try:
@@ -318,33 +322,13 @@ def test_spill_beyond_the_budget_and_across_a_graceful_restart(tmp_path: Path) -
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
-    proc = _serve(
-        tmp_path,
-        control,
-        disk,
-        state,
-        "--budget",
-        "8M",
-        "--spill-dir",
-        str(tmp_path / "spill"),
-        size="32M",
-    )
+    proc = serve()
     try:
         run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), uri)
     finally:
         proc.kill()  # a crash: the spill map is not written
         proc.wait()
-    proc = _serve(
-        tmp_path,
-        control,
-        disk,
-        state,
-        "--budget",
-        "8M",
-        "--spill-dir",
-        str(tmp_path / "spill"),
-        size="32M",
-    )
+    proc = serve()
     try:
         swap = json.loads(run(*cli, "guests", "--json").stdout)[0]["swap"]
         assert swap["lost_pages"] > 3000 and swap["pages"] + swap["lost_pages"] == 8192
